@@ -1,0 +1,1 @@
+"""The admin surface: the Access Policies and Tokens API (and later the page), on the store."""

@@ -1,0 +1,54 @@
+"""Admin API errors: JSON ``{"code", "message", "field"}`` with the right 4xx, never a stack trace."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+log = logging.getLogger("gateway.admin")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers or {}
+
+
+def bad_request(message: str, field: str | None = None) -> ApiError:
+    return ApiError(400, "invalid_argument", message, field)
+
+
+def json_error(status: int, code: str, message: str, field: str | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
+    body: dict[str, str] = {"code": code, "message": message}
+    if field:
+        body["field"] = field
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
+
+
+_STATUS_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied", 404: "not_found",
+                 405: "method_not_allowed", 409: "already_exists", 413: "payload_too_large",
+                 415: "unsupported_media_type", 503: "unavailable"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Map every failure of an admin handler to a JSON error and log it once."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        log.info("admin %s %s -> %d %s: %s", request.method, request.path, exc.status, exc.code, exc.message)
+        return json_error(exc.status, exc.code, exc.message, exc.field, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, "error")
+        message = exc.reason if exc.status != 413 else "request body too large"
+        log.info("admin %s %s -> %d %s", request.method, request.path, exc.status, code)
+        return json_error(exc.status, code, message)

@@ -1,0 +1,39 @@
+"""The JSON shapes of REFERENCE.md section 1 (camelCase, RFC 3339)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.policy.model import AccessPolicy, Token
+from gateway.store import realms_to_json
+
+
+def rfc3339(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def policy_json(p: AccessPolicy) -> dict[str, Any]:
+    return {
+        "id": p.id, "orgId": p.org_id, "name": p.name, "displayName": p.display_name,
+        "scopes": sorted(p.scopes), "realms": realms_to_json(p.realms),
+        "conditions": {"allowedSubnets": [str(n) for n in p.allowed_subnets]},
+        "status": p.status, "createdAt": rfc3339(p.created_at), "updatedAt": rfc3339(p.updated_at),
+    }
+
+
+def token_json(t: Token) -> dict[str, Any]:
+    return {
+        "id": t.id, "accessPolicyId": t.access_policy_id, "name": t.name, "displayName": t.display_name,
+        "expiresAt": rfc3339(t.expires_at), "firstUsedAt": rfc3339(t.first_used_at),
+        "lastUsedAt": rfc3339(t.last_used_at), "createdAt": rfc3339(t.created_at),
+        "updatedAt": rfc3339(t.updated_at),
+    }
+
+
+def audit_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "at": rfc3339(row["at"]), "orgId": row["org_id"], "actor": row["actor"],
+            "action": row["action"], "resourceType": row["resource_type"], "resourceId": row["resource_id"],
+            "before": row["before"], "after": row["after"]}

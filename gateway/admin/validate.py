@@ -1,0 +1,174 @@
+"""Validation of admin request bodies, shared by the API and the page: one message per field."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from gateway.admin.errors import ApiError, bad_request
+from gateway.config import Config
+from gateway.policy.model import Network, Realm
+from gateway.policy.scopes import ALL_SCOPES
+from gateway.policy.selector import SelectorError, parse_selector
+from gateway.store import AdminScope
+
+NAME_RE: Final = re.compile(r"^[a-z0-9_-]{1,255}$")
+MAX_DISPLAY: Final = 255
+MAX_LIST: Final = 100
+
+
+def obj(body: Any, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    for key in body:
+        if key not in allowed:
+            raise bad_request(f"unknown field {key!r} (allowed: {', '.join(allowed)})", key)
+    for key in required:
+        if body.get(key) is None:
+            raise bad_request(f"{key} is required", key)
+    return body
+
+
+def name(value: Any, field: str = "name") -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise bad_request(f"{field} must be 1-255 characters of lowercase letters, digits, '-' and '_'", field)
+    return value
+
+
+def display_name(value: Any, default: str, field: str = "displayName") -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_DISPLAY:
+        raise bad_request(f"{field} must be a non-empty string of at most {MAX_DISPLAY} characters", field)
+    return value
+
+
+def scopes(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or not value:
+        raise bad_request("scopes must be a non-empty list such as [\"metrics:read\"]", "scopes")
+    for i, s in enumerate(value):
+        if not isinstance(s, str) or s not in ALL_SCOPES:
+            raise bad_request(f"unknown scope {s!r}; known scopes: {', '.join(sorted(ALL_SCOPES))}",
+                              f"scopes[{i}]")
+    return frozenset(value)
+
+
+def realms(value: Any, cfg: Config, admin: AdminScope) -> tuple[Realm, ...]:
+    """Realms must name an org or stack of the config, inside the caller's reach."""
+    if not isinstance(value, list) or not value:
+        raise bad_request("realms must be a non-empty list of {type, identifier, labelPolicies}", "realms")
+    if len(value) > MAX_LIST:
+        raise bad_request(f"at most {MAX_LIST} realms", "realms")
+    out: list[Realm] = []
+    seen: set[tuple[str, str]] = set()
+    for i, r in enumerate(value):
+        f = f"realms[{i}]"
+        if not isinstance(r, dict):
+            raise bad_request("must be an object {type, identifier, labelPolicies}", f)
+        for key in r:
+            if key not in ("type", "identifier", "labelPolicies"):
+                raise bad_request(f"unknown field {key!r}", f"{f}.{key}")
+        rtype = r.get("type")
+        if rtype not in ("org", "stack"):
+            raise bad_request("type must be 'org' or 'stack'", f"{f}.type")
+        ident = r.get("identifier")
+        if isinstance(ident, int) and not isinstance(ident, bool):
+            ident = str(ident)
+        if not isinstance(ident, str) or not ident:
+            raise bad_request("identifier must be the id of an org or stack", f"{f}.identifier")
+        org = cfg.realm_org(rtype, ident)
+        if org is None:
+            raise bad_request(f"no {rtype} with id {ident!r} is configured", f"{f}.identifier")
+        if org != admin.org_id:
+            raise ApiError(403, "permission_denied", f"{rtype} {ident} belongs to another org", f"{f}.identifier")
+        if not admin.whole_org and not (rtype == "stack" and ident in admin.stacks):
+            raise ApiError(403, "permission_denied",
+                           f"your token's realm does not cover {rtype} {ident}", f"{f}.identifier")
+        if (rtype, ident) in seen:
+            raise bad_request(f"{rtype} {ident} is listed twice", f)
+        seen.add((rtype, ident))
+        out.append(Realm(rtype, ident, label_policies(r.get("labelPolicies"), f"{f}.labelPolicies")))
+    return tuple(out)
+
+
+def label_policies(value: Any, field: str) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_LIST:
+        raise bad_request(f"must be a list of at most {MAX_LIST} {{\"selector\": ...}} objects", field)
+    out = []
+    for j, lp in enumerate(value):
+        f = f"{field}[{j}]"
+        if not isinstance(lp, dict) or set(lp) != {"selector"}:
+            raise bad_request("must be an object with exactly one field, selector", f)
+        try:
+            sel = parse_selector(lp["selector"])
+        except SelectorError as exc:
+            raise bad_request(f"selector {exc}", f"{f}.selector") from None
+        if sel not in out:
+            out.append(sel)
+    return tuple(out)
+
+
+def conditions(value: Any) -> tuple[Network, ...]:
+    """``null``, ``{}`` or ``{"allowedSubnets": []}`` all mean: no IP ranges."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad_request("conditions must be an object {allowedSubnets: [...]}", "conditions")
+    for key in value:
+        if key != "allowedSubnets":
+            raise bad_request(f"unknown field {key!r}", f"conditions.{key}")
+    return subnets(value.get("allowedSubnets"), "conditions.allowedSubnets")
+
+
+def subnets(value: Any, field: str) -> tuple[Network, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_LIST:
+        raise bad_request(f"must be a list of at most {MAX_LIST} CIDRs", field)
+    out: list[Network] = []
+    for i, s in enumerate(value):
+        try:
+            if not isinstance(s, str):
+                raise ValueError
+            out.append(ipaddress.ip_network(s.strip(), strict=False))
+        except ValueError:
+            raise bad_request(f"{s!r} is not an IPv4 or IPv6 address or CIDR such as 10.0.0.0/8",
+                              f"{field}[{i}]") from None
+    return tuple(dict.fromkeys(out))
+
+
+def status(value: Any) -> str:
+    if value not in ("active", "inactive"):
+        raise bad_request("status must be 'active' or 'inactive'", "status")
+    return str(value)
+
+
+def uuid_str(value: Any, field: str) -> str:
+    try:
+        return str(uuid.UUID(str(value))) if isinstance(value, str) else _raise()
+    except ValueError:
+        raise bad_request(f"{field} must be a UUID", field) from None
+
+
+def _raise() -> str:
+    raise ValueError
+
+
+def timestamp(value: Any, field: str, future: bool = False) -> datetime:
+    """RFC 3339 with a time zone (``2030-01-01T00:00:00Z``)."""
+    if not isinstance(value, str):
+        raise bad_request(f"{field} must be an RFC 3339 timestamp such as 2030-01-01T00:00:00Z", field)
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise bad_request(f"{field} must be an RFC 3339 timestamp such as 2030-01-01T00:00:00Z", field) from None
+    if dt.tzinfo is None:
+        raise bad_request(f"{field} must carry a time zone, e.g. a trailing Z", field)
+    if future and dt <= datetime.now(UTC):
+        raise bad_request(f"{field} must be in the future", field)
+    return dt

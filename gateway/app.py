@@ -1,0 +1,67 @@
+"""Wiring: open the store, load the cache, build the aiohttp application."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from gateway.admin import api as admin_api
+from gateway.admin.errors import error_middleware
+from gateway.cache import PolicyCache
+from gateway.config import Config
+from gateway.state import STATE, State
+from gateway.store import Store
+from gateway.store.embedded import start_embedded
+
+log = logging.getLogger("gateway")
+
+
+async def resolve_dsn(cfg: Config) -> str:
+    """The configured database, or the embedded PostgreSQL under data_dir."""
+    if cfg.database.url:
+        return cfg.database.url
+    return await asyncio.get_running_loop().run_in_executor(None, start_embedded, cfg.data_dir)
+
+
+async def open_state(cfg: Config, run_migrations: bool = True) -> State:
+    dsn = await resolve_dsn(cfg)
+    store = await Store.open(dsn, cfg.database, run_migrations=run_migrations)
+    cache = PolicyCache(store, cfg.database.resync_interval, cfg.database.usage_flush_interval,
+                        cfg.database.max_staleness)
+    await cache.start()
+    return State(cfg, store, cache)
+
+
+async def close_state(state: State) -> None:
+    await state.cache.stop()
+    await state.store.close()
+
+
+async def health(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    c = st.cache
+    ok = c.loaded and not c.stale and not st.draining
+    body = {
+        "status": "ready" if ok else "not ready",
+        "database": "ok" if c.db_ok else "unreachable",
+        "detail": "draining" if st.draining else c.detail,
+        "snapshotAgeSeconds": round(c.age, 3) if c.loaded else None,
+        "policies": len(c.policies), "tokens": len(c.tokens),
+    }
+    return web.json_response(body, status=200 if ok else 503)
+
+
+def build_app(state: State) -> web.Application:
+    """The single application: health, admin API, and (added by the proxy) the data path."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=state.config.limits.max_admin_body)
+    app[STATE] = state
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    admin_api.add_routes(app)
+    return app

@@ -1,0 +1,50 @@
+"""The client address: the peer, or behind trusted proxies the right-most untrusted X-Forwarded-For hop."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from gateway.policy.model import Network
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _parse(value: str) -> IPAddress | None:
+    value = value.strip()
+    if value.startswith("[") and "]" in value:  # [v6]:port
+        value = value[1:value.index("]")]
+    elif value.count(":") == 1:  # v4:port
+        value = value.split(":", 1)[0]
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _trusted(ip: IPAddress, trusted: Sequence[Network]) -> bool:
+    return any(ip.version == n.version and ip in n for n in trusted)
+
+
+def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]) -> IPAddress | None:
+    """Resolve the address IP conditions are checked against.
+
+    ``X-Forwarded-For`` is believed only when the direct peer is a trusted proxy, and then
+    only up to the first hop (from the right) that is not itself trusted: everything left of
+    it was written by the client and may be forged. An unparsable hop yields None (unknown).
+    """
+    ip = _parse(peer) if peer else None
+    if ip is None or not trusted or not _trusted(ip, trusted):
+        return ip
+    hops = [h for value in forwarded_for for h in value.split(",") if h.strip()]
+    for hop in reversed(hops):
+        hop_ip = _parse(hop)
+        if hop_ip is None:
+            return None  # a malformed hop: the address is unknown, so IP conditions fail closed
+        ip = hop_ip
+        if not _trusted(ip, trusted):
+            return ip
+    return ip

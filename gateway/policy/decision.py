@@ -1,0 +1,97 @@
+"""The authorization decision: a pure function of (request facts, policy snapshot, config).
+
+Identify (which token, which policy) and authorize (scope, realm, IP, expiry) are kept
+apart so the admin API and the data path share the first and differ in the second.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from gateway.policy import tokens
+from gateway.policy.model import AccessPolicy, Realm, Token
+from gateway.policy.selector import Selector
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class StackLike(Protocol):
+    id: str
+    org_id: str
+
+
+class Denied(Exception):
+    """A refusal; ``status`` is 401 (who are you) or 403 (not allowed), ``reason`` a metric label."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    token: Token
+    policy: AccessPolicy
+
+
+def identify(presented: str, token_index: Mapping[str, Token], policy_index: Mapping[str, AccessPolicy],
+             now: datetime) -> Identity:
+    """Find the token and its policy; 401 for anything that does not prove who the caller is."""
+    try:
+        decoded = tokens.decode(presented)
+    except tokens.TokenFormatError as exc:
+        raise Denied(401, "malformed_token", f"invalid token: {exc}") from None
+    token = token_index.get(decoded.token_id)
+    if token is None or not tokens.secret_matches(decoded.secret_hash, token.secret_hash):
+        raise Denied(401, "unknown_token", "invalid token: unknown or revoked")
+    policy = policy_index.get(token.access_policy_id)
+    if policy is None or policy.org_id != decoded.org_id:
+        raise Denied(401, "unknown_token", "invalid token: unknown or revoked")
+    if token.expired(now):
+        raise Denied(401, "expired_token", "token expired")
+    return Identity(token, policy)
+
+
+def covering_realms(policy: AccessPolicy, stack: StackLike) -> tuple[Realm, ...]:
+    """The realms of ``policy`` that cover ``stack`` (its own stack realm, or its org's realm)."""
+    if policy.org_id != stack.org_id:
+        return ()
+    return tuple(r for r in policy.realms
+                 if (r.type == "stack" and r.identifier == stack.id)
+                 or (r.type == "org" and r.identifier == stack.org_id))
+
+
+def label_policies(realms: tuple[Realm, ...]) -> tuple[Selector, ...]:
+    """The selectors restricting reads; empty = unrestricted.
+
+    Realms are OR-ed like selectors: one covering realm without label policies grants all.
+    """
+    if not realms or any(not r.label_policies for r in realms):
+        return ()
+    seen: dict[Selector, None] = {}
+    for r in realms:
+        for s in r.label_policies:
+            seen.setdefault(s, None)
+    return tuple(seen)
+
+
+def authorize(identity: Identity, scope: str, stack: StackLike, client_ip: IPAddress | None
+              ) -> tuple[Selector, ...]:
+    """Check scope, status, realm and IP; return the label policies that apply. Raises Denied (403)."""
+    policy = identity.policy
+    if policy.status != "active":
+        raise Denied(403, "inactive_policy", "access policy is inactive")
+    if scope not in policy.scopes:
+        raise Denied(403, "missing_scope", f"token lacks the {scope} scope")
+    realms = covering_realms(policy, stack)
+    if not realms:
+        raise Denied(403, "wrong_realm", f"token's access policy does not cover stack {stack.id}")
+    if not policy.ip_allowed(client_ip):
+        raise Denied(403, "ip_not_allowed", f"client address {client_ip} is outside the allowed ranges")
+    return label_policies(realms)

@@ -1,0 +1,69 @@
+"""Immutable value objects of the domain: access policies, realms and tokens."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from gateway.policy.scopes import Scope
+from gateway.policy.selector import Selector
+
+RealmType = Literal["org", "stack"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Status = Literal["active", "inactive"]
+
+
+@dataclass(frozen=True, slots=True)
+class Realm:
+    """Where a policy applies: one org (all its stacks) or one stack, with its label policies."""
+
+    type: RealmType
+    identifier: str
+    label_policies: tuple[Selector, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """A named set of scopes over realms; its tokens carry exactly these rights."""
+
+    id: str
+    org_id: str
+    name: str
+    display_name: str
+    scopes: frozenset[Scope]
+    realms: tuple[Realm, ...]
+    allowed_subnets: tuple[Network, ...] = ()
+    status: Status = "active"
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def ip_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        """True when the policy has no IP ranges or ``ip`` is inside one of them."""
+        if not self.allowed_subnets:
+            return True
+        if ip is None:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.allowed_subnets if net.version == ip.version)
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A token of a policy. Only the SHA-256 of its secret is ever kept."""
+
+    id: str
+    access_policy_id: str
+    name: str
+    display_name: str
+    secret_hash: bytes = field(repr=False)
+    expires_at: datetime | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    first_used_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now

@@ -1,0 +1,128 @@
+"""Label selectors (`{env="dev", team=~"a|b"}`): parsing, validation and exact printing.
+
+A :class:`Selector` is the unit of a label policy: its matchers are AND-ed; the
+selectors of one realm are OR-ed. Parsing goes through ``promql-parser`` so that what
+we accept is what Prometheus accepts; printing quotes values JSON-style, which
+PromQL, LogQL and Go's ``strconv.Unquote`` all read back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final, Literal
+
+import promql_parser
+
+MatchOpStr = Literal["=", "!=", "=~", "!~"]
+OPS: Final[tuple[MatchOpStr, ...]] = ("=", "!=", "=~", "!~")
+
+_OP_FROM_PARSER: Final[dict[str, MatchOpStr]] = {
+    "MatchOp.Equal": "=",
+    "MatchOp.NotEqual": "!=",
+    "MatchOp.Re": "=~",
+    "MatchOp.NotRe": "!~",
+}
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+MAX_SELECTOR_LEN: Final = 4096
+
+
+class SelectorError(ValueError):
+    """The text is not a usable label selector; the message says why."""
+
+
+def quote(value: str) -> str:
+    """Quote a label value so PromQL and LogQL read back exactly ``value``."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def quote_name(name: str) -> str:
+    """Label names outside the classic charset are written quoted (Prometheus 3 UTF-8 names)."""
+    return name if _LABEL_NAME.match(name) else quote(name)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelMatcher:
+    """One matcher: ``name op "value"``; regexes are fully anchored, as in Prometheus."""
+
+    name: str
+    op: MatchOpStr
+    value: str
+
+    def __str__(self) -> str:
+        return f"{quote_name(self.name)}{self.op}{quote(self.value)}"
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        """Whether a label set satisfies this matcher (absent label = empty value)."""
+        v = labels.get(self.name, "")
+        if self.op == "=":
+            return v == self.value
+        if self.op == "!=":
+            return v != self.value
+        hit = _compiled(self.value).fullmatch(v) is not None
+        return hit if self.op == "=~" else not hit
+
+
+@lru_cache(maxsize=4096)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """A label selector: matchers AND-ed together."""
+
+    matchers: tuple[LabelMatcher, ...]
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(str(m) for m in self.matchers) + "}"
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        return all(m.matches(labels) for m in self.matchers)
+
+
+def parse_selector(text: str) -> Selector:
+    """Parse one selector such as ``{env="dev"}`` or ``up{job="x"}``.
+
+    Refuses what cannot serve as a label policy: anything but a plain vector selector
+    (no ranges, offsets, ``@``, ``or`` alternatives), no matchers, or a selector that
+    matches everything (Prometheus refuses those, and a policy that grants all is a
+    mistake worth surfacing).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise SelectorError("must be a non-empty label selector such as {env=\"dev\"}")
+    if len(text) > MAX_SELECTOR_LEN:
+        raise SelectorError(f"must be at most {MAX_SELECTOR_LEN} characters")
+    return _parse_cached(text.strip())
+
+
+@lru_cache(maxsize=8192)
+def _parse_cached(text: str) -> Selector:
+    try:
+        expr = promql_parser.parse(text)
+    except (ValueError, RuntimeError) as exc:
+        raise SelectorError(f"does not parse as a label selector: {exc}") from None
+    if not isinstance(expr, promql_parser.VectorSelector):
+        raise SelectorError("must be a plain label selector such as {env=\"dev\"}, not an expression")
+    if expr.offset is not None or expr.at is not None:
+        raise SelectorError("must not carry offset or @ modifiers")
+    if expr.matchers.or_matchers:
+        raise SelectorError("'or' inside a selector is not supported; use one selector per alternative")
+    matchers: list[LabelMatcher] = []
+    if expr.name:
+        matchers.append(LabelMatcher("__name__", "=", expr.name))
+    for m in expr.matchers.matchers:
+        op = _OP_FROM_PARSER.get(str(m.op))
+        if op is None:  # pragma: no cover - the parser knows only four operators
+            raise SelectorError(f"unsupported matcher operator {m.op}")
+        if op in ("=~", "!~"):
+            try:
+                _compiled(m.value)
+            except re.error as exc:
+                raise SelectorError(f"invalid regular expression {m.value!r}: {exc}") from None
+        matchers.append(LabelMatcher(m.name, op, m.value))
+    if not matchers:
+        raise SelectorError("must contain at least one matcher")
+    return Selector(tuple(matchers))

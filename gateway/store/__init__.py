@@ -1,0 +1,401 @@
+"""PostgreSQL access: policies, tokens and the audit log. Every mutation writes its audit row
+in the same transaction, and triggers announce it on the ``gateway_changes`` channel."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from gateway.config import DatabaseConfig
+from gateway.policy.model import AccessPolicy, Realm, Token
+from gateway.policy.selector import parse_selector
+from gateway.store import migrate
+
+log = logging.getLogger("gateway.store")
+CHANNEL = "gateway_changes"
+
+
+class NotFound(Exception):
+    """No such row (or not visible to the caller)."""
+
+
+class Conflict(Exception):
+    """A unique name is taken."""
+
+
+class BadCursor(ValueError):
+    """The page cursor is not one we issued."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[Any]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminScope:
+    """What an admin token may see: its org, and either the whole org or some stacks of it."""
+
+    org_id: str
+    whole_org: bool
+    stacks: frozenset[str]
+
+
+async def _init_conn(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def encode_cursor(created_at: datetime, row_id: Any) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{row_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, _, rid = raw.partition("|")
+        return datetime.fromisoformat(at), int(rid) if rid.isdigit() else uuid.UUID(rid)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise BadCursor("pageCursor is not a cursor this API issued") from None
+
+
+def policy_from_row(row: asyncpg.Record) -> AccessPolicy:
+    realms = tuple(
+        Realm(r["type"], str(r["identifier"]),
+              tuple(parse_selector(lp["selector"]) for lp in r.get("labelPolicies") or ()))
+        for r in row["realms"]
+    )
+    return AccessPolicy(
+        id=str(row["id"]), org_id=row["org_id"], name=row["name"], display_name=row["display_name"],
+        scopes=frozenset(row["scopes"]), realms=realms,
+        allowed_subnets=tuple(ipaddress.ip_network(s) for s in row["allowed_subnets"]),
+        status=row["status"], created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+def token_from_row(row: asyncpg.Record) -> Token:
+    return Token(
+        id=str(row["id"]), access_policy_id=str(row["access_policy_id"]), name=row["name"],
+        display_name=row["display_name"], secret_hash=bytes(row["secret_sha256"]),
+        expires_at=row["expires_at"], created_at=row["created_at"], updated_at=row["updated_at"],
+        first_used_at=row["first_used_at"], last_used_at=row["last_used_at"],
+    )
+
+
+def realms_to_json(realms: Sequence[Realm]) -> list[dict[str, Any]]:
+    return [{"type": r.type, "identifier": r.identifier,
+             "labelPolicies": [{"selector": str(s)} for s in r.label_policies]} for r in realms]
+
+
+def _scope_sql(scope: AdminScope, args: list[Any], realms_col: str = "p.realms") -> str:
+    """SQL condition: the policy's realms are all within the admin's reach."""
+    args.append(scope.org_id)
+    cond = f"p.org_id = ${len(args)}"
+    if not scope.whole_org:
+        args.append(list(scope.stacks))
+        cond += (f" AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements({realms_col}) r WHERE NOT"
+                 f" (r->>'type' = 'stack' AND r->>'identifier' = ANY(${len(args)}::text[])))")
+    return cond
+
+
+class Store:
+    """The database. One pool; the cache holds its own LISTEN connection."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str, db: DatabaseConfig):
+        self.pool = pool
+        self.dsn = dsn
+        self.db = db
+
+    @classmethod
+    async def open(cls, dsn: str, db: DatabaseConfig, run_migrations: bool = True) -> Store:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=db.pool_min, max_size=db.pool_max, timeout=db.connect_timeout,
+            command_timeout=db.command_timeout, init=_init_conn,
+        )
+        store = cls(pool, dsn, db)
+        if run_migrations:
+            async with pool.acquire() as conn:
+                await migrate.apply(conn)
+        return store
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def connect_listener(self) -> asyncpg.Connection:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self.dsn, timeout=self.db.connect_timeout, command_timeout=self.db.command_timeout)
+        await _init_conn(conn)
+        return conn
+
+    # ---- snapshot loading (the cache) -------------------------------------------------------------
+
+    async def load_all(self) -> tuple[list[AccessPolicy], list[Token]]:
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            policies = [policy_from_row(r) for r in await conn.fetch("SELECT * FROM access_policies")]
+            tokens = [token_from_row(r) for r in await conn.fetch(
+                "SELECT id, access_policy_id, name, display_name, secret_sha256, expires_at, created_at,"
+                " updated_at, first_used_at, last_used_at FROM tokens")]
+        return policies, tokens
+
+    async def load_policy(self, policy_id: str) -> AccessPolicy | None:
+        row = await self.pool.fetchrow("SELECT * FROM access_policies WHERE id = $1", uuid.UUID(policy_id))
+        return policy_from_row(row) if row else None
+
+    async def load_token(self, token_id: str) -> Token | None:
+        row = await self.pool.fetchrow("SELECT * FROM tokens WHERE id = $1", uuid.UUID(token_id))
+        return token_from_row(row) if row else None
+
+    # ---- audit --------------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _audit(conn: asyncpg.Connection, org_id: str, actor: str, action: str, rtype: str, rid: str,
+                     before: Any, after: Any) -> None:
+        await conn.execute(
+            "INSERT INTO audit_log (org_id, actor, action, resource_type, resource_id, before, after)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)", org_id, actor, action, rtype, rid, before, after)
+
+    async def list_audit(self, org_id: str, page_size: int, cursor: str | None) -> Page:
+        args: list[Any] = [org_id]
+        where = "org_id = $1"
+        if cursor:
+            _, last_id = decode_cursor(cursor)
+            if not isinstance(last_id, int):
+                raise BadCursor("pageCursor is not a cursor this API issued")
+            args.append(last_id)
+            where += f" AND id < ${len(args)}"
+        args.append(page_size + 1)
+        rows = await self.pool.fetch(
+            f"SELECT * FROM audit_log WHERE {where} ORDER BY id DESC LIMIT ${len(args)}", *args)
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        nxt = encode_cursor(rows[-1]["at"], rows[-1]["id"]) if more else None
+        return Page([dict(r) for r in rows], nxt)
+
+    # ---- policies -----------------------------------------------------------------------------------
+
+    async def create_policy(self, policy: AccessPolicy, actor: str, as_json: Callable[[AccessPolicy], Any]
+                            ) -> AccessPolicy:
+        async with self.pool.acquire() as conn, conn.transaction():
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO access_policies (id, org_id, name, display_name, scopes, realms,"
+                    " allowed_subnets, status) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING *",
+                    uuid.UUID(policy.id), policy.org_id, policy.name, policy.display_name,
+                    sorted(policy.scopes), realms_to_json(policy.realms),
+                    [str(n) for n in policy.allowed_subnets], policy.status)
+            except asyncpg.UniqueViolationError:
+                raise Conflict(f"an access policy named {policy.name!r} already exists") from None
+            created = policy_from_row(row)
+            await self._audit(conn, policy.org_id, actor, "accesspolicy.create", "accesspolicy", created.id,
+                              None, as_json(created))
+        return created
+
+    async def get_policy(self, scope: AdminScope, policy_id: str) -> AccessPolicy:
+        args: list[Any] = [uuid.UUID(policy_id)]
+        cond = _scope_sql(scope, args)
+        row = await self.pool.fetchrow(f"SELECT * FROM access_policies p WHERE p.id = $1 AND {cond}", *args)
+        if row is None:
+            raise NotFound("access policy not found")
+        return policy_from_row(row)
+
+    async def list_policies(self, scope: AdminScope, filters: dict[str, str], page_size: int,
+                            cursor: str | None) -> Page:
+        args: list[Any] = []
+        conds = [_scope_sql(scope, args)]
+        if "name" in filters:
+            args.append(filters["name"])
+            conds.append(f"p.name = ${len(args)}")
+        if "status" in filters:
+            args.append(filters["status"])
+            conds.append(f"p.status = ${len(args)}")
+        if "realmType" in filters:
+            realm: dict[str, str] = {"type": filters["realmType"]}
+            if "realmIdentifier" in filters:
+                realm["identifier"] = filters["realmIdentifier"]
+            args.append([realm])
+            conds.append(f"p.realms @> ${len(args)}::jsonb")
+        return await self._page(
+            "SELECT p.* FROM access_policies p", conds, args, page_size, cursor, policy_from_row, "p")
+
+    async def _page(self, select: str, conds: list[str], args: list[Any], page_size: int,
+                    cursor: str | None, convert: Callable[[asyncpg.Record], Any], alias: str) -> Page:
+        if cursor:
+            at, rid = decode_cursor(cursor)
+            args += [at, rid]
+            conds.append(f"({alias}.created_at, {alias}.id) > (${len(args) - 1}, ${len(args)})")
+        args.append(page_size + 1)
+        sql = (f"{select} WHERE {' AND '.join(conds)} ORDER BY {alias}.created_at, {alias}.id"
+               f" LIMIT ${len(args)}")
+        rows = await self.pool.fetch(sql, *args)
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        nxt = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
+        return Page([convert(r) for r in rows], nxt)
+
+    async def update_policy(self, scope: AdminScope, policy_id: str, changes: dict[str, Any], actor: str,
+                            as_json: Callable[[AccessPolicy], Any],
+                            check: Callable[[AccessPolicy, AccessPolicy], None] | None = None
+                            ) -> AccessPolicy:
+        """Apply ``changes`` (model field → value); ``check(before, after)`` may veto (raises)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            args: list[Any] = [uuid.UUID(policy_id)]
+            cond = _scope_sql(scope, args)
+            row = await conn.fetchrow(
+                f"SELECT * FROM access_policies p WHERE p.id = $1 AND {cond} FOR UPDATE", *args)
+            if row is None:
+                raise NotFound("access policy not found")
+            before = policy_from_row(row)
+            from dataclasses import replace
+            after = replace(before, **changes)
+            if check:
+                check(before, after)
+            row = await conn.fetchrow(
+                "UPDATE access_policies SET display_name=$2, scopes=$3, realms=$4, allowed_subnets=$5,"
+                " status=$6, updated_at=now() WHERE id=$1 RETURNING *",
+                uuid.UUID(policy_id), after.display_name, sorted(after.scopes), realms_to_json(after.realms),
+                [str(n) for n in after.allowed_subnets], after.status)
+            updated = policy_from_row(row)
+            await self._audit(conn, before.org_id, actor, "accesspolicy.update", "accesspolicy", policy_id,
+                              as_json(before), as_json(updated))
+        return updated
+
+    async def delete_policy(self, scope: AdminScope, policy_id: str, actor: str,
+                            as_json: Callable[[AccessPolicy], Any]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            args: list[Any] = [uuid.UUID(policy_id)]
+            cond = _scope_sql(scope, args)
+            row = await conn.fetchrow(
+                f"DELETE FROM access_policies p WHERE p.id = $1 AND {cond} RETURNING *", *args)
+            if row is None:
+                raise NotFound("access policy not found")
+            before = policy_from_row(row)
+            await self._audit(conn, before.org_id, actor, "accesspolicy.delete", "accesspolicy", policy_id,
+                              as_json(before), None)
+
+    async def count_tokens(self, policy_ids: Sequence[str]) -> dict[str, int]:
+        rows = await self.pool.fetch(
+            "SELECT access_policy_id, count(*) AS n FROM tokens WHERE access_policy_id = ANY($1::uuid[])"
+            " GROUP BY access_policy_id", [uuid.UUID(p) for p in policy_ids])
+        return {str(r["access_policy_id"]): r["n"] for r in rows}
+
+    # ---- tokens -------------------------------------------------------------------------------------
+
+    async def create_token(self, scope: AdminScope, token: Token, actor: str,
+                           as_json: Callable[[Token], Any]) -> Token:
+        async with self.pool.acquire() as conn, conn.transaction():
+            args: list[Any] = [uuid.UUID(token.access_policy_id)]
+            cond = _scope_sql(scope, args)
+            prow = await conn.fetchrow(
+                f"SELECT p.org_id FROM access_policies p WHERE p.id = $1 AND {cond} FOR SHARE", *args)
+            if prow is None:
+                raise NotFound("access policy not found")
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO tokens (id, org_id, access_policy_id, name, display_name, secret_sha256,"
+                    " expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7) RETURNING *",
+                    uuid.UUID(token.id), prow["org_id"], uuid.UUID(token.access_policy_id), token.name,
+                    token.display_name, token.secret_hash, token.expires_at)
+            except asyncpg.UniqueViolationError:
+                raise Conflict(f"a token named {token.name!r} already exists") from None
+            created = token_from_row(row)
+            await self._audit(conn, prow["org_id"], actor, "token.create", "token", created.id, None,
+                              as_json(created))
+        return created
+
+    _TOKEN_SELECT = "SELECT t.* FROM tokens t JOIN access_policies p ON p.id = t.access_policy_id"
+
+    async def get_token(self, scope: AdminScope, token_id: str) -> Token:
+        args: list[Any] = [uuid.UUID(token_id)]
+        cond = _scope_sql(scope, args)
+        row = await self.pool.fetchrow(f"{self._TOKEN_SELECT} WHERE t.id = $1 AND {cond}", *args)
+        if row is None:
+            raise NotFound("token not found")
+        return token_from_row(row)
+
+    async def list_tokens(self, scope: AdminScope, filters: dict[str, Any], page_size: int,
+                          cursor: str | None) -> Page:
+        args: list[Any] = []
+        conds = [_scope_sql(scope, args)]
+        simple = {"accessPolicyId": ("t.access_policy_id", uuid.UUID), "accessPolicyName": ("p.name", str),
+                  "name": ("t.name", str), "accessPolicyStatus": ("p.status", str)}
+        for key, (col, conv) in simple.items():
+            if key in filters:
+                args.append(conv(filters[key]))
+                conds.append(f"{col} = ${len(args)}")
+        if "expiresBefore" in filters:
+            args.append(filters["expiresBefore"])
+            conds.append(f"t.expires_at < ${len(args)}")
+        if "expiresAfter" in filters:
+            args.append(filters["expiresAfter"])
+            conds.append(f"t.expires_at > ${len(args)}")
+        if "accessPolicyRealmType" in filters:
+            realm = {"type": filters["accessPolicyRealmType"]}
+            if "accessPolicyRealmIdentifier" in filters:
+                realm["identifier"] = filters["accessPolicyRealmIdentifier"]
+            args.append([realm])
+            conds.append(f"p.realms @> ${len(args)}::jsonb")
+        return await self._page(self._TOKEN_SELECT, conds, args, page_size, cursor, token_from_row, "t")
+
+    async def update_token(self, scope: AdminScope, token_id: str, changes: dict[str, Any], actor: str,
+                           as_json: Callable[[Token], Any]) -> Token:
+        async with self.pool.acquire() as conn, conn.transaction():
+            args: list[Any] = [uuid.UUID(token_id)]
+            cond = _scope_sql(scope, args)
+            row = await conn.fetchrow(f"{self._TOKEN_SELECT} WHERE t.id = $1 AND {cond} FOR UPDATE OF t", *args)
+            if row is None:
+                raise NotFound("token not found")
+            before = token_from_row(row)
+            display = changes.get("display_name", before.display_name)
+            expires = changes["expires_at"] if "expires_at" in changes else before.expires_at
+            row = await conn.fetchrow(
+                "UPDATE tokens SET display_name=$2, expires_at=$3, updated_at=now() WHERE id=$1 RETURNING *",
+                uuid.UUID(token_id), display, expires)
+            updated = token_from_row(row)
+            await self._audit(conn, row["org_id"], actor, "token.update", "token", token_id,
+                              as_json(before), as_json(updated))
+        return updated
+
+    async def delete_token(self, scope: AdminScope, token_id: str, actor: str,
+                           as_json: Callable[[Token], Any]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            args: list[Any] = [uuid.UUID(token_id)]
+            cond = _scope_sql(scope, args)
+            row = await conn.fetchrow(
+                f"DELETE FROM tokens t USING access_policies p WHERE p.id = t.access_policy_id AND t.id = $1"
+                f" AND {cond} RETURNING t.*", *args)
+            if row is None:
+                raise NotFound("token not found")
+            await self._audit(conn, row["org_id"], actor, "token.delete", "token", token_id,
+                              as_json(token_from_row(row)), None)
+
+    async def find_policy_by_name(self, org_id: str, name: str) -> AccessPolicy | None:
+        row = await self.pool.fetchrow("SELECT * FROM access_policies WHERE org_id=$1 AND name=$2", org_id, name)
+        return policy_from_row(row) if row else None
+
+    # ---- usage --------------------------------------------------------------------------------------
+
+    async def flush_usage(self, usage: dict[str, tuple[datetime, datetime]]) -> None:
+        """Merge first/last-used times; LEAST/GREATEST keep the extremes across replicas."""
+        if not usage:
+            return
+        ids = [uuid.UUID(k) for k in usage]
+        firsts = [v[0] for v in usage.values()]
+        lasts = [v[1] for v in usage.values()]
+        await self.pool.execute(
+            "UPDATE tokens t SET first_used_at = LEAST(COALESCE(t.first_used_at, u.f), u.f),"
+            " last_used_at = GREATEST(COALESCE(t.last_used_at, u.l), u.l)"
+            " FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS u(id, f, l) WHERE t.id = u.id",
+            ids, firsts, lasts)
+
+
+Listener = Callable[[str, str, str], Awaitable[None]]
