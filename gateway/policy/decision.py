@@ -20,8 +20,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class StackLike(Protocol):
-    id: str
-    org_id: str
+    @property
+    def id(self) -> str: ...
+    @property
+    def org_id(self) -> str: ...
 
 
 class Denied(Exception):

@@ -1,0 +1,283 @@
+"""The matcher: an allowlist that matches one route or none, and refuses paths an upstream could
+read differently from the gateway."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from gateway.policy.scopes import ALL_SCOPES
+from gateway.routes import (
+    ALL_ROUTES,
+    BACKENDS,
+    GET,
+    KNOWN_METHODS,
+    POST,
+    Kind,
+    Role,
+    Route,
+    Router,
+    allowed_methods,
+    loki,
+    match,
+    mimir,
+    otlp,
+    tempo,
+)
+
+METHODS = sorted(KNOWN_METHODS | {"OPTIONS", "TRACE", "CONNECT", "PROPFIND"})
+
+# Admin and internal endpoints of Mimir, Loki and Tempo: no method may reach them.
+NEVER_EXPOSE = (
+    "/distributor/ring",
+    "/distributor/all_user_stats",
+    "/distributor/ha_tracker",
+    "/ingester/flush",
+    "/ingester/shutdown",
+    "/ingester/prepare-shutdown",
+    "/ingester/ring",
+    "/ingester/tenants",
+    "/ingester/tsdb/tenant1",
+    "/ruler/ring",
+    "/ruler/rule_groups",
+    "/ruler/tenants",
+    "/ruler/tenant/tenant1/rule_groups",
+    "/ruler/delete_tenant_config",
+    "/multitenant_alertmanager/status",
+    "/multitenant_alertmanager/configs",
+    "/multitenant_alertmanager/ring",
+    "/multitenant_alertmanager/delete_tenant_config",
+    "/compactor/ring",
+    "/compactor/delete_tenant",
+    "/compactor/tenants",
+    "/store-gateway/ring",
+    "/store-gateway/tenants",
+    "/store-gateway/tenant/tenant1/blocks",
+    "/query-scheduler/ring",
+    "/overrides-exporter/ring",
+    "/config",
+    "/runtime_config",
+    "/services",
+    "/memberlist",
+    "/debug/pprof/heap",
+    "/debug/fgprof",
+    "/metrics",
+    "/ready",
+    "/",
+    "/static/x.css",
+    # Loki
+    "/flush",
+    "/ring",
+    "/indexgateway/ring",
+    "/scheduler/ring",
+    "/pattern/ring",
+    "/log_level",
+    "/ingester/prepare_shutdown",
+    # Tempo
+    "/status",
+    "/status/config",
+    "/status/runtime_config",
+    "/status/endpoints",
+    "/querier/api/search",
+    "/querier/api/traces/abc",
+    "/generator/api/metrics/summary",
+)
+
+# Each would reach something else if an upstream (or a proxy in front of it) normalised or
+# decoded the path: the gateway must refuse them rather than guess.
+TRICKS = (
+    "/prometheus/api/v1/../../distributor/all_user_stats",
+    "/prometheus/api/v1/label/../../../../distributor/all_user_stats/values",
+    "/alertmanager/../distributor/all_user_stats",
+    "/alertmanager/../multitenant_alertmanager/configs",
+    "/alertmanager/%2e%2e/distributor/all_user_stats",
+    "/alertmanager/%2E%2E/multitenant_alertmanager/configs",
+    "/alertmanager/.%2e/distributor/ring",
+    "/alertmanager/..%2fdistributor/ring",
+    "/alertmanager/x%2F..%2Fdistributor",
+    "/alertmanager/%252e%252e/distributor/ring",
+    "/alertmanager/%252F",
+    "/alertmanager//distributor/ring",
+    "/alertmanager/./x",
+    "/alertmanager/.",
+    "/alertmanager/a\\..\\distributor",
+    "/alertmanager/%5c..%5cdistributor",
+    "/alertmanager/%00",
+    "/alertmanager/a\x00b",
+    "/prometheus/api/v1/query\x00",
+    "/prometheus/api/v1/label/a%2Fb/values",
+    "/prometheus/api/v1/label/a%2fb/values",
+    "/prometheus/config/v1/rules/ns%2F..%2F..%2Fruler",
+    "/api/search/tag/../../distributor/ring/values",
+    "/api/v2/search/tag/%2e%2e/values",
+    "/api/traces/%2e%2e",
+    "//prometheus/api/v1/query",
+    "/prometheus//api/v1/query",
+    "/prometheus/./api/v1/query",
+    "/prometheus/api/v1/query/",
+    "/prometheus/api/v1/query/.",
+    "/prometheus/api/v1/query?query=up",
+    "/alertmanager/x?y=1",
+    "/alertmanager/x#fragment",
+    "/alertmanager/a b",
+    "/alertmanager/%zz",
+    "/alertmanager/%2",
+    "/alertmanager/\u00e9",
+    "/alertmanager/\t",
+    "prometheus/api/v1/query",
+    "",
+    "/PROMETHEUS/api/v1/query",
+    "/Prometheus/api/v1/query",
+)
+
+
+@pytest.mark.parametrize("path", NEVER_EXPOSE)
+def test_never_exposed(path: str) -> None:
+    assert allowed_methods(path) == frozenset()
+    for method in METHODS:
+        assert match(method, path) is None, f"{method} {path}"
+
+
+@pytest.mark.parametrize("path", TRICKS)
+def test_tricks_match_nothing(path: str) -> None:
+    assert allowed_methods(path) == frozenset()
+    for method in METHODS:
+        assert match(method, path) is None, f"{method} {path!r}"
+
+
+def test_the_tricks_would_match_without_the_cleanliness_check() -> None:
+    # Guards the test above against passing for the wrong reason: these reach a pattern.
+    assert match("GET", "/alertmanager/x") is not None
+    assert match("GET", "/prometheus/api/v1/label/ab/values") is not None
+    assert match("GET", "/api/traces/abc") is not None
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "CONNECT", "PROPFIND", "get", "Post", "", "GET "])
+@pytest.mark.parametrize("path", ["/prometheus/api/v1/query", "/alertmanager/api/v2/alerts", "/api/search"])
+def test_unknown_methods_match_nothing(method: str, path: str) -> None:
+    assert match(method, path) is None
+    assert method not in allowed_methods(path)
+
+
+def _reference_regex(pattern: str) -> re.Pattern[str]:
+    """An independent reading of the pattern syntax, for the brute-force check below."""
+    out, pos = [], 0
+    for m in re.finditer(r"\{(\w+)(?::([^{}]+))?\}", pattern):
+        out += [re.escape(pattern[pos : m.start()]), f"(?:{m.group(2) or '[^/]+'})"]
+        pos = m.end()
+    return re.compile("".join([*out, re.escape(pattern[pos:])]))
+
+
+def _example(pattern: str) -> str:
+    return re.sub(r"\{(\w+)(?::[^{}]+)?\}", "x1", pattern)
+
+
+@pytest.mark.parametrize("route", ALL_ROUTES, ids=lambda r: f"{'|'.join(sorted(r.methods))} {r.pattern}")
+def test_exactly_one_route_matches(route: Route) -> None:
+    path = _example(route.pattern)
+    for method in route.methods:
+        candidates = [r for r in ALL_ROUTES if method in r.methods and _reference_regex(r.pattern).fullmatch(path)]
+        assert candidates == [route]
+        m = match(method, path)
+        assert m is not None and m.route is route
+
+
+def test_tables_are_valid() -> None:
+    assert ALL_ROUTES == mimir.ROUTES + loki.ROUTES + tempo.ROUTES + otlp.ROUTES
+    for route in ALL_ROUTES:
+        assert route.scope in ALL_SCOPES
+        assert route.backend in BACKENDS
+        assert route.methods <= KNOWN_METHODS
+        assert ("GET" in route.methods) == ("HEAD" in route.methods)
+        assert route.kind is Kind.NONE or route.scope.endswith((":read", ":delete")), "writes carry no query"
+        assert route.scope.split(":")[0] in ("metrics", "logs", "traces", "rules", "alerts")
+    assert {r.backend for r in mimir.ROUTES} == {"metrics"}
+    assert {r.backend for r in loki.ROUTES} == {"logs"}
+    assert {r.backend for r in tempo.ROUTES} == {"traces"}
+    assert [r for r in ALL_ROUTES if r.websocket] == [r for r in loki.ROUTES if r.kind is Kind.LOGQL_TAIL]
+
+
+def test_label_kinds_only_on_their_backend() -> None:
+    promql = {Kind.PROMQL, Kind.MATCH, Kind.REMOTE_READ}
+    logql = {Kind.LOGQL, Kind.LOGQL_OPTIONAL, Kind.LOGQL_SERIES, Kind.LOGQL_TAIL, Kind.LOGQL_DELETE}
+    for route in ALL_ROUTES:
+        if route.kind in promql:
+            assert route.backend == "metrics"
+        if route.kind in logql:
+            assert route.backend == "logs"
+
+
+def test_head_is_added_where_get_is() -> None:
+    route = Route("metrics", frozenset({"GET"}), "/a", "metrics:read")
+    assert route.methods == {"GET", "HEAD"}
+    assert Route("metrics", POST, "/a", "metrics:write").methods == {"POST"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"scope": "metrics:admin"}, "unknown scope"),
+        ({"scope": "metrics"}, "unknown scope"),
+        ({"backend": "profiles"}, "unknown backend"),
+        ({"methods": frozenset({"TRACE"})}, "methods"),
+        ({"methods": frozenset({"get"})}, "methods"),
+        ({"methods": frozenset()}, "methods"),
+        ({"methods": POST, "websocket": True}, "WebSocket"),
+        ({"pattern": "a/b"}, "clean"),
+        ({"pattern": "/a/../b"}, "clean"),
+        ({"pattern": "/a//b"}, "clean"),
+        ({"pattern": "/a/{b"}, "clean"),
+        ({"pattern": "/a/{x}/{x}"}, "repeats"),
+        ({"pattern": "/a/{x}", "upstream_path": "/b/{y}"}, "may only use"),
+        ({"pattern": "/a/{x}", "upstream_path": "/b/{x:.*}"}, "may only use"),
+        ({"upstream_path": "/b/../c"}, "clean"),
+    ],
+)
+def test_route_validation(kwargs: dict[str, object], error: str) -> None:
+    fields: dict[str, object] = {"backend": "metrics", "methods": GET, "pattern": "/a", "scope": "metrics:read"}
+    with pytest.raises(ValueError, match=error):
+        Route(**(fields | kwargs))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("routes", "error"),
+    [
+        ((Route("metrics", GET, "/a", "metrics:read"), Route("logs", GET, "/a", "logs:read")), "twice"),
+        (
+            (Route("metrics", GET, "/a/{x}", "metrics:read"), Route("logs", POST, "/a/{y}", "logs:write")),
+            "renamed",
+        ),
+        (
+            (Route("metrics", GET, "/a/{x}/b", "metrics:read"), Route("logs", GET, "/a/{y:.*}", "logs:read")),
+            "also matches",
+        ),
+        ((Route("metrics", GET, "/a/{x}", "metrics:read"), Route("logs", GET, "/a/{x}", "logs:read")), "twice"),
+        ((Route("metrics", GET, "/a/b", "metrics:read"), Route("logs", POST, "/a/{y}", "logs:write")), "also"),
+        ((Route("metrics", GET, "/{x}/b", "metrics:read"),), "literal"),
+    ],
+)
+def test_router_refuses_ambiguous_tables(routes: tuple[Route, ...], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        Router(routes)
+
+
+def test_router_splits_a_path_by_method() -> None:
+    read = Route("metrics", GET, "/a/{x}", "alerts:read", role=Role.ALERTMANAGER)
+    write = Route("metrics", POST, "/a/{x}", "alerts:write", role=Role.ALERTMANAGER, upstream_path="/b/{x}")
+    router = Router((read, write))
+    assert router.allowed_methods("/a/1") == {"GET", "HEAD", "POST"}
+    got, posted = router.match("GET", "/a/1"), router.match("POST", "/a/1")
+    assert got is not None and got.route is read and got.upstream_path == "/a/1"
+    assert posted is not None and posted.route is write and posted.upstream_path == "/b/1"
+    assert posted.path_params == {"x": "1"}
+    assert router.match("PUT", "/a/1") is None
+    assert router.match("GET", "/a/1/2") is None
+
+
+def test_a_match_does_not_share_state_between_requests() -> None:
+    first = match("GET", "/prometheus/api/v1/query")
+    assert first is not None
+    first.path_params["injected"] = "x"
+    second = match("GET", "/prometheus/api/v1/query")
+    assert second is not None and second.path_params == {}
