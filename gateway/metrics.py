@@ -1,0 +1,33 @@
+"""The gateway's own Prometheus series, on /metrics."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY: Final = CollectorRegistry(auto_describe=True)
+
+REQUESTS: Final = Counter("gateway_requests_total", "Data-path requests by backend, scope and status code.",
+                          ["backend", "scope", "code"], registry=REGISTRY)
+REFUSALS: Final = Counter("gateway_auth_refusals_total", "Requests refused before forwarding, by reason.",
+                          ["reason"], registry=REGISTRY)
+UPSTREAM_SECONDS: Final = Histogram(
+    "gateway_upstream_duration_seconds", "Time from sending upstream to the response headers.",
+    ["backend"], registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+ADDED_SECONDS: Final = Histogram(
+    "gateway_added_latency_seconds", "Time the gateway spends before forwarding (identify to send).",
+    ["backend"], registry=REGISTRY,
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1))
+IN_FLIGHT: Final = Gauge("gateway_in_flight_requests", "Data-path requests being served.", registry=REGISTRY)
+CACHE_POLICIES: Final = Gauge("gateway_cache_policies", "Access policies in the snapshot.", registry=REGISTRY)
+CACHE_TOKENS: Final = Gauge("gateway_cache_tokens", "Tokens in the snapshot.", registry=REGISTRY)
+CACHE_AGE: Final = Gauge("gateway_cache_age_seconds", "Seconds since the snapshot was last confirmed.",
+                         registry=REGISTRY)
+DB_UP: Final = Gauge("gateway_database_up", "1 when the policy database is reachable.", registry=REGISTRY)
+RELOAD_OK: Final = Gauge("gateway_config_last_reload_successful", "1 if the last config reload succeeded.",
+                         registry=REGISTRY)
+RELOAD_TIME: Final = Gauge("gateway_config_last_reload_success_timestamp_seconds",
+                           "Time of the last successful config load.", registry=REGISTRY)
+RELOAD_OK.set(1)

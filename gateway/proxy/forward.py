@@ -1,0 +1,165 @@
+"""Forward one request upstream and stream the answer back; WebSocket relay for Loki tail."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.config import Upstream
+from gateway.proxy.errors import ProxyError
+from gateway.proxy.headers import response_headers
+
+log = logging.getLogger("gateway.proxy")
+CHUNK = 256 * 1024
+
+
+class Upstreams:
+    """One pooled client session per upstream base URL, created on first use."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, float, float], aiohttp.ClientSession] = {}
+
+    def session(self, upstream: Upstream) -> aiohttp.ClientSession:
+        key = (upstream.signal, upstream.connect_timeout, upstream.read_timeout)
+        s = self._sessions.get(key)
+        if s is None or s.closed:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout,
+                                            sock_read=upstream.read_timeout)
+            s = aiohttp.ClientSession(
+                timeout=timeout, auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent"),
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True),
+                cookie_jar=aiohttp.DummyCookieJar())
+            self._sessions[key] = s
+        return s
+
+    async def close(self) -> None:
+        for s in self._sessions.values():
+            await s.close()
+        self._sessions.clear()
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: int
+    bytes_out: int
+    upstream_seconds: float
+
+
+class _LimitedBody:
+    """Stream the request body, refusing it past ``limit`` bytes (chunked bodies have no length).
+
+    The client library wraps errors raised by a body generator, so the verdict is kept here too.
+    """
+
+    def __init__(self, stream: aiohttp.StreamReader, limit: int):
+        self.stream, self.limit, self.exceeded = stream, limit, False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.stream.iter_chunked(CHUNK):
+            seen += len(chunk)
+            if seen > self.limit:
+                self.exceeded = True
+                raise ProxyError(413, f"request body exceeds {self.limit} bytes", "body_too_large")
+            yield chunk
+
+
+async def forward(request: web.Request, session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str],
+                  body: bytes | None, body_limit: int) -> tuple[web.StreamResponse, Outcome]:
+    """Send upstream; stream the response. ``body`` replaces the client's body when not None."""
+    data: bytes | AsyncIterator[bytes] | None = body
+    limited = _LimitedBody(request.content, body_limit)
+    if body is None and request.body_exists:
+        data = limited.chunks()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        up = await session.request(request.method, url, headers=headers, data=data, allow_redirects=False,
+                                   compress=None)
+    except ProxyError:
+        raise
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        if limited.exceeded:
+            raise ProxyError(413, f"request body exceeds {body_limit} bytes", "body_too_large") from None
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            raise ProxyError(504, f"upstream timed out: {exc.__class__.__name__}", "upstream_timeout") from None
+        raise ProxyError(502, f"upstream unavailable: {exc.__class__.__name__}", "upstream_unavailable") from None
+    upstream_seconds = loop.time() - started
+    sent = 0
+    try:
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=response_headers(up.headers))
+        if up.content_length is not None:
+            resp.content_length = up.content_length
+        await resp.prepare(request)
+        try:
+            async for chunk in up.content.iter_chunked(CHUNK):
+                await resp.write(chunk)
+                sent += len(chunk)
+            await resp.write_eof()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            # Headers are out: all we can do is cut the connection so the client sees a broken body.
+            log.warning("upstream response broke after %d bytes: %s", sent, exc.__class__.__name__)
+            if request.transport is not None:
+                request.transport.close()
+        return resp, Outcome(up.status, sent, upstream_seconds)
+    finally:
+        up.release()
+
+
+async def relay_websocket(request: web.Request, session: aiohttp.ClientSession, url: str,
+                          headers: CIMultiDict[str]) -> tuple[web.WebSocketResponse, Outcome]:
+    """Loki tail: connect upstream first (so refusals surface as HTTP errors), then pump both ways."""
+    for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Content-Length"):
+        headers.popall(h, None)
+    ws_url = "ws" + url[4:] if url.startswith("http") else url
+    try:
+        up = await session.ws_connect(ws_url, headers=headers, autoclose=True, autoping=True, heartbeat=30)
+    except aiohttp.WSServerHandshakeError as exc:
+        raise ProxyError(exc.status if 400 <= exc.status < 600 else 502, f"upstream refused the tail: {exc.message}",
+                         "upstream_refused") from None
+    except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
+        raise ProxyError(502, f"upstream unavailable: {exc.__class__.__name__}", "upstream_unavailable") from None
+    client = web.WebSocketResponse(autoping=True, heartbeat=30)
+    await client.prepare(request)
+    sent = 0
+
+    async def down() -> None:
+        nonlocal sent
+        async for msg in up:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                sent += len(msg.data)
+                await client.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                sent += len(msg.data)
+                await client.send_bytes(msg.data)
+            else:
+                break
+
+    async def upward() -> None:
+        async for msg in client:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await up.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await up.send_bytes(msg.data)
+            else:
+                break
+
+    tasks = [asyncio.create_task(down()), asyncio.create_task(upward())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await up.close()
+        await client.close()
+    return client, Outcome(101, sent, 0.0)

@@ -1,0 +1,175 @@
+"""The data-path handler: identify → classify → authorize → restrict → forward.
+
+Every step before ``forward`` is a plain function of the request, the policy snapshot and the
+config snapshot, with no I/O; a refusal is a ProxyError answered in the Prometheus error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from gateway.clientip import client_ip
+from gateway.config import Config, Stack
+from gateway.lbac import restrict as lbac
+from gateway.metrics import ADDED_SECONDS, IN_FLIGHT, REFUSALS, REQUESTS, UPSTREAM_SECONDS
+from gateway.policy.decision import Denied, Identity, authorize, covering_realms, identify
+from gateway.proxy.errors import ProxyError, error_response
+from gateway.proxy.forward import Upstreams, forward, relay_websocket
+from gateway.proxy.headers import upstream_headers
+from gateway.proxy.identify import CHALLENGE, credentials
+from gateway.routes import Kind, RouteMatch, allowed_methods, match
+from gateway.state import State, get_state
+
+access_log = logging.getLogger("gateway.access")
+UPSTREAMS = web.AppKey("upstreams", Upstreams)
+
+
+def resolve_stack(cfg: Config, ident: Identity, backend: str, basic_user: str | None, org_header: str | None
+                  ) -> Stack:
+    """The stack a request is for: the Basic username's, or with Bearer the realm's single stack
+    or the one named in X-Scope-OrgID (allowed only inside the realm)."""
+    if basic_user is not None:
+        stack = cfg.stack_by_tenant.get((backend, basic_user))
+        if stack is None:
+            raise ProxyError(401, f"unknown {backend} tenant {basic_user!r}: the Basic-auth username must be a "
+                             "configured tenant ID", "unknown_tenant", CHALLENGE)
+        return stack
+    if org_header:
+        stack = cfg.stack_by_tenant.get((backend, org_header.strip()))
+        if stack is None:
+            raise ProxyError(403, f"X-Scope-OrgID {org_header.strip()!r} is not a {backend} tenant of any stack",
+                             "wrong_tenant")
+        return stack
+    org = cfg.orgs_by_id.get(ident.policy.org_id)
+    covered = [s for s in (org.stacks if org else ()) if covering_realms(ident.policy, s)]
+    if len(covered) != 1:
+        raise ProxyError(400, "the tenant is ambiguous: the token's realm covers several stacks; name one in "
+                         "X-Scope-OrgID or use Basic auth with the tenant ID", "ambiguous_tenant")
+    return covered[0]
+
+
+async def _read_form(request: web.Request) -> bytes | None:
+    if not request.body_exists:
+        return None
+    ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if ctype != lbac.FORM:
+        raise ProxyError(415, "label-restricted queries must send parameters in the URL or as "
+                         f"{lbac.FORM}", "bad_form")
+    if request.content_length is not None and request.content_length > lbac.MAX_FORM_BODY:
+        raise ProxyError(413, f"form body exceeds {lbac.MAX_FORM_BODY} bytes", "body_too_large")
+    data = await request.content.read(lbac.MAX_FORM_BODY + 1)
+    if len(data) > lbac.MAX_FORM_BODY:
+        raise ProxyError(413, f"form body exceeds {lbac.MAX_FORM_BODY} bytes", "body_too_large")
+    return data
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    st = get_state(request)
+    started = time.perf_counter()
+    entry: dict[str, object] = {"method": request.method, "path": request.rel_url.raw_path}
+    status = 500
+    backend, scope = "none", "none"
+    IN_FLIGHT.inc()
+    try:
+        m = match(request.method, request.rel_url.raw_path)
+        if m is None:
+            allowed = allowed_methods(request.rel_url.raw_path)
+            if allowed:
+                names = ", ".join(sorted(allowed))
+                raise ProxyError(405, f"method {request.method} not allowed here (allowed: {names})",
+                                 "method_not_allowed", {"Allow": names})
+            raise ProxyError(404, "no such endpoint on this gateway", "unknown_path")
+        backend, scope = m.route.backend, m.route.scope
+        resp, status = await _serve(request, st, m, entry, started)
+        return resp
+    except ProxyError as exc:
+        status = exc.status
+        REFUSALS.labels(exc.reason).inc()
+        entry["refusal"] = exc.reason
+        entry["error"] = exc.message
+        return error_response(exc.status, exc.message, exc.headers)
+    finally:
+        IN_FLIGHT.dec()
+        REQUESTS.labels(backend, scope, str(status)).inc()
+        entry.update(status=status, duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                     client_ip=entry.get("client_ip") or request.remote)
+        access_log.info(json.dumps(entry, default=str))
+
+
+async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str, object], started: float
+                 ) -> tuple[web.StreamResponse, int]:
+    cfg = st.config
+    route = m.route
+    upstream = cfg.upstreams.get(route.backend)
+    if upstream is None:
+        raise ProxyError(404, f"no {route.backend} upstream is configured on this gateway", "no_upstream")
+    if st.cache.stale:
+        raise ProxyError(503, "policy snapshot unavailable or too old; refusing rather than trusting it",
+                         "stale_snapshot")
+    presented, basic_user = credentials(request.headers.get("Authorization"))
+    try:
+        ident = identify(presented, st.cache.tokens, st.cache.policies, datetime.now(UTC))
+    except Denied as exc:
+        raise ProxyError(exc.status, exc.message, exc.reason, CHALLENGE) from None
+    entry.update(token_id=ident.token.id, policy=ident.policy.name)
+    stack = resolve_stack(cfg, ident, route.backend, basic_user, request.headers.get("X-Scope-OrgID"))
+    tenant = stack.tenants.get(route.backend)
+    if tenant is None:
+        raise ProxyError(404, f"stack {stack.id} has no {route.backend} tenant", "no_tenant")
+    entry["tenant"] = tenant
+    ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
+    entry["client_ip"] = str(ip) if ip else None
+    try:
+        policies = authorize(ident, route.scope, stack, ip)
+    except Denied as exc:
+        raise ProxyError(exc.status, exc.message, exc.reason) from None
+    st.cache.record_use(ident.token.id)
+
+    client_policies = request.headers.getall("X-Prom-Label-Policy", [])
+    if not policies and client_policies and route.kind in lbac.RESTRICTED_KINDS:
+        policies = lbac.parse_client_policies(client_policies, tenant)  # Grafana team rules: narrow only
+
+    raw_query = request.rel_url.raw_query_string
+    body: bytes | None = None
+    label_headers: tuple[str, ...] = ()
+    if policies and route.kind in lbac.RESTRICTED_KINDS:
+        entry["lbac"] = upstream.lbac
+        if route.kind is Kind.TENANT_WIDE:
+            raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
+                             "lbac_unfilterable")
+        label_headers = lbac.headers_for(tenant, policies)
+        if upstream.lbac == "enforce" or route.kind is Kind.LOGQL_DELETE:
+            if route.kind is Kind.REMOTE_READ:
+                raise ProxyError(403, "remote read is not available to label-restricted tokens in enforce mode",
+                                 "lbac_unfilterable")
+            form = await _read_form(request)
+            r = lbac.enforce(route.kind, request.method, raw_query, form, policies)
+            raw_query = r.query if r.query is not None else raw_query
+            body = r.body
+            if upstream.lbac == "enforce":
+                label_headers = ()
+
+    base = upstream.url_for(route.role.value)
+    url = f"{base}{m.upstream_path}" + (f"?{raw_query}" if raw_query else "")
+    headers = upstream_headers(request.headers, tenant, request.remote or "unknown", label_headers,
+                               drop_body_headers=body is not None)
+    if body is not None and body:
+        headers["Content-Type"] = lbac.FORM
+    limit = cfg.limits.max_request_body
+    if request.content_length is not None and request.content_length > limit:
+        raise ProxyError(413, f"request body exceeds {limit} bytes", "body_too_large")
+    session = request.app[UPSTREAMS].session(upstream)
+    ADDED_SECONDS.labels(route.backend).observe(time.perf_counter() - started)
+    resp: web.StreamResponse
+    if route.websocket and request.headers.get("Upgrade", "").lower() == "websocket":
+        resp, outcome = await relay_websocket(request, session, url, headers)
+    else:
+        resp, outcome = await forward(request, session, url, headers, body, limit)
+    UPSTREAM_SECONDS.labels(route.backend).observe(outcome.upstream_seconds)
+    entry.update(upstream_ms=round(outcome.upstream_seconds * 1000, 3), bytes=outcome.bytes_out)
+    return resp, outcome.status

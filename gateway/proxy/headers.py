@@ -1,0 +1,52 @@
+"""What crosses the gateway: request headers scrubbed of credentials and tenant/control headers,
+response headers scrubbed of hop-by-hop ones."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                               "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
+# Headers the client must never choose for the upstream: credentials, tenancy, label policies.
+_DROPPED: Final = HOP_BY_HOP | frozenset({"authorization", "x-scope-orgid", "x-prom-label-policy", "host",
+                                          "x-forwarded-for", "x-real-ip", "forwarded", "cookie"})
+_DROPPED_PREFIXES: Final = ("x-mimir-", "x-loki-", "x-tempo-", "x-grafana-")
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    return {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",") if t.strip()}
+
+
+def upstream_headers(incoming: CIMultiDictProxy[str], tenant: str, forwarded_for: str,
+                     label_policy_headers: Iterable[str] = (), drop_body_headers: bool = False
+                     ) -> CIMultiDict[str]:
+    """Copy the client's headers minus the dropped ones; set the tenant and the forwarding chain."""
+    extra = _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        low = name.lower()
+        if low in _DROPPED or low in extra or low.startswith(_DROPPED_PREFIXES):
+            continue
+        if drop_body_headers and low in ("content-length", "content-type"):
+            continue
+        out.add(name, value)
+    prior = ", ".join(incoming.getall("X-Forwarded-For", []))
+    out["X-Forwarded-For"] = f"{prior}, {forwarded_for}" if prior else forwarded_for
+    out["X-Scope-OrgID"] = tenant
+    for value in label_policy_headers:
+        out.add("X-Prom-Label-Policy", value)
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    extra = _connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in extra or low == "content-length":
+            continue
+        out.add(name, value)
+    return out
