@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admin import api as admin_api
+from gateway.admin import datasources as datasources_api
 from gateway.admin.errors import error_middleware
 from gateway.cache import PolicyCache
 from gateway.config import Config
@@ -19,6 +20,7 @@ from gateway.proxy.handler import handle as proxy_handler
 from gateway.state import STATE, State
 from gateway.store import Store
 from gateway.store.embedded import start_embedded
+from gateway.web import setup as setup_page
 
 log = logging.getLogger("gateway")
 
@@ -82,6 +84,8 @@ def build_app(state: State) -> web.Application:
     if state.config.metrics_listen is None:
         app.router.add_get("/metrics", metrics)
     admin_api.add_routes(app)
+    datasources_api.add_routes(app)
+    setup_page(app)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     app.on_cleanup.append(_close_upstreams)
     return app

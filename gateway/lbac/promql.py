@@ -92,6 +92,7 @@ _RE_META = re.compile(r"([\\.+*?()|\[\]{}^$])")
 _AT_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[iI][nN][fF]|[nN][aA][nN]")
 _MAX_AT_SECONDS: Final = 1e15  # prettify() clamps beyond ~1.8e16; Prometheus refuses beyond ~9.2e15
 MAX_QUERY_LEN: Final = 128 * 1024
+MAX_OUTPUT_LEN: Final = 1024 * 1024
 
 
 def _register_legacy_functions() -> None:
@@ -420,6 +421,9 @@ class _Rewriter:
     def _union(self, vs: Any, suffix: str, wrap: Callable[[str], str]) -> str:
         """``wrap(v{p})`` for each policy, OR-ed without losing series (see module doc)."""
         parts = [wrap(_selector_text(vs, suffix, p)) for p in self.pols]
+        if sum(map(len, parts)) > MAX_OUTPUT_LEN:
+            # nested per-series calls repeat their arguments once per policy: refuse blow-ups
+            raise RewriteError("the query restricted to several label policies would be too large")
         if len(parts) == 1:
             return parts[0]
         if not (self.name_policy and not _fixes_name(vs)):

@@ -65,6 +65,15 @@ def parse_client_policies(values: Sequence[str], tenant: str) -> tuple[Selector,
     return tuple(out)
 
 
+def intersect(a: tuple[Selector, ...], b: tuple[Selector, ...]) -> tuple[Selector, ...]:
+    """Visible under both OR-sets: every pairing of a selector of ``a`` with one of ``b``, AND-ed."""
+    out: dict[Selector, None] = {}
+    for x in a:
+        for y in b:
+            out.setdefault(Selector(tuple(dict.fromkeys(x.matchers + y.matchers))), None)
+    return tuple(out)
+
+
 def _pairs(raw_query: str, body: bytes | None) -> list[tuple[str, str]]:
     pairs = parse_qsl(raw_query, keep_blank_values=True, strict_parsing=False, max_num_fields=1000)
     if body:

@@ -17,6 +17,7 @@ from gateway.clientip import client_ip
 from gateway.config import Config, Stack
 from gateway.lbac import restrict as lbac
 from gateway.metrics import ADDED_SECONDS, IN_FLIGHT, REFUSALS, REQUESTS, UPSTREAM_SECONDS
+from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, Identity, authorize, covering_realms, identify
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.forward import Upstreams, forward, relay_websocket
@@ -130,9 +131,14 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
         raise ProxyError(exc.status, exc.message, exc.reason) from None
     st.cache.record_use(ident.token.id)
 
-    client_policies = request.headers.getall("X-Prom-Label-Policy", [])
-    if not policies and client_policies and route.kind in lbac.RESTRICTED_KINDS:
-        policies = lbac.parse_client_policies(client_policies, tenant)  # Grafana team rules: narrow only
+    if not policies and route.kind in lbac.RESTRICTED_KINDS:
+        # A token without label policies may be narrowed by Grafana team rules: those the gateway holds
+        # for the data source using this policy, and those Grafana sends as X-Prom-Label-Policy.
+        team = user_policies(st.cache, ident.policy.id, route.backend, tenant,
+                             request.headers.get(cfg.grafana_user_header))
+        client_policies = request.headers.getall("X-Prom-Label-Policy", [])
+        sent = lbac.parse_client_policies(client_policies, tenant) if client_policies else ()
+        policies = lbac.intersect(team, sent) if team and sent else (team or sent)
 
     raw_query = request.rel_url.raw_query_string
     body: bytes | None = None
