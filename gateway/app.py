@@ -6,14 +6,14 @@ import asyncio
 import logging
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.admin import api as admin_api
 from gateway.admin import datasources as datasources_api
 from gateway.admin.errors import error_middleware
 from gateway.cache import PolicyCache
 from gateway.config import Config
-from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP, REGISTRY
+from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP, exposition
 from gateway.proxy.forward import Upstreams
 from gateway.proxy.handler import UPSTREAMS
 from gateway.proxy.handler import handle as proxy_handler
@@ -70,7 +70,7 @@ async def metrics(request: web.Request) -> web.Response:
     CACHE_TOKENS.set(len(c.tokens))
     CACHE_AGE.set(c.age if c.loaded else -1)
     DB_UP.set(1 if c.db_ok else 0)
-    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def build_app(state: State) -> web.Application:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import tempfile
 import uuid
 from collections.abc import Sequence
 
@@ -151,6 +153,12 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if args.workers < 0:
+        print("error: --workers must be 0 (one per core) or more", file=sys.stderr)
+        return 2
+    if args.workers != 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Must be set before prometheus_client is imported, so /metrics merges all workers.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     from gateway.server import serve
     return serve(cfg, args.config, workers=args.workers)
 

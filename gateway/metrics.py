@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 
@@ -20,14 +21,27 @@ ADDED_SECONDS: Final = Histogram(
     "gateway_added_latency_seconds", "Time the gateway spends before forwarding (identify to send).",
     ["backend"], registry=REGISTRY,
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1))
-IN_FLIGHT: Final = Gauge("gateway_in_flight_requests", "Data-path requests being served.", registry=REGISTRY)
-CACHE_POLICIES: Final = Gauge("gateway_cache_policies", "Access policies in the snapshot.", registry=REGISTRY)
-CACHE_TOKENS: Final = Gauge("gateway_cache_tokens", "Tokens in the snapshot.", registry=REGISTRY)
+IN_FLIGHT: Final = Gauge("gateway_in_flight_requests", "Data-path requests being served.", registry=REGISTRY,
+                         multiprocess_mode="livesum")
+CACHE_POLICIES: Final = Gauge("gateway_cache_policies", "Access policies in the snapshot.", registry=REGISTRY,
+                              multiprocess_mode="livemax")
+CACHE_TOKENS: Final = Gauge("gateway_cache_tokens", "Tokens in the snapshot.", registry=REGISTRY,
+                            multiprocess_mode="livemax")
 CACHE_AGE: Final = Gauge("gateway_cache_age_seconds", "Seconds since the snapshot was last confirmed.",
-                         registry=REGISTRY)
-DB_UP: Final = Gauge("gateway_database_up", "1 when the policy database is reachable.", registry=REGISTRY)
+                         registry=REGISTRY, multiprocess_mode="livemax")
+DB_UP: Final = Gauge("gateway_database_up", "1 when the policy database is reachable.", registry=REGISTRY,
+                     multiprocess_mode="livemin")
 RELOAD_OK: Final = Gauge("gateway_config_last_reload_successful", "1 if the last config reload succeeded.",
-                         registry=REGISTRY)
+                         registry=REGISTRY, multiprocess_mode="livemin")
 RELOAD_TIME: Final = Gauge("gateway_config_last_reload_success_timestamp_seconds",
-                           "Time of the last successful config load.", registry=REGISTRY)
+                           "Time of the last successful config load.", registry=REGISTRY, multiprocess_mode="livemax")
 RELOAD_OK.set(1)
+
+
+def exposition() -> bytes:
+    """The text exposition; with several workers, the merged view of all of them."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)

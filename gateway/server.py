@@ -1,20 +1,72 @@
-"""Process lifecycle: start, listen, drain on SIGTERM, exit 0."""
+"""Process lifecycle: start, listen, reload config on SIGHUP or file change, drain on SIGTERM, exit 0.
+
+With ``--workers N`` a parent process starts the embedded database (if any) and forks N
+workers that share the port through SO_REUSEPORT; it forwards signals and restarts a worker
+that dies. Each worker holds its own policy snapshot, fed by the same NOTIFY channel.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import time
 from dataclasses import replace
+from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import build_app, close_state, open_state
-from gateway.config import Config
+from gateway.app import build_app, build_metrics_app, close_state, open_state
+from gateway.config import Config, ConfigError, load_config
+from gateway.metrics import RELOAD_OK, RELOAD_TIME
+from gateway.state import State
 
 log = logging.getLogger("gateway")
 DRAIN_TIMEOUT = 30.0
+WATCH_INTERVAL = 2.0
+
+
+def reload_config(state: State, path: str) -> bool:
+    """Swap in a valid new config for new requests; keep the running one when the file is bad."""
+    try:
+        new = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config reload refused: %s", problem)
+        RELOAD_OK.set(0)
+        return False
+    old = state.config
+    if new.listen != old.listen or new.metrics_listen != old.metrics_listen:
+        log.warning("config reload: listen addresses change only on restart; keeping %s", old.listen)
+    if replace(new.database, url=old.database.url if not new.database.url else new.database.url) != old.database:
+        log.warning("config reload: database settings change only on restart; keeping the running ones")
+    state.config = replace(new, listen=old.listen, metrics_listen=old.metrics_listen, database=old.database,
+                           data_dir=old.data_dir)
+    RELOAD_OK.set(1)
+    RELOAD_TIME.set(time.time())
+    log.info("config reloaded from %s: %d orgs, upstreams: %s", path, len(new.orgs), ", ".join(new.upstreams))
+    return True
+
+
+def _stamp(path: str) -> tuple[float, int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_mtime, st.st_size
+
+
+async def _watch(state: State, path: str) -> None:
+    """Reload when the file changes (Kubernetes ConfigMaps are swapped by symlink: stat follows it)."""
+    last = _stamp(path)
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        now = _stamp(path)
+        if now is not None and now != last:
+            last = now
+            reload_config(state, path)
 
 
 async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = False,
@@ -25,20 +77,34 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    RELOAD_TIME.set(time.time())
     state = await open_state(cfg)
-    state.extras["config_path"] = config_path
+    tasks: list[asyncio.Task[None]] = []
+    if config_path:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, reload_config, state, config_path)
+        tasks.append(asyncio.create_task(_watch(state, config_path)))
     app = build_app(state)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_TIMEOUT)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_TIMEOUT,
+                           handler_cancellation=True)
     await runner.setup()
     host, port = cfg.listen
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
-    await site.start()
-    log.info("gateway listening on http://%s:%d (policies: %d, tokens: %d)", host, port,
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024).start()
+    metrics_runner = None
+    if cfg.metrics_listen:
+        metrics_runner = web.AppRunner(build_metrics_app(state), access_log=None, handle_signals=False)
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, *cfg.metrics_listen, reuse_port=reuse_port or None).start()
+    log.info("gateway listening on http://%s:%d (pid %d; policies: %d, tokens: %d)", host, port, os.getpid(),
              len(state.cache.policies), len(state.cache.tokens))
     await stop.wait()
-    log.info("stopping: draining in-flight requests (up to %.0fs)", DRAIN_TIMEOUT)
+    log.info("stopping: /ready now answers 503; draining in-flight requests (up to %.0fs)", DRAIN_TIMEOUT)
     state.draining = True
+    for t in tasks:
+        t.cancel()
     await runner.cleanup()
+    if metrics_runner:
+        await metrics_runner.cleanup()
     await close_state(state)
     log.info("stopped")
     return 0
@@ -52,10 +118,70 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _worker(cfg: Config, config_path: str | None) -> None:
+    """Body of a forked worker: never returns."""
+    code = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        _use_uvloop()
+        code = asyncio.run(run(cfg, config_path, reuse_port=True))
+    except Exception:
+        log.exception("worker %d failed", os.getpid())
+    finally:
+        os._exit(code)
+
+
+def _supervise(cfg: Config, config_path: str | None, workers: int) -> int:
+    children: dict[int, float] = {}
+    stopping = False
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:
+            _worker(cfg, config_path)
+        children[pid] = time.monotonic()
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for _ in range(workers):
+        spawn()
+    log.info("started %d workers: %s", workers, ", ".join(map(str, children)))
+    status = 0
+    while children:
+        try:
+            pid, raw = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
+            continue
+        started = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(raw)
+        if stopping:
+            status = status or (code if code > 0 else 0)
+            continue
+        log.error("worker %d exited with %d; restarting it", pid, code)
+        if started is not None and time.monotonic() - started < 1.0:
+            time.sleep(1.0)  # a worker that dies at start must not spin the machine
+        spawn()
+    return status
+
+
 def serve(cfg: Config, config_path: str | None = None, workers: int = 1) -> int:
     """Entry point of ``gateway serve``."""
-    _use_uvloop()
     if not cfg.database.url:
         from gateway.store.embedded import start_embedded
         cfg = replace(cfg, database=replace(cfg.database, url=start_embedded(cfg.data_dir)))
-    return asyncio.run(run(cfg, config_path))
+    n = workers if workers > 0 else (os.cpu_count() or 1)
+    if n == 1:
+        _use_uvloop()
+        return asyncio.run(run(cfg, config_path))
+    return _supervise(cfg, config_path, n)

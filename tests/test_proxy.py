@@ -291,3 +291,28 @@ async def test_metrics_endpoint_counts_requests(env: Env) -> None:
     assert 'gateway_requests_total{backend="metrics",code="200",scope="metrics:read"}' in text
     assert 'gateway_auth_refusals_total{reason="missing_credentials"}' in text
     assert "gateway_upstream_duration_seconds_bucket" in text and "gateway_cache_tokens" in text
+
+
+async def test_rule_groups_cannot_federate_outside_the_realm(env: Env) -> None:
+    c = env.gw.client
+    tok = await env.token(["rules:write", "metrics:read"])
+    ok = b"name: g\nsource_tenants: ['100']\nrules: []\n"
+    r = await c.post("/prometheus/config/v1/rules/ns", data=ok, headers={**basic("100", tok),
+                                                                          "Content-Type": "application/yaml"})
+    assert r.status == 200 and env.rec.last.body == ok
+    assert env.rec.last.headers["Content-Type"] == "application/yaml"
+    bad = b"name: g\nsource_tenants: ['100', '200']\nrules: []\n"
+    await expect_refusal(await c.post("/prometheus/config/v1/rules/ns", data=bad, headers=basic("100", tok)),
+                         403, "tenant '200'")
+    await expect_refusal(await c.post("/prometheus/config/v1/rules/ns", data=b"a: [", headers=basic("100", tok)),
+                         400, "not valid YAML")
+    no_read = await env.token(["rules:write"])
+    await expect_refusal(await c.post("/prometheus/config/v1/rules/ns", data=ok, headers=basic("100", no_read)),
+                         403, "metrics:read")
+
+
+async def test_label_restricted_tokens_cannot_write_rules(env: Env) -> None:
+    tok = await env.token(["rules:write"], [{"type": "stack", "identifier": "100",
+                                             "labelPolicies": [{"selector": '{env="dev"}'}]}])
+    await expect_refusal(await env.gw.client.post("/prometheus/config/v1/rules/ns", data=b"name: g\nrules: []\n",
+                                                  headers=basic("100", tok)), 403, "bypass the label policies")

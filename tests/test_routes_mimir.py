@@ -16,6 +16,7 @@ CASES: list[tuple[str, str, str, Kind, Role, str | None]] = [
     # writes
     ("POST", "/api/v1/push", W, NONE, Role.WRITE, None),
     ("POST", "/api/v1/push/influx/write", W, NONE, Role.WRITE, None),
+    ("POST", "/prometheus/api/v1/write", W, NONE, Role.WRITE, None),
     ("POST", "/api/prom/push", W, NONE, Role.WRITE, "/api/v1/push"),
     # queries
     ("GET", f"{P}/query", R, PROMQL, Role.READ, None),

@@ -23,6 +23,7 @@ from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.forward import Upstreams, forward, relay_websocket
 from gateway.proxy.headers import upstream_headers
 from gateway.proxy.identify import CHALLENGE, credentials
+from gateway.proxy.rules import MAX_RULE_BODY, check_source_tenants
 from gateway.routes import Kind, RouteMatch, allowed_methods, match
 from gateway.state import State, get_state
 
@@ -54,19 +55,25 @@ def resolve_stack(cfg: Config, ident: Identity, backend: str, basic_user: str | 
     return covered[0]
 
 
+async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    """Read a body the gateway must inspect, refusing it past ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ProxyError(413, f"request body exceeds {limit} bytes", "body_too_large")
+    data = await request.content.read(limit + 1)
+    if len(data) > limit:
+        raise ProxyError(413, f"request body exceeds {limit} bytes", "body_too_large")
+    return data
+
+
 async def _read_form(request: web.Request) -> bytes | None:
     if not request.body_exists:
         return None
     ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     if ctype != lbac.FORM:
+        # Prometheus also parses multipart bodies: anything but a plain form could smuggle a parameter.
         raise ProxyError(415, "label-restricted queries must send parameters in the URL or as "
                          f"{lbac.FORM}", "bad_form")
-    if request.content_length is not None and request.content_length > lbac.MAX_FORM_BODY:
-        raise ProxyError(413, f"form body exceeds {lbac.MAX_FORM_BODY} bytes", "body_too_large")
-    data = await request.content.read(lbac.MAX_FORM_BODY + 1)
-    if len(data) > lbac.MAX_FORM_BODY:
-        raise ProxyError(413, f"form body exceeds {lbac.MAX_FORM_BODY} bytes", "body_too_large")
-    return data
+    return await _read_bounded(request, lbac.MAX_FORM_BODY)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -143,6 +150,15 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     raw_query = request.rel_url.raw_query_string
     body: bytes | None = None
     label_headers: tuple[str, ...] = ()
+    rewritten = False  # True when the body was re-encoded (its length and type change)
+    if route.scope == "rules:write":
+        if policies:
+            # A recording rule evaluates without label policies and its results are queryable: refuse.
+            raise ProxyError(403, "label-restricted tokens cannot write rules: rule results would bypass the "
+                             "label policies", "lbac_unfilterable")
+        if route.backend == "metrics" and request.method in ("POST", "PUT") and request.body_exists:
+            body = await _read_bounded(request, MAX_RULE_BODY)
+            check_source_tenants(body, cfg, ident)
     if policies and route.kind in lbac.RESTRICTED_KINDS:
         entry["lbac"] = upstream.lbac
         if route.kind is Kind.TENANT_WIDE:
@@ -157,14 +173,15 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
             r = lbac.enforce(route.kind, request.method, raw_query, form, policies)
             raw_query = r.query if r.query is not None else raw_query
             body = r.body
+            rewritten = True
             if upstream.lbac == "enforce":
                 label_headers = ()
 
     base = upstream.url_for(route.role.value)
     url = f"{base}{m.upstream_path}" + (f"?{raw_query}" if raw_query else "")
     headers = upstream_headers(request.headers, tenant, request.remote or "unknown", label_headers,
-                               drop_body_headers=body is not None)
-    if body is not None and body:
+                               drop_body_headers=rewritten)
+    if rewritten and body:
         headers["Content-Type"] = lbac.FORM
     limit = cfg.limits.max_request_body
     if request.content_length is not None and request.content_length > limit:

@@ -34,6 +34,9 @@ WRITE: tuple[Route, ...] = (
     Route(M, POST, "/api/v1/push", WRITE_SCOPE, role=Role.WRITE),
     # Experimental in Mimir, served with -distributor.influx-endpoint-enabled.
     Route(M, POST, "/api/v1/push/influx/write", WRITE_SCOPE, role=Role.WRITE, note="experimental in Mimir"),
+    # Prometheus's own remote-write receiver (--web.enable-remote-write-receiver), for users whose
+    # metrics backend is a plain Prometheus run with --web.route-prefix=/prometheus; Mimir answers 404.
+    Route(M, POST, "/prometheus/api/v1/write", WRITE_SCOPE, role=Role.WRITE, note="Prometheus receiver"),
     # Grafana Cloud's remote_write URL ends in /api/prom/push and Mimir no longer serves it, so it
     # is rewritten. Loki also accepts /api/prom/push, but only as a push deprecated since Loki 1.0
     # (clients use /loki/api/v1/push): one path cannot go to both, and metrics wins.

@@ -1,0 +1,37 @@
+"""Rule-group writes: a group's ``source_tenants`` (Mimir federated rules) must stay inside the token's reach."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import yaml
+
+from gateway.config import Config
+from gateway.policy.decision import Identity, covering_realms
+from gateway.proxy.errors import ProxyError
+
+MAX_RULE_BODY: Final = 1024 * 1024
+
+
+def check_source_tenants(body: bytes, cfg: Config, ident: Identity) -> None:
+    """Refuse a rule group whose source_tenants names a tenant the token could not read itself.
+
+    A federated rule evaluates queries across ``source_tenants``; without this check a
+    ``rules:write`` token could read any tenant of the cluster through the rule's results.
+    """
+    try:
+        group: Any = yaml.safe_load(body) if body.strip() else None
+    except yaml.YAMLError:
+        raise ProxyError(400, "rule group body is not valid YAML", "bad_rule_group") from None
+    if not isinstance(group, dict) or group.get("source_tenants") in (None, []):
+        return
+    tenants = group["source_tenants"]
+    if not isinstance(tenants, list) or not all(isinstance(t, str) for t in tenants):
+        raise ProxyError(400, "source_tenants must be a list of tenant IDs", "bad_rule_group")
+    if "metrics:read" not in ident.policy.scopes:
+        raise ProxyError(403, "source_tenants needs the metrics:read scope", "source_tenants")
+    for tenant in tenants:
+        stack = cfg.stack_by_tenant.get(("metrics", tenant))
+        if stack is None or not covering_realms(ident.policy, stack):
+            raise ProxyError(403, f"source_tenants names tenant {tenant!r}, which this token cannot read",
+                             "source_tenants")
