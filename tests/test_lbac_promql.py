@@ -194,6 +194,14 @@ def test_restrict_match() -> None:
             restrict_match([bad], two)
 
 
+def test_nested_distribution_blow_up_is_refused() -> None:
+    q = "0"
+    for _ in range(8):
+        q = f"quantile_over_time(scalar(sum(last_over_time(y[1m]) * 0 + ({q}))), x[1m])"
+    with pytest.raises(RewriteError, match="too large"):
+        restrict_promql(q, POLICIES["two"])
+
+
 def test_no_policies_fails_closed() -> None:
     with pytest.raises(RewriteError):
         restrict_promql("up", ())

@@ -92,7 +92,7 @@ _RE_META = re.compile(r"([\\.+*?()|\[\]{}^$])")
 _AT_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[iI][nN][fF]|[nN][aA][nN]")
 _MAX_AT_SECONDS: Final = 1e15  # prettify() clamps beyond ~1.8e16; Prometheus refuses beyond ~9.2e15
 MAX_QUERY_LEN: Final = 128 * 1024
-MAX_OUTPUT_LEN: Final = 1024 * 1024
+MAX_OUTPUT_LEN: Final = 64 * 1024  # nested unions re-print their arguments: keep the worst case short
 
 
 def _register_legacy_functions() -> None:
