@@ -15,7 +15,9 @@ from aiohttp import web
 
 from gateway.clientip import client_ip
 from gateway.config import Config, Stack
+from gateway.lbac import RewriteError
 from gateway.lbac import restrict as lbac
+from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.metrics import ADDED_SECONDS, IN_FLIGHT, REFUSALS, REQUESTS, UPSTREAM_SECONDS
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, Identity, authorize, covering_realms, identify
@@ -151,6 +153,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     body: bytes | None = None
     label_headers: tuple[str, ...] = ()
     rewritten = False  # True when the body was re-encoded (its length and type change)
+    content_type = ""
     if route.scope == "rules:write":
         if policies:
             # A recording rule evaluates without label policies and its results are queryable: refuse.
@@ -167,12 +170,19 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
         label_headers = lbac.headers_for(tenant, policies)
         if upstream.lbac == "enforce" or route.kind is Kind.LOGQL_DELETE:
             if route.kind is Kind.REMOTE_READ:
-                raise ProxyError(403, "remote read is not available to label-restricted tokens in enforce mode",
-                                 "lbac_unfilterable")
-            form = await _read_form(request)
-            r = lbac.enforce(route.kind, request.method, raw_query, form, policies)
-            raw_query = r.query if r.query is not None else raw_query
-            body = r.body
+                raw = await _read_bounded(request, MAX_READ_BODY)
+                try:
+                    body = restrict_read_request(raw, policies)
+                except RewriteError as exc:
+                    raise ProxyError(400, f"remote read refused by label-based access control: {exc}",
+                                     "lbac_refused") from None
+                content_type = request.headers.get("Content-Type", "application/x-protobuf")
+            else:
+                form = await _read_form(request)
+                r = lbac.enforce(route.kind, request.method, raw_query, form, policies)
+                raw_query = r.query if r.query is not None else raw_query
+                body = r.body
+                content_type = lbac.FORM
             rewritten = True
             if upstream.lbac == "enforce":
                 label_headers = ()
@@ -182,7 +192,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     headers = upstream_headers(request.headers, tenant, request.remote or "unknown", label_headers,
                                drop_body_headers=rewritten)
     if rewritten and body:
-        headers["Content-Type"] = lbac.FORM
+        headers["Content-Type"] = content_type
     limit = cfg.limits.max_request_body
     if request.content_length is not None and request.content_length > limit:
         raise ProxyError(413, f"request body exceeds {limit} bytes", "body_too_large")
