@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 from aiohttp import web
 
 log = logging.getLogger("gateway.admin")
@@ -45,6 +46,12 @@ async def error_middleware(request: web.Request,
     except ApiError as exc:
         log.info("admin %s %s -> %d %s: %s", request.method, request.path, exc.status, exc.code, exc.message)
         return json_error(exc.status, exc.code, exc.message, exc.field, exc.headers)
+    except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+            asyncpg.CannotConnectNowError) as exc:
+        log.warning("admin %s %s -> 503: database unavailable (%s)", request.method, request.path,
+                    exc.__class__.__name__)
+        return json_error(503, "unavailable", "the policy database is unavailable; the data path keeps serving "
+                          "from its snapshot. Retry shortly.", headers={"Retry-After": "5"})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
