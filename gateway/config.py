@@ -84,6 +84,15 @@ class Limits:
     max_admin_body: int = 1024 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """SIGTERM: /ready answers 503 for ``delay`` seconds while still serving, then the listener
+    closes and in-flight requests get up to ``drain_timeout`` seconds to finish."""
+
+    delay: float = 0.0
+    drain_timeout: float = 30.0
+
+
 @dataclass(frozen=True)
 class Config:
     """A validated, immutable configuration snapshot; swapped whole on reload."""
@@ -99,6 +108,7 @@ class Config:
     trusted_proxies: tuple[Network, ...] = ()
     limits: Limits = field(default_factory=Limits)
     grafana_user_header: str = "X-Grafana-User"
+    shutdown: Shutdown = field(default_factory=Shutdown)
     source: str | None = None
     # Derived indexes, built once in __post_init__ for O(1) lookups on the hot path.
     orgs_by_id: Mapping[str, Org] = field(init=False, repr=False)
@@ -302,7 +312,7 @@ def _networks(c: _Checker, raw: Any, path: str) -> tuple[Network, ...]:
 _DB_DEFAULTS: Final = DatabaseConfig()
 _LIMIT_DEFAULTS: Final = Limits()
 TOP_KEYS: Final = ("listen", "metrics_listen", "data_dir", "database", "region", "log_level", "orgs",
-                   "upstreams", "trusted_proxies", "limits", "grafana_user_header")
+                   "upstreams", "trusted_proxies", "limits", "grafana_user_header", "shutdown")
 
 
 def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -355,6 +365,12 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
     user_header = c.typed(top.get("grafana_user_header"), "grafana_user_header",
                           lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9-]+", v) is not None,
                           "must be an HTTP header name", "X-Grafana-User")
+    sm = c.mapping(top.get("shutdown"), "shutdown", ("delay", "drain_timeout"))
+    shutdown = Shutdown(
+        float(c.typed(sm.get("delay"), "shutdown.delay", lambda v: _is_pos_number(v) or v == 0,
+                      "must be a number of seconds >= 0", 0.0)),
+        float(c.typed(sm.get("drain_timeout"), "shutdown.drain_timeout", _is_pos_number,
+                      "must be a positive number of seconds", 30.0)))
     orgs = _orgs(c, top.get("orgs"))
     upstreams = _upstreams(c, top.get("upstreams"))
     trusted = _networks(c, top.get("trusted_proxies"), "trusted_proxies")
@@ -364,7 +380,8 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
         listen=listen, metrics_listen=metrics_listen, data_dir=Path(data_dir),
         database=DatabaseConfig(db_url, pool_min, pool_max, **{k: float(v) for k, v in num.items()}),
         region=region, log_level=log_level, orgs=orgs, upstreams=MappingProxyType(upstreams),
-        trusted_proxies=trusted, limits=limits, grafana_user_header=user_header, source=source,
+        trusted_proxies=trusted, limits=limits, grafana_user_header=user_header, shutdown=shutdown,
+        source=source,
     )
 
 

@@ -24,7 +24,6 @@ from gateway.metrics import RELOAD_OK, RELOAD_TIME
 from gateway.state import State
 
 log = logging.getLogger("gateway")
-DRAIN_TIMEOUT = 30.0
 WATCH_INTERVAL = 2.0
 
 
@@ -85,11 +84,12 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
             loop.add_signal_handler(signal.SIGHUP, reload_config, state, config_path)
         tasks.append(asyncio.create_task(_watch(state, config_path)))
     app = build_app(state)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_TIMEOUT,
-                           handler_cancellation=True)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=cfg.shutdown.drain_timeout, handler_cancellation=True)
     await runner.setup()
     host, port = cfg.listen
-    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024).start()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+    await site.start()
     metrics_runner = None
     if cfg.metrics_listen:
         metrics_runner = web.AppRunner(build_metrics_app(state), access_log=None, handle_signals=False)
@@ -98,8 +98,20 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
     log.info("gateway listening on http://%s:%d (pid %d; policies: %d, tokens: %d)", host, port, os.getpid(),
              len(state.cache.policies), len(state.cache.tokens))
     await stop.wait()
-    log.info("stopping: /ready now answers 503; draining in-flight requests (up to %.0fs)", DRAIN_TIMEOUT)
     state.draining = True
+    delay, drain = state.config.shutdown.delay, state.config.shutdown.drain_timeout
+    if delay:
+        log.info("stopping: /ready answers 503; still serving for %.1fs so load balancers move away", delay)
+        await asyncio.sleep(delay)
+    # Close the listener ourselves and wait for in-flight requests: aiohttp's own shutdown stops
+    # reading request bodies at once, which would cut a streamed push or a tail short.
+    await site.stop()
+    log.info("stopping: listener closed; draining %d in-flight requests (up to %.0fs)", state.in_flight, drain)
+    if state.in_flight:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.idle.wait(), drain)
+    if state.in_flight:
+        log.warning("drain timeout: cutting %d requests still in flight", state.in_flight)
     for t in tasks:
         t.cancel()
     await runner.cleanup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,13 @@ class State:
     store: Store
     cache: PolicyCache
     draining: bool = False
+    in_flight: int = 0  # data-path requests being served (streams and tails included); drain waits on it
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever in_flight drops to 0
+
+    def request_done(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.idle.set()
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -85,6 +85,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     status = 500
     backend, scope = "none", "none"
     IN_FLIGHT.inc()
+    st.in_flight += 1
+    st.idle.clear()
     try:
         m = match(request.method, request.rel_url.raw_path)
         if m is None:
@@ -105,6 +107,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return error_response(exc.status, exc.message, exc.headers)
     finally:
         IN_FLIGHT.dec()
+        st.request_done()
         REQUESTS.labels(backend, scope, str(status)).inc()
         entry.update(status=status, duration_ms=round((time.perf_counter() - started) * 1000, 3),
                      client_ip=entry.get("client_ip") or request.remote)

@@ -21,8 +21,8 @@ class GatewayProcess:
 
     def __init__(self, tmp: Path, dsn: str, name: str = "gw", **overrides: Any):
         self.port = free_port()
-        raw = {**TEST_CONFIG, **overrides, "listen": f"127.0.0.1:{self.port}",
-               "database": {"url": dsn, "resync_interval": 30, "usage_flush_interval": 1}}
+        database = {"resync_interval": 30, "usage_flush_interval": 1, **overrides.pop("database", {}), "url": dsn}
+        raw = {**TEST_CONFIG, **overrides, "listen": f"127.0.0.1:{self.port}", "database": database}
         self.config_path = tmp / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(raw))
         self.log_path = tmp / f"{name}.log"
