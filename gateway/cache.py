@@ -17,8 +17,10 @@ from typing import Any
 
 import asyncpg
 
+from gateway.policy.datasource import DataSource, RuleIndex, Team, build_index
 from gateway.policy.model import AccessPolicy, Token
 from gateway.store import CHANNEL, Store
+from gateway.store import datasources as ds_store
 
 log = logging.getLogger("gateway.cache")
 
@@ -31,6 +33,10 @@ class PolicyCache:
         self.store = store
         self.policies: dict[str, AccessPolicy] = {}
         self.tokens: dict[str, Token] = {}
+        # Grafana data sources and teams, and the team LBAC rules index built from them (issue 5).
+        self.datasources: dict[int, DataSource] = {}
+        self.teams: dict[int, Team] = {}
+        self.team_rules: RuleIndex = {}
         self.loaded = False
         self.db_ok = False
         self.last_sync = 0.0  # time.monotonic() of the last full or incremental confirmation
@@ -70,8 +76,12 @@ class PolicyCache:
         """Replace the snapshot with the database's state, in one step."""
         started = time.monotonic()
         policies, tokens = await self.store.load_all()
+        datasources, teams = await ds_store.load_all(self.store)
         self.policies = {p.id: p for p in policies}
         self.tokens = {t.id: t for t in tokens}
+        self.datasources = {d.id: d for d in datasources}
+        self.teams = {t.id: t for t in teams}
+        self.team_rules = build_index(self.datasources.values(), self.teams)
         self.loaded = True
         self.db_ok = True
         self.last_sync = time.monotonic()
@@ -138,7 +148,26 @@ class PolicyCache:
                     self.tokens.pop(rid, None)
                 else:
                     self.tokens[rid] = t
+        elif table in ("datasources", "teams"):
+            await self._apply_datasource_change(table, op, int(rid))
         self.last_sync = time.monotonic()
+
+    async def _apply_datasource_change(self, table: str, op: str | None, rid: int) -> None:
+        """Reload one data source or team, then rebuild the rules index (small; rebuilt whole so the
+        hot path reads one consistent dict)."""
+        if table == "datasources":
+            ds = None if op == "DELETE" else await ds_store.load_datasource(self.store, rid)
+            if ds is None:
+                self.datasources.pop(rid, None)
+            else:
+                self.datasources[rid] = ds
+        else:
+            team = None if op == "DELETE" else await ds_store.load_team(self.store, rid)
+            if team is None:
+                self.teams.pop(rid, None)
+            else:
+                self.teams[rid] = team
+        self.team_rules = build_index(self.datasources.values(), self.teams)
 
     async def _supervise(self) -> None:
         """Periodic resync; on a lost listener, reconnect with backoff and resync before trusting."""

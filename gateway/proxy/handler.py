@@ -146,8 +146,11 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     if not policies and route.kind in lbac.RESTRICTED_KINDS:
         # A token without label policies may be narrowed by Grafana team rules: those the gateway holds
         # for the data source using this policy, and those Grafana sends as X-Prom-Label-Policy.
-        team = user_policies(st.cache, ident.policy.id, route.backend, tenant,
-                             request.headers.get(cfg.grafana_user_header))
+        try:
+            team = user_policies(st.cache, ident.policy.id, route.backend, tenant,
+                                 request.headers.get(cfg.grafana_user_header))
+        except Denied as exc:
+            raise ProxyError(exc.status, exc.message, exc.reason) from None
         client_policies = request.headers.getall("X-Prom-Label-Policy", [])
         sent = lbac.parse_client_policies(client_policies, tenant) if client_policies else ()
         policies = lbac.intersect(team, sent) if team and sent else (team or sent)
