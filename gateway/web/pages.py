@@ -1,0 +1,544 @@
+"""The page's handlers: sign-in, policies, tokens, audit log. Each form posts back, is checked with the
+API's validators and writes through the same Store methods (so the audit log names the signed-in token).
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from gateway.admin import validate as v
+from gateway.admin.errors import ApiError
+from gateway.admin.serialize import policy_json, token_json
+from gateway.policy import tokens as tokfmt
+from gateway.policy.model import AccessPolicy, Realm, Token
+from gateway.policy.scopes import SCOPE_GROUPS
+from gateway.store import BadCursor, Conflict, NotFound, Page
+from gateway.web import session as sess
+from gateway.web.forms import PolicyForm, realm_choices, validate
+from gateway.web.queries import search_policies
+from gateway.web.session import READ, Admin, PageError, SignInRequired, state_of
+
+WRITE = "accesspolicies:write"
+DELETE = "accesspolicies:delete"
+PAGE_SIZE = 50
+MAX_PAGE = 500
+AUDIT_PAGE = 50
+
+AdminHandler = Callable[[web.Request, Admin], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# ---- plumbing -------------------------------------------------------------------------------------------
+
+def redirect(location: str) -> web.Response:
+    """303 See Other: after a POST the browser GETs the result (reload never re-submits)."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def _safe_next(value: Any) -> str:
+    """Only paths of the page itself: never an open redirect."""
+    if isinstance(value, str) and value.startswith("/ui/") and "//" not in value and "\\" not in value:
+        return value
+    return "/ui/policies"
+
+
+async def render(request: web.Request, template: str, ctx: dict[str, Any], status: int = 200) -> web.Response:
+    """Render with what every page shows: the signed-in admin, the CSRF token, the one-time notice."""
+    s = await sess.session(request)
+    admin = request.get(sess.ADMIN)
+    st = state_of(request)
+    org = st.config.orgs_by_id.get(admin.policy.org_id) if admin else None
+    base = {"admin": admin, "csrf": await sess.csrf_token(request), "notice": sess.pop_flash(s),
+            "org_name": org.name if org else "", "nav": "", "realm_name": functools.partial(_realm_name, request)}
+    return aiohttp_jinja2.render_template(template, request, {**base, **ctx}, status=status)
+
+
+async def render_error(request: web.Request, exc: PageError) -> web.Response:
+    return await render(request, "error.html", {"title": exc.title, "message": exc.message}, exc.status)
+
+
+def _realm_name(request: web.Request, realm: Realm) -> str:
+    cfg = state_of(request).config
+    if realm.type == "org":
+        org = cfg.orgs_by_id.get(realm.identifier)
+        return f"org {org.name} ({realm.identifier})" if org else f"org {realm.identifier}"
+    stack = cfg.stacks_by_id.get(realm.identifier)
+    return f"stack {stack.name} ({realm.identifier})" if stack else f"stack {realm.identifier}"
+
+
+async def _to_signin(request: web.Request, reason: str) -> web.Response:
+    # SameSite=Strict cookies are not sent on a navigation that starts on another site; a same-origin
+    # reload (no script needed) brings the cookie back instead of wrongly asking to sign in again.
+    if request.method == "GET" and sess.COOKIE not in request.cookies \
+            and request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+        here = html.escape(request.path_qs)
+        return web.Response(text=f'<!doctype html><meta http-equiv="refresh" content="0"><title>Loading</title>'
+                                 f'<a href="{here}">Continue</a>', content_type="text/html")
+    s = await sess.session(request)
+    if reason:
+        sess.flash(s, reason)
+    target = request.path_qs if request.method == "GET" else "/ui/policies"
+    return redirect("/ui/signin?" + urlencode({"next": target}))
+
+
+def page(*needed: str) -> Callable[[AdminHandler], Handler]:
+    """A handler for signed-in admins holding ``needed`` scopes; POSTs must carry the CSRF token."""
+    def wrap(fn: AdminHandler) -> Handler:
+        @functools.wraps(fn)
+        async def run(request: web.Request) -> web.StreamResponse:
+            try:
+                admin = await sess.current_admin(request)
+                if request.method == "POST":
+                    await sess.check_csrf(request)
+                missing = admin.missing(READ, *needed)
+                if missing:
+                    have = ", ".join(sorted(admin.policy.scopes)) or "none"
+                    raise PageError(403, "Missing scope",
+                                    f"This needs the {' and '.join(missing)} scope. Your token's access policy"
+                                    f" {admin.policy.name!r} has: {have}.")
+                return await fn(request, admin)
+            except SignInRequired as exc:
+                return await _to_signin(request, exc.reason)
+            except PageError as exc:
+                return await render_error(request, exc)
+            except ApiError as exc:
+                return await render_error(request, PageError(exc.status, "Refused", exc.message))
+        return run
+    return wrap
+
+
+def _path_uuid(request: web.Request, key: str = "id") -> str:
+    try:
+        return str(uuid.UUID(request.match_info[key]))
+    except ValueError:
+        raise PageError(404, "Not found", "No such page: ids are UUIDs.") from None
+
+
+def _size(request: web.Request) -> int:
+    raw = request.query.get("size", "")
+    return min(int(raw), MAX_PAGE) if raw.isdigit() and int(raw) > 0 else PAGE_SIZE
+
+
+async def _policy(request: web.Request, admin: Admin) -> AccessPolicy:
+    try:
+        return await state_of(request).store.get_policy(admin.scope, _path_uuid(request))
+    except NotFound:
+        raise PageError(404, "Not found", "No such access policy (or it is outside your token's realm).") from None
+
+
+# ---- sign-in --------------------------------------------------------------------------------------------
+
+async def index(request: web.Request) -> web.Response:
+    return redirect("/ui/policies")
+
+
+async def signin_form(request: web.Request) -> web.StreamResponse:
+    nxt = _safe_next(request.query.get("next"))
+    try:
+        await sess.current_admin(request)
+        return redirect(nxt)
+    except (SignInRequired, PageError):
+        pass
+    return await render(request, "signin.html", {"next": nxt, "error": None})
+
+
+async def signin(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    nxt = _safe_next(form.get("next"))
+    try:
+        await sess.check_csrf(request)
+        presented = form.get("token")
+        if not isinstance(presented, str) or not presented.strip():
+            raise PageError(400, "Sign-in failed", "Paste an admin token (it starts with glc_).")
+        admin = sess.check_token(request, presented)
+    except PageError as exc:
+        return await render(request, "signin.html", {"next": nxt, "error": exc.message}, exc.status)
+    await sess.sign_in(request, admin)
+    return redirect(nxt)
+
+
+async def signout(request: web.Request) -> web.StreamResponse:
+    try:
+        await sess.check_csrf(request)
+    except PageError as exc:
+        return await render_error(request, exc)
+    s = await sess.session(request)
+    s.invalidate()
+    sess.flash(s, "Signed out.")
+    return redirect("/ui/signin")
+
+
+# ---- policies -------------------------------------------------------------------------------------------
+
+@page()
+async def policies(request: web.Request, admin: Admin) -> web.StreamResponse:
+    st = state_of(request)
+    q = request.query.get("q", "").strip()
+    realm = request.query.get("realm", "")
+    status = request.query.get("status", "")
+    size = _size(request)
+    cursor = request.query.get("cursor") or None
+    filters: dict[str, str] = {}
+    rtype, _, ident = realm.partition(":")
+    if rtype in ("org", "stack") and ident:
+        filters.update(realmType=rtype, realmIdentifier=ident)
+    if status in ("active", "inactive"):
+        filters["status"] = status
+    try:
+        if q:
+            page_: Page = await search_policies(st.store, admin.scope, q, filters, size, cursor)
+        else:
+            page_ = await st.store.list_policies(admin.scope, filters, size, cursor)
+    except BadCursor:
+        raise PageError(400, "Bad link", "The page cursor in this link is not one the page issued.") from None
+    items: list[AccessPolicy] = page_.items
+    counts = await st.store.count_tokens([p.id for p in items]) if items else {}
+    keep = [(k, val) for k, val in request.query.items() if k != "cursor"]
+    next_url = f"/ui/policies?{urlencode([*keep, ('cursor', page_.next_cursor)])}" if page_.next_cursor else None
+    first_url = f"/ui/policies?{urlencode(keep)}" if cursor else None
+    return await render(request, "policies.html", {
+        "nav": "policies", "policies": items, "counts": counts, "q": q, "realm": realm, "status": status,
+        "choices": realm_choices(st.config, admin.scope), "next_url": next_url, "first_url": first_url,
+        "can_write": admin.can(WRITE), "can_delete": admin.can(DELETE)})
+
+
+async def _policy_form(request: web.Request, admin: Admin, f: PolicyForm, policy: AccessPolicy | None,
+                       status: int = 200) -> web.Response:
+    keep = policy.realms if policy else ()
+    choices = realm_choices(state_of(request).config, admin.scope, keep)
+    shown = {f"realm:{c.key}" for c in choices}
+    for key in [k for k in f.errors if k.startswith("realm:") and k not in shown]:  # a realm the form never offered
+        f.errors.setdefault("realms", []).extend(f.errors.pop(key))
+    return await render(request, "policy_form.html", {
+        "nav": "policies", "f": f, "policy": policy, "groups": SCOPE_GROUPS, "choices": choices}, status)
+
+
+@page(WRITE)
+async def new_policy_form(request: web.Request, admin: Admin) -> web.StreamResponse:
+    return await _policy_form(request, admin, PolicyForm(), None)
+
+
+@page(WRITE)
+async def create_policy(request: web.Request, admin: Admin) -> web.StreamResponse:
+    st = state_of(request)
+    f = PolicyForm.from_post(await request.post())
+    values = validate(f, st.config, admin.scope)
+    if values is None:
+        return await _policy_form(request, admin, f, None, 400)
+    policy = AccessPolicy(id=str(uuid.uuid4()), org_id=admin.scope.org_id, name=values.name,
+                          display_name=values.display_name, scopes=values.scopes, realms=values.realms,
+                          allowed_subnets=values.subnets, status="active" if values.status == "active" else "inactive")
+    try:
+        created = await st.store.create_policy(policy, admin.token.id, policy_json)
+    except Conflict as exc:
+        f.error("name", str(exc))
+        return await _policy_form(request, admin, f, None, 409)
+    await st.cache.apply_change("access_policies", "INSERT", created.id)
+    sess.flash(await sess.session(request), f"Created access policy {created.name}. Create a token for it below.")
+    return redirect(f"/ui/policies/{created.id}")
+
+
+@page(WRITE)
+async def edit_policy_form(request: web.Request, admin: Admin) -> web.StreamResponse:
+    policy = await _policy(request, admin)
+    return await _policy_form(request, admin, PolicyForm.from_policy(policy), policy)
+
+
+@page(WRITE)
+async def update_policy(request: web.Request, admin: Admin) -> web.StreamResponse:
+    st = state_of(request)
+    policy = await _policy(request, admin)
+    f = PolicyForm.from_post(await request.post(), name=policy.name)
+    values = validate(f, st.config, admin.scope)
+    if values is None:
+        return await _policy_form(request, admin, f, policy, 400)
+    changes = {"display_name": values.display_name, "scopes": values.scopes, "realms": values.realms,
+               "allowed_subnets": values.subnets, "status": values.status}
+    try:
+        updated = await st.store.update_policy(admin.scope, policy.id, changes, admin.token.id, policy_json)
+    except NotFound:
+        raise PageError(404, "Not found", "The access policy was deleted meanwhile.") from None
+    await st.cache.apply_change("access_policies", "UPDATE", updated.id)
+    sess.flash(await sess.session(request), f"Saved access policy {updated.name}.")
+    return redirect(f"/ui/policies/{updated.id}")
+
+
+@page(DELETE)
+async def delete_policy_form(request: web.Request, admin: Admin) -> web.StreamResponse:
+    policy = await _policy(request, admin)
+    n = (await state_of(request).store.count_tokens([policy.id])).get(policy.id, 0)
+    return await render(request, "confirm.html", {
+        "nav": "policies", "title": f"Delete access policy {policy.name}?",
+        "lines": [f"Its {n} token{'' if n == 1 else 's'} will stop working at once: every client using "
+                  f"{'it' if n == 1 else 'them'} is refused from the next request on." if n else
+                  "It has no tokens, so no client stops working.",
+                  *(["This is the policy of the token you are signed in with: you will be signed out."]
+                    if policy.id == admin.policy.id else []),
+                  "This cannot be undone."],
+        "action": f"/ui/policies/{policy.id}/delete", "button": f"Delete policy and {n} token{'' if n == 1 else 's'}",
+        "cancel": f"/ui/policies/{policy.id}"})
+
+
+@page(DELETE)
+async def delete_policy(request: web.Request, admin: Admin) -> web.StreamResponse:
+    st = state_of(request)
+    policy = await _policy(request, admin)
+    n = (await st.store.count_tokens([policy.id])).get(policy.id, 0)
+    try:
+        await st.store.delete_policy(admin.scope, policy.id, admin.token.id, policy_json)
+    except NotFound:
+        raise PageError(404, "Not found", "The access policy was already deleted.") from None
+    await st.cache.apply_change("access_policies", "DELETE", policy.id)
+    sess.flash(await sess.session(request),
+               f"Deleted access policy {policy.name}; {n} token{'' if n == 1 else 's'} stopped working.")
+    return redirect("/ui/policies")
+
+
+# ---- tokens ---------------------------------------------------------------------------------------------
+
+async def _policy_page(request: web.Request, admin: Admin, policy: AccessPolicy, status: int = 200,
+                       **extra: Any) -> web.Response:
+    st = state_of(request)
+    cursor = request.query.get("cursor") or None
+    try:
+        tokens = await st.store.list_tokens(admin.scope, {"accessPolicyId": policy.id}, _size(request), cursor)
+    except BadCursor:
+        raise PageError(400, "Bad link", "The page cursor in this link is not one the page issued.") from None
+    next_url = f"/ui/policies/{policy.id}?{urlencode({'cursor': tokens.next_cursor})}" if tokens.next_cursor else None
+    return await render(request, "policy.html", {
+        "nav": "policies", "policy": policy, "tokens": tokens.items, "now": datetime.now(UTC),
+        "next_url": next_url, "first_url": f"/ui/policies/{policy.id}" if cursor else None,
+        "can_write": admin.can(WRITE), "can_delete": admin.can(DELETE),
+        "min_date": (datetime.now(UTC).date() + timedelta(days=1)).isoformat(),
+        "form": {"name": "", "expires": ""}, "errors": {}, "new_token": None, "secret": None, **extra}, status)
+
+
+@page()
+async def policy_page(request: web.Request, admin: Admin) -> web.StreamResponse:
+    return await _policy_page(request, admin, await _policy(request, admin))
+
+
+def _expiry(raw: str) -> datetime | None:
+    """``<input type=date>`` gives YYYY-MM-DD: the token stops working at 00:00 UTC that day."""
+    if not raw:
+        return None
+    try:
+        day = date.fromisoformat(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_argument", "expiry must be a date such as 2030-01-31", "expiresAt") from None
+    return v.timestamp(datetime(day.year, day.month, day.day, tzinfo=UTC).isoformat(), "expiresAt", future=True)
+
+
+@page(WRITE)
+async def create_token(request: web.Request, admin: Admin) -> web.StreamResponse:
+    st = state_of(request)
+    policy = await _policy(request, admin)
+    form = await request.post()
+    name = str(form.get("name", "")).strip()
+    raw_exp = str(form.get("expires", "")).strip()
+    errors: dict[str, str] = {}
+    status = 400
+    expires = None
+    try:
+        v.name(name)
+    except ApiError as exc:
+        errors["name"] = exc.message
+    try:
+        expires = _expiry(raw_exp)
+    except ApiError as exc:
+        errors["expires"] = exc.message
+    if not errors:
+        secret = tokfmt.new_secret()
+        token = Token(id=str(uuid.uuid4()), access_policy_id=policy.id, name=name, display_name=name,
+                      secret_hash=tokfmt.hash_secret(secret), expires_at=expires)
+        try:
+            created = await st.store.create_token(admin.scope, token, admin.token.id, token_json)
+        except NotFound:
+            raise PageError(404, "Not found", "The access policy was deleted meanwhile.") from None
+        except Conflict as exc:
+            errors["name"], status = str(exc), 409
+        else:
+            await st.cache.apply_change("tokens", "INSERT", created.id)
+            shown = tokfmt.encode(admin.scope.org_id, created.id, secret, st.config.region)
+            # Rendered in this response only (Cache-Control: no-store); no later page can show it again.
+            return await _policy_page(request, admin, policy, 201, new_token=created, secret=shown)
+    return await _policy_page(request, admin, policy, status, form={"name": name, "expires": raw_exp}, errors=errors)
+
+
+async def _token(request: web.Request, admin: Admin) -> Token:
+    try:
+        return await state_of(request).store.get_token(admin.scope, _path_uuid(request))
+    except NotFound:
+        raise PageError(404, "Not found", "No such token (or it is outside your token's realm).") from None
+
+
+@page(DELETE)
+async def delete_token_form(request: web.Request, admin: Admin) -> web.StreamResponse:
+    token = await _token(request, admin)
+    return await render(request, "confirm.html", {
+        "nav": "policies", "title": f"Delete token {token.name}?",
+        "lines": ["Every client using this token is refused from its next request on.",
+                  *(["This is the token you are signed in with: you will be signed out."]
+                    if token.id == admin.token.id else []),
+                  "This cannot be undone."],
+        "action": f"/ui/tokens/{token.id}/delete", "button": "Delete token",
+        "cancel": f"/ui/policies/{token.access_policy_id}"})
+
+
+@page(DELETE)
+async def delete_token(request: web.Request, admin: Admin) -> web.StreamResponse:
+    st = state_of(request)
+    token = await _token(request, admin)
+    try:
+        await st.store.delete_token(admin.scope, token.id, admin.token.id, token_json)
+    except NotFound:
+        raise PageError(404, "Not found", "The token was already deleted.") from None
+    await st.cache.apply_change("tokens", "DELETE", token.id)
+    sess.flash(await sess.session(request), f"Deleted token {token.name}; it stopped working.")
+    return redirect(f"/ui/policies/{token.access_policy_id}")
+
+
+# ---- audit log ------------------------------------------------------------------------------------------
+
+_HIDDEN = ("id", "orgId", "createdAt", "updatedAt", "accessPolicyId")
+_FIRST = ("name", "displayName", "status", "scopes", "realms", "conditions", "expiresAt")
+
+
+def _show(key: str, value: Any) -> str:
+    """A field of the API's JSON as a person reads it (realms and conditions without JSON quoting)."""
+    if value is None:
+        return "—"
+    if key == "realms" and isinstance(value, list):
+        return "; ".join(f"{r.get('type')} {r.get('identifier')}" + (
+            ": " + ", ".join(str(lp.get("selector")) for lp in r["labelPolicies"]) if r.get("labelPolicies") else "")
+            for r in value if isinstance(r, dict)) or "none"
+    if key == "conditions" and isinstance(value, dict):
+        return ", ".join(value.get("allowedSubnets") or ()) or "any address"
+    if key == "scopes" and isinstance(value, list):
+        return ", ".join(str(s) for s in value)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(", ", ": "), ensure_ascii=False)
+
+
+def changes(before: Any, after: Any) -> list[tuple[str, str, str]]:
+    """(field, before, after) of what an audit entry changed; for a create or delete, the fields that are set."""
+    b = before if isinstance(before, dict) else {}
+    a = after if isinstance(after, dict) else {}
+    keys = [k for k in dict.fromkeys([*_FIRST, *b, *a]) if k not in _HIDDEN and (k in a or k in b)]
+    out = []
+    for k in keys:
+        if before is not None and after is not None:
+            if b.get(k) != a.get(k):
+                out.append((k, _show(k, b.get(k)), _show(k, a.get(k))))
+        elif (a or b).get(k) is not None:
+            out.append((k, _show(k, b.get(k)) if before is not None else "", _show(k, a.get(k)) if after is not None
+                        else ""))
+    return out
+
+
+@page()
+async def audit(request: web.Request, admin: Admin) -> web.StreamResponse:
+    if not admin.scope.whole_org:
+        raise PageError(403, "Whole-org realm needed", "The audit log needs a token whose access policy's realm is the"
+                        " whole org; yours covers only some stacks.")
+    st = state_of(request)
+    cursor = request.query.get("cursor") or None
+    try:
+        page_ = await st.store.list_audit(admin.scope.org_id, min(_size(request), MAX_PAGE), cursor)
+    except BadCursor:
+        raise PageError(400, "Bad link", "The page cursor in this link is not one the page issued.") from None
+    rows = []
+    for r in page_.items:
+        doc = r["after"] if isinstance(r["after"], dict) else r["before"] if isinstance(r["before"], dict) else {}
+        kind = "update" if r["before"] is not None and r["after"] is not None else \
+            "create" if r["after"] is not None else "delete"
+        rows.append({**r, "who": _actor(st, r["actor"]), "what": doc.get("name", ""), "kind": kind,
+                     "changes": changes(r["before"], r["after"]),
+                     "before_json": json.dumps(r["before"], indent=2, ensure_ascii=False) if r["before"] else "",
+                     "after_json": json.dumps(r["after"], indent=2, ensure_ascii=False) if r["after"] else "",
+                     "link": _resource_link(st, r["resource_type"], r["resource_id"])})
+    next_url = f"/ui/audit?{urlencode({'cursor': page_.next_cursor})}" if page_.next_cursor else None
+    return await render(request, "audit.html", {"nav": "audit", "rows": rows, "next_url": next_url,
+                                                "first_url": "/ui/audit" if cursor else None})
+
+
+def _actor(st: Any, actor: str) -> str:
+    token = st.cache.tokens.get(actor)
+    if token is None:
+        return actor if not _is_uuid(actor) else f"deleted token {actor}"
+    policy = st.cache.policies.get(token.access_policy_id)
+    return f"token {token.name} (policy {policy.name})" if policy else f"token {token.name}"
+
+
+def _resource_link(st: Any, rtype: str, rid: str) -> str | None:
+    if rtype == "accesspolicy" and rid in st.cache.policies:
+        return f"/ui/policies/{rid}"
+    token = st.cache.tokens.get(rid) if rtype == "token" else None
+    return f"/ui/policies/{token.access_policy_id}" if token else None
+
+
+def _is_uuid(s: str) -> bool:
+    try:
+        uuid.UUID(s)
+    except ValueError:
+        return False
+    return True
+
+
+# ---- data sources (placeholder until the data-source API lands) --------------------------------------------
+
+@page()
+async def datasources(request: web.Request, admin: Admin) -> web.StreamResponse:
+    return await render(request, "datasources.html", {"nav": "datasources"})
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    return await render_error(request, PageError(404, "Not found", f"The page has nothing at {request.path}."))
+
+
+def _static(folder: Path) -> Handler:
+    """Serve the page's few static files by name (nothing else in the folder is reachable)."""
+    files = {p.name: p for p in folder.iterdir() if p.is_file()}
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        path = files.get(request.match_info["name"])
+        if path is None:
+            return await not_found(request)
+        return web.FileResponse(path, headers={"Cache-Control": "public, max-age=300"})
+    return handle
+
+
+def add_routes(ui: web.Application, static_dir: Path) -> None:
+    r = ui.router
+    r.add_get("", index, allow_head=False)
+    r.add_get("/", index, allow_head=False)
+    r.add_get("/signin", signin_form, allow_head=False)
+    r.add_post("/signin", signin)
+    r.add_post("/signout", signout)
+    r.add_get("/policies", policies, allow_head=False)
+    r.add_get("/policies/new", new_policy_form, allow_head=False)
+    r.add_post("/policies/new", create_policy)
+    r.add_get("/policies/{id}", policy_page, allow_head=False)
+    r.add_post("/policies/{id}/tokens", create_token)
+    r.add_get("/policies/{id}/edit", edit_policy_form, allow_head=False)
+    r.add_post("/policies/{id}/edit", update_policy)
+    r.add_get("/policies/{id}/delete", delete_policy_form, allow_head=False)
+    r.add_post("/policies/{id}/delete", delete_policy)
+    r.add_get("/tokens/{id}/delete", delete_token_form, allow_head=False)
+    r.add_post("/tokens/{id}/delete", delete_token)
+    r.add_get("/audit", audit, allow_head=False)
+    r.add_get("/datasources", datasources, allow_head=False)
+    r.add_get("/static/{name}", _static(static_dir), allow_head=False)
+    r.add_route("*", "/{tail:.*}", not_found)
