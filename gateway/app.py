@@ -76,7 +76,10 @@ async def metrics(request: web.Request) -> web.Response:
 def build_app(state: State) -> web.Application:
     """The single application: health, /metrics, the admin API, and everything else to the data path
     (where the route tables decide: unknown paths answer 404)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=state.config.limits.max_admin_body)
+    # auto_decompress off: the gateway checks and forwards the client's bytes as sent (a gzip push must
+    # reach the backend still gzipped, and a compressed form must not be parsed inflated but sent deflated).
+    app = web.Application(middlewares=[error_middleware], client_max_size=state.config.limits.max_admin_body,
+                          handler_args={"auto_decompress": False})
     app[STATE] = state
     app[UPSTREAMS] = Upstreams()
     app.router.add_get("/health", health)

@@ -61,10 +61,12 @@ async def _read_bounded(request: web.Request, limit: int) -> bytes:
     """Read a body the gateway must inspect, refusing it past ``limit`` bytes."""
     if request.content_length is not None and request.content_length > limit:
         raise ProxyError(413, f"request body exceeds {limit} bytes", "body_too_large")
-    data = await request.content.read(limit + 1)
-    if len(data) > limit:
-        raise ProxyError(413, f"request body exceeds {limit} bytes", "body_too_large")
-    return data
+    buf = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(buf)):  # a chunked body arrives in pieces
+        buf += chunk
+        if len(buf) > limit:
+            raise ProxyError(413, f"request body exceeds {limit} bytes", "body_too_large")
+    return bytes(buf)
 
 
 async def _read_form(request: web.Request) -> bytes | None:

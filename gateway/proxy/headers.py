@@ -11,8 +11,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                                "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
 # Headers the client must never choose for the upstream: credentials, tenancy, label policies.
+# Method overrides: an upstream (or a proxy before it) honouring one would run another method than the
+# one the route table authorized.
 _DROPPED: Final = HOP_BY_HOP | frozenset({"authorization", "x-scope-orgid", "x-prom-label-policy", "host",
-                                          "x-forwarded-for", "x-real-ip", "forwarded", "cookie"})
+                                          "x-forwarded-for", "x-real-ip", "forwarded", "cookie",
+                                          "x-http-method-override", "x-http-method", "x-method-override"})
 _DROPPED_PREFIXES: Final = ("x-mimir-", "x-loki-", "x-tempo-", "x-grafana-")
 
 
