@@ -332,7 +332,7 @@ def _quote_meta(value: str) -> str:
     return _QUOTE_META.sub(r"\\\1", value)
 
 
-def _simplify(policies: tuple[Selector, ...]) -> tuple[Selector, ...]:
+def simplify(policies: tuple[Selector, ...]) -> tuple[Selector, ...]:
     """Rewrite an OR of selectors into an equivalent, shorter OR (exact identities only)."""
     sets: list[frozenset[LabelMatcher]] = []
     kept: list[Selector] = []
@@ -439,7 +439,7 @@ def _rewrite(query: str, policies: tuple[Selector, ...]) -> str:
     if not policies:
         raise RewriteError("no label policies given")
     toks, sels = _lex(query)
-    pols = _simplify(policies)
+    pols = simplify(policies)
     if len(pols) == 1:
         extra = pols[0].matchers
         return _splice(query, 0, len(query), sels, _adding(extra))

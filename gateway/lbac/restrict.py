@@ -12,7 +12,7 @@ from typing import Final
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from gateway.lbac import RewriteError
-from gateway.lbac.logql import restrict_logql, restrict_logql_matchers
+from gateway.lbac.logql import restrict_logql, restrict_logql_matchers, simplify
 from gateway.lbac.promql import restrict_match, restrict_promql
 from gateway.policy.selector import Selector, SelectorError, parse_selector
 from gateway.proxy.errors import ProxyError
@@ -133,11 +133,11 @@ def enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, policie
             oq: str = q
             new = [("query", str(_rewrite(lambda: restrict_logql(oq, policies))))]
         else:
-            sels = _rewrite(lambda: restrict_logql_matchers([], policies))
-            if len(sels) != 1:  # type: ignore[arg-type]
+            merged = simplify(policies)  # exact identities only: a single selector or a refusal
+            if len(merged) != 1:
                 raise ProxyError(400, "label names and values need a query when several label policies apply; "
                                  "add ?query={...}", "lbac_refused")
-            new = [("query", sels[0])]  # type: ignore[index]
+            new = [("query", str(merged[0]))]
         names = ("query",)
     elif kind is Kind.LOGQL_SERIES:
         matches = [v for k, v in pairs if k in ("match", "match[]")]
