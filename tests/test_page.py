@@ -362,6 +362,54 @@ async def test_token_list_marks_expired_and_usage(gw: Gateway) -> None:
     assert "expired" not in row("forever") and row("forever").count("never") == 3
 
 
+async def test_edit_token_display_name_and_expiry(gw: Gateway) -> None:
+    b = Browser(gw)
+    await b.sign_in()
+    p = await gw.policy("editable", ["metrics:read"])
+    at = (datetime.now(UTC) + timedelta(days=10)).replace(hour=15, minute=30, second=0, microsecond=0)
+    t = await gw.token(p["id"], "ci-agent", expiresAt=at.isoformat())
+    page_url = f"/ui/policies/{p['id']}"
+    assert f'href="/ui/tokens/{t["id"]}/edit"' in await b.get(page_url)
+    edit = f"/ui/tokens/{t['id']}/edit"
+    form = await b.get(edit)
+    assert 'name="displayName" value="ci-agent"' in form and f'value="{at.date().isoformat()}"' in form
+    assert f"Now: {at:%Y-%m-%d %H:%M} UTC" in form
+
+    # the display name changes; the unchanged date keeps the exact expiry (15:30, not midnight)
+    loc, _ = await b.post(edit, {"displayName": "CI agent (prod)", "expires": at.date().isoformat()}, form_page=edit)
+    assert loc == page_url
+    got = await gw.api("GET", f"/api/v1/tokens/{t['id']}")
+    assert got["displayName"] == "CI agent (prod)" and got["expiresAt"] == at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    page = await b.get(loc)
+    assert "Saved token ci-agent." in page and "CI agent (prod)" in page
+
+    day = (datetime.now(UTC) + timedelta(days=40)).date().isoformat()
+    await b.post(edit, {"displayName": "CI agent (prod)", "expires": day}, form_page=edit)
+    assert (await gw.api("GET", f"/api/v1/tokens/{t['id']}"))["expiresAt"] == f"{day}T00:00:00Z"
+    await b.post(edit, {"displayName": "", "expires": ""}, form_page=edit)  # empty: the name, and never
+    got = await gw.api("GET", f"/api/v1/tokens/{t['id']}")
+    assert got["displayName"] == "ci-agent" and got["expiresAt"] is None
+
+    _, text = await b.post(edit, {"displayName": "x" * 300, "expires": "2001-01-01"}, status=400, form_page=edit)
+    assert "The token was not saved: 2 fields need attention." in text
+    assert "displayName must be a non-empty string" in text and "expiresAt must be in the future" in text
+    assert 'value="2001-01-01"' in text
+    _, text = await b.post(edit, {"displayName": "y", "expires": ""}, status=403, csrf="wrong", form_page=edit)
+    assert "CSRF" in text
+    assert (await gw.api("GET", f"/api/v1/tokens/{t['id']}"))["displayName"] == "ci-agent"
+    actor = token_id(gw, gw.admin_token)
+    mine = [(r["action"], r["actor"]) for r in await audit_rows(gw) if r["resourceId"] == t["id"]]
+    assert mine == [("token.update", actor)] * 3 + [("token.create", actor)]
+
+    viewer = await gw.policy("viewer", ["accesspolicies:read"])
+    gw.client.session.cookie_jar.clear()
+    await b.sign_in((await gw.token(viewer["id"], "v"))["token"])
+    assert "/edit" not in await b.get(page_url)
+    assert "needs the accesspolicies:write scope" in await b.get(edit, status=403)
+    _, text = await b.post(edit, {"displayName": "z"}, status=403, form_page=page_url)
+    assert "accesspolicies:write" in text
+
+
 # ---- list, filters, pagination --------------------------------------------------------------------------
 
 def names(page: str) -> list[str]:
@@ -450,11 +498,12 @@ async def test_audit_pages_and_needs_whole_org(gw: Gateway) -> None:
     assert names(page) == ["stack-admin"]  # a stack admin sees only policies within its stacks
 
 
-async def test_datasources_place_is_marked_not_faked(gw: Gateway) -> None:
+async def test_datasources_page_is_live(gw: Gateway) -> None:
     b = Browser(gw)
     await b.sign_in()
     page = await b.get("/ui/datasources")
-    assert 'id="datasources-placeholder"' in page and "Not available yet" in page
+    assert "Not available yet" not in page and "Add a data source" in page  # tests/test_page_datasources.py
+    assert '<a href="/ui/teams">Teams</a>' in page
 
 
 async def test_session_key_is_shared_by_replicas(gw: Gateway) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Final
 
 from aiohttp import web
@@ -81,29 +81,29 @@ def lbac_rules_json(rules: Rules) -> list[dict[str, Any]]:
 
 # ---- small validators -----------------------------------------------------------------------------
 
-def _name(value: Any, field: str = "name") -> str:
+def valid_name(value: Any, field: str = "name") -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
         raise bad_request(f"{field} must be a non-empty string of at most {MAX_NAME} characters", field)
     return value.strip()
 
 
-def _uid(value: Any, field: str = "uid") -> str:
+def valid_uid(value: Any, field: str = "uid") -> str:
     if not isinstance(value, str) or not UID_RE.match(value):
         raise bad_request(f"{field} must be 1-40 characters of letters, digits, '-' and '_'", field)
     return value
 
 
-def _new_uid() -> str:
+def new_uid() -> str:
     return secrets.token_hex(7)
 
 
-def _type(value: Any) -> str:
+def valid_type(value: Any) -> str:
     if value not in BACKEND_OF_TYPE:
         raise bad_request(f"type must be one of {', '.join(BACKEND_OF_TYPE)}", "type")
     return str(value)
 
 
-def _members(value: Any, field: str = "members") -> tuple[str, ...]:
+def valid_members(value: Any, field: str = "members") -> tuple[str, ...]:
     """Grafana logins; duplicates (compared case-insensitively, as Grafana does) are dropped."""
     if not isinstance(value, list) or len(value) > MAX_MEMBERS:
         raise bad_request(f"{field} must be a list of at most {MAX_MEMBERS} Grafana user logins", field)
@@ -145,6 +145,20 @@ def check_policy(policy: AccessPolicy | None, ds: DataSource) -> None:
                           "needs a policy without them", "accessPolicyId")
 
 
+def check_delete(ds: DataSource, scopes: Collection[str]) -> None:
+    """Deleting a data source that has rules changes who is restricted: it also needs the permissions scope."""
+    if ds.lbac_rules and PERMISSIONS not in scopes:
+        raise ApiError(403, "permission_denied",
+                       f"the data source has LBAC rules; deleting it needs the {PERMISSIONS} scope")
+
+
+def require_whole_org(scope: AdminScope) -> None:
+    """Teams span the org: changing them needs an admin whose realm is the whole org."""
+    if not scope.whole_org:
+        raise ApiError(403, "permission_denied", "teams span the org; changing them needs a token whose realm is "
+                       "the whole org")
+
+
 # ---- data sources ---------------------------------------------------------------------------------
 
 async def create_datasource(request: web.Request) -> web.Response:
@@ -152,8 +166,8 @@ async def create_datasource(request: web.Request) -> web.Response:
     st = get_state(request)
     body = v.obj(await read_json(request), ("uid", "name", "type", "accessPolicyId"),
                  ("name", "type", "accessPolicyId"))
-    ds = DataSource(id=0, uid=_uid(body["uid"]) if body.get("uid") is not None else _new_uid(),
-                    org_id=scope.org_id, name=_name(body["name"]), type=_type(body["type"]),
+    ds = DataSource(id=0, uid=valid_uid(body["uid"]) if body.get("uid") is not None else new_uid(),
+                    org_id=scope.org_id, name=valid_name(body["name"]), type=valid_type(body["type"]),
                     access_policy_id=v.uuid_str(body["accessPolicyId"], "accessPolicyId"))
     try:
         created = await store.create_datasource(st.store, scope, ds, _actor(ident), datasource_json, check_policy)
@@ -168,7 +182,7 @@ async def list_datasources(request: web.Request) -> web.Response:
     size, cursor = _page_params(request)
     filters = {k: request.query[k] for k in ("name", "type", "uid", "accessPolicyId") if k in request.query}
     if "type" in filters:
-        _type(filters["type"])
+        valid_type(filters["type"])
     if "accessPolicyId" in filters:
         v.uuid_str(filters["accessPolicyId"], "accessPolicyId")
     try:
@@ -198,9 +212,9 @@ async def update_datasource(request: web.Request) -> web.Response:
         raise bad_request("uid cannot change; create a new data source instead", "uid")
     changes: dict[str, Any] = {}
     if "name" in body:
-        changes["name"] = _name(body["name"])
+        changes["name"] = valid_name(body["name"])
     if "type" in body:
-        changes["type"] = _type(body["type"])
+        changes["type"] = valid_type(body["type"])
     if "accessPolicyId" in body:
         changes["access_policy_id"] = v.uuid_str(body["accessPolicyId"], "accessPolicyId")
 
@@ -229,9 +243,7 @@ async def delete_datasource(request: web.Request) -> web.Response:
     st = get_state(request)
 
     def check(before: DataSource) -> None:
-        if before.lbac_rules and PERMISSIONS not in ident.policy.scopes:
-            raise ApiError(403, "permission_denied",
-                           f"the data source has LBAC rules; deleting it needs the {PERMISSIONS} scope")
+        check_delete(before, ident.policy.scopes)
 
     try:
         gone = await store.delete_datasource(st.store, scope, request.match_info["uid"], _actor(ident),
@@ -259,7 +271,7 @@ def _team_ref(entry: dict[str, Any], prefix: str) -> TeamRef:
             raise bad_request("teamId must be the numeric id of a team", f"{prefix}teamId")
         team_id = raw
     if entry.get("teamUid") is not None:
-        team_uid = _uid(entry["teamUid"], f"{prefix}teamUid")
+        team_uid = valid_uid(entry["teamUid"], f"{prefix}teamUid")
     if team_id is None and team_uid is None:
         raise bad_request("teamId (or teamUid) is required", f"{prefix}teamId")
     return team_id, team_uid, prefix
@@ -314,7 +326,7 @@ def realm_tenants(cfg: Config, policy: AccessPolicy, signal: str) -> list[str]:
     return list(out)
 
 
-def _rule(raw: Any, field: str, tenants: list[str], signal: str, policy: AccessPolicy) -> TeamRule:
+def valid_rule(raw: Any, field: str, tenants: list[str], signal: str, policy: AccessPolicy) -> TeamRule:
     """``{header, value: "<tenant>:<selector>"}``, ``"<tenant>:<selector>"``, or a bare ``"{...}"`` for the
     data source's single tenant (a bare selector must start with ``{``)."""
     if isinstance(raw, dict):
@@ -373,7 +385,7 @@ def build_rules(cfg: Config, entries: list[Entry], ds: DataSource, policy: Acces
             raise bad_request(f"team {team.id} is listed twice", field)
         rules: dict[tuple[str, Any], TeamRule] = {}
         for raw, rfield in raws:
-            rule = _rule(raw, rfield, tenants, signal, policy)
+            rule = valid_rule(raw, rfield, tenants, signal, policy)
             rules.setdefault((rule.tenant, rule.selector), rule)
         out[team.id] = tuple(rules.values())
     return tuple((tid, rs) for tid, rs in out.items() if rs)
@@ -417,9 +429,7 @@ async def put_lbac_rules(request: web.Request) -> web.Response:
 def _team_writer(request: web.Request) -> tuple[str, AdminScope]:
     """Team writes change whom the rules of every data source hit: both scopes and the whole org."""
     ident, scope = authenticate(request, WRITE, PERMISSIONS)
-    if not scope.whole_org:
-        raise ApiError(403, "permission_denied", "teams span the org; changing them needs a token whose realm is "
-                       "the whole org")
+    require_whole_org(scope)
     return _actor(ident), scope
 
 
@@ -427,9 +437,9 @@ async def create_team(request: web.Request) -> web.Response:
     actor, scope = _team_writer(request)
     st = get_state(request)
     body = v.obj(await read_json(request), ("uid", "name", "members"), ("name",))
-    team = Team(id=0, uid=_uid(body["uid"]) if body.get("uid") is not None else _new_uid(), org_id=scope.org_id,
-                name=_name(body["name"]), members=_members(body["members"]) if body.get("members") is not None
-                else ())
+    team = Team(id=0, uid=valid_uid(body["uid"]) if body.get("uid") is not None else new_uid(),
+                org_id=scope.org_id, name=valid_name(body["name"]),
+                members=valid_members(body["members"]) if body.get("members") is not None else ())
     try:
         created = await store.create_team(st.store, scope, team, actor, team_json)
     except FieldConflict as exc:
@@ -465,9 +475,9 @@ async def update_team(request: web.Request) -> web.Response:
     body = v.obj(await read_json(request), ("uid", "name", "members"))
     changes: dict[str, Any] = {}
     if "name" in body:
-        changes["name"] = _name(body["name"])
+        changes["name"] = valid_name(body["name"])
     if "members" in body:
-        changes["members"] = _members(body["members"])
+        changes["members"] = valid_members(body["members"])
     try:
         if "uid" in body and body["uid"] != (await store.get_team(st.store, scope, team_id)).uid:
             raise bad_request("uid cannot change; create a new team instead", "uid")
@@ -510,7 +520,7 @@ async def put_members(request: web.Request) -> web.Response:
     st = get_state(request)
     team_id = _team_id(request)
     body = v.obj(await read_json(request), ("members",), ("members",))
-    members = _members(body["members"])
+    members = valid_members(body["members"])
     try:
         updated = await store.update_team(st.store, scope, team_id, {"members": members}, actor, team_json,
                                           action="team.members.update")

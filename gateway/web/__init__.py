@@ -16,7 +16,7 @@ import jinja2
 from aiohttp import web
 
 from gateway.state import STATE
-from gateway.web import pages
+from gateway.web import datasources, pages
 from gateway.web import session as sess
 from gateway.web.session import WEB, PageError, WebState
 
@@ -69,6 +69,7 @@ def setup(app: web.Application) -> None:
     ui[STATE] = app[STATE]  # the same object: reloads swap its config in place
     aiohttp_jinja2.setup(ui, loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
                          undefined=jinja2.StrictUndefined, filters={"when": _when})
+    datasources.add_routes(ui)  # before the page's catch-all route
     pages.add_routes(ui, _HERE / "static")
     ui.on_startup.append(_load_key)
     app.add_subapp(PREFIX, ui)

@@ -409,6 +409,58 @@ async def delete_token(request: web.Request, admin: Admin) -> web.StreamResponse
     return redirect(f"/ui/policies/{token.access_policy_id}")
 
 
+async def _token_form(request: web.Request, token: Token, form: dict[str, str], errors: dict[str, str],
+                      status: int = 200) -> web.Response:
+    return await render(request, "token_form.html", {
+        "nav": "policies", "token": token, "form": form, "errors": errors, "now": datetime.now(UTC),
+        "min_date": (datetime.now(UTC).date() + timedelta(days=1)).isoformat()}, status)
+
+
+def _day(value: datetime | None) -> str:
+    return value.date().isoformat() if value else ""
+
+
+@page(WRITE)
+async def edit_token_form(request: web.Request, admin: Admin) -> web.StreamResponse:
+    token = await _token(request, admin)
+    return await _token_form(request, token, {"displayName": token.display_name,
+                                              "expires": _day(token.expires_at)}, {})
+
+
+@page(WRITE)
+async def update_token(request: web.Request, admin: Admin) -> web.StreamResponse:
+    """Display name and expiry, as ``POST /api/v1/tokens/{id}`` changes them; an unchanged date keeps the
+    exact expiry (a token may expire at any time of day; the date picker shows only the day)."""
+    st = state_of(request)
+    token = await _token(request, admin)
+    post = await request.post()
+    form = {"displayName": str(post.get("displayName", "")).strip(), "expires": str(post.get("expires", "")).strip()}
+    errors: dict[str, str] = {}
+    changes: dict[str, Any] = {}
+    try:
+        display = v.display_name(form["displayName"] or None, token.name)
+        if display != token.display_name:
+            changes["display_name"] = display
+    except ApiError as exc:
+        errors["displayName"] = exc.message
+    if form["expires"] != _day(token.expires_at):
+        try:
+            changes["expires_at"] = _expiry(form["expires"])
+        except ApiError as exc:
+            errors["expires"] = exc.message
+    if errors:
+        return await _token_form(request, token, form, errors, 400)
+    if changes:
+        try:
+            await st.store.update_token(admin.scope, token.id, changes, admin.token.id, token_json)
+        except NotFound:
+            raise PageError(404, "Not found", "The token was deleted meanwhile.") from None
+        await st.cache.apply_change("tokens", "UPDATE", token.id)
+    sess.flash(await sess.session(request), f"Saved token {token.name}." if changes else
+               f"Token {token.name} unchanged.")
+    return redirect(f"/ui/policies/{token.access_policy_id}")
+
+
 # ---- audit log ------------------------------------------------------------------------------------------
 
 _HIDDEN = ("id", "orgId", "createdAt", "updatedAt", "accessPolicyId")
@@ -485,6 +537,10 @@ def _actor(st: Any, actor: str) -> str:
 def _resource_link(st: Any, rtype: str, rid: str) -> str | None:
     if rtype == "accesspolicy" and rid in st.cache.policies:
         return f"/ui/policies/{rid}"
+    if rtype == "datasource" and any(d.uid == rid for d in st.cache.datasources.values()):
+        return f"/ui/datasources/{rid}"
+    if rtype == "team" and rid.isdigit() and int(rid) in st.cache.teams:
+        return f"/ui/teams/{rid}"
     token = st.cache.tokens.get(rid) if rtype == "token" else None
     return f"/ui/policies/{token.access_policy_id}" if token else None
 
@@ -495,13 +551,6 @@ def _is_uuid(s: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-# ---- data sources (placeholder until the data-source API lands) --------------------------------------------
-
-@page()
-async def datasources(request: web.Request, admin: Admin) -> web.StreamResponse:
-    return await render(request, "datasources.html", {"nav": "datasources"})
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:
@@ -536,9 +585,10 @@ def add_routes(ui: web.Application, static_dir: Path) -> None:
     r.add_post("/policies/{id}/edit", update_policy)
     r.add_get("/policies/{id}/delete", delete_policy_form, allow_head=False)
     r.add_post("/policies/{id}/delete", delete_policy)
+    r.add_get("/tokens/{id}/edit", edit_token_form, allow_head=False)
+    r.add_post("/tokens/{id}/edit", update_token)
     r.add_get("/tokens/{id}/delete", delete_token_form, allow_head=False)
     r.add_post("/tokens/{id}/delete", delete_token)
     r.add_get("/audit", audit, allow_head=False)
-    r.add_get("/datasources", datasources, allow_head=False)
     r.add_get("/static/{name}", _static(static_dir), allow_head=False)
     r.add_route("*", "/{tail:.*}", not_found)
