@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/gateway serve -c $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff check gateway tests bench
 	$(BIN)/mypy
 
 test: $(STAMP) lint
@@ -32,7 +32,8 @@ e2e: $(STAMP)
 	$(BIN)/pytest -q tests/e2e $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

