@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.accesslog import AccessLog
 from gateway.admin import api as admin_api
 from gateway.admin import datasources as datasources_api
 from gateway.admin.errors import error_middleware
@@ -15,7 +16,7 @@ from gateway.cache import PolicyCache
 from gateway.config import Config
 from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP, exposition
 from gateway.proxy.forward import Upstreams
-from gateway.proxy.handler import UPSTREAMS
+from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS
 from gateway.proxy.handler import handle as proxy_handler
 from gateway.state import STATE, State
 from gateway.store import Store
@@ -82,6 +83,7 @@ def build_app(state: State) -> web.Application:
                           handler_args={"auto_decompress": False})
     app[STATE] = state
     app[UPSTREAMS] = Upstreams()
+    app[ACCESS_LOG] = AccessLog()
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     if state.config.metrics_listen is None:
@@ -102,4 +104,5 @@ def build_metrics_app(state: State) -> web.Application:
 
 
 async def _close_upstreams(app: web.Application) -> None:
+    app[ACCESS_LOG].flush()
     await app[UPSTREAMS].close()

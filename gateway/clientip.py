@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from functools import lru_cache
 
 from gateway.policy.model import Network
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@lru_cache(maxsize=4096)
 def _parse(value: str) -> IPAddress | None:
     value = value.strip()
     if value.startswith("[") and "]" in value:  # [v6]:port

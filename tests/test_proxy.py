@@ -316,3 +316,30 @@ async def test_label_restricted_tokens_cannot_write_rules(env: Env) -> None:
                                              "labelPolicies": [{"selector": '{env="dev"}'}]}])
     await expect_refusal(await env.gw.client.post("/prometheus/config/v1/rules/ns", data=b"name: g\nrules: []\n",
                                                   headers=basic("100", tok)), 403, "bypass the label policies")
+
+
+async def test_one_json_access_log_line_per_request_without_secrets(env: Env) -> None:
+    import json
+
+    from gateway.proxy.handler import ACCESS_LOG
+
+    log = env.gw.client.server.app[ACCESS_LOG]
+    log.stream, log.enabled = io.StringIO(), True
+    tok = await env.token(["metrics:read"])
+    await env.gw.client.get("/prometheus/api/v1/query?query=up", headers=basic("100", tok))
+    from gateway.policy import tokens as tokfmt
+    unknown_tok = tokfmt.encode("1", "00000000-0000-0000-0000-000000000000", "nope", "local")
+    await env.gw.client.get("/prometheus/api/v1/query?query=up", headers=basic("100", unknown_tok))
+    await env.gw.client.get("/nope", headers=basic("100", tok))
+    log.flush()
+    lines = log.stream.getvalue().splitlines()
+    assert len(lines) == 3
+    ok, bad, unknown = (json.loads(line) for line in lines)
+    assert ok["status"] == 200 and ok["tenant"] == "100" and ok["path"] == "/prometheus/api/v1/query"
+    assert ok["token_id"] and ok["policy"].startswith("p") and ok["client_ip"] == "127.0.0.1"
+    assert ok["duration_ms"] > 0 and ok["upstream_ms"] >= 0 and ok["bytes"] == len(env.rec.reply)
+    assert isinstance(ok["time"], float)
+    assert bad["status"] == 401 and bad["refusal"] == "unknown_token"
+    assert unknown["status"] == 404 and unknown["refusal"] == "unknown_path"
+    secret = tok[4:]
+    assert all(secret[:20] not in line for line in lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
@@ -102,13 +103,31 @@ def _rewrite(fn: Callable[[], object]) -> object:
         raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
 
 
+_CACHEABLE_BODY: Final = 4096
+
+
 def enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, policies: tuple[Selector, ...]
             ) -> Restriction:
     """Rewrite the request so the backend can only return series/streams matching ``policies``.
 
     URL and form body are merged (as Prometheus and Loki do) and re-encoded in one place: the
-    body for POST, the URL otherwise, so no copy of a parameter escapes the rewrite.
+    body for POST, the URL otherwise, so no copy of a parameter escapes the rewrite. Dashboards
+    repeat the same requests, so whole results are cached (parsing and re-encoding the parameters
+    costs far more than the cached rewrite itself); large bodies are not kept as cache keys.
     """
+    if body is None or len(body) <= _CACHEABLE_BODY:
+        return _enforce_cached(kind, method, raw_query, body, policies)
+    return _enforce(kind, method, raw_query, body, policies)
+
+
+@lru_cache(maxsize=4096)
+def _enforce_cached(kind: Kind, method: str, raw_query: str, body: bytes | None, policies: tuple[Selector, ...]
+                    ) -> Restriction:
+    return _enforce(kind, method, raw_query, body, policies)
+
+
+def _enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, policies: tuple[Selector, ...]
+             ) -> Restriction:
     pairs = _pairs(raw_query, body)
     names: tuple[str, ...]
     if kind is Kind.PROMQL:

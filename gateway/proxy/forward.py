@@ -18,6 +18,7 @@ from gateway.proxy.headers import response_headers
 
 log = logging.getLogger("gateway.proxy")
 CHUNK = 256 * 1024
+SMALL_BODY = 256 * 1024
 
 
 class Upstreams:
@@ -94,6 +95,16 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
     upstream_seconds = loop.time() - started
     sent = 0
     try:
+        if up.content_length is not None and up.content_length <= SMALL_BODY and request.method != "HEAD":
+            # Most query answers are small: one write for headers and body instead of three.
+            try:
+                data = await up.read()
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise ProxyError(502, f"upstream response broke: {exc.__class__.__name__}",
+                                 "upstream_unavailable") from None
+            small = web.Response(status=up.status, reason=up.reason, headers=response_headers(up.headers),
+                                 body=data)
+            return small, Outcome(up.status, len(data), upstream_seconds)
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=response_headers(up.headers))
         if up.content_length is not None:
             resp.content_length = up.content_length

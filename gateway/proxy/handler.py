@@ -6,13 +6,12 @@ config snapshot, with no I/O; a refusal is a ProxyError answered in the Promethe
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from datetime import UTC, datetime
 
 from aiohttp import web
 
+from gateway.accesslog import AccessLog
 from gateway.clientip import client_ip
 from gateway.config import Config, Stack
 from gateway.lbac import RewriteError
@@ -29,8 +28,8 @@ from gateway.proxy.rules import MAX_RULE_BODY, check_source_tenants
 from gateway.routes import Kind, RouteMatch, allowed_methods, match
 from gateway.state import State, get_state
 
-access_log = logging.getLogger("gateway.access")
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 
 
 def resolve_stack(cfg: Config, ident: Identity, backend: str, basic_user: str | None, org_header: str | None
@@ -113,7 +112,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         REQUESTS.labels(backend, scope, str(status)).inc()
         entry.update(status=status, duration_ms=round((time.perf_counter() - started) * 1000, 3),
                      client_ip=entry.get("client_ip") or request.remote)
-        access_log.info(json.dumps(entry, default=str))
+        request.app[ACCESS_LOG].write(entry)
 
 
 async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str, object], started: float
