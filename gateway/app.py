@@ -79,8 +79,9 @@ def build_app(state: State) -> web.Application:
     (where the route tables decide: unknown paths answer 404)."""
     # auto_decompress off: the gateway checks and forwards the client's bytes as sent (a gzip push must
     # reach the backend still gzipped, and a compressed form must not be parsed inflated but sent deflated).
+    # handler_cancellation on: a client that hangs up cancels its handler, and so the upstream call.
     app = web.Application(middlewares=[error_middleware], client_max_size=state.config.limits.max_admin_body,
-                          handler_args={"auto_decompress": False})
+                          handler_args={"auto_decompress": False, "handler_cancellation": True})
     app[STATE] = state
     app[UPSTREAMS] = Upstreams()
     app[ACCESS_LOG] = AccessLog()

@@ -85,7 +85,7 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
         tasks.append(asyncio.create_task(_watch(state, config_path)))
     app = build_app(state)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=cfg.shutdown.drain_timeout, handler_cancellation=True)
+                           shutdown_timeout=cfg.shutdown.drain_timeout)
     await runner.setup()
     host, port = cfg.listen
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)

@@ -343,3 +343,30 @@ async def test_one_json_access_log_line_per_request_without_secrets(env: Env) ->
     assert unknown["status"] == 404 and unknown["refusal"] == "unknown_path"
     secret = tok[4:]
     assert all(secret[:20] not in line for line in lines)
+
+
+async def test_client_disconnect_cancels_the_upstream_call(db_dsn: str, aiohttp_client: Any,
+                                                           aiohttp_server: Any) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow(_r: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return web.Response()
+
+    app = web.Application(handler_args={"handler_cancellation": True})
+    app.router.add_get("/{t:.*}", slow)
+    server = await aiohttp_server(app)
+    async with _env(db_dsn, aiohttp_client, aiohttp_server,
+                    upstreams={"metrics": {"url": f"http://127.0.0.1:{server.port}"}}) as e:
+        tok = await e.token(["metrics:read"])
+        request = asyncio.create_task(e.gw.client.get("/prometheus/api/v1/query?query=up", headers=basic("100", tok)))
+        await asyncio.wait_for(started.wait(), 5)
+        request.cancel()  # the client hangs up
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+        await asyncio.wait_for(cancelled.wait(), 5)  # the gateway dropped its upstream connection
