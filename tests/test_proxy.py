@@ -370,3 +370,22 @@ async def test_client_disconnect_cancels_the_upstream_call(db_dsn: str, aiohttp_
         with contextlib.suppress(asyncio.CancelledError):
             await request
         await asyncio.wait_for(cancelled.wait(), 5)  # the gateway dropped its upstream connection
+
+
+async def test_upstreams_split_by_role(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> None:
+    query_rec, query_url = await start_recorder(aiohttp_server)
+    write_rec, write_url = await start_recorder(aiohttp_server)
+    rules_rec, rules_url = await start_recorder(aiohttp_server)
+    am_rec, am_url = await start_recorder(aiohttp_server)
+    ups = {"metrics": {"url": query_url, "write_url": write_url, "rules_url": rules_url, "alertmanager_url": am_url}}
+    async with _env(db_dsn, aiohttp_client, aiohttp_server, upstreams=ups) as e:
+        tok = await e.token(["metrics:read", "metrics:write", "rules:read", "alerts:read"])
+        c = e.gw.client
+        assert (await c.post("/api/v1/push", data=b"x", headers=basic("100", tok))).status == 200
+        assert (await c.get("/prometheus/api/v1/query?query=up", headers=basic("100", tok))).status == 200
+        assert (await c.get("/prometheus/config/v1/rules", headers=basic("100", tok))).status == 200
+        assert (await c.get("/alertmanager/api/v2/alerts", headers=basic("100", tok))).status == 200
+        assert [s.path for s in write_rec.seen] == ["/api/v1/push"]
+        assert [s.path for s in query_rec.seen] == ["/prometheus/api/v1/query"]
+        assert [s.path for s in rules_rec.seen] == ["/prometheus/config/v1/rules"]
+        assert [s.path for s in am_rec.seen] == ["/alertmanager/api/v2/alerts"]

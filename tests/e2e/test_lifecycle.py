@@ -66,3 +66,16 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path, db_dsn: str) ->
         assert "started 2 workers" in gp.log_path.read_text()
     finally:
         assert gp.stop() == 0
+
+
+def test_metrics_on_a_separate_listener(tmp_path: Path, db_dsn: str) -> None:
+    from tests.conftest import free_port
+
+    mport = free_port()
+    gp = GatewayProcess(tmp_path, db_dsn, metrics_listen=f"127.0.0.1:{mport}").start()
+    try:
+        status, text = _get(f"http://127.0.0.1:{mport}/metrics")
+        assert status == 200 and "gateway_requests_total" in text
+        assert _get(f"{gp.url}/metrics")[0] == 404  # not on the data path's address
+    finally:
+        assert gp.stop() == 0
