@@ -97,6 +97,11 @@ def realms_to_json(realms: Sequence[Realm]) -> list[dict[str, Any]]:
              "labelPolicies": [{"selector": str(s)} for s in r.label_policies]} for r in realms]
 
 
+def _like(text: str) -> str:
+    """A LIKE pattern matching ``text`` anywhere, its own % and _ taken literally."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def _scope_sql(scope: AdminScope, args: list[Any], realms_col: str = "p.realms") -> str:
     """SQL condition: the policy's realms are all within the admin's reach."""
     args.append(scope.org_id)
@@ -222,6 +227,9 @@ class Store:
         if "name" in filters:
             args.append(filters["name"])
             conds.append(f"p.name = ${len(args)}")
+        if "text" in filters:  # the page's search box: name or display name contains the text
+            args.append(_like(filters["text"]))
+            conds.append(f"(p.name ILIKE ${len(args)} OR p.display_name ILIKE ${len(args)})")
         if "status" in filters:
             args.append(filters["status"])
             conds.append(f"p.status = ${len(args)}")

@@ -26,7 +26,6 @@ from gateway.policy.scopes import SCOPE_GROUPS
 from gateway.store import BadCursor, Conflict, NotFound, Page
 from gateway.web import session as sess
 from gateway.web.forms import PolicyForm, realm_choices, validate
-from gateway.web.queries import search_policies
 from gateway.web.session import READ, Admin, PageError, SignInRequired, state_of
 
 WRITE = "accesspolicies:write"
@@ -197,9 +196,8 @@ async def policies(request: web.Request, admin: Admin) -> web.StreamResponse:
         filters["status"] = status
     try:
         if q:
-            page_: Page = await search_policies(st.store, admin.scope, q, filters, size, cursor)
-        else:
-            page_ = await st.store.list_policies(admin.scope, filters, size, cursor)
+            filters["text"] = q
+        page_: Page = await st.store.list_policies(admin.scope, filters, size, cursor)
     except BadCursor:
         raise PageError(400, "Bad link", "The page cursor in this link is not one the page issued.") from None
     items: list[AccessPolicy] = page_.items
