@@ -577,3 +577,14 @@ async def test_resync_rebuilds_the_same_index(db_dsn: str, aiohttp_client: Any, 
         await cache.resync()
         assert cache.team_rules == before and before
 
+
+
+async def test_a_datasource_policy_cannot_lose_its_read_scope_or_gain_label_policies(gw: Gateway) -> None:
+    p = await reader_policy(gw, ["metrics:read"])
+    await datasource(gw, "keep", p["id"])
+    err = await expect_error(gw, "POST", f"/api/v1/accesspolicies/{p['id']}", {"scopes": ["logs:read"]}, 400, "scopes")
+    assert "metrics:read" in err["message"]
+    await expect_error(gw, "POST", f"/api/v1/accesspolicies/{p['id']}", {"realms": [
+        {"type": "stack", "identifier": "100", "labelPolicies": [{"selector": '{env="dev"}'}]}]}, 400, "realms")
+    ok = await gw.api("POST", f"/api/v1/accesspolicies/{p['id']}", {"displayName": "still fine"})
+    assert ok["displayName"] == "still fine"

@@ -15,6 +15,7 @@ from gateway.admin.errors import ApiError, bad_request
 from gateway.admin.serialize import audit_json, policy_json, token_json
 from gateway.clientip import client_ip
 from gateway.policy import tokens as tokfmt
+from gateway.policy.datasource import READ_SCOPE_OF_TYPE
 from gateway.policy.decision import Denied, Identity, identify
 from gateway.policy.model import AccessPolicy, Token
 from gateway.state import get_state
@@ -180,9 +181,18 @@ async def update_policy(request: web.Request) -> web.Response:
     if "status" in body:
         changes["status"] = v.status(body["status"])
 
-    def check(before: AccessPolicy, _after: AccessPolicy) -> None:
+    used_by = [d for d in st.cache.datasources.values() if d.access_policy_id == pid]
+
+    def check(before: AccessPolicy, after: AccessPolicy) -> None:
         if "name" in body and body["name"] != before.name:
             raise bad_request("name cannot change; create a new policy instead", "name")
+        for ds in used_by:  # a data source's policy keeps its read scope and stays free of label policies
+            need = READ_SCOPE_OF_TYPE[ds.type]
+            if need not in after.scopes:
+                raise bad_request(f"data source {ds.uid!r} uses this policy and needs its {need} scope", "scopes")
+            if any(r.label_policies for r in after.realms):
+                raise bad_request(f"data source {ds.uid!r} uses this policy; its team rules need a policy "
+                                  "without label policies", "realms")
 
     try:
         updated = await st.store.update_policy(scope, pid, changes, _actor(ident), policy_json, check)
