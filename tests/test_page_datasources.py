@@ -367,3 +367,20 @@ async def test_scopes_are_checked_and_the_missing_one_named(gw: Gateway) -> None
     assert "No such data source" in await other.get("/ui/datasources/a", status=404)
     assert "No such team" in await other.get(f"/ui/teams/{tid}", status=404)
     assert "No data sources yet." in await other.get("/ui/datasources")
+
+
+async def test_editing_a_datasource_policy_keeps_its_read_scope_and_no_label_policies(gw: Gateway) -> None:
+    from tests.test_page import policy_form
+
+    b = Browser(gw)
+    await b.sign_in()
+    p = await reader_policy(gw, ["metrics:read"])
+    await datasource(gw, "guarded", p["id"])
+    form = policy_form("ignored", ["logs:read"])
+    _, text = await b.post(f"/ui/policies/{p['id']}/edit", form, status=400)
+    assert "data source &#39;guarded&#39; uses this policy and needs its metrics:read scope" in text
+    form = policy_form("ignored", ["metrics:read"], selectors='{env="dev"}')
+    _, text = await b.post(f"/ui/policies/{p['id']}/edit", form, status=400)
+    assert "without label policies" in text
+    got = await gw.api("GET", f"/api/v1/accesspolicies/{p['id']}")
+    assert got["scopes"] == ["metrics:read"] and got["realms"][0]["labelPolicies"] == []

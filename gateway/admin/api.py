@@ -18,7 +18,7 @@ from gateway.policy import tokens as tokfmt
 from gateway.policy.datasource import READ_SCOPE_OF_TYPE
 from gateway.policy.decision import Denied, Identity, identify
 from gateway.policy.model import AccessPolicy, Token
-from gateway.state import get_state
+from gateway.state import State, get_state
 from gateway.store import AdminScope, BadCursor, Conflict, NotFound
 
 MAX_PAGE = 500
@@ -181,18 +181,10 @@ async def update_policy(request: web.Request) -> web.Response:
     if "status" in body:
         changes["status"] = v.status(body["status"])
 
-    used_by = [d for d in st.cache.datasources.values() if d.access_policy_id == pid]
-
     def check(before: AccessPolicy, after: AccessPolicy) -> None:
         if "name" in body and body["name"] != before.name:
             raise bad_request("name cannot change; create a new policy instead", "name")
-        for ds in used_by:  # a data source's policy keeps its read scope and stays free of label policies
-            need = READ_SCOPE_OF_TYPE[ds.type]
-            if need not in after.scopes:
-                raise bad_request(f"data source {ds.uid!r} uses this policy and needs its {need} scope", "scopes")
-            if any(r.label_policies for r in after.realms):
-                raise bad_request(f"data source {ds.uid!r} uses this policy; its team rules need a policy "
-                                  "without label policies", "realms")
+        check_datasource_policy(st, after)
 
     try:
         updated = await st.store.update_policy(scope, pid, changes, _actor(ident), policy_json, check)
@@ -200,6 +192,19 @@ async def update_policy(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", str(exc)) from None
     await st.cache.apply_change("access_policies", "UPDATE", updated.id)
     return web.json_response(policy_json(updated))
+
+
+def check_datasource_policy(st: State, after: AccessPolicy) -> None:
+    """A policy that data sources use keeps their read scope and stays free of label policies (400 otherwise)."""
+    for ds in st.cache.datasources.values():
+        if ds.access_policy_id != after.id:
+            continue
+        need = READ_SCOPE_OF_TYPE[ds.type]
+        if need not in after.scopes:
+            raise bad_request(f"data source {ds.uid!r} uses this policy and needs its {need} scope", "scopes")
+        if any(r.label_policies for r in after.realms):
+            raise bad_request(f"data source {ds.uid!r} uses this policy; its team rules need a policy "
+                              "without label policies", "realms")
 
 
 async def delete_policy(request: web.Request) -> web.Response:

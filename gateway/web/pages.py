@@ -4,6 +4,7 @@ API's validators and writes through the same Store methods (so the audit log nam
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
@@ -18,6 +19,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from gateway.admin import validate as v
+from gateway.admin.api import check_datasource_policy
 from gateway.admin.errors import ApiError
 from gateway.admin.serialize import policy_json, token_json
 from gateway.policy import tokens as tokfmt
@@ -261,8 +263,13 @@ async def update_policy(request: web.Request, admin: Admin) -> web.StreamRespons
     values = validate(f, st.config, admin.scope)
     if values is None:
         return await _policy_form(request, admin, f, policy, 400)
-    changes = {"display_name": values.display_name, "scopes": values.scopes, "realms": values.realms,
-               "allowed_subnets": values.subnets, "status": values.status}
+    changes: dict[str, Any] = {"display_name": values.display_name, "scopes": values.scopes,
+                               "realms": values.realms, "allowed_subnets": values.subnets, "status": values.status}
+    try:
+        check_datasource_policy(st, dataclasses.replace(policy, **changes))
+    except ApiError as exc:
+        f.error(exc.field or "scopes", exc.message)
+        return await _policy_form(request, admin, f, policy, 400)
     try:
         updated = await st.store.update_policy(admin.scope, policy.id, changes, admin.token.id, policy_json)
     except NotFound:
