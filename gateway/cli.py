@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -45,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "snapshot, then listens on `listen` from the config. /ready answers 200 once the "
                        "snapshot is loaded.")
     _add_config(p)
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="processes sharing the port (default 1; 0 = one per core)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="processes sharing the port through SO_REUSEPORT (default 0 = one per core)")
 
     p = sub.add_parser("migrate", help="apply pending database migrations and exit",
                        description="Apply the versioned SQL migrations shipped with this version, in order, "
@@ -156,11 +158,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 0:
         print("error: --workers must be 0 (one per core) or more", file=sys.stderr)
         return 2
-    if args.workers != 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    workers = args.workers or (os.cpu_count() or 1)
+    if workers != 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Must be set before prometheus_client is imported, so /metrics merges all workers.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, True)
     from gateway.server import serve
-    return serve(cfg, args.config, workers=args.workers)
+    return serve(cfg, args.config, workers=workers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

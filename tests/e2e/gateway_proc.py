@@ -32,6 +32,8 @@ class GatewayProcess:
 
     def start(self, timeout: float = 20.0, extra_args: tuple[str, ...] = ()) -> GatewayProcess:
         log = self._log = self.log_path.open("ab")
+        if "--workers" not in extra_args:
+            extra_args = ("--workers", "1", *extra_args)
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path),
                                       *extra_args], stdout=log, stderr=log, env={**os.environ})
         deadline = time.monotonic() + timeout
