@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from gateway.config import Upstream
 from gateway.proxy.errors import ProxyError
+from gateway.proxy.fastclient import FastClient, FastResponse
 from gateway.proxy.headers import response_headers
 
 log = logging.getLogger("gateway.proxy")
@@ -21,8 +23,13 @@ CHUNK = 256 * 1024
 SMALL_BODY = 256 * 1024
 
 
+# The lean client that serves a session's bodiless (or gateway-built body) requests to http upstreams;
+# everything else (streamed request bodies, WebSocket, https) stays on the aiohttp session.
+_FAST: dict[aiohttp.ClientSession, FastClient] = {}
+
+
 class Upstreams:
-    """One pooled client session per upstream base URL, created on first use."""
+    """One pooled client session per upstream base URL, created on first use, with its lean client."""
 
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, float, float], aiohttp.ClientSession] = {}
@@ -37,11 +44,18 @@ class Upstreams:
                 timeout=timeout, auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent"),
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True),
                 cookie_jar=aiohttp.DummyCookieJar())
+            old = self._sessions.get(key)
+            if old is not None and (old_fast := _FAST.pop(old, None)) is not None:
+                old_fast.shutdown()
             self._sessions[key] = s
+            _FAST[s] = FastClient(upstream.connect_timeout, upstream.read_timeout, SMALL_BODY)
         return s
 
     async def close(self) -> None:
         for s in self._sessions.values():
+            fast = _FAST.pop(s, None)
+            if fast is not None:
+                await fast.close()
             await s.close()
         self._sessions.clear()
 
@@ -75,6 +89,14 @@ class _LimitedBody:
 async def forward(request: web.Request, session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str],
                   body: bytes | None, body_limit: int) -> tuple[web.StreamResponse, Outcome]:
     """Send upstream; stream the response. ``body`` replaces the client's body when not None."""
+    fast = _FAST.get(session)
+    if fast is not None and (body is not None or not request.body_exists):
+        try:
+            parsed: URL | None = URL(url)
+        except ValueError:  # aiohttp reports it (502)
+            parsed = None
+        if parsed is not None and fast.accepts(parsed):
+            return await _forward_fast(request, fast, parsed, headers, body)
     data: bytes | AsyncIterator[bytes] | None = body
     limited = _LimitedBody(request.content, body_limit)
     if body is None and request.body_exists:
@@ -120,6 +142,41 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
             if request.transport is not None:
                 request.transport.close()
         return resp, Outcome(up.status, sent, upstream_seconds)
+    finally:
+        up.release()
+
+
+async def _forward_fast(request: web.Request, fast: FastClient, url: URL, headers: CIMultiDict[str],
+                        body: bytes | None) -> tuple[web.StreamResponse, Outcome]:
+    """``forward`` through the lean client: no request body to stream, plain http."""
+    try:
+        up: FastResponse = await fast.request(request.method, url, headers, body)
+    except TimeoutError as exc:
+        raise ProxyError(504, f"upstream timed out: {exc.__class__.__name__}", "upstream_timeout") from None
+    except OSError as exc:
+        raise ProxyError(502, f"upstream unavailable: {exc.__class__.__name__}", "upstream_unavailable") from None
+    try:
+        status = up.status
+        if up.body is not None and request.method != "HEAD" and status != 204 and status != 304:
+            # Whole and small: one write for headers and body.
+            small = web.Response(status=status, reason=up.reason, headers=response_headers(up.headers), body=up.body)
+            return small, Outcome(status, len(up.body), up.upstream_seconds)
+        resp = web.StreamResponse(status=status, reason=up.reason, headers=response_headers(up.headers))
+        if up.content_length is not None:
+            resp.content_length = up.content_length
+        await resp.prepare(request)
+        sent = 0
+        try:
+            async for chunk in up.chunks():
+                await resp.write(chunk)
+                sent += len(chunk)
+            await resp.write_eof()
+        except OSError as exc:  # TimeoutError is one
+            # Headers are out: all we can do is cut the connection so the client sees a broken body.
+            log.warning("upstream response broke after %d bytes: %s", sent, exc.__class__.__name__)
+            if request.transport is not None:
+                request.transport.close()
+        return resp, Outcome(status, sent, up.upstream_seconds)
     finally:
         up.release()
 

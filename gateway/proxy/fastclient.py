@@ -1,0 +1,508 @@
+"""A lean, pooled HTTP/1.1 client for the proxy's hot path: bodiless (or small in-memory body) requests to
+plain-http upstreams.
+
+aiohttp's ClientSession costs most of the CPU of a proxied query (request and response objects, tracing
+hooks, timers, the connector); this client keeps only what forwarding needs, and reuses aiohttp's own
+pieces where they matter for correctness:
+
+- the response is parsed by aiohttp's C parser (llhttp) into aiohttp's ``StreamReader``, with the same
+  lenient settings aiohttp's client uses, and no decompression (``Content-Encoding`` passes untouched);
+- the request head is serialized by aiohttp's serializer, which refuses control characters (CR, LF, NUL)
+  in the request line, names and values; names are also checked to be HTTP tokens;
+- the request is what aiohttp would send: the target is yarl's ``raw_path_qs`` of the same URL, ``Host``
+  from the URL, ``Accept: */*`` and ``Content-Type: application/octet-stream`` defaults, ``Content-Length``.
+
+A response whose body is complete within ``small_body`` bytes is returned whole (``body``), and its
+connection is back in the pool before the caller sees it. A larger one (by Content-Length, or a chunked or
+close-delimited body that grows past the bound), or one still incomplete ``STREAM_AFTER`` seconds after its
+headers, is returned as a stream (``chunks()``), read with flow control: the transport is paused while
+``small_body`` bytes wait for the reader.
+
+Connections are reused only after a fully read response that did not ask to close; any error, a
+cancellation, or an unread body closes the connection. A pooled connection that fails before a single
+response byte arrived is retried once on a fresh connection for idempotent methods (as aiohttp does).
+
+Errors: ``TimeoutError`` subclasses for the connect and read timeouts (``read_timeout`` is the longest
+silence of the upstream while a response is awaited or read); ``ConnectionError`` subclasses for the rest
+(refused, reset, closed early, malformed response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpResponseParser
+from aiohttp.http_writer import _serialize_headers
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+SMALL_BODY: Final = 256 * 1024
+# A body still incomplete this long after its headers is handed over as a stream, so that an upstream that
+# streams slowly (a chunked answer produced as it goes) is relayed as it comes, not when it ends.
+STREAM_AFTER: Final = 0.05
+KEEPALIVE: Final = 15.0  # seconds an idle connection stays pooled (aiohttp's default keepalive_timeout)
+MAX_IDLE: Final = 256  # idle connections kept per upstream host
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_GET_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Content-Length: 0 without a body
+_POST_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # a default Content-Type, as aiohttp sends
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_checked_names: set[str] = set()
+
+
+class FastClientError(ConnectionError):
+    """The upstream connection failed: refused, reset, closed early, or a response that does not parse."""
+
+
+class ServerDisconnected(FastClientError):
+    pass
+
+
+class BadResponse(FastClientError):
+    pass
+
+
+class ConnectTimeout(TimeoutError):
+    pass
+
+
+class ReadTimeout(TimeoutError):
+    pass
+
+
+def _check_names(headers: CIMultiDict[str]) -> None:
+    for name in headers:
+        if name not in _checked_names:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"invalid header name {name!r}")
+            if len(_checked_names) < 4096:
+                _checked_names.add(name)
+
+
+def request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes | None) -> bytes:
+    """The request line and headers, as aiohttp would send them (ValueError on anything injectable)."""
+    if not _TOKEN.fullmatch(method):
+        raise ValueError(f"invalid method {method!r}")
+    out: CIMultiDict[str] = CIMultiDict()
+    host = headers.get("Host")
+    out["Host"] = host if host is not None else (url.host_port_subcomponent or "")
+    out.extend(headers)
+    if host is not None:
+        del out["Host"]
+        out["Host"] = host
+    had_length = out.popall("Content-Length", None) is not None
+    out.popall("Transfer-Encoding", None)
+    if "Accept" not in out:
+        out["Accept"] = "*/*"
+    if body is not None:
+        out["Content-Length"] = str(len(body))
+    elif had_length or method not in _GET_METHODS:
+        out["Content-Length"] = "0"
+    if method in _POST_METHODS and "Content-Type" not in out:
+        out["Content-Type"] = "application/octet-stream"
+    _check_names(out)
+    head: bytes = _serialize_headers(f"{method} {url.raw_path_qs} HTTP/1.1", out)
+    return head
+
+
+class _Conn(BaseProtocol):
+    """One keep-alive connection; serves one request at a time."""
+
+    def __init__(self, pool: _Pool) -> None:
+        super().__init__(pool.loop)
+        self.pool = pool
+        self.read_timeout: float = pool.client.read_timeout or 0.0
+        self.limit = max(pool.client.small_body // 2, 1)  # StreamReader pauses reading past 2 x limit
+        self.body_parser: Any = None
+        self.head_parser: Any = None
+        self.closed = False
+        self.busy = False
+        self.broken = False  # do not reuse: extra bytes, a parse error after the response, ...
+        self.uses = 0
+        self.got = 0  # response bytes received for the current request
+        self.waiter: asyncio.Future[None] | None = None
+        self.msg: Any = None
+        self.payload: StreamReader | None = None
+        self.want_stream = False
+        self.headers_at = 0.0
+        self.last_io = 0.0
+        self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.grace: asyncio.TimerHandle | None = None
+
+    def _new_parser(self, with_body: bool) -> Any:
+        return HttpResponseParser(self, self._loop, self.limit, payload_exception=BadResponse,
+                                  response_with_body=with_body, read_until_eof=True, auto_decompress=False)
+
+    # ---- the request ----------------------------------------------------------------------------
+
+    def start(self, data: bytes, head: bool) -> asyncio.Future[None]:
+        if head:
+            if self.head_parser is None:
+                self.head_parser = self._new_parser(False)
+            self._parser = self.head_parser
+        else:
+            if self.body_parser is None:
+                self.body_parser = self._new_parser(True)
+            self._parser = self.body_parser
+        tr = self.transport
+        if self.closed or tr is None or tr.is_closing():
+            raise ServerDisconnected("the upstream closed the connection")
+        self.busy = True
+        self.uses += 1
+        self.got = 0
+        self.msg = self.payload = None
+        self.want_stream = False
+        self.waiter = waiter = self._loop.create_future()
+        self.last_io = self._loop.time()
+        if self.timer is None and self.read_timeout:
+            self.timer = self._loop.call_at(self.last_io + self.read_timeout, self._on_timer)
+        try:
+            tr.write(data)
+        except Exception as exc:
+            raise ServerDisconnected(f"cannot write to the upstream: {exc!r}") from exc
+        return waiter
+
+    def _wake(self, exc: BaseException | None = None) -> None:
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.broken = True
+        self._wake(exc)
+        if self.payload is not None and not self.payload.is_eof():
+            self.payload.set_exception(exc)
+        self.close()
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if not self.busy or self.closed:
+            return
+        now = self._loop.time()
+        if self._reading_paused:  # the reader is slow, not the upstream
+            self.last_io = now
+        elif now - self.last_io >= self.read_timeout * 0.999:
+            self._fail(ReadTimeout(f"no data from the upstream for {self.read_timeout} s"))
+            return
+        self.timer = self._loop.call_at(self.last_io + self.read_timeout, self._on_timer)
+
+    @property
+    def complete(self) -> bool:
+        return self.payload is not None and self.payload.is_eof() and self.payload.exception() is None
+
+    @property
+    def reusable(self) -> bool:
+        tr = self.transport
+        if tr is None or tr.is_closing() or self.closed or self.broken or self.msg is None:
+            return False
+        return not self.msg.should_close and self.complete
+
+    # ---- asyncio.Protocol -----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:
+            # Bytes on an idle connection: the peer is confused or hostile; never reuse it.
+            if data:
+                self.broken = True
+                self.close()
+            return
+        if data:
+            self.got += len(data)
+            self.last_io = self._loop.time()
+        parser = self._parser
+        if parser is None:
+            return
+        try:
+            messages, upgraded, _tail = parser.feed_data(data)
+        except Exception as exc:
+            if self.complete:  # the response is whole; what follows it is not ours to answer for
+                self.broken = True
+                self.close()
+            else:
+                self._fail(BadResponse(f"malformed upstream response: {exc!r}"))
+            return
+        for msg, payload in messages:
+            if self.msg is not None:  # a second response to one request
+                self.broken = True
+                continue
+            if 100 <= msg.code < 200:
+                if msg.code == 101 or upgraded:
+                    self._fail(BadResponse("unexpected protocol switch from the upstream"))
+                    return
+                continue  # 100 Continue, 103 Early Hints: the final answer follows
+            self.msg, self.payload = msg, payload
+            self.headers_at = self._loop.time()
+            if not payload.is_eof():
+                length = msg.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) > self.pool.client.small_body:
+                    self.want_stream = True
+                elif self.waiter is not None:
+                    self.grace = self._loop.call_later(STREAM_AFTER, self._grace_over)
+        current = self.payload
+        if current is not None and current.exception() is not None:
+            self._fail(BadResponse(f"malformed upstream response body: {current.exception()!r}"))
+        elif self.waiter is not None and self.msg is not None and (self.want_stream or self.complete):
+            self._wake()
+
+    def pause_reading(self) -> None:
+        super().pause_reading()
+        # The body outgrew the buffer: hand it over as a stream (woken in data_received).
+        self.want_stream = True
+
+    def _grace_over(self) -> None:
+        self.grace = None
+        if self.waiter is not None and self.msg is not None:
+            self.want_stream = True
+            self._wake()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # The StreamReader calls this after every read; only a paused transport (and parser) has work.
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost finishes the response or fails it
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        parser, self._parser = self._parser, None
+        if self.busy:
+            if self.msg is None:
+                self._wake(ServerDisconnected(
+                    "the upstream closed the connection before answering" if exc is None
+                    else f"upstream connection lost: {exc!r}"))
+            elif self.payload is not None and not self.payload.is_eof():
+                try:
+                    if parser is not None:
+                        parser.feed_eof()  # a close-delimited body ends here; any other one is cut short
+                except Exception as err:
+                    self.payload.set_exception(ServerDisconnected(f"upstream response cut short: {err!r}"))
+                if not self.payload.is_eof() and self.payload.exception() is None:
+                    self.payload.set_exception(ServerDisconnected("upstream response cut short"))
+                self._wake(self.payload.exception())
+        self.pool.forget(self)
+        super().connection_lost(exc)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        self.broken = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self.pool.forget(self)
+
+
+class FastResponse:
+    """A response: ``body`` when it was small and is whole, else read it with ``chunks()``; always
+    ``release()`` (a no-op once the body is read)."""
+
+    __slots__ = ("status", "reason", "headers", "body", "content_length", "upstream_seconds", "_conn", "_payload")
+
+    def __init__(self, conn: _Conn, started: float) -> None:
+        msg = conn.msg
+        self.status: int = msg.code
+        self.reason: str = msg.reason
+        self.headers: CIMultiDictProxy[str] = msg.headers
+        self.upstream_seconds = conn.headers_at - started
+        length = msg.headers.get("Content-Length")
+        self.content_length: int | None = int(length) if length is not None and length.isdigit() else None
+        self._payload: StreamReader | None = conn.payload
+        self.body: bytes | None = None
+        self._conn: _Conn | None = conn
+        if conn.complete and self._payload is not None:
+            self.body = self._payload.read_nowait(-1)
+            self._finish()
+
+    @property
+    def streaming(self) -> bool:
+        return self.body is None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (at most about ``small_body`` bytes held); errors are OSError/TimeoutError."""
+        if self.body is not None:
+            if self.body:
+                yield self.body
+            return
+        payload = self._payload
+        assert payload is not None
+        while True:
+            chunk = await payload.readany()
+            if not chunk:
+                break
+            yield chunk
+        self._finish()
+
+    def _finish(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.pool.release(conn)
+
+    def release(self) -> None:
+        """Done with the response: an unread or broken body closes the connection."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.reusable:
+                conn.pool.release(conn)
+            else:
+                conn.close()
+
+
+class _Pool:
+    """Keep-alive connections to one (host, port)."""
+
+    def __init__(self, client: FastClient, host: str, port: int) -> None:
+        self.client, self.host, self.port = client, host, port
+        self.loop = asyncio.get_running_loop()
+        self.idle: list[_Conn] = []
+        self.conns: set[_Conn] = set()
+        self.sweeper: asyncio.TimerHandle | None = None
+
+    def acquire(self) -> _Conn | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            tr = conn.transport
+            if conn.closed or tr is None or tr.is_closing() or conn.broken:
+                conn.close()
+                continue
+            return conn
+        return None
+
+    async def connect(self) -> _Conn:
+        timeout = self.client.connect_timeout
+        try:
+            async with asyncio.timeout(timeout or None):
+                _tr, conn = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port)
+        except TimeoutError:
+            raise ConnectTimeout(f"connecting to {self.host}:{self.port} took over {timeout} s") from None
+        except OSError as exc:
+            raise FastClientError(f"cannot connect to {self.host}:{self.port}: {exc!r}") from exc
+        self.conns.add(conn)
+        return conn
+
+    def release(self, conn: _Conn) -> None:
+        conn.busy = False
+        conn.waiter = None
+        if not conn.reusable or self.client.closed or len(self.idle) >= MAX_IDLE:
+            conn.close()
+            return
+        conn.msg = conn.payload = None
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+        if self.sweeper is None:
+            self.sweeper = self.loop.call_later(KEEPALIVE, self._sweep)
+
+    def forget(self, conn: _Conn) -> None:
+        self.conns.discard(conn)
+        if conn.busy:
+            return
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def _sweep(self) -> None:
+        self.sweeper = None
+        cutoff = self.loop.time() - KEEPALIVE
+        for conn in [c for c in self.idle if c.idle_since <= cutoff]:
+            conn.close()
+        if self.idle:
+            self.sweeper = self.loop.call_later(KEEPALIVE, self._sweep)
+
+    def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
+        for conn in list(self.conns) + self.idle:
+            conn.close()
+        self.idle.clear()
+        self.conns.clear()
+
+
+class FastClient:
+    """Pools per (host, port) of one upstream's plain-http connections, with its timeouts."""
+
+    def __init__(self, connect_timeout: float | None, read_timeout: float | None, small_body: int = SMALL_BODY):
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.small_body = small_body
+        self.closed = False
+        self._pools: dict[tuple[str, int], _Pool] = {}
+
+    @staticmethod
+    def accepts(url: URL) -> bool:
+        """Plain http with a host and no credentials in the URL (aiohttp turns those into Basic auth)."""
+        return url.scheme == "http" and bool(url.raw_host) and url.raw_user is None and url.raw_password is None
+
+    async def request(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None = None
+                      ) -> FastResponse:
+        """Send one request; the answer comes back whole when small, else as a stream.
+
+        Call ``accepts(url)`` first. Raises ValueError for an unsendable head, TimeoutError subclasses for
+        timeouts and ConnectionError subclasses for everything else that goes wrong on the wire.
+        """
+        if self.closed:
+            raise FastClientError("the client is closed")
+        host, port = url.raw_host, url.port
+        assert host is not None and port is not None
+        pool = self._pools.get((host, port))
+        if pool is None:
+            pool = self._pools[(host, port)] = _Pool(self, host, port)
+        head = request_head(method, url, headers, body)
+        data = head + body if body else head
+        is_head = method == "HEAD"
+        retry = method in IDEMPOTENT
+        while True:
+            conn = pool.acquire()
+            reused = conn is not None
+            if conn is None:
+                conn = await pool.connect()
+            started = pool.loop.time()
+            try:
+                await conn.start(data, is_head)
+            except asyncio.CancelledError:
+                conn.close()
+                raise
+            except FastClientError:
+                conn.close()
+                if retry and reused and conn.got == 0:
+                    retry = False  # the peer had closed the idle connection: once more on a fresh one
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            return FastResponse(conn, started)
+
+    def shutdown(self) -> None:
+        """Close every connection, pooled or in use; later requests fail."""
+        self.closed = True
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    async def close(self) -> None:
+        self.shutdown()
