@@ -72,8 +72,8 @@ class PolicyCache:
             with contextlib.suppress(Exception):
                 await self._listener.close()
 
-    async def resync(self) -> None:
-        """Replace the snapshot with the database's state, in one step."""
+    async def resync(self, quiet: bool = False) -> None:
+        """Replace the snapshot with the database's state, in one step (``quiet``: log at DEBUG)."""
         started = time.monotonic()
         policies, tokens = await self.store.load_all()
         datasources, teams = await ds_store.load_all(self.store)
@@ -86,8 +86,8 @@ class PolicyCache:
         self.db_ok = True
         self.last_sync = time.monotonic()
         self.detail = "ok"
-        log.info("policy snapshot loaded: %d policies, %d tokens in %.0f ms",
-                 len(self.policies), len(self.tokens), (self.last_sync - started) * 1000)
+        log.log(logging.DEBUG if quiet else logging.INFO, "policy snapshot loaded: %d policies, %d tokens in %.0f ms",
+                len(self.policies), len(self.tokens), (self.last_sync - started) * 1000)
 
     @property
     def age(self) -> float:
@@ -182,7 +182,7 @@ class PolicyCache:
                 lost_wait.cancel()
             if not self._lost.is_set():
                 try:
-                    await self.resync()
+                    await self.resync(quiet=True)  # the periodic one: not worth an INFO line a minute
                     continue
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                     self._degrade(f"periodic resync failed: {exc}")

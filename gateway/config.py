@@ -186,7 +186,7 @@ def parse_hostport(value: Any) -> tuple[str, int]:
         raise ValueError("must be host:port, e.g. 127.0.0.1:8080")
     host, _, port = value.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError("port must be a number from 0 to 65535")
     return host, int(port)
 

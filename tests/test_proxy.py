@@ -259,9 +259,9 @@ async def test_upstream_down_is_502_and_slow_is_504(db_dsn: str, aiohttp_client:
     async with _env(db_dsn, aiohttp_client, aiohttp_server, upstreams=ups) as e:
         tok = await e.token(["metrics:read", "logs:read"])
         await expect_refusal(await e.gw.client.get("/prometheus/api/v1/query?query=up", headers=basic("100", tok)),
-                             502, "upstream unavailable")
+                             502, "metrics upstream unavailable: connection refused")
         await expect_refusal(await e.gw.client.get("/loki/api/v1/labels", headers=basic("100", tok)),
-                             504, "timed out")
+                             504, "logs upstream timed out")
 
 
 async def test_websocket_tail_relays_both_ways(env: Env) -> None:

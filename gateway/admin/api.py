@@ -71,7 +71,7 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise bad_request("request body is not valid JSON") from None
 
 
@@ -85,7 +85,7 @@ def _page_params(request: web.Request) -> tuple[int, str | None]:
     raw = request.query.get("pageSize")
     size = MAX_PAGE
     if raw is not None:
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:
             raise bad_request(f"pageSize must be an integer from 1 to {MAX_PAGE}", "pageSize")
         size = int(raw)
     return size, request.query.get("pageCursor") or None
@@ -332,14 +332,14 @@ async def list_audit(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     for prefix in ("/api/v1", "/v1"):  # Cloud clients use both /api/v1/... and /v1/...
         app.router.add_post(f"{prefix}/accesspolicies", create_policy)
-        app.router.add_get(f"{prefix}/accesspolicies", list_policies, allow_head=False)
-        app.router.add_get(f"{prefix}/accesspolicies/{{id}}", get_policy, allow_head=False)
+        app.router.add_get(f"{prefix}/accesspolicies", list_policies)
+        app.router.add_get(f"{prefix}/accesspolicies/{{id}}", get_policy)
         app.router.add_post(f"{prefix}/accesspolicies/{{id}}", update_policy)
         app.router.add_delete(f"{prefix}/accesspolicies/{{id}}", delete_policy)
         app.router.add_post(f"{prefix}/tokens", create_token)
-        app.router.add_get(f"{prefix}/tokens", list_tokens, allow_head=False)
-        app.router.add_get(f"{prefix}/tokens/{{id}}", get_token, allow_head=False)
+        app.router.add_get(f"{prefix}/tokens", list_tokens)
+        app.router.add_get(f"{prefix}/tokens/{{id}}", get_token)
         app.router.add_post(f"{prefix}/tokens/{{id}}", update_token)
         app.router.add_delete(f"{prefix}/tokens/{{id}}", delete_token)
-    app.router.add_get("/api/v1/auditlog", list_audit, allow_head=False)
+    app.router.add_get("/api/v1/auditlog", list_audit)
 

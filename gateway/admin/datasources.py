@@ -118,7 +118,7 @@ def valid_members(value: Any, field: str = "members") -> tuple[str, ...]:
 
 def _team_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise ApiError(404, "not_found", "no such team (team ids are numbers)")
     return int(raw)
 
@@ -265,7 +265,7 @@ def _team_ref(entry: dict[str, Any], prefix: str) -> TeamRef:
     team_uid: str | None = None
     if entry.get("teamId") is not None:
         raw = entry["teamId"]
-        if isinstance(raw, str) and raw.isdigit() and len(raw) <= 18:
+        if isinstance(raw, str) and (raw.isascii() and raw.isdigit()) and len(raw) <= 18:
             raw = int(raw)
         if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
             raise bad_request("teamId must be the numeric id of a team", f"{prefix}teamId")
@@ -534,18 +534,18 @@ def add_routes(app: web.Application) -> None:
     """Register the data-source, rules and team routes on ``app``."""
     r = app.router
     r.add_post("/api/datasources", create_datasource)
-    r.add_get("/api/datasources", list_datasources, allow_head=False)
-    r.add_get("/api/datasources/uid/{uid}", get_datasource, allow_head=False)
+    r.add_get("/api/datasources", list_datasources)
+    r.add_get("/api/datasources/uid/{uid}", get_datasource)
     r.add_put("/api/datasources/uid/{uid}", update_datasource)
     r.add_delete("/api/datasources/uid/{uid}", delete_datasource)
     for path in ("/api/datasources/{uid}/lbac/teams", "/api/datasources/uid/{uid}/lbac/teams"):
-        r.add_get(path, get_lbac_rules, allow_head=False)
+        r.add_get(path, get_lbac_rules)
         r.add_put(path, put_lbac_rules)
     r.add_post("/api/teams", create_team)
-    r.add_get("/api/teams", list_teams, allow_head=False)
-    r.add_get("/api/teams/{id}", get_team, allow_head=False)
+    r.add_get("/api/teams", list_teams)
+    r.add_get("/api/teams/{id}", get_team)
     r.add_put("/api/teams/{id}", update_team)
     r.add_delete("/api/teams/{id}", delete_team)
-    r.add_get("/api/teams/{id}/members", get_members, allow_head=False)
+    r.add_get("/api/teams/{id}/members", get_members)
     r.add_put("/api/teams/{id}/members", put_members)
 

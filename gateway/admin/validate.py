@@ -169,6 +169,10 @@ def timestamp(value: Any, field: str, future: bool = False) -> datetime:
         raise bad_request(f"{field} must be an RFC 3339 timestamp such as 2030-01-01T00:00:00Z", field) from None
     if dt.tzinfo is None:
         raise bad_request(f"{field} must carry a time zone, e.g. a trailing Z", field)
+    try:
+        dt = dt.astimezone(UTC)
+    except OverflowError:
+        raise bad_request(f"{field} is out of range", field) from None
     if future and dt <= datetime.now(UTC):
         raise bad_request(f"{field} must be in the future", field)
     return dt

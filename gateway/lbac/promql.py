@@ -92,6 +92,9 @@ _RE_META = re.compile(r"([\\.+*?()|\[\]{}^$])")
 _AT_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[iI][nN][fF]|[nN][aA][nN]")
 _MAX_AT_SECONDS: Final = 1e15  # prettify() clamps beyond ~1.8e16; Prometheus refuses beyond ~9.2e15
 MAX_QUERY_LEN: Final = 128 * 1024
+MAX_DEPTH: Final = 64
+_BRACKETS: Final = re.compile(r"[()\[\]{}]")
+MAX_CACHED_QUERY: Final = 4096
 MAX_OUTPUT_LEN: Final = 64 * 1024  # nested unions re-print their arguments: keep the worst case short
 
 
@@ -145,20 +148,39 @@ def restrict_match(matches: Sequence[str], policies: Policies) -> list[str]:
 # --------------------------------------------------------------------------- caching
 
 
-@lru_cache(maxsize=4096)
 def _restrict_cached(query: str, policies: Policies) -> str | RewriteError:
+    """Cache results for queries of ordinary size only: a cache keyed by 128 KiB queries would pin memory."""
+    if len(query) <= MAX_CACHED_QUERY:
+        return _restrict_lru(query, policies)
     try:
         return _restrict(query, policies)
     except RewriteError as exc:
-        return exc
+        return exc.with_traceback(None)  # a kept traceback would keep the query's frames alive
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=4096)
+def _restrict_lru(query: str, policies: Policies) -> str | RewriteError:
+    try:
+        return _restrict(query, policies)
+    except RewriteError as exc:
+        return exc.with_traceback(None)  # a kept traceback would keep the query's frames alive
+
+
 def _restrict_match_cached(matches: tuple[str, ...], policies: Policies) -> tuple[str, ...] | RewriteError:
+    if sum(map(len, matches)) <= MAX_CACHED_QUERY:
+        return _restrict_match_lru(matches, policies)
     try:
         return _restrict_matches(matches, policies)
     except RewriteError as exc:
-        return exc
+        return exc.with_traceback(None)  # a kept traceback would keep the query's frames alive
+
+
+@lru_cache(maxsize=1024)
+def _restrict_match_lru(matches: tuple[str, ...], policies: Policies) -> tuple[str, ...] | RewriteError:
+    try:
+        return _restrict_matches(matches, policies)
+    except RewriteError as exc:
+        return exc.with_traceback(None)  # a kept traceback would keep the query's frames alive
 
 
 # --------------------------------------------------------------------------- lexer
@@ -168,10 +190,13 @@ def _normalize(query: str) -> str:
     """Turn backtick strings into double-quoted ones and refuse ``@`` times the printer mangles.
 
     Respects ``"..."`` and ``'...'`` strings (with backslash escapes), raw backtick
-    strings and ``#`` comments, so only real ``@`` modifiers are looked at.
+    strings and ``#`` comments, so only real ``@`` modifiers are looked at. Also refuses
+    bracket nesting past MAX_DEPTH: the parser's cost explodes with depth (1,000 levels take
+    tens of seconds, ~12,000 crash the process), and no real query comes near.
     """
     out: list[str] = []
     i, n = 0, len(query)
+    depth = 0
     while i < n:
         c = query[i]
         if c == "#":
@@ -201,6 +226,10 @@ def _normalize(query: str) -> str:
             j = i + 1
             while j < n and query[j] not in "#\"'`@":
                 j += 1
+            for b in _BRACKETS.finditer(query, i, j):  # parser cost grows steeply with nesting depth
+                depth += 1 if b.group() in "([{" else -1
+                if depth > MAX_DEPTH:
+                    raise RewriteError(f"the query nests deeper than {MAX_DEPTH} levels of brackets")
             out.append(query[i:j])
             i = j
     return "".join(out)

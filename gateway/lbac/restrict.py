@@ -115,7 +115,7 @@ def enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, policie
     repeat the same requests, so whole results are cached (parsing and re-encoding the parameters
     costs far more than the cached rewrite itself); large bodies are not kept as cache keys.
     """
-    if body is None or len(body) <= _CACHEABLE_BODY:
+    if len(raw_query) <= _CACHEABLE_BODY and (body is None or len(body) <= _CACHEABLE_BODY):
         return _enforce_cached(kind, method, raw_query, body, policies)
     return _enforce(kind, method, raw_query, body, policies)
 

@@ -52,6 +52,7 @@ def identify(presented: str, token_index: Mapping[str, Token], policy_index: Map
     token = token_index.get(decoded.token_id)
     if token is None or not tokens.secret_matches(decoded.secret_hash, token.secret_hash):
         raise Denied(401, "unknown_token", "invalid token: unknown or revoked")
+    tokens.remember(presented, decoded)
     policy = policy_index.get(token.access_policy_id)
     if policy is None or policy.org_id != decoded.org_id:
         raise Denied(401, "unknown_token", "invalid token: unknown or revoked")

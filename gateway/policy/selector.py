@@ -95,6 +95,8 @@ def parse_selector(text: str) -> Selector:
         raise SelectorError("must be a non-empty label selector such as {env=\"dev\"}")
     if len(text) > MAX_SELECTOR_LEN:
         raise SelectorError(f"must be at most {MAX_SELECTOR_LEN} characters")
+    if text.count("(") > 64:  # deep nesting costs the parser dearly and is never a plain selector
+        raise SelectorError("must be a plain label selector such as {env=\"dev\"}, not an expression")
     return _parse_cached(text.strip())
 
 

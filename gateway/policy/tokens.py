@@ -14,7 +14,6 @@ import hmac
 import json
 import secrets
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Final
 
 PREFIX: Final = "glc_"
@@ -48,18 +47,35 @@ def encode(org_id: str, token_id: str, secret: str, region: str) -> str:
 
 
 def decode(token: str) -> DecodedToken:
-    """Parse a presented token; raises TokenFormatError. Cached: agents repeat the same token."""
+    """Parse a presented token; raises TokenFormatError.
+
+    Only tokens that proved their secret are cached (``remember``): agents repeat the same
+    token, but a cache of whatever strings clients send would let them fill memory for free.
+    """
+    hit = _VERIFIED.get(token)
+    if hit is not None:
+        return hit
     if not isinstance(token, str) or not token.startswith(PREFIX) or len(token) > MAX_TOKEN_LEN:
         raise TokenFormatError("not a gateway token")
-    return _decode_cached(token)
+    return _decode(token)
 
 
-@lru_cache(maxsize=65536)
-def _decode_cached(token: str) -> DecodedToken:
+def remember(token: str, decoded: DecodedToken) -> None:
+    """Cache a token whose secret matched; revocation is unaffected (the id is looked up every time)."""
+    if len(_VERIFIED) >= MAX_VERIFIED:
+        _VERIFIED.clear()
+    _VERIFIED[token] = decoded
+
+
+_VERIFIED: dict[str, DecodedToken] = {}
+MAX_VERIFIED: Final = 65536
+
+
+def _decode(token: str) -> DecodedToken:
     raw = token[len(PREFIX):]
     try:
         data = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise TokenFormatError("token is not valid base64 JSON") from None
     if not isinstance(data, dict):
         raise TokenFormatError("token payload is not an object")

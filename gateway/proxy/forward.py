@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,6 +27,22 @@ SMALL_BODY = 256 * 1024
 # The lean client that serves a session's bodiless (or gateway-built body) requests to http upstreams;
 # everything else (streamed request bodies, WebSocket, https) stays on the aiohttp session.
 _FAST: dict[aiohttp.ClientSession, FastClient] = {}
+
+
+def describe(exc: BaseException) -> str:
+    """A short, address-free reason for the client (the log line has the details)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, ConnectionResetError):
+            return "connection reset"
+        if isinstance(seen, TimeoutError):
+            return "no answer in time"
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return os.strerror(seen.errno).lower()
+        seen = seen.__cause__ or seen.__context__ or getattr(seen, "os_error", None)
+    return "connection failed or closed early"
 
 
 class Upstreams:
@@ -112,8 +129,8 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
         if limited.exceeded:
             raise ProxyError(413, f"request body exceeds {body_limit} bytes", "body_too_large") from None
         if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-            raise ProxyError(504, f"upstream timed out: {exc.__class__.__name__}", "upstream_timeout") from None
-        raise ProxyError(502, f"upstream unavailable: {exc.__class__.__name__}", "upstream_unavailable") from None
+            raise ProxyError(504, f"upstream timed out: {describe(exc)}", "upstream_timeout") from None
+        raise ProxyError(502, f"upstream unavailable: {describe(exc)}", "upstream_unavailable") from None
     upstream_seconds = loop.time() - started
     sent = 0
     try:
@@ -122,7 +139,7 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
             try:
                 data = await up.read()
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise ProxyError(502, f"upstream response broke: {exc.__class__.__name__}",
+                raise ProxyError(502, f"upstream response broke: {describe(exc)}",
                                  "upstream_unavailable") from None
             small = web.Response(status=up.status, reason=up.reason, headers=response_headers(up.headers),
                                  body=data)
@@ -152,9 +169,9 @@ async def _forward_fast(request: web.Request, fast: FastClient, url: URL, header
     try:
         up: FastResponse = await fast.request(request.method, url, headers, body)
     except TimeoutError as exc:
-        raise ProxyError(504, f"upstream timed out: {exc.__class__.__name__}", "upstream_timeout") from None
+        raise ProxyError(504, f"upstream timed out: {describe(exc)}", "upstream_timeout") from None
     except OSError as exc:
-        raise ProxyError(502, f"upstream unavailable: {exc.__class__.__name__}", "upstream_unavailable") from None
+        raise ProxyError(502, f"upstream unavailable: {describe(exc)}", "upstream_unavailable") from None
     try:
         status = up.status
         if up.body is not None and request.method != "HEAD" and status != 204 and status != 304:
@@ -193,7 +210,7 @@ async def relay_websocket(request: web.Request, session: aiohttp.ClientSession, 
         raise ProxyError(exc.status if 400 <= exc.status < 600 else 502, f"upstream refused the tail: {exc.message}",
                          "upstream_refused") from None
     except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
-        raise ProxyError(502, f"upstream unavailable: {exc.__class__.__name__}", "upstream_unavailable") from None
+        raise ProxyError(502, f"upstream unavailable: {describe(exc)}", "upstream_unavailable") from None
     client = web.WebSocketResponse(autoping=True, heartbeat=30)
     await client.prepare(request)
     sent = 0

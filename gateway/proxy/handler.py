@@ -6,6 +6,7 @@ config snapshot, with no I/O; a refusal is a ProxyError answered in the Promethe
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 
@@ -28,6 +29,7 @@ from gateway.proxy.rules import MAX_RULE_BODY, check_source_tenants
 from gateway.routes import Kind, RouteMatch, allowed_methods, match
 from gateway.state import State, get_state
 
+log = logging.getLogger("gateway.proxy")
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 
@@ -162,6 +164,12 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     rewritten = False  # True when the body was re-encoded (its length and type change)
     content_type = ""
     if route.scope == "rules:write":
+        if not policies:  # a Grafana user narrowed by team rules is label-restricted too
+            try:
+                policies = user_policies(st.cache, ident.policy.id, route.backend, tenant,
+                                         request.headers.get(cfg.grafana_user_header))
+            except Denied as exc:
+                raise ProxyError(exc.status, exc.message, exc.reason) from None
         if policies:
             # A recording rule evaluates without label policies and its results are queryable: refuse.
             raise ProxyError(403, "label-restricted tokens cannot write rules: rule results would bypass the "
@@ -206,10 +214,16 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     session = request.app[UPSTREAMS].session(upstream)
     ADDED_SECONDS.labels(route.backend).observe(time.perf_counter() - started)
     resp: web.StreamResponse
-    if route.websocket and request.headers.get("Upgrade", "").lower() == "websocket":
-        resp, outcome = await relay_websocket(request, session, url, headers)
-    else:
-        resp, outcome = await forward(request, session, url, headers, body, limit)
+    try:
+        if route.websocket and request.headers.get("Upgrade", "").lower() == "websocket":
+            resp, outcome = await relay_websocket(request, session, url, headers)
+        else:
+            resp, outcome = await forward(request, session, url, headers, body, limit)
+    except ProxyError as exc:
+        if exc.status in (502, 504):  # say which backend; the URL stays in the log, not in the answer
+            log.warning("%s upstream %s: %s", route.backend, base, exc.message)
+            raise ProxyError(exc.status, f"{route.backend} {exc.message}", exc.reason) from None
+        raise
     UPSTREAM_SECONDS.labels(route.backend).observe(outcome.upstream_seconds)
     entry.update(upstream_ms=round(outcome.upstream_seconds * 1000, 3), bytes=outcome.bytes_out)
     return resp, outcome.status

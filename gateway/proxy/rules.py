@@ -21,7 +21,7 @@ def check_source_tenants(body: bytes, cfg: Config, ident: Identity) -> None:
     """
     try:
         group: Any = yaml.safe_load(body) if body.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         raise ProxyError(400, "rule group body is not valid YAML", "bad_rule_group") from None
     if not isinstance(group, dict) or group.get("source_tenants") in (None, []):
         return

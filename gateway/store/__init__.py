@@ -64,7 +64,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, Any]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, _, rid = raw.partition("|")
-        return datetime.fromisoformat(at), int(rid) if rid.isdigit() else uuid.UUID(rid)
+        parsed_at = datetime.fromisoformat(at)
+        if rid.isascii() and rid.isdigit():
+            if len(rid) > 18:  # beyond bigint: never one of ours
+                raise ValueError(rid)
+            return parsed_at, int(rid)
+        return parsed_at, uuid.UUID(rid)
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise BadCursor("pageCursor is not a cursor this API issued") from None
 
@@ -251,7 +256,12 @@ class Store:
         args.append(page_size + 1)
         sql = (f"{select} WHERE {' AND '.join(conds)} ORDER BY {alias}.created_at, {alias}.id"
                f" LIMIT ${len(args)}")
-        rows = await self.pool.fetch(sql, *args)
+        try:
+            rows = await self.pool.fetch(sql, *args)
+        except asyncpg.DataError:  # a forged cursor whose id is of the other list's type
+            if cursor:
+                raise BadCursor("pageCursor is not a cursor this API issued") from None
+            raise
         more = len(rows) > page_size
         rows = rows[:page_size]
         nxt = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None

@@ -73,7 +73,7 @@ async def _datasource(request: web.Request, admin: Admin) -> DataSource:
 
 def _team_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise PageError(404, "Not found", "No such page: team ids are numbers.")
     return int(raw)
 
@@ -284,7 +284,7 @@ async def save_rules(request: web.Request, admin: Admin) -> web.StreamResponse:
     post = await request.post()
     f = RulesForm(version=str(post.get("version", "")))
     for key in post:
-        if key.startswith("rules:") and key[6:].isdigit() and isinstance(post.get(key), str):
+        if key.startswith("rules:") and key[6:].isascii() and key[6:].isdigit() and isinstance(post.get(key), str):
             f.texts[int(key[6:])] = str(post.get(key))
     policy = _policy_of(st, ds)
     if policy is None:  # pragma: no cover - the data source is visible only with its policy
@@ -569,16 +569,16 @@ async def delete_team(request: web.Request, admin: Admin) -> web.StreamResponse:
 def add_routes(ui: web.Application) -> None:
     """Register before the page's catch-all route."""
     r = ui.router
-    r.add_get("/datasources", datasources, allow_head=False)
+    r.add_get("/datasources", datasources)
     r.add_post("/datasources", create_datasource)
-    r.add_get("/datasources/{uid}", datasource_page, allow_head=False)
+    r.add_get("/datasources/{uid}", datasource_page)
     r.add_post("/datasources/{uid}/rules", save_rules)
-    r.add_get("/datasources/{uid}/delete", delete_datasource_form, allow_head=False)
+    r.add_get("/datasources/{uid}/delete", delete_datasource_form)
     r.add_post("/datasources/{uid}/delete", delete_datasource)
-    r.add_get("/teams", teams, allow_head=False)
+    r.add_get("/teams", teams)
     r.add_post("/teams", create_team)
-    r.add_get("/teams/{id}", team_page, allow_head=False)
+    r.add_get("/teams/{id}", team_page)
     r.add_post("/teams/{id}/name", rename_team)
     r.add_post("/teams/{id}/members", set_members)
-    r.add_get("/teams/{id}/delete", delete_team_form, allow_head=False)
+    r.add_get("/teams/{id}/delete", delete_team_form)
     r.add_post("/teams/{id}/delete", delete_team)

@@ -128,7 +128,7 @@ def _path_uuid(request: web.Request, key: str = "id") -> str:
 
 def _size(request: web.Request) -> int:
     raw = request.query.get("size", "")
-    return min(int(raw), MAX_PAGE) if raw.isdigit() and int(raw) > 0 else PAGE_SIZE
+    return min(int(raw), MAX_PAGE) if (raw.isascii() and raw.isdigit()) and int(raw) > 0 else PAGE_SIZE
 
 
 async def _policy(request: web.Request, admin: Admin) -> AccessPolicy:
@@ -544,7 +544,7 @@ def _resource_link(st: Any, rtype: str, rid: str) -> str | None:
         return f"/ui/policies/{rid}"
     if rtype == "datasource" and any(d.uid == rid for d in st.cache.datasources.values()):
         return f"/ui/datasources/{rid}"
-    if rtype == "team" and rid.isdigit() and int(rid) in st.cache.teams:
+    if rtype == "team" and (rid.isascii() and rid.isdigit()) and int(rid) in st.cache.teams:
         return f"/ui/teams/{rid}"
     token = st.cache.tokens.get(rid) if rtype == "token" else None
     return f"/ui/policies/{token.access_policy_id}" if token else None
@@ -576,24 +576,24 @@ def _static(folder: Path) -> Handler:
 
 def add_routes(ui: web.Application, static_dir: Path) -> None:
     r = ui.router
-    r.add_get("", index, allow_head=False)
-    r.add_get("/", index, allow_head=False)
-    r.add_get("/signin", signin_form, allow_head=False)
+    r.add_get("", index)
+    r.add_get("/", index)
+    r.add_get("/signin", signin_form)
     r.add_post("/signin", signin)
     r.add_post("/signout", signout)
-    r.add_get("/policies", policies, allow_head=False)
-    r.add_get("/policies/new", new_policy_form, allow_head=False)
+    r.add_get("/policies", policies)
+    r.add_get("/policies/new", new_policy_form)
     r.add_post("/policies/new", create_policy)
-    r.add_get("/policies/{id}", policy_page, allow_head=False)
+    r.add_get("/policies/{id}", policy_page)
     r.add_post("/policies/{id}/tokens", create_token)
-    r.add_get("/policies/{id}/edit", edit_policy_form, allow_head=False)
+    r.add_get("/policies/{id}/edit", edit_policy_form)
     r.add_post("/policies/{id}/edit", update_policy)
-    r.add_get("/policies/{id}/delete", delete_policy_form, allow_head=False)
+    r.add_get("/policies/{id}/delete", delete_policy_form)
     r.add_post("/policies/{id}/delete", delete_policy)
-    r.add_get("/tokens/{id}/edit", edit_token_form, allow_head=False)
+    r.add_get("/tokens/{id}/edit", edit_token_form)
     r.add_post("/tokens/{id}/edit", update_token)
-    r.add_get("/tokens/{id}/delete", delete_token_form, allow_head=False)
+    r.add_get("/tokens/{id}/delete", delete_token_form)
     r.add_post("/tokens/{id}/delete", delete_token)
-    r.add_get("/audit", audit, allow_head=False)
-    r.add_get("/static/{name}", _static(static_dir), allow_head=False)
+    r.add_get("/audit", audit)
+    r.add_get("/static/{name}", _static(static_dir))
     r.add_route("*", "/{tail:.*}", not_found)
