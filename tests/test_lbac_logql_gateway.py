@@ -275,7 +275,9 @@ async def test_delete_request_query_in_url_is_rewritten(env: Env) -> None:
                 assert len(env.rec.seen) == n
                 continue
             assert r.status == 200, await r.text()
-            assert env.rec.last.query == [] and sent(env) == [("start", "1"), ("query", want)], (name, query)
+            # Loki's delete handler reads only the URL: the rewrite stays there, the body stays empty
+            assert env.rec.last.query == [("start", "1"), ("query", want)], (name, query)
+            assert env.rec.last.body == b""
     # PUT keeps the parameters in the URL
     r = await env.gw.client.put("/loki/api/v1/delete", params={"query": '{app="x"}'}, headers=auth["one"])
     assert r.status == 200 and env.rec.last.method == "PUT"

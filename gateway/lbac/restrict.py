@@ -167,7 +167,8 @@ def _enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, polici
                          "lbac_unfilterable")
     rest = [(k, v) for k, v in pairs if k not in names] + new
     encoded = urlencode(rest)
-    if method == "POST":
+    # Loki's delete handler reads only the URL (r.URL.Query()); every other reader merges URL and form.
+    if method == "POST" and kind is not Kind.LOGQL_DELETE:
         return Restriction(query="", body=encoded.encode())
     return Restriction(query=encoded, body=b"" if body else None)
 
