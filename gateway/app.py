@@ -37,7 +37,7 @@ async def open_state(cfg: Config, run_migrations: bool = True) -> State:
     dsn = await resolve_dsn(cfg)
     store = await Store.open(dsn, cfg.database, run_migrations=run_migrations)
     cache = PolicyCache(store, cfg.database.resync_interval, cfg.database.usage_flush_interval,
-                        cfg.database.max_staleness)
+                        cfg.database.max_staleness, cfg.database.reconnect_max_backoff)
     await cache.start()
     return State(cfg, store, cache)
 

@@ -29,7 +29,7 @@ class PolicyCache:
     """Policies and tokens by id. Mutated only by this class, from the event loop."""
 
     def __init__(self, store: Store, resync_interval: float = 60.0, usage_flush_interval: float = 10.0,
-                 max_staleness: float = 3600.0):
+                 max_staleness: float = 3600.0, reconnect_max_backoff: float = 10.0):
         self.store = store
         self.policies: dict[str, AccessPolicy] = {}
         self.tokens: dict[str, Token] = {}
@@ -44,6 +44,7 @@ class PolicyCache:
         self.resync_interval = resync_interval
         self.usage_flush_interval = usage_flush_interval
         self.max_staleness = max_staleness
+        self.reconnect_max_backoff = reconnect_max_backoff
         self._usage: dict[str, tuple[float, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncpg.Connection | None = None
@@ -171,7 +172,7 @@ class PolicyCache:
 
     async def _supervise(self) -> None:
         """Periodic resync; on a lost listener, reconnect with backoff and resync before trusting."""
-        backoff = 0.5
+        backoff = min(0.5, self.reconnect_max_backoff)
         while True:
             lost_wait = asyncio.ensure_future(self._lost.wait())
             try:
@@ -196,12 +197,12 @@ class PolicyCache:
                     await self._connect_listener()
                     await self.resync()
                     log.info("database connection restored; snapshot resynced")
-                    backoff = 0.5
+                    backoff = min(0.5, self.reconnect_max_backoff)
                     break
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                     self._degrade(f"database unreachable ({exc.__class__.__name__}); retrying in {backoff:.1f}s")
                     await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
+                    backoff = min(backoff * 2, self.reconnect_max_backoff)
 
     def _degrade(self, detail: str) -> None:
         if self.db_ok or detail != self.detail:

@@ -76,6 +76,7 @@ class DatabaseConfig:
     resync_interval: float = 60.0
     usage_flush_interval: float = 10.0
     max_staleness: float = 3600.0
+    reconnect_max_backoff: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +338,7 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
                        "must be a directory path", ".data")
     dbm = c.mapping(top.get("database"), "database",
                     ("url", "pool_min", "pool_max", "connect_timeout", "command_timeout",
-                     "resync_interval", "usage_flush_interval", "max_staleness"))
+                     "resync_interval", "usage_flush_interval", "max_staleness", "reconnect_max_backoff"))
     db_url = env.get("GATEWAY_DATABASE_URL") or dbm.get("url")
     if db_url is not None and (not isinstance(db_url, str)
                                or urlsplit(db_url).scheme not in ("postgres", "postgresql")):
@@ -346,7 +347,7 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
     num = {k: c.typed(dbm.get(k), f"database.{k}", _is_pos_number, "must be a positive number",
                       getattr(_DB_DEFAULTS, k))
            for k in ("connect_timeout", "command_timeout", "resync_interval", "usage_flush_interval",
-                     "max_staleness")}
+                     "max_staleness", "reconnect_max_backoff")}
     pool_min = c.typed(dbm.get("pool_min"), "database.pool_min", _is_pos_int, "must be a positive integer", 1)
     pool_max = c.typed(dbm.get("pool_max"), "database.pool_max", _is_pos_int, "must be a positive integer", 10)
     if pool_min > pool_max:

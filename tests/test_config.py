@@ -48,6 +48,8 @@ def test_env_overrides_database_url() -> None:
     ({"listen": "nope"}, "listen: must be host:port"),
     ({"database": {"url": "mysql://x"}}, "database.url: must be a postgresql:// URL"),
     ({"database": {"pool_min": 5, "pool_max": 2}}, "database.pool_min: must not exceed"),
+    ({"database": {"reconnect_max_backoff": 0}}, "database.reconnect_max_backoff: must be a positive number"),
+    ({"shutdown": {"drain_timeout": -1}}, "shutdown.drain_timeout: must be a positive number"),
     ({"orgs": [{"id": 1, "name": "a", "stacks": [{"id": 1, "name": "s", "tenants": {}}]}]},
      "orgs[0].stacks[0].id: duplicates the id of orgs[0]"),
     ({"orgs": [{"id": 1, "name": "a", "stacks": [

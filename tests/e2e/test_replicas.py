@@ -88,7 +88,7 @@ async def test_three_replicas(tmp_path: Path, own_pg: OwnPostgres, prometheus: A
     admin = await _admin_token(dsn)
     ups = {"metrics": {"url": prometheus.url.removesuffix("/prometheus")}}
     replicas = [GatewayProcess(tmp_path, dsn, f"r{i}", upstreams=ups,
-                               database={"connect_timeout": 1, "command_timeout": 2})
+                               database={"connect_timeout": 1, "command_timeout": 2, "reconnect_max_backoff": 1})
                 for i in range(3)]
     await asyncio.gather(*(asyncio.to_thread(r.start) for r in replicas))
     results: Counter[tuple[int, int]] = Counter()
