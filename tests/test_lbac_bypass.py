@@ -29,9 +29,9 @@ from gateway.lbac.remote_read import (
     snappy_encode,
 )
 from gateway.policy.selector import parse_selector
-from tests.conftest import Gateway, bootstrap_token, make_config
+from tests.conftest import bootstrap_token, make_config
 from tests.recorder import start_recorder
-from tests.test_proxy import Env, basic, expect_refusal
+from tests.test_proxy import Env, _env, basic, expect_refusal
 
 POLICY = '{ns="allowed"}'
 POLICIES = (parse_selector(POLICY),)
@@ -41,21 +41,10 @@ FORM = "application/x-www-form-urlencoded"
 MODES = ("enforce", "header")
 
 
-@contextlib.asynccontextmanager
-async def lbac_env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, mode: str, **cfg: Any
-                   ) -> AsyncIterator[Env]:
-    """tests.test_proxy._env with every upstream in ``mode`` (its helper fixes the upstream URL first)."""
-    from gateway.app import build_app, close_state, open_state
-
-    rec, url = await start_recorder(aiohttp_server)
-    ups = {"metrics": {"url": url, "lbac": mode}, "logs": {"url": url, "lbac": mode},
-           "traces": {"url": url, "write_url": url}}
-    state = await open_state(make_config(db_dsn, upstreams=ups, **cfg))
-    try:
-        client = await aiohttp_client(build_app(state))
-        yield Env(Gateway(client, state, await bootstrap_token(state)), rec, url)
-    finally:
-        await close_state(state)
+def lbac_env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, mode: str, **cfg: Any
+             ) -> contextlib.AbstractAsyncContextManager[Env]:
+    """tests.test_proxy._env with metrics and logs upstreams in ``mode``."""
+    return _env(db_dsn, aiohttp_client, aiohttp_server, lbac=mode, **cfg)
 
 
 @pytest.fixture(params=MODES)

@@ -13,16 +13,13 @@ queries, ``by``/``without`` groupings and the ``or`` operator. Each is sent to e
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
 
-from tests.conftest import Gateway, bootstrap_token, make_config
-from tests.recorder import start_recorder
-from tests.test_proxy import Env, basic, expect_refusal
+from tests.test_proxy import Env, _env, basic, expect_refusal
 
 SETS: dict[str, tuple[str, ...]] = {
     "one": ('{ns="allowed"}',),
@@ -135,22 +132,9 @@ QUERY_PATHS = [
 ]
 
 
-@contextlib.asynccontextmanager
-async def _enforce_env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> AsyncIterator[Env]:
-    from gateway.app import build_app, close_state, open_state
-
-    rec, url = await start_recorder(aiohttp_server)
-    state = await open_state(make_config(db_dsn, upstreams={"logs": {"url": url, "lbac": "enforce"}}))
-    try:
-        client = await aiohttp_client(build_app(state))
-        yield Env(Gateway(client, state, await bootstrap_token(state)), rec, url)
-    finally:
-        await close_state(state)
-
-
 @pytest.fixture
 async def env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> AsyncIterator[Env]:
-    async with _enforce_env(db_dsn, aiohttp_client, aiohttp_server) as e:
+    async with _env(db_dsn, aiohttp_client, aiohttp_server, lbac="enforce") as e:
         yield e
 
 

@@ -39,11 +39,13 @@ def basic(user: str, token: str) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def _env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, **cfg: Any) -> AsyncIterator[Env]:
+async def _env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, lbac: str = "header", **cfg: Any
+               ) -> AsyncIterator[Env]:
+    """A gateway whose upstreams all point at one recording upstream, metrics and logs in ``lbac`` mode."""
     from gateway.app import build_app, close_state, open_state
 
     rec, url = await start_recorder(aiohttp_server)
-    ups = cfg.pop("upstreams", None) or {"metrics": {"url": url}, "logs": {"url": url},
+    ups = cfg.pop("upstreams", None) or {"metrics": {"url": url, "lbac": lbac}, "logs": {"url": url, "lbac": lbac},
                                          "traces": {"url": url, "write_url": url}}
     state = await open_state(make_config(db_dsn, upstreams=ups, **cfg))
     try:
