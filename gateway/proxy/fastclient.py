@@ -276,14 +276,17 @@ class _Conn(BaseProtocol):
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost finishes the response or fails it
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.closed = True
+    def _cancel_timers(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.grace is not None:
             self.grace.cancel()
             self.grace = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self._cancel_timers()
         parser, self._parser = self._parser, None
         if self.busy:
             if self.msg is None:
@@ -303,12 +306,7 @@ class _Conn(BaseProtocol):
         super().connection_lost(exc)
 
     def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.grace is not None:
-            self.grace.cancel()
-            self.grace = None
+        self._cancel_timers()
         self.broken = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()

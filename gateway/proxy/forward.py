@@ -103,6 +103,30 @@ class _LimitedBody:
             yield chunk
 
 
+def _failure(exc: BaseException) -> ProxyError:
+    """An upstream that could not be reached or answered in time: 504 for timeouts, 502 otherwise."""
+    if isinstance(exc, TimeoutError):  # aiohttp's timeouts derive from it
+        return ProxyError(504, f"upstream timed out: {describe(exc)}", "upstream_timeout")
+    return ProxyError(502, f"upstream unavailable: {describe(exc)}", "upstream_unavailable")
+
+
+async def _stream(request: web.Request, resp: web.StreamResponse, chunks: AsyncIterator[bytes]) -> int:
+    """Send the headers, then the body chunk by chunk; returns the bytes sent."""
+    await resp.prepare(request)
+    sent = 0
+    try:
+        async for chunk in chunks:
+            await resp.write(chunk)
+            sent += len(chunk)
+        await resp.write_eof()
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        # Headers are out: all we can do is cut the connection so the client sees a broken body.
+        log.warning("upstream response broke after %d bytes: %s", sent, exc.__class__.__name__)
+        if request.transport is not None:
+            request.transport.close()
+    return sent
+
+
 async def forward(request: web.Request, session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str],
                   body: bytes | None, body_limit: int) -> tuple[web.StreamResponse, Outcome]:
     """Send upstream; stream the response. ``body`` replaces the client's body when not None."""
@@ -128,11 +152,8 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         if limited.exceeded:
             raise ProxyError(413, f"request body exceeds {body_limit} bytes", "body_too_large") from None
-        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-            raise ProxyError(504, f"upstream timed out: {describe(exc)}", "upstream_timeout") from None
-        raise ProxyError(502, f"upstream unavailable: {describe(exc)}", "upstream_unavailable") from None
+        raise _failure(exc) from None
     upstream_seconds = loop.time() - started
-    sent = 0
     try:
         if up.content_length is not None and up.content_length <= SMALL_BODY and request.method != "HEAD":
             # Most query answers are small: one write for headers and body instead of three.
@@ -147,17 +168,7 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=response_headers(up.headers))
         if up.content_length is not None:
             resp.content_length = up.content_length
-        await resp.prepare(request)
-        try:
-            async for chunk in up.content.iter_chunked(CHUNK):
-                await resp.write(chunk)
-                sent += len(chunk)
-            await resp.write_eof()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            # Headers are out: all we can do is cut the connection so the client sees a broken body.
-            log.warning("upstream response broke after %d bytes: %s", sent, exc.__class__.__name__)
-            if request.transport is not None:
-                request.transport.close()
+        sent = await _stream(request, resp, up.content.iter_chunked(CHUNK))
         return resp, Outcome(up.status, sent, upstream_seconds)
     finally:
         up.release()
@@ -168,10 +179,8 @@ async def _forward_fast(request: web.Request, fast: FastClient, url: URL, header
     """``forward`` through the lean client: no request body to stream, plain http."""
     try:
         up: FastResponse = await fast.request(request.method, url, headers, body)
-    except TimeoutError as exc:
-        raise ProxyError(504, f"upstream timed out: {describe(exc)}", "upstream_timeout") from None
-    except OSError as exc:
-        raise ProxyError(502, f"upstream unavailable: {describe(exc)}", "upstream_unavailable") from None
+    except OSError as exc:  # TimeoutError is one
+        raise _failure(exc) from None
     try:
         status = up.status
         if up.body is not None and request.method != "HEAD" and status != 204 and status != 304:
@@ -181,18 +190,7 @@ async def _forward_fast(request: web.Request, fast: FastClient, url: URL, header
         resp = web.StreamResponse(status=status, reason=up.reason, headers=response_headers(up.headers))
         if up.content_length is not None:
             resp.content_length = up.content_length
-        await resp.prepare(request)
-        sent = 0
-        try:
-            async for chunk in up.chunks():
-                await resp.write(chunk)
-                sent += len(chunk)
-            await resp.write_eof()
-        except OSError as exc:  # TimeoutError is one
-            # Headers are out: all we can do is cut the connection so the client sees a broken body.
-            log.warning("upstream response broke after %d bytes: %s", sent, exc.__class__.__name__)
-            if request.transport is not None:
-                request.transport.close()
+        sent = await _stream(request, resp, up.chunks())
         return resp, Outcome(status, sent, up.upstream_seconds)
     finally:
         up.release()
@@ -210,7 +208,7 @@ async def relay_websocket(request: web.Request, session: aiohttp.ClientSession, 
         raise ProxyError(exc.status if 400 <= exc.status < 600 else 502, f"upstream refused the tail: {exc.message}",
                          "upstream_refused") from None
     except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
-        raise ProxyError(502, f"upstream unavailable: {describe(exc)}", "upstream_unavailable") from None
+        raise _failure(exc) from None
     client = web.WebSocketResponse(autoping=True, heartbeat=30)
     await client.prepare(request)
     sent = 0
