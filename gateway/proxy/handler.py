@@ -117,6 +117,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
         request.app[ACCESS_LOG].write(entry)
 
 
+def _refused(exc: Denied, headers: dict[str, str] | None = None) -> ProxyError:
+    """The domain's refusal as a data-path error (same status, reason and message)."""
+    return ProxyError(exc.status, exc.message, exc.reason, headers)
+
+
 async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str, object], started: float
                  ) -> tuple[web.StreamResponse, int]:
     cfg = st.config
@@ -131,7 +136,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     try:
         ident = identify(presented, st.cache.tokens, st.cache.policies, datetime.now(UTC))
     except Denied as exc:
-        raise ProxyError(exc.status, exc.message, exc.reason, CHALLENGE) from None
+        raise _refused(exc, CHALLENGE) from None
     entry.update(token_id=ident.token.id, policy=ident.policy.name)
     stack = resolve_stack(cfg, ident, route.backend, basic_user, request.headers.get("X-Scope-OrgID"))
     tenant = stack.tenants.get(route.backend)
@@ -143,18 +148,20 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     try:
         policies = authorize(ident, route.scope, stack, ip)
     except Denied as exc:
-        raise ProxyError(exc.status, exc.message, exc.reason) from None
+        raise _refused(exc) from None
     st.cache.record_use(ident.token.id)
 
-    if not policies and route.kind in lbac.RESTRICTED_KINDS:
+    reads = route.kind in lbac.RESTRICTED_KINDS
+    if not policies and (reads or route.scope == "rules:write"):
         # A token without label policies may be narrowed by Grafana team rules: those the gateway holds
-        # for the data source using this policy, and those Grafana sends as X-Prom-Label-Policy.
+        # for the data source using this policy, and (for reads) those Grafana sends as X-Prom-Label-Policy.
+        # A rule write by a narrowed user is refused below, like any label-restricted one.
         try:
             team = user_policies(st.cache, ident.policy.id, route.backend, tenant,
                                  request.headers.get(cfg.grafana_user_header))
         except Denied as exc:
-            raise ProxyError(exc.status, exc.message, exc.reason) from None
-        client_policies = request.headers.getall("X-Prom-Label-Policy", [])
+            raise _refused(exc) from None
+        client_policies = request.headers.getall("X-Prom-Label-Policy", []) if reads else []
         sent = lbac.parse_client_policies(client_policies, tenant) if client_policies else ()
         policies = lbac.intersect(team, sent) if team and sent else (team or sent)
 
@@ -164,12 +171,6 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     rewritten = False  # True when the body was re-encoded (its length and type change)
     content_type = ""
     if route.scope == "rules:write":
-        if not policies:  # a Grafana user narrowed by team rules is label-restricted too
-            try:
-                policies = user_policies(st.cache, ident.policy.id, route.backend, tenant,
-                                         request.headers.get(cfg.grafana_user_header))
-            except Denied as exc:
-                raise ProxyError(exc.status, exc.message, exc.reason) from None
         if policies:
             # A recording rule evaluates without label policies and its results are queryable: refuse.
             raise ProxyError(403, "label-restricted tokens cannot write rules: rule results would bypass the "
@@ -177,7 +178,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
         if route.backend == "metrics" and request.method in ("POST", "PUT") and request.body_exists:
             body = await _read_bounded(request, MAX_RULE_BODY)
             check_source_tenants(body, cfg, ident)
-    if policies and route.kind in lbac.RESTRICTED_KINDS:
+    if policies and reads:
         entry["lbac"] = upstream.lbac
         if route.kind is Kind.TENANT_WIDE:
             raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
