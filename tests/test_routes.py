@@ -23,6 +23,7 @@ from gateway.routes import (
     match,
     mimir,
     otlp,
+    pinned,
     tempo,
 )
 
@@ -112,6 +113,23 @@ TRICKS = (
     "/api/search/tag/../../distributor/ring/values",
     "/api/v2/search/tag/%2e%2e/values",
     "/api/traces/%2e%2e",
+    # An encoded slash passes only inside a Tempo tag name, and only where decoding it makes no
+    # dot or empty segment and no other escape is left.
+    "/api/v2/search/tag/a%2F..%2Fb/values",
+    "/api/v2/search/tag/%2F/values",
+    "/api/v2/search/tag/a%2F%2Fb/values",
+    "/api/v2/search/tag/.%2Fa/values",
+    "/api/v2/search/tag/a%2F./values",
+    "/api/v2/search/tag/a%2F%2e%2e/values",
+    "/api/v2/search/tag/a%252Fb/values",
+    "/api/v2/search/tag/a%2Fb/values%2F",
+    "/api/traces/a%2Fb",
+    "/tempo/api/traces/a%2Fb",
+    "/loki/loki/api/v1/label/a%2Fb/values",
+    "/mimir/prometheus/api/v1/label/a%2Fb/values",
+    "/mimir/alertmanager/%2e%2e/multitenant_alertmanager/configs",
+    "/loki/../distributor/ring",
+    "/mimir/../config",
     "//prometheus/api/v1/query",
     "/prometheus//api/v1/query",
     "/prometheus/./api/v1/query",
@@ -184,7 +202,7 @@ def test_exactly_one_route_matches(route: Route) -> None:
 
 
 def test_tables_are_valid() -> None:
-    assert ALL_ROUTES == mimir.ROUTES + loki.ROUTES + tempo.ROUTES + otlp.ROUTES
+    assert ALL_ROUTES == mimir.ROUTES + loki.ROUTES + tempo.ROUTES + otlp.ROUTES + pinned.ROUTES
     for route in ALL_ROUTES:
         assert route.scope in ALL_SCOPES
         assert route.backend in BACKENDS
@@ -195,7 +213,8 @@ def test_tables_are_valid() -> None:
     assert {r.backend for r in mimir.ROUTES} == {"metrics"}
     assert {r.backend for r in loki.ROUTES} == {"logs"}
     assert {r.backend for r in tempo.ROUTES} == {"traces"}
-    assert [r for r in ALL_ROUTES if r.websocket] == [r for r in loki.ROUTES if r.kind is Kind.LOGQL_TAIL]
+    tails = [r for r in loki.ROUTES if r.kind is Kind.LOGQL_TAIL]
+    assert [r for r in ALL_ROUTES if r.websocket] == tails + [r for r in pinned.ROUTES if r.kind is Kind.LOGQL_TAIL]
 
 
 def test_label_kinds_only_on_their_backend() -> None:
@@ -281,3 +300,86 @@ def test_a_match_does_not_share_state_between_requests() -> None:
     first.path_params["injected"] = "x"
     second = match("GET", "/prometheus/api/v1/query")
     assert second is not None and second.path_params == {}
+
+
+@pytest.mark.parametrize("path", [
+    "/api/search/tag/resource.k8s.io%2Fname/values",
+    "/api/v2/search/tag/resource.k8s.io%2Fname/values",
+    "/api/v2/search/tag/span.a%2fb%2Fc/values",
+    "/tempo/api/v2/search/tag/resource.k8s.io%2Fname/values",
+    "/tempo/api/search/tag/resource.k8s.io%2Fname/values",
+])
+def test_encoded_slash_passes_in_a_tempo_tag_name_byte_for_byte(path: str) -> None:
+    m = match("GET", path)
+    assert m is not None and m.route.backend == "traces" and m.route.encoded_slash == "tag"
+    assert m.upstream_path == path.removeprefix("/tempo")
+    assert allowed_methods(path) == GET
+
+
+def test_encoded_slash_is_refused_in_every_other_route() -> None:
+    slashy = [r for r in ALL_ROUTES if r.encoded_slash]
+    assert {r.pattern.removeprefix("/tempo") for r in slashy} == {
+        "/api/search/tag/{tag:.+}/values", "/api/v2/search/tag/{tag:.+}/values"}
+    for route in ALL_ROUTES:
+        if route.encoded_slash or "{" not in route.pattern:
+            continue
+        path = _PARAM_RE.sub("a%2Fb", route.pattern)
+        assert match(sorted(route.methods)[0], path) is None, path
+
+
+def test_router_refuses_a_path_whose_methods_disagree_on_encoded_slash() -> None:
+    routes = (Route("traces", GET, "/t/{x}", "traces:read", encoded_slash="x"), Route("traces", POST, "/t/{y}",
+                                                                                      "traces:read"))
+    with pytest.raises(ValueError, match="renamed"):
+        Router(routes)
+    routes = (Route("traces", GET, "/t/{x}", "traces:read", encoded_slash="x"),
+              Route("traces", POST, "/t/{x}", "traces:read"))
+    with pytest.raises(ValueError, match="encoded_slash"):
+        Router(routes)
+    with pytest.raises(ValueError, match="encoded_slash names no parameter"):
+        Route("traces", GET, "/t/{x}", "traces:read", encoded_slash="y")
+
+
+_PARAM_RE = re.compile(r"\{[^{}]+\}")
+
+
+@pytest.mark.parametrize(("backend", "prefix"), sorted(pinned.PREFIXES.items()))
+def test_every_path_under_a_pinned_prefix_reaches_its_backend(backend: str, prefix: str) -> None:
+    under = [r for r in ALL_ROUTES if r.pattern.startswith(prefix + "/")]
+    assert len(under) > 10 and {r.backend for r in under} == {backend}
+
+
+def test_pinned_routes_forward_what_the_unprefixed_route_forwards() -> None:
+    for route in (*mimir.ROUTES, *loki.ROUTES, *tempo.ROUTES):
+        prefix = pinned.PREFIXES[route.backend]
+        for method in sorted(route.methods):
+            path = _PARAM_RE.sub("x1", route.pattern)
+            plain, pin = match(method, path), match(method, prefix + path)
+            assert plain is not None and pin is not None, path
+            assert (pin.route.scope, pin.route.kind, pin.route.role, pin.upstream_path) == (
+                plain.route.scope, plain.route.kind, plain.route.role, plain.upstream_path), path
+
+
+@pytest.mark.parametrize(("path", "backend", "upstream"), [
+    # The paths that unprefixed belong to the other backend.
+    ("/loki/prometheus/api/v1/rules", "logs", "/prometheus/api/v1/rules"),
+    ("/loki/prometheus/api/v1/alerts", "logs", "/prometheus/api/v1/alerts"),
+    ("/prometheus/api/v1/rules", "metrics", "/prometheus/api/v1/rules"),
+    ("/mimir/api/prom/rules", "metrics", "/prometheus/config/v1/rules"),
+    ("/mimir/api/prom/rules/ns/grp", "metrics", "/prometheus/config/v1/rules/ns/grp"),
+    ("/api/prom/rules", "logs", "/api/prom/rules"),
+    ("/loki/api/prom/rules/ns", "logs", "/api/prom/rules/ns"),
+])
+def test_pinned_prefix_settles_paths_two_backends_serve(path: str, backend: str, upstream: str) -> None:
+    m = match("GET", path)
+    assert m is not None and (m.route.backend, m.upstream_path) == (backend, upstream)
+
+
+def test_tempo_grpc_streaming_paths_get_an_explaining_404() -> None:
+    from gateway.routes import not_found
+    for method in ("Search", "MetricsQueryRange", "MetricsQueryInstant"):
+        path = f"/tempopb.StreamingQuerier/{method}"
+        assert match("POST", path) is None and not allowed_methods(path)
+        message, reason = not_found(path)
+        assert reason == "grpc_unsupported" and "Streaming" in message
+    assert not_found("/nope")[1] == "unknown_path"

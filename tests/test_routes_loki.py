@@ -33,6 +33,7 @@ CASES: list[tuple[str, str, str, Kind, Role, bool]] = [
     ("GET", f"{L}/tail", R, Kind.LOGQL_TAIL, Role.READ, True),
     ("GET", f"{L}/format_query", R, NONE, Role.READ, False),
     ("GET", f"{L}/status/buildinfo", R, NONE, Role.READ, False),
+    ("GET", f"{L}/drilldown-limits", R, NONE, Role.READ, False),  # Logs Drilldown start-up: limits only
     # deprecated forms Loki still serves
     ("GET", "/api/prom/query", R, LOGQL, Role.READ, False),
     ("GET", "/api/prom/label", R, OPT, Role.READ, False),
@@ -87,6 +88,9 @@ def test_head_is_accepted_wherever_get_is(method: str, path: str) -> None:
         ("/api/prom/push", "metrics", "Grafana Cloud's remote_write URL beats Loki's deprecated push"),
         ("/prometheus/api/v1/rules", "metrics", "Loki serves it too; one path, one backend: Mimir's"),
         ("/prometheus/api/v1/alerts", "metrics", "same"),
+        ("/loki/prometheus/api/v1/rules", "logs", "under the Loki-pinned URL they are Loki's"),
+        ("/loki/prometheus/api/v1/alerts", "logs", "same"),
+        ("/loki/api/prom/push", "logs", "same"),
     ],
 )
 def test_paths_loki_shares_with_mimir_go_to_mimir(path: str, backend: str, why: str) -> None:

@@ -103,6 +103,12 @@ CASES: list[tuple[str, str, str, Kind, Role, str | None]] = [
     ("GET", "/api/v1/alerts", "alerts:read", NONE, Role.ALERTMANAGER, None),
     ("POST", "/api/v1/alerts", "alerts:write", NONE, Role.ALERTMANAGER, None),
     ("DELETE", "/api/v1/alerts", "alerts:write", NONE, Role.ALERTMANAGER, None),
+    # Grafana's Alertmanager data source: Save & test and Mimir detection (no tenant data)
+    ("GET", "/api/v1/status/buildinfo", "alerts:read", NONE, Role.ALERTMANAGER, None),
+    ("GET", "/alertmanager/api/v1/status/buildinfo", "alerts:read", NONE, Role.ALERTMANAGER, None),
+    ("GET", "/alertmanager/api/v2/status", "alerts:read", NONE, Role.ALERTMANAGER, None),
+    ("GET", "/alertmanager/api/v2/alerts/groups", "alerts:read", NONE, Role.ALERTMANAGER, None),
+    ("GET", "/alertmanager/api/v2/silence/0b1c", "alerts:read", NONE, Role.ALERTMANAGER, None),
 ]
 
 
@@ -164,8 +170,8 @@ def test_path_parameters_are_passed_as_received() -> None:
         f"{P}/status/flags",
         f"{P}/status/tsdb",
         f"{P}/status/runtimeinfo",
-        "/api/v1/status/buildinfo",  # root stubs: no client needs them
-        "/api/v1/status/config",
+        "/api/v1/status/config",  # root stubs: no client needs them
+        "/api/v2/status",  # Prometheus's Alertmanager: Grafana expects a Mimir URL to refuse it
         "/api/v1/status/flags",
         f"{P}/admin/tsdb/delete_series",
         "/api/v1/upload/block/01H/start",

@@ -19,6 +19,8 @@ CASES: list[tuple[str, str, str, Role]] = [
     ("GET", "/api/search/tag/service.name/values", "traces:read", Role.READ),
     ("GET", "/api/v2/search/tag/resource.service.name/values", "traces:read", Role.READ),
     ("GET", "/api/v2/search/tag/span.app.kubernetes.io/name/values", "traces:read", Role.READ),
+    ("GET", "/api/v2/search/tag/resource.k8s.io%2Fname/values", "traces:read", Role.READ),  # Grafana's form
+    ("GET", "/api/search/tag/k8s.io%2Fname/values", "traces:read", Role.READ),
     ("GET", "/api/metrics/query", "traces:read", Role.READ),
     ("GET", "/api/metrics/query_range", "traces:read", Role.READ),
     ("GET", "/api/metrics/summary", "traces:read", Role.READ),

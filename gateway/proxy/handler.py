@@ -26,7 +26,7 @@ from gateway.proxy.forward import Upstreams, forward, relay_websocket
 from gateway.proxy.headers import upstream_headers
 from gateway.proxy.identify import CHALLENGE, credentials
 from gateway.proxy.rules import MAX_RULE_BODY, check_source_tenants
-from gateway.routes import Kind, RouteMatch, allowed_methods, match
+from gateway.routes import Kind, RouteMatch, allowed_methods, match, not_found
 from gateway.state import State, get_state
 
 log = logging.getLogger("gateway.proxy")
@@ -98,7 +98,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 names = ", ".join(sorted(allowed))
                 raise ProxyError(405, f"method {request.method} not allowed here (allowed: {names})",
                                  "method_not_allowed", {"Allow": names})
-            raise ProxyError(404, "no such endpoint on this gateway", "unknown_path")
+            raise ProxyError(404, *not_found(request.rel_url.raw_path))
         backend, scope = m.route.backend, m.route.scope
         resp, status = await _serve(request, st, m, entry, started)
         return resp

@@ -17,6 +17,12 @@ _DROPPED: Final = HOP_BY_HOP | frozenset({"authorization", "x-scope-orgid", "x-p
                                           "x-forwarded-for", "x-real-ip", "forwarded", "cookie",
                                           "x-http-method-override", "x-http-method", "x-method-override"})
 _DROPPED_PREFIXES: Final = ("x-mimir-", "x-loki-", "x-tempo-", "x-grafana-")
+# Of those, the ones that only shape the answer, which Grafana sends. Loki's others are control
+# (grafana/loki pkg/util/httpreq, pkg/querier/queryrange/querylimits): X-Loki-Query-Limits and
+# X-Loki-Query-Limits-Context set the query limits, X-Loki-Disable-Pipeline-Wrappers turns off the
+# pipeline wrappers (which enforce label access in Grafana Enterprise Logs), X-Loki-Actor-Path
+# picks the query scheduler's queue.
+_PASSED: Final = frozenset({"x-loki-response-encoding-flags"})  # categorize-labels: labels apart from metadata
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -31,7 +37,7 @@ def upstream_headers(incoming: CIMultiDictProxy[str], tenant: str, forwarded_for
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         low = name.lower()
-        if low in _DROPPED or low in extra or low.startswith(_DROPPED_PREFIXES):
+        if low in _DROPPED or low in extra or (low.startswith(_DROPPED_PREFIXES) and low not in _PASSED):
             continue
         if drop_body_headers and low in ("content-length", "content-type"):
             continue

@@ -72,6 +72,7 @@ _SEGMENT: Final = "[^/]+"
 _UNCLEAN: Final = re.compile(
     r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/%]|//|\.\.|/\.(?:/|$)|%(?![0-9A-Fa-f]{2})|%(?:2[FfEe5]|5[Cc]|00)"
 )
+_ENCODED_SLASH: Final = re.compile("%2[Ff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,8 @@ class Route:
     role: Role = Role.READ
     upstream_path: str | None = None
     websocket: bool = False
+    #: The one parameter that may hold an encoded slash (%2F), e.g. a Tempo attribute name.
+    encoded_slash: str = ""
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -110,6 +113,8 @@ class Route:
         names = _compile(self.pattern)[1]
         if self.upstream_path is not None:
             _check_template(self.upstream_path, names, where)
+        if self.encoded_slash and self.encoded_slash not in names:
+            raise ValueError(f"{where}: encoded_slash names no parameter of the pattern")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +161,16 @@ def _is_clean(path: str) -> bool:
     return path.startswith("/") and _UNCLEAN.search(path) is None
 
 
+def _match_encoded_slash(regex: re.Pattern[str], name: str, path: str) -> re.Match[str] | None:
+    """The match of ``path`` if it is clean once the %2F inside parameter ``name`` is read as ``/``:
+    no other escape anywhere, and no dot or empty segment that the decoded slashes could make."""
+    m = regex.fullmatch(path)
+    if m is None:
+        return None
+    start, end = m.span(name)
+    return m if _is_clean(path[:start] + _ENCODED_SLASH.sub("/", m.group(name)) + path[end:]) else None
+
+
 def _first_segment(path: str) -> str:
     end = path.find("/", 1)
     return path[1:] if end == -1 else path[1:end]
@@ -190,13 +205,15 @@ class Router:
     Nothing is cached per request.
     """
 
-    __slots__ = ("_dynamic", "_static")
+    __slots__ = ("_dynamic", "_slashy", "_static")
 
     def __init__(self, routes: Iterable[Route]) -> None:
         static: dict[str, dict[str, Route]] = {}
         # first segment -> path shape (the pattern with its parameter names erased) -> entry
         dynamic: dict[str, dict[str, tuple[re.Pattern[str], dict[str, Route]]]] = {}
         examples: dict[str, str] = {}  # shape -> a path only that shape should match
+        # first segment -> the routes whose one parameter may hold %2F, tried only for unclean paths
+        slashy: dict[str, dict[str, tuple[re.Pattern[str], dict[str, Route], str]]] = {}
         for route in routes:
             regex, _ = _compile(route.pattern)
             if regex is None:
@@ -211,10 +228,14 @@ class Router:
                     raise ValueError(f"{route.pattern!r} is the same path as {entry[0].pattern!r}, renamed")
                 by_method = entry[1]
                 examples[shape] = _PARAM.sub("x1", route.pattern)
+                if route.encoded_slash:
+                    slashy.setdefault(first, {})[shape] = (entry[0], by_method, route.encoded_slash)
             for method in route.methods:
                 if method in by_method:
                     raise ValueError(f"{method} {route.pattern!r} is in the tables twice")
                 by_method[method] = route
+            if len({r.encoded_slash for r in by_method.values()}) > 1:
+                raise ValueError(f"{route.pattern!r}: every method of one path must agree on encoded_slash")
         # One path, one entry: otherwise the first pattern tried would hide the other's methods.
         # (A check on examples, not a proof; tests/test_routes.py brute-forces every route.)
         for path in [*static, *examples.values()]:
@@ -223,13 +244,20 @@ class Router:
                 raise ValueError(f"path {path!r} also matches pattern {hits[-1]!r}")
         self._static = static
         self._dynamic = {first: _combine(bucket.values()) for first, bucket in dynamic.items()}
+        self._slashy = {first: tuple(bucket.values()) for first, bucket in slashy.items()}
 
     def _lookup(self, path: str) -> tuple[dict[str, Route], dict[str, str]] | None:
         by_method = self._static.get(path)
         if by_method is not None:
             return by_method, {}  # static keys were checked clean when the table was built
-        bucket = self._dynamic.get(_first_segment(path))
-        if bucket is None or not _is_clean(path):
+        first = _first_segment(path)
+        bucket = self._dynamic.get(first)
+        if bucket is None:
+            return None
+        if not _is_clean(path):
+            for regex, by_method, name in self._slashy.get(first, ()):
+                if (m := _match_encoded_slash(regex, name, path)) is not None:
+                    return by_method, m.groupdict()
             return None
         combined, entries = bucket
         m = combined.fullmatch(path)
@@ -262,10 +290,11 @@ class Router:
 
 
 # The tables import the types above, so they are imported only now.
-from gateway.routes import loki, mimir, otlp, tempo  # noqa: E402
+from gateway.routes import loki, mimir, otlp, pinned, tempo  # noqa: E402
 
-ALL_ROUTES: Final[tuple[Route, ...]] = mimir.ROUTES + loki.ROUTES + tempo.ROUTES + otlp.ROUTES
+ALL_ROUTES: Final[tuple[Route, ...]] = mimir.ROUTES + loki.ROUTES + tempo.ROUTES + otlp.ROUTES + pinned.ROUTES
 _ROUTER: Final = Router(ALL_ROUTES)
+_UNKNOWN: Final = ("no such endpoint on this gateway", "unknown_path")
 
 
 def match(method: str, path: str) -> RouteMatch | None:
@@ -276,6 +305,15 @@ def match(method: str, path: str) -> RouteMatch | None:
 def allowed_methods(path: str) -> frozenset[str]:
     """Methods accepted on ``path`` across all tables; empty for an unknown or unclean path."""
     return _ROUTER.allowed_methods(path)
+
+
+def not_found(path: str) -> tuple[str, str]:
+    """The (message, reason) of a 404 for ``path``: what to do instead where the path is one a client
+    is known to try (Tempo's gRPC streaming), else the plain unknown-path answer."""
+    for prefix, message, reason in tempo.UNSERVED:
+        if path.startswith(prefix):
+            return message, reason
+    return _UNKNOWN
 
 
 __all__ = [
@@ -297,4 +335,5 @@ __all__ = [
     "Router",
     "allowed_methods",
     "match",
+    "not_found",
 ]

@@ -33,6 +33,7 @@ QUERY: tuple[Route, ...] = (
     Route(L, GET, "/loki/api/v1/tail", READ, Kind.LOGQL_TAIL, websocket=True),
     Route(L, GET_POST, "/loki/api/v1/format_query", READ, note="echoes the query back, reads no data"),
     Route(L, GET, "/loki/api/v1/status/buildinfo", READ, note="no tenant data; Grafana probes it"),
+    Route(L, GET, "/loki/api/v1/drilldown-limits", READ, note="the tenant's limits, no log data; Logs Drilldown"),
     # Deprecated forms Loki still serves (the push among them is Mimir's, see the module docstring).
     Route(L, GET_POST, "/api/prom/query", READ, Kind.LOGQL, note="deprecated Loki form of query_range"),
     Route(L, GET_POST, "/api/prom/label", READ, Kind.LOGQL_OPTIONAL, note=_DEPRECATED),
@@ -65,3 +66,12 @@ RULER: tuple[Route, ...] = (
 )
 
 ROUTES: tuple[Route, ...] = WRITE + QUERY + DELETION + RULER
+
+# Loki serves these too, but unprefixed they are Mimir's (see the module docstring); under the
+# Loki-pinned base URL (`pinned.py`) they are Loki's. Grafana asks a Loki data source for rule state
+# at <url>/prometheus/api/v1/rules|alerts (grafana pkg/services/ngalert/api/lotex_prom.go).
+PINNED_ONLY: tuple[Route, ...] = (
+    Route(L, GET, "/prometheus/api/v1/rules", "rules:read", role=Role.RULES, note="Grafana's Loki rule state"),
+    Route(L, GET, "/prometheus/api/v1/alerts", "rules:read", role=Role.RULES, note="Grafana's Loki alert state"),
+    Route(L, POST, "/api/prom/push", "logs:write", role=Role.WRITE, note=_DEPRECATED),
+)

@@ -111,6 +111,14 @@ ALERTMANAGER: tuple[Route, ...] = (
     # Not Prometheus's alert list: in Mimir this is the tenant's Alertmanager configuration.
     Route(M, GET, "/api/v1/alerts", "alerts:read", role=Role.ALERTMANAGER, note=_AM_CONFIG),
     Route(M, POST_DELETE, "/api/v1/alerts", "alerts:write", role=Role.ALERTMANAGER, note=_AM_CONFIG),
+    # Grafana's Alertmanager data source asks <url>/api/v1/status/buildinfo to tell Mimir from
+    # Prometheus's Alertmanager (public/app/features/alerting/unified/api/buildInfo.ts); no tenant data.
+    Route(M, GET, "/api/v1/status/buildinfo", "alerts:read", role=Role.ALERTMANAGER, note="no tenant data"),
 )
 
 ROUTES: tuple[Route, ...] = WRITE + QUERY + RULER + ALERTMANAGER
+
+# Unprefixed, /api/prom/rules is Loki's (see RULER); under the Mimir-pinned base URL (`pinned.py`) it
+# is where Grafana manages rules of a Prometheus data source at <url> = .../api/prom that it takes for
+# Prometheus or Cortex: <url>/rules (grafana pkg/services/ngalert/api/lotex_ruler.go).
+PINNED_ONLY: tuple[Route, ...] = _alias(_CONFIG, "/api/prom/rules", _CONFIG_API, "Grafana on /api/prom, as Cortex")

@@ -21,9 +21,10 @@ QUERY: tuple[Route, ...] = (
     Route(T, GET, "/api/search", READ),
     Route(T, GET, "/api/search/tags", READ),
     Route(T, GET, "/api/v2/search/tags", READ),
-    # Attribute names may hold a raw `/` (e.g. app.kubernetes.io/name), so the tag spans segments.
-    Route(T, GET, "/api/search/tag/{tag:.+}/values", READ),
-    Route(T, GET, "/api/v2/search/tag/{tag:.+}/values", READ),
+    # Attribute names may hold a `/` (resource.k8s.io/name): raw, so the tag spans segments, or as
+    # %2F (Grafana encodes the name), the one place an encoded slash passes, forwarded as sent.
+    Route(T, GET, "/api/search/tag/{tag:.+}/values", READ, encoded_slash="tag"),
+    Route(T, GET, "/api/v2/search/tag/{tag:.+}/values", READ, encoded_slash="tag"),
     Route(T, GET, "/api/metrics/query", READ),
     Route(T, GET, "/api/metrics/query_range", READ),
     Route(T, GET, "/api/metrics/summary", READ, note="span metrics summary, older Grafana versions"),
@@ -32,3 +33,11 @@ QUERY: tuple[Route, ...] = (
 )
 
 ROUTES: tuple[Route, ...] = WRITE + QUERY
+
+# Not routes: what Grafana's Tempo data source tries and the gateway cannot carry, as (path prefix,
+# message, reason) for a 404 that says what to do. Streaming is gRPC over HTTP/2 to the URL's host
+# and port, whatever the URL's path (grafana pkg/tsdb/tempo/grpc.go); the gateway speaks HTTP/1.1.
+UNSERVED: tuple[tuple[str, str, str], ...] = (
+    ("/tempopb.", "Tempo streaming (gRPC over HTTP/2) does not pass through this gateway: turn off "
+     "'Streaming' (search and metrics queries) in the Tempo data source settings", "grpc_unsupported"),
+)
