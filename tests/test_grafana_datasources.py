@@ -385,3 +385,18 @@ async def test_loki_categorize_labels_reaches_loki_and_control_headers_do_not(
     assert seen["X-Query-Tags"] == "Source=grafana"
     assert [h for h in seen if h.lower().startswith("x-loki-") and h.lower() != "x-loki-response-encoding-flags"] \
         == []
+
+
+@pytest.mark.parametrize("mode", ["unrestricted", "restricted-enforce"])
+async def test_live_tail_over_websocket_under_the_pinned_loki_url(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, mode: str) -> None:
+    async with bench(db_dsn, aiohttp_client, aiohttp_server, mode) as b:
+        async with b.gw.client.ws_connect(f"/loki{L}/tail" + q(query=SEL), headers={
+                **basic(TENANTS["logs"], b.token), **CATEGORIZE}) as ws:
+            assert "hello" in await ws.receive_str(timeout=5)
+        seen = b.recorders["logs"].seen[-1]
+    assert (seen.method, seen.raw_path) == ("WS", f"{L}/tail")
+    assert seen.headers["X-Scope-OrgID"] == TENANTS["logs"]
+    assert seen.headers["X-Loki-Response-Encoding-Flags"] == "categorize-labels"
+    query = dict(seen.query)["query"]
+    assert (ENFORCED in query) is (mode != "unrestricted")

@@ -4,6 +4,7 @@ Query endpoints take GET and form-encoded POST alike. Loki's OTLP endpoint, `/ot
 in `otlp.py`. Two paths Loki serves are routed elsewhere, because one path has one backend:
 `/api/prom/push` (Loki's deprecated legacy push) goes to Mimir as Grafana Cloud's remote_write
 URL, and `/prometheus/api/v1/rules|alerts` (Loki's Prometheus-format rule state) go to Mimir.
+Under the Loki-pinned base URL `/loki` (`pinned.py`) both are Loki's.
 """
 
 from __future__ import annotations
