@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP
 from gateway.policy import tokens as tokfmt
 from gateway.policy.datasource import DataSource, RuleIndex, Team, build_index
 from gateway.policy.decision import Denied, Identity, identify
@@ -36,6 +37,7 @@ log = logging.getLogger("gateway.cache")
 TABLES: Final = ("access_policies", "tokens", "datasources", "teams")
 _DB_ERRORS: Final = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 MAX_NEGATIVE: Final = 65536
+GAUGE_INTERVAL: Final = 1.0
 
 
 class PolicyCache:
@@ -88,7 +90,8 @@ class PolicyCache:
         await self.resync()
         self._tasks = [asyncio.create_task(self._supervise(), name="cache-supervise"),
                        asyncio.create_task(self._apply_changes(), name="cache-apply"),
-                       asyncio.create_task(self._flush_loop(), name="cache-usage")]
+                       asyncio.create_task(self._flush_loop(), name="cache-usage"),
+                       asyncio.create_task(self._gauge_loop(), name="cache-gauges")]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -115,6 +118,7 @@ class PolicyCache:
         self.db_ok = True
         self.last_sync = time.monotonic()
         self.detail = "ok"
+        self.publish_gauges()
         log.log(logging.DEBUG if quiet else logging.INFO, "policy snapshot loaded: %d policies, %d tokens in %.0f ms",
                 len(self.policies), len(self.tokens), (self.last_sync - started) * 1000)
 
@@ -254,10 +258,11 @@ class PolicyCache:
         except Denied as exc:
             if exc.reason != "unknown_token" or not await self.read_through(presented):
                 raise
-        return identify(presented, self.tokens, self.policies, now)
+        return identify(presented, self.tokens, self.policies, now)  # after the lookup (or a NOTIFY meanwhile)
 
     async def read_through(self, presented: str) -> bool:
-        """Look up the token's id (and its policy) in the database; True if the snapshot changed."""
+        """Look up the token's id (and its policy) in the database; True if it was looked up (by this
+        call or a concurrent one) and the snapshot now knows it."""
         try:
             tid = tokfmt.decode(presented).token_id
         except tokfmt.TokenFormatError:
@@ -280,28 +285,29 @@ class PolicyCache:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[tid] = done
         try:
-            return await self._look_up(tid, now)
+            await self._look_up(tid, now)
+            return tid in self.tokens
         finally:
             del self._inflight[tid]
             done.set_result(None)
 
-    async def _look_up(self, tid: str, now: float) -> bool:
+    async def _look_up(self, tid: str, now: float) -> None:
         epoch = self._epoch
         try:
             got = await self.store.lookup_token(tid)
         except _DB_ERRORS as exc:
             log.warning("token read-through failed (%s); refusing", exc.__class__.__name__)
-            return False
+            return
         if got is None:
             if len(self._negative) >= MAX_NEGATIVE:
                 self._negative = {k: t for k, t in self._negative.items() if t > now}
                 if len(self._negative) >= MAX_NEGATIVE:
                     self._negative.clear()
             self._negative[tid] = now + self.negative_ttl
-            return False
+            return
         token, tv, policy, pv = got
-        changed = self._put("access_policies", policy.id, (policy, pv), epoch)
-        return self._put("tokens", tid, (token, tv), epoch) or changed
+        self._put("access_policies", policy.id, (policy, pv), epoch)
+        self._put("tokens", tid, (token, tv), epoch)
 
     def _take(self, now: float) -> bool:
         """Token bucket: ``read_through_rate`` lookups a second, bursts of ``read_through_burst``."""
@@ -352,6 +358,20 @@ class PolicyCache:
             log.warning("%s (snapshot age %.1fs)", detail, self.age)
         self.db_ok = False
         self.detail = detail
+        self.publish_gauges()
+
+    def publish_gauges(self) -> None:
+        """Write this process's view to its gauges. Every worker does so (not only the one a scrape
+        reaches), so the merged multi-worker view describes all workers."""
+        CACHE_POLICIES.set(len(self.policies))
+        CACHE_TOKENS.set(len(self.tokens))
+        CACHE_AGE.set(self.age if self.loaded else -1)
+        DB_UP.set(1 if self.db_ok else 0)
+
+    async def _gauge_loop(self) -> None:
+        while True:
+            self.publish_gauges()
+            await asyncio.sleep(GAUGE_INTERVAL)
 
     # ---- usage --------------------------------------------------------------------------------------
 

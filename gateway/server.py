@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gateway.app import build_app, build_metrics_app, close_state, open_state
 from gateway.config import Config, ConfigError, load_config
-from gateway.metrics import RELOAD_OK, RELOAD_TIME
+from gateway.metrics import RELOAD_OK, RELOAD_TIME, forget_process
 from gateway.state import State
 
 log = logging.getLogger("gateway")
@@ -164,6 +164,7 @@ def _supervise(cfg: Config, config_path: str | None, workers: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    forget_process(os.getpid())  # the gauges are the workers' (each publishes its own)
     for _ in range(workers):
         spawn()
     log.info("started %d workers: %s", workers, ", ".join(map(str, children)))
@@ -176,6 +177,7 @@ def _supervise(cfg: Config, config_path: str | None, workers: int) -> int:
         except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
             continue
         started = children.pop(pid, None)
+        forget_process(pid)
         code = os.waitstatus_to_exitcode(raw)
         if stopping:
             status = status or (code if code > 0 else 0)

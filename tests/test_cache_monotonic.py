@@ -71,7 +71,7 @@ class World:
             assert tid not in cache.tokens, f"{when}: deleted token {tid} is back"
         for pid in self.deleted_policies:
             assert pid not in cache.policies, f"{when}: deleted policy {pid} is back"
-        for tid, pid in self.tokens.items():
+        for tid in self.tokens:
             assert tid in cache.tokens, f"{when}: acknowledged token {tid} is missing"
         for pid, level in self.policies.items():
             held = _level(cache, pid)
