@@ -20,6 +20,7 @@ from aiohttp import web
 
 from gateway.app import build_app, build_metrics_app, close_state, open_state
 from gateway.config import Config, ConfigError, load_config
+from gateway.edge import GuardedAppRunner
 from gateway.metrics import RELOAD_OK, RELOAD_TIME, forget_process
 from gateway.state import State
 
@@ -84,8 +85,8 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
             loop.add_signal_handler(signal.SIGHUP, reload_config, state, config_path)
         tasks.append(asyncio.create_task(_watch(state, config_path)))
     app = build_app(state)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=cfg.shutdown.drain_timeout)
+    runner = GuardedAppRunner(app, lambda: state.config.limits, access_log=None, handle_signals=False,
+                              shutdown_timeout=cfg.shutdown.drain_timeout)  # read deadlines, connection cap
     await runner.setup()
     host, port = cfg.listen
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
