@@ -29,8 +29,9 @@ import asyncpg
 from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP
 from gateway.policy import tokens as tokfmt
 from gateway.policy.datasource import DataSource, RuleIndex, Team, build_index
-from gateway.policy.decision import Denied, Identity, identify
+from gateway.policy.decision import Denied, Identity, IPAddress, StackLike, authorize, identify
 from gateway.policy.model import AccessPolicy, Token
+from gateway.policy.selector import Selector
 from gateway.store import CHANNEL, Snapshot, Store
 
 log = logging.getLogger("gateway.cache")
@@ -38,6 +39,7 @@ TABLES: Final = ("access_policies", "tokens", "datasources", "teams")
 _DB_ERRORS: Final = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 MAX_NEGATIVE: Final = 65536
 GAUGE_INTERVAL: Final = 1.0
+POLICY_RECHECK: Final = 1.0  # seconds: a refused policy is re-read at most this often
 
 
 class PolicyCache:
@@ -81,6 +83,7 @@ class PolicyCache:
         self._bucket_at = time.monotonic()
         self._negative: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._rechecked: dict[str, float] = {}  # policy id -> until when a refusal needs no re-read
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -308,6 +311,53 @@ class PolicyCache:
         token, tv, policy, pv = got
         self._put("access_policies", policy.id, (policy, pv), epoch)
         self._put("tokens", tid, (token, tv), epoch)
+
+    async def authorize(self, ident: Identity, scope: str, stack: StackLike, ip: IPAddress | None
+                        ) -> tuple[Identity, tuple[Selector, ...]]:
+        """``authorize``; on a refusal, re-read the policy once in a while first: it may have been widened
+        (a scope added, reactivated) a moment ago through another replica."""
+        try:
+            return ident, authorize(ident, scope, stack, ip)
+        except Denied:
+            if not await self.refresh_policy(ident.policy.id):
+                raise
+        policy = self.policies.get(ident.policy.id)
+        if policy is None:
+            raise Denied(401, "unknown_token", "invalid token: unknown or revoked")
+        fresh = Identity(ident.token, policy)
+        return fresh, authorize(fresh, scope, stack, ip)
+
+    async def refresh_policy(self, policy_id: str) -> bool:
+        """Re-read one policy (single-flight, at most once a second per policy, within the read-through
+        rate limit); True if a newer version is now in the snapshot."""
+        now = time.monotonic()
+        if self._rechecked.get(policy_id, 0.0) > now or policy_id in self._tombs["access_policies"]:
+            return False
+        before = self._ver["access_policies"].get(policy_id)
+        key = "policy:" + policy_id
+        running = self._inflight.get(key)
+        if running is not None:
+            await asyncio.shield(running)
+            return self._ver["access_policies"].get(policy_id) != before
+        if not self._take(now):
+            return False
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = done
+        try:
+            epoch = self._epoch
+            try:
+                got = await self.store.load_versioned("access_policies", policy_id)
+            except _DB_ERRORS as exc:
+                log.warning("policy re-check failed (%s); refusing", exc.__class__.__name__)
+                return False
+            self._put("access_policies", policy_id, got, epoch)
+            if len(self._rechecked) >= MAX_NEGATIVE:
+                self._rechecked.clear()
+            self._rechecked[policy_id] = now + POLICY_RECHECK
+            return self._ver["access_policies"].get(policy_id) != before
+        finally:
+            del self._inflight[key]
+            done.set_result(None)
 
     def _take(self, now: float) -> bool:
         """Token bucket: ``read_through_rate`` lookups a second, bursts of ``read_through_burst``."""

@@ -125,3 +125,30 @@ async def test_a_deleted_token_is_not_read_back(gw: Gateway, monkeypatch: pytest
     r = await gw.client.get("/api/v1/accesspolicies", headers={"Authorization": f"Bearer {t['token']}"})
     assert r.status == 401
     assert calls == []  # the tombstone answers: deleted ids never come back
+
+
+async def test_a_scope_widened_elsewhere_works_at_once(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = await gw.policy("widen", ["accesspolicies:read"])
+    t = await gw.token(p["id"], "widen")
+    await _deaf(gw)
+    basic = {"Authorization": "Basic " + base64.b64encode(f"100:{t['token']}".encode()).decode()}
+    store: Any = gw.state.store
+    reads: list[str] = []
+    real = store.load_versioned
+
+    async def counted(table: str, row_id: str) -> Any:
+        reads.append(row_id)
+        return await real(table, row_id)
+    monkeypatch.setattr(store, "load_versioned", counted)
+    # refused, and refusals do not turn into a re-read each: at most one a second per policy
+    for _ in range(20):
+        r = await gw.client.get("/prometheus/api/v1/query?query=up", headers=basic)
+        assert r.status == 403
+    assert reads == [p["id"]]
+    # another replica adds the scope; this (deaf) one re-reads the policy on the next refusal
+    await store.update_policy(ORG, p["id"], {"scopes": frozenset({"accesspolicies:read", "metrics:read"})},
+                              "test", policy_json)
+    gw.state.cache._rechecked.clear()  # as if the second had passed
+    r = await gw.client.get("/prometheus/api/v1/query?query=up", headers=basic)
+    assert r.status == 502, await r.text()  # authorized: the upstream is a closed port
+    assert "metrics:read" in gw.state.cache.policies[p["id"]].scopes

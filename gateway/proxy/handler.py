@@ -20,7 +20,7 @@ from gateway.lbac import restrict as lbac
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.metrics import ADDED_SECONDS, IN_FLIGHT, REFUSALS, REQUESTS, UPSTREAM_SECONDS
 from gateway.policy.datasource import user_policies
-from gateway.policy.decision import Denied, Identity, authorize, covering_realms
+from gateway.policy.decision import Denied, Identity, covering_realms
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.forward import Upstreams, forward, relay_websocket
 from gateway.proxy.headers import upstream_headers
@@ -146,7 +146,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
     entry["client_ip"] = str(ip) if ip else None
     try:
-        policies = authorize(ident, route.scope, stack, ip)
+        ident, policies = await st.cache.authorize(ident, route.scope, stack, ip)
     except Denied as exc:
         raise _refused(exc) from None
     st.cache.record_use(ident.token.id)
