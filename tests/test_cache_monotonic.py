@@ -43,7 +43,8 @@ def _slow_reads(monkeypatch: pytest.MonkeyPatch, rng: random.Random) -> None:
         if hasattr(Store, name):
             monkeypatch.setattr(Store, name, slow(getattr(Store, name)))
     for name in ("load_all", "load_datasource", "load_team"):
-        monkeypatch.setattr(ds_store, name, slow(getattr(ds_store, name)))
+        if hasattr(ds_store, name):
+            monkeypatch.setattr(ds_store, name, slow(getattr(ds_store, name)))
 
 
 def _level(cache: PolicyCache, pid: str) -> int | None:
