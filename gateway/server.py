@@ -77,6 +77,7 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    RELOAD_OK.set(1)  # in this process: a forked worker's gauges start from 0, not the parent's values
     RELOAD_TIME.set(time.time())
     state = await open_state(cfg)
     tasks: list[asyncio.Task[None]] = []

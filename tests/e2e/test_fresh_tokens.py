@@ -95,7 +95,8 @@ async def test_database_up_gauge_with_several_workers(tmp_path: Path, db_dsn: st
             for _ in range(20):  # new connections: both workers answer some of the scrapes
                 async with s.get(f"{gw.url}/metrics") as r:
                     text = await r.text()
-                values = re.findall(r"^gateway_database_up(?:\{[^}]*\})? (\S+)$", text, re.M)
-                assert values and all(float(v) == 1.0 for v in values), values
+                for name in ("gateway_database_up", "gateway_config_last_reload_successful"):
+                    values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+                    assert values and all(float(v) == 1.0 for v in values), (name, values)
     finally:
         assert gw.stop() == 0
