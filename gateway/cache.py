@@ -273,8 +273,8 @@ class PolicyCache:
         token = self.tokens.get(tid)
         if token is not None and token.access_policy_id in self.policies:
             return False  # known: the secret or the org was wrong
-        if not tokfmt.well_formed_id(tid) or tid in self._tombs["tokens"]:
-            return False
+        if not tokfmt.well_formed_id(tid) or tid in self._tombs["tokens"] or not self.db_ok:
+            return False  # (database down: refuse now rather than wait for a connect timeout)
         now = time.monotonic()
         if self._negative.get(tid, 0.0) > now:
             return False
@@ -331,7 +331,8 @@ class PolicyCache:
         """Re-read one policy (single-flight, at most once a second per policy, within the read-through
         rate limit); True if a newer version is now in the snapshot."""
         now = time.monotonic()
-        if self._rechecked.get(policy_id, 0.0) > now or policy_id in self._tombs["access_policies"]:
+        if self._rechecked.get(policy_id, 0.0) > now or policy_id in self._tombs["access_policies"] \
+                or not self.db_ok:
             return False
         before = self._ver["access_policies"].get(policy_id)
         key = "policy:" + policy_id

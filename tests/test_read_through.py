@@ -152,3 +152,12 @@ async def test_a_scope_widened_elsewhere_works_at_once(gw: Gateway, monkeypatch:
     r = await gw.client.get("/prometheus/api/v1/query?query=up", headers=basic)
     assert r.status == 502, await r.text()  # authorized: the upstream is a closed port
     assert "metrics:read" in gw.state.cache.policies[p["id"]].scopes
+
+
+async def test_no_lookup_while_the_database_is_down(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse at once rather than make each unknown token wait for a connect timeout."""
+    calls = _count_lookups(gw, monkeypatch)
+    gw.state.cache.db_ok = False
+    with pytest.raises(Denied):
+        await gw.state.cache.identify(tokfmt.encode("1", str(uuid.uuid4()), "x", "local"), datetime.now(UTC))
+    assert calls == []
