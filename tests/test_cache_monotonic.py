@@ -61,6 +61,7 @@ class World:
 
     def __init__(self) -> None:
         self.policies: dict[str, int] = {}  # policy id -> acknowledged label level
+        self.status: dict[str, str] = {}  # policy id -> acknowledged status (only this test writes)
         self.deleted_policies: set[str] = set()
         self.tokens: dict[str, str] = {}  # token id -> policy id
         self.deleted_tokens: set[str] = set()
@@ -77,6 +78,7 @@ class World:
         for pid, level in self.policies.items():
             held = _level(cache, pid)
             assert held is not None and held >= level, f"{when}: policy {pid} at level {held}, acknowledged {level}"
+            assert cache.policies[pid].status == self.status.get(pid, "active"), f"{when}: policy {pid} status"
 
     def check_monotonic(self, cache: PolicyCache, when: str) -> None:
         for pid in [*self.policies, *self.deleted_policies]:
@@ -104,7 +106,8 @@ async def _drop_listener(cache: PolicyCache) -> None:
 
 async def _step(gw: Gateway, rng: random.Random, world: World, n: int) -> None:
     alive = list(world.policies)
-    op = rng.choice(["token", "token", "delete_token", "delete_token", "label", "label", "policy", "delete_policy"])
+    op = rng.choice(["token", "token", "delete_token", "delete_token", "label", "label", "status", "policy",
+                     "delete_policy"])
     if op == "policy" or not alive:
         p = await gw.policy(f"p{n}", ["metrics:read"])
         world.policies[p["id"]] = 0
@@ -123,6 +126,13 @@ async def _step(gw: Gateway, rng: random.Random, world: World, n: int) -> None:
         await gw.api("POST", f"{P}/{pid}", {"realms": [{"type": "org", "identifier": "1", "labelPolicies": [
             {"selector": f'{{env="v{level}"}}'}]}]})
         world.policies[pid] = level
+    elif op == "status":  # deactivate or reactivate, and bump the level so the lagging replica is checked too
+        pid = rng.choice(alive)
+        status = "inactive" if world.status.get(pid, "active") == "active" else "active"
+        await gw.api("POST", f"{P}/{pid}", {"status": status, "realms": [
+            {"type": "org", "identifier": "1", "labelPolicies": [{"selector": f'{{env="v{n}"}}'}]}]})
+        world.policies[pid] = n
+        world.status[pid] = status
     elif op == "delete_policy" and len(alive) > 1:
         pid = rng.choice(alive)
         await gw.api("DELETE", f"{P}/{pid}", expect=204)
