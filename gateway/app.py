@@ -14,6 +14,7 @@ from gateway.admin import datasources as datasources_api
 from gateway.admin.errors import error_middleware
 from gateway.cache import PolicyCache
 from gateway.config import Config
+from gateway.freshness import read_through_middleware
 from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP, exposition
 from gateway.proxy.forward import Upstreams
 from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS
@@ -80,7 +81,8 @@ def build_app(state: State) -> web.Application:
     # auto_decompress off: the gateway checks and forwards the client's bytes as sent (a gzip push must
     # reach the backend still gzipped, and a compressed form must not be parsed inflated but sent deflated).
     # handler_cancellation on: a client that hangs up cancels its handler, and so the upstream call.
-    app = web.Application(middlewares=[error_middleware], client_max_size=state.config.limits.max_admin_body,
+    app = web.Application(middlewares=[error_middleware, read_through_middleware],
+                          client_max_size=state.config.limits.max_admin_body,
                           handler_args={"auto_decompress": False, "handler_cancellation": True})
     app[STATE] = state
     app[UPSTREAMS] = Upstreams()

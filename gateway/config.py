@@ -81,8 +81,15 @@ class DatabaseConfig:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """Request sizes, and the edge of each worker (issue 12): how long a client may take to send a
+    request head, how long it may pause between body chunks, and how many connections a worker holds
+    open (beyond that a new connection gets a 503 and is closed). Read by either server."""
+
     max_request_body: int = 64 * 1024 * 1024
     max_admin_body: int = 1024 * 1024
+    head_timeout: float = 30.0
+    body_idle_timeout: float = 30.0
+    max_connections: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,12 +363,19 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
                      "must be a non-empty string", "local")
     log_level = c.typed(top.get("log_level"), "log_level", lambda v: v in LOG_LEVELS,
                         f"must be one of {', '.join(LOG_LEVELS)}", "info")
-    lm = c.mapping(top.get("limits"), "limits", ("max_request_body", "max_admin_body"))
+    lm = c.mapping(top.get("limits"), "limits", ("max_request_body", "max_admin_body", "head_timeout",
+                                                 "body_idle_timeout", "max_connections"))
     limits = Limits(
         c.typed(lm.get("max_request_body"), "limits.max_request_body", _is_pos_int,
                 "must be a positive number of bytes", _LIMIT_DEFAULTS.max_request_body),
         c.typed(lm.get("max_admin_body"), "limits.max_admin_body", _is_pos_int,
                 "must be a positive number of bytes", _LIMIT_DEFAULTS.max_admin_body),
+        float(c.typed(lm.get("head_timeout"), "limits.head_timeout", _is_pos_number,
+                      "must be a positive number of seconds", _LIMIT_DEFAULTS.head_timeout)),
+        float(c.typed(lm.get("body_idle_timeout"), "limits.body_idle_timeout", _is_pos_number,
+                      "must be a positive number of seconds", _LIMIT_DEFAULTS.body_idle_timeout)),
+        c.typed(lm.get("max_connections"), "limits.max_connections", _is_pos_int,
+                "must be a positive number of connections", _LIMIT_DEFAULTS.max_connections),
     )
     user_header = c.typed(top.get("grafana_user_header"), "grafana_user_header",
                           lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9-]+", v) is not None,

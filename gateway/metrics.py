@@ -45,3 +45,10 @@ def exposition() -> bytes:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
     return generate_latest(REGISTRY)
+
+
+def forget_process(pid: int) -> None:
+    """Drop a process's live gauges from the merged view (issue 12): the supervising parent, which
+    serves nothing and whose never-set gauges read 0, and a worker that has exited."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)

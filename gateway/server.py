@@ -20,7 +20,8 @@ from aiohttp import web
 
 from gateway.app import build_app, build_metrics_app, close_state, open_state
 from gateway.config import Config, ConfigError, load_config
-from gateway.metrics import RELOAD_OK, RELOAD_TIME
+from gateway.edge import GuardedAppRunner
+from gateway.metrics import RELOAD_OK, RELOAD_TIME, forget_process
 from gateway.state import State
 
 log = logging.getLogger("gateway")
@@ -76,6 +77,7 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    RELOAD_OK.set(1)  # in this process: a forked worker's gauges start from 0, not the parent's values
     RELOAD_TIME.set(time.time())
     state = await open_state(cfg)
     tasks: list[asyncio.Task[None]] = []
@@ -84,8 +86,8 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
             loop.add_signal_handler(signal.SIGHUP, reload_config, state, config_path)
         tasks.append(asyncio.create_task(_watch(state, config_path)))
     app = build_app(state)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=cfg.shutdown.drain_timeout)
+    runner = GuardedAppRunner(app, lambda: state.config.limits, access_log=None, handle_signals=False,
+                              shutdown_timeout=cfg.shutdown.drain_timeout)  # read deadlines, connection cap
     await runner.setup()
     host, port = cfg.listen
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
@@ -164,6 +166,7 @@ def _supervise(cfg: Config, config_path: str | None, workers: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    forget_process(os.getpid())  # the gauges are the workers' (each publishes its own)
     for _ in range(workers):
         spawn()
     log.info("started %d workers: %s", workers, ", ".join(map(str, children)))
@@ -176,6 +179,7 @@ def _supervise(cfg: Config, config_path: str | None, workers: int) -> int:
         except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
             continue
         started = children.pop(pid, None)
+        forget_process(pid)
         code = os.waitstatus_to_exitcode(raw)
         if stopping:
             status = status or (code if code > 0 else 0)

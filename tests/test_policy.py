@@ -49,6 +49,47 @@ def test_malformed_tokens_are_refused(bad: str) -> None:
         tokens.decode(bad)
 
 
+def _spell(claims: object, pad: bool = False, alphabet: str = "url") -> str:
+    raw = json.dumps(claims, separators=(",", ":")).encode()
+    text = (base64.urlsafe_b64encode(raw) if alphabet == "url" else base64.b64encode(raw)).decode()
+    return "glc_" + (text if pad else text.rstrip("="))
+
+
+_CLAIMS = {"o": "1", "i": "3f0c8c52-1f7e-4a57-9b3e-6f35f7b1c0de", "k": "a" * 41 + "_-?>", "m": {"r": "local"}}
+
+
+@pytest.mark.parametrize("spelling", [
+    _spell(_CLAIMS, pad=True),                                      # padding
+    _spell(_CLAIMS, alphabet="std"),                                 # the other base64 alphabet (+ and /)
+    _spell(_CLAIMS) + "!",                                           # junk characters
+    _spell(_CLAIMS)[:10] + "\n" + _spell(_CLAIMS)[10:],
+    _spell({**_CLAIMS, "x": 1}),                                     # an extra key
+    _spell({**_CLAIMS, "m": {"r": "local", "x": "y"}}),             # an extra key in the metadata
+    _spell({k: _CLAIMS[k] for k in ("i", "o", "k", "m")}),           # keys reordered
+    _spell({k: v for k, v in _CLAIMS.items() if k != "m"}),          # a key missing
+    "glc_" + base64.urlsafe_b64encode(json.dumps(_CLAIMS).encode()).decode().rstrip("="),  # spaces in the JSON
+    _spell({**_CLAIMS, "o": 1}),                                     # wrong types
+    _spell({**_CLAIMS, "k": ""}),
+])
+def test_only_the_canonical_spelling_is_a_token(spelling: str) -> None:
+    canonical = tokens.encode("1", str(_CLAIMS["i"]), str(_CLAIMS["k"]), "local")
+    assert canonical == _spell(_CLAIMS)  # what the gateway has always issued: unpadded, URL-safe, compact
+    assert tokens.decode(canonical).token_id == _CLAIMS["i"] and spelling != canonical
+    with pytest.raises(tokens.TokenFormatError, match="^malformed token$"):
+        tokens.decode(spelling)
+
+
+def test_non_canonical_trailing_bits_are_refused() -> None:
+    canonical = tokens.encode("1", str(_CLAIMS["i"]), str(_CLAIMS["k"]), "local")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    if len(canonical[4:]) % 4:  # the last character has unused low bits: another one decodes to the same bytes
+        last = canonical[-1]
+        twin = canonical[:-1] + alphabet[alphabet.index(last) | 1]
+        if twin != canonical:
+            with pytest.raises(tokens.TokenFormatError):
+                tokens.decode(twin)
+
+
 def test_identify_accepts_the_right_secret_only() -> None:
     presented, toks, pols = _world()
     assert identify(presented, toks, pols, NOW).token.id == "t1"
@@ -67,7 +108,7 @@ def test_identify_refuses_other_org_claim_and_expired() -> None:
     d = tokens.decode(presented)
     claim_other_org = json.loads(base64.urlsafe_b64decode(presented[4:] + "=="))
     claim_other_org["o"] = "2"
-    other = "glc_" + base64.urlsafe_b64encode(json.dumps(claim_other_org).encode()).decode()
+    other = tokens.encode("2", claim_other_org["i"], claim_other_org["k"], "local")
     assert tokens.decode(other).token_id == d.token_id
     with pytest.raises(Denied):
         identify(other, toks, pols, NOW)

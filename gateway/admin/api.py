@@ -66,7 +66,9 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(415, "unsupported_media_type", "send the body as Content-Type: application/json")
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
-    data = await request.content.read(limit + 1)
+    data = bytearray()  # read(n) returns what has arrived so far: a body sent in pieces needs the loop
+    while len(data) <= limit and (chunk := await request.content.read(limit + 1 - len(data))):
+        data += chunk
     if len(data) > limit:
         raise ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
     try:

@@ -1,4 +1,10 @@
-"""The token wire format: ``glc_`` + base64 of ``{"o": org, "i": token id, "k": secret, "m": {...}}``.
+"""The token wire format: ``glc_`` + unpadded URL-safe base64 of ``{"o": org, "i": token id, "k": secret,
+"m": {"r": region}}``, compact JSON, keys in that order: exactly what ``encode`` writes.
+
+There is one accepted spelling per token (the gateway has only ever issued this one): any other
+(padding, the other base64 alphabet, junk characters, extra or reordered keys, whitespace) is
+"malformed token". Secret scanners then see every usable token in its canonical form, and the
+verified-token cache cannot be churned with spellings of one token.
 
 The ``glc_`` prefix lets secret scanners (gitleaks, TruffleHog, GitHub) catch a leak;
 the token id makes the lookup O(1); the 256-bit secret is stored only as SHA-256 (a
@@ -12,13 +18,17 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import secrets
+import uuid
 from dataclasses import dataclass
 from typing import Final
 
 PREFIX: Final = "glc_"
 MAX_TOKEN_LEN: Final = 1024
 SECRET_BYTES: Final = 32
+MALFORMED: Final = "malformed token"
+_BODY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class TokenFormatError(ValueError):
@@ -56,7 +66,7 @@ def decode(token: str) -> DecodedToken:
     if hit is not None:
         return hit
     if not isinstance(token, str) or not token.startswith(PREFIX) or len(token) > MAX_TOKEN_LEN:
-        raise TokenFormatError("not a gateway token")
+        raise TokenFormatError(MALFORMED)
     return _decode(token)
 
 
@@ -73,16 +83,31 @@ MAX_VERIFIED: Final = 65536
 
 def _decode(token: str) -> DecodedToken:
     raw = token[len(PREFIX):]
+    if not _BODY.fullmatch(raw) or len(raw) % 4 == 1:
+        raise TokenFormatError(MALFORMED)
     try:
         data = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
     except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
-        raise TokenFormatError("token is not valid base64 JSON") from None
-    if not isinstance(data, dict):
-        raise TokenFormatError("token payload is not an object")
-    org, tid, secret = data.get("o"), data.get("i"), data.get("k")
-    if not (isinstance(org, str) and isinstance(tid, str) and isinstance(secret, str) and secret):
-        raise TokenFormatError("token payload lacks org, id or secret")
+        raise TokenFormatError(MALFORMED) from None
+    if not isinstance(data, dict) or list(data) != ["o", "i", "k", "m"]:
+        raise TokenFormatError(MALFORMED)
+    org, tid, secret, meta = data["o"], data["i"], data["k"], data["m"]
+    if not (isinstance(org, str) and isinstance(tid, str) and isinstance(secret, str) and secret
+            and isinstance(meta, dict) and list(meta) == ["r"] and isinstance(meta["r"], str)):
+        raise TokenFormatError(MALFORMED)
+    if encode(org, tid, secret, meta["r"]) != token:  # any other spelling of the same claims
+        raise TokenFormatError(MALFORMED)
     return DecodedToken(org, tid, hash_secret(secret))
+
+
+def well_formed_id(token_id: str) -> bool:
+    """A token id as the gateway mints them: a lower-case hyphenated UUID (the read-through only looks these up)."""
+    if len(token_id) != 36:
+        return False
+    try:
+        return str(uuid.UUID(token_id)) == token_id
+    except ValueError:
+        return False
 
 
 def secret_matches(presented_hash: bytes, stored_hash: bytes) -> bool:

@@ -20,7 +20,7 @@ from gateway.lbac import restrict as lbac
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.metrics import ADDED_SECONDS, IN_FLIGHT, REFUSALS, REQUESTS, UPSTREAM_SECONDS
 from gateway.policy.datasource import user_policies
-from gateway.policy.decision import Denied, Identity, authorize, covering_realms, identify
+from gateway.policy.decision import Denied, Identity, covering_realms
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.forward import Upstreams, forward, relay_websocket
 from gateway.proxy.headers import upstream_headers
@@ -134,7 +134,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
                          "stale_snapshot")
     presented, basic_user = credentials(request.headers.get("Authorization"))
     try:
-        ident = identify(presented, st.cache.tokens, st.cache.policies, datetime.now(UTC))
+        ident = await st.cache.identify(presented, datetime.now(UTC))
     except Denied as exc:
         raise _refused(exc, CHALLENGE) from None
     entry.update(token_id=ident.token.id, policy=ident.policy.name)
@@ -146,7 +146,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
     entry["client_ip"] = str(ip) if ip else None
     try:
-        policies = authorize(ident, route.scope, stack, ip)
+        ident, policies = await st.cache.authorize(ident, route.scope, stack, ip)
     except Denied as exc:
         raise _refused(exc) from None
     st.cache.record_use(ident.token.id)

@@ -44,6 +44,16 @@ class Page:
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Rows by id (as text) with their versions, all read in one transaction."""
+
+    policies: dict[str, tuple[AccessPolicy, int]]
+    tokens: dict[str, tuple[Token, int]]
+    datasources: dict[str, tuple[Any, int]]
+    teams: dict[str, tuple[Any, int]]
+
+
+@dataclass(frozen=True, slots=True)
 class AdminScope:
     """What an admin token may see: its org, and either the whole org or some stacks of it."""
 
@@ -171,6 +181,46 @@ class Store:
     async def load_token(self, token_id: str) -> Token | None:
         row = await self.pool.fetchrow("SELECT * FROM tokens WHERE id = $1", uuid.UUID(token_id))
         return token_from_row(row) if row else None
+
+    # ---- versioned reads (the cache: issue 12) ----------------------------------------------------
+
+    async def load_snapshot(self) -> Snapshot:
+        """Every policy, token, data source and team with its version, in ONE repeatable-read
+        transaction: the four tables are seen at the same instant, so no row of one can be older
+        than a row of another that depends on it."""
+        from gateway.store.datasources import datasource_from_row, team_from_row
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            prows = await conn.fetch("SELECT * FROM access_policies")
+            trows = await conn.fetch("SELECT id::text, access_policy_id::text, name, secret_sha256, expires_at,"
+                                     " version FROM tokens")
+            drows = await conn.fetch("SELECT * FROM datasources")
+            mrows = await conn.fetch("SELECT * FROM teams")
+        policies = {str(r["id"]): (policy_from_row(r), r["version"]) for r in prows}
+        interned = {pid: pid for pid in policies}  # one string object per policy id, shared by its tokens
+        tokens = {r[0]: (Token(r[0], interned.get(r[1], r[1]), r[2], "", r[3], r[4]), r[5]) for r in trows}
+        return Snapshot(policies, tokens, {str(r["id"]): (datasource_from_row(r), r["version"]) for r in drows},
+                        {str(r["id"]): (team_from_row(r), r["version"]) for r in mrows})
+
+    async def load_versioned(self, table: str, row_id: str) -> tuple[Any, int] | None:
+        """One row of a cached table and its version, or None when it does not exist (any more)."""
+        from gateway.store.datasources import datasource_from_row, team_from_row
+        convert: dict[str, tuple[Callable[[asyncpg.Record], Any], Callable[[str], Any]]] = {
+            "access_policies": (policy_from_row, uuid.UUID), "tokens": (token_from_row, uuid.UUID),
+            "datasources": (datasource_from_row, int), "teams": (team_from_row, int)}
+        from_row, key = convert[table]
+        row = await self.pool.fetchrow(f"SELECT * FROM {table} WHERE id = $1", key(row_id))  # noqa: S608 - fixed names
+        return (from_row(row), row["version"]) if row else None
+
+    async def lookup_token(self, token_id: str) -> tuple[Token, int, AccessPolicy, int] | None:
+        """Read-through for a token the snapshot does not know: the token and its policy, read together."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            trow = await conn.fetchrow("SELECT * FROM tokens WHERE id = $1", uuid.UUID(token_id))
+            if trow is None:
+                return None
+            prow = await conn.fetchrow("SELECT * FROM access_policies WHERE id = $1", trow["access_policy_id"])
+        if prow is None:
+            return None
+        return token_from_row(trow), trow["version"], policy_from_row(prow), prow["version"]
 
     # ---- audit --------------------------------------------------------------------------------------
 

@@ -4,16 +4,21 @@ The cookie (aiohttp-session's EncryptedCookieStorage: Fernet, HttpOnly, SameSite
 absolute expiry) carries the token id, never the token itself. Each request looks the token up in
 the policy cache exactly as the API does, so a revoked or expired token ends its sessions at once.
 Every POST form carries a per-session random CSRF token compared in constant time.
+
+The cookie also carries a random session nonce whose SHA-256 is a row of ``web_sessions`` (issue 12):
+each request checks the row, signing out deletes it (a copy of the cookie taken before stops working
+on every replica), and deleting the token deletes its rows (ON DELETE CASCADE).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import asyncpg
@@ -45,6 +50,8 @@ class WebState:
 
 WEB = web.AppKey("web", WebState)
 _SESSION = web.RequestKey("web_session", Session)
+_LOADED_SID = web.RequestKey("web_loaded_sid", str)  # the nonce the request's cookie came with
+_DB_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +120,9 @@ async def session(request: web.Request) -> Session:
         assert storage is not None, "the page's session key is loaded at startup"
         got = await storage.load_session(request)
         request[_SESSION] = got
+        sid = got.get("sid")
+        if isinstance(sid, str):
+            request[_LOADED_SID] = sid
     return got
 
 
@@ -122,7 +132,39 @@ async def save_session(request: web.Request, response: web.StreamResponse) -> No
     storage = request.config_dict[WEB].storage
     if s is None or storage is None or (s.new and s.empty):
         return
+    loaded = request.get(_LOADED_SID)
+    if loaded is not None and s.get("sid") != loaded:  # signed out, ended, or replaced by a new sign-in
+        await revoke(state_of(request).store, loaded)
     await storage.save_session(request, response, s)
+
+
+def _nonce_hash(sid: str) -> bytes:
+    return hashlib.sha256(sid.encode()).digest()
+
+
+async def revoke(store: Store, sid: str) -> None:
+    """End a session on every replica (its cookie, wherever copied, no longer signs in)."""
+    try:
+        await store.pool.execute("DELETE FROM web_sessions WHERE nonce_sha256 = $1", _nonce_hash(sid))
+    except _DB_ERRORS as exc:
+        log.warning("could not delete a page session record (%s); it lapses at its expiry", exc.__class__.__name__)
+
+
+async def _record(store: Store, sid: str, token_id: str) -> None:
+    async with store.pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM web_sessions WHERE expires_at < now()")
+        await conn.execute("INSERT INTO web_sessions (nonce_sha256, token_id, expires_at) VALUES ($1, $2, $3)",
+                           _nonce_hash(sid), token_id,
+                           datetime.now(UTC) + timedelta(seconds=SESSION_MAX_AGE))
+
+
+async def _alive(store: Store, sid: str, token_id: str) -> bool:
+    try:
+        return bool(await store.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM web_sessions WHERE nonce_sha256 = $1 AND token_id = $2::uuid"
+            " AND expires_at > now())", _nonce_hash(sid), token_id))
+    except _DB_ERRORS:
+        raise PageError(503, "Unavailable", "The policy database is unavailable; try again shortly.") from None
 
 
 async def csrf_token(request: web.Request) -> str:
@@ -181,8 +223,15 @@ async def sign_in(request: web.Request, admin: Admin) -> None:
     """Start a fresh session (a new CSRF token too: no fixation) for ``admin``."""
     storage = request.config_dict[WEB].storage
     assert storage is not None
+    sid = secrets.token_urlsafe(32)
+    try:
+        await _record(state_of(request).store, sid, admin.token.id)
+    except _DB_ERRORS:
+        raise PageError(503, "Unavailable", "The policy database is unavailable; try again shortly.") from None
+    await session(request)  # note the nonce the request came with: save_session revokes it
     s = await storage.new_session()  # created now: the 8 hours count from sign-in
     request[_SESSION] = s
+    s["sid"] = sid
     s["tid"] = admin.token.id
     s["org"] = admin.policy.org_id
     s["csrf"] = secrets.token_urlsafe(32)
@@ -212,6 +261,10 @@ async def current_admin(request: web.Request) -> Admin:
         s.invalidate()
         raise SignInRequired(f"Your token's access policy {policy.name!r} is now inactive or lacks {READ};"
                              " sign in with another token.")
+    sid = s.get("sid")
+    if not isinstance(sid, str) or not await _alive(st.store, sid, tid):
+        s.invalidate()
+        raise SignInRequired("Your session has ended (signed out); sign in again.")
     admin = _admit(request, st, token, policy)
     request[ADMIN] = admin
     return admin
