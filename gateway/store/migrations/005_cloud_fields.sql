@@ -6,3 +6,6 @@
 -- `attributes` is Cloud's free-form policy attributes object (lokiQueryPolicy, pdcConfiguration):
 -- stored and returned, not enforced.
 ALTER TABLE access_policies ADD COLUMN attributes jsonb;
+
+-- Grafana's team API carries an email per team (`POST /api/teams {"name", "email"}`): kept and returned.
+ALTER TABLE teams ADD COLUMN email text NOT NULL DEFAULT '';
