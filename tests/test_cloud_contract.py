@@ -13,12 +13,12 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 from gateway.policy.scopes import ALL_SCOPES, CLOUD_SCOPES
 from tests.conftest import Gateway
 from tests.test_datasources import DS, datasource, reader_policy, scoped_token
-from tests.test_proxy import basic
+from tests.test_proxy import _env, basic
 
 REGION = "local"
 API = "/api"  # the provider's cloud_api_url is the gateway's address + /api, as for grafana.com
@@ -422,3 +422,26 @@ async def test_teams_in_grafanas_shapes(gw: Gateway) -> None:
     assert await gw.api("DELETE", f"/api/teams/{tid}") == {"message": "Team deleted"}
     await gw.api("GET", f"/api/teams/{tid}", expect=404)
     await gw.api("GET", f"/api/teams/uid/{created['uid']}", expect=404)
+
+
+# ---- a negative-only label policy, enforced ------------------------------------------------------------------
+
+async def test_negative_only_label_policy_is_enforced_in_both_modes(db_dsn: str, aiohttp_client: Any,
+                                                                    aiohttp_server: Any) -> None:
+    """``{env != "dev"}`` restricts reads like any policy: the header carries it (header mode), the
+    rewritten query ANDs it in (enforce mode); the text as written is what the API returns."""
+    for mode in ("header", "enforce"):
+        async with _env(db_dsn, aiohttp_client, aiohttp_server, lbac=mode) as env:
+            p = await env.gw.policy(f"neg-{mode}", ["metrics:read"], [
+                {"type": "stack", "identifier": "100", "labelPolicies": [{"selector": '{ env != "dev" }'}]}])
+            assert p["realms"][0]["labelPolicies"] == [{"selector": '{ env != "dev" }'}]
+            tok = str((await env.gw.token(p["id"], f"reader-{mode}"))["token"])
+            r = await env.gw.client.get("/prometheus/api/v1/query?query=up", headers=basic("100", tok))
+            assert r.status == 200, await r.text()
+            seen = env.rec.last
+            if mode == "header":
+                values = seen.headers.getall("X-Prom-Label-Policy")
+                assert [unquote(v) for v in values] == ['100:{env!="dev"}'] and seen.query == [("query", "up")]
+            else:
+                assert "X-Prom-Label-Policy" not in seen.headers
+                assert seen.query == [("query", 'up{env!="dev"}')]
