@@ -15,7 +15,12 @@ Permissions (same Bearer tokens as the Access Policies API):
 
 A rules PUT replaces the data source's WHOLE rule set, as the seed says ("Deleting a team from the list
 will remove the team's LBAC rules"): also the one-team form ``{"teamId": 1, "rules": [...]}``, which
-leaves exactly that team with rules and removes every other team's.
+leaves exactly that team with rules and removes every other team's. GET and PUT answer in both of
+Grafana's shapes at once: ``rules`` (current Grafana's ``TeamLBACRule``, what Terraform's
+``grafana_data_source_config_lbac_rules`` reads back) and the seed's ``lbacRules``.
+
+Teams answer in Grafana's HTTP API shapes (``pkg/api/team.go``, ``TeamDTO``, ``TeamMemberDTO``), with the
+gateway's ``members`` (Grafana user logins) beside them.
 """
 
 from __future__ import annotations
