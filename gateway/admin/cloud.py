@@ -8,7 +8,9 @@ of Cloud's OpenAPI spec (``grafana-com-public-clients``, ``go/gcom/api/openapi.y
 * ``GET /api/orgs/{slugOrId}``: the org of the YAML (``FormattedApiOrgPublic``); ``slug`` is the
   org's name, ``id`` its id (a number when the id is one: the provider reads it as ``int32``).
 * ``GET /api/instances`` and ``/api/instances/{slugOrId}``: the stacks (``FormattedApiInstance``), with
-  their per-signal tenant IDs and this gateway's URL for each signal.
+  their per-signal tenant IDs and this gateway's URL for each signal. Ids and tenant IDs that are
+  numbers in the YAML are JSON numbers, as on the Cloud; others stay strings (the Go client, which
+  decodes them as numbers, then fails: give stacks numeric ids and tenants for Go clients).
 
 These views need a token that can read access policies (``accesspolicies:read``) and show only its
 org, and of that org only the stacks within the token's realm.
