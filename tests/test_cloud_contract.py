@@ -419,6 +419,9 @@ async def test_teams_in_grafanas_shapes(gw: Gateway) -> None:
     members = await gw.api("GET", f"/api/teams/{tid}/members")
     assert [(m["login"], m["teamId"], m["teamUID"], m["orgId"]) for m in members] == [
         ("alice", tid, created["uid"], 1), ("bob", tid, created["uid"], 1)]
+    assert await gw.api("DELETE", f"/api/teams/{tid}/members/Bob") == {"message": "Team Member removed"}
+    assert [m["login"] for m in await gw.api("GET", f"/api/teams/{tid}/members")] == ["alice"]
+    await gw.api("DELETE", f"/api/teams/{tid}/members/bob", expect=404)
     assert await gw.api("DELETE", f"/api/teams/{tid}") == {"message": "Team deleted"}
     await gw.api("GET", f"/api/teams/{tid}", expect=404)
     await gw.api("GET", f"/api/teams/uid/{created['uid']}", expect=404)

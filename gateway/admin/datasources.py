@@ -608,6 +608,25 @@ async def put_members(request: web.Request) -> web.Response:
     return web.json_response({"message": "Team memberships have been updated", "members": list(updated.members)})
 
 
+async def remove_member(request: web.Request) -> web.Response:
+    """Grafana's ``DELETE /api/teams/{id}/members/{userId}``, by login (the gateway knows no user ids)."""
+    actor, scope = _team_writer(request)
+    st = get_state(request)
+    team_id = _team_id(request)
+    login = fold_login(request.match_info["login"])
+    try:
+        team = await store.get_team(st.store, scope, team_id)
+        kept = tuple(m for m in team.members if fold_login(m) != login)
+        if len(kept) == len(team.members):
+            raise ApiError(404, "not_found", "no such member of the team")
+        await store.update_team(st.store, scope, team_id, {"members": kept}, actor, team_json,
+                                action="team.members.update")
+    except NotFound as exc:
+        raise _not_found(exc) from None
+    await st.cache.apply_change("teams", "UPDATE", str(team_id))
+    return web.json_response({"message": "Team Member removed"})
+
+
 def add_routes(app: web.Application) -> None:
     """Register the data-source, rules and team routes on ``app``."""
     r = app.router
@@ -628,4 +647,5 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/api/teams/{id}", delete_team)
     r.add_get("/api/teams/{id}/members", get_members)
     r.add_put("/api/teams/{id}/members", put_members)
+    r.add_delete("/api/teams/{id}/members/{login}", remove_member)
 
