@@ -256,6 +256,18 @@ async def test_attributes_are_stored_and_returned(gw: Gateway) -> None:
         assert err["code"] == "Conflict" and err["field"] == field
 
 
+async def test_subnets_are_as_lenient_as_gos_parsecidr(gw: Gateway) -> None:
+    tf = Provider(gw)
+    body = Provider.policy_body({**PLAN, "allowed_subnets": []}, create=True)
+    for bad in ("10.0.0.0/255.0.0.0", "10.0.0.0/33", "10.0.0.0/", "10.0.0.0/ 8", "300.0.0.0/8", "fe80::/129"):
+        err = await tf.call("POST", "/v1/accesspolicies", {**body, "conditions": {"allowedSubnets": [bad]}},
+                            expect=409)
+        assert err["field"] == "conditions.allowedSubnets[0]", bad
+    ok = ["10.0.0.0/08", "10.255.255.255/8", "::ffff:10.0.0.1/104"]
+    p = await tf.call("POST", "/v1/accesspolicies", {**body, "conditions": {"allowedSubnets": ok}})
+    assert p["conditions"]["allowedSubnets"] == ok
+
+
 async def test_errors_carry_the_specs_codes_and_statuses(gw: Gateway) -> None:
     tf = Provider(gw)
     bad = await tf.call("POST", "/v1/accesspolicies", {"name": "x", "scopes": ["nope:read"],

@@ -150,6 +150,9 @@ def subnets_text(value: Any, field: str) -> Subnets:
         try:
             if not isinstance(s, str):
                 raise ValueError
+            _, slash, prefix = s.strip().partition("/")
+            if slash and not (prefix.isascii() and prefix.isdigit()):  # Go takes a prefix length, no mask
+                raise ValueError
             out.setdefault(s, ipaddress.ip_network(s.strip(), strict=False))
         except ValueError:
             raise bad_request(f"{s!r} is not an IPv4 or IPv6 address or CIDR such as 10.0.0.0/8",
