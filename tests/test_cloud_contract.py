@@ -10,6 +10,8 @@ compare it with the plan: strings byte for byte, so any difference would be a pe
 
 from __future__ import annotations
 
+import html
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -460,3 +462,32 @@ async def test_negative_only_label_policy_is_enforced_in_both_modes(db_dsn: str,
             else:
                 assert "X-Prom-Label-Policy" not in seen.headers
                 assert seen.query == [("query", 'up{env!="dev"}')]
+
+
+async def test_a_page_edit_keeps_what_terraform_wrote(gw: Gateway) -> None:
+    """The page shows selectors and subnets as written, so changing only the display name there leaves
+    no diff for the next ``terraform plan`` on them."""
+    from tests.test_page import Browser
+
+    tf = Provider(gw)
+    plan = {"name": "tf-paged", "scopes": ["metrics:read"],
+            "realm": [{"type": "stack", "identifier": "100", "label_policy": ['{ env != "dev" }']}],
+            "allowed_subnets": ["10.1.2.3/8"]}
+    p = await tf.call("POST", "/v1/accesspolicies", Provider.policy_body(plan, create=True))
+    b = Browser(gw)
+    await b.sign_in()
+    edit = await b.get(f"/ui/policies/{p['id']}/edit")
+
+    def area(name: str) -> str:
+        m = re.search(rf'<textarea[^>]*name="{re.escape(name)}"[^>]*>(.*?)</textarea>', edit, re.S)
+        assert m, name
+        return html.unescape(m.group(1))
+
+    assert area("selectors:stack:100") == '{ env != "dev" }' and area("subnets") == "10.1.2.3/8"
+    await b.post(f"/ui/policies/{p['id']}/edit", [
+        ("displayName", "Edited in the page"), ("status", "active"), ("scope", "metrics:read"),
+        ("realm", "stack:100"), ("selectors:stack:100", area("selectors:stack:100")),
+        ("subnets", area("subnets"))])
+    state = Provider.policy_state(REGION, await tf.call("GET", f"/v1/accesspolicies/{p['id']}"))
+    assert state["display_name"] == "Edited in the page"
+    assert state["realm"] == _plan_state(plan)["realm"] and state["allowed_subnets"] == {"10.1.2.3/8"}
