@@ -465,12 +465,12 @@ async def test_negative_only_label_policy_is_enforced_in_both_modes(db_dsn: str,
 
 
 async def test_a_page_edit_keeps_what_terraform_wrote(gw: Gateway) -> None:
-    """The page shows selectors and subnets as written, so changing only the display name there leaves
-    no diff for the next ``terraform plan`` on them."""
+    """The page shows selectors and subnets as written and keeps the Cloud scopes it has no checkbox
+    for, so changing only the display name there leaves no diff for the next ``terraform plan``."""
     from tests.test_page import Browser
 
     tf = Provider(gw)
-    plan = {"name": "tf-paged", "scopes": ["metrics:read"],
+    plan = {"name": "tf-paged", "scopes": ["metrics:read", "metrics:import"],
             "realm": [{"type": "stack", "identifier": "100", "label_policy": ['{ env != "dev" }']}],
             "allowed_subnets": ["10.1.2.3/8"]}
     p = await tf.call("POST", "/v1/accesspolicies", Provider.policy_body(plan, create=True))
@@ -491,3 +491,4 @@ async def test_a_page_edit_keeps_what_terraform_wrote(gw: Gateway) -> None:
     state = Provider.policy_state(REGION, await tf.call("GET", f"/v1/accesspolicies/{p['id']}"))
     assert state["display_name"] == "Edited in the page"
     assert state["realm"] == _plan_state(plan)["realm"] and state["allowed_subnets"] == {"10.1.2.3/8"}
+    assert state["scopes"] == set(plan["scopes"])  # the page has no metrics:import box; it is kept
