@@ -32,7 +32,7 @@ async def test_policy_crud_round_trip(gw: Gateway) -> None:
                                                              "status": "inactive"})
     assert updated["displayName"] == "Readers" and updated["conditions"] == {"allowedSubnets": []}
     assert updated["status"] == "inactive" and updated["scopes"] == ["logs:read", "metrics:read"]
-    await gw.api("DELETE", f"{P}/{created['id']}", expect=204)
+    await gw.api("DELETE", f"{P}/{created['id']}", expect=200)
     await gw.api("GET", f"{P}/{created['id']}", expect=404)
 
 
@@ -48,7 +48,7 @@ async def test_token_crud_and_secret_shown_once(gw: Gateway) -> None:
     assert [i["id"] for i in listed["items"]] == [t["id"]] and "token" not in listed["items"][0]
     upd = await gw.api("POST", f"{T}/{t['id']}", {"expiresAt": None, "displayName": "A2"})
     assert upd["expiresAt"] is None and upd["displayName"] == "A2"
-    await gw.api("DELETE", f"{T}/{t['id']}", expect=204)
+    await gw.api("DELETE", f"{T}/{t['id']}", expect=200)
     await gw.api("GET", f"{T}/{t['id']}", expect=404)
 
 
@@ -139,9 +139,9 @@ async def test_stack_realm_admin_is_confined_to_its_stack(gw: Gateway) -> None:
     assert err["field"] == "realms[0].identifier"
     err = await gw.api("POST", f"{P}/{mine['id']}", {"realms": [{"type": "stack", "identifier": "101"}]},
                        token=admin, expect=403)
-    await gw.api("POST", T, {"accessPolicyId": other["id"], "name": "steal"}, token=admin, expect=400)
+    await gw.api("POST", T, {"accessPolicyId": other["id"], "name": "steal"}, token=admin, expect=409)
     await gw.api("GET", "/api/v1/auditlog", token=admin, expect=403)
-    await gw.api("DELETE", f"{P}/{mine['id']}", token=admin, expect=204)
+    await gw.api("DELETE", f"{P}/{mine['id']}", token=admin, expect=200)
 
 
 async def test_other_org_is_invisible(gw: Gateway) -> None:
@@ -167,8 +167,8 @@ async def test_audit_log_records_every_mutation(gw: Gateway) -> None:
     p = await gw.policy("aud", ["metrics:read"])
     t = await gw.token(p["id"], "t1")
     await gw.api("POST", f"{P}/{p['id']}", {"displayName": "Audited"})
-    await gw.api("DELETE", f"{T}/{t['id']}", expect=204)
-    await gw.api("DELETE", f"{P}/{p['id']}", expect=204)
+    await gw.api("DELETE", f"{T}/{t['id']}", expect=200)
+    await gw.api("DELETE", f"{P}/{p['id']}", expect=200)
     log = await gw.api("GET", "/api/v1/auditlog?pageSize=5")
     actions = [e["action"] for e in log["items"]]
     assert actions == ["accesspolicy.delete", "token.delete", "accesspolicy.update", "token.create",
@@ -194,38 +194,38 @@ async def test_usage_is_tracked_in_batches(gw: Gateway) -> None:
 # ---- errors ------------------------------------------------------------------------------------------
 
 BAD_POLICY_BODIES: list[tuple[Any, int, str | None]] = [
-    ({"scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}]}, 400, "name"),
-    ({"name": "x" * 256, "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}]}, 400, "name"),
-    ({"name": "Bad Name", "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}]}, 400, "name"),
-    ({"name": "x", "scopes": [], "realms": [{"type": "org", "identifier": "1"}]}, 400, "scopes"),
-    ({"name": "x", "scopes": ["metrics:fly"], "realms": [{"type": "org", "identifier": "1"}]}, 400, "scopes[0]"),
-    ({"name": "x", "scopes": "metrics:read", "realms": [{"type": "org", "identifier": "1"}]}, 400, "scopes"),
-    ({"name": "x", "scopes": ["metrics:read"], "realms": []}, 400, "realms"),
-    ({"name": "x", "scopes": ["metrics:read"], "realms": [{"type": "galaxy", "identifier": "1"}]}, 400,
+    ({"scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}]}, 409, "name"),
+    ({"name": "x" * 256, "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}]}, 409, "name"),
+    ({"name": "Bad Name", "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}]}, 409, "name"),
+    ({"name": "x", "scopes": [], "realms": [{"type": "org", "identifier": "1"}]}, 409, "scopes"),
+    ({"name": "x", "scopes": ["metrics:fly"], "realms": [{"type": "org", "identifier": "1"}]}, 409, "scopes[0]"),
+    ({"name": "x", "scopes": "metrics:read", "realms": [{"type": "org", "identifier": "1"}]}, 409, "scopes"),
+    ({"name": "x", "scopes": ["metrics:read"], "realms": []}, 409, "realms"),
+    ({"name": "x", "scopes": ["metrics:read"], "realms": [{"type": "galaxy", "identifier": "1"}]}, 409,
      "realms[0].type"),
-    ({"name": "x", "scopes": ["metrics:read"], "realms": [{"type": "stack", "identifier": "999"}]}, 400,
+    ({"name": "x", "scopes": ["metrics:read"], "realms": [{"type": "stack", "identifier": "999"}]}, 409,
      "realms[0].identifier"),
     ({"name": "x", "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1",
-                                                           "labelPolicies": [{"selector": "{env="}]}]}, 400,
+                                                           "labelPolicies": [{"selector": "{env="}]}]}, 409,
      "realms[0].labelPolicies[0].selector"),
     ({"name": "x", "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1",
-                                                           "labelPolicies": [{"selector": '{a=~"("}'}]}]}, 400,
+                                                           "labelPolicies": [{"selector": '{a=~"("}'}]}]}, 409,
      "realms[0].labelPolicies[0].selector"),
     ({"name": "x", "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}],
-      "conditions": {"allowedSubnets": ["10.0.0.0/33"]}}, 400, "conditions.allowedSubnets[0]"),
+      "conditions": {"allowedSubnets": ["10.0.0.0/33"]}}, 409, "conditions.allowedSubnets[0]"),
     ({"name": "x", "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}],
-      "conditions": {"allowedSubnets": ["not-an-ip"]}}, 400, "conditions.allowedSubnets[0]"),
+      "conditions": {"allowedSubnets": ["not-an-ip"]}}, 409, "conditions.allowedSubnets[0]"),
     ({"name": "x", "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}], "extra": 1},
-     400, "extra"),
-    ([1, 2], 400, None),
-    ("just a string", 400, None),
+     409, "extra"),
+    ([1, 2], 409, None),
+    ("just a string", 409, None),
 ]
 
 
 @pytest.mark.parametrize("body, status, field", BAD_POLICY_BODIES)
 async def test_invalid_policy_bodies(gw: Gateway, body: Any, status: int, field: str | None) -> None:
     err = await gw.api("POST", P, body, expect=status)
-    assert err["code"] == "invalid_argument" and err["message"]
+    assert err["code"] == "Conflict" and err["message"]  # the spec's "Invalid arguments" answer
     assert err.get("field") == field
 
 
@@ -233,7 +233,7 @@ async def test_duplicate_name_is_409(gw: Gateway) -> None:
     await gw.policy("dup", ["metrics:read"])
     err = await gw.api("POST", P, {"name": "dup", "scopes": ["metrics:read"],
                                    "realms": [{"type": "org", "identifier": "1"}]}, expect=409)
-    assert err["code"] == "already_exists" and err["field"] == "name"
+    assert err["code"] == "Conflict" and err["field"] == "name"
     p = await gw.policy("t", ["metrics:read"])
     await gw.token(p["id"], "same")
     await gw.api("POST", T, {"accessPolicyId": p["id"], "name": "same"}, expect=409)
@@ -241,14 +241,14 @@ async def test_duplicate_name_is_409(gw: Gateway) -> None:
 
 async def test_name_cannot_change(gw: Gateway) -> None:
     p = await gw.policy("fixed", ["metrics:read"])
-    err = await gw.api("POST", f"{P}/{p['id']}", {"name": "renamed"}, expect=400)
+    err = await gw.api("POST", f"{P}/{p['id']}", {"name": "renamed"}, expect=409)
     assert err["field"] == "name"
 
 
 async def test_raw_body_errors(gw: Gateway) -> None:
     h = gw.auth()
     r = await gw.client.post(P, data=b"{not json", headers={**h, "Content-Type": "application/json"})
-    assert r.status == 400 and (await r.json())["message"] == "request body is not valid JSON"
+    assert r.status == 409 and (await r.json())["message"] == "request body is not valid JSON"
     r = await gw.client.post(P, data=b"name=x", headers={**h, "Content-Type": "application/x-www-form-urlencoded"})
     assert r.status == 415 and (await r.json())["code"] == "unsupported_media_type"
     big = b'{"name": "' + b"x" * (10 * 1024 * 1024) + b'"}'
@@ -266,17 +266,17 @@ async def test_unauthenticated(gw: Gateway, header: str | None, message: str) ->
     r = await gw.client.get(P, headers={"Authorization": header} if header else {})
     assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
     body = await r.json()
-    assert body == {"code": "unauthenticated", "message": message}
+    assert body == {"code": "InvalidCredentials", "message": message}
 
 
 async def test_unknown_and_malformed_ids(gw: Gateway) -> None:
     await gw.api("GET", f"{P}/00000000-0000-0000-0000-000000000000", expect=404)
     await gw.api("GET", f"{P}/not-a-uuid", expect=404)
     await gw.api("GET", f"{T}/not-a-uuid", expect=404)
-    err = await gw.api("POST", T, {"accessPolicyId": "nope", "name": "x"}, expect=400)
+    err = await gw.api("POST", T, {"accessPolicyId": "nope", "name": "x"}, expect=409)
     assert err["field"] == "accessPolicyId"
     err = await gw.api("POST", T, {"accessPolicyId": "00000000-0000-0000-0000-000000000000", "name": "x"},
-                       expect=400)
+                       expect=409)
 
 
 @pytest.mark.parametrize("query, field", [("pageSize=0", "pageSize"), ("pageSize=501", "pageSize"),
@@ -284,7 +284,7 @@ async def test_unknown_and_malformed_ids(gw: Gateway) -> None:
                                           ("realmIdentifier=1", "realmIdentifier"), ("realmType=x", "realmType"),
                                           ("region=mars", "region"), ("status=sleepy", "status")])
 async def test_bad_list_parameters(gw: Gateway, query: str, field: str) -> None:
-    err = await gw.api("GET", f"{P}?{query}", expect=400)
+    err = await gw.api("GET", f"{P}?{query}", expect=409)
     assert err["field"] == field
 
 
@@ -298,7 +298,7 @@ async def test_bad_list_parameters(gw: Gateway, query: str, field: str) -> None:
     ({"accessPolicyId": "00000000-0000-0000-0000-000000000000", "name": "x", "scopes": []}, "scopes"),
 ])
 async def test_invalid_token_bodies(gw: Gateway, body: Any, field: str) -> None:
-    err = await gw.api("POST", T, body, expect=400)
+    err = await gw.api("POST", T, body, expect=409)
     assert err["field"] == field
 
 
@@ -306,7 +306,7 @@ async def test_deleting_a_policy_revokes_its_tokens_at_once(gw: Gateway) -> None
     p = await gw.policy("gone", ["accesspolicies:read"])
     t = (await gw.token(p["id"], "t"))["token"]
     await gw.api("GET", P, token=t)
-    await gw.api("DELETE", f"{P}/{p['id']}", expect=204)
+    await gw.api("DELETE", f"{P}/{p['id']}", expect=200)
     r = await gw.client.get(P, headers=gw.auth(t))
     assert r.status == 401
 

@@ -55,7 +55,7 @@ async def test_a_stale_snapshot_is_refused_not_trusted(gw: Gateway) -> None:
     r = await gw.client.get("/ready")
     assert r.status == 503
     r = await gw.client.get("/api/v1/accesspolicies", headers=gw.auth())
-    assert r.status == 503 and (await r.json())["code"] == "unavailable"
+    assert r.status == 503 and (await r.json())["code"] == "ServiceUnavailable"
     await cache.resync()
     assert (await gw.client.get("/ready")).status == 200
 

@@ -167,7 +167,7 @@ async def test_datasource_with_rules_cannot_move_and_delete_needs_permissions(gw
 async def test_deleting_the_policy_deletes_its_datasources(gw: Gateway) -> None:
     p = await reader_policy(gw)
     created = await datasource(gw, "a", p["id"])
-    await gw.api("DELETE", f"/api/v1/accesspolicies/{p['id']}", expect=204)
+    await gw.api("DELETE", f"/api/v1/accesspolicies/{p['id']}")
     await gw.api("GET", f"{DS}/uid/a", expect=404)
     deadline = time.monotonic() + 1.0  # the NOTIFY of the cascaded delete
     while created["id"] in gw.state.cache.datasources:
@@ -180,23 +180,25 @@ async def test_deleting_the_policy_deletes_its_datasources(gw: Gateway) -> None:
 async def test_team_crud_and_members(gw: Gateway) -> None:
     t = await team(gw, "Dev Team", ["alice", "bob", "Alice"])
     assert t["name"] == "Dev Team" and t["members"] == ["alice", "bob"] and t["memberCount"] == 2
-    assert isinstance(t["id"], int) and t["uid"]
-    assert await gw.api("GET", f"{TEAMS}/{t['id']}") == t
+    assert isinstance(t["id"], int) and t["uid"] and t["message"] == "Team created" and t["teamId"] == t["id"]
+    got = await gw.api("GET", f"{TEAMS}/{t['id']}")
+    assert got == {k: val for k, val in t.items() if k not in ("message", "teamId")}
+    assert await gw.api("GET", f"{TEAMS}/uid/{t['uid']}") == got
     u = await gw.api("POST", TEAMS, {"name": "Ops", "uid": "ops"})
     assert u["uid"] == "ops" and u["members"] == []
     page = await gw.api("GET", f"{TEAMS}?pageSize=1")
     assert [x["id"] for x in page["items"]] == [t["id"]]
     assert [x["id"] for x in (await gw.api("GET", page["metadata"]["pagination"]["nextPage"]))["items"]] == [u["id"]]
     assert [x["id"] for x in (await gw.api("GET", f"{TEAMS}?uid=ops"))["items"]] == [u["id"]]
-    assert await gw.api("GET", f"{TEAMS}/{t['id']}/members") == {"members": ["alice", "bob"]}
+    assert [m["login"] for m in await gw.api("GET", f"{TEAMS}/{t['id']}/members")] == ["alice", "bob"]
     assert await gw.api("PUT", f"{TEAMS}/{t['id']}/members", {"members": ["carol", " dave "]}) == {
-        "members": ["carol", "dave"]}
+        "message": "Team memberships have been updated", "members": ["carol", "dave"]}
     renamed = await gw.api("PUT", f"{TEAMS}/{t['id']}", {"name": "Developers"})
     assert renamed["name"] == "Developers" and renamed["members"] == ["carol", "dave"]
     await expect_error(gw, "PUT", f"{TEAMS}/{t['id']}", {"name": "Ops"}, 409, "name")
     await expect_error(gw, "POST", TEAMS, {"name": "Ops"}, 409, "name")
     await expect_error(gw, "POST", TEAMS, {"name": "Other", "uid": "ops"}, 409, "uid")
-    await gw.api("DELETE", f"{TEAMS}/{t['id']}", expect=204)
+    await gw.api("DELETE", f"{TEAMS}/{t['id']}")
     for method in ("GET", "DELETE"):
         await expect_error(gw, method, f"{TEAMS}/{t['id']}", None, 404)
     await expect_error(gw, "GET", f"{TEAMS}/{t['id']}/members", None, 404)
@@ -226,7 +228,7 @@ async def test_team_writes_need_both_scopes_and_the_whole_org(gw: Gateway) -> No
     stack_admin = await scoped_token(gw, ["datasources:read", "datasources:write", "datasources.permissions:write"],
                                      [{"type": "stack", "identifier": "100"}])
     assert (await gw.api("GET", f"{TEAMS}/{t['id']}", token=reader))["id"] == t["id"]
-    assert (await gw.api("GET", f"{TEAMS}/{t['id']}/members", token=stack_admin)) == {"members": []}
+    assert (await gw.api("GET", f"{TEAMS}/{t['id']}/members", token=stack_admin)) == []
     for token in (reader, writer, stack_admin):
         await expect_error(gw, "POST", TEAMS, {"name": "n"}, 403, token=token)
         await expect_error(gw, "PUT", f"{TEAMS}/{t['id']}", {"name": "n"}, 403, token=token)
@@ -246,7 +248,7 @@ async def test_rules_put_and_get_in_the_seed_shape(gw: Gateway) -> None:
     ds = await datasource(gw, "my_datasource", p["id"], name="My Data Source")
     t1, t2 = await team(gw, "one", ["alice"]), await team(gw, "two", ["bob"])
     empty = await gw.api("GET", f"{DS}/my_datasource/lbac/teams")
-    assert empty == {"id": ds["id"], "uid": "my_datasource", "name": "My Data Source", "lbacRules": []}
+    assert empty == {"id": ds["id"], "uid": "my_datasource", "name": "My Data Source", "rules": [], "lbacRules": []}
 
     seed_rule = rule('100:{ foo="bar" }')
     resp = await gw.client.put(f"{DS}/my_datasource/lbac/teams", json={"teamId": t1["id"], "rules": [seed_rule]},
@@ -254,6 +256,7 @@ async def test_rules_put_and_get_in_the_seed_shape(gw: Gateway) -> None:
     assert resp.status == 200 and resp.content_type == "application/json"
     assert await resp.json() == {"message": "Data source LBAC rules updated", "id": ds["id"],
                                  "uid": "my_datasource", "name": "My Data Source",
+                                 "rules": [{"teamId": str(t1["id"]), "teamUid": t1["uid"], "rules": ['{ foo="bar" }']}],
                                  "lbacRules": [{"teamId": t1["id"], "rules": [seed_rule]}]}
     for path in (f"{DS}/my_datasource/lbac/teams", f"{DS}/uid/my_datasource/lbac/teams"):
         got = await gw.api("GET", path)
@@ -397,7 +400,7 @@ async def test_deleting_a_team_removes_its_rules(gw: Gateway) -> None:
     await gw.api("PUT", f"{DS}/a/lbac/teams", {"rules": [{"teamId": t1["id"], "rules": [rule('100:{env="dev"}')]},
                                                          {"teamId": t2["id"], "rules": [rule('100:{env="prod"}')]}]})
     assert set(gw.state.cache.team_rules[(p["id"], "metrics")]) == {"alice", "bob"}
-    await gw.api("DELETE", f"{TEAMS}/{t1['id']}", expect=204)
+    await gw.api("DELETE", f"{TEAMS}/{t1['id']}")
     assert [e["teamId"] for e in (await gw.api("GET", f"{DS}/a/lbac/teams"))["lbacRules"]] == [t2["id"]]
     assert set(gw.state.cache.team_rules[(p["id"], "metrics")]) == {"bob"}
 
@@ -412,7 +415,7 @@ async def test_every_change_is_audited(gw: Gateway) -> None:
     await gw.api("PUT", f"{DS}/a/lbac/teams", {"teamId": t["id"], "rules": [rule('100:{env="dev"}')]})
     await gw.api("PUT", f"{DS}/a/lbac/teams", {"rules": []})
     await gw.api("PUT", f"{DS}/a/lbac/teams", {"teamId": t["id"], "rules": [rule('100:{env="x"}')]})
-    await gw.api("DELETE", f"{TEAMS}/{t['id']}", expect=204)
+    await gw.api("DELETE", f"{TEAMS}/{t['id']}")
     await gw.api("DELETE", f"{DS}/uid/a", expect=204)
     await expect_error(gw, "PUT", f"{DS}/a/lbac/teams", {"rules": [3]}, 400, "rules[0]")  # failures write nothing
     log = (await gw.api("GET", "/api/v1/auditlog?pageSize=11"))["items"]
@@ -562,7 +565,7 @@ async def test_rule_changes_reach_another_replica_within_a_second(db_dsn: str, a
             await wait_for([])
             await env.gw.api("PUT", f"{TEAMS}/{two['id']}/members", {"members": ["alice"]})
             await wait_for(['{env="p"}'])
-            await env.gw.api("DELETE", f"{TEAMS}/{two['id']}", expect=204)
+            await env.gw.api("DELETE", f"{TEAMS}/{two['id']}")
             await wait_for([])
         finally:
             await other.stop()
@@ -582,9 +585,9 @@ async def test_resync_rebuilds_the_same_index(db_dsn: str, aiohttp_client: Any, 
 async def test_a_datasource_policy_cannot_lose_its_read_scope_or_gain_label_policies(gw: Gateway) -> None:
     p = await reader_policy(gw, ["metrics:read"])
     await datasource(gw, "keep", p["id"])
-    err = await expect_error(gw, "POST", f"/api/v1/accesspolicies/{p['id']}", {"scopes": ["logs:read"]}, 400, "scopes")
+    err = await expect_error(gw, "POST", f"/api/v1/accesspolicies/{p['id']}", {"scopes": ["logs:read"]}, 409, "scopes")
     assert "metrics:read" in err["message"]
     await expect_error(gw, "POST", f"/api/v1/accesspolicies/{p['id']}", {"realms": [
-        {"type": "stack", "identifier": "100", "labelPolicies": [{"selector": '{env="dev"}'}]}]}, 400, "realms")
+        {"type": "stack", "identifier": "100", "labelPolicies": [{"selector": '{env="dev"}'}]}]}, 409, "realms")
     ok = await gw.api("POST", f"/api/v1/accesspolicies/{p['id']}", {"displayName": "still fine"})
     assert ok["displayName"] == "still fine"

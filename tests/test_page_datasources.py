@@ -208,7 +208,7 @@ async def test_rules_for_a_team_deleted_meanwhile_are_refused(gw: Gateway) -> No
     one = await team(gw, "one")
     b = await signed_in(gw)
     ver = version(await b.get("/ui/datasources/a"))
-    await gw.api("DELETE", f"{TEAMS}/{one['id']}", expect=204)
+    await gw.api("DELETE", f"{TEAMS}/{one['id']}")
     _, text = await b.post("/ui/datasources/a/rules", {f"rules:{one['id']}": '{a="b"}', "version": ver}, status=400,
                            form_page="/ui/datasources/a")
     assert f"Team {one['id']} was deleted meanwhile" in text
@@ -268,7 +268,7 @@ async def test_team_create_rename_members_delete(gw: Gateway) -> None:
     _, text = await b.post(f"{loc}/members", {"members": "carol\nd\x00ave"}, status=400, form_page=loc)
     assert "The members were not saved." in text and "line 2: must be a Grafana user login" in text
     await b.post(f"{loc}/members", {"members": " carol \ndave\nCarol"}, form_page=loc)
-    assert (await gw.api("GET", f"{TEAMS}/{tid}/members")) == {"members": ["carol", "dave"]}
+    assert [m["login"] for m in await gw.api("GET", f"{TEAMS}/{tid}/members")] == ["carol", "dave"]
     assert "Saved the members of Developers: 2 members." in await b.get(loc)
 
     p = await reader_policy(gw)
@@ -312,7 +312,7 @@ async def test_every_new_form_refuses_a_missing_or_wrong_csrf_token(gw: Gateway)
     await gw.api("GET", f"{DS}/uid/a")
     assert await rules_of(gw, "a") == []
     assert [x["name"] for x in (await gw.api("GET", TEAMS))["items"]] == ["t"]
-    assert (await gw.api("GET", f"{TEAMS}/{t['id']}/members")) == {"members": ["alice"]}
+    assert [m["login"] for m in await gw.api("GET", f"{TEAMS}/{t['id']}/members")] == ["alice"]
 
 
 async def test_scopes_are_checked_and_the_missing_one_named(gw: Gateway) -> None:

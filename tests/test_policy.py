@@ -167,8 +167,9 @@ def test_selector_parse_and_print(text: str, expected: str) -> None:
     assert parse_selector(str(sel)) == sel
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "{}", '{a=""}', "{a=~\"(\"}", "rate(up[5m])", "up offset 5m",
-                                 "{a=\"b\"}[5m]", '{a="b" or c="d"}', "{a=", "x" * 5000])
+@pytest.mark.parametrize("bad", ["", "   ", "{}", '{a=~".*"}', '{a=~".*", b=~"(.*)"}', "{a=~\"(\"}",
+                                 "rate(up[5m])", "up offset 5m", "{a=\"b\"}[5m]", '{a="b" or c="d"}', "{a=",
+                                 "x" * 5000])
 def test_bad_selectors_are_refused(bad: str) -> None:
     with pytest.raises(SelectorError):
         parse_selector(bad)
@@ -183,8 +184,26 @@ def test_selector_matches_semantics() -> None:
 
 
 def test_selector_matching_everything_is_refused_with_advice() -> None:
-    with pytest.raises(SelectorError, match="non-empty"):
-        parse_selector('{team!="b"}')
+    with pytest.raises(SelectorError, match="matches every series"):
+        parse_selector('{team=~".*"}')
+
+
+@pytest.mark.parametrize("text, matchers", [
+    ('{env != "dev"}', [("env", "!=", "dev")]),  # the Cloud spec's own example
+    ('{team!="b", env!~"x|y"}', [("team", "!=", "b"), ("env", "!~", "x|y")]),
+    ('{a=""}', [("a", "=", "")]),  # "no label a" restricts too
+])
+def test_negative_only_selectors_are_valid_label_policies(text: str, matchers: list[tuple[str, str, str]]) -> None:
+    sel = parse_selector(text)
+    assert [(m.name, m.op, m.value) for m in sel.matchers] == matchers
+    assert sel.text == text and parse_selector(str(sel)) == sel
+    assert sel.matches({"env": "prod"}) == all(m.matches({"env": "prod"}) for m in sel.matchers)
+
+
+def test_selector_keeps_the_text_as_written_but_compares_by_matchers() -> None:
+    a, b = parse_selector('{ env = "dev" }'), parse_selector('{env="dev"}')
+    assert a == b and hash(a) == hash(b)
+    assert a.text == '{ env = "dev" }' and str(a) == '{env="dev"}' and b.text == '{env="dev"}'
 
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)

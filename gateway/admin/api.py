@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from gateway.admin import validate as v
-from gateway.admin.errors import ApiError, bad_request
+from gateway.admin.errors import ApiError, bad_request, is_cloud_path
 from gateway.admin.serialize import audit_json, policy_json, token_json
 from gateway.clientip import client_ip
 from gateway.policy import tokens as tokfmt
@@ -55,8 +55,16 @@ def authenticate(request: web.Request, scope: str, *extra: str) -> tuple[Identit
     ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), st.config.trusted_proxies)
     if not policy.ip_allowed(ip):
         raise ApiError(403, "permission_denied", f"client address {ip} is outside the allowed ranges")
+    _check_org_param(request, policy.org_id)
     st.cache.record_use(ident.token.id)
     return ident, admin_scope(policy)
+
+
+def _check_org_param(request: web.Request, org_id: str) -> None:
+    """Cloud clients may add ``?orgId=``: accepted (and ignored) when it names the token's own org."""
+    given = request.query.get("orgId")
+    if given is not None and is_cloud_path(request.path) and given != org_id:
+        raise ApiError(403, "permission_denied", f"orgId {given!r} is not the org of your token", "orgId")
 
 
 async def read_json(request: web.Request) -> Any:
@@ -94,10 +102,15 @@ def _page_params(request: web.Request) -> tuple[int, str | None]:
 
 
 def _paged(request: web.Request, items: list[Any], size: int, nxt: str | None) -> web.Response:
+    """``nextPage`` is relative to Cloud's ``/api`` base on Cloud paths (``/v1/accesspolicies?...``, the
+    provider and the gcom client join it to their base URL), the full path elsewhere."""
     next_page = None
     if nxt:
         query = [(k, val) for k, val in request.query.items() if k != "pageCursor"] + [("pageCursor", nxt)]
-        next_page = f"{request.path}?{urlencode(query)}"
+        path = request.path
+        if is_cloud_path(path) and path.startswith("/api/"):
+            path = path[len("/api"):]
+        next_page = f"{path}?{urlencode(query)}"
     return web.json_response({"items": items, "metadata": {"pagination": {
         "pageSize": size, "pageCursor": request.query.get("pageCursor"), "nextPage": next_page}}})
 
@@ -112,19 +125,26 @@ async def create_policy(request: web.Request) -> web.Response:
     _check_region(request)
     ident, scope = authenticate(request, "accesspolicies:write")
     st = _state(request)
-    body = v.obj(await read_json(request), ("name", "displayName", "scopes", "realms", "conditions"),
+    body = v.obj(await read_json(request), ("name", "displayName", "scopes", "realms", "conditions", "attributes"),
                  ("name", "scopes", "realms"))
     name = v.name(body["name"])
+    nets, texts = v.conditions_text(body.get("conditions"))
     policy = AccessPolicy(
         id=str(uuid.uuid4()), org_id=scope.org_id, name=name,
         display_name=v.display_name(body.get("displayName"), name), scopes=v.scopes(body["scopes"]),
-        realms=v.realms(body["realms"], st.config, scope), allowed_subnets=v.conditions(body.get("conditions")))
+        realms=v.realms(body["realms"], st.config, scope), allowed_subnets=nets, subnet_texts=texts,
+        attributes_json=_attributes_json(body.get("attributes")))
     try:
         created = await st.store.create_policy(policy, _actor(ident), policy_json)
     except Conflict as exc:
         raise ApiError(409, "already_exists", str(exc), "name") from None
     await st.cache.apply_change("access_policies", "INSERT", created.id)
     return web.json_response(policy_json(created))
+
+
+def _attributes_json(value: Any) -> str | None:
+    checked = v.attributes(value)
+    return None if checked is None else json.dumps(checked, sort_keys=True)
 
 
 _POLICY_FILTERS = ("name", "realmType", "realmIdentifier", "status")
@@ -170,16 +190,19 @@ async def update_policy(request: web.Request) -> web.Response:
     ident, scope = authenticate(request, "accesspolicies:write")
     st = _state(request)
     pid = _path_uuid(request)
-    body = v.obj(await read_json(request), ("name", "displayName", "scopes", "realms", "conditions", "status"))
+    body = v.obj(await read_json(request), ("name", "displayName", "scopes", "realms", "conditions", "status",
+                                            "attributes"))
     changes: dict[str, Any] = {}
-    if "displayName" in body:
+    if body.get("displayName") not in (None, ""):  # "" is Terraform's "unset": keep the current one
         changes["display_name"] = v.display_name(body["displayName"], "")
     if "scopes" in body:
         changes["scopes"] = v.scopes(body["scopes"])
     if "realms" in body:
         changes["realms"] = v.realms(body["realms"], st.config, scope)
     if "conditions" in body:
-        changes["allowed_subnets"] = v.conditions(body["conditions"])
+        changes["allowed_subnets"], changes["subnet_texts"] = v.conditions_text(body["conditions"])
+    if "attributes" in body:
+        changes["attributes_json"] = _attributes_json(body["attributes"])
     if "status" in body:
         changes["status"] = v.status(body["status"])
 
@@ -219,7 +242,7 @@ async def delete_policy(request: web.Request) -> web.Response:
     except NotFound as exc:
         raise ApiError(404, "not_found", str(exc)) from None
     await st.cache.apply_change("access_policies", "DELETE", pid)
-    return web.Response(status=204)
+    return web.json_response({})  # the spec's 200; the gcom client decodes a JSON body
 
 
 # ---- tokens -----------------------------------------------------------------------------------------
@@ -260,6 +283,12 @@ async def list_tokens(request: web.Request) -> web.Response:
     filters: dict[str, Any] = {k: request.query[k] for k in _TOKEN_FILTERS if k in request.query}
     if "accessPolicyId" in filters:
         v.uuid_str(filters["accessPolicyId"], "accessPolicyId")
+    if "accessPolicyIds" in request.query:
+        ids = [i for i in request.query["accessPolicyIds"].split(",") if i]
+        if not ids or len(ids) > MAX_PAGE:
+            raise bad_request(f"accessPolicyIds must be a comma-separated list of 1-{MAX_PAGE} ids", "accessPolicyIds")
+        filters["accessPolicyIds"] = [v.uuid_str(i, "accessPolicyIds") for i in ids]
+    filters["includeExpired"] = _flag(request, "includeExpired")
     for key in ("expiresBefore", "expiresAfter"):
         if key in filters:
             filters[key] = v.timestamp(filters[key], key)
@@ -274,6 +303,13 @@ async def list_tokens(request: web.Request) -> web.Response:
     except BadCursor as exc:
         raise bad_request(str(exc), "pageCursor") from None
     return _paged(request, [token_json(t) for t in page.items], size, page.next_cursor)
+
+
+def _flag(request: web.Request, key: str) -> bool:
+    raw = request.query.get(key, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise bad_request(f"{key} must be true or false", key)
+    return raw in ("true", "1")
 
 
 async def get_token(request: web.Request) -> web.Response:
@@ -292,7 +328,7 @@ async def update_token(request: web.Request) -> web.Response:
     tid = _path_uuid(request)
     body = v.obj(await read_json(request), ("displayName", "expiresAt"))
     changes: dict[str, Any] = {}
-    if "displayName" in body:
+    if body.get("displayName") not in (None, ""):  # "" is Terraform's "unset": keep the current one
         changes["display_name"] = v.display_name(body["displayName"], "")
     if "expiresAt" in body:
         changes["expires_at"] = None if body["expiresAt"] is None else v.timestamp(body["expiresAt"], "expiresAt")
@@ -314,7 +350,7 @@ async def delete_token(request: web.Request) -> web.Response:
     except NotFound as exc:
         raise ApiError(404, "not_found", str(exc)) from None
     await st.cache.apply_change("tokens", "DELETE", tid)
-    return web.Response(status=204)
+    return web.json_response({})  # the spec's 200 with an object body
 
 
 # ---- audit log --------------------------------------------------------------------------------------
@@ -332,6 +368,9 @@ async def list_audit(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    from gateway.admin import cloud  # it builds on this module
+
+    cloud.add_routes(app)  # first: /accesspolicies/config must win over /accesspolicies/{id}
     for prefix in ("/api/v1", "/v1"):  # Cloud clients use both /api/v1/... and /v1/...
         app.router.add_post(f"{prefix}/accesspolicies", create_policy)
         app.router.add_get(f"{prefix}/accesspolicies", list_policies)

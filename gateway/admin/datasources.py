@@ -15,7 +15,12 @@ Permissions (same Bearer tokens as the Access Policies API):
 
 A rules PUT replaces the data source's WHOLE rule set, as the seed says ("Deleting a team from the list
 will remove the team's LBAC rules"): also the one-team form ``{"teamId": 1, "rules": [...]}``, which
-leaves exactly that team with rules and removes every other team's.
+leaves exactly that team with rules and removes every other team's. GET and PUT answer in both of
+Grafana's shapes at once: ``rules`` (current Grafana's ``TeamLBACRule``, what Terraform's
+``grafana_data_source_config_lbac_rules`` reads back) and the seed's ``lbacRules``.
+
+Teams answer in Grafana's HTTP API shapes (``pkg/api/team.go``, ``TeamDTO``, ``TeamMemberDTO``), with the
+gateway's ``members`` (Grafana user logins) beside them.
 """
 
 from __future__ import annotations
@@ -69,14 +74,36 @@ def datasource_json(d: DataSource) -> dict[str, Any]:
             "updatedAt": rfc3339(d.updated_at)}
 
 
+def _num(value: str) -> int | str:
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else value
+
+
 def team_json(t: Team) -> dict[str, Any]:
-    return {"id": t.id, "uid": t.uid, "orgId": t.org_id, "name": t.name, "memberCount": len(t.members),
-            "members": list(t.members), "createdAt": rfc3339(t.created_at), "updatedAt": rfc3339(t.updated_at)}
+    """Grafana's ``TeamDTO`` (id, uid, orgId, name, email, avatarUrl, memberCount, permission), plus the
+    gateway's ``members``, ``createdAt`` and ``updatedAt``."""
+    return {"id": t.id, "uid": t.uid, "orgId": _num(t.org_id), "name": t.name, "email": t.email, "avatarUrl": "",
+            "memberCount": len(t.members), "permission": 0, "members": list(t.members),
+            "createdAt": rfc3339(t.created_at), "updatedAt": rfc3339(t.updated_at)}
+
+
+def member_json(t: Team, login: str) -> dict[str, Any]:
+    """Grafana's ``TeamMemberDTO`` for a member known only by login (the gateway has no user ids)."""
+    return {"orgId": _num(t.org_id), "teamId": t.id, "teamUID": t.uid, "userId": 0, "userUID": "",
+            "auth_module": "", "email": login if "@" in login else "", "name": login, "login": login,
+            "avatarUrl": "", "labels": [], "permission": 0}
 
 
 def lbac_rules_json(rules: Rules) -> list[dict[str, Any]]:
     """The seed's shape: ``[{"teamId": 1, "rules": [{"header": ..., "value": "<tenant>:<selector>"}]}]``."""
     return [{"teamId": tid, "rules": [{"header": HEADER, "value": r.text} for r in rs]} for tid, rs in rules]
+
+
+def grafana_rules_json(rules: Rules, uids: dict[int, str]) -> list[dict[str, Any]]:
+    """Grafana's current shape (``TeamLBACRule``, what ``grafana_data_source_config_lbac_rules`` reads):
+    ``[{"teamId": "1", "teamUid": "...", "rules": ["{ foo=\"bar\" }"]}]``: each rule's selector as written,
+    without its tenant (Grafana adds the data source's tenant itself)."""
+    return [{"teamId": str(tid), "teamUid": uids.get(tid, ""), "rules": [r.text.partition(":")[2] for r in rs]}
+            for tid, rs in rules]
 
 
 # ---- small validators -----------------------------------------------------------------------------
@@ -263,14 +290,14 @@ Entry = tuple[TeamRef, list[tuple[Any, str]]]  # (team reference, [(raw rule, fi
 def _team_ref(entry: dict[str, Any], prefix: str) -> TeamRef:
     team_id: int | None = None
     team_uid: str | None = None
-    if entry.get("teamId") is not None:
+    if entry.get("teamId") not in (None, ""):  # Grafana's client may send an empty teamId beside teamUid
         raw = entry["teamId"]
         if isinstance(raw, str) and (raw.isascii() and raw.isdigit()) and len(raw) <= 18:
             raw = int(raw)
         if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
             raise bad_request("teamId must be the numeric id of a team", f"{prefix}teamId")
         team_id = raw
-    if entry.get("teamUid") is not None:
+    if entry.get("teamUid") not in (None, ""):
         team_uid = valid_uid(entry["teamUid"], f"{prefix}teamUid")
     if team_id is None and team_uid is None:
         raise bad_request("teamId (or teamUid) is required", f"{prefix}teamId")
@@ -339,15 +366,15 @@ def valid_rule(raw: Any, field: str, tenants: list[str], signal: str, policy: Ac
         value, field = raw.get("value"), f"{field}.value"
         if not isinstance(value, str) or ":" not in value:
             raise bad_request("value must be <tenant>:<selector>, e.g. 18042:{env=\"dev\"}", field)
-        text = value.strip()
+        text = value
     elif isinstance(raw, str) and raw.strip():
-        text = raw.strip()
-        if text.startswith("{"):
+        text = raw  # kept as written: both answer shapes return it verbatim
+        if raw.strip().startswith("{"):
             if len(tenants) != 1:
                 have = ", ".join(tenants) or "none"
                 raise bad_request(f"a bare selector needs the data source's single {signal} tenant, but access "
                                   f"policy {policy.name!r} covers {have}; write <tenant>:<selector>", field)
-            text = f"{tenants[0]}:{text}"
+            text = f"{tenants[0]}:{raw}"
     else:
         raise bad_request(f"must be a rule {{\"header\": \"{HEADER}\", \"value\": \"<tenant>:<selector>\"}} "
                           "or a selector string", field)
@@ -391,19 +418,23 @@ def build_rules(cfg: Config, entries: list[Entry], ds: DataSource, policy: Acces
     return tuple((tid, rs) for tid, rs in out.items() if rs)
 
 
-def _rules_response(ds: DataSource, message: str | None = None) -> web.Response:
+def _rules_response(ds: DataSource, uids: dict[int, str], message: str | None = None) -> web.Response:
+    """Both of Grafana's shapes at once: ``rules`` (current Grafana, Terraform) and ``lbacRules`` (the seed)."""
     body: dict[str, Any] = {"message": message} if message else {}
-    body.update(id=ds.id, uid=ds.uid, name=ds.name, lbacRules=lbac_rules_json(ds.lbac_rules))
+    body.update(id=ds.id, uid=ds.uid, name=ds.name, rules=grafana_rules_json(ds.lbac_rules, uids),
+                lbacRules=lbac_rules_json(ds.lbac_rules))
     return web.json_response(body)
 
 
 async def get_lbac_rules(request: web.Request) -> web.Response:
     _, scope = authenticate(request, READ)
+    st = get_state(request)
     try:
-        ds = await store.get_datasource(get_state(request).store, scope, request.match_info["uid"])
+        ds = await store.get_datasource(st.store, scope, request.match_info["uid"])
     except NotFound as exc:
         raise _not_found(exc) from None
-    return _rules_response(ds)
+    uids = await store.team_uids(st.store, ds.org_id, [tid for tid, _ in ds.lbac_rules]) if ds.lbac_rules else {}
+    return _rules_response(ds, uids)
 
 
 async def put_lbac_rules(request: web.Request) -> web.Response:
@@ -412,8 +443,10 @@ async def put_lbac_rules(request: web.Request) -> web.Response:
     st = get_state(request)
     entries = parse_rules_body(await read_json(request))
     cfg = st.config
+    uids: dict[int, str] = {}
 
     def build(ds: DataSource, policy: AccessPolicy, teams: Sequence[Team]) -> Rules:
+        uids.update((t.id, t.uid) for t in teams)
         return build_rules(cfg, entries, ds, policy, teams)
 
     try:
@@ -421,7 +454,7 @@ async def put_lbac_rules(request: web.Request) -> web.Response:
     except NotFound as exc:
         raise _not_found(exc) from None
     await st.cache.apply_change("datasources", "UPDATE", str(updated.id))
-    return _rules_response(updated, RULES_UPDATED)
+    return _rules_response(updated, uids, RULES_UPDATED)
 
 
 # ---- teams ----------------------------------------------------------------------------------------
@@ -433,19 +466,51 @@ def _team_writer(request: web.Request) -> tuple[str, AdminScope]:
     return _actor(ident), scope
 
 
+def valid_email(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > MAX_LOGIN or any(ord(ch) < 32 for ch in value):
+        raise bad_request(f"email must be a string of at most {MAX_LOGIN} printable characters", "email")
+    return value
+
+
 async def create_team(request: web.Request) -> web.Response:
+    """Grafana's ``POST /api/teams`` (``{"name", "email"}``; also ``uid`` and the gateway's ``members``);
+    answers Grafana's ``{"message": "Team created", "teamId", "uid"}`` and the team itself."""
     actor, scope = _team_writer(request)
     st = get_state(request)
-    body = v.obj(await read_json(request), ("uid", "name", "members"), ("name",))
-    team = Team(id=0, uid=valid_uid(body["uid"]) if body.get("uid") is not None else new_uid(),
+    body = v.obj(await read_json(request), ("uid", "name", "email", "members"), ("name",))
+    team = Team(id=0, uid=valid_uid(body["uid"]) if body.get("uid") not in (None, "") else new_uid(),
                 org_id=scope.org_id, name=valid_name(body["name"]),
-                members=valid_members(body["members"]) if body.get("members") is not None else ())
+                members=valid_members(body["members"]) if body.get("members") is not None else (),
+                email=valid_email(body.get("email")))
     try:
         created = await store.create_team(st.store, scope, team, actor, team_json)
     except FieldConflict as exc:
         raise _conflict(exc) from None
     await st.cache.apply_change("teams", "INSERT", str(created.id))
-    return web.json_response(team_json(created))
+    return web.json_response({"message": "Team created", "teamId": created.id, **team_json(created)})
+
+
+async def search_teams(request: web.Request) -> web.Response:
+    """Grafana's ``GET /api/teams/search?query=&name=&page=&perpage=``: ``{totalCount, teams, page, perPage}``."""
+    _, scope = authenticate(request, READ)
+    page = _positive(request, "page", 1)
+    per_page = min(_positive(request, "perpage", 1000), 1000)
+    total, teams = await store.search_teams(get_state(request).store, scope, request.query.get("query") or None,
+                                            request.query.get("name"), page, per_page)
+    return web.json_response({"totalCount": total, "teams": [team_json(t) for t in teams], "page": page,
+                              "perPage": per_page})
+
+
+def _positive(request: web.Request, key: str, default: int) -> int:
+    """Grafana reads these leniently: absent, empty or below 1 means the default."""
+    raw = request.query.get(key, "")
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        raise bad_request(f"{key} must be a positive integer", key)
+    return int(raw) if int(raw) >= 1 else default
 
 
 async def list_teams(request: web.Request) -> web.Response:
@@ -460,22 +525,29 @@ async def list_teams(request: web.Request) -> web.Response:
 
 
 async def get_team(request: web.Request) -> web.Response:
+    """``/api/teams/{id}``; ``/api/teams/uid/{uid}`` finds a team by uid."""
     _, scope = authenticate(request, READ)
+    st = get_state(request)
     try:
-        return web.json_response(team_json(await store.get_team(get_state(request).store, scope,
-                                                                _team_id(request))))
+        if "uid" in request.match_info:
+            team = await store.get_team_by_uid(st.store, scope, request.match_info["uid"])
+        else:
+            team = await store.get_team(st.store, scope, _team_id(request))
     except NotFound as exc:
         raise _not_found(exc) from None
+    return web.json_response(team_json(team))
 
 
 async def update_team(request: web.Request) -> web.Response:
     actor, scope = _team_writer(request)
     st = get_state(request)
     team_id = _team_id(request)
-    body = v.obj(await read_json(request), ("uid", "name", "members"))
+    body = v.obj(await read_json(request), ("uid", "name", "email", "members"))
     changes: dict[str, Any] = {}
     if "name" in body:
         changes["name"] = valid_name(body["name"])
+    if "email" in body:
+        changes["email"] = valid_email(body["email"])
     if "members" in body:
         changes["members"] = valid_members(body["members"])
     try:
@@ -487,7 +559,7 @@ async def update_team(request: web.Request) -> web.Response:
     except FieldConflict as exc:
         raise _conflict(exc) from None
     await st.cache.apply_change("teams", "UPDATE", str(team_id))
-    return web.json_response(team_json(updated))
+    return web.json_response({"message": "Team updated", **team_json(updated)})
 
 
 async def delete_team(request: web.Request) -> web.Response:
@@ -502,32 +574,57 @@ async def delete_team(request: web.Request) -> web.Response:
     await st.cache.apply_change("teams", "DELETE", str(team_id))
     for ds in touched:
         await st.cache.apply_change("datasources", "UPDATE", str(ds.id))
-    return web.Response(status=204)
+    return web.json_response({"message": "Team deleted"})  # Grafana's 200
 
 
 async def get_members(request: web.Request) -> web.Response:
+    """Grafana's answer: a JSON array of ``TeamMemberDTO``, one per login."""
     _, scope = authenticate(request, READ)
     try:
         team = await store.get_team(get_state(request).store, scope, _team_id(request))
     except NotFound as exc:
         raise _not_found(exc) from None
-    return web.json_response({"members": list(team.members)})
+    return web.json_response([member_json(team, login) for login in team.members])
 
 
 async def put_members(request: web.Request) -> web.Response:
-    """Replace the member list: ``{"members": ["alice", "bob"]}``."""
+    """Replace the member list, as Grafana's ``PUT /api/teams/{id}/members`` (``{"members": [...],
+    "admins": [...]}``, logins or emails; admins are members too here)."""
     actor, scope = _team_writer(request)
     st = get_state(request)
     team_id = _team_id(request)
-    body = v.obj(await read_json(request), ("members",), ("members",))
-    members = valid_members(body["members"])
+    body = v.obj(await read_json(request), ("members", "admins"), ("members",))
+    admins = body.get("admins")
+    if admins is not None and not isinstance(admins, list):
+        raise bad_request("admins must be a list of Grafana user logins", "admins")
+    members = valid_members(body["members"] + (admins or []) if isinstance(body["members"], list)
+                            else body["members"])
     try:
         updated = await store.update_team(st.store, scope, team_id, {"members": members}, actor, team_json,
                                           action="team.members.update")
     except NotFound as exc:
         raise _not_found(exc) from None
     await st.cache.apply_change("teams", "UPDATE", str(team_id))
-    return web.json_response({"members": list(updated.members)})
+    return web.json_response({"message": "Team memberships have been updated", "members": list(updated.members)})
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    """Grafana's ``DELETE /api/teams/{id}/members/{userId}``, by login (the gateway knows no user ids)."""
+    actor, scope = _team_writer(request)
+    st = get_state(request)
+    team_id = _team_id(request)
+    login = fold_login(request.match_info["login"])
+    try:
+        team = await store.get_team(st.store, scope, team_id)
+        kept = tuple(m for m in team.members if fold_login(m) != login)
+        if len(kept) == len(team.members):
+            raise ApiError(404, "not_found", "no such member of the team")
+        await store.update_team(st.store, scope, team_id, {"members": kept}, actor, team_json,
+                                action="team.members.update")
+    except NotFound as exc:
+        raise _not_found(exc) from None
+    await st.cache.apply_change("teams", "UPDATE", str(team_id))
+    return web.json_response({"message": "Team Member removed"})
 
 
 def add_routes(app: web.Application) -> None:
@@ -543,9 +640,12 @@ def add_routes(app: web.Application) -> None:
         r.add_put(path, put_lbac_rules)
     r.add_post("/api/teams", create_team)
     r.add_get("/api/teams", list_teams)
+    r.add_get("/api/teams/search", search_teams)  # before /api/teams/{id}
+    r.add_get("/api/teams/uid/{uid}", get_team)
     r.add_get("/api/teams/{id}", get_team)
     r.add_put("/api/teams/{id}", update_team)
     r.add_delete("/api/teams/{id}", delete_team)
     r.add_get("/api/teams/{id}/members", get_members)
     r.add_put("/api/teams/{id}/members", put_members)
+    r.add_delete("/api/teams/{id}/members/{login}", remove_member)
 

@@ -1,12 +1,17 @@
-"""The JSON shapes of REFERENCE.md section 1 (camelCase, RFC 3339)."""
+"""The JSON shapes of REFERENCE.md section 1 (camelCase, RFC 3339), field for field as Grafana
+Cloud's OpenAPI spec names them (``AuthAccessPolicy``, ``AuthToken``)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.policy.model import AccessPolicy, Token
 from gateway.store import realms_to_json
+
+#: ``AuthAccessPolicy.source``: every policy here is made by a user (``cloud`` needs a system token).
+POLICY_SOURCE = "user"
 
 
 def rfc3339(dt: datetime | None) -> str | None:
@@ -16,17 +21,23 @@ def rfc3339(dt: datetime | None) -> str | None:
 
 
 def policy_json(p: AccessPolicy) -> dict[str, Any]:
-    return {
+    """Selectors and subnets come back exactly as written; ``attributes`` only when set."""
+    out: dict[str, Any] = {
         "id": p.id, "orgId": p.org_id, "name": p.name, "displayName": p.display_name,
         "scopes": sorted(p.scopes), "realms": realms_to_json(p.realms),
-        "conditions": {"allowedSubnets": [str(n) for n in p.allowed_subnets]},
-        "status": p.status, "createdAt": rfc3339(p.created_at), "updatedAt": rfc3339(p.updated_at),
+        "conditions": {"allowedSubnets": list(p.subnet_text())},
+        "status": p.status, "source": POLICY_SOURCE,
+        "createdAt": rfc3339(p.created_at), "updatedAt": rfc3339(p.updated_at),
     }
+    if p.attributes_json is not None:
+        out["attributes"] = json.loads(p.attributes_json)
+    return out
 
 
 def token_json(t: Token) -> dict[str, Any]:
     return {
-        "id": t.id, "accessPolicyId": t.access_policy_id, "name": t.name, "displayName": t.display_name,
+        "id": t.id, "accessPolicyId": t.access_policy_id, "orgId": t.org_id, "name": t.name,
+        "displayName": t.display_name,
         "expiresAt": rfc3339(t.expires_at), "firstUsedAt": rfc3339(t.first_used_at),
         "lastUsedAt": rfc3339(t.last_used_at), "createdAt": rfc3339(t.created_at),
         "updatedAt": rfc3339(t.updated_at),

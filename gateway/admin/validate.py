@@ -39,7 +39,8 @@ def name(value: Any, field: str = "name") -> str:
 
 
 def display_name(value: Any, default: str, field: str = "displayName") -> str:
-    if value is None:
+    """``None`` and ``""`` mean "not given" (Terraform sends ``"displayName": ""`` when unset)."""
+    if value is None or value == "":
         return default
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_DISPLAY:
         raise bad_request(f"{field} must be a non-empty string of at most {MAX_DISPLAY} characters", field)
@@ -99,7 +100,7 @@ def label_policies(value: Any, field: str) -> tuple[Any, ...]:
         return ()
     if not isinstance(value, list) or len(value) > MAX_LIST:
         raise bad_request(f"must be a list of at most {MAX_LIST} {{\"selector\": ...}} objects", field)
-    out = []
+    out: dict[str, Any] = {}  # by the text as written: two spellings of one selector both read back
     for j, lp in enumerate(value):
         f = f"{field}[{j}]"
         if not isinstance(lp, dict) or set(lp) != {"selector"}:
@@ -108,38 +109,100 @@ def label_policies(value: Any, field: str) -> tuple[Any, ...]:
             sel = parse_selector(lp["selector"])
         except SelectorError as exc:
             raise bad_request(f"selector {exc}", f"{f}.selector") from None
-        if sel not in out:
-            out.append(sel)
-    return tuple(out)
+        out.setdefault(sel.text, sel)
+    return tuple(out.values())
+
+
+Subnets = tuple[tuple[Network, ...], tuple[str, ...]]
 
 
 def conditions(value: Any) -> tuple[Network, ...]:
     """``null``, ``{}`` or ``{"allowedSubnets": []}`` all mean: no IP ranges."""
+    return conditions_text(value)[0]
+
+
+def conditions_text(value: Any) -> Subnets:
+    """:func:`conditions` and the subnets' text as written, one for one."""
     if value is None:
-        return ()
+        return (), ()
     if not isinstance(value, dict):
         raise bad_request("conditions must be an object {allowedSubnets: [...]}", "conditions")
     for key in value:
         if key != "allowedSubnets":
             raise bad_request(f"unknown field {key!r}", f"conditions.{key}")
-    return subnets(value.get("allowedSubnets"), "conditions.allowedSubnets")
+    return subnets_text(value.get("allowedSubnets"), "conditions.allowedSubnets")
 
 
 def subnets(value: Any, field: str) -> tuple[Network, ...]:
+    return tuple(dict.fromkeys(subnets_text(value, field)[0]))
+
+
+def subnets_text(value: Any, field: str) -> Subnets:
+    """CIDRs as lenient as Go's ``net.ParseCIDR`` (host bits may be set: ``10.1.2.3/8`` is 10.0.0.0/8),
+    and also bare addresses; returns the networks to enforce and, one for one, the text as written
+    (exact duplicates dropped) for read-back."""
     if value is None:
-        return ()
+        return (), ()
     if not isinstance(value, list) or len(value) > MAX_LIST:
         raise bad_request(f"must be a list of at most {MAX_LIST} CIDRs", field)
-    out: list[Network] = []
+    out: dict[str, Network] = {}
     for i, s in enumerate(value):
         try:
             if not isinstance(s, str):
                 raise ValueError
-            out.append(ipaddress.ip_network(s.strip(), strict=False))
+            _, slash, prefix = s.strip().partition("/")
+            if slash and not (prefix.isascii() and prefix.isdigit()):  # Go takes a prefix length, no mask
+                raise ValueError
+            out.setdefault(s, ipaddress.ip_network(s.strip(), strict=False))
         except ValueError:
             raise bad_request(f"{s!r} is not an IPv4 or IPv6 address or CIDR such as 10.0.0.0/8",
                               f"{field}[{i}]") from None
-    return tuple(dict.fromkeys(out))
+    return tuple(out.values()), tuple(out)
+
+
+#: Cloud's ``attributes`` (``postAccessPolicies_request_attributes``): per key, per field, the JSON type.
+_ATTRIBUTE_FIELDS: Final[dict[str, dict[str, str]]] = {
+    "lokiQueryPolicy": {"maxEntriesLimitPerQuery": "int", "maxQueryBytesRead": "str", "maxQueryInterval": "str",
+                        "maxQueryLength": "str", "maxQueryLookback": "str", "maxQueryTime": "str",
+                        "minimumLabelsNumber": "int", "requiredLabels": "strs", "queryTimeout": "str"},
+    "pdcConfiguration": {"limitedHosts": "strs"},
+}
+_MAX_ATTRIBUTE_TEXT: Final = 1024
+
+
+def _attribute_ok(kind: str, v: Any) -> bool:
+    if v is None:
+        return True
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
+    if kind == "str":
+        return isinstance(v, str) and len(v) <= _MAX_ATTRIBUTE_TEXT
+    return (isinstance(v, list) and len(v) <= MAX_LIST
+            and all(isinstance(x, str) and len(x) <= _MAX_ATTRIBUTE_TEXT for x in v))
+
+
+def attributes(value: Any) -> dict[str, Any] | None:
+    """Cloud's policy ``attributes``: ``null`` removes them; each field has the spec's JSON type."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("attributes must be an object {lokiQueryPolicy, pdcConfiguration}", "attributes")
+    for key, sub in value.items():
+        fields = _ATTRIBUTE_FIELDS.get(key)
+        if fields is None:
+            raise bad_request(f"unknown field {key!r} (allowed: {', '.join(_ATTRIBUTE_FIELDS)})", f"attributes.{key}")
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise bad_request("must be an object", f"attributes.{key}")
+        for name, v in sub.items():
+            kind = fields.get(name)
+            if kind is None:
+                raise bad_request(f"unknown field {name!r}", f"attributes.{key}.{name}")
+            if not _attribute_ok(kind, v):
+                want = {"int": "an integer", "str": "a string", "strs": "a list of strings"}[kind]
+                raise bad_request(f"must be {want}", f"attributes.{key}.{name}")
+    return value
 
 
 def status(value: Any) -> str:

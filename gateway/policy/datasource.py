@@ -63,6 +63,7 @@ class Team:
     members: tuple[str, ...] = ()
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    email: str = ""  # Grafana's team email: stored and returned, no meaning here
 
 
 #: (access policy id, backend) → login (folded) → tenant → the union of that user's team rules.

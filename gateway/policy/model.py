@@ -38,6 +38,24 @@ class AccessPolicy:
     status: Status = "active"
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: ``allowedSubnets`` exactly as written (``10.1.2.3/8`` stays so; enforcement uses the networks).
+    #: Only trusted while it still matches ``allowed_subnets`` one for one: see :meth:`subnet_text`.
+    subnet_texts: tuple[str, ...] = ()
+    #: Cloud's ``attributes`` object (``lokiQueryPolicy``, ``pdcConfiguration``) as canonical JSON
+    #: text, or None: stored and returned, not enforced.
+    attributes_json: str | None = None
+
+    def subnet_text(self) -> tuple[str, ...]:
+        """The subnets as written when ``subnet_texts`` still describes ``allowed_subnets``, else
+        their canonical form (a change of the networks alone must never read back stale text)."""
+        if len(self.subnet_texts) == len(self.allowed_subnets):
+            try:
+                if all(ipaddress.ip_network(t.strip(), strict=False) == n
+                       for t, n in zip(self.subnet_texts, self.allowed_subnets, strict=True)):
+                    return self.subnet_texts
+            except ValueError:
+                pass
+        return tuple(str(n) for n in self.allowed_subnets)
 
     def ip_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
         """True when the policy has no IP ranges or ``ip`` is inside one of them."""
@@ -64,6 +82,7 @@ class Token:
     updated_at: datetime | None = None
     first_used_at: datetime | None = None
     last_used_at: datetime | None = None
+    org_id: str = ""
 
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now

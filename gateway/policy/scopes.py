@@ -20,9 +20,36 @@ SCOPE_GROUPS: Final[dict[str, tuple[str, ...]]] = {
     "datasources.permissions": ("write",),
 }
 
-ALL_SCOPES: Final[frozenset[Scope]] = frozenset(
+#: The scopes the gateway has routes for: only these can grant anything on the data path.
+SERVED_SCOPES: Final[frozenset[Scope]] = frozenset(
     f"{service}:{action}" for service, actions in SCOPE_GROUPS.items() for action in actions
 )
+
+#: Grafana Cloud's scope catalogue as its OpenAPI spec lists it (``grafana-com-public-clients``,
+#: ``go/gcom/api/openapi.yaml``: the ``AuthAccessPolicy.scopes`` enum and every ``x-permissions``).
+#: Policies may carry them so that Cloud policies and Terraform plans apply unchanged; a scope
+#: no route asks for grants nothing here.
+CLOUD_SCOPES: Final[frozenset[Scope]] = frozenset({
+    "accesspolicies:read", "accesspolicies:write", "accesspolicies:delete", "billing-metrics:read",
+    "metrics:read", "metrics:write", "metrics:delete", "metrics:import",
+    "logs:read", "logs:write", "logs:delete", "traces:read", "traces:write", "traces:delete",
+    "alerts:read", "alerts:write", "rules:read", "rules:write",
+    "org-billing-info:read", "org-members:read", "org-members:write", "org-members:delete",
+    "orgs:read", "orgs:write", "stack-config:read", "stack-regions:read",
+    "stack-plugins:read", "stack-plugins:write", "stack-plugins:delete", "stack-service-accounts:write",
+    "stack-users:read", "stacks:read", "stacks:write", "stacks:delete", "staff-org-members:write",
+})
+
+#: Every scope a policy may hold: the served ones and the Cloud catalogue.
+ALL_SCOPES: Final[frozenset[Scope]] = SERVED_SCOPES | CLOUD_SCOPES
+
+#: One-line descriptions for ``GET /api/v1/accesspolicies/config``, by service.
+SERVICE_DESCRIPTIONS: Final[dict[str, str]] = {
+    "metrics": "metrics (Mimir)", "logs": "logs (Loki)", "traces": "traces (Tempo)",
+    "profiles": "profiles", "alerts": "the Alertmanager", "rules": "recording and alerting rules",
+    "accesspolicies": "access policies and tokens", "datasources": "data sources and their team LBAC rules",
+    "datasources.permissions": "the team LBAC rules of data sources",
+}
 
 
 def scope(service: str, action: str) -> Scope:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import promql_parser
 
@@ -72,9 +72,20 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 
 @dataclass(frozen=True, slots=True)
 class Selector:
-    """A label selector: matchers AND-ed together."""
+    """A label selector: matchers AND-ed together.
+
+    ``source`` is the text as the admin wrote it, returned verbatim by the API (Terraform compares
+    read-backs byte for byte); it takes no part in equality, so enforcement sees only the matchers,
+    and ``str()`` stays the canonical form the LBAC headers and rewrites use.
+    """
 
     matchers: tuple[LabelMatcher, ...]
+    source: str = field(default="", compare=False)
+
+    @property
+    def text(self) -> str:
+        """What the API returns: the text as written, or the canonical form when none was kept."""
+        return self.source or str(self)
 
     def __str__(self) -> str:
         return "{" + ", ".join(str(m) for m in self.matchers) + "}"
@@ -87,9 +98,11 @@ def parse_selector(text: str) -> Selector:
     """Parse one selector such as ``{env="dev"}`` or ``up{job="x"}``.
 
     Refuses what cannot serve as a label policy: anything but a plain vector selector
-    (no ranges, offsets, ``@``, ``or`` alternatives), no matchers, or a selector that
-    matches everything (Prometheus refuses those, and a policy that grants all is a
-    mistake worth surfacing).
+    (no ranges, offsets, ``@``, ``or`` alternatives), no matchers (``{}``), or a selector
+    whose every matcher is ``=~".*"`` (a policy that grants all is a mistake worth
+    surfacing). Selectors of negative matchers only, such as ``{env != "dev"}`` (the Cloud
+    spec's own example), are valid: a label policy is AND-ed with the query, so it needs
+    no positive matcher of its own. The result keeps ``text`` as its ``source``.
     """
     if not isinstance(text, str) or not text.strip():
         raise SelectorError("must be a non-empty label selector such as {env=\"dev\"}")
@@ -97,15 +110,32 @@ def parse_selector(text: str) -> Selector:
         raise SelectorError(f"must be at most {MAX_SELECTOR_LEN} characters")
     if text.count("(") > 64:  # deep nesting costs the parser dearly and is never a plain selector
         raise SelectorError("must be a plain label selector such as {env=\"dev\"}, not an expression")
-    return _parse_cached(text.strip())
+    sel = _parse_cached(text.strip())
+    return sel if sel.source == text else replace(sel, source=text)
+
+
+_PROBE_NAME: Final = "__gateway_probe__"
+#: Patterns with which a ``=~`` matcher matches every value.
+_MATCH_ALL: Final = frozenset({".*", "(.*)", ".*?", "^.*$", "(?s:.*)"})
+
+
+def _parse_vector(text: str) -> tuple[Any, bool]:
+    """Parse ``text``; a selector PromQL refuses only because all its matchers match the empty
+    value (``{env!="dev"}``) is parsed again under a probe metric name, which is then dropped."""
+    try:
+        return promql_parser.parse(text), False
+    except (ValueError, RuntimeError) as exc:
+        if "non-empty matcher" not in str(exc) or not text.startswith("{"):
+            raise SelectorError(f"does not parse as a label selector: {exc}") from None
+    try:
+        return promql_parser.parse(_PROBE_NAME + text), True
+    except (ValueError, RuntimeError) as exc:  # pragma: no cover - the first parse named the only problem
+        raise SelectorError(f"does not parse as a label selector: {exc}") from None
 
 
 @lru_cache(maxsize=8192)
 def _parse_cached(text: str) -> Selector:
-    try:
-        expr = promql_parser.parse(text)
-    except (ValueError, RuntimeError) as exc:
-        raise SelectorError(f"does not parse as a label selector: {exc}") from None
+    expr, probed = _parse_vector(text)
     if not isinstance(expr, promql_parser.VectorSelector):
         raise SelectorError("must be a plain label selector such as {env=\"dev\"}, not an expression")
     if expr.offset is not None or expr.at is not None:
@@ -113,7 +143,7 @@ def _parse_cached(text: str) -> Selector:
     if expr.matchers.or_matchers:
         raise SelectorError("'or' inside a selector is not supported; use one selector per alternative")
     matchers: list[LabelMatcher] = []
-    if expr.name:
+    if expr.name and not probed:
         matchers.append(LabelMatcher("__name__", "=", expr.name))
     for m in expr.matchers.matchers:
         op = _OP_FROM_PARSER.get(str(m.op))
@@ -127,4 +157,6 @@ def _parse_cached(text: str) -> Selector:
         matchers.append(LabelMatcher(m.name, op, m.value))
     if not matchers:
         raise SelectorError("must contain at least one matcher")
-    return Selector(tuple(matchers))
+    if all(m.op == "=~" and m.value in _MATCH_ALL for m in matchers):
+        raise SelectorError("matches every series; a label policy must restrict something")
+    return Selector(tuple(matchers), text)

@@ -85,17 +85,26 @@ def decode_cursor(cursor: str) -> tuple[datetime, Any]:
 
 
 def policy_from_row(row: asyncpg.Record) -> AccessPolicy:
+    """Selectors and subnets are stored as written (migration 005) and parsed here for enforcement."""
     realms = tuple(
         Realm(r["type"], str(r["identifier"]),
               tuple(parse_selector(lp["selector"]) for lp in r.get("labelPolicies") or ()))
         for r in row["realms"]
     )
+    texts = tuple(row["allowed_subnets"])
+    attributes = row.get("attributes")
     return AccessPolicy(
         id=str(row["id"]), org_id=row["org_id"], name=row["name"], display_name=row["display_name"],
         scopes=frozenset(row["scopes"]), realms=realms,
-        allowed_subnets=tuple(ipaddress.ip_network(s) for s in row["allowed_subnets"]),
+        allowed_subnets=tuple(ipaddress.ip_network(t.strip(), strict=False) for t in texts),
         status=row["status"], created_at=row["created_at"], updated_at=row["updated_at"],
+        subnet_texts=texts,
+        attributes_json=None if attributes is None else json.dumps(attributes, sort_keys=True),
     )
+
+
+def _attributes(policy: AccessPolicy) -> Any:
+    return None if policy.attributes_json is None else json.loads(policy.attributes_json)
 
 
 def token_from_row(row: asyncpg.Record) -> Token:
@@ -103,13 +112,13 @@ def token_from_row(row: asyncpg.Record) -> Token:
         id=str(row["id"]), access_policy_id=str(row["access_policy_id"]), name=row["name"],
         display_name=row["display_name"], secret_hash=bytes(row["secret_sha256"]),
         expires_at=row["expires_at"], created_at=row["created_at"], updated_at=row["updated_at"],
-        first_used_at=row["first_used_at"], last_used_at=row["last_used_at"],
+        first_used_at=row["first_used_at"], last_used_at=row["last_used_at"], org_id=row["org_id"],
     )
 
 
 def realms_to_json(realms: Sequence[Realm]) -> list[dict[str, Any]]:
     return [{"type": r.type, "identifier": r.identifier,
-             "labelPolicies": [{"selector": str(s)} for s in r.label_policies]} for r in realms]
+             "labelPolicies": [{"selector": s.text} for s in r.label_policies]} for r in realms]
 
 
 def _like(text: str) -> str:
@@ -256,10 +265,10 @@ class Store:
             try:
                 row = await conn.fetchrow(
                     "INSERT INTO access_policies (id, org_id, name, display_name, scopes, realms,"
-                    " allowed_subnets, status) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING *",
+                    " allowed_subnets, status, attributes) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) RETURNING *",
                     uuid.UUID(policy.id), policy.org_id, policy.name, policy.display_name,
                     sorted(policy.scopes), realms_to_json(policy.realms),
-                    [str(n) for n in policy.allowed_subnets], policy.status)
+                    list(policy.subnet_text()), policy.status, _attributes(policy))
             except asyncpg.UniqueViolationError:
                 raise Conflict(f"an access policy named {policy.name!r} already exists") from None
             created = policy_from_row(row)
@@ -336,9 +345,9 @@ class Store:
                 check(before, after)
             row = await conn.fetchrow(
                 "UPDATE access_policies SET display_name=$2, scopes=$3, realms=$4, allowed_subnets=$5,"
-                " status=$6, updated_at=now() WHERE id=$1 RETURNING *",
+                " status=$6, attributes=$7, updated_at=now() WHERE id=$1 RETURNING *",
                 uuid.UUID(policy_id), after.display_name, sorted(after.scopes), realms_to_json(after.realms),
-                [str(n) for n in after.allowed_subnets], after.status)
+                list(after.subnet_text()), after.status, _attributes(after))
             updated = policy_from_row(row)
             await self._audit(conn, before.org_id, actor, "accesspolicy.update", "accesspolicy", policy_id,
                               as_json(before), as_json(updated))
@@ -413,6 +422,11 @@ class Store:
         if "expiresAfter" in filters:
             args.append(filters["expiresAfter"])
             conds.append(f"t.expires_at > ${len(args)}")
+        if "accessPolicyIds" in filters:  # Cloud's comma list, parsed by the API
+            args.append([uuid.UUID(i) for i in filters["accessPolicyIds"]])
+            conds.append(f"t.access_policy_id = ANY(${len(args)}::uuid[])")
+        if filters.get("includeExpired") is False:  # Cloud's lists leave expired tokens out by default
+            conds.append("(t.expires_at IS NULL OR t.expires_at > now())")
         if "accessPolicyRealmType" in filters:
             realm = {"type": filters["accessPolicyRealmType"]}
             if "accessPolicyRealmIdentifier" in filters:

@@ -16,7 +16,7 @@ import asyncpg
 
 from gateway.policy.datasource import DataSource, Team, TeamRule, rules_from_json, rules_to_json
 from gateway.policy.model import AccessPolicy
-from gateway.store import AdminScope, Conflict, NotFound, Page, Store, _scope_sql, policy_from_row
+from gateway.store import AdminScope, Conflict, NotFound, Page, Store, _like, _scope_sql, policy_from_row
 
 Rules = tuple[tuple[int, tuple[TeamRule, ...]], ...]
 ToJson = Callable[[Any], Any]
@@ -50,7 +50,8 @@ def datasource_from_row(row: asyncpg.Record) -> DataSource:
 
 def team_from_row(row: asyncpg.Record) -> Team:
     return Team(id=row["id"], uid=row["uid"], org_id=row["org_id"], name=row["name"],
-                members=tuple(row["members"]), created_at=row["created_at"], updated_at=row["updated_at"])
+                members=tuple(row["members"]), created_at=row["created_at"], updated_at=row["updated_at"],
+                email=row.get("email") or "")
 
 
 # ---- snapshot loading (the cache) -----------------------------------------------------------------
@@ -197,8 +198,8 @@ async def create_team(store: Store, scope: AdminScope, team: Team, actor: str, a
     async with store.pool.acquire() as conn, conn.transaction():
         try:
             row = await conn.fetchrow(
-                "INSERT INTO teams (org_id, uid, name, members) VALUES ($1,$2,$3,$4) RETURNING *",
-                scope.org_id, team.uid, team.name, list(team.members))
+                "INSERT INTO teams (org_id, uid, name, members, email) VALUES ($1,$2,$3,$4,$5) RETURNING *",
+                scope.org_id, team.uid, team.name, list(team.members), team.email)
         except asyncpg.UniqueViolationError as exc:
             raise _conflict(exc, uid=team.uid, name=team.name) from None
         created = team_from_row(row)
@@ -211,6 +212,40 @@ async def get_team(store: Store, scope: AdminScope, team_id: int) -> Team:
     if row is None:
         raise NotFound(f"no team with id {team_id}")
     return team_from_row(row)
+
+
+async def get_team_by_uid(store: Store, scope: AdminScope, uid: str) -> Team:
+    row = await store.pool.fetchrow("SELECT * FROM teams WHERE uid = $1 AND org_id = $2", uid, scope.org_id)
+    if row is None:
+        raise NotFound(f"no team with uid {uid!r}")
+    return team_from_row(row)
+
+
+async def team_uids(store: Store, org_id: str, team_ids: Sequence[int]) -> dict[int, str]:
+    """id → uid of the org's teams among ``team_ids`` (for the rules answer's ``teamUid``)."""
+    rows = await store.pool.fetch("SELECT id, uid FROM teams WHERE org_id = $1 AND id = ANY($2::bigint[])",
+                                  org_id, list(team_ids))
+    return {r["id"]: r["uid"] for r in rows}
+
+
+async def search_teams(store: Store, scope: AdminScope, query: str | None, name: str | None, page: int,
+                       per_page: int) -> tuple[int, list[Team]]:
+    """Grafana's team search: ``query`` is a case-insensitive substring of the name, ``name`` the exact
+    name; pages count from 1, by name. Returns (total matches, this page)."""
+    args: list[Any] = [scope.org_id]
+    conds = ["org_id = $1"]
+    if query:
+        args.append(_like(query))
+        conds.append(f"name ILIKE ${len(args)}")
+    if name is not None:
+        args.append(name)
+        conds.append(f"name = ${len(args)}")
+    where = " AND ".join(conds)
+    total = await store.pool.fetchval(f"SELECT count(*) FROM teams WHERE {where}", *args)
+    args += [per_page, (page - 1) * per_page]
+    rows = await store.pool.fetch(
+        f"SELECT * FROM teams WHERE {where} ORDER BY name, id LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
+    return int(total), [team_from_row(r) for r in rows]
 
 
 async def list_teams(store: Store, scope: AdminScope, filters: Mapping[str, str], page_size: int,
@@ -239,8 +274,8 @@ async def update_team(store: Store, scope: AdminScope, team_id: int, changes: Ma
         after = replace(before, **changes)
         try:
             row = await conn.fetchrow(
-                "UPDATE teams SET name=$2, members=$3, updated_at=now() WHERE id=$1 RETURNING *",
-                team_id, after.name, list(after.members))
+                "UPDATE teams SET name=$2, members=$3, email=$4, updated_at=now() WHERE id=$1 RETURNING *",
+                team_id, after.name, list(after.members), after.email)
         except asyncpg.UniqueViolationError as exc:
             raise _conflict(exc, uid=after.uid, name=after.name) from None
         updated = team_from_row(row)

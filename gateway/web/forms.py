@@ -58,6 +58,12 @@ def lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
+def _line(as_written: str, fallback: str) -> str:
+    """A selector or subnet as the API client wrote it (so saving the form keeps it), unless it cannot
+    stand on one line of the form."""
+    return as_written if "\n" not in as_written and as_written == as_written.strip() else fallback
+
+
 @dataclass
 class PolicyForm:
     """The form's values as the user sees them (text), and the messages per field."""
@@ -73,8 +79,9 @@ class PolicyForm:
     @classmethod
     def from_policy(cls, p: AccessPolicy) -> PolicyForm:
         return cls(name=p.name, display_name=p.display_name, scopes=set(p.scopes),
-                   realms={f"{r.type}:{r.identifier}": "\n".join(str(s) for s in r.label_policies) for r in p.realms},
-                   subnets="\n".join(str(n) for n in p.allowed_subnets), status=p.status)
+                   realms={f"{r.type}:{r.identifier}": "\n".join(_line(s.text, str(s)) for s in r.label_policies)
+                           for r in p.realms},
+                   subnets="\n".join(_line(t, t.strip()) for t in p.subnet_text()), status=p.status)
 
     @classmethod
     def from_post(cls, form: MultiDictProxy[Any], name: str | None = None) -> PolicyForm:

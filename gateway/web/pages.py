@@ -24,7 +24,7 @@ from gateway.admin.errors import ApiError
 from gateway.admin.serialize import policy_json, token_json
 from gateway.policy import tokens as tokfmt
 from gateway.policy.model import AccessPolicy, Realm, Token
-from gateway.policy.scopes import SCOPE_GROUPS
+from gateway.policy.scopes import SCOPE_GROUPS, SERVED_SCOPES
 from gateway.store import BadCursor, Conflict, NotFound, Page
 from gateway.web import session as sess
 from gateway.web.forms import PolicyForm, realm_choices, validate
@@ -263,7 +263,9 @@ async def update_policy(request: web.Request, admin: Admin) -> web.StreamRespons
     values = validate(f, st.config, admin.scope)
     if values is None:
         return await _policy_form(request, admin, f, policy, 400)
-    changes: dict[str, Any] = {"display_name": values.display_name, "scopes": values.scopes,
+    # Cloud catalogue scopes the page has no checkbox for (metrics:import, stacks:read, ...) are kept.
+    scopes = frozenset(values.scopes) | (policy.scopes - SERVED_SCOPES)
+    changes: dict[str, Any] = {"display_name": values.display_name, "scopes": scopes,
                                "realms": values.realms, "allowed_subnets": values.subnets, "status": values.status}
     try:
         check_datasource_policy(st, dataclasses.replace(policy, **changes))
