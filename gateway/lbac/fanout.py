@@ -225,7 +225,7 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
                          "by several label policies (Loki groups them by the query's own labels and keeps the "
                          "top `limit`, which no sum over policies reproduces); ask your admin for a single "
                          "selector", "lbac_refused")
-    if merge in (Merge.STREAMS, Merge.TAIL) and not _safe_log_query(query):
+    if not _safe_log_query(query):
         return None  # a metric query the union rewrite refused: enforce says why
     if merge in _DISJOINT_ONLY and not _pairwise_disjoint(pols):
         raise ProxyError(400, "query refused by label-based access control: this endpoint counts streams, and a "

@@ -323,10 +323,11 @@ def _matrix(docs: list[Any], _plan: Plan) -> dict[str, Any]:
 
 def merge_metadata(names_doc: Any, meta_doc: Any, limit: int) -> dict[str, Any]:
     """The tenant's metadata, restricted to the visible metric names, then cut to ``limit`` metrics."""
-    names = set(_success(names_doc)["data"])
+    names = _success(names_doc)["data"]
     meta = _success(meta_doc)["data"]
-    if not isinstance(meta, dict):
-        raise _Unmergeable("metadata is not an object")
+    if not isinstance(names, list) or not isinstance(meta, dict):
+        raise _Unmergeable("label values are not a list, or metadata is not an object")
+    names = set(names)
     keep = [k for k in sorted(meta) if k in names]
     if limit >= 0:
         keep = keep[:limit]
