@@ -225,14 +225,15 @@ def merge_stats(stats: list[Any]) -> Any:
 
 
 def _values_union(docs: list[Any], _plan: Plan) -> dict[str, Any]:
-    key = "data" if "data" in docs[0] else "values"
+    # Loki's v1 answer is {"data": [...]} (omitted when empty); the legacy /api/prom one {"values": [...]}
+    key = "values" if any("values" in d for d in docs) and not any("data" in d for d in docs) else "data"
     out: set[str] = set()
     for doc in docs:
         vals = _success(doc).get(key) or []
         if not isinstance(vals, list):
             raise _Unmergeable(f"{key} is not a list")
         out.update(vals)
-    return {**docs[0], key: sorted(out)}
+    return {**docs[0], "status": "success", key: sorted(out)}
 
 
 def _by_name(docs: list[Any], list_key: str, name_key: str) -> list[dict[str, Any]]:
