@@ -297,7 +297,7 @@ def _index_stats(docs: list[Any], _plan: Plan) -> dict[str, Any]:
     return {k: sum(int(d.get(k, 0)) for d in docs) for k in keys}
 
 
-def _matrix(docs: list[Any], _plan: Plan) -> dict[str, Any]:
+def merge_matrix(docs: list[Any], _plan: Plan | None = None) -> dict[str, Any]:
     series: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], dict[float, Any]]] = {}
     warnings: list[str] = []
     for doc in docs:
@@ -345,7 +345,7 @@ _JSON_MERGES: Final[dict[Merge, Callable[[list[Any], Plan], dict[str, Any]]]] = 
     Merge.DETECTED_VALUES: _detected_values,
     Merge.PATTERNS: _patterns,
     Merge.INDEX_STATS: _index_stats,
-    Merge.MATRIX: _matrix,
+    Merge.MATRIX: merge_matrix,
 }
 
 
