@@ -46,6 +46,7 @@ from multidict import CIMultiDict
 from gateway.lbac import RewriteError
 from gateway.lbac.fanout import Leg, Merge, Plan
 from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE, merge_samples, merge_streamed
+from gateway.lbac.restrict import FORM
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
 
@@ -79,12 +80,15 @@ def _leg_headers(headers: CIMultiDict[str], leg: Leg) -> CIMultiDict[str]:
     h.popall("Content-Length", None)
     if leg.body:
         h["Content-Type"] = leg.content_type
+        if leg.content_type == FORM:
+            h.popall("Content-Encoding", None)  # the gateway built this body: plain form text
     return h
 
 
 async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str], leg: Leg) -> _Answer:
     try:
-        async with session.request(leg.method, url, headers=_leg_headers(headers, leg), data=leg.body,
+        method = "GET" if leg.method == "HEAD" else leg.method  # the merge needs the bodies
+        async with session.request(method, url, headers=_leg_headers(headers, leg), data=leg.body,
                                    allow_redirects=False, compress=None) as up:
             if up.content_length is not None and up.content_length > MAX_ANSWER:
                 raise ProxyError(502, f"upstream answer larger than {MAX_ANSWER} bytes cannot be merged",
@@ -154,7 +158,10 @@ def _merge(plan: Plan, answers: list[_Answer]) -> tuple[bytes, str, dict[str, st
         if types == {STREAMED_CONTENT_TYPE.split(";", 1)[0]}:
             return merge_streamed([a.body for a in answers]), STREAMED_CONTENT_TYPE, {}
         raise _Unmergeable(f"remote read answers of types {sorted(types)}")
-    docs = [json.loads(a.body) for a in answers]
+    docs = []
+    for a in answers:  # each leg's bytes are dropped once parsed: one copy per leg at a time
+        docs.append(json.loads(a.body))
+        a.body = b""
     if plan.merge is Merge.METADATA:
         out = merge_metadata(docs[0], docs[1], plan.limit)
     else:

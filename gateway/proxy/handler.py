@@ -228,6 +228,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     resp: web.StreamResponse
     try:
         if fan is not None:
+            entry["fanout"] = len(fan.legs)
             resp, outcome = await execute_fanout(request, session, base, m.upstream_path, headers, fan, limit)
         elif route.websocket and request.headers.get("Upgrade", "").lower() == "websocket":
             resp, outcome = await relay_websocket(request, session, url, headers)
