@@ -102,6 +102,7 @@ _LOKI_ENDPOINTS: Final[tuple[tuple[re.Pattern[str], Merge], ...]] = tuple(
 )  # fmt: skip
 #: Endpoints Grafana calls without ``query``: the policy selectors become the query (Loki's labels too).
 _QUERY_OPTIONAL: Final = frozenset({Merge.DETECTED_LABELS, Merge.DETECTED_VALUES})
+_PLANNED: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL, Kind.LOGQL_TAIL, Kind.PROMQL})
 _DISJOINT_ONLY: Final = frozenset({Merge.PATTERNS, Merge.INDEX_STATS})
 _VOLUME: Final = re.compile(r"/loki/api/v1/index/volume(?:_range)?\Z")
 _METADATA: Final = re.compile(r"/api/v1/metadata\Z")
@@ -198,9 +199,9 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
         return None
     if kind is Kind.TENANT_WIDE:
         return _metadata_plan(path, method, raw_query, policies) if _METADATA.search(path) else None
-    if kind not in (Kind.LOGQL, Kind.LOGQL_OPTIONAL, Kind.LOGQL_TAIL, Kind.PROMQL):
+    if kind not in _PLANNED:
         return None
-    pols = _selectors(policies, kind is Kind.PROMQL)
+    pols = policies if len(policies) == 1 else _selectors(policies, kind is Kind.PROMQL)
     if len(pols) == 1 and not (kind is Kind.LOGQL and _loki_merge(path) in _QUERY_OPTIONAL):
         return None  # the hot path of single-selector policies: today's rewrite, nothing parsed here
     if kind is Kind.PROMQL:
