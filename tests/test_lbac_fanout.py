@@ -199,6 +199,8 @@ async def test_tail_merges_one_socket_per_selector(env: Env, loki: tuple[FakeLok
             got += [(label_string(s["stream"]), v[0], v[1]) for s in doc["streams"] for v in s["values"]]
     assert sorted(got) == want  # every visible entry once, nothing else
     assert len(loki[0].seen) - n == len(simplify(policies(name)))
+    r = await env.gw.client.get("/loki/api/v1/tail", params={"query": query}, headers=await auth(env, name))
+    await expect_refusal(r, 400, "needs a WebSocket")
 
 
 async def test_single_selector_policies_keep_todays_single_rewrite(env: Env, loki: tuple[FakeLoki, str]) -> None:

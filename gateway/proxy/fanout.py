@@ -121,6 +121,8 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, base: st
                   headers: CIMultiDict[str], plan: Plan, body_limit: int) -> tuple[web.StreamResponse, Outcome]:
     """Send the plan's legs and answer the merged result (or the first leg that did not answer 200)."""
     if plan.merge is Merge.TAIL:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            raise ProxyError(400, "tail under several label policies needs a WebSocket upgrade", "bad_query")
         urls = [_url(base, leg.path or path, leg.query) for leg in plan.legs]
         return await relay_websockets(request, session, urls, headers, TailDedup().frame)
     if plan.merge is Merge.SINGLE:
