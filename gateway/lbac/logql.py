@@ -541,3 +541,17 @@ def restrict_logql_matchers(matches: Sequence[str], policies: tuple[Selector, ..
             raise RewriteError(f"selector longer than {MAX_QUERY_LEN} characters")
         out.extend(_restrict_match(m, policies))
     return out
+
+
+def is_log_query(query: str) -> bool:
+    """Whether ``query`` is a log query (its answer is streams): one selector, possibly in parentheses, first.
+
+    Loki's grammar starts a log query with its selector (``logExpr: selector pipelineExpr |
+    ( logExpr )``); every metric query starts with a function, an aggregation, a number or a
+    parenthesised metric query. Raises :class:`RewriteError` where the lexer would.
+    """
+    toks, sels = _lex(query)
+    i = 0
+    while i < len(toks) and toks[i].kind == "op" and toks[i].text == "(":
+        i += 1
+    return len(sels) == 1 and sels[0].tok_open == i

@@ -258,3 +258,143 @@ def restrict_read_request(body: bytes, policies: tuple[Selector, ...]) -> bytes:
         del req.accepted_response_types[:]
         req.accepted_response_types.extend(known)
     return snappy_encode(req.SerializeToString())
+
+
+# --------------------------------------------------------------------------- fan-out (several selectors)
+
+#: Content types of the two answers (Prometheus ``storage/remote/codec.go``).
+SAMPLES_CONTENT_TYPE: Final = "application/x-protobuf"
+STREAMED_CONTENT_TYPE: Final = "application/x-streamed-protobuf; proto=prometheus.ChunkedReadResponse"
+
+
+def prefer_samples(body: bytes) -> bytes:
+    """The restricted request asking for SAMPLES only, when the client accepts them.
+
+    A fan-out merges whole answers, and a SAMPLES answer is one message per leg; STREAMED answers
+    are merged too, but only when the client accepts nothing else.
+    """
+    req = decode_read_request(body)
+    types = list(req.accepted_response_types)
+    if types and SAMPLES not in types:
+        return body
+    del req.accepted_response_types[:]
+    req.accepted_response_types.append(SAMPLES)
+    return snappy_encode(req.SerializeToString())
+
+
+def _label_key(labels: Any) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((lb.name, lb.value) for lb in labels))
+
+
+def _strict(msg: Any, what: str) -> None:
+    size = msg.ByteSize()
+    msg.DiscardUnknownFields()
+    if msg.ByteSize() != size:  # e.g. native histograms: merging would drop them silently
+        raise RewriteError(f"the upstream's {what} carries fields this gateway cannot merge")
+
+
+def merge_samples(bodies: list[bytes]) -> bytes:
+    """Merge snappy ``ReadResponse`` answers: per query, series by label set, samples by timestamp."""
+    merged: list[dict[tuple[tuple[str, str], ...], dict[int, float]]] = []
+    for body in bodies:
+        resp = ReadResponse()
+        try:
+            resp.ParseFromString(snappy_decode(body, limit=1 << 31))
+        except DecodeError as exc:
+            raise RewriteError(f"the upstream's remote read answer does not decode: {exc}") from None
+        _strict(resp, "remote read answer")
+        if merged and len(resp.results) != len(merged):
+            raise RewriteError("the upstream answered a different number of queries per selector")
+        if not merged:
+            merged = [{} for _ in resp.results]
+        for qi, result in enumerate(resp.results):
+            for ts in result.timeseries:
+                samples = merged[qi].setdefault(_label_key(ts.labels), {})
+                for s in ts.samples:
+                    samples.setdefault(s.timestamp, s.value)
+    out = ReadResponse()
+    for series in merged:
+        result = out.results.add()
+        for key in sorted(series):
+            ts = result.timeseries.add()
+            for name, value in key:
+                ts.labels.add(name=name, value=value)
+            for t in sorted(series[key]):
+                ts.samples.add(timestamp=t, value=series[key][t])
+    return snappy_encode(out.SerializeToString())
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return tuple(table)
+
+
+_CRC32C: Final = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), the checksum of Prometheus's chunked read frames."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def read_frames(body: bytes) -> list[bytes]:
+    """Split a streamed answer into its messages (uvarint length, big-endian CRC-32C, message)."""
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(body):
+        size, n = _uvarint(body[pos:])
+        start = pos + n + 4
+        msg = body[start : start + size]
+        if len(msg) != size or int.from_bytes(body[pos + n : start], "big") != crc32c(msg):
+            raise RewriteError("the upstream's streamed remote read answer is truncated or corrupt")
+        out.append(msg)
+        pos = start + size
+    return out
+
+
+def frame(msg: bytes) -> bytes:
+    size = len(msg)
+    head = bytearray()
+    while size >= 0x80:
+        head.append(size & 0x7F | 0x80)
+        size >>= 7
+    head.append(size)
+    return bytes(head) + crc32c(msg).to_bytes(4, "big") + msg
+
+
+def merge_streamed(bodies: list[bytes]) -> bytes:
+    """Merge streamed answers: per query index, series by label set, chunks deduplicated, sorted."""
+    by_query: dict[int, dict[tuple[tuple[str, str], ...], dict[tuple[int, int, int, bytes], Any]]] = {}
+    for body in bodies:
+        for raw in read_frames(body):
+            msg = ChunkedReadResponse()
+            try:
+                msg.ParseFromString(raw)
+            except DecodeError as exc:
+                raise RewriteError(f"the upstream's streamed answer does not decode: {exc}") from None
+            _strict(msg, "streamed remote read answer")
+            series = by_query.setdefault(msg.query_index, {})
+            for cs in msg.chunked_series:
+                chunks = series.setdefault(_label_key(cs.labels), {})
+                for c in cs.chunks:
+                    chunks.setdefault((c.min_time_ms, c.max_time_ms, c.type, c.data), c)
+    out = bytearray()
+    for qi in sorted(by_query):
+        for key in sorted(by_query[qi]):
+            msg = ChunkedReadResponse(query_index=qi)
+            cs = msg.chunked_series.add()
+            for name, value in key:
+                cs.labels.add(name=name, value=value)
+            for ck in sorted(by_query[qi][key], key=lambda k: (k[0], k[1])):
+                cs.chunks.add().CopyFrom(by_query[qi][key][ck])
+            out += frame(msg.SerializeToString())
+    return bytes(out)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -244,5 +244,74 @@ async def relay_websocket(request: web.Request, session: aiohttp.ClientSession, 
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await up.close()
+        await client.close()
+    return client, Outcome(101, sent, 0.0)
+
+
+async def relay_websockets(request: web.Request, session: aiohttp.ClientSession, urls: list[str],
+                           headers: CIMultiDict[str], text_filter: Callable[[str], str | None]
+                           ) -> tuple[web.WebSocketResponse, Outcome]:
+    """Loki tail under several label policies: one upstream socket per selector, frames merged onto the
+    client's socket (text frames through ``text_filter``, which drops repeats), all closed together."""
+    for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Content-Length"):
+        headers.popall(h, None)
+    ups: list[aiohttp.ClientWebSocketResponse] = []
+    try:
+        for url in urls:
+            ws_url = "ws" + url[4:] if url.startswith("http") else url
+            ups.append(await session.ws_connect(ws_url, headers=headers, autoclose=True, autoping=True,
+                                                heartbeat=30))
+    except BaseException as exc:
+        for up in ups:
+            await up.close()
+        if isinstance(exc, aiohttp.WSServerHandshakeError):
+            raise ProxyError(exc.status if 400 <= exc.status < 600 else 502,
+                             f"upstream refused the tail: {exc.message}", "upstream_refused") from None
+        if isinstance(exc, aiohttp.ClientConnectionError | OSError | TimeoutError):
+            raise _failure(exc) from None
+        raise
+    client = web.WebSocketResponse(autoping=True, heartbeat=30)
+    await client.prepare(request)
+    sent = 0
+    lock = asyncio.Lock()
+
+    async def down(up: aiohttp.ClientWebSocketResponse) -> None:
+        nonlocal sent
+        async for msg in up:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                text = text_filter(msg.data)
+                if text is not None:
+                    async with lock:
+                        sent += len(text)
+                        await client.send_str(text)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                async with lock:
+                    sent += len(msg.data)
+                    await client.send_bytes(msg.data)
+            else:
+                break
+
+    async def upward() -> None:
+        async for msg in client:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                for up in ups:
+                    await up.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                for up in ups:
+                    await up.send_bytes(msg.data)
+            else:
+                break
+
+    tasks = [asyncio.create_task(down(up)) for up in ups] + [asyncio.create_task(upward())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for up in ups:
+            await up.close()
         await client.close()
     return client, Outcome(101, sent, 0.0)

@@ -16,12 +16,14 @@ from gateway.accesslog import AccessLog
 from gateway.clientip import client_ip
 from gateway.config import Config, Stack
 from gateway.lbac import RewriteError
+from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.metrics import ADDED_SECONDS, IN_FLIGHT, REFUSALS, REQUESTS, UPSTREAM_SECONDS
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, Identity, covering_realms
 from gateway.proxy.errors import ProxyError, error_response
+from gateway.proxy.fanout import execute as execute_fanout
 from gateway.proxy.forward import Upstreams, forward, relay_websocket
 from gateway.proxy.headers import upstream_headers
 from gateway.proxy.identify import CHALLENGE, credentials
@@ -170,6 +172,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     label_headers: tuple[str, ...] = ()
     rewritten = False  # True when the body was re-encoded (its length and type change)
     content_type = ""
+    fan: lbac_fanout.Plan | None = None  # several selectors: one restricted request each, answers merged
     if route.scope == "rules:write":
         if policies:
             # A recording rule evaluates without label policies and its results are queryable: refuse.
@@ -180,22 +183,30 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
             check_source_tenants(body, cfg, ident)
     if policies and reads:
         entry["lbac"] = upstream.lbac
-        if route.kind is Kind.TENANT_WIDE:
+        if route.kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(
+                route.kind, m.upstream_path, request.method, raw_query, None, policies)) is None:
             raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
                              "lbac_unfilterable")
         label_headers = lbac.headers_for(tenant, policies)
-        if upstream.lbac == "enforce" or route.kind is Kind.LOGQL_DELETE:
+        if fan is not None:
+            rewritten = True
+            label_headers = () if upstream.lbac == "enforce" else label_headers
+        elif upstream.lbac == "enforce" or route.kind is Kind.LOGQL_DELETE:
             if route.kind is Kind.REMOTE_READ:
                 raw = await _read_bounded(request, MAX_READ_BODY)
                 try:
-                    body = restrict_read_request(raw, policies)
+                    fan = lbac_fanout.plan_remote_read(raw, policies) if upstream.lbac == "enforce" else None
+                    body = restrict_read_request(raw, policies) if fan is None else None
                 except RewriteError as exc:
                     raise ProxyError(400, f"remote read refused by label-based access control: {exc}",
                                      "lbac_refused") from None
                 content_type = request.headers.get("Content-Type", "application/x-protobuf")
             else:
                 form = await _read_form(request)
-                r = lbac.enforce(route.kind, request.method, raw_query, form, policies)
+                if upstream.lbac == "enforce":
+                    fan = lbac_fanout.plan(route.kind, m.upstream_path, request.method, raw_query, form, policies)
+                r = lbac.enforce(route.kind, request.method, raw_query, form, policies) if fan is None else (
+                    lbac.Restriction())
                 raw_query = r.query if r.query is not None else raw_query
                 body = r.body
                 content_type = lbac.FORM
@@ -216,7 +227,10 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     ADDED_SECONDS.labels(route.backend).observe(time.perf_counter() - started)
     resp: web.StreamResponse
     try:
-        if route.websocket and request.headers.get("Upgrade", "").lower() == "websocket":
+        if fan is not None:
+            entry["fanout"] = len(fan.legs)
+            resp, outcome = await execute_fanout(request, session, base, m.upstream_path, headers, fan, limit)
+        elif route.websocket and request.headers.get("Upgrade", "").lower() == "websocket":
             resp, outcome = await relay_websocket(request, session, url, headers)
         else:
             resp, outcome = await forward(request, session, url, headers, body, limit)

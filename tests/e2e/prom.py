@@ -296,6 +296,19 @@ class PrometheusProcess:
         params += [("start", _fmt_ts(start)), ("end", _fmt_ts(end))]
         return list(self.api("series", params))
 
+    def remote_read(self, body: bytes) -> tuple[str, bytes]:
+        """POST a snappy ``ReadRequest`` to ``/api/v1/read``: ``(content type, raw answer body)``."""
+        req = urllib.request.Request(f"{self.url}/api/v1/read", data=body, method="POST", headers={
+            "Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
+            "X-Prometheus-Remote-Read-Version": "0.1.0"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.headers.get("Content-Type", ""), resp.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read()[:500].decode(errors="replace")
+            exc.close()
+            raise PrometheusError(exc.code, "remote_read", text) from None
+
     def format_query(self, query: str) -> str:
         """Prometheus's own printing of ``query`` (an oracle that it parses and what it means)."""
         return str(self.api("format_query", {"query": query}))

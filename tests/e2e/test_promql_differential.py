@@ -6,6 +6,11 @@ exactly what ``q`` gives on the visible-only instance (instant and range queries
 refused with RewriteError (rare, and never for one-selector policies). No returned series
 that still carries ``__name__`` may fall outside the policy.
 
+Under several selectors, what one rewrite cannot express is fanned out (``gateway.lbac.fanout``):
+bare range selectors and remote read run one restricted request per selector on the full
+instance, the gateway's merge folds the answers, and the result must equal the visible-only
+instance's answer to the client's own request (remote read in both response types).
+
 ``GATEWAY_HYPOTHESIS_EXAMPLES`` sets the number of generated queries per policy set.
 """
 
@@ -23,8 +28,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.lbac import RewriteError
+from gateway.lbac import remote_read as rr
+from gateway.lbac.fanout import Merge, plan, plan_remote_read
 from gateway.lbac.promql import effective_policies, restrict_match, restrict_promql
 from gateway.policy.selector import Selector, parse_selector
+from gateway.proxy.fanout import merge_matrix
+from gateway.routes import Kind
 from tests.e2e.prom import (
     PrometheusError,
     PrometheusProcess,
@@ -390,6 +399,132 @@ def test_series_endpoint(servers: dict[str, PrometheusProcess], key: str, matche
     as_set = lambda rows: sorted(tuple(sorted(r.items())) for r in rows)  # noqa: E731
     assert as_set(got) == as_set(want)
     assert all(visible(labels, pols) for labels in got)
+
+
+# --------------------------------------------------------------------------- fan-out: bare ranges, remote read
+
+MULTI = [k for k, pols in POLICY_SETS.items() if len(effective_policies(pols)) > 1]
+
+
+def _leg_query(raw: str) -> str:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(raw))["query"]
+
+
+def check_bare_range(servers: dict[str, PrometheusProcess], key: str, query: str) -> None:
+    from urllib.parse import urlencode
+
+    pols = POLICY_SETS[key]
+    p = plan(Kind.PROMQL, "/prometheus/api/v1/query", "GET", urlencode({"query": query}), None, pols)
+    stats = STATS.setdefault(f"range/{key}", {"examples": 0, "compared": 0, "nonempty": 0, "both_error": 0,
+                                              "original_error": 0, "refused": 0})
+    stats["examples"] += 1
+    assert p is not None and p.merge is Merge.MATRIX and len(p.legs) == len(effective_policies(pols)), query
+    want = run(servers[key], query, "instant")
+    legs = [run(servers["__full__"], _leg_query(leg.query), "instant") for leg in p.legs]
+    if want[0] == "error":
+        stats["both_error" if all(g[0] == "error" for g in legs) else "original_error"] += 1
+        return
+    assert all(g[0] == "ok" for g in legs), (query, legs)
+    merged = merge_matrix([{"status": "success", "data": g[1]} for g in legs])
+    for s in merged["data"]["result"]:
+        assert visible(s["metric"], pols), f"LEAK {s['metric']} for {query!r}"
+    w, g = normalize(want[1]), normalize(merged["data"])
+    assert w[0] == g[0] == "matrix" and close(w[1], g[1]), f"{query!r}:\nwant {w[1]}\ngot  {g[1]}"
+    stats["compared"] += 1
+    stats["nonempty"] += bool(w[1])
+
+
+@pytest.mark.parametrize("key", MULTI)
+def test_bare_range_selectors_fan_out(servers: dict[str, PrometheusProcess], key: str) -> None:
+    @settings(max_examples=max(20, EXAMPLES // 5), deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(range_selector())
+    def prop(query: str) -> None:
+        check_bare_range(servers, key, query)
+
+    prop()
+    for query in ('{env="prod"}[5m]', "(up[10m])", 'cpu_usage{team!="a"}[2m] offset 1m', "mem_usage[5m] @ end()"):
+        check_bare_range(servers, key, query)
+    assert STATS[f"range/{key}"]["nonempty"] > 0
+
+
+READ_MATCHERS: list[list[tuple[int, str, str]]] = [
+    [(rr.EQ, "__name__", "up")],
+    [(rr.RE, "__name__", "cpu_usage|mem_usage"), (rr.NEQ, "env", "prod")],
+    [(rr.RE, "__name__", ".+"), (rr.EQ, "team", "b")],
+    [(rr.EQ, "__name__", "http_requests_total"), (rr.RE, "code", "5.."), (rr.NRE, "env", "dev")],
+    [(rr.RE, "env", ".+")],
+]
+
+
+def _read_body(queries: list[list[tuple[int, str, str]]], types: tuple[int, ...], lo: int, hi: int) -> bytes:
+    req = rr.ReadRequest()
+    for ms in queries:
+        q = req.queries.add(start_timestamp_ms=lo * 1000, end_timestamp_ms=hi * 1000)
+        for t, n, v in ms:
+            q.matchers.add(type=t, name=n, value=v)
+    req.accepted_response_types.extend(types)
+    return rr.snappy_encode(req.SerializeToString())
+
+
+def _decoded(ctype: str, body: bytes) -> dict[int, list[tuple[Any, ...]]]:
+    """Per query index that has series: sorted (labels, samples or chunks)."""
+    if ctype.startswith(rr.SAMPLES_CONTENT_TYPE):
+        resp = rr.ReadResponse()
+        resp.ParseFromString(rr.snappy_decode(body, limit=1 << 31))
+        return {i: sorted((tuple(sorted((lb.name, lb.value) for lb in ts.labels)),
+                           tuple((s.timestamp, s.value) for s in ts.samples)) for ts in r.timeseries)
+                for i, r in enumerate(resp.results) if len(r.timeseries)}
+    by_query: dict[int, list[tuple[Any, ...]]] = {}
+    for raw in rr.read_frames(body):
+        msg = rr.ChunkedReadResponse()
+        msg.ParseFromString(raw)
+        for cs in msg.chunked_series:
+            by_query.setdefault(msg.query_index, []).append((
+                tuple(sorted((lb.name, lb.value) for lb in cs.labels)),
+                tuple((c.min_time_ms, c.max_time_ms, c.type, c.data) for c in cs.chunks)))
+    return {i: sorted(rows) for i, rows in by_query.items()}
+
+
+@pytest.mark.parametrize("key", MULTI)
+@pytest.mark.parametrize("types", [(rr.SAMPLES,), (rr.STREAMED_XOR_CHUNKS,), (rr.STREAMED_XOR_CHUNKS, rr.SAMPLES)],
+                         ids=["samples", "streamed", "either"])
+def test_remote_read_fans_out(servers: dict[str, PrometheusProcess], key: str, types: tuple[int, ...]) -> None:
+    pols = POLICY_SETS[key]
+    rng = random.Random(f"{key}{types}")
+    nonempty = 0
+    for _ in range(8):
+        queries = rng.sample(READ_MATCHERS, rng.choice([1, 2, 3]))
+        lo = rng.choice([START, START + 1800])
+        body = _read_body(queries, types, lo, rng.choice([lo + 600, END]))
+        p = plan_remote_read(body, pols)
+        assert p is not None and len(p.legs) > 1
+        want_type, want_body = servers[key].remote_read(body)
+        answers = [servers["__full__"].remote_read(leg.body or b"") for leg in p.legs]
+        ctypes = {c for c, _ in answers}
+        assert len(ctypes) == 1, ctypes
+        ctype = ctypes.pop()
+        if ctype.startswith(rr.SAMPLES_CONTENT_TYPE):
+            assert rr.SAMPLES in types  # samples whenever the client takes them
+            merged = rr.merge_samples([b for _, b in answers])
+        else:
+            assert types == (rr.STREAMED_XOR_CHUNKS,)
+            merged = rr.merge_streamed([b for _, b in answers])
+        got = _decoded(ctype, merged)
+        want = _decoded(want_type, want_body)
+        for rows in got.values():
+            for row in rows:
+                assert visible(dict(row[0]), pols), f"LEAK {row[0]}"
+        if want_type.split(";")[0] != ctype.split(";")[0]:
+            # the client also accepts samples: compare series sets (chunks and samples differ in shape)
+            assert {i: [r[0] for r in rows] for i, rows in got.items()} == {
+                i: [r[0] for r in rows] for i, rows in want.items()}, queries
+        else:
+            assert got == want, queries
+        nonempty += bool(want)
+    assert nonempty > 0
 
 
 def test_report(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,317 @@
+"""Fan-out plans: answer a read under several label policies with one restricted request per selector.
+
+Label policies are OR-ed selectors. Where one rewritten request cannot express the OR (a LogQL log
+query has no ``or`` for streams, a PromQL range vector cannot be a union, a remote-read query ANDs
+its matchers), the gateway sends one request per selector, each exactly today's single-selector
+rewrite, and merges the answers (``gateway.proxy.fanout``). This module only decides and builds:
+
+    p = plan(kind, upstream_path, method, raw_query, form_body, policies)
+    if p is None:
+        ...  # today's path: lbac.restrict.enforce (a single rewrite, or its refusal)
+    else:
+        ...  # p.legs are the restricted requests, p.merge says how to merge their answers
+
+A plan is made only where the merge gives exactly the answer of a tenant holding only the visible
+series or streams; what cannot be merged exactly is refused with a 400 that says why. Counting
+endpoints (``index/stats``, ``patterns``) are exact only when no stream can match two selectors
+(:func:`disjoint`); volumes are refused because Loki groups them by the query's matcher names and
+cuts them to the top ``limit``, which a sum over selectors cannot reproduce. At most
+:data:`MAX_FANOUT` selectors are fanned out.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final
+from urllib.parse import urlencode
+
+import promql_parser as pp
+
+from gateway.lbac import RewriteError
+from gateway.lbac import restrict as lbac
+from gateway.lbac.logql import is_log_query, restrict_logql, simplify
+from gateway.lbac.promql import effective_policies, restrict_match, restrict_promql
+from gateway.lbac.remote_read import (
+    SAMPLES_CONTENT_TYPE,
+    decode_read_request,
+    prefer_samples,
+    read_policy,
+    restrict_read_request,
+)
+from gateway.policy.selector import LabelMatcher, Selector
+from gateway.proxy.errors import ProxyError
+from gateway.routes import Kind
+
+#: Most selectors one request is fanned out to; beyond, the request is refused.
+MAX_FANOUT: Final = 16
+#: Loki's defaults (pkg/loghttp/params.go: defaultQueryLimit, and BACKWARD).
+LOKI_DEFAULT_LIMIT: Final = 100
+
+
+class Merge(enum.Enum):
+    """How the answers of the legs become one answer."""
+
+    SINGLE = "single"  # one leg: its answer is passed through unchanged
+    STREAMS = "streams"  # Loki log query: streams by label set, entries deduplicated, direction, limit
+    VALUES = "values"  # Loki labels / label values: union of the value lists
+    DETECTED_LABELS = "detected_labels"
+    DETECTED_FIELDS = "detected_fields"
+    DETECTED_VALUES = "detected_values"
+    PATTERNS = "patterns"  # disjoint selectors only: samples summed per pattern
+    INDEX_STATS = "index_stats"  # disjoint selectors only: counts summed
+    MATRIX = "matrix"  # Prometheus range vector: series by label set, samples deduplicated
+    METADATA = "metadata"  # legs: visible metric names, then the tenant's metadata (filtered)
+    REMOTE_READ = "remote_read"  # series merged by label set per query
+    TAIL = "tail"  # one WebSocket per selector, frames merged
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One restricted upstream request: raw query string and form body (None: no body)."""
+
+    query: str
+    body: bytes | None = None
+    method: str = "GET"
+    path: str | None = None  # None: the request's own upstream path
+    content_type: str = lbac.FORM
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    merge: Merge
+    legs: tuple[Leg, ...]
+    limit: int = LOKI_DEFAULT_LIMIT  # entries (streams) or metrics (metadata); < 0: none
+    forward: bool = False  # Loki direction
+
+
+# Loki endpoint (the upstream path's tail) -> merge; endpoints missing here are never fanned out.
+_LOKI_ENDPOINTS: Final[tuple[tuple[re.Pattern[str], Merge], ...]] = tuple(
+    (re.compile(p), m) for p, m in (
+        (r"/loki/api/v1/query_range\Z", Merge.STREAMS),
+        (r"/loki/api/v1/query\Z", Merge.STREAMS),
+        (r"/(?:loki/api/v1|api/prom)/(?:labels?|label/[^/]+/values)\Z", Merge.VALUES),
+        (r"/loki/api/v1/detected_labels\Z", Merge.DETECTED_LABELS),
+        (r"/loki/api/v1/detected_fields\Z", Merge.DETECTED_FIELDS),
+        (r"/loki/api/v1/detected_field/[^/]+/values\Z", Merge.DETECTED_VALUES),
+        (r"/loki/api/v1/patterns\Z", Merge.PATTERNS),
+        (r"/loki/api/v1/index/stats\Z", Merge.INDEX_STATS),
+    )
+)  # fmt: skip
+#: Endpoints Grafana calls without ``query``: the policy selectors become the query (Loki's labels too).
+_QUERY_OPTIONAL: Final = frozenset({Merge.DETECTED_LABELS, Merge.DETECTED_VALUES})
+_PLANNED: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL, Kind.LOGQL_TAIL, Kind.PROMQL})
+_DISJOINT_ONLY: Final = frozenset({Merge.PATTERNS, Merge.INDEX_STATS})
+_VOLUME: Final = re.compile(r"/loki/api/v1/index/volume(?:_range)?\Z")
+_METADATA: Final = re.compile(r"/api/v1/metadata\Z")
+_PROM_QUERY: Final = re.compile(r"/api/v1/query(?:_range)?\Z")
+_LITERALS: Final = re.compile(r"[A-Za-z0-9_\-]+(?:\|[A-Za-z0-9_\-]+)*\Z")
+
+
+@lru_cache(maxsize=256)
+def _loki_merge(path: str) -> Merge | None:
+    for pattern, merge in _LOKI_ENDPOINTS:
+        if pattern.search(path):
+            return merge
+    return None
+
+
+def _conflict(x: LabelMatcher, y: LabelMatcher) -> bool:
+    """True when no value of the label satisfies both matchers (checked for equality only)."""
+    if x.op != "=":
+        x, y = y, x
+    if x.op != "=":
+        return False
+    if y.op == "=":
+        return x.value != y.value
+    if y.op == "!=":
+        return x.value == y.value
+    if _LITERALS.match(y.value):  # a plain alternation of literals: no regex engine needed
+        hit = x.value in y.value.split("|")
+        return not hit if y.op == "=~" else hit
+    return False
+
+
+def disjoint(a: Selector, b: Selector) -> bool:
+    """Whether no label set can match both selectors (a sound, incomplete check)."""
+    return any(x.name == y.name and _conflict(x, y) for x in a.matchers for y in b.matchers)
+
+
+def _pairwise_disjoint(pols: tuple[Selector, ...]) -> bool:
+    return all(disjoint(a, b) for i, a in enumerate(pols) for b in pols[i + 1 :])
+
+
+def _check_size(pols: tuple[Selector, ...]) -> None:
+    if len(pols) > MAX_FANOUT:
+        raise ProxyError(400, f"query refused by label-based access control: {len(pols)} label policies apply, "
+                         f"and the gateway fans a query out to at most {MAX_FANOUT}", "lbac_refused")
+
+
+def _encode(method: str, pairs: list[tuple[str, str]]) -> Leg:
+    """Parameters re-encoded in one place, as ``enforce`` does: the body for POST, the URL otherwise."""
+    encoded = urlencode(pairs)
+    if method == "POST":
+        return Leg("", encoded.encode(), "POST")
+    return Leg(encoded, None, method)
+
+
+def _single(kind: Kind, method: str, raw_query: str, body: bytes | None, policy: Selector) -> Leg:
+    """One leg: exactly today's rewrite for a token holding only ``policy``."""
+    r = lbac.enforce(kind, method, raw_query, body, (policy,))
+    return Leg(r.query if r.query is not None else raw_query, r.body or None, method)
+
+
+def _limit_direction(pairs: list[tuple[str, str]]) -> tuple[int, bool]:
+    limit = LOKI_DEFAULT_LIMIT
+    raw = next((v for k, v in pairs if k == "limit"), "")
+    if raw.strip():
+        try:
+            limit = int(raw)
+        except ValueError:
+            limit = LOKI_DEFAULT_LIMIT  # Loki answers 400 on every leg; that answer is passed on
+    direction = next((v for k, v in pairs if k == "direction"), "backward")
+    return limit, direction.strip().upper() == "FORWARD"
+
+
+def _is_bare_range(query: str) -> bool:
+    try:
+        node = pp.parse(query)
+    except BaseException as exc:  # pyo3 panics are BaseException
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        return False
+    while isinstance(node, pp.ParenExpr):
+        node = node.expr
+    return isinstance(node, pp.MatrixSelector)
+
+
+def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
+         policies: tuple[Selector, ...]) -> Plan | None:
+    """The fan-out for this read, or None when today's single rewrite (or its refusal) applies.
+
+    ``path`` is the upstream path; ``body`` the form body (None without one). Single-selector
+    policies only ever get a plan where today's code refused for want of a query (Loki's
+    ``detected_labels`` and ``detected_field/{name}/values``, which Grafana sends without one).
+    """
+    if not policies:
+        return None
+    if kind is Kind.TENANT_WIDE:
+        return _metadata_plan(path, method, raw_query, policies) if _METADATA.search(path) else None
+    if kind not in _PLANNED:
+        return None
+    pols = policies if len(policies) == 1 else _selectors(policies, kind is Kind.PROMQL)
+    if len(pols) == 1 and not (kind is Kind.LOGQL and _loki_merge(path) in _QUERY_OPTIONAL):
+        return None  # the hot path of single-selector policies: today's rewrite, nothing parsed here
+    if kind is Kind.PROMQL:
+        return _promql_plan(path, method, raw_query, body, policies, pols)
+    merge = Merge.TAIL if kind is Kind.LOGQL_TAIL else _loki_merge(path)
+    if merge is None and not _VOLUME.search(path):
+        return None
+    pairs = lbac._pairs(raw_query, body)
+    query = lbac._one(pairs, "query", required=False)
+    if query is None:
+        if merge is None or not (kind is Kind.LOGQL_OPTIONAL or merge in _QUERY_OPTIONAL):
+            return None  # enforce: "parameter 'query' is required", or the policy itself as query
+        if len(pols) == 1 and kind is Kind.LOGQL_OPTIONAL:
+            return None  # today's path already sends the policy as the query
+        _check_size(pols)
+        legs = tuple(_encode(method, [*pairs, ("query", str(p))]) for p in pols)
+        return Plan(Merge.SINGLE if len(legs) == 1 else merge, legs)
+    if len(pols) == 1 or _union_works(query, policies):
+        return None
+    if merge is None:
+        raise ProxyError(400, "query refused by label-based access control: index volumes cannot be restricted "
+                         "by several label policies (Loki groups them by the query's own labels and keeps the "
+                         "top `limit`, which no sum over policies reproduces); ask your admin for a single "
+                         "selector", "lbac_refused")
+    if not _safe_log_query(query):
+        return None  # a metric query the union rewrite refused: enforce says why
+    if merge in _DISJOINT_ONLY and not _pairwise_disjoint(pols):
+        raise ProxyError(400, "query refused by label-based access control: this endpoint counts streams, and a "
+                         "stream can match several of your label policies, so the counts cannot be added up "
+                         "exactly; ask your admin for label policies that do not overlap", "lbac_refused")
+    _check_size(pols)
+    legs = tuple(_single(kind, method, raw_query, body, p) for p in pols)
+    if merge is Merge.STREAMS:
+        limit, forward = _limit_direction(pairs)
+        return Plan(merge, legs, limit, forward)
+    return Plan(merge, legs)
+
+
+@lru_cache(maxsize=1024)
+def _selectors(policies: tuple[Selector, ...], promql: bool) -> tuple[Selector, ...]:
+    """The OR of ``policies`` as few selectors as exact identities allow (what each rewrite starts from)."""
+    return effective_policies(policies) if promql else simplify(policies)
+
+
+def _union_works(query: str, policies: tuple[Selector, ...]) -> bool:
+    try:
+        restrict_logql(query, policies)
+    except RewriteError:
+        return False
+    return True
+
+
+def _safe_log_query(query: str) -> bool:
+    try:
+        return is_log_query(query)
+    except RewriteError:
+        return False  # enforce refuses with the lexer's message
+
+
+def _promql_plan(path: str, method: str, raw_query: str, body: bytes | None, policies: tuple[Selector, ...],
+                 pols: tuple[Selector, ...]) -> Plan | None:
+    """Bare range vectors (``v[5m]``) under several selectors: one query per selector, series merged."""
+    if len(pols) == 1 or not _PROM_QUERY.search(path):
+        return None
+    query = lbac._one(lbac._pairs(raw_query, body), "query", required=False)
+    if query is None or not _is_bare_range(query):
+        return None
+    try:
+        restrict_promql(query, policies)
+        return None
+    except RewriteError:
+        pass
+    _check_size(pols)
+    return Plan(Merge.MATRIX, tuple(_single(Kind.PROMQL, method, raw_query, body, p) for p in pols))
+
+
+def _metadata_plan(path: str, method: str, raw_query: str, policies: tuple[Selector, ...]) -> Plan:
+    """Metadata of the visible metric names only: their names first (restricted), then the metadata."""
+    pairs = lbac._pairs(raw_query, None)
+    limit = -1
+    for k, v in pairs:
+        if k == "limit" and v.strip():
+            try:
+                limit = int(v)
+            except ValueError:
+                raise ProxyError(400, "parameter 'limit' must be an integer", "bad_query") from None
+    names_path = _METADATA.sub("/api/v1/label/__name__/values", path)
+    names = Leg(urlencode([("match[]", m) for m in restrict_match([], policies)]), None, "GET", names_path)
+    meta = Leg(urlencode([(k, v) for k, v in pairs if k != "limit"]), None, method)
+    return Plan(Merge.METADATA, (names, meta), limit)
+
+
+@lru_cache(maxsize=1024)
+def _read_pols(policies: tuple[Selector, ...]) -> tuple[Selector, ...]:
+    return simplify(policies)
+
+
+def plan_remote_read(body: bytes, policies: tuple[Selector, ...]) -> Plan | None:
+    """Remote read under several selectors: one ReadRequest per selector, or None for today's rewrite.
+
+    Raises :class:`RewriteError` for a body that does not decode (as the single rewrite does).
+    """
+    try:
+        read_policy(policies)
+        return None
+    except RewriteError:
+        pass
+    decode_read_request(body)  # malformed bodies are refused here, with the single rewrite's message
+    pols = _read_pols(policies)
+    _check_size(pols)
+    legs = tuple(Leg("", prefer_samples(restrict_read_request(body, (p,))), "POST", None, SAMPLES_CONTENT_TYPE)
+                 for p in pols)
+    return Plan(Merge.REMOTE_READ, legs)

@@ -1,0 +1,395 @@
+"""Run a fan-out plan: the restricted requests concurrently, then one merged answer.
+
+``gateway.lbac.fanout`` decides and builds the legs; this module sends them (same parameters but
+the selector, so the same ``limit``, ``direction``, ``start`` and ``end``), and merges the answers
+into what a tenant holding only the visible streams or series would get::
+
+    resp, outcome = await execute(request, session, base, upstream_path, headers, plan, body_limit)
+
+Each leg's answer is read whole once (bounded by :data:`MAX_ANSWER`), parsed, and folded into the
+merge; the legs' bytes are dropped as soon as they are parsed. Any leg that does not answer 200 is
+passed on as the answer (its status and body), so Loki's and Prometheus's own errors reach the
+client and a partial merge is never returned.
+
+Merges, each chosen to equal the visible-only answer:
+
+* Loki streams: entries deduplicated by (stream labels, timestamp, line, metadata), ordered as
+  Loki's querier orders them (timestamp, then the stream's label string, reversed for
+  ``backward``; ``pkg/iter`` heap iterators), cut to ``limit``, grouped by stream, streams sorted
+  by label string (``logqlmodel.Streams.Less``). ``stats`` are summed, except wall-clock times
+  and per-second rates (``execTime``, ``queueTime``, ``*PerSecond``), which take the largest leg's
+  value since the legs run side by side.
+* Loki labels and values: the union, sorted. ``detected_labels`` / ``detected_fields``: the union by
+  name; their ``cardinality`` is Loki's HyperLogLog estimate per leg, and the merge reports the
+  largest leg's estimate (a sum would count shared values twice). ``detected_field`` values: the union.
+* ``patterns`` and ``index/stats`` (planned only for selectors no stream can match twice): summed.
+* Prometheus range vectors: series by label set, samples by timestamp, sorted by labels.
+* Metadata: the tenant's metadata restricted to the metric names the token can see, then ``limit``.
+* Remote read: see ``gateway.lbac.remote_read.merge_samples`` / ``merge_streamed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.lbac import RewriteError
+from gateway.lbac.fanout import Leg, Merge, Plan
+from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE, merge_samples, merge_streamed
+from gateway.lbac.restrict import FORM
+from gateway.proxy.errors import ProxyError
+from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
+
+#: Largest answer read from one leg.
+MAX_ANSWER: Final = 256 * 1024 * 1024
+#: Tail: how many recent entries are remembered to drop the copy a second selector's socket sends.
+TAIL_MEMORY: Final = 10_000
+_JSON: Final = "application/json; charset=utf-8"
+_MAX_STATS: Final = frozenset({"execTime", "queueTime"})
+
+
+class _Unmergeable(Exception):
+    """A leg answered 200 with something the merge does not understand."""
+
+
+@dataclass(slots=True)
+class _Answer:
+    status: int
+    content_type: str
+    body: bytes
+
+
+def _url(base: str, path: str, query: str) -> str:
+    return f"{base}{path}" + (f"?{query}" if query else "")
+
+
+def _leg_headers(headers: CIMultiDict[str], leg: Leg) -> CIMultiDict[str]:
+    h = headers.copy()
+    h.popall("Accept-Encoding", None)  # the merge reads the answer: plain bytes, please
+    h.popall("Content-Type", None)
+    h.popall("Content-Length", None)
+    if leg.body:
+        h["Content-Type"] = leg.content_type
+        if leg.content_type == FORM:
+            h.popall("Content-Encoding", None)  # the gateway built this body: plain form text
+    return h
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str], leg: Leg) -> _Answer:
+    try:
+        method = "GET" if leg.method == "HEAD" else leg.method  # the merge needs the bodies
+        async with session.request(method, url, headers=_leg_headers(headers, leg), data=leg.body,
+                                   allow_redirects=False, compress=None) as up:
+            if up.content_length is not None and up.content_length > MAX_ANSWER:
+                raise ProxyError(502, f"upstream answer larger than {MAX_ANSWER} bytes cannot be merged",
+                                 "upstream_too_large")
+            buf = bytearray()
+            async for chunk in up.content.iter_chunked(256 * 1024):
+                buf += chunk
+                if len(buf) > MAX_ANSWER:
+                    raise ProxyError(502, f"upstream answer larger than {MAX_ANSWER} bytes cannot be merged",
+                                     "upstream_too_large")
+            body = bytes(buf)
+            encoding = up.headers.get("Content-Encoding", "").strip().lower()
+            if encoding == "gzip":
+                body = gzip.decompress(body)
+            elif encoding == "deflate":
+                body = zlib.decompress(body)
+            elif encoding not in ("", "identity", "snappy"):
+                raise ProxyError(502, f"upstream answered in an encoding the merge cannot read: {encoding}",
+                                 "upstream_unavailable")
+            return _Answer(up.status, up.headers.get("Content-Type", ""), body)
+    except ProxyError:
+        raise
+    except (TimeoutError, aiohttp.ClientError, OSError, zlib.error, EOFError) as exc:
+        if isinstance(exc, zlib.error | EOFError):
+            raise ProxyError(502, f"upstream answer broke: {describe(exc)}", "upstream_unavailable") from None
+        raise _failure(exc) from None
+
+
+async def execute(request: web.Request, session: aiohttp.ClientSession, base: str, path: str,
+                  headers: CIMultiDict[str], plan: Plan, body_limit: int) -> tuple[web.StreamResponse, Outcome]:
+    """Send the plan's legs and answer the merged result (or the first leg that did not answer 200)."""
+    if plan.merge is Merge.TAIL:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            raise ProxyError(400, "tail under several label policies needs a WebSocket upgrade", "bad_query")
+        urls = [_url(base, leg.path or path, leg.query) for leg in plan.legs]
+        return await relay_websockets(request, session, urls, headers, TailDedup().frame)
+    if plan.merge is Merge.SINGLE:
+        leg = plan.legs[0]
+        return await forward(request, session, _url(base, leg.path or path, leg.query), _leg_headers(headers, leg)
+                             if leg.body else headers, leg.body, body_limit)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    results = await asyncio.gather(*(_fetch(session, _url(base, leg.path or path, leg.query), headers, leg)
+                                     for leg in plan.legs), return_exceptions=True)
+    upstream_seconds = loop.time() - started
+    answers: list[_Answer] = []
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+        answers.append(r)
+    for a in answers:
+        if a.status != 200:
+            resp = web.Response(status=a.status, body=a.body, headers={"Content-Type": a.content_type or _JSON})
+            return resp, Outcome(a.status, len(a.body), upstream_seconds)
+    try:
+        body, ctype, extra = _merge(plan, answers)
+    except (_Unmergeable, RewriteError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ProxyError(502, f"the upstream's answers could not be merged: {exc}", "upstream_unmergeable"
+                         ) from None
+    resp = web.Response(status=200, body=body, headers={"Content-Type": ctype, **extra})
+    return resp, Outcome(200, len(body), upstream_seconds)
+
+
+def _merge(plan: Plan, answers: list[_Answer]) -> tuple[bytes, str, dict[str, str]]:
+    if plan.merge is Merge.REMOTE_READ:
+        types = {a.content_type.split(";", 1)[0].strip().lower() for a in answers}
+        if types == {SAMPLES_CONTENT_TYPE}:
+            return merge_samples([a.body for a in answers]), SAMPLES_CONTENT_TYPE, {"Content-Encoding": "snappy"}
+        if types == {STREAMED_CONTENT_TYPE.split(";", 1)[0]}:
+            return merge_streamed([a.body for a in answers]), STREAMED_CONTENT_TYPE, {}
+        raise _Unmergeable(f"remote read answers of types {sorted(types)}")
+    docs = []
+    for a in answers:  # each leg's bytes are dropped once parsed: one copy per leg at a time
+        docs.append(json.loads(a.body))
+        a.body = b""
+    if plan.merge is Merge.METADATA:
+        out = merge_metadata(docs[0], docs[1], plan.limit)
+    else:
+        out = _JSON_MERGES[plan.merge](docs, plan)
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode(), _JSON, {}
+
+
+# --------------------------------------------------------------------------- JSON merges
+
+
+def label_string(labels: dict[str, str]) -> str:
+    """Loki's ``labels.String()``: ``{a="1", b="2"}``, names sorted (what Loki orders streams by)."""
+    return "{" + ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sorted(labels.items())) + "}"
+
+
+def _success(doc: Any) -> Any:
+    if not isinstance(doc, dict) or doc.get("status", "success") != "success":
+        raise _Unmergeable("an answer is not a success")
+    return doc
+
+
+def merge_streams(docs: list[Any], limit: int, forward: bool) -> dict[str, Any]:
+    """Loki streams answers merged (see the module docstring)."""
+    seen: set[tuple[str, str, str, str]] = set()
+    items: list[tuple[int, str, list[Any], dict[str, str]]] = []
+    data0: dict[str, Any] = {}
+    for doc in docs:
+        data = _success(doc)["data"]
+        if data.get("resultType") != "streams":
+            raise _Unmergeable(f"resultType {data.get('resultType')!r}, expected streams")
+        data0 = data0 or data
+        for s in data["result"]:
+            labels = s["stream"]
+            key = label_string(labels)
+            for e in s["values"]:
+                k = (key, str(e[0]), str(e[1]), json.dumps(e[2:], sort_keys=True) if len(e) > 2 else "")
+                if k in seen:
+                    continue
+                seen.add(k)
+                items.append((int(e[0]), key, e, labels))
+    items.sort(key=lambda t: (t[0], t[1]), reverse=not forward)
+    if limit >= 0:
+        del items[limit:]
+    streams: dict[str, tuple[dict[str, str], list[Any]]] = {}
+    for _, key, e, labels in items:
+        streams.setdefault(key, (labels, []))[1].append(e)
+    result = [{"stream": streams[k][0], "values": streams[k][1]} for k in sorted(streams)]
+    data_out = {k: v for k, v in data0.items() if k not in ("result", "stats")}
+    data_out["result"] = result
+    if any("stats" in d["data"] for d in docs):
+        data_out["stats"] = merge_stats([d["data"].get("stats", {}) for d in docs])
+    return {"status": "success", "data": data_out}
+
+
+def merge_stats(stats: list[Any]) -> Any:
+    """Counters summed; wall-clock times and per-second rates: the largest (legs run side by side)."""
+    def fold(key: str, values: list[Any]) -> Any:
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        if all(isinstance(v, dict) for v in values):
+            keys = list(dict.fromkeys(k for v in values for k in v))
+            return {k: fold(k, [v.get(k) for v in values]) for k in keys}
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return max(values) if key in _MAX_STATS or key.endswith("PerSecond") else sum(values)
+        return values[0]
+    return fold("", stats)
+
+
+def _values_union(docs: list[Any], _plan: Plan) -> dict[str, Any]:
+    # Loki's v1 answer is {"data": [...]} (omitted when empty); the legacy /api/prom one {"values": [...]}
+    key = "values" if any("values" in d for d in docs) and not any("data" in d for d in docs) else "data"
+    out: set[str] = set()
+    for doc in docs:
+        vals = _success(doc).get(key) or []
+        if not isinstance(vals, list):
+            raise _Unmergeable(f"{key} is not a list")
+        out.update(vals)
+    return {**docs[0], "status": "success", key: sorted(out)}
+
+
+def _by_name(docs: list[Any], list_key: str, name_key: str) -> list[dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        for item in doc.get(list_key) or []:
+            name = item[name_key]
+            have = merged.get(name)
+            if have is None:
+                merged[name] = dict(item)
+                continue
+            have["cardinality"] = max(int(have.get("cardinality", 0)), int(item.get("cardinality", 0)))
+            if "parsers" in item or "parsers" in have:
+                have["parsers"] = sorted(set(have.get("parsers") or []) | set(item.get("parsers") or [])) or None
+    return [merged[k] for k in sorted(merged)]
+
+
+def _detected_labels(docs: list[Any], _plan: Plan) -> dict[str, Any]:
+    return {**docs[0], "detectedLabels": _by_name(docs, "detectedLabels", "label")}
+
+
+def _detected_fields(docs: list[Any], _plan: Plan) -> dict[str, Any]:
+    out = {**docs[0], "fields": _by_name(docs, "fields", "label")}
+    limit = docs[0].get("limit")
+    if isinstance(limit, int) and limit > 0:
+        out["fields"] = out["fields"][:limit]
+    return out
+
+
+def _detected_values(docs: list[Any], _plan: Plan) -> dict[str, Any]:
+    values: set[str] = set()
+    for doc in docs:
+        values.update(doc.get("values") or [])
+    out = {**docs[0], "values": sorted(values)}
+    limit = docs[0].get("limit")
+    if isinstance(limit, int) and limit > 0:
+        out["values"] = out["values"][:limit]
+    return out
+
+
+def _patterns(docs: list[Any], _plan: Plan) -> dict[str, Any]:
+    merged: dict[tuple[str, str], dict[int, float]] = {}
+    for doc in docs:
+        for p in _success(doc).get("data") or []:
+            samples = merged.setdefault((p["pattern"], p.get("level", "")), {})
+            for ts, v in p.get("samples") or []:
+                samples[int(ts)] = samples.get(int(ts), 0) + v
+    rows = []
+    for (pattern, level), samples in merged.items():
+        row: dict[str, Any] = {"pattern": pattern}
+        if level:
+            row["level"] = level
+        row["samples"] = [[t, samples[t]] for t in sorted(samples)]
+        rows.append(row)
+    rows.sort(key=lambda r: (-sum(v for _, v in r["samples"]), r["pattern"], r.get("level", "")))
+    return {"status": "success", "data": rows}
+
+
+def _index_stats(docs: list[Any], _plan: Plan) -> dict[str, Any]:
+    keys = list(dict.fromkeys(k for d in docs for k in d))
+    return {k: sum(int(d.get(k, 0)) for d in docs) for k in keys}
+
+
+def merge_matrix(docs: list[Any], _plan: Plan | None = None) -> dict[str, Any]:
+    series: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], dict[float, Any]]] = {}
+    warnings: list[str] = []
+    for doc in docs:
+        data = _success(doc)["data"]
+        if data.get("resultType") != "matrix":
+            raise _Unmergeable(f"resultType {data.get('resultType')!r}, expected matrix")
+        for w in doc.get("warnings") or []:
+            if w not in warnings:
+                warnings.append(w)
+        for s in data["result"]:
+            key = tuple(sorted(s["metric"].items()))
+            samples = series.setdefault(key, (s["metric"], {}))[1]
+            for point in s.get("values") or []:
+                samples.setdefault(float(point[0]), point)
+            if s.get("histograms"):
+                raise _Unmergeable("native histograms")
+    result = [{"metric": series[k][0], "values": [series[k][1][t] for t in sorted(series[k][1])]}
+              for k in sorted(series)]
+    out: dict[str, Any] = {"status": "success", "data": {"resultType": "matrix", "result": result}}
+    if warnings:
+        out["warnings"] = warnings
+    return out
+
+
+def merge_metadata(names_doc: Any, meta_doc: Any, limit: int) -> dict[str, Any]:
+    """The tenant's metadata, restricted to the visible metric names, then cut to ``limit`` metrics."""
+    names = _success(names_doc)["data"]
+    meta = _success(meta_doc)["data"]
+    if not isinstance(names, list) or not isinstance(meta, dict):
+        raise _Unmergeable("label values are not a list, or metadata is not an object")
+    names = set(names)
+    keep = [k for k in sorted(meta) if k in names]
+    if limit >= 0:
+        keep = keep[:limit]
+    out = {k: v for k, v in meta_doc.items() if k != "data"}
+    out["data"] = {k: meta[k] for k in keep}
+    return out
+
+
+_JSON_MERGES: Final[dict[Merge, Callable[[list[Any], Plan], dict[str, Any]]]] = {
+    Merge.STREAMS: lambda docs, plan: merge_streams(docs, plan.limit, plan.forward),
+    Merge.VALUES: _values_union,
+    Merge.DETECTED_LABELS: _detected_labels,
+    Merge.DETECTED_FIELDS: _detected_fields,
+    Merge.DETECTED_VALUES: _detected_values,
+    Merge.PATTERNS: _patterns,
+    Merge.INDEX_STATS: _index_stats,
+    Merge.MATRIX: merge_matrix,
+}
+
+
+# --------------------------------------------------------------------------- tail
+
+
+class TailDedup:
+    """Drops the entries of a tail frame that another selector's socket already sent."""
+
+    def __init__(self, memory: int = TAIL_MEMORY) -> None:
+        self.memory = memory
+        self.seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+
+    def frame(self, text: str) -> str | None:
+        """The frame without repeated entries; None when nothing is left to send."""
+        try:
+            doc = json.loads(text)
+            streams = doc.get("streams") or []
+        except (ValueError, AttributeError):
+            return text
+        kept = []
+        for s in streams:
+            key = label_string(s.get("stream") or {})
+            values = []
+            for e in s.get("values") or []:
+                k = (key, str(e[0]), json.dumps(e[1:], sort_keys=True))
+                if k in self.seen:
+                    continue
+                self.seen[k] = None
+                if len(self.seen) > self.memory:
+                    self.seen.popitem(last=False)
+                values.append(e)
+            if values:
+                kept.append({**s, "values": values})
+        if not kept and not doc.get("dropped_entries"):
+            return None
+        doc["streams"] = kept
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))

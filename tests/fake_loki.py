@@ -1,0 +1,267 @@
+"""A small Loki for tests: stream selectors and line filters over a fixed data set, answered as Loki does.
+
+Written from Loki's source (grafana/loki), for what the fan-out tests depend on:
+
+* parameters (``pkg/loghttp/params.go``): ``limit`` defaults to 100 and must be positive;
+  ``direction`` is ``FORWARD``/``BACKWARD`` in any case, default backward; a timestamp with a ``.``
+  is float seconds, an integer of at most 10 digits is seconds, a longer one nanoseconds, else
+  RFC 3339;
+* a selector needs one matcher that does not match the empty string (Loki's "queries require at
+  least one regexp or equality matcher that does not have an empty-compatible value"); regex
+  matchers are anchored, a missing label has the empty value (Prometheus ``labels.Matcher``);
+* line filters ``|=``, ``!=``, ``|~`` (unanchored regex), ``!~``, AND-ed in order;
+* entries are merged across streams by timestamp, ties broken by the stream's label string,
+  both reversed for backward (``pkg/iter`` heap iterators), the first ``limit`` kept; the answer
+  lists streams sorted by label string (``logqlmodel.Streams.Less``) with their entries in query
+  direction; a log query reads ``start <= ts < end``;
+* JSON shapes (``pkg/util/marshal``, ``pkg/loghttp``): ``{"status":"success","data":{"resultType":
+  "streams","result":[{"stream":{...},"values":[["<ns>","line"]]}],"stats":{...}}}``; labels and
+  label values ``{"status":"success","data":[...]}``; series ``data`` a list of label maps;
+  ``detected_labels`` ``{"detectedLabels":[{"label","cardinality"}]}``; ``index/stats``
+  ``{"streams","chunks","bytes","entries"}``; tail frames ``{"streams":[...]}``.
+
+Anything else in a query (parsers, metric queries) is answered 400, so a test never passes on
+syntax the fake does not evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+_MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*"|`[^`]*`)\s*(,|\})')
+_FILTER = re.compile(r'\s*(\|=|!=|\|~|!~)\s*("(?:[^"\\]|\\.)*"|`[^`]*`)')
+_EMPTY_MSG = ('queries require at least one regexp or equality matcher that does not have an empty-compatible '
+              'value. For instance, app=~".*" does not meet this requirement, but app=~".+" will')
+
+
+class LokiError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Stream:
+    labels: dict[str, str]
+    entries: tuple[tuple[int, str], ...]  # (ns, line), any order
+
+
+def label_string(labels: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items())) + "}"
+
+
+def _string(lit: str) -> str:
+    return lit[1:-1] if lit[0] == "`" else str(json.loads(lit))
+
+
+def _matcher(name: str, op: str, value: str) -> Callable[[dict[str, str]], bool]:
+    if op == "=":
+        return lambda ls: ls.get(name, "") == value
+    if op == "!=":
+        return lambda ls: ls.get(name, "") != value
+    rx = re.compile(value, re.DOTALL)
+    if op == "=~":
+        return lambda ls: rx.fullmatch(ls.get(name, "")) is not None
+    return lambda ls: rx.fullmatch(ls.get(name, "")) is None
+
+
+def parse_selector(text: str) -> tuple[Callable[[dict[str, str]], bool], int]:
+    """The stream matcher for ``{...}`` at the start of ``text`` and where it ends."""
+    s = text.lstrip()
+    offset = len(text) - len(s)
+    if not s.startswith("{"):
+        raise LokiError("parse error: a log query starts with a stream selector")
+    pos, tests, non_empty = 1, [], False
+    while True:
+        m = _MATCHER.match(s, pos)
+        if m is None:
+            raise LokiError(f"parse error at {pos}")
+        name, op, value = m.group(1), m.group(2), _string(m.group(3))
+        test = _matcher(name, op, value)
+        non_empty |= not test({})
+        tests.append(test)
+        pos = m.end()
+        if m.group(4) == "}":
+            break
+    if not non_empty:
+        raise LokiError(_EMPTY_MSG)
+    return (lambda ls: all(t(ls) for t in tests)), offset + pos
+
+
+def parse_query(query: str) -> tuple[Callable[[dict[str, str]], bool], Callable[[str], bool]]:
+    select, pos = parse_selector(query)
+    filters: list[Callable[[str], bool]] = []
+    while pos < len(query):
+        if not query[pos:].strip():
+            break
+        m = _FILTER.match(query, pos)
+        if m is None:
+            raise LokiError(f"parse error: the fake Loki only evaluates line filters (at {pos})")
+        op, value = m.group(1), _string(m.group(2))
+        if op == "|=":
+            filters.append(lambda line, v=value: v in line)
+        elif op == "!=":
+            filters.append(lambda line, v=value: v not in line)
+        else:
+            rx = re.compile(value)
+            filters.append((lambda line, r=rx: r.search(line) is not None) if op == "|~"
+                           else (lambda line, r=rx: r.search(line) is None))
+        pos = m.end()
+    return select, lambda line: all(f(line) for f in filters)
+
+
+def parse_time(value: str | None, default: int) -> int:
+    if not value:
+        return default
+    if "." in value:
+        try:
+            return round(float(value) * 1e9)
+        except ValueError:
+            pass
+    try:
+        n = int(value)
+    except ValueError:
+        try:
+            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
+        except ValueError:
+            raise LokiError(f'cannot parse "{value}" to a valid timestamp') from None
+    return n * 1_000_000_000 if len(value) <= 10 else n
+
+
+@dataclass
+class FakeLoki:
+    streams: list[Stream]
+    now_ns: int = 0
+    seen: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ evaluation (pure)
+
+    def _bounds(self, p: dict[str, str]) -> tuple[int, int]:
+        end = parse_time(p.get("end"), self.now_ns)
+        return parse_time(p.get("start"), end - 3600 * 10**9), end
+
+    def _in_range(self, p: dict[str, str], select: Callable[[dict[str, str]], bool]) -> list[Stream]:
+        start, end = self._bounds(p)
+        return [s for s in self.streams if select(s.labels) and any(start <= t < end for t, _ in s.entries)]
+
+    def query_range(self, p: dict[str, str]) -> dict[str, Any]:
+        select, keep = parse_query(p.get("query", ""))
+        limit_raw = p.get("limit") or "100"
+        try:
+            limit = int(limit_raw)
+        except ValueError:
+            raise LokiError(f'strconv.Atoi: parsing "{limit_raw}": invalid syntax') from None
+        if limit <= 0:
+            raise LokiError("limit must be a positive value")
+        direction = (p.get("direction") or "BACKWARD").upper()
+        if direction not in ("FORWARD", "BACKWARD"):
+            raise LokiError(f"invalid direction '{p.get('direction')}'")
+        start, end = self._bounds(p)
+        items: list[tuple[int, str, dict[str, str], str]] = []
+        scanned = 0
+        for s in self.streams:
+            if not select(s.labels):
+                continue
+            key = label_string(s.labels)
+            for t, line in s.entries:
+                if start <= t < end:
+                    scanned += 1
+                    if keep(line):
+                        items.append((t, key, s.labels, line))
+        items.sort(key=lambda i: (i[0], i[1]), reverse=direction == "BACKWARD")
+        items = items[:limit]
+        grouped: dict[str, tuple[dict[str, str], list[list[str]]]] = {}
+        for t, key, labels, line in items:
+            grouped.setdefault(key, (labels, []))[1].append([str(t), line])
+        result = [{"stream": grouped[k][0], "values": grouped[k][1]} for k in sorted(grouped)]
+        stats = {"summary": {"totalEntriesReturned": len(items), "totalLinesProcessed": scanned,
+                             "execTime": 0.001, "queueTime": 0.0001, "linesProcessedPerSecond": scanned * 1000}}
+        return {"status": "success", "data": {"resultType": "streams", "result": result, "stats": stats}}
+
+    def labels(self, p: dict[str, str], name: str | None = None) -> dict[str, Any]:
+        select = parse_selector(p["query"])[0] if p.get("query") else (lambda ls: True)
+        out: set[str] = set()
+        for s in self._in_range(p, select):
+            if name is None:
+                out.update(s.labels)
+            elif s.labels.get(name):
+                out.add(s.labels[name])
+        return {"status": "success", "data": sorted(out)}
+
+    def series(self, matches: list[str], p: dict[str, str]) -> dict[str, Any]:
+        sels = [parse_selector(m)[0] for m in matches]
+        found = self._in_range(p, lambda ls: any(sel(ls) for sel in sels))
+        return {"status": "success", "data": [s.labels for s in sorted(found, key=lambda s: label_string(s.labels))]}
+
+    def detected_labels(self, p: dict[str, str]) -> dict[str, Any]:
+        select = parse_selector(p["query"])[0] if p.get("query") else (lambda ls: True)
+        values: dict[str, set[str]] = {}
+        for s in self._in_range(p, select):
+            for k, v in s.labels.items():
+                values.setdefault(k, set()).add(v)
+        return {"detectedLabels": [{"label": k, "cardinality": len(values[k])} for k in sorted(values)]}
+
+    def index_stats(self, p: dict[str, str]) -> dict[str, Any]:
+        select = parse_selector(p.get("query", ""))[0]
+        start, end = self._bounds(p)
+        found = self._in_range(p, select)
+        entries = [line for s in found for t, line in s.entries if start <= t < end]
+        return {"streams": len(found), "chunks": len(found), "entries": len(entries),
+                "bytes": sum(len(x) for x in entries)}
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _params(self, request: web.Request) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        pairs = list(request.rel_url.query.items())
+        if request.method == "POST":
+            pairs += list((await request.post()).items())  # type: ignore[arg-type]
+        self.seen.append((request.path, [(k, str(v)) for k, v in pairs]))
+        return {k: str(v) for k, v in pairs}, [(k, str(v)) for k, v in pairs]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._tail(request)
+        p, pairs = await self._params(request)
+        path = request.path
+        try:
+            if path.endswith("/query_range"):
+                doc = self.query_range(p)
+            elif path.endswith(("/labels", "/label")):
+                doc = self.labels(p)
+            elif m := re.search(r"/label/([^/]+)/values$", path):
+                doc = self.labels(p, m.group(1))
+            elif path.endswith("/series"):
+                doc = self.series([v for k, v in pairs if k in ("match", "match[]")], p)
+            elif path.endswith("/detected_labels"):
+                doc = self.detected_labels(p)
+            elif path.endswith("/index/stats"):
+                doc = self.index_stats(p)
+            else:
+                return web.Response(status=404, text="404 page not found\n")
+        except (LokiError, re.error) as exc:
+            return web.Response(status=400, text=str(exc), content_type="text/plain")
+        return web.json_response(doc)
+
+    async def _tail(self, request: web.Request) -> web.WebSocketResponse:
+        p, _ = await self._params(request)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        select, keep = parse_query(p.get("query", ""))
+        items = sorted((t, label_string(s.labels), s.labels, line) for s in self.streams if select(s.labels)
+                       for t, line in s.entries if keep(line))
+        for t, _key, labels, line in items:  # one frame per entry, oldest first, as a tail of old lines
+            await ws.send_str(json.dumps({"streams": [{"stream": labels, "values": [[str(t), line]]}]}))
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                break
+        return ws
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app

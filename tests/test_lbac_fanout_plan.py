@@ -1,0 +1,164 @@
+"""The fan-out planner and the merges as pure functions (no server): what is planned, what is refused."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode
+
+import pytest
+
+from gateway.lbac import RewriteError
+from gateway.lbac import remote_read as rr
+from gateway.lbac.fanout import MAX_FANOUT, Merge, disjoint, plan, plan_remote_read
+from gateway.policy.selector import parse_selector
+from gateway.proxy.errors import ProxyError
+from gateway.proxy.fanout import TailDedup, merge_matrix, merge_metadata, merge_stats, merge_streams
+from gateway.routes import Kind
+
+ONE = (parse_selector('{env="dev"}'),)
+TWO = (parse_selector('{env="dev"}'), parse_selector('{team="a", env!="prod"}'))
+DISJOINT = (parse_selector('{env="dev"}'), parse_selector('{env="prod", team="a"}'))
+
+
+def q(**params: str) -> str:
+    return urlencode(params)
+
+
+SINGLE_CASES = [
+    (Kind.LOGQL, "/loki/api/v1/query_range", q(query='{app="a"}')),
+    (Kind.LOGQL, "/loki/api/v1/index/volume", q(query='{app="a"}')),
+    (Kind.LOGQL, "/loki/api/v1/detected_labels", q(query='{app="a"}')),
+    (Kind.LOGQL_OPTIONAL, "/loki/api/v1/labels", ""),
+    (Kind.LOGQL_TAIL, "/loki/api/v1/tail", q(query='{app="a"}')),
+    (Kind.PROMQL, "/prometheus/api/v1/query", q(query="up[5m]")),
+    (Kind.MATCH, "/prometheus/api/v1/series", q(**{"match[]": "up"})),
+]
+
+
+@pytest.mark.parametrize(("kind", "path", "raw"), SINGLE_CASES)
+def test_single_selector_policies_are_never_fanned_out(kind: Kind, path: str, raw: str) -> None:
+    assert plan(kind, path, "GET", raw, None, ONE) is None
+
+
+@pytest.mark.parametrize("path", ["/loki/api/v1/detected_labels", "/loki/api/v1/detected_field/level/values"])
+def test_grafana_probes_without_query_get_the_policy_as_query(path: str) -> None:
+    p = plan(Kind.LOGQL, path, "GET", q(start="1"), None, ONE)
+    assert p is not None and p.merge is Merge.SINGLE
+    assert parse_qsl(p.legs[0].query) == [("start", "1"), ("query", '{env="dev"}')]
+    p = plan(Kind.LOGQL, path, "POST", "", b"start=1", TWO)
+    assert p is not None and len(p.legs) == 2 and all(leg.method == "POST" for leg in p.legs)
+    assert [dict(parse_qsl((leg.body or b"").decode()))["query"] for leg in p.legs] == [str(s) for s in TWO]
+
+
+def test_log_query_legs_are_todays_single_rewrites_with_the_same_parameters() -> None:
+    raw = q(query='{app="a"} |= "x"', limit="7", direction="forward", start="1", end="2")
+    p = plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", raw, None, TWO)
+    assert p is not None and p.merge is Merge.STREAMS and p.limit == 7 and p.forward
+    assert [parse_qsl(leg.query) for leg in p.legs] == [
+        [("limit", "7"), ("direction", "forward"), ("start", "1"), ("end", "2"), ("query", want)]
+        for want in ('{app="a", env="dev"} |= "x"', '{app="a", team="a", env!="prod"} |= "x"')]
+
+
+def test_metric_queries_keep_the_union_rewrite_or_its_refusal() -> None:
+    assert plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query='rate({app="a"}[5m])'), None, TWO) is None
+    assert plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query='absent_over_time({a="b"}[5m])'), None,
+                TWO) is None  # enforce refuses it, saying why
+
+
+def test_what_cannot_be_exact_is_refused() -> None:
+    for path in ("/loki/api/v1/index/volume", "/loki/api/v1/index/volume_range"):
+        with pytest.raises(ProxyError, match="index volumes"):
+            plan(Kind.LOGQL, path, "GET", q(query='{app="a"}'), None, TWO)
+    for path in ("/loki/api/v1/index/stats", "/loki/api/v1/patterns"):
+        with pytest.raises(ProxyError, match="cannot be added up exactly"):
+            plan(Kind.LOGQL, path, "GET", q(query='{app="a"}'), None, TWO)
+        p = plan(Kind.LOGQL, path, "GET", q(query='{app="a"}'), None, DISJOINT)
+        assert p is not None and len(p.legs) == 2
+    many = tuple(parse_selector(f'{{l{i}="x"}}') for i in range(MAX_FANOUT + 1))
+    with pytest.raises(ProxyError, match=f"at most {MAX_FANOUT}"):
+        plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query='{app="a"}'), None, many)
+
+
+def test_disjointness_is_sound() -> None:
+    d = parse_selector
+    assert disjoint(d('{env="dev"}'), d('{env="prod", a="1"}'))
+    assert disjoint(d('{env="dev"}'), d('{env!="dev", a="1"}'))
+    assert disjoint(d('{env="dev"}'), d('{env=~"prod|stage"}'))
+    assert disjoint(d('{env="dev"}'), d('{env!~"dev|x", a="1"}'))
+    assert not disjoint(d('{env="dev"}'), d('{team="a"}'))
+    assert not disjoint(d('{env="dev"}'), d('{env=~"d.*"}'))  # a real regex: not claimed
+    assert not disjoint(d('{env=~"dev|x"}'), d('{env=~"x"}'))
+
+
+def test_promql_bare_range_only() -> None:
+    p = plan(Kind.PROMQL, "/prometheus/api/v1/query", "GET", q(query="(up[5m] offset 1m)"), None, TWO)
+    assert p is not None and p.merge is Merge.MATRIX
+    assert [dict(parse_qsl(leg.query))["query"] for leg in p.legs] == [
+        '(up{env="dev"}[5m] offset 1m)', '(up{env!="prod",team="a"}[5m] offset 1m)']
+    assert plan(Kind.PROMQL, "/prometheus/api/v1/query", "GET", q(query="rate(up[5m])"), None, TWO) is None
+
+
+def test_metadata_plan_and_merge() -> None:
+    p = plan(Kind.TENANT_WIDE, "/prometheus/api/v1/metadata", "GET", q(metric="up", limit="1"), None, TWO)
+    assert p is not None and p.merge is Merge.METADATA and p.limit == 1
+    assert p.legs[0].path == "/prometheus/api/v1/label/__name__/values"
+    assert parse_qsl(p.legs[0].query) == [("match[]", str(s)) for s in TWO]
+    assert parse_qsl(p.legs[1].query) == [("metric", "up")]
+    assert plan(Kind.TENANT_WIDE, "/prometheus/api/v1/cardinality/label_names", "GET", "", None, TWO) is None
+    names = {"status": "success", "data": ["a", "c"]}
+    meta = {"status": "success", "data": {"a": [1], "b": [2], "c": [3]}}
+    assert merge_metadata(names, meta, -1)["data"] == {"a": [1], "c": [3]}
+    assert merge_metadata(names, meta, 1)["data"] == {"a": [1]}
+
+
+def test_streams_merge_dedupes_orders_and_cuts() -> None:
+    def doc(*streams: tuple[dict[str, str], list[list[object]]]) -> dict[str, object]:
+        return {"status": "success", "data": {"resultType": "streams", "encodingFlags": ["categorize-labels"],
+                                              "result": [{"stream": s, "values": v} for s, v in streams],
+                                              "stats": {"summary": {"execTime": 1.0, "totalLinesProcessed": 3}}}}
+    a, b = {"app": "a"}, {"app": "b"}
+    meta = {"structuredMetadata": {"trace": "1"}}
+    one = doc((a, [["30", "x", meta], ["10", "y"]]), (b, [["30", "z"]]))
+    two = doc((a, [["30", "x", meta], ["20", "w"]]))
+    out = merge_streams([one, two], 3, forward=False)
+    assert out["data"]["result"] == [{"stream": a, "values": [["30", "x", meta], ["20", "w"]]},
+                                     {"stream": b, "values": [["30", "z"]]}]
+    assert out["data"]["encodingFlags"] == ["categorize-labels"]
+    assert out["data"]["stats"] == {"summary": {"execTime": 1.0, "totalLinesProcessed": 6}}
+    out = merge_streams([one, two], 2, forward=True)
+    assert out["data"]["result"] == [{"stream": a, "values": [["10", "y"], ["20", "w"]]}]
+    assert merge_stats([{"x": {"bytesProcessedPerSecond": 5, "n": 1}}, {"x": {"bytesProcessedPerSecond": 7, "n": 2}}]
+                       ) == {"x": {"bytesProcessedPerSecond": 7, "n": 3}}
+
+
+def test_matrix_merge_and_tail_dedup() -> None:
+    docs = [{"status": "success", "data": {"resultType": "matrix", "result": [
+        {"metric": {"a": "1"}, "values": [[1, "1"], [2, "2"]]}]}},
+            {"status": "success", "data": {"resultType": "matrix", "result": [
+                {"metric": {"a": "1"}, "values": [[2, "2"]]}, {"metric": {"a": "0"}, "values": [[1, "5"]]}]}}]
+    assert merge_matrix(docs)["data"]["result"] == [{"metric": {"a": "0"}, "values": [[1, "5"]]},
+                                                    {"metric": {"a": "1"}, "values": [[1, "1"], [2, "2"]]}]
+    tail = TailDedup(memory=2)
+    frame = '{"streams":[{"stream":{"a":"1"},"values":[["1","x"]]}]}'
+    assert tail.frame(frame) is not None and tail.frame(frame) is None
+    assert tail.frame("not json") == "not json"
+
+
+def test_remote_read_plan_and_frames() -> None:
+    assert rr.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    msgs = [b"", b"a" * 200, bytes(range(256))]
+    assert rr.read_frames(b"".join(rr.frame(m) for m in msgs)) == msgs
+    with pytest.raises(RewriteError):
+        rr.read_frames(rr.frame(b"abc")[:-1] + b"x")
+    req = rr.ReadRequest()
+    req.queries.add(start_timestamp_ms=0, end_timestamp_ms=1).matchers.add(type=rr.EQ, name="__name__", value="up")
+    req.accepted_response_types.extend([rr.STREAMED_XOR_CHUNKS, rr.SAMPLES])
+    body = rr.snappy_encode(req.SerializeToString())
+    assert plan_remote_read(body, ONE) is None
+    p = plan_remote_read(body, TWO)
+    assert p is not None and len(p.legs) == 2
+    for leg, pol in zip(p.legs, TWO, strict=True):
+        got = rr.decode_read_request(leg.body or b"")
+        assert list(got.accepted_response_types) == [rr.SAMPLES]
+        assert len(got.queries[0].matchers) == 1 + len(pol.matchers)
+    with pytest.raises(RewriteError):
+        plan_remote_read(b"\x10garbage", TWO)
