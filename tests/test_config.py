@@ -24,7 +24,8 @@ def test_example_config_is_valid() -> None:
     cfg = load_config(ROOT / "config" / "gateway.yaml", env={})
     assert cfg.listen == ("127.0.0.1", 8080)
     assert cfg.stack_by_tenant[("metrics", "100")].id == "100"
-    assert cfg.upstreams["metrics"].lbac == "header"
+    assert cfg.upstreams["metrics"].lbac == "enforce"  # correct on every backend (issue 11)
+    assert cfg.upstreams["logs"].lbac == "enforce"
     assert cfg.database.url is None
 
 
