@@ -14,6 +14,7 @@ from gateway.admin import datasources as datasources_api
 from gateway.admin.errors import error_middleware
 from gateway.cache import PolicyCache
 from gateway.config import Config
+from gateway.lbac import pool as rewrite_pool
 from gateway.lbac.probe import probe_of
 from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP, exposition
 from gateway.proxy.forward import Upstreams
@@ -117,5 +118,6 @@ def build_metrics_app(state: State) -> web.Application:
 
 async def _close_upstreams(app: web.Application) -> None:
     await probe_of(app[STATE].extras).stop()
+    rewrite_pool.shutdown()
     app[ACCESS_LOG].flush()
     await app[UPSTREAMS].close()

@@ -55,6 +55,16 @@ def test_a_large_rewritten_query_is_not_cached() -> None:
     assert promql_mod._CACHE.get(("up", pols)) == small
 
 
+def test_a_large_rewritten_log_query_is_not_cached() -> None:
+    from gateway.lbac import logql
+    pols = tuple(parse_selector(f'{{env="dev{i}", team!="x{i}"}}') for i in range(16))
+    q = " + ".join(['count_over_time({app="a"}[1m])'] * 20)
+    assert len(logql.restrict_logql(q, pols)) > bounds.MAX_CACHED_RESULT
+    assert logql._CACHE.get((q, pols)) is None
+    small = "count_over_time({app=\"a\"}[1m])"
+    assert logql.restrict_logql(small, pols) == logql._CACHE.get((small, pols))[1]  # type: ignore[index]
+
+
 @pytest.fixture
 async def env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> Any:
     async with _env(db_dsn, aiohttp_client, aiohttp_server, "enforce") as e:

@@ -94,6 +94,14 @@ def _kill_pool() -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def shutdown() -> None:
+    """Let the rewrite process exit (the application is closing)."""
+    global _pool
+    pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 async def warm_up() -> None:
     """Start the pool's process ahead of the first slow rewrite (tests and benchmarks)."""
     loop = asyncio.get_running_loop()
