@@ -22,6 +22,7 @@ MAX_MATCH_VALUES: Final = 64  # match[] values of one series/labels request
 MAX_MATCH_PRODUCT: Final = 256  # match[] values × label policies: the selectors sent upstream
 MAX_POLICIES: Final = 128  # label policies applied to one request (token ∩ team rules ∩ client)
 INLINE_WEIGHT: Final = 256  # at most ~2 ms of rewriting on the event loop; heavier goes to the pool
+MAX_WEIGHT: Final = (32 + 1) ** 2 * 16  # 32 operators x 16 policies: ~0.2 s idle, ~1 s on a loaded 2-core box
 MAX_CACHED_RESULT: Final = 16 * 1024  # characters; a bigger rewritten result is recomputed, never kept
 
 _STRINGS: Final = re.compile(r'"(?:[^"\\]|\\.)*"?|\'(?:[^\'\\]|\\.)*\'?|`[^`]*`?|#[^\n]*', re.DOTALL)
@@ -72,8 +73,14 @@ def check_policies(policies: int) -> None:
 
 
 def promql_weight(cost: Cost, policies: int) -> int:
-    """Relative rewrite cost; 1 unit is roughly 9 µs on a 2-core machine (measured)."""
+    """Relative rewrite cost; 1 unit is roughly 9 µs on an idle 2-core machine (measured)."""
     return (cost.operators + 1) ** 2 * policies
+
+
+def check_weight(weight: int, cost: Cost, policies: int) -> None:
+    if weight > MAX_WEIGHT:
+        raise RewriteError(f"{cost.operators} operators under {policies} label policies are too costly to restrict "
+                           f"(at most 64 operators with up to 4 policies, 32 with 16); simplify the query")
 
 
 def logql_weight(cost: Cost, policies: int) -> int:
