@@ -244,3 +244,44 @@ def _ident(env: Env, policy_id: str) -> Any:
     policy = cache.policies[policy_id]
     token = next(t for t in cache.tokens.values() if t.access_policy_id == policy_id)
     return Identity(token, policy)
+
+
+async def test_a_config_reload_probes_the_new_backend(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any,
+                                                      tmp_path: Any) -> None:
+    import yaml
+
+    from gateway.server import reload_config
+    from tests.conftest import TEST_CONFIG
+    from tests.recorder import start_recorder
+
+    async with _env(db_dsn, aiohttp_client, aiohttp_server, "header") as env:
+        tok = await _restricted(env)
+        assert (await env.gw.client.get(Q, headers=basic("100", tok))).status == 200
+        plain, plain_url = await start_recorder(aiohttp_server)  # ignores the header, like Prometheus
+        path = tmp_path / "gateway.yaml"
+
+        def point_at(url: str) -> None:
+            raw = {**TEST_CONFIG, "database": {"url": db_dsn},
+                   "upstreams": {"metrics": {"url": url, "lbac": "header"}, "logs": {"url": url, "lbac": "header"}}}
+            path.write_text(yaml.safe_dump(raw))
+            assert reload_config(env.gw.state, str(path))
+
+        point_at(plain_url)
+        # at once: a header-mode URL nobody has probed is not trusted
+        await expect_refusal(await env.gw.client.get(Q, headers=basic("100", tok)), 503, "does not")
+        probe = probe_of(env.gw.state.extras)
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            v = probe.verdict(env.gw.state.config.upstreams["metrics"])
+            if v is not None:
+                break
+        assert v is not None and v.enforces is False
+        await expect_refusal(await env.gw.client.get(Q, headers=basic("100", tok)), 503, "does not")
+        assert not [s for s in plain.seen if s.path == "/prometheus/api/v1/query"]
+        point_at(env.upstream)
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            v = probe.verdict(env.gw.state.config.upstreams["metrics"])
+            if v is not None and v.enforces:
+                break
+        assert (await env.gw.client.get(Q, headers=basic("100", tok))).status == 200
