@@ -13,16 +13,14 @@ from urllib.parse import urlencode
 
 from gateway.lbac.restrict import Restriction, _pairs
 from gateway.proxy.errors import ProxyError
-from gateway.routes import Kind
 
 #: Parameters the APIs read as lists (OR-ed selectors); every other one must appear once.
 REPEATABLE: Final = frozenset({"match[]", "match"})
 MAX_URL_QUERY: Final = 64 * 1024  # Loki's and Mimir's HTTP servers refuse far longer request lines
 
 
-def normalize(kind: Kind, method: str, raw_query: str, body: bytes | None) -> Restriction:
+def normalize(raw_query: str, body: bytes | None) -> Restriction:
     """The request's parameters merged into its URL (the body emptied), or a 400 for a duplicate."""
-    del kind, method  # every query-carrying kind is treated alike; kept for the enforce-mode signature
     pairs = _pairs(raw_query, body)
     seen: set[str] = set()
     for name, _ in pairs:

@@ -207,7 +207,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
             if mode == "enforce":
                 label_headers = ()
         elif route.kind is not Kind.REMOTE_READ:  # header mode: the backend filters what it runs
-            r = headermode.normalize(route.kind, request.method, raw_query, await _read_form(request))
+            r = headermode.normalize(raw_query, await _read_form(request))
             raw_query, body, rewritten = r.query or "", r.body, r.body is not None
 
     base = upstream.url_for(route.role.value)
