@@ -285,3 +285,38 @@ async def test_a_config_reload_probes_the_new_backend(db_dsn: str, aiohttp_clien
             if v is not None and v.enforces:
                 break
         assert (await env.gw.client.get(Q, headers=basic("100", tok))).status == 200
+
+
+def test_lbac_modes_in_config_and_their_effect() -> None:
+    from gateway.config import parse_config
+    from gateway.lbac.probe import Verdict
+    cfg = parse_config({"upstreams": {s: {"url": "http://x", **({"lbac": m} if m else {})}
+                                      for s, m in (("metrics", None), ("logs", "auto"), ("traces", "header"))}},
+                       env={})
+    assert cfg.upstreams["metrics"].lbac == "enforce" and cfg.upstreams["metrics"].lbac_probe_interval == 300
+    probe = LbacProbe()
+    ups = cfg.upstreams
+    assert (probe.mode(ups["metrics"]), probe.mode(ups["logs"])) == ("enforce", "enforce")  # auto, unprobed
+    header = Upstream("metrics", {"read": "http://x"}, "header")
+    assert probe.mode(header) == "unverified"
+    probe.verdicts["metrics"] = Verdict("http://x", True, "ok", 0.0)
+    assert probe.mode(header) == "header"
+    moved = Upstream("metrics", {"read": "http://y"}, "header")
+    assert probe.mode(moved) == "unverified"  # a verdict is for one URL only
+    assert probe.mode(ups["traces"]) == "enforce"  # nothing to filter on traces: never refused
+
+
+def test_header_mode_normalisation_is_a_pure_function() -> None:
+    import pytest
+
+    from gateway.lbac.headermode import normalize
+    from gateway.proxy.errors import ProxyError
+    r = normalize("limit=5", b"query=%7Ba%3D%22b%22%7D")
+    assert (r.query, r.body) == ("limit=5&query=%7Ba%3D%22b%22%7D", b"")
+    assert normalize("query=up", None).body is None
+    assert normalize("match[]=a&match[]=b", b"match=c").query == "match%5B%5D=a&match%5B%5D=b&match=c"
+    with pytest.raises(ProxyError) as exc:
+        normalize("query=a", b"query=b")
+    assert exc.value.status == 400
+    with pytest.raises(ProxyError):
+        normalize("time=1&time=2", None)
