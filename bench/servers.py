@@ -243,6 +243,15 @@ class Upstream(Nginx):
       default_type application/json;
       return 200 '{PROM_BODY}';
     }}
+    # the gateway's LBAC probe: answer a malformed X-Prom-Label-Policy as a backend that enforces it does,
+    # so the header-mode gateway trusts this upstream (workload b)
+    location = /prometheus/api/v1/labels {{
+      default_type application/json;
+      if ($http_x_prom_label_policy = "gateway-lbac-probe") {{
+        return 400 '{{"status":"error","error":"invalid label policy header value"}}';
+      }}
+      return 200 '{{"status":"success","data":[]}}';
+    }}
     location ~ ^/(api/v1/push|loki/api/v1/push)$ {{
       client_max_body_size 128m;
       client_body_buffer_size 2m;

@@ -15,6 +15,8 @@ from gateway.admin.errors import error_middleware
 from gateway.cache import PolicyCache
 from gateway.config import Config
 from gateway.freshness import read_through_middleware
+from gateway.lbac import pool as rewrite_pool
+from gateway.lbac.probe import probe_of
 from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP, exposition
 from gateway.proxy.forward import Upstreams
 from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS
@@ -62,6 +64,7 @@ async def ready(request: web.Request) -> web.Response:
         "detail": "draining" if st.draining else c.detail,
         "snapshotAgeSeconds": round(c.age, 3) if c.loaded else None,
         "policies": len(c.policies), "tokens": len(c.tokens),
+        "lbac": probe_of(st.extras).status(st.config),  # header-mode upstreams: verified or refused
     }
     return web.json_response(body, status=200 if ok else 503)
 
@@ -95,8 +98,17 @@ def build_app(state: State) -> web.Application:
     datasources_api.add_routes(app)
     setup_page(app)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
+    app.on_startup.append(_start_lbac_probe)
     app.on_cleanup.append(_close_upstreams)
     return app
+
+
+async def _start_lbac_probe(app: web.Application) -> None:
+    """Probe header-mode upstreams before serving, then periodically (see gateway.lbac.probe)."""
+    st = app[STATE]
+    probe = probe_of(st.extras)
+    await probe.refresh(st.config)
+    probe.start(lambda: st.config)
 
 
 def build_metrics_app(state: State) -> web.Application:
@@ -107,5 +119,7 @@ def build_metrics_app(state: State) -> web.Application:
 
 
 async def _close_upstreams(app: web.Application) -> None:
+    await probe_of(app[STATE].extras).stop()
+    rewrite_pool.shutdown()
     app[ACCESS_LOG].flush()
     await app[UPSTREAMS].close()

@@ -22,7 +22,7 @@ import yaml
 from gateway.policy.model import Network
 
 SIGNALS: Final = ("metrics", "logs", "traces")
-LBAC_MODES: Final = ("header", "enforce")
+LBAC_MODES: Final = ("enforce", "header", "auto")
 ROLES: Final = ("write", "read", "rules", "alertmanager")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 _TENANT_RE: Final = re.compile(r"^[A-Za-z0-9!\-_.*'()]{1,150}$")  # Mimir's tenant ID charset, minus '|'
@@ -54,13 +54,20 @@ class Org:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """One backend; ``urls`` maps a role (write/read/rules/alertmanager) to its base URL."""
+    """One backend; ``urls`` maps a role (write/read/rules/alertmanager) to its base URL.
+
+    ``lbac``: ``enforce`` (the gateway rewrites queries; right on every backend), ``header``
+    (send X-Prom-Label-Policy, trusted only once a probe showed the backend enforces it) or
+    ``auto`` (header when the probe passes, enforce otherwise); the probe repeats every
+    ``lbac_probe_interval`` seconds.
+    """
 
     signal: str
     urls: Mapping[str, str]
-    lbac: str = "header"
+    lbac: str = "enforce"
     connect_timeout: float = 5.0
     read_timeout: float = 300.0
+    lbac_probe_interval: float = 300.0
 
     def url_for(self, role: str) -> str:
         return self.urls[role]
@@ -279,7 +286,8 @@ def _upstreams(c: _Checker, raw: Any) -> dict[str, Upstream]:
         if sig not in SIGNALS:
             continue
         p = f"upstreams.{sig}"
-        keys = ("url", "lbac", "connect_timeout", "read_timeout") + tuple(f"{r}_url" for r in ROLES)
+        keys = ("url", "lbac", "lbac_probe_interval", "connect_timeout", "read_timeout") + tuple(
+            f"{r}_url" for r in ROLES)
         m = c.mapping(u, p, keys)
         base = _url(c, m["url"], _join(p, "url")) if m.get("url") is not None else None
         urls: dict[str, str] = {}
@@ -290,15 +298,17 @@ def _upstreams(c: _Checker, raw: Any) -> dict[str, Upstream]:
                 urls[role] = given or base  # type: ignore[assignment]
         if not urls and "url" not in m:
             c.add(_join(p, "url"), "is required (or give write_url/read_url/rules_url/alertmanager_url)")
-        lbac = m.get("lbac", "header")
+        lbac = m.get("lbac") or "enforce"
         if lbac not in LBAC_MODES:
             c.add(_join(p, "lbac"), f"must be one of {', '.join(LBAC_MODES)}")
-            lbac = "header"
+            lbac = "enforce"
+        probe_every = c.typed(m.get("lbac_probe_interval"), _join(p, "lbac_probe_interval"), _is_pos_number,
+                              "must be a positive number of seconds", 300.0)
         ct = c.typed(m.get("connect_timeout"), _join(p, "connect_timeout"), _is_pos_number,
                      "must be a positive number of seconds", 5.0)
         rt = c.typed(m.get("read_timeout"), _join(p, "read_timeout"), _is_pos_number,
                      "must be a positive number of seconds", 300.0)
-        result[sig] = Upstream(sig, MappingProxyType(urls), lbac, float(ct), float(rt))
+        result[sig] = Upstream(sig, MappingProxyType(urls), lbac, float(ct), float(rt), float(probe_every))
     return result
 
 

@@ -35,6 +35,14 @@ RELOAD_OK: Final = Gauge("gateway_config_last_reload_successful", "1 if the last
                          registry=REGISTRY, multiprocess_mode="livemin")
 RELOAD_TIME: Final = Gauge("gateway_config_last_reload_success_timestamp_seconds",
                            "Time of the last successful config load.", registry=REGISTRY, multiprocess_mode="livemax")
+LBAC_ENFORCES: Final = Gauge("gateway_lbac_backend_enforces",
+                             "1 if the backend's last LBAC probe showed it enforces X-Prom-Label-Policy, 0 if it "
+                             "ignores it, -1 if unknown or not probed (enforce mode).", ["backend"],
+                             registry=REGISTRY, multiprocess_mode="livemin")
+LBAC_HEADER_MODE: Final = Gauge("gateway_lbac_header_mode",
+                                "1 if label-restricted reads to this backend use X-Prom-Label-Policy (header mode), "
+                                "0 if the gateway rewrites them (enforce) or refuses them (unverified header).",
+                                ["backend"], registry=REGISTRY, multiprocess_mode="livemin")
 RELOAD_OK.set(1)
 
 

@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway.app import build_app, build_metrics_app, close_state, open_state
 from gateway.config import Config, ConfigError, load_config
 from gateway.edge import GuardedAppRunner
+from gateway.lbac.probe import probe_of
 from gateway.metrics import RELOAD_OK, RELOAD_TIME, forget_process
 from gateway.state import State
 
@@ -46,6 +47,7 @@ def reload_config(state: State, path: str) -> bool:
                            data_dir=old.data_dir)
     RELOAD_OK.set(1)
     RELOAD_TIME.set(time.time())
+    probe_of(state.extras).kick()  # a reload may point header mode at another backend: verify it again
     log.info("config reloaded from %s: %d orgs, upstreams: %s", path, len(new.orgs), ", ".join(new.upstreams))
     return True
 

@@ -9,6 +9,8 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
+from tests.loki_lbac import PolicyHeaderError, extract
+
 
 @dataclass
 class Seen:
@@ -31,8 +33,14 @@ class Recorder:
     reply_headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
     status: int = 200
     ws_messages: list[str] = field(default_factory=list)
+    lbac: bool = False  # parse X-Prom-Label-Policy like Loki with lbac.enabled (400 on a bad value)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.lbac:
+            try:
+                extract(request.headers.getall("X-Prom-Label-Policy", []))
+            except PolicyHeaderError as exc:
+                return web.json_response({"status": "error", "error": str(exc)}, status=400)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._ws(request)
         h = hashlib.sha256()

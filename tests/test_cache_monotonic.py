@@ -117,7 +117,7 @@ async def _step(gw: Gateway, rng: random.Random, world: World, n: int) -> None:
         world.tokens[t["id"]] = pid
     elif op == "delete_token" and world.tokens:
         tid = rng.choice(list(world.tokens))
-        await gw.api("DELETE", f"{T}/{tid}", expect=204)
+        await gw.api("DELETE", f"{T}/{tid}", expect=200)
         del world.tokens[tid]
         world.deleted_tokens.add(tid)
     elif op == "label":
@@ -135,7 +135,7 @@ async def _step(gw: Gateway, rng: random.Random, world: World, n: int) -> None:
         world.status[pid] = status
     elif op == "delete_policy" and len(alive) > 1:
         pid = rng.choice(alive)
-        await gw.api("DELETE", f"{P}/{pid}", expect=204)
+        await gw.api("DELETE", f"{P}/{pid}", expect=200)
         del world.policies[pid]
         world.deleted_policies.add(pid)
         for tid in [t for t, owner in world.tokens.items() if owner == pid]:

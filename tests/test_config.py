@@ -24,7 +24,8 @@ def test_example_config_is_valid() -> None:
     cfg = load_config(ROOT / "config" / "gateway.yaml", env={})
     assert cfg.listen == ("127.0.0.1", 8080)
     assert cfg.stack_by_tenant[("metrics", "100")].id == "100"
-    assert cfg.upstreams["metrics"].lbac == "header"
+    assert cfg.upstreams["metrics"].lbac == "enforce"  # correct on every backend (issue 11)
+    assert cfg.upstreams["logs"].lbac == "enforce"
     assert cfg.database.url is None
 
 
@@ -43,6 +44,8 @@ def test_env_overrides_database_url() -> None:
     ({"upstreams": {"metrics": {"url": "ftp://x"}}}, "upstreams.metrics.url: must be an http"),
     ({"upstreams": {"metrics": {"url": "http://x", "lbac": "maybe"}}}, "upstreams.metrics.lbac: must be one of"),
     ({"upstreams": {"metrics": {}}}, "upstreams.metrics.url: is required"),
+    ({"upstreams": {"metrics": {"url": "http://x", "lbac_probe_interval": 0}}},
+     "upstreams.metrics.lbac_probe_interval: must be a positive number"),
     ({"upstreams": {"profiles": {"url": "http://x"}}}, "upstreams.profiles: unknown key"),
     ({"trusted_proxies": ["10.0.0.0/33"]}, "trusted_proxies[0]: '10.0.0.0/33' is not an IPv4 or IPv6"),
     ({"listen": "nope"}, "listen: must be host:port"),

@@ -477,7 +477,7 @@ async def test_team_rules_become_label_policies(db_dsn: str, aiohttp_client: Any
         r = await env.gw.client.get(Q, headers={**basic("100", tok), "X-Grafana-User": "alice",
                                                 HDR: "100:%7Bteam=%22a%22%7D"})
         assert r.status == 200
-        assert env.rec.last.headers.getall(HDR) == ["100:%7Benv=%22dev%22,%20team=%22a%22%7D"]
+        assert env.rec.last.headers.getall(HDR) == ["100:%7Benv=%22dev%22%2C%20team=%22a%22%7D"]  # "," as %2C
         # writes are never filtered, and the rules are for metrics only
         write_tok = str((await env.gw.token((await reader_policy(env.gw, ["metrics:write"]))["id"], "w"))["token"])
         await env.gw.client.post("/api/v1/push", data=b"x", headers={**basic("100", write_tok),

@@ -454,11 +454,12 @@ def compose_tenancy_problems(doc: Doc, gateway_cfg: Config) -> list[str]:
         problems.append("tempo: multitenancy_enabled must be true")
     mimir_cmd = services["mimir"].get("command", [])
     mimir_cmd = shlex.split(mimir_cmd) if isinstance(mimir_cmd, str) else mimir_cmd
-    if (gateway_cfg.upstreams["metrics"].lbac == "header"
+    # header/auto say the backend is meant to enforce X-Prom-Label-Policy (the probe verifies it at run time)
+    if (gateway_cfg.upstreams["metrics"].lbac in ("header", "auto")
             and "-auth.label-access-control-enabled=true" not in mimir_cmd):
-        problems.append("metrics: lbac header, but Mimir runs without -auth.label-access-control-enabled=true")
-    if gateway_cfg.upstreams["logs"].lbac == "header" and loki.get("lbac", {}).get("enabled") is not True:
-        problems.append("logs: lbac header, but Loki runs without lbac.enabled: true")
+        problems.append("metrics: lbac header/auto, but Mimir runs without -auth.label-access-control-enabled=true")
+    if gateway_cfg.upstreams["logs"].lbac in ("header", "auto") and loki.get("lbac", {}).get("enabled") is not True:
+        problems.append("logs: lbac header/auto, but Loki runs without lbac.enabled: true")
     return problems
 
 

@@ -212,12 +212,12 @@ def test_no_policies_fails_closed() -> None:
 def test_verifier_refuses_an_unrestricted_selector(monkeypatch: pytest.MonkeyPatch) -> None:
     """If a rewrite rule ever forgot a selector, the final check must refuse, not leak."""
     monkeypatch.setattr(lbac_promql._Rewriter, "_vector", lambda self, vs: None)
-    lbac_promql._restrict_lru.cache_clear()
+    lbac_promql._CACHE.clear()
     try:
         with pytest.raises(RewriteError, match="internal error"):
             restrict_promql("sum(up_unique_for_this_test)", POLICIES["dev"])
     finally:
-        lbac_promql._restrict_lru.cache_clear()
+        lbac_promql._CACHE.clear()
 
 
 def test_parser_traps_still_hold() -> None:

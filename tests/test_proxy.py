@@ -39,17 +39,23 @@ def basic(user: str, token: str) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def _env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, lbac: str = "header", **cfg: Any
-               ) -> AsyncIterator[Env]:
-    """A gateway whose upstreams all point at one recording upstream, metrics and logs in ``lbac`` mode."""
+async def _env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, lbac: str = "header",
+               backend_lbac: bool | None = None, **cfg: Any) -> AsyncIterator[Env]:
+    """A gateway whose upstreams all point at one recording upstream, metrics and logs in ``lbac`` mode.
+
+    The upstream parses X-Prom-Label-Policy like Loki with LBAC (so header mode passes the gateway's
+    probe) when ``backend_lbac``, by default in header mode; the probe's requests are forgotten.
+    """
     from gateway.app import build_app, close_state, open_state
 
     rec, url = await start_recorder(aiohttp_server)
+    rec.lbac = lbac == "header" if backend_lbac is None else backend_lbac
     ups = cfg.pop("upstreams", None) or {"metrics": {"url": url, "lbac": lbac}, "logs": {"url": url, "lbac": lbac},
                                          "traces": {"url": url, "write_url": url}}
     state = await open_state(make_config(db_dsn, upstreams=ups, **cfg))
     try:
         client = await aiohttp_client(build_app(state))
+        rec.seen.clear()  # the start-up LBAC probe
         yield Env(Gateway(client, state, await bootstrap_token(state)), rec, url)
     finally:
         await close_state(state)

@@ -55,10 +55,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Final
 
 from gateway.lbac import RewriteError
+from gateway.lbac.bounds import SizedLRU
 from gateway.policy.selector import LabelMatcher, MatchOpStr, Selector
 
 __all__ = [
@@ -494,12 +494,23 @@ def _splice(query: str, start: int, end: int, sels: Sequence[_Sel], render: _Ren
     return "".join(out)
 
 
-@lru_cache(maxsize=4096)
-def _cached(query: str, policies: tuple[Selector, ...]) -> tuple[bool, str]:
+_CACHE: Final[SizedLRU[tuple[str, tuple[Selector, ...]], tuple[bool, str]]] = SizedLRU(4096)
+
+
+def _uncached(query: str, policies: tuple[Selector, ...]) -> tuple[bool, str]:
     try:
         return True, _rewrite(query, policies)
     except RewriteError as exc:
         return False, str(exc)
+
+
+def _cached(query: str, policies: tuple[Selector, ...]) -> tuple[bool, str]:
+    """Cached by (query, policies); a long result (one copy per policy) is never kept."""
+    hit = _CACHE.get((query, policies))
+    if hit is None:
+        hit = _uncached(query, policies)
+        _CACHE.put((query, policies), hit, len(hit[1]))
+    return hit
 
 
 def restrict_logql(query: str, policies: tuple[Selector, ...]) -> str:
@@ -512,16 +523,22 @@ def restrict_logql(query: str, policies: tuple[Selector, ...]) -> str:
     if len(query) > MAX_QUERY_LEN:
         raise RewriteError(f"LogQL query longer than {MAX_QUERY_LEN} characters")
     # Only ordinary-sized queries are cache keys: 64 KiB keys would let one client pin memory.
-    ok, text = _cached(query, policies) if len(query) <= 4096 else _cached.__wrapped__(query, policies)
+    ok, text = _cached(query, policies) if len(query) <= 4096 else _uncached(query, policies)
     if ok:
         return text
     raise RewriteError(text)
 
 
-@lru_cache(maxsize=4096)
+_MATCH_CACHE: Final[SizedLRU[tuple[str, tuple[Selector, ...]], tuple[str, ...]]] = SizedLRU(4096)
+
+
 def _restrict_match(match: str, policies: tuple[Selector, ...]) -> tuple[str, ...]:
-    user = parse_stream_selector(match).matchers
-    return tuple(_print_selector(user, p.matchers) for p in policies)
+    hit = _MATCH_CACHE.get((match, policies))
+    if hit is None:
+        user = parse_stream_selector(match).matchers
+        hit = tuple(_print_selector(user, p.matchers) for p in policies)
+        _MATCH_CACHE.put((match, policies), hit, len(match) + sum(map(len, hit)))
+    return hit
 
 
 def restrict_logql_matchers(matches: Sequence[str], policies: tuple[Selector, ...]) -> list[str]:

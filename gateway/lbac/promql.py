@@ -52,12 +52,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from typing import Any, Final
 
 import promql_parser as pp
 
 from gateway.lbac import RewriteError
+from gateway.lbac.bounds import SizedLRU
 from gateway.policy.selector import LabelMatcher, Selector, quote, quote_name
 
 Policies = tuple[Selector, ...]
@@ -158,12 +158,22 @@ def _restrict_cached(query: str, policies: Policies) -> str | RewriteError:
         return exc.with_traceback(None)  # a kept traceback would keep the query's frames alive
 
 
-@lru_cache(maxsize=4096)
+_CACHE: Final[SizedLRU[tuple[str, Policies], str | RewriteError]] = SizedLRU(4096)
+_MATCH_CACHE: Final[SizedLRU[tuple[tuple[str, ...], Policies], tuple[str, ...] | RewriteError]] = SizedLRU(1024)
+
+
 def _restrict_lru(query: str, policies: Policies) -> str | RewriteError:
+    """Cached by (query, policies); a long result (unions multiply the text) is never kept."""
+    key = (query, policies)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
     try:
-        return _restrict(query, policies)
+        r: str | RewriteError = _restrict(query, policies)
     except RewriteError as exc:
-        return exc.with_traceback(None)  # a kept traceback would keep the query's frames alive
+        r = exc.with_traceback(None)  # a kept traceback would keep the query's frames alive
+    _CACHE.put(key, r, len(r) if isinstance(r, str) else 0)
+    return r
 
 
 def _restrict_match_cached(matches: tuple[str, ...], policies: Policies) -> tuple[str, ...] | RewriteError:
@@ -175,12 +185,17 @@ def _restrict_match_cached(matches: tuple[str, ...], policies: Policies) -> tupl
         return exc.with_traceback(None)  # a kept traceback would keep the query's frames alive
 
 
-@lru_cache(maxsize=1024)
 def _restrict_match_lru(matches: tuple[str, ...], policies: Policies) -> tuple[str, ...] | RewriteError:
+    key = (matches, policies)
+    hit = _MATCH_CACHE.get(key)
+    if hit is not None:
+        return hit
     try:
-        return _restrict_matches(matches, policies)
+        r: tuple[str, ...] | RewriteError = _restrict_matches(matches, policies)
     except RewriteError as exc:
-        return exc.with_traceback(None)  # a kept traceback would keep the query's frames alive
+        r = exc.with_traceback(None)  # a kept traceback would keep the query's frames alive
+    _MATCH_CACHE.put(key, r, sum(map(len, r)) if isinstance(r, tuple) else 0)
+    return r
 
 
 # --------------------------------------------------------------------------- lexer

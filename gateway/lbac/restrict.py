@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Final
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from gateway.lbac import RewriteError
+from gateway.lbac.bounds import SizedLRU
 from gateway.lbac.logql import restrict_logql, restrict_logql_matchers, simplify
 from gateway.lbac.promql import restrict_match, restrict_promql
 from gateway.policy.selector import Selector, SelectorError, parse_selector
@@ -21,7 +21,11 @@ from gateway.routes import Kind
 
 FORM: Final = "application/x-www-form-urlencoded"
 MAX_FORM_BODY: Final = 1024 * 1024
-_PATH_SAFE: Final = "$&+,:;=@"  # Go's url.PathEscape leaves these alone
+# Go's url.PathEscape (encodePathSegment) leaves letters, digits, "-_.~" and these alone; it escapes
+# "/ ; , ?" and everything else. Python's quote never escapes letters, digits and "-_.~".
+_PATH_SAFE: Final = "$&+:=@"
+MAX_CLIENT_POLICIES: Final = 16  # selectors a client (Grafana team rules) may send in X-Prom-Label-Policy
+MAX_CLIENT_HEADER: Final = 16 * 1024  # bytes of X-Prom-Label-Policy values, before any parsing
 _TENANT_START: Final = re.compile(r",\s*(?=[A-Za-z0-9!\-_.*'()]+:)")
 
 #: Kinds that read label-filterable data; everything else passes untouched (writes, traces, rules).
@@ -38,13 +42,28 @@ class Restriction:
     headers: tuple[str, ...] = ()
 
 
+def path_escape(text: str) -> str:
+    """Go's ``url.PathEscape``: UTF-8 bytes percent-encoded, upper-case hex."""
+    return quote(text, safe=_PATH_SAFE)
+
+
 def label_policy_header(tenant: str, selector: Selector) -> str:
-    """``<tenant>:<PathEscape(selector)>``, as Mimir, Loki, GEM and GEL read it."""
-    return f"{tenant}:{quote(str(selector), safe=_PATH_SAFE)}"
+    """``<tenant>:<PathEscape(selector)>``, as Mimir, Loki, GEM and GEL read it.
+
+    Loki's ``pkg/labelaccess`` splits every header value on ``,`` before it unescapes, so a
+    raw ``,`` between matchers (or in ``{1,3}``) would break the policy: PathEscape sends it as %2C.
+    """
+    return f"{tenant}:{path_escape(str(selector))}"
 
 
 def parse_client_policies(values: Sequence[str], tenant: str) -> tuple[Selector, ...]:
-    """Grafana team LBAC headers; each must name the queried tenant and parse (else 400)."""
+    """Grafana team LBAC headers; each must name the queried tenant and parse (else 400).
+
+    Bounded before parsing: at most MAX_CLIENT_HEADER bytes and MAX_CLIENT_POLICIES selectors,
+    since any plain read token may send the header and every selector multiplies the rewrite.
+    """
+    if sum(len(v) for v in values) > MAX_CLIENT_HEADER:
+        raise ProxyError(400, f"X-Prom-Label-Policy is longer than {MAX_CLIENT_HEADER} bytes", "bad_label_policy")
     out: list[Selector] = []
     for value in values:
         for part in _TENANT_START.split(value):
@@ -62,6 +81,9 @@ def parse_client_policies(values: Sequence[str], tenant: str) -> tuple[Selector,
             except SelectorError as exc:
                 raise ProxyError(400, f"X-Prom-Label-Policy selector {exc}", "bad_label_policy") from None
             if sel not in out:
+                if len(out) >= MAX_CLIENT_POLICIES:
+                    raise ProxyError(400, f"X-Prom-Label-Policy carries more than {MAX_CLIENT_POLICIES} "
+                                     "selectors", "bad_label_policy")
                 out.append(sel)
     return tuple(out)
 
@@ -120,10 +142,17 @@ def enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, policie
     return _enforce(kind, method, raw_query, body, policies)
 
 
-@lru_cache(maxsize=4096)
+_RESULTS: Final[SizedLRU[tuple[Kind, str, str, bytes | None, tuple[Selector, ...]], Restriction]] = SizedLRU(4096)
+
+
 def _enforce_cached(kind: Kind, method: str, raw_query: str, body: bytes | None, policies: tuple[Selector, ...]
                     ) -> Restriction:
-    return _enforce(kind, method, raw_query, body, policies)
+    key = (kind, method, raw_query, body, policies)
+    hit = _RESULTS.get(key)
+    if hit is None:
+        hit = _enforce(kind, method, raw_query, body, policies)
+        _RESULTS.put(key, hit, len(hit.query or "") + len(hit.body or b""))  # a long result is never kept
+    return hit
 
 
 def _enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, policies: tuple[Selector, ...]

@@ -15,9 +15,11 @@ from aiohttp import web
 from gateway.accesslog import AccessLog
 from gateway.clientip import client_ip
 from gateway.config import Config, Stack
-from gateway.lbac import RewriteError
+from gateway.lbac import RewriteError, headermode
 from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
+from gateway.lbac.pool import enforce_bounded, plan_bounded
+from gateway.lbac.probe import effective_mode
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.metrics import ADDED_SECONDS, IN_FLIGHT, REFUSALS, REQUESTS, UPSTREAM_SECONDS
 from gateway.policy.datasource import user_policies
@@ -180,22 +182,24 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
                              "label policies", "lbac_unfilterable")
         if route.backend == "metrics" and request.method in ("POST", "PUT") and request.body_exists:
             body = await _read_bounded(request, MAX_RULE_BODY)
-            check_source_tenants(body, cfg, ident)
+            user = request.headers.get(cfg.grafana_user_header)
+            check_source_tenants(body, cfg, ident, lambda t: user_policies(st.cache, ident.policy.id, "metrics",
+                                                                           t, user))
     if policies and reads:
-        entry["lbac"] = upstream.lbac
         if route.kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(
                 route.kind, m.upstream_path, request.method, raw_query, None, policies)) is None:
             raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
                              "lbac_unfilterable")
+        mode = entry["lbac"] = effective_mode(st.extras, upstream)  # 503 for an unverified header mode
         label_headers = lbac.headers_for(tenant, policies)
         if fan is not None:
             rewritten = True
-            label_headers = () if upstream.lbac == "enforce" else label_headers
-        elif upstream.lbac == "enforce" or route.kind is Kind.LOGQL_DELETE:
+            label_headers = () if mode == "enforce" else label_headers
+        elif mode == "enforce" or route.kind is Kind.LOGQL_DELETE:
             if route.kind is Kind.REMOTE_READ:
                 raw = await _read_bounded(request, MAX_READ_BODY)
                 try:
-                    fan = lbac_fanout.plan_remote_read(raw, policies) if upstream.lbac == "enforce" else None
+                    fan = lbac_fanout.plan_remote_read(raw, policies) if mode == "enforce" else None
                     body = restrict_read_request(raw, policies) if fan is None else None
                 except RewriteError as exc:
                     raise ProxyError(400, f"remote read refused by label-based access control: {exc}",
@@ -203,16 +207,20 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
                 content_type = request.headers.get("Content-Type", "application/x-protobuf")
             else:
                 form = await _read_form(request)
-                if upstream.lbac == "enforce":
-                    fan = lbac_fanout.plan(route.kind, m.upstream_path, request.method, raw_query, form, policies)
-                r = lbac.enforce(route.kind, request.method, raw_query, form, policies) if fan is None else (
-                    lbac.Restriction())
+                if mode == "enforce":
+                    fan = await plan_bounded(route.kind, m.upstream_path, request.method, raw_query, form,
+                                             policies)
+                r = await enforce_bounded(route.kind, request.method, raw_query, form, policies) if fan is None \
+                    else lbac.Restriction()
                 raw_query = r.query if r.query is not None else raw_query
                 body = r.body
                 content_type = lbac.FORM
             rewritten = True
-            if upstream.lbac == "enforce":
+            if mode == "enforce":
                 label_headers = ()
+        elif route.kind is not Kind.REMOTE_READ:  # header mode: the backend filters what it runs
+            r = headermode.normalize(raw_query, await _read_form(request))
+            raw_query, body, rewritten = r.query or "", r.body, r.body is not None
 
     base = upstream.url_for(route.role.value)
     url = f"{base}{m.upstream_path}" + (f"?{raw_query}" if raw_query else "")

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import yaml
 
 from gateway.config import Config
-from gateway.policy.decision import Identity, covering_realms
+from gateway.policy.decision import Denied, Identity, covering_realms, label_policies
+from gateway.policy.selector import Selector
 from gateway.proxy.errors import ProxyError
 
 MAX_RULE_BODY: Final = 1024 * 1024
 
 
-def check_source_tenants(body: bytes, cfg: Config, ident: Identity) -> None:
-    """Refuse a rule group whose source_tenants names a tenant the token could not read itself.
+def check_source_tenants(body: bytes, cfg: Config, ident: Identity,
+                         team_policies: Callable[[str], tuple[Selector, ...]] | None = None) -> None:
+    """Refuse a rule group whose source_tenants names a tenant the token could not read in full.
 
     A federated rule evaluates queries across ``source_tenants``; without this check a
     ``rules:write`` token could read any tenant of the cluster through the rule's results.
+    The ruler evaluates without label policies and writes its results where they can be
+    read, so a tenant where the token (or the Grafana user's team rules, ``team_policies``)
+    has label policies is refused too.
     """
     try:
         group: Any = yaml.safe_load(body) if body.strip() else None
@@ -32,6 +38,20 @@ def check_source_tenants(body: bytes, cfg: Config, ident: Identity) -> None:
         raise ProxyError(403, "source_tenants needs the metrics:read scope", "source_tenants")
     for tenant in tenants:
         stack = cfg.stack_by_tenant.get(("metrics", tenant))
-        if stack is None or not covering_realms(ident.policy, stack):
+        realms = covering_realms(ident.policy, stack) if stack is not None else ()
+        if not realms:
             raise ProxyError(403, f"source_tenants names tenant {tenant!r}, which this token cannot read",
                              "source_tenants")
+        if label_policies(realms) or _team_restricted(team_policies, tenant):
+            raise ProxyError(403, f"source_tenants names tenant {tenant!r}, where label policies restrict what "
+                             "you may read: the ruler evaluates without them", "source_tenants")
+
+
+def _team_restricted(team_policies: Callable[[str], tuple[Selector, ...]] | None, tenant: str) -> bool:
+    """Whether Grafana team rules narrow the user on ``tenant`` (rules for other tenants only count too)."""
+    if team_policies is None:
+        return False
+    try:
+        return bool(team_policies(tenant))
+    except Denied:
+        return True

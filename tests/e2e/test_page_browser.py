@@ -55,7 +55,9 @@ async def test_page_end_to_end_in_chromium(db_dsn: str, aiohttp_server: Any) -> 
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     rec, up = await start_recorder(aiohttp_server)
-    state = await open_state(make_config(db_dsn, upstreams={"metrics": {"url": up}, "logs": {"url": up},
+    rec.lbac = True  # the upstream enforces X-Prom-Label-Policy like Loki, so header mode passes the probe
+    state = await open_state(make_config(db_dsn, upstreams={"metrics": {"url": up, "lbac": "header"},
+                                                            "logs": {"url": up, "lbac": "header"},
                                                             "traces": {"url": up}}))
     http: aiohttp.ClientSession | None = None
     try:
@@ -182,7 +184,9 @@ async def test_datasources_teams_and_rules_in_chromium(db_dsn: str, aiohttp_serv
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     rec, up = await start_recorder(aiohttp_server)
-    state = await open_state(make_config(db_dsn, upstreams={"metrics": {"url": up}, "logs": {"url": up},
+    rec.lbac = True  # the upstream enforces X-Prom-Label-Policy like Loki, so header mode passes the probe
+    state = await open_state(make_config(db_dsn, upstreams={"metrics": {"url": up, "lbac": "header"},
+                                                            "logs": {"url": up, "lbac": "header"},
                                                             "traces": {"url": up}}))
     http: aiohttp.ClientSession | None = None
     try:
