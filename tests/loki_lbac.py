@@ -37,10 +37,28 @@ def path_unescape(s: str) -> str:
         raise PolicyHeaderError("invalid label policy header value unable to parse selector string") from None
 
 
+_PAD = '__loki_lbac_pad__="x"'
+_EMPTY_ONLY = "at least one non-empty matcher"
+
+
 def parse_metric_selector(text: str) -> list[tuple[str, str, str]]:
-    """``parser.ParseMetricSelector``: a plain vector selector (name and/or matchers) or an error."""
+    """``parser.ParseMetricSelector``: a plain vector selector (name and/or matchers) or an error.
+
+    Unlike ``ParseExpr``, Prometheus' ``ParseMetricSelector`` skips the AST check, so a selector whose
+    matchers all match the empty string (``{env!="dev"}``, ``{}``) is valid there; promql-parser always
+    runs that check, so such a selector is re-parsed with one padding matcher that is then dropped.
+    """
+    padded = False
     try:
-        node = pp.parse(text)
+        try:
+            node = pp.parse(text)
+        except ValueError as exc:
+            brace = text.find("{")
+            if _EMPTY_ONLY not in str(exc) or brace < 0:
+                raise
+            rest = text[brace + 1:].lstrip()
+            node = pp.parse(f"{text[:brace]}{{{_PAD}{'' if rest.startswith('}') else ','}{text[brace + 1:]}")
+            padded = True
     except (ValueError, BaseException) as exc:  # pyo3 panics are BaseExceptions
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
@@ -50,7 +68,8 @@ def parse_metric_selector(text: str) -> list[tuple[str, str, str]]:
             or node.matchers.or_matchers):
         raise PolicyHeaderError(f"invalid label policy header value unable to parse selector string '{text}'")
     ops = {"MatchOp.Equal": "=", "MatchOp.NotEqual": "!=", "MatchOp.Re": "=~", "MatchOp.NotRe": "!~"}
-    out = [(m.name, ops[str(m.op)], m.value) for m in node.matchers.matchers]
+    out = [(m.name, ops[str(m.op)], m.value) for m in node.matchers.matchers
+           if not (padded and m.name == "__loki_lbac_pad__")]
     if node.name:
         out.insert(0, ("__name__", "=", node.name))
     return out

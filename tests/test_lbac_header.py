@@ -62,12 +62,18 @@ def test_several_policies_one_header_line_each_for_exactly_the_tenant() -> None:
     "1:%7Ba=%22b%22%7D,",  # the empty piece after a trailing ','
     '1:{a="b", c="d"}',  # a raw ',': the old gateway encoding; Loki answered 400 to every read
     "1:%7Ba=%22b%22%zz",  # bad escape
-    "1:%7B%7D",  # {} selects nothing: ParseMetricSelector refuses it
     "1:up%20%2B%201",  # not a selector
 ])
 def test_the_fake_rejects_what_loki_rejects(value: str) -> None:
     with pytest.raises(PolicyHeaderError, match="invalid label policy header value"):
         extract([value])
+
+
+def test_the_fake_accepts_empty_matching_selectors_as_loki_does() -> None:
+    # Prometheus' ParseMetricSelector (which Loki calls) skips the AST check, so `{}` and negative-only
+    # selectors are valid policies there: `{}` matches everything, so the gateway must never send it.
+    assert extract(["1:%7B%7D"]) == {"1": [[]]}
+    assert extract(["1:%7Benv%21=%22dev%22%7D"]) == {"1": [[("env", "!=", "dev")]]}
 
 
 def test_client_policies_are_capped_before_parsing() -> None:
