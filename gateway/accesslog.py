@@ -1,4 +1,4 @@
-"""One JSON line per data-path request, written in batches.
+"""One line per data-path request (JSON, or text with ``--log-format text``), written in batches.
 
 Going through ``logging`` for every request (a record, a formatter, a lock and a flushed write
 each time) cost a tenth of the gateway's CPU per request in the benchmark; here a line is one
@@ -8,11 +8,12 @@ each time) cost a tenth of the gateway's CPU per request in the benchmark; here 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
 from typing import IO, Any, Final
+
+from gateway.logfmt import access_line
 
 FLUSH_SECONDS: Final = 0.2
 FLUSH_LINES: Final = 512
@@ -32,7 +33,7 @@ class AccessLog:
         if not self.enabled:
             return
         entry["time"] = round(time.time(), 3)
-        self._lines.append(json.dumps(entry, separators=(",", ":"), default=str))
+        self._lines.append(access_line(entry))
         if len(self._lines) >= FLUSH_LINES:
             self.flush()
         elif self._timer is None:

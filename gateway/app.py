@@ -78,6 +78,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def root(request: web.Request) -> web.StreamResponse:
+    """A browser opening the gateway's address lands on the page; API clients get the data path's 404."""
+    if "text/html" in request.headers.get("Accept", ""):
+        return web.Response(status=302, headers={"Location": "/ui/"})
+    return await proxy_handler(request)
+
+
 def build_app(state: State) -> web.Application:
     """The single application: health, /metrics, the admin API, and everything else to the data path
     (where the route tables decide: unknown paths answer 404)."""
@@ -97,6 +104,7 @@ def build_app(state: State) -> web.Application:
     admin_api.add_routes(app)
     datasources_api.add_routes(app)
     setup_page(app)
+    app.router.add_get("/", root)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     app.on_startup.append(_start_lbac_probe)
     app.on_cleanup.append(_close_upstreams)

@@ -13,8 +13,9 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 
-from gateway import __version__
+from gateway import __version__, logfmt
 from gateway.config import Config, ConfigError, load_config
+from gateway.startup import StartupError
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -25,7 +26,10 @@ label-based access control in front of Grafana Mimir, Loki and Tempo.
 Typical first run:
   gateway check-config -c config/gateway.yaml     # validate the YAML, one line per problem
   gateway serve -c config/gateway.yaml            # start (embedded PostgreSQL when no database.url)
-  gateway token bootstrap -c config/gateway.yaml --org 1   # print an admin token for the API
+  gateway token bootstrap -c config/gateway.yaml --org 1   # print an admin token for the API and the page
+  then open http://127.0.0.1:8080/ in a browser and paste the token.
+
+Relative paths in the file (data_dir) are relative to the file's directory.
 """
 
 
@@ -34,6 +38,8 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help=f"the YAML configuration (default: {DEFAULT_CONFIG})")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    help="override log_level from the file")
+    p.add_argument("--log-format", choices=logfmt.FORMATS, default=None,
+                   help="one format for every log line on stderr (default: text on a terminal, json otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,20 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+log = logging.getLogger("gateway")
 
 
 def _load(args: argparse.Namespace) -> Config:
+    """The config; its problems one line each (as log lines under ``serve``, whose stderr is a log)."""
+    logfmt.setup(args.log_level or "info", args.log_format)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         for line in exc.problems:
-            print(f"{args.config}: {line}" if not line.startswith(str(args.config)) else line, file=sys.stderr)
+            msg = f"{args.config}: {line}" if not line.startswith(str(args.config)) else line
+            if args.command == "serve":
+                log.error("%s", msg)
+            else:
+                print(msg, file=sys.stderr)
         raise SystemExit(1) from None
-    _setup_logging(args.log_level or cfg.log_level)
+    logging.getLogger().setLevel(getattr(logging, (args.log_level or cfg.log_level).upper()))
     return cfg
+
+
+async def _database(cfg: Config, config_path: str) -> str:
+    """The database URL for a one-off command, started (embedded) and checked, or a StartupError."""
+    from gateway import startup
+    loop = asyncio.get_running_loop()
+    dsn = cfg.database.url
+    if not dsn:
+        dsn = await loop.run_in_executor(None, startup.start_embedded_db, cfg, config_path)
+    await startup.check_database(dsn, cfg, config_path)
+    return dsn
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -101,9 +122,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     cfg = _load(args)
 
     async def run() -> list[str]:
-        from gateway.app import resolve_dsn
         from gateway.store import Store, migrate
-        store = await Store.open(await resolve_dsn(cfg), cfg.database, run_migrations=False)
+        store = await Store.open(await _database(cfg, args.config), cfg.database, run_migrations=False)
         try:
             async with store.pool.acquire() as conn:
                 return await migrate.apply(conn)
@@ -122,14 +142,17 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         print(f"error: --org {org}: no such org in {args.config} (known: {', '.join(cfg.orgs_by_id)})",
               file=sys.stderr)
         return 1
+    refusal = _second_database(cfg, args.config)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
 
     async def run() -> str:
         from gateway.admin.serialize import policy_json, token_json
-        from gateway.app import resolve_dsn
         from gateway.policy import tokens as tokfmt
         from gateway.policy.model import AccessPolicy, Realm, Token
         from gateway.store import AdminScope, Store
-        store = await Store.open(await resolve_dsn(cfg), cfg.database)
+        store = await Store.open(await _database(cfg, args.config), cfg.database)
         try:
             policy = await store.find_policy_by_name(org, "bootstrap-admin")
             if policy is None:
@@ -153,6 +176,22 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _second_database(cfg: Config, config_path: str) -> str | None:
+    """Why bootstrapping now would create a new, empty database beside the one a running gateway of the
+    same config serves (so its token would be refused there), or None when it would not."""
+    from gateway import runfile
+    if cfg.database.url or (cfg.data_dir / "pg" / "PG_VERSION").exists():
+        return None
+    other = runfile.running(config_path)
+    mine = runfile.database_of(cfg)
+    if other is None or other.get("database") == mine:
+        return None
+    return (f"the gateway serving {config_path} (pid {other['pid']}, {other.get('listen')}) uses"
+            f" {other.get('database')}; this command would create a new, empty {mine} and print a token that"
+            " gateway refuses. Run it with the gateway's database settings (the same GATEWAY_DATABASE_URL or"
+            " database.url).")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.workers < 0:
@@ -168,12 +207,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(cfg, args.config, workers=workers)
 
 
+COMMANDS = {"check-config": cmd_check_config, "migrate": cmd_migrate, "token": cmd_bootstrap, "serve": cmd_serve}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "check-config":
-        return cmd_check_config(args)
-    if args.command == "migrate":
-        return cmd_migrate(args)
-    if args.command == "token":
-        return cmd_bootstrap(args)
-    return cmd_serve(args)
+    try:
+        return COMMANDS[args.command](args)
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1

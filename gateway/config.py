@@ -426,6 +426,13 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError([f"{p}: {where}invalid YAML: {getattr(exc, 'problem', None) or exc}"]) from None
     cfg = parse_config(raw, source=str(p), env=env)
-    if not cfg.data_dir.is_absolute():  # relative to where the gateway runs, as `make run` expects
-        cfg = replace(cfg, data_dir=Path.cwd() / cfg.data_dir)
+    return resolve_paths(cfg, p)
+
+
+def resolve_paths(cfg: Config, config_file: Path) -> Config:
+    """Relative paths in the file mean relative to the file, not to where a command happens to run:
+    ``gateway token bootstrap`` started from another directory must find the same database."""
+    base = config_file.resolve().parent
+    if not cfg.data_dir.is_absolute():
+        cfg = replace(cfg, data_dir=base / cfg.data_dir)
     return cfg

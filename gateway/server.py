@@ -195,9 +195,12 @@ def _supervise(cfg: Config, config_path: str | None, workers: int) -> int:
 
 def serve(cfg: Config, config_path: str | None = None, workers: int = 1) -> int:
     """Entry point of ``gateway serve``."""
-    if not cfg.database.url:
-        from gateway.store.embedded import start_embedded
-        cfg = replace(cfg, database=replace(cfg.database, url=start_embedded(cfg.data_dir)))
+    from gateway import runfile
+    from gateway.startup import preflight  # port, data_dir, database: one line each instead of a traceback
+    database = runfile.database_of(cfg)
+    cfg = replace(cfg, database=replace(cfg.database, url=preflight(cfg, config_path)))
+    if config_path:
+        runfile.write(config_path, cfg, database)
     n = workers if workers > 0 else (os.cpu_count() or 1)
     if n == 1:
         _use_uvloop()

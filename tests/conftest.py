@@ -29,6 +29,37 @@ def require(condition: bool, what: str) -> None:
     pytest.skip(f"missing component: {what}")
 
 
+# A skipped end-to-end test's reason names what is missing; these map it to the Debian package.
+_PACKAGES = {"chromium": "chromium", "prometheus": "prometheus", "promtool": "prometheus"}
+
+
+def pytest_unconfigure(config: Any) -> None:
+    """One line at the very end when end-to-end suites were skipped for a missing component, with the command
+    that installs it (a newcomer would not notice "224 skipped"). Under CI=true such skips are failures instead."""
+    terminalreporter = config.pluginmanager.getplugin("terminalreporter")
+    if terminalreporter is None:
+        return
+    suites: dict[str, None] = {}
+    packages: dict[str, None] = {}
+    pip: dict[str, None] = {}
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        if "missing component" not in reason and "not found on PATH" not in reason:
+            continue
+        suites[rep.nodeid.split("::", 1)[0]] = None
+        packages.update({pkg: None for word, pkg in _PACKAGES.items() if word in reason})
+        if "playwright" in reason:
+            pip["playwright"] = None
+    if not suites:
+        return
+    steps = [f"apt-get install -y {' '.join(packages)}" if packages else "",
+             f".venv/bin/pip install {' '.join(pip)}" if pip else ""]
+    terminalreporter.write_line(
+        f"end-to-end suites NOT run (missing components): {', '.join(suites)}; install them with"
+        f" `{' && '.join(s for s in steps if s)}` (as root; .ci/run does this) and run make test again",
+        yellow=True, bold=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

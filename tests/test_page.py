@@ -315,8 +315,9 @@ async def test_create_token_shows_secret_once_then_delete(gw: Gateway) -> None:
     p = await gw.policy("readers", ["accesspolicies:read"])
     page_url = f"/ui/policies/{p['id']}"
     day = (datetime.now(UTC) + timedelta(days=30)).date().isoformat()
-    _, text = await b.post(f"{page_url}/tokens", {"name": "ci-agent", "expires": day}, status=201,
-                           form_page=page_url)
+    loc, _ = await b.post(f"{page_url}/tokens", {"name": "ci-agent", "expires": day}, form_page=page_url)
+    assert loc == f"{page_url}#new-token"  # redirect after POST: a reload never re-posts the form
+    text = await b.get(page_url)
     m = re.search(r'id="new-token" class="secret-value" value="(glc_[^"]+)"', text)
     assert m and "you will not see it again" in text and 'data-copy="new-token"' in text
     secret = m.group(1)
@@ -454,7 +455,16 @@ async def test_pagination_and_filters(gw: Gateway) -> None:
     assert names(page) == ["logs-team"]
     row = re.search(r"logs-team</a>.*?</tr>", page, re.S).group(0)  # type: ignore[union-attr]
     assert "stack acme-dev (101)" in row and "<code>logs:read</code>" in row and ">0</a>" in row
-    assert "Bad link" in await b.get("/ui/policies?cursor=bm9wZQ", status=400)
+    page = await b.get("/ui/policies?size=4")
+    assert "9 access policies; showing 1–4 (page 1 of 3)" in page and 'rel="prev"' not in page
+    page = await b.get("/ui/policies?size=4&page=3")
+    assert "showing 9–9 (page 3 of 3)" in page and 'rel="next"' not in page
+    assert '<a href="/ui/policies?size=4&amp;page=2" rel="prev">Previous page</a>' in page
+    assert names(await b.get("/ui/policies?size=4&page=2")) == ["pol-3", "pol-4", "pol-5", "pol-6"]
+    page = await b.get("/ui/policies?size=4&page=9")  # past the end: says so, and links back
+    assert names(page) == [] and "on page 9" in page and 'href="/ui/policies?size=4&amp;page=3" rel="prev"' in page
+    assert names(await b.get("/ui/policies?page=x")) == names(await b.get("/ui/policies"))
+    assert "3 access policies match these filters" in await b.get("/ui/policies?q=pol&realm=stack%3A100")
 
 
 # ---- audit log -----------------------------------------------------------------------------------------
@@ -510,3 +520,129 @@ async def test_session_key_is_shared_by_replicas(gw: Gateway) -> None:
     from gateway.web.session import load_key
     assert await load_key(gw.state.store) == await load_key(gw.state.store)
     assert len(await load_key(gw.state.store)) == 32
+
+
+# ---- issue 16: the first hour of a new operator -------------------------------------------------------
+
+async def test_selectors_for_an_unticked_realm_are_refused_not_dropped(gw: Gateway) -> None:
+    b = Browser(gw)
+    await b.sign_in()
+    data = [("name", "half-ticked"), ("displayName", ""), ("scope", "metrics:read"), ("realm", "stack:100"),
+            ("selectors:stack:100", ""), ("selectors:stack:101", '{team="a"}'), ("subnets", "")]
+    _, text = await b.post("/ui/policies/new", data, status=400)
+    assert "this realm is not ticked: tick it to apply them, or clear them" in text
+    assert "{team=&#34;a&#34;}</textarea>" in text  # what was typed is still there
+    assert (await gw.api("GET", f"{P}?name=half-ticked"))["items"] == []
+    loc, _ = await b.post("/ui/policies/new", policy_form("half-ticked", ["metrics:read"], "stack:101", '{team="a"}'))
+    pid = loc.rsplit("/", 1)[1]
+    before = len(await audit_rows(gw))
+    edit = [("displayName", ""), ("scope", "metrics:read"), ("realm", "stack:101"),
+            ("selectors:stack:101", '{team="a"}'), ("selectors:stack:100", '{team="b"}'), ("status", "active")]
+    _, text = await b.post(f"/ui/policies/{pid}/edit", edit, status=400)
+    assert "not ticked" in text and "Saved" not in text
+    assert len(await audit_rows(gw)) == before
+    got = await gw.api("GET", f"{P}/{pid}")
+    assert got["realms"] == [{"type": "stack", "identifier": "101", "labelPolicies": [{"selector": '{team="a"}'}]}]
+
+
+async def test_token_secret_is_shown_once_after_the_redirect(gw: Gateway) -> None:
+    b = Browser(gw)
+    await b.sign_in()
+    p = await gw.policy("once", ["metrics:read"])
+    other = await gw.policy("other", ["metrics:read"])
+    url = f"/ui/policies/{p['id']}"
+    loc, _ = await b.post(f"{url}/tokens", {"name": "t1", "expires": ""}, form_page=url)
+    assert loc == f"{url}#new-token"
+    assert "glc_" not in await b.get(f"/ui/policies/{other['id']}")  # another policy's page never shows it...
+    assert "glc_" not in await b.get(url)  # ...and it was taken from the session there: shown at most once
+    loc, _ = await b.post(f"{url}/tokens", {"name": "t2", "expires": ""}, form_page=url)
+    first = await b.get(url)
+    assert "Token <code>t2</code> created" in first and "glc_" in first
+    second = await b.get(url)  # the reload
+    assert "glc_" not in second and "already exists" not in second
+
+
+async def test_root_sends_browsers_to_the_page_and_api_clients_get_404(gw: Gateway) -> None:
+    r = await gw.client.get("/", headers={"Accept": "text/html,application/xhtml+xml"}, allow_redirects=False)
+    assert r.status == 302 and r.headers["Location"] == "/ui/"
+    r = await gw.client.get("/", allow_redirects=False)
+    assert r.status == 404 and (await r.json())["errorType"] == "not_found"
+
+
+async def test_audit_filters_in_the_api(gw: Gateway) -> None:
+    p = await gw.policy("audit-a", ["metrics:read"])
+    await gw.policy("audit-b", ["metrics:read"])
+    await gw.api("POST", f"{P}/{p['id']}", {"displayName": "A2"})
+    tok = await gw.token(p["id"], "audit-tok")
+    me = token_id(gw, gw.admin_token)
+
+    async def ids(query: str) -> list[tuple[str, str]]:
+        items = (await gw.api("GET", f"/api/v1/auditlog?{query}"))["items"]
+        return [(r["action"], r["resourceId"]) for r in items]
+
+    assert await ids(f"resource={p['id']}") == [("accesspolicy.update", p["id"]), ("accesspolicy.create", p["id"])]
+    assert await ids("resource=audit-a") == await ids(f"resource={p['id']}")  # by name, too
+    assert await ids("resourceType=token&actor=" + me) == [("token.create", tok["id"])]
+    assert await ids("actor=cli") == []
+    all_rows = await ids("")
+    assert await ids("since=2000-01-01T00:00:00Z&until=2999-01-01T00:00:00Z") == all_rows
+    assert await ids("until=2000-01-01T00:00:00Z") == []
+    items = (await gw.api("GET", "/api/v1/auditlog?resourceType=accesspolicy&pageSize=1"))["items"]
+    nxt = (await gw.api("GET", "/api/v1/auditlog?resourceType=accesspolicy&pageSize=1"))["metadata"]["pagination"]
+    assert "resourceType=accesspolicy" in nxt["nextPage"] and items[0]["resourceType"] == "accesspolicy"
+    for bad, field in (("resourceType=nope", "resourceType"), ("since=yesterday", "since"),
+                       ("since=2030-01-01T00:00:00Z&until=2020-01-01T00:00:00Z", "since")):
+        err = await gw.api("GET", f"/api/v1/auditlog?{bad}", expect=400)
+        assert err["code"] == "invalid_argument" and err.get("field") == field, err
+
+
+async def test_audit_filters_on_the_page(gw: Gateway) -> None:
+    b = Browser(gw)
+    await b.sign_in()
+    p = await gw.policy("paged-a", ["metrics:read"])
+    await gw.policy("paged-b", ["metrics:read"])
+    await gw.token(p["id"], "paged-tok")
+    boot = (await gw.api("GET", f"/api/v1/tokens/{token_id(gw, gw.admin_token)}"))["name"]
+    page = await b.get("/ui/audit?resource=paged-a")
+    assert page.count("<code>accesspolicy.create</code>") == 1 and "paged-b" not in page.split("<tbody>")[1]
+    assert 'value="paged-a"' in page and ">Clear</a>" in page
+    page = await b.get("/ui/audit?type=token")
+    assert "<code>token.create</code>" in page and "<code>accesspolicy.create</code>" not in page
+    page = await b.get(f"/ui/audit?who={boot}&type=accesspolicy")
+    assert page.count("<code>accesspolicy.create</code>") == 2  # the bootstrap policy was made by "test"
+    today = datetime.now(UTC).date()
+    page = await b.get(f"/ui/audit?from={today.isoformat()}&to={today.isoformat()}&type=accesspolicy")
+    assert page.count("<code>accesspolicy.create</code>") == 3
+    page = await b.get(f"/ui/audit?to={(today - timedelta(days=1)).isoformat()}")
+    assert "No change matches these filters." in page
+    page = await b.get("/ui/audit?who=nobody-like-this", status=400)
+    assert "No token named &#39;nobody-like-this&#39;" in page and 'aria-invalid="true"' in page
+    assert "Give a date such as" in await b.get("/ui/audit?from=31.01.2030", status=400)
+    page = await b.get("/ui/audit?type=accesspolicy&size=1")
+    m = re.search(r'<a href="([^"]+)" rel="next">Older</a>', page)
+    assert m and "type=accesspolicy" in html.unescape(m.group(1))
+    row_links = re.findall(r'href="(/ui/audit\?type=accesspolicy&amp;resource=[^"]+)">its history', page)
+    assert row_links and "<code>accesspolicy.create</code>" in await b.get(html.unescape(row_links[0]))
+
+
+async def test_datasource_form_lists_a_searchable_slice_of_many_policies(gw: Gateway, monkeypatch: Any) -> None:
+    from gateway.web import datasources
+    monkeypatch.setattr(datasources, "CHOICE_CAP", 3)
+    b = Browser(gw)
+    await b.sign_in()
+    for i in range(5):
+        await gw.policy(f"grafana-{i}", ["metrics:read"])
+    await gw.policy("writer-only", ["metrics:write"])  # never qualifies
+    page = await b.get("/ui/datasources")
+    assert "5 policies qualify; the first 3 are listed: search above to narrow" in page
+    assert page.count('<option value="', page.index('id="ds-policy"')) == 1 + 3  # the empty choice and 3
+    assert 'name="policy_q"' in page and "writer-only" not in page
+    page = await b.get("/ui/datasources?policy_q=GRAFANA-4")
+    assert "1 of 5 qualifying policies match" in page and ">grafana-4: Prometheus</option>" in page
+    assert "grafana-3" not in page
+    pid = (await gw.api("GET", f"{P}?name=grafana-4"))["items"][0]["id"]
+    loc, _ = await b.post("/ui/datasources", {"name": "DS", "type": "prometheus", "accessPolicyId": pid,
+                                              "policy_q": "grafana-4"}, form_page="/ui/datasources")
+    assert loc.startswith("/ui/datasources/")
+    page = await b.get("/ui/datasources?policy_q=zzz")
+    assert "No qualifying access policy matches" in page

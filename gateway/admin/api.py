@@ -360,8 +360,9 @@ async def list_audit(request: web.Request) -> web.Response:
     if not scope.whole_org:
         raise ApiError(403, "permission_denied", "the audit log needs a token whose realm is the whole org")
     size, cursor = _page_params(request)
+    from gateway.admin.auditfilter import audit_filters  # actor, resourceType, resource, since, until
     try:
-        page = await _state(request).store.list_audit(scope.org_id, size, cursor)
+        page = await _state(request).store.list_audit(scope.org_id, size, cursor, audit_filters(request.query))
     except BadCursor as exc:
         raise bad_request(str(exc), "pageCursor") from None
     return _paged(request, [audit_json(r) for r in page.items], size, page.next_cursor)

@@ -240,9 +240,20 @@ class Store:
             "INSERT INTO audit_log (org_id, actor, action, resource_type, resource_id, before, after)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7)", org_id, actor, action, rtype, rid, before, after)
 
-    async def list_audit(self, org_id: str, page_size: int, cursor: str | None) -> Page:
+    AUDIT_FILTERS = {  # filter -> SQL condition on its value; a resource by its id or its name (before or after)
+        "actor": "actor = ANY(${0}::text[])", "resourceType": "resource_type = ${0}",
+        "resource": "(resource_id = ${0} OR COALESCE(after->>'name', before->>'name') = ${0})",
+        "since": "at >= ${0}", "until": "at < ${0}"}
+
+    async def list_audit(self, org_id: str, page_size: int, cursor: str | None,
+                         filters: dict[str, Any] | None = None) -> Page:
+        """Newest first; ``filters`` keys are AUDIT_FILTERS (``actor`` a list of token ids or "cli",
+        ``since``/``until`` datetimes)."""
         args: list[Any] = [org_id]
         where = "org_id = $1"
+        for key, value in (filters or {}).items():
+            args.append(value)
+            where += " AND " + self.AUDIT_FILTERS[key].format(len(args))
         if cursor:
             _, last_id = decode_cursor(cursor)
             if not isinstance(last_id, int):

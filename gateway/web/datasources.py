@@ -111,6 +111,7 @@ class DataSourceForm:
     name: str = ""
     type: str = "prometheus"
     policy: str = ""
+    policy_q: str = ""  # the search that narrowed the access-policy list
     errors: dict[str, str] = field(default_factory=dict)
 
 
@@ -143,6 +144,19 @@ async def policy_choices(st: State, admin: Admin, used: Sequence[DataSource]) ->
     return out
 
 
+CHOICE_CAP = 100  # the most access policies the data-source form lists at once; a search narrows the rest
+
+
+def narrow(choices: Sequence[PolicyChoice], q: str, chosen: str) -> list[PolicyChoice]:
+    """The qualifying policies whose label contains ``q`` (any case), at most CHOICE_CAP, and always the one
+    already chosen, so thousands of policies stay one short list."""
+    needle = q.casefold()
+    hits = [c for c in choices if needle in c.label.casefold()][:CHOICE_CAP]
+    if chosen and all(c.id != chosen for c in hits):
+        hits += [c for c in choices if c.id == chosen]
+    return hits
+
+
 async def _list_page(request: web.Request, admin: Admin, form: DataSourceForm, status: int = 200) -> web.Response:
     st = state_of(request)
     cursor = request.query.get("cursor") or None
@@ -156,10 +170,13 @@ async def _list_page(request: web.Request, admin: Admin, form: DataSourceForm, s
         rows.append({"ds": d, "policy": policy, "teams": len(d.lbac_rules),
                      "tenants": api.realm_tenants(st.config, policy, d.backend) if policy else []})
     can_write = admin.can(DS_WRITE)
-    choices = await policy_choices(st, admin, await all_datasources(st, admin.scope)) if can_write else []
+    every = await policy_choices(st, admin, await all_datasources(st, admin.scope)) if can_write else []
+    form.policy_q = form.policy_q or request.query.get("policy_q", "").strip()
+    choices = narrow(every, form.policy_q, form.policy)
     next_url = f"/ui/datasources?{urlencode({'cursor': page_.next_cursor})}" if page_.next_cursor else None
     return await render(request, "datasources.html", {
         "nav": "datasources", "rows": rows, "f": form, "choices": choices, "types": TYPE_LABELS,
+        "qualifying": len(every), "cap": CHOICE_CAP,
         "can_write": can_write, "next_url": next_url, "first_url": "/ui/datasources" if cursor else None,
         "missing_write": admin.missing(DS_WRITE)}, status)
 
@@ -178,7 +195,8 @@ async def create_datasource(request: web.Request, admin: Admin) -> web.StreamRes
     st = state_of(request)
     post = await request.post()
     f = DataSourceForm(uid=str(post.get("uid", "")).strip(), name=str(post.get("name", "")).strip(),
-                       type=str(post.get("type", "")), policy=str(post.get("accessPolicyId", "")))
+                       type=str(post.get("type", "")), policy=str(post.get("accessPolicyId", "")),
+                       policy_q=str(post.get("policy_q", "")).strip())
     checks: list[tuple[str, Any]] = [
         ("uid", lambda: api.valid_uid(f.uid) if f.uid else api.new_uid()),
         ("name", lambda: api.valid_name(f.name)),

@@ -72,6 +72,7 @@ class PolicyForm:
     display_name: str = ""
     scopes: set[str] = field(default_factory=set)
     realms: dict[str, str] = field(default_factory=dict)  # checked realm key -> selectors, one per line
+    unticked: dict[str, str] = field(default_factory=dict)  # selectors typed for a realm left unticked
     subnets: str = ""
     status: str = "active"
     errors: dict[str, list[str]] = field(default_factory=dict)
@@ -88,11 +89,14 @@ class PolicyForm:
         def text(key: str) -> str:
             val = form.get(key, "")
             return val if isinstance(val, str) else ""
+        ticked = {k: text(f"selectors:{k}") for k in form.getall("realm", []) if isinstance(k, str)}
+        typed = {k.removeprefix("selectors:"): val for k, val in form.items()
+                 if k.startswith("selectors:") and k.removeprefix("selectors:") not in ticked
+                 and isinstance(val, str) and val.strip()}
         return cls(name=name if name is not None else text("name").strip(),
                    display_name=text("displayName").strip(),
                    scopes={s for s in form.getall("scope", []) if isinstance(s, str)},
-                   realms={k: text(f"selectors:{k}") for k in form.getall("realm", []) if isinstance(k, str)},
-                   subnets=text("subnets"), status=text("status") or "active")
+                   realms=ticked, unticked=typed, subnets=text("subnets"), status=text("status") or "active")
 
     def error(self, key: str, message: str) -> None:
         self.errors.setdefault(key, []).append(message)
@@ -142,6 +146,9 @@ def validate(f: PolicyForm, cfg: Config, scope: AdminScope) -> PolicyValues | No
                 f.error(f"realm:{key}", exc.message)
         body.append({"type": rtype, "identifier": ident, "labelPolicies": [{"selector": s} for s in sels]})
         keys.append(key)
+    for key in f.unticked:  # never drop what was typed, and never widen access by ticking a realm for the user
+        f.error(f"realm:{key}", "Label selectors are typed here but this realm is not ticked: tick it to apply "
+                "them, or clear them.")
     realms: tuple[Realm, ...] | None = None
     if not body:
         f.error("realms", "Choose at least one realm.")

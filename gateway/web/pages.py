@@ -20,12 +20,13 @@ from aiohttp import web
 
 from gateway.admin import validate as v
 from gateway.admin.api import check_datasource_policy
+from gateway.admin.auditfilter import RESOURCE_TYPES
 from gateway.admin.errors import ApiError
 from gateway.admin.serialize import policy_json, token_json
 from gateway.policy import tokens as tokfmt
 from gateway.policy.model import AccessPolicy, Realm, Token
 from gateway.policy.scopes import SCOPE_GROUPS, SERVED_SCOPES
-from gateway.store import BadCursor, Conflict, NotFound, Page
+from gateway.store import BadCursor, Conflict, NotFound, browse
 from gateway.web import session as sess
 from gateway.web.forms import PolicyForm, realm_choices, validate
 from gateway.web.session import READ, Admin, PageError, SignInRequired, state_of
@@ -182,6 +183,11 @@ async def signout(request: web.Request) -> web.StreamResponse:
 
 # ---- policies -------------------------------------------------------------------------------------------
 
+def _page_number(request: web.Request) -> int:
+    raw = request.query.get("page", "")
+    return int(raw) if raw.isascii() and raw.isdigit() and 0 < int(raw) <= 1_000_000 else 1
+
+
 @page()
 async def policies(request: web.Request, admin: Admin) -> web.StreamResponse:
     st = state_of(request)
@@ -189,27 +195,29 @@ async def policies(request: web.Request, admin: Admin) -> web.StreamResponse:
     realm = request.query.get("realm", "")
     status = request.query.get("status", "")
     size = _size(request)
-    cursor = request.query.get("cursor") or None
+    number = _page_number(request)
     filters: dict[str, str] = {}
     rtype, _, ident = realm.partition(":")
     if rtype in ("org", "stack") and ident:
         filters.update(realmType=rtype, realmIdentifier=ident)
     if status in ("active", "inactive"):
         filters["status"] = status
-    try:
-        if q:
-            filters["text"] = q
-        page_: Page = await st.store.list_policies(admin.scope, filters, size, cursor)
-    except BadCursor:
-        raise PageError(400, "Bad link", "The page cursor in this link is not one the page issued.") from None
-    items: list[AccessPolicy] = page_.items
+    if q:
+        filters["text"] = q
+    items, total = await browse.policy_page(st.store, admin.scope, filters, size, (number - 1) * size)
     counts = await st.store.count_tokens([p.id for p in items]) if items else {}
-    keep = [(k, val) for k, val in request.query.items() if k != "cursor"]
-    next_url = f"/ui/policies?{urlencode([*keep, ('cursor', page_.next_cursor)])}" if page_.next_cursor else None
-    first_url = f"/ui/policies?{urlencode(keep)}" if cursor else None
+    pages = max(1, -(-total // size))
+    keep = [(k, val) for k, val in request.query.items() if k != "page"]
+
+    def link(n: int) -> str:
+        return f"/ui/policies?{urlencode([*keep, ('page', str(n))] if n > 1 else keep)}"
+    first = (number - 1) * size + 1
     return await render(request, "policies.html", {
         "nav": "policies", "policies": items, "counts": counts, "q": q, "realm": realm, "status": status,
-        "choices": realm_choices(st.config, admin.scope), "next_url": next_url, "first_url": first_url,
+        "choices": realm_choices(st.config, admin.scope), "total": total, "number": number, "pages": pages,
+        "shown": (first, first + len(items) - 1) if items else None,
+        "next_url": link(number + 1) if number < pages else None,
+        "prev_url": link(min(number - 1, pages)) if number > 1 else None,
         "can_write": admin.can(WRITE), "can_delete": admin.can(DELETE)})
 
 
@@ -331,9 +339,17 @@ async def _policy_page(request: web.Request, admin: Admin, policy: AccessPolicy,
         "form": {"name": "", "expires": ""}, "errors": {}, "new_token": None, "secret": None, **extra}, status)
 
 
+_SHOW_ONCE = "show_once"
+
+
 @page()
 async def policy_page(request: web.Request, admin: Admin) -> web.StreamResponse:
-    return await _policy_page(request, admin, await _policy(request, admin))
+    policy = await _policy(request, admin)
+    shown = (await sess.session(request)).pop(_SHOW_ONCE, None)  # once: the saved session no longer has it
+    if isinstance(shown, dict) and shown.get("policy") == policy.id:
+        return await _policy_page(request, admin, policy, new_token={"name": shown.get("name")},
+                                  secret=shown.get("secret"))
+    return await _policy_page(request, admin, policy)
 
 
 def _expiry(raw: str) -> datetime | None:
@@ -378,8 +394,11 @@ async def create_token(request: web.Request, admin: Admin) -> web.StreamResponse
         else:
             await st.cache.apply_change("tokens", "INSERT", created.id)
             shown = tokfmt.encode(admin.scope.org_id, created.id, secret, st.config.region)
-            # Rendered in this response only (Cache-Control: no-store); no later page can show it again.
-            return await _policy_page(request, admin, policy, 201, new_token=created, secret=shown)
+            # Redirect after POST, so a reload never re-posts the form. The secret rides in the encrypted,
+            # HttpOnly session cookie for that one redirect; the next page (Cache-Control: no-store) shows it
+            # and removes it, so no later page can show it again.
+            (await sess.session(request))[_SHOW_ONCE] = {"policy": policy.id, "name": created.name, "secret": shown}
+            return redirect(f"/ui/policies/{policy.id}#new-token")
     return await _policy_page(request, admin, policy, status, form={"name": name, "expires": raw_exp}, errors=errors)
 
 
@@ -507,6 +526,41 @@ def changes(before: Any, after: Any) -> list[tuple[str, str, str]]:
     return out
 
 
+def _audit_filters(st: Any, admin: Admin, query: Any) -> tuple[dict[str, str], dict[str, Any], dict[str, str]]:
+    """The page's audit filters: (as typed, for the store, problems per field). ``who`` is a token's name or
+    id, or ``cli``; ``resource`` an id or a name; ``from`` and ``to`` days in UTC, both included."""
+    form = {k: str(query.get(k, "")).strip() for k in ("who", "type", "resource", "from", "to")}
+    out: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    who = form["who"]
+    if who:
+        ids = [who] if who == "cli" or _is_uuid(who) else [
+            t.id for t in st.cache.tokens.values() if t.name == who
+            and getattr(st.cache.policies.get(t.access_policy_id), "org_id", None) == admin.scope.org_id]
+        if ids:
+            out["actor"] = ids
+        else:
+            errors["who"] = f"No token named {who!r}: give a token's name or id, or cli."
+    if form["type"]:
+        if form["type"] in RESOURCE_TYPES:
+            out["resourceType"] = form["type"]
+        else:
+            errors["type"] = "Choose a resource type from the list."
+    if form["resource"]:
+        out["resource"] = form["resource"]
+    for key, store_key, extra in (("from", "since", 0), ("to", "until", 1)):
+        if form[key]:
+            try:
+                day = date.fromisoformat(form[key])
+            except ValueError:
+                errors[key] = "Give a date such as 2030-01-31."
+                continue
+            out[store_key] = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=extra)
+    if "since" in out and "until" in out and out["since"] >= out["until"]:
+        errors["to"] = "The last day must not be before the first."
+    return form, out, errors
+
+
 @page()
 async def audit(request: web.Request, admin: Admin) -> web.StreamResponse:
     if not admin.scope.whole_org:
@@ -514,8 +568,13 @@ async def audit(request: web.Request, admin: Admin) -> web.StreamResponse:
                         " whole org; yours covers only some stacks.")
     st = state_of(request)
     cursor = request.query.get("cursor") or None
+    form, filters, errors = _audit_filters(st, admin, request.query)
+    if errors:
+        return await render(request, "audit.html", {
+            "nav": "audit", "rows": [], "next_url": None, "first_url": None, "form": form, "errors": errors,
+            "types": RESOURCE_TYPES, "filtered": True}, 400)
     try:
-        page_ = await st.store.list_audit(admin.scope.org_id, min(_size(request), MAX_PAGE), cursor)
+        page_ = await st.store.list_audit(admin.scope.org_id, min(_size(request), MAX_PAGE), cursor, filters)
     except BadCursor:
         raise PageError(400, "Bad link", "The page cursor in this link is not one the page issued.") from None
     rows = []
@@ -527,10 +586,15 @@ async def audit(request: web.Request, admin: Admin) -> web.StreamResponse:
                      "changes": changes(r["before"], r["after"]),
                      "before_json": json.dumps(r["before"], indent=2, ensure_ascii=False) if r["before"] else "",
                      "after_json": json.dumps(r["after"], indent=2, ensure_ascii=False) if r["after"] else "",
-                     "link": _resource_link(st, r["resource_type"], r["resource_id"])})
-    next_url = f"/ui/audit?{urlencode({'cursor': page_.next_cursor})}" if page_.next_cursor else None
-    return await render(request, "audit.html", {"nav": "audit", "rows": rows, "next_url": next_url,
-                                                "first_url": "/ui/audit" if cursor else None})
+                     "link": _resource_link(st, r["resource_type"], r["resource_id"]),
+                     "by_actor": "/ui/audit?" + urlencode({"who": r["actor"]}),
+                     "by_resource": "/ui/audit?" + urlencode({"type": r["resource_type"],
+                                                              "resource": r["resource_id"]})})
+    keep = [(k, val) for k, val in form.items() if val]
+    next_url = f"/ui/audit?{urlencode([*keep, ('cursor', page_.next_cursor)])}" if page_.next_cursor else None
+    return await render(request, "audit.html", {
+        "nav": "audit", "rows": rows, "next_url": next_url, "form": form, "errors": {}, "types": RESOURCE_TYPES,
+        "filtered": bool(keep), "first_url": f"/ui/audit?{urlencode(keep)}" if cursor else None})
 
 
 def _actor(st: Any, actor: str) -> str:

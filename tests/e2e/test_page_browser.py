@@ -304,3 +304,164 @@ async def test_datasources_teams_and_rules_in_chromium(db_dsn: str, aiohttp_serv
         if http is not None:
             await http.close()
         await close_state(state)
+
+
+# What sticks out of the viewport (a scroll container's content does not count, the container does).
+_WIDE_JS = """[...document.querySelectorAll('body *')].filter(e =>
+  (e.className === 'scroll' || !e.closest('.scroll')) && e.getBoundingClientRect().right > window.innerWidth + 0.5)
+  .slice(0, 5).map(e => e.tagName + '.' + e.className + ' ' + e.getBoundingClientRect().right)"""
+
+
+def _png_width(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def _many_policies(n: int) -> list[dict[str, Any]]:
+    """Policies as a real org has them: long names, several realms with selectors, many scopes, IP ranges."""
+    out = []
+    for i in range(n):
+        realms = [{"type": "stack", "identifier": "100", "labelPolicies": [
+            {"selector": f'{{team="payments-{i}", env=~"prod|staging|qa", cluster!="eu-west-1-legacy"}}'}]},
+            {"type": "stack", "identifier": "101", "labelPolicies": [
+                {"selector": f'{{namespace=~"payments-.*", app="checkout-service-{i}"}}'}]}]
+        out.append({"name": f"team-payments-checkout-readers-{i:03d}",
+                    "displayName": f"Payments checkout readers, production and staging #{i}",
+                    "scopes": ["metrics:read", "logs:read", "traces:read", "rules:read", "alerts:read",
+                               "metrics:write", "logs:write"],
+                    "realms": realms if i % 3 else realms[:1],
+                    "conditions": {"allowedSubnets": ["10.20.0.0/16", "192.168.100.0/24", "2001:db8:1234::/48"]}})
+    return out
+
+
+async def test_page_fits_1280_and_390_and_first_hour_fixes_in_chromium(db_dsn: str, aiohttp_server: Any,
+                                                                       monkeypatch: Any) -> None:
+    """Issue 16 in a real browser: the policies list fits 1280 px and a phone (screenshots checked: the Delete
+    links inside the viewport, no horizontal overflow), total count and previous/next, GET / to the page,
+    selectors typed for an unticked realm refused, the token secret shown once after a redirect (a reload
+    does not re-post), audit-log filters, and the data-source form's policy search."""
+    require(shutil.which("chromium") is not None, "chromium")
+    require(importlib.util.find_spec("playwright") is not None, "playwright (pip install playwright)")
+    from playwright.async_api import async_playwright, expect
+
+    from gateway.app import build_app, close_state, open_state
+    from gateway.web import datasources
+
+    monkeypatch.setattr(datasources, "CHOICE_CAP", 20)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    state = await open_state(make_config(db_dsn))
+    http: aiohttp.ClientSession | None = None
+    try:
+        server = await aiohttp_server(build_app(state))
+        base = f"http://127.0.0.1:{server.port}"
+        admin = await bootstrap_token(state)
+        http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"})
+        bodies = _many_policies(58) + [{"name": f"grafana-candidate-{i:02d}", "scopes": ["metrics:read"],
+                                        "realms": [{"type": "stack", "identifier": "100"}]} for i in range(25)]
+        for body in bodies:
+            async with http.post(f"{base}/api/v1/accesspolicies", json=body) as r:
+                assert r.status == 200, await r.text()
+        total = len(bodies) + 1  # and bootstrap-admin
+
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+            for width in (1280, 390):
+                ctx = await browser.new_context(viewport={"width": width, "height": 900}, base_url=base)
+                page = await ctx.new_page()
+
+                async def check_fits(name: str, width: int = width, page: Any = page) -> None:
+                    overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+                    wide = await page.evaluate(_WIDE_JS)
+                    assert overflow <= 0, f"{name} at {width} px overflows by {overflow} px: {wide}"
+                    path = ARTIFACTS / f"page-{name}-{width}.png"
+                    await page.screenshot(path=str(path), full_page=True)
+                    assert _png_width(path) == width, (name, width, _png_width(path))
+
+                await page.goto("/")  # a browser at the gateway's address lands on the page
+                await expect(page).to_have_url(f"{base}/ui/signin?next=%2Fui%2Fpolicies")
+                await page.get_by_label("Admin token").fill(admin)
+                await page.get_by_role("button", name="Sign in").click()
+                await expect(page).to_have_url(f"{base}/ui/policies")
+                await expect(page.locator("#policies-count")).to_have_text(
+                    f"{total} access policies; showing 1–50 (page 1 of 2)")
+                deletes = page.locator("a.danger-link", has_text="Delete")
+                assert await deletes.count() == 50
+                for i in (0, 1, 25, 49):
+                    link = deletes.nth(i)
+                    await link.scroll_into_view_if_needed()
+                    box = await link.bounding_box()
+                    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, (width, i, box)
+                await check_fits("policies-many")
+                await page.get_by_role("link", name="Next page").click()
+                await expect(page.locator("#policies-count")).to_have_text(
+                    f"{total} access policies; showing 51–{total} (page 2 of 2)")
+                await expect(page.get_by_role("link", name="Next page")).to_have_count(0)
+                await check_fits("policies-page-2")
+                await page.get_by_role("link", name="Previous page").click()
+                await expect(page.locator("#policies-count")).to_contain_text("(page 1 of 2)")
+
+                # selectors typed for a realm whose box is not ticked: refused beside the field, nothing saved
+                await page.goto("/ui/policies/new")
+                name = f"unticked-{width}"
+                await page.get_by_label("Name", exact=True).fill(name)
+                await page.locator('input[name="scope"][value="metrics:read"]').check()
+                await page.get_by_label("Stack acme-prod (100)", exact=True).check()
+                await page.get_by_label("Label selectors for Stack acme-dev (101), one per line").fill('{env="dev"}')
+                await page.get_by_role("button", name="Create access policy").click()
+                await expect(page.get_by_text("this realm is not ticked")).to_be_visible()
+                await expect(page.get_by_label("Label selectors for Stack acme-dev (101), one per line")) \
+                    .to_have_value('{env="dev"}')
+                await check_fits("policy-form-unticked")
+                async with http.get(f"{base}/api/v1/accesspolicies", params={"name": name}) as r:
+                    assert (await r.json())["items"] == []
+                await page.get_by_label("Stack acme-dev (101)", exact=True).check()
+                await page.get_by_role("button", name="Create access policy").click()
+                await expect(page.get_by_role("status").first).to_contain_text(f"Created access policy {name}")
+                total += 1
+
+                # a token: redirect after POST, the secret once; a reload neither re-posts nor shows it
+                policy_url = page.url
+                await page.get_by_label("Name", exact=True).fill(f"tok-{width}")
+                await page.get_by_role("button", name="Create token").click()
+                await expect(page.get_by_text("you will not see it again")).to_be_visible()
+                assert page.url == f"{policy_url}#new-token"
+                secret = await page.locator("#new-token").input_value()
+                assert secret.startswith("glc_")
+                await check_fits("token-created")
+                await page.reload()
+                await expect(page.get_by_role("heading", name="Tokens")).to_be_visible()
+                content = await page.content()
+                assert secret not in content and "already exists" not in content
+                await check_fits("policy-with-token")
+
+                # audit-log filters
+                await page.goto("/ui/audit")
+                await page.get_by_label("Resource (name or id)").fill(name)
+                await page.get_by_role("button", name="Filter").click()
+                await expect(page.locator("table.audit > tbody > tr")).to_have_count(1)
+                await expect(page.get_by_text("accesspolicy.create")).to_be_visible()
+                await page.goto("/ui/audit")
+                await page.get_by_label("Resource type").select_option("token")
+                await page.get_by_role("button", name="Filter").click()
+                tokens_made = 2 if width == 1280 else 3  # with the bootstrap token
+                await expect(page.locator("table.audit > tbody > tr")).to_have_count(tokens_made)
+                await check_fits("audit-filtered")
+
+                # the data-source form: a search narrows many qualifying policies to a short list
+                await page.goto("/ui/datasources")
+                await expect(page.locator("#ds-policy-count")).to_contain_text(
+                    "policies qualify; the first 20 are listed: search above to narrow")
+                search = page.get_by_role("searchbox", name="Find an access policy")
+                await search.fill(f"candidate-{7 if width == 1280 else 8:02d}")
+                await page.get_by_role("button", name="Find").click()
+                await expect(page.locator("#ds-policy option")).to_have_count(2)  # the empty choice and one
+                await page.get_by_label("Name", exact=True).fill(f"Mimir {width}")
+                await page.get_by_label("Access policy", exact=True).select_option(index=1)
+                await check_fits("datasource-search")
+                await page.get_by_role("button", name="Add data source").click()
+                await expect(page.get_by_role("status").first).to_contain_text(f"Created data source Mimir {width}")
+                await ctx.close()
+            await browser.close()
+    finally:
+        if http is not None:
+            await http.close()
+        await close_state(state)
