@@ -18,6 +18,9 @@ import pytest
 from gateway.config import Config, parse_config
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# GATEWAY_TEST_DATA_PATH=protocol runs the whole suite on gateway/dataplane: configs say `data_path: protocol`
+# and every gateway application given to aiohttp_client is served by the protocol server.
+DATA_PATH = os.environ.get("GATEWAY_TEST_DATA_PATH", "")
 
 
 def require(condition: bool, what: str) -> None:
@@ -54,6 +57,8 @@ TEST_CONFIG: dict[str, Any] = {
 
 def make_config(dsn: str, **overrides: Any) -> Config:
     raw = {**TEST_CONFIG, **overrides}
+    if DATA_PATH:
+        raw.setdefault("data_path", DATA_PATH)
     raw["database"] = {**raw.get("database", {}), "url": dsn, "resync_interval": 30, "usage_flush_interval": 0.2}
     return parse_config(raw, env={})
 
@@ -167,6 +172,21 @@ async def bootstrap_token(state: Any, org: str = "1") -> str:
     await state.cache.apply_change("access_policies", "INSERT", policy.id)
     await state.cache.apply_change("tokens", "INSERT", tok.id)
     return tokfmt.encode(org, tok.id, secret, "local")
+
+
+if DATA_PATH == "protocol":
+    @pytest.fixture
+    def aiohttp_client(aiohttp_client: Any) -> Any:
+        from aiohttp import web
+
+        from gateway.state import STATE
+        from tests.dataplane_server import ProtocolTestServer
+
+        async def make(app: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(app, web.Application) and STATE in app:
+                app = ProtocolTestServer(app)
+            return await aiohttp_client(app, *args, **kwargs)
+        return make
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -110,15 +111,24 @@ def _failure(exc: BaseException) -> ProxyError:
     return ProxyError(502, f"upstream unavailable: {describe(exc)}", "upstream_unavailable")
 
 
+async def _start(request: web.Request, resp: web.StreamResponse) -> Any:
+    """Send the head of a streamed answer; the returned object takes ``write`` and ``write_eof``."""
+    start = getattr(request, "start_stream", None)  # the protocol data path's request (gateway.dataplane)
+    if start is not None:
+        return await start(resp)
+    await resp.prepare(request)
+    return resp
+
+
 async def _stream(request: web.Request, resp: web.StreamResponse, chunks: AsyncIterator[bytes]) -> int:
     """Send the headers, then the body chunk by chunk; returns the bytes sent."""
-    await resp.prepare(request)
+    out = await _start(request, resp)
     sent = 0
     try:
         async for chunk in chunks:
-            await resp.write(chunk)
+            await out.write(chunk)
             sent += len(chunk)
-        await resp.write_eof()
+        await out.write_eof()
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         # Headers are out: all we can do is cut the connection so the client sees a broken body.
         log.warning("upstream response broke after %d bytes: %s", sent, exc.__class__.__name__)
