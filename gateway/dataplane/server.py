@@ -115,6 +115,7 @@ class HttpProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._in_head = False
         self._handover: bytes | None = None
+        self._refusal: tuple[int, str] | None = None  # a parse error to answer once the answer under way is out
 
     # ---- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -161,7 +162,7 @@ class HttpProtocol(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self.handed:
+        if self.closed or self.handed or self._refusal is not None:
             return
         if self._handover is not None:  # waiting for the answer before it to finish
             self._handover += data
@@ -296,7 +297,9 @@ class HttpProtocol(asyncio.Protocol):
     async def _run(self, req: DataRequest) -> None:
         try:
             resp = await handle(cast(web.Request, req))
-            if not req.started:
+            if not req.started and self._refusal is not None and req.content.exception() is not None:
+                self._close_with_refusal()  # its own body did not parse: that is the answer
+            elif not req.started:
                 req.write_whole(resp)
         except asyncio.CancelledError:
             raise
@@ -312,7 +315,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def keep_going(self, req: DataRequest) -> bool:
         """Whether the connection serves another request after ``req`` (asked when its head is written)."""
-        if not req.keep_alive or self.plane.draining or self.closed:
+        if not req.keep_alive or self.plane.draining or self.closed or (self._refusal and not self._queue):
             return False
         if not req.content.is_eof():
             # The answer does not need the rest of the body: drop it, and close (the client may not send it
@@ -327,10 +330,11 @@ class HttpProtocol(asyncio.Protocol):
         if not req.finished:
             self._close()
             return
-        if not req.keep_alive:
+        if self._refusal is not None and not (self._queue and req.keep_alive):
+            self._close_with_refusal()
+        elif not req.keep_alive:
             self._linger(req)
-            return
-        if self._queue:
+        elif self._queue:
             nxt = self._queue.popleft()
             self._resume()
             self._start(nxt)
@@ -405,9 +409,16 @@ class HttpProtocol(asyncio.Protocol):
         """A request that does not parse or breaks a limit: answer (unless an answer is under way) and close."""
         if self._cur is not None and not self._cur.content.is_eof():
             self._cur.content.set_exception(BodyError(f"the request body broke: {message}"))
+        log.info("data path: refused a request from %s: %d %s", self.remote, status, message)
+        self._refusal = (status, message)
         if self._task is None:
-            self.write(_error_bytes(status, message))
-            log.info("data path: refused a request from %s: %d %s", self.remote, status, message)
+            self._close_with_refusal()
+        else:
+            self._pause()  # the parser is done with this connection; the answer under way goes out first
+
+    def _close_with_refusal(self) -> None:
+        if self._refusal is not None:
+            self.write(_error_bytes(*self._refusal))
         self._close()
 
     def _close(self) -> None:
