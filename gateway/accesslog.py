@@ -16,6 +16,8 @@ from typing import IO, Any, Final
 
 FLUSH_SECONDS: Final = 0.2
 FLUSH_LINES: Final = 512
+# One encoder for every line (json.dumps with options builds a new one per call).
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class AccessLog:
@@ -32,7 +34,7 @@ class AccessLog:
         if not self.enabled:
             return
         entry["time"] = round(time.time(), 3)
-        self._lines.append(json.dumps(entry, separators=(",", ":"), default=str))
+        self._lines.append(_ENCODE(entry))
         if len(self._lines) >= FLUSH_LINES:
             self.flush()
         elif self._timer is None:

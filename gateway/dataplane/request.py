@@ -20,6 +20,7 @@ from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.dataplane.body import Body
+from gateway.proxy.headers import response_headers
 
 if TYPE_CHECKING:
     from gateway.dataplane.server import HttpProtocol
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 _FRAMING: Final = ("Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive")
 _date_cache: list[Any] = [0, ""]
+MAX_CACHED_HEADS: Final = 256
+_heads: dict[tuple[Any, ...], bytes] = {}
+WRITTEN: Final = web.StreamResponse()  # what the handler returns for an answer already written
 
 
 def http_date() -> str:
@@ -67,9 +71,9 @@ class DataRequest:
     # ---- answers ------------------------------------------------------------------------------------
 
     def _head(self, status: int, reason: str | None, headers: CIMultiDict[str] | CIMultiDictProxy[str],
-              length: int | None, has_body: bool) -> tuple[bytes, bool]:
+              length: int | None, has_body: bool, copy: bool = True) -> tuple[bytes, bool]:
         """The status line and headers; returns them and whether the body is sent chunked."""
-        out: CIMultiDict[str] = CIMultiDict(headers)
+        out: CIMultiDict[str] = CIMultiDict(headers) if copy or not isinstance(headers, CIMultiDict) else headers
         for name in _FRAMING:
             out.popall(name, None)
         if "Date" not in out:
@@ -110,6 +114,29 @@ class DataRequest:
         send_body = data and self.method != "HEAD" and status not in _NO_BODY_STATUS
         self._proto.write(head + data if send_body else head)
         self.finished = True
+
+    def respond(self, status: int, reason: str | None, upstream: CIMultiDictProxy[str], body: bytes
+                ) -> web.StreamResponse:
+        """A whole small upstream answer: its head from a cache keyed by the upstream's header block (the same
+        for most answers of one upstream within a second), then one write."""
+        keep = self._proto.keep_going(self)
+        key = (status, reason, self.version, keep, len(body), tuple(upstream.items()))
+        head = _heads.get(key)
+        if head is None:
+            hdrs = response_headers(upstream)
+            if body and "Content-Type" not in hdrs:
+                hdrs["Content-Type"] = "application/octet-stream"
+            head, _ = self._head(status, reason, hdrs, len(body), True, copy=False)
+            if len(_heads) >= MAX_CACHED_HEADS:
+                _heads.clear()
+            if "Date" in upstream:  # else the head carries our Date and must not outlive its second
+                _heads[key] = head
+        else:
+            self.keep_alive = keep
+        self.started = True
+        self._proto.write(head + body)
+        self.finished = True
+        return WRITTEN
 
     async def start_stream(self, resp: web.StreamResponse) -> StreamWriter:
         """Send the head of a streamed answer; the body follows through the returned writer."""

@@ -52,6 +52,8 @@ _GET_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Conte
 _POST_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # a default Content-Type, as aiohttp sends
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _checked_names: set[str] = set()
+MAX_BLOCKS: Final = 1024
+_blocks: dict[tuple[object, ...], bytes] = {}
 
 
 class FastClientError(ConnectionError):
@@ -84,7 +86,27 @@ def _check_names(headers: CIMultiDict[str]) -> None:
 
 
 def request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes | None) -> bytes:
-    """The request line and headers, as aiohttp would send them (ValueError on anything injectable)."""
+    """The request line and headers, as aiohttp would send them (ValueError on anything injectable).
+
+    The header block is kept per (method, host, body length, headers): a client sends the same headers
+    request after request, and the gateway's own (tenant, forwarding chain) are the same per client and
+    tenant, so most requests only format their request line.
+    """
+    key = (method, url.host_port_subcomponent, -1 if body is None else len(body), tuple(headers.items()))
+    block = _blocks.get(key)
+    line = f"{method} {url.raw_path_qs} HTTP/1.1"
+    if block is not None:
+        if "\r" in line or "\n" in line or "\x00" in line:
+            raise ValueError(f"invalid request line {line!r}")
+        return line.encode("utf-8") + block
+    head = _request_head(method, url, headers, body)
+    if len(_blocks) >= MAX_BLOCKS:
+        _blocks.clear()
+    _blocks[key] = head[head.index(b"\r\n"):]
+    return head
+
+
+def _request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes | None) -> bytes:
     if not _TOKEN.fullmatch(method):
         raise ValueError(f"invalid method {method!r}")
     out: CIMultiDict[str] = CIMultiDict()

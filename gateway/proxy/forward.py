@@ -195,6 +195,10 @@ async def _forward_fast(request: web.Request, fast: FastClient, url: URL, header
         status = up.status
         if up.body is not None and request.method != "HEAD" and status != 204 and status != 304:
             # Whole and small: one write for headers and body.
+            respond = getattr(request, "respond", None)  # the protocol data path writes it without a Response
+            if respond is not None:
+                return respond(status, up.reason, up.headers, up.body), Outcome(status, len(up.body),
+                                                                                up.upstream_seconds)
             small = web.Response(status=status, reason=up.reason, headers=response_headers(up.headers), body=up.body)
             return small, Outcome(status, len(up.body), up.upstream_seconds)
         resp = web.StreamResponse(status=status, reason=up.reason, headers=response_headers(up.headers))
