@@ -25,7 +25,8 @@ SIGNALS: Final = ("metrics", "logs", "traces")
 LBAC_MODES: Final = ("header", "enforce")
 ROLES: Final = ("write", "read", "rules", "alertmanager")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-DATA_PATHS: Final = ("aiohttp", "protocol")  # the data path's server: gateway/dataplane is "protocol"
+DATA_PATHS: Final = ("protocol", "aiohttp")  # the data path's server: gateway/dataplane, or aiohttp's
+DEFAULT_DATA_PATH: Final = "protocol"
 _TENANT_RE: Final = re.compile(r"^[A-Za-z0-9!\-_.*'()]{1,150}$")  # Mimir's tenant ID charset, minus '|'
 _NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,254}$")
 
@@ -112,7 +113,7 @@ class Config:
     grafana_user_header: str = "X-Grafana-User"
     shutdown: Shutdown = field(default_factory=Shutdown)
     source: str | None = None
-    data_path: str = "aiohttp"
+    data_path: str = DEFAULT_DATA_PATH
     # Derived indexes, built once in __post_init__ for O(1) lookups on the hot path.
     orgs_by_id: Mapping[str, Org] = field(init=False, repr=False)
     stacks_by_id: Mapping[str, Stack] = field(init=False, repr=False)
@@ -375,7 +376,7 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
         float(c.typed(sm.get("drain_timeout"), "shutdown.drain_timeout", _is_pos_number,
                       "must be a positive number of seconds", 30.0)))
     data_path = c.typed(top.get("data_path"), "data_path", lambda v: v in DATA_PATHS,
-                        f"must be one of {', '.join(DATA_PATHS)}", "aiohttp")
+                        f"must be one of {', '.join(DATA_PATHS)}", DEFAULT_DATA_PATH)
     orgs = _orgs(c, top.get("orgs"))
     upstreams = _upstreams(c, top.get("upstreams"))
     trusted = _networks(c, top.get("trusted_proxies"), "trusted_proxies")

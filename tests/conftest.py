@@ -15,12 +15,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.config import Config, parse_config
+from gateway.config import DEFAULT_DATA_PATH, Config, parse_config
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-# GATEWAY_TEST_DATA_PATH=protocol runs the whole suite on gateway/dataplane: configs say `data_path: protocol`
-# and every gateway application given to aiohttp_client is served by the protocol server.
-DATA_PATH = os.environ.get("GATEWAY_TEST_DATA_PATH", "")
+# The data path the suite runs on: the default (gateway/dataplane, "protocol"), or GATEWAY_TEST_DATA_PATH=aiohttp.
+# Configs say `data_path: ...`, and on "protocol" every gateway application given to aiohttp_client is served
+# by the protocol server (which hands the admin API and the page to aiohttp on the same port).
+DATA_PATH = os.environ.get("GATEWAY_TEST_DATA_PATH", "") or DEFAULT_DATA_PATH
 
 
 def require(condition: bool, what: str) -> None:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.http_writer import _serialize_headers
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
+from yarl import URL
 
 from gateway.dataplane.body import Body
 from gateway.proxy.headers import response_headers
@@ -67,6 +68,46 @@ class DataRequest:
         self.expect_continue = False
         self.started = False  # the status line is out
         self.finished = False  # the whole answer is out
+
+    # ---- more of aiohttp's request, for code on the data path that reads it ---------------------------
+
+    @property
+    def path(self) -> str:
+        return str(URL.build(path=self.rel_url.raw_path, encoded=True).path)
+
+    @property
+    def raw_path(self) -> str:
+        return self.rel_url.raw_path
+
+    @property
+    def query_string(self) -> str:
+        return self.rel_url.raw_query_string
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        return URL.build(path="/", query_string=self.rel_url.raw_query_string, encoded=True).query
+
+    @property
+    def host(self) -> str:
+        return self.headers.get("Host") or "localhost"
+
+    @property
+    def scheme(self) -> str:
+        return "http"
+
+    @property
+    def secure(self) -> bool:
+        return False
+
+    @property
+    def can_read_body(self) -> bool:
+        return not self.content.at_eof()
+
+    async def read(self) -> bytes:
+        return await self.content.read()
+
+    async def text(self) -> str:
+        return (await self.read()).decode("utf-8")
 
     # ---- answers ------------------------------------------------------------------------------------
 
