@@ -174,9 +174,15 @@ def table(results: dict[str, Any]) -> str:
 #: Parts of a gateway request, as (label, function) of the folded profile; inclusive shares.
 PROFILE_PARTS = (
     ("aiohttp server (_handle_request)", "aiohttp/web_protocol.py:RequestHandler._handle_request"),
+    ("protocol server: parsing (data_received)", "gateway/dataplane/server.py:HttpProtocol.data_received"),
+    ("protocol server: writes (HttpProtocol.write)", "gateway/dataplane/server.py:HttpProtocol.write"),
+    ("lean client: send (_Conn.start)", "gateway/proxy/fastclient.py:_Conn.start"),
+    ("metrics (tally)", "gateway/tally.py:Tally.request"),
+    ("access log (AccessLog.write)", "gateway/accesslog.py:AccessLog.write"),
     ("routing (UrlDispatcher.resolve)", "aiohttp/web_urldispatcher.py:UrlDispatcher.resolve"),
     ("handler (handle)", "gateway/proxy/handler.py:handle"),
     ("forward (client + response)", "gateway/proxy/forward.py:forward"),
+    ("_serve (decision steps + forward)", "gateway/proxy/handler.py:_serve"),
     ("aiohttp client (ClientSession._request)", "aiohttp/client.py:ClientSession._request"),
     ("response headers out (StreamResponse.prepare)", "aiohttp/web_response.py:StreamResponse.prepare"),
     ("socket writes (StreamWriter._write)", "aiohttp/http_writer.py:StreamWriter._write"),

@@ -116,6 +116,7 @@ class HttpProtocol(asyncio.Protocol):
         self._in_head = False
         self._handover: bytes | None = None
         self._refusal: tuple[int, str] | None = None  # a parse error to answer once the answer under way is out
+        self._lingering = False
 
     # ---- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -162,8 +163,8 @@ class HttpProtocol(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self.handed or self._refusal is not None:
-            return
+        if self.closed or self.handed or self._refusal is not None or self._lingering:
+            return  # (a lingering connection reads only to drop what the client still sends)
         if self._handover is not None:  # waiting for the answer before it to finish
             self._handover += data
             return
@@ -351,6 +352,7 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
             return
         req.content.discard = True
+        self._lingering = True
         with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
             if tr.can_write_eof():
                 tr.write_eof()
