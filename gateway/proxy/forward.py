@@ -25,8 +25,8 @@ CHUNK = 256 * 1024
 SMALL_BODY = 256 * 1024
 
 
-# The lean client that serves a session's bodiless (or gateway-built body) requests to http upstreams;
-# everything else (streamed request bodies, WebSocket, https) stays on the aiohttp session.
+# The lean client that serves a session's requests to http upstreams (streamed request bodies included);
+# WebSocket and https stay on the aiohttp session.
 _FAST: dict[aiohttp.ClientSession, FastClient] = {}
 
 
@@ -141,15 +141,16 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
                   body: bytes | None, body_limit: int) -> tuple[web.StreamResponse, Outcome]:
     """Send upstream; stream the response. ``body`` replaces the client's body when not None."""
     fast = _FAST.get(session)
-    if fast is not None and (body is not None or not request.body_exists):
+    limited = _LimitedBody(request.content, body_limit)
+    if fast is not None:
         try:
             parsed: URL | None = URL(url)
         except ValueError:  # aiohttp reports it (502)
             parsed = None
         if parsed is not None and fast.accepts(parsed):
-            return await _forward_fast(request, fast, parsed, headers, body)
+            stream = limited.chunks() if body is None and request.body_exists else None
+            return await _forward_fast(request, fast, parsed, headers, body, stream)
     data: bytes | AsyncIterator[bytes] | None = body
-    limited = _LimitedBody(request.content, body_limit)
     if body is None and request.body_exists:
         data = limited.chunks()
     loop = asyncio.get_running_loop()
@@ -185,10 +186,11 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
 
 
 async def _forward_fast(request: web.Request, fast: FastClient, url: URL, headers: CIMultiDict[str],
-                        body: bytes | None) -> tuple[web.StreamResponse, Outcome]:
-    """``forward`` through the lean client: no request body to stream, plain http."""
+                        body: bytes | None, stream: AsyncIterator[bytes] | None = None
+                        ) -> tuple[web.StreamResponse, Outcome]:
+    """``forward`` through the lean client (plain http): ``body``, or the client's body streamed."""
     try:
-        up: FastResponse = await fast.request(request.method, url, headers, body)
+        up: FastResponse = await fast.request(request.method, url, headers, body, stream)
     except OSError as exc:  # TimeoutError is one
         raise _failure(exc) from None
     try:
