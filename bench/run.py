@@ -23,9 +23,9 @@ from typing import Any
 
 from bench import loadgen, micro, payloads, report, scale
 from bench.loadgen import Workload, WrkResult
-from bench.servers import GatewayServer, NginxProxy, Server, Upstream, ensure_tools, memory, rss_mb
+from bench.servers import FloorProxy, GatewayServer, NginxProxy, Server, Upstream, ensure_tools, memory, rss_mb
 
-PATHS = ("direct", "nginx", "gateway")
+PATHS = ("direct", "nginx", "floor", "gateway")
 HERE = Path(__file__).resolve().parent
 SWEEP_LEVELS = (0.25, 0.5, 0.75)
 SWEEP_CONNECTIONS = 32
@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-sweep", action="store_true", help="skip the latency-against-load sweep")
     p.add_argument("--profile", action="store_true",
                    help="also record py-spy profiles of a gateway worker under workloads a and c_uncached")
+    p.add_argument("--data-path", choices=("aiohttp", "protocol"), default="protocol",
+                   help="the gateway's data_path setting (default protocol)")
     p.add_argument("--quick", action="store_true", help="2 s runs, 1 rep, 10k tokens: a smoke run")
     p.add_argument("--out", type=Path, default=HERE, help="where results.json and results.png go")
     args = p.parse_args(argv)
@@ -179,10 +181,10 @@ class RssSampler:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path, up: Upstream, px: NginxProxy,
-                 gws: dict[str, GatewayServer]):
+                 gws: dict[str, GatewayServer], fl: FloorProxy):
         self.args = args
         self.workdir = workdir
-        self.up, self.px, self.gws = up, px, gws
+        self.up, self.px, self.gws, self.fl = up, px, gws, fl
         self.counter = 0
 
     def target(self, path: str, w: Workload) -> Server:
@@ -190,6 +192,8 @@ class Bench:
             return self.up
         if path == "nginx":
             return self.px
+        if path == "floor":
+            return self.fl
         return self.gws["enforce" if w.name.startswith("c_") else "header"]
 
     def one(self, path: str, w: Workload, seconds: float, connections: int | None = None,
@@ -241,6 +245,8 @@ class Bench:
         summary["gateway"]["x_direct"] = round(statistics.median(
             g.rps / d.rps for g, d in zip(runs["gateway"], runs["direct"], strict=True) if d.rps), 3)
         summary["gateway"]["max_rps"] = max(r.rps for r in runs["gateway"])
+        summary["floor"]["x_nginx"] = round(statistics.median(
+            f.rps / n.rps for f, n in zip(runs["floor"], runs["nginx"], strict=True) if n.rps), 3)
         return {"title": w.title, "connections": w.connections, "body_bytes": w.body_bytes,
                 "summary": summary, "gateway_memory": mem,
                 "nginx_memory": {"rss_mb": px_mem.rss_mb, "peak_rss_mb": px_mem.peak_rss_mb},
@@ -307,7 +313,7 @@ def summarize(runs: list[WrkResult]) -> dict[str, Any]:
 def added(summ: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Gateway (and nginx) minus direct, per percentile, at the same offered load."""
     return {f"{who}_{q}": round(summ[who][f"{q}_ms"] - summ["direct"][f"{q}_ms"], 3)
-            for who in ("gateway", "nginx") for q in ("p50", "p90", "p99")}
+            for who in ("gateway", "nginx", "floor") for q in ("p50", "p90", "p99")}
 
 
 @contextlib.contextmanager
@@ -331,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(), "workers": workers,
         "python": sys.version.split()[0], "duration_s": args.duration, "reps": args.reps,
+        "data_path": args.data_path,
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False).stderr.strip(),
     }
     servers: list[Server] = []
@@ -349,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             verify_sink(up)
             px = NginxProxy(workdir, workers, up.port).configure().start()
             servers.append(px)
-            gws = {mode: GatewayServer(workdir, f"gateway-{mode}", dsn, up.url, mode, workers)
+            fl = FloorProxy(workdir, workers, up.port).start()
+            servers.append(fl)
+            gws = {mode: GatewayServer(workdir, f"gateway-{mode}", dsn, up.url, mode, workers, args.data_path)
                    for mode in ("header", "enforce")}
             for g in gws.values():
                 servers.append(g)
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.only:
                 keep = set(args.only.split(","))
                 workloads = [w for w in workloads if w.name in keep]
-            bench = Bench(args, workdir, up, px, gws)
+            bench = Bench(args, workdir, up, px, gws, fl)
             for w in workloads:
                 check_through(bench.target("gateway", w), w)
 

@@ -304,11 +304,33 @@ BENCH_ORGS: list[dict[str, Any]] = [
 ]
 
 
-def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: Path) -> dict[str, Any]:
+class FloorProxy(Server):
+    """`python -m bench.floor`: Python's floor, a Protocol + httptools proxy without auth (bench/floor.py)."""
+
+    name = "floor"
+
+    def __init__(self, workdir: Path, workers: int, upstream_port: int):
+        super().__init__(workdir)
+        self.fl_workers, self.upstream_port = workers, upstream_port
+
+    def start(self, timeout: float = 30.0) -> Self:
+        self._spawn([sys.executable, "-m", "bench.floor", "--listen", f"127.0.0.1:{self.port}",
+                     "--upstream", f"127.0.0.1:{self.upstream_port}", "--workers", str(self.fl_workers)])
+        deadline = time.monotonic() + timeout
+        while self.log_path.read_text(errors="replace").count("floor listening") < self.fl_workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"floor proxy did not start: {self.tail()}")
+            time.sleep(0.05)
+        return self
+
+
+def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: Path,
+                   data_path: str = "protocol") -> dict[str, Any]:
     """The gateway's config for a run: every signal to the bench upstream; production defaults otherwise
     (log level info, so the JSON access log line is written for every request, to a file)."""
     return {
         "listen": f"127.0.0.1:{port}", "region": "local", "data_dir": str(data_dir), "log_level": "info",
+        "data_path": data_path,
         "database": {"url": dsn, "resync_interval": 60, "usage_flush_interval": 10},
         "orgs": BENCH_ORGS,
         "upstreams": {"metrics": {"url": upstream_url, "lbac": lbac}, "logs": {"url": upstream_url, "lbac": lbac},
@@ -319,13 +341,14 @@ def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: 
 class GatewayServer(Server):
     """`python -m gateway serve -c FILE --workers N`."""
 
-    def __init__(self, workdir: Path, name: str, dsn: str, upstream_url: str, lbac: str, workers: int):
+    def __init__(self, workdir: Path, name: str, dsn: str, upstream_url: str, lbac: str, workers: int,
+                 data_path: str = "protocol"):
         self.name = name
         super().__init__(workdir)
         self.gw_workers = workers
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(
-            gateway_config(self.port, dsn, upstream_url, lbac, workdir / f"{name}-data")))
+            gateway_config(self.port, dsn, upstream_url, lbac, workdir / f"{name}-data", data_path)))
         self.started_at = 0.0
 
     def start(self, timeout: float = 60.0) -> float:

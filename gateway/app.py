@@ -24,6 +24,7 @@ from gateway.proxy.handler import handle as proxy_handler
 from gateway.state import STATE, State
 from gateway.store import Store
 from gateway.store.embedded import start_embedded
+from gateway.tally import TALLY
 from gateway.web import setup as setup_page
 
 log = logging.getLogger("gateway")
@@ -75,6 +76,7 @@ async def metrics(request: web.Request) -> web.Response:
     CACHE_TOKENS.set(len(c.tokens))
     CACHE_AGE.set(c.age if c.loaded else -1)
     DB_UP.set(1 if c.db_ok else 0)
+    TALLY.flush()
     return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -130,4 +132,5 @@ async def _close_upstreams(app: web.Application) -> None:
     await probe_of(app[STATE].extras).stop()
     rewrite_pool.shutdown()
     app[ACCESS_LOG].flush()
+    TALLY.flush()
     await app[UPSTREAMS].close()

@@ -25,6 +25,8 @@ SIGNALS: Final = ("metrics", "logs", "traces")
 LBAC_MODES: Final = ("enforce", "header", "auto")
 ROLES: Final = ("write", "read", "rules", "alertmanager")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+DATA_PATHS: Final = ("protocol", "aiohttp")  # the data path's server: gateway/dataplane, or aiohttp's
+DEFAULT_DATA_PATH: Final = "protocol"
 _TENANT_RE: Final = re.compile(r"^[A-Za-z0-9!\-_.*'()]{1,150}$")  # Mimir's tenant ID charset, minus '|'
 _NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,254}$")
 
@@ -125,6 +127,7 @@ class Config:
     grafana_user_header: str = "X-Grafana-User"
     shutdown: Shutdown = field(default_factory=Shutdown)
     source: str | None = None
+    data_path: str = DEFAULT_DATA_PATH
     # Derived indexes, built once in __post_init__ for O(1) lookups on the hot path.
     orgs_by_id: Mapping[str, Org] = field(init=False, repr=False)
     stacks_by_id: Mapping[str, Stack] = field(init=False, repr=False)
@@ -330,7 +333,7 @@ def _networks(c: _Checker, raw: Any, path: str) -> tuple[Network, ...]:
 _DB_DEFAULTS: Final = DatabaseConfig()
 _LIMIT_DEFAULTS: Final = Limits()
 TOP_KEYS: Final = ("listen", "metrics_listen", "data_dir", "database", "region", "log_level", "orgs",
-                   "upstreams", "trusted_proxies", "limits", "grafana_user_header", "shutdown")
+                   "upstreams", "trusted_proxies", "limits", "grafana_user_header", "shutdown", "data_path")
 
 
 def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -396,6 +399,8 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
                       "must be a number of seconds >= 0", 0.0)),
         float(c.typed(sm.get("drain_timeout"), "shutdown.drain_timeout", _is_pos_number,
                       "must be a positive number of seconds", 30.0)))
+    data_path = c.typed(top.get("data_path"), "data_path", lambda v: v in DATA_PATHS,
+                        f"must be one of {', '.join(DATA_PATHS)}", DEFAULT_DATA_PATH)
     orgs = _orgs(c, top.get("orgs"))
     upstreams = _upstreams(c, top.get("upstreams"))
     trusted = _networks(c, top.get("trusted_proxies"), "trusted_proxies")
@@ -406,7 +411,7 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
         database=DatabaseConfig(db_url, pool_min, pool_max, **{k: float(v) for k, v in num.items()}),
         region=region, log_level=log_level, orgs=orgs, upstreams=MappingProxyType(upstreams),
         trusted_proxies=trusted, limits=limits, grafana_user_header=user_header, shutdown=shutdown,
-        source=source,
+        source=source, data_path=data_path,
     )
 
 

@@ -16,6 +16,8 @@ from typing import Any, Final
 FORMATS: Final = ("json", "text")
 _format = "json"
 _ACCESS_JSON: Final = '{"level":"info","logger":"gateway.access",'
+# One encoder for every access line (json.dumps with options builds a new encoder per call).
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 def _iso(ts: float) -> str:
@@ -76,6 +78,6 @@ def current() -> str:
 def access_line(entry: Mapping[str, Any], fmt: str | None = None) -> str:
     """An access-log entry (its ``time`` in unix seconds) in the process's format."""
     if (fmt or _format) == "json":  # the keys every JSON line has, then the entry's own
-        return _ACCESS_JSON + json.dumps(entry, separators=(",", ":"), default=str)[1:]
+        return _ACCESS_JSON + _ENCODE(entry)[1:]
     rest = " ".join(f"{k}={_value(v)}" for k, v in entry.items() if k != "time" and v is not None)
     return f"{_iso(float(entry.get('time', time.time())))} INFO gateway.access: {rest}"

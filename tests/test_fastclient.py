@@ -735,10 +735,10 @@ async def test_forward_uses_the_lean_client_and_passes_everything_through() -> N
         assert len(ports) == 1  # all of it on one pooled lean connection
         (fast,) = _FAST.values()
         assert idle(fast) == 1
-        # a streamed request body still goes through aiohttp
+        # a streamed request body goes on the same pooled lean connection, and it stays reusable
         async with client.post("/echo", data=b"y" * 100_000) as r:
             assert await r.read() == b"y" * 100_000
-        assert len(ports) == 2
+        assert len(ports) == 1 and idle(fast) == 1
     assert not _FAST  # Upstreams.close() closed the lean pools too
 
 
@@ -769,3 +769,65 @@ async def test_forward_maps_errors_and_close_drops_pooled_connections() -> None:
     async with gateway_like(f"http://127.0.0.1:{port}") as (client, _ups):
         async with client.get("/x") as r:
             assert r.status == 502
+
+
+async def _gen(parts: list[bytes], gate: asyncio.Event | None = None) -> AsyncIterator[bytes]:
+    for i, p in enumerate(parts):
+        if gate is not None and i == 1:
+            await gate.wait()
+        yield p
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+async def test_a_streamed_request_body_arrives_whole_with_its_length_or_chunked(fc: FastClient,
+                                                                               with_length: bool) -> None:
+    import hashlib
+
+    body = os.urandom(900_000)  # under aiohttp's client_max_size
+    seen: list[tuple[str | None, str | None]] = []
+
+    async def h(r: web.Request) -> web.Response:
+        seen.append((r.headers.get("Content-Length"), r.headers.get("Transfer-Encoding")))
+        return web.Response(text=hashlib.sha256(await r.read()).hexdigest())
+
+    async with aiohttp_app(lambda app: app.router.add_post("/push", h)) as (url, ports):
+        for _ in range(2):
+            headers = CIMultiDict({"Content-Length": str(len(body))} if with_length else {})
+            parts = [body[i:i + 100_000] for i in range(0, len(body), 100_000)]
+            r = await fc.request("POST", URL(url + "/push"), headers, stream=_gen(parts))
+            assert (r.status, r.body) == (200, hashlib.sha256(body).hexdigest().encode())
+            r.release()
+        assert seen == [(str(len(body)), None)] * 2 if with_length else [(None, "chunked")] * 2
+        assert len(ports) == 1 and idle(fc) == 1  # reused after a whole exchange
+
+
+async def test_an_early_answer_stops_a_streamed_body_and_the_connection_is_not_reused(fc: FastClient) -> None:
+    got = bytearray()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # answers on the head, before the body
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+        with contextlib.suppress(OSError):
+            got.extend(await reader.read())
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gate = asyncio.Event()
+    try:
+        task = asyncio.ensure_future(fc.request("POST", URL(f"http://127.0.0.1:{port}/push"),
+                                                CIMultiDict({"Content-Length": "20"}),
+                                                stream=_gen([b"x" * 10, b"y" * 10], gate)))
+        await asyncio.sleep(0.2)
+        gate.set()  # the second piece comes after the answer: it is not sent
+        r = await asyncio.wait_for(task, 5)
+        assert (r.status, r.body) == (413, b"no")
+        r.release()
+        assert idle(fc) == 0
+        for _ in range(50):  # the connection closes; the second piece never went out
+            if b"x" * 10 in got:
+                break
+            await asyncio.sleep(0.02)
+        assert bytes(got) == b"x" * 10
+    finally:
+        server.close()

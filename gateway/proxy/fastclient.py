@@ -1,5 +1,5 @@
-"""A lean, pooled HTTP/1.1 client for the proxy's hot path: bodiless (or small in-memory body) requests to
-plain-http upstreams.
+"""A lean, pooled HTTP/1.1 client for the proxy's hot path: every request to a plain-http upstream (bodiless,
+a small in-memory body, or the client's body streamed).
 
 aiohttp's ClientSession costs most of the CPU of a proxied query (request and response objects, tracing
 hooks, timers, the connector); this client keeps only what forwarding needs, and reuses aiohttp's own
@@ -47,11 +47,14 @@ SMALL_BODY: Final = 256 * 1024
 STREAM_AFTER: Final = 0.05
 KEEPALIVE: Final = 15.0  # seconds an idle connection stays pooled (aiohttp's default keepalive_timeout)
 MAX_IDLE: Final = 256  # idle connections kept per upstream host
+STREAM_IDLE_MAX: Final = 2.0  # a streamed body goes only on a connection idle for less than this (else a new one)
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _GET_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Content-Length: 0 without a body
 _POST_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # a default Content-Type, as aiohttp sends
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _checked_names: set[str] = set()
+MAX_BLOCKS: Final = 1024
+_blocks: dict[tuple[object, ...], bytes] = {}
 
 
 class FastClientError(ConnectionError):
@@ -83,8 +86,30 @@ def _check_names(headers: CIMultiDict[str]) -> None:
                 _checked_names.add(name)
 
 
-def request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes | None) -> bytes:
-    """The request line and headers, as aiohttp would send them (ValueError on anything injectable)."""
+def request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes | None, streamed: bool = False
+                 ) -> bytes:
+    """The request line and headers, as aiohttp would send them (ValueError on anything injectable).
+
+    The header block is kept per (method, host, body length, headers): a client sends the same headers
+    request after request, and the gateway's own (tenant, forwarding chain) are the same per client and
+    tenant, so most requests only format their request line.
+    """
+    key = (method, url.host_port_subcomponent, -2 if streamed else -1 if body is None else len(body),
+           tuple(headers.items()))
+    block = _blocks.get(key)
+    line = f"{method} {url.raw_path_qs} HTTP/1.1"
+    if block is not None:
+        if "\r" in line or "\n" in line or "\x00" in line:
+            raise ValueError(f"invalid request line {line!r}")
+        return line.encode("utf-8") + block
+    head = _request_head(method, url, headers, body, streamed)
+    if len(_blocks) >= MAX_BLOCKS:
+        _blocks.clear()
+    _blocks[key] = head[head.index(b"\r\n"):]
+    return head
+
+
+def _request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes | None, streamed: bool) -> bytes:
     if not _TOKEN.fullmatch(method):
         raise ValueError(f"invalid method {method!r}")
     out: CIMultiDict[str] = CIMultiDict()
@@ -94,11 +119,17 @@ def request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes |
     if host is not None:
         del out["Host"]
         out["Host"] = host
-    had_length = out.popall("Content-Length", None) is not None
+    lengths = out.popall("Content-Length", None)
+    had_length = lengths is not None
     out.popall("Transfer-Encoding", None)
     if "Accept" not in out:
         out["Accept"] = "*/*"
-    if body is not None:
+    if streamed:  # the client's length when it sent one (aiohttp's client does the same), else chunked
+        if lengths:
+            out["Content-Length"] = lengths[-1]
+        else:
+            out["Transfer-Encoding"] = "chunked"
+    elif body is not None:
         out["Content-Length"] = str(len(body))
     elif had_length or method not in _GET_METHODS:
         out["Content-Length"] = "0"
@@ -166,6 +197,21 @@ class _Conn(BaseProtocol):
         except Exception as exc:
             raise ServerDisconnected(f"cannot write to the upstream: {exc!r}") from exc
         return waiter
+
+    def send(self, data: bytes) -> None:
+        """More of a streamed request body."""
+        tr = self.transport
+        if self.closed or tr is None or tr.is_closing():
+            raise ServerDisconnected("the upstream closed the connection while the request body was sent")
+        self.last_io = self._loop.time()  # sending is activity: a long upload is not a silent upstream
+        tr.write(data)
+
+    async def drain(self) -> None:
+        if self._paused:
+            try:
+                await self._drain_helper()
+            except ConnectionError as exc:
+                raise ServerDisconnected(f"upstream connection lost while sending: {exc!r}") from exc
 
     def _wake(self, exc: BaseException | None = None) -> None:
         if self.grace is not None:
@@ -455,9 +501,14 @@ class FastClient:
         """Plain http with a host and no credentials in the URL (aiohttp turns those into Basic auth)."""
         return url.scheme == "http" and bool(url.raw_host) and url.raw_user is None and url.raw_password is None
 
-    async def request(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None = None
-                      ) -> FastResponse:
+    async def request(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None = None,
+                      stream: AsyncIterator[bytes] | None = None) -> FastResponse:
         """Send one request; the answer comes back whole when small, else as a stream.
+
+        ``stream`` sends the body as it comes, with the Content-Length in ``headers`` or else chunked,
+        waiting while the upstream's socket buffer is full; it is never retried (it cannot be replayed),
+        and an answer that arrives before the body is all sent stops the sending (the connection is
+        then not reused). An error raised by ``stream`` passes through unchanged.
 
         Call ``accepts(url)`` first. Raises ValueError for an unsendable head, TimeoutError subclasses for
         timeouts and ConnectionError subclasses for everything else that goes wrong on the wire.
@@ -469,9 +520,11 @@ class FastClient:
         pool = self._pools.get((host, port))
         if pool is None:
             pool = self._pools[(host, port)] = _Pool(self, host, port)
-        head = request_head(method, url, headers, body)
+        head = request_head(method, url, headers, body, streamed=stream is not None)
         data = head + body if body else head
         is_head = method == "HEAD"
+        if stream is not None:
+            return await self._streamed(pool, data, is_head, stream, "Content-Length" not in headers)
         retry = method in IDEMPOTENT
         while True:
             conn = pool.acquire()
@@ -494,6 +547,37 @@ class FastClient:
                 conn.close()
                 raise
             return FastResponse(conn, started)
+
+    async def _streamed(self, pool: _Pool, head: bytes, is_head: bool, stream: AsyncIterator[bytes],
+                        chunked: bool) -> FastResponse:
+        conn = pool.acquire()
+        if conn is not None and pool.loop.time() - conn.idle_since > STREAM_IDLE_MAX:
+            # A body cannot be sent twice: do not bet it on a connection the upstream may be closing.
+            conn.close()
+            conn = None
+        conn = conn or await pool.connect()
+        started = pool.loop.time()
+        waiter: asyncio.Future[None] | None = None
+        try:
+            waiter = conn.start(head, is_head)
+            async for chunk in stream:
+                if waiter.done():  # answered early (a refusal): stop sending; the connection is spent
+                    conn.broken = True
+                    break
+                if not chunk:
+                    continue
+                conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await conn.drain()
+            else:
+                if chunked:
+                    conn.send(b"0\r\n\r\n")
+            await waiter
+        except BaseException:
+            if waiter is not None and waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved: the error that matters is the one raised here
+            conn.close()
+            raise
+        return FastResponse(conn, started)
 
     def shutdown(self) -> None:
         """Close every connection, pooled or in use; later requests fail."""

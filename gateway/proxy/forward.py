@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -24,8 +25,8 @@ CHUNK = 256 * 1024
 SMALL_BODY = 256 * 1024
 
 
-# The lean client that serves a session's bodiless (or gateway-built body) requests to http upstreams;
-# everything else (streamed request bodies, WebSocket, https) stays on the aiohttp session.
+# The lean client that serves a session's requests to http upstreams (streamed request bodies included);
+# WebSocket and https stay on the aiohttp session.
 _FAST: dict[aiohttp.ClientSession, FastClient] = {}
 
 
@@ -110,15 +111,24 @@ def _failure(exc: BaseException) -> ProxyError:
     return ProxyError(502, f"upstream unavailable: {describe(exc)}", "upstream_unavailable")
 
 
+async def _start(request: web.Request, resp: web.StreamResponse) -> Any:
+    """Send the head of a streamed answer; the returned object takes ``write`` and ``write_eof``."""
+    start = getattr(request, "start_stream", None)  # the protocol data path's request (gateway.dataplane)
+    if start is not None:
+        return await start(resp)
+    await resp.prepare(request)
+    return resp
+
+
 async def _stream(request: web.Request, resp: web.StreamResponse, chunks: AsyncIterator[bytes]) -> int:
     """Send the headers, then the body chunk by chunk; returns the bytes sent."""
-    await resp.prepare(request)
+    out = await _start(request, resp)
     sent = 0
     try:
         async for chunk in chunks:
-            await resp.write(chunk)
+            await out.write(chunk)
             sent += len(chunk)
-        await resp.write_eof()
+        await out.write_eof()
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         # Headers are out: all we can do is cut the connection so the client sees a broken body.
         log.warning("upstream response broke after %d bytes: %s", sent, exc.__class__.__name__)
@@ -131,15 +141,16 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
                   body: bytes | None, body_limit: int) -> tuple[web.StreamResponse, Outcome]:
     """Send upstream; stream the response. ``body`` replaces the client's body when not None."""
     fast = _FAST.get(session)
-    if fast is not None and (body is not None or not request.body_exists):
+    limited = _LimitedBody(request.content, body_limit)
+    if fast is not None:
         try:
             parsed: URL | None = URL(url)
         except ValueError:  # aiohttp reports it (502)
             parsed = None
         if parsed is not None and fast.accepts(parsed):
-            return await _forward_fast(request, fast, parsed, headers, body)
+            stream = limited.chunks() if body is None and request.body_exists else None
+            return await _forward_fast(request, fast, parsed, headers, body, stream)
     data: bytes | AsyncIterator[bytes] | None = body
-    limited = _LimitedBody(request.content, body_limit)
     if body is None and request.body_exists:
         data = limited.chunks()
     loop = asyncio.get_running_loop()
@@ -175,16 +186,21 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
 
 
 async def _forward_fast(request: web.Request, fast: FastClient, url: URL, headers: CIMultiDict[str],
-                        body: bytes | None) -> tuple[web.StreamResponse, Outcome]:
-    """``forward`` through the lean client: no request body to stream, plain http."""
+                        body: bytes | None, stream: AsyncIterator[bytes] | None = None
+                        ) -> tuple[web.StreamResponse, Outcome]:
+    """``forward`` through the lean client (plain http): ``body``, or the client's body streamed."""
     try:
-        up: FastResponse = await fast.request(request.method, url, headers, body)
+        up: FastResponse = await fast.request(request.method, url, headers, body, stream)
     except OSError as exc:  # TimeoutError is one
         raise _failure(exc) from None
     try:
         status = up.status
         if up.body is not None and request.method != "HEAD" and status != 204 and status != 304:
             # Whole and small: one write for headers and body.
+            respond = getattr(request, "respond", None)  # the protocol data path writes it without a Response
+            if respond is not None:
+                return respond(status, up.reason, up.headers, up.body), Outcome(status, len(up.body),
+                                                                                up.upstream_seconds)
             small = web.Response(status=status, reason=up.reason, headers=response_headers(up.headers), body=up.body)
             return small, Outcome(status, len(up.body), up.upstream_seconds)
         resp = web.StreamResponse(status=status, reason=up.reason, headers=response_headers(up.headers))

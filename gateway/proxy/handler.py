@@ -21,7 +21,6 @@ from gateway.lbac import restrict as lbac
 from gateway.lbac.pool import enforce_bounded, plan_bounded
 from gateway.lbac.probe import effective_mode
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
-from gateway.metrics import ADDED_SECONDS, IN_FLIGHT, REFUSALS, REQUESTS, UPSTREAM_SECONDS
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, Identity, covering_realms
 from gateway.proxy.errors import ProxyError, error_response
@@ -32,6 +31,7 @@ from gateway.proxy.identify import CHALLENGE, credentials
 from gateway.proxy.rules import MAX_RULE_BODY, check_source_tenants
 from gateway.routes import Kind, RouteMatch, allowed_methods, match, not_found
 from gateway.state import State, get_state
+from gateway.tally import TALLY
 
 log = logging.getLogger("gateway.proxy")
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
@@ -91,7 +91,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     entry: dict[str, object] = {"method": request.method, "path": request.rel_url.raw_path}
     status = 500
     backend, scope = "none", "none"
-    IN_FLIGHT.inc()
+    TALLY.in_flight += 1
     st.in_flight += 1
     st.idle.clear()
     try:
@@ -108,14 +108,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return resp
     except ProxyError as exc:
         status = exc.status
-        REFUSALS.labels(exc.reason).inc()
+        TALLY.refusal(exc.reason)
         entry["refusal"] = exc.reason
         entry["error"] = exc.message
         return error_response(exc.status, exc.message, exc.headers)
     finally:
-        IN_FLIGHT.dec()
+        TALLY.in_flight -= 1
         st.request_done()
-        REQUESTS.labels(backend, scope, str(status)).inc()
+        TALLY.request(backend, scope, status)
         entry.update(status=status, duration_ms=round((time.perf_counter() - started) * 1000, 3),
                      client_ip=entry.get("client_ip") or request.remote)
         request.app[ACCESS_LOG].write(entry)
@@ -232,7 +232,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     if request.content_length is not None and request.content_length > limit:
         raise ProxyError(413, f"request body exceeds {limit} bytes", "body_too_large")
     session = request.app[UPSTREAMS].session(upstream)
-    ADDED_SECONDS.labels(route.backend).observe(time.perf_counter() - started)
+    TALLY.added(route.backend, time.perf_counter() - started)
     resp: web.StreamResponse
     try:
         if fan is not None:
@@ -247,6 +247,6 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
             log.warning("%s upstream %s: %s", route.backend, base, exc.message)
             raise ProxyError(exc.status, f"{route.backend} {exc.message}", exc.reason) from None
         raise
-    UPSTREAM_SECONDS.labels(route.backend).observe(outcome.upstream_seconds)
+    TALLY.upstream(route.backend, outcome.upstream_seconds)
     entry.update(upstream_ms=round(outcome.upstream_seconds * 1000, 3), bytes=outcome.bytes_out)
     return resp, outcome.status

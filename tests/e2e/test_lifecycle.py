@@ -61,8 +61,9 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path, db_dsn: str) ->
             assert _get(f"{gp.url}/ready")[0] == 200
         status, body = _get(f"{gp.url}/prometheus/api/v1/query?query=up")
         assert status == 401
-        _, text = _get(f"{gp.url}/metrics")
-        assert 'gateway_auth_refusals_total{reason="missing_credentials"}' in text
+        # each worker moves its counts into the shared series at least every second (gateway/tally.py)
+        assert _wait(lambda: 'gateway_auth_refusals_total{reason="missing_credentials"}'
+                     in _get(f"{gp.url}/metrics")[1]), "the other worker's count never showed"
         assert "started 2 workers" in gp.log_path.read_text()
     finally:
         assert gp.stop() == 0

@@ -1,0 +1,507 @@
+"""The protocol server: one ``HttpProtocol`` per connection, parsing with httptools, answering through the
+shared handler, handing non-data-path connections to aiohttp.
+
+Per connection, requests are answered one at a time and in order (pipelined ones wait, their bodies
+buffered under the same flow control). Parsing is llhttp's strict mode plus the checks aiohttp's server
+makes: a target in origin form of visible ASCII, bounded request line, header sizes and count.
+A client that hangs up cancels its handler (and so the upstream exchange). Deadlines: the head must
+arrive within ``head_timeout`` of its first byte, an idle keep-alive connection closes after
+``keepalive_timeout``, a body that stops arriving for ``body_timeout`` fails and closes the connection.
+Past ``max_connections`` per worker a new connection gets a 503 and is closed.
+
+Hand-over: a request that is not for the data path (admin API, page, health, metrics, an unknown path, a
+WebSocket upgrade) moves its connection to aiohttp's ``RequestHandler``, fed the bytes received from
+that request's first byte on; this needs the request's start in the byte stream, known whenever it began
+a read (always, for a client that waits for each answer). A pipelined one whose start is not known is
+refused with 400 and the connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Final, cast
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.dataplane.body import Body, BodyError
+from gateway.dataplane.request import DataRequest, RelURL
+from gateway.proxy.handler import handle
+from gateway.routes import match
+
+log = logging.getLogger("gateway.dataplane")
+
+MAX_LINE: Final = 8190  # aiohttp's max_line_size and max_field_size
+MAX_HEADERS: Final = 128  # aiohttp's max_headers
+MAX_HEAD: Final = 64 * 1024
+_VISIBLE: Final = bytes(range(0x21, 0x7F))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    head_timeout: float = 30.0
+    keepalive_timeout: float = 75.0  # aiohttp's default
+    body_timeout: float = 60.0
+    max_connections: int = 10_000
+    linger: float = 2.0  # seconds to read (and drop) a body the answer did not need before closing
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing at a request handed to aiohttp."""
+
+
+class _Bad(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+_ERROR_TYPES: Final = {408: "timeout", 500: "internal", 503: "unavailable"}
+
+
+def _error_bytes(status: int, message: str) -> bytes:
+    """The Prometheus-shaped error of a request the handler never saw; the connection closes after it."""
+    kind = _ERROR_TYPES.get(status, "bad_data")
+    body = json.dumps({"status": "error", "errorType": kind, "error": message}).encode()
+    phrase = HTTPStatus(status).phrase
+    return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+def wants_aiohttp(method: str, path: str, headers: CIMultiDictProxy[str]) -> bool:
+    """Whether aiohttp serves this request: anything that is not a data-path route, and WebSocket upgrades
+    (the same test ``_serve`` makes before relaying a tail)."""
+    m = match(method, path)
+    if m is None:
+        return True
+    if headers.get("Upgrade", "").lower() == "websocket" and m.route.websocket:
+        return True
+    conn = headers.get("Connection", "")
+    return "upgrade" in conn.lower() and "Upgrade" in headers  # any other protocol switch: as aiohttp does
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection (see the module docstring)."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+        self.loop = plane.loop
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.closed = False
+        self.handed = False
+        self._url = bytearray()
+        self._headers: list[tuple[str, str]] = []
+        self._name = bytearray()
+        self._value = bytearray()
+        self._head_bytes = 0
+        self._cur: DataRequest | None = None
+        self._queue: deque[DataRequest] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._between = True  # the parser is between two requests
+        self._raw: list[bytes] | None = None  # bytes since the current request's first byte, when known
+        self._begun_in_read = 0
+        self._pauses = 0
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_head = False
+        self._handover: bytes | None = None
+        self._refusal: tuple[int, str] | None = None  # a parse error to answer once the answer under way is out
+        self._lingering = False
+
+    # ---- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tr = cast(asyncio.Transport, transport)
+        self.transport = tr
+        peer = tr.get_extra_info("peername")
+        self.remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        tr.set_write_buffer_limits(high=256 * 1024)
+        plane = self.plane
+        if len(plane.conns) >= plane.settings.max_connections or plane.draining:
+            tr.write(_error_bytes(503, "too many connections to this gateway worker; retry later"))
+            tr.close()
+            self.closed = True
+            return
+        plane.conns.add(self)
+        self._arm(plane.settings.keepalive_timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self._disarm()
+        self.plane.conns.discard(self)
+        for req in (self._cur, *self._queue):
+            if req is not None and not req.content.is_eof():
+                req.content.set_exception(BodyError("the client closed the connection"))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_exception(ConnectionResetError("the client went away"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        d = self._drain
+        if d is not None:
+            self._drain = None
+            if not d.done():
+                d.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.handed or self._refusal is not None or self._lingering:
+            return  # (a lingering connection reads only to drop what the client still sends)
+        if self._handover is not None:  # waiting for the answer before it to finish
+            self._handover += data
+            return
+        if self._between:
+            self._raw, self._begun_in_read = [data], 0
+        elif self._in_head and self._raw is not None:
+            self._raw.append(data)
+        else:
+            self._raw = None
+        self._begun_in_read = 0
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # an upgrade request is always handed over (on_headers_complete)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Bad):
+                self._refuse(cause.status, cause.message)
+            elif not isinstance(cause, _Stop):
+                log.exception("data path: parser callback failed", exc_info=cause)
+                self._refuse(500, "internal error parsing the request")
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"malformed HTTP request: {exc}")
+            return
+        if self._handover is not None and self._task is None:
+            self._hand_over()
+
+    # ---- parser callbacks (httptools) -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._begun_in_read += 1
+        if self._begun_in_read > 1:
+            self._raw = None  # a second request in one read: where it starts is not known
+        self._between = False
+        self._in_head = True
+        self._url.clear()
+        self._headers = []
+        self._head_bytes = 0
+        self._disarm()
+        self._arm(self.plane.settings.head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_LINE:
+            raise _Bad(414, f"request target longer than {MAX_LINE} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if len(name) > MAX_LINE or len(value) > MAX_LINE or self._head_bytes > MAX_HEAD:
+            raise _Bad(431, "request header fields too large")
+        if len(self._headers) >= MAX_HEADERS:
+            raise _Bad(431, f"more than {MAX_HEADERS} request header fields")
+        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        p = self.parser
+        raw_url = bytes(self._url)
+        if not raw_url.startswith(b"/") or raw_url.translate(None, _VISIBLE):
+            handover = True  # absolute form, '*', or bytes aiohttp judges: its answer, as today
+            path = query = ""
+        else:
+            target = raw_url.decode("ascii")
+            path, _, query = target.partition("?")
+            path = path.partition("#")[0]
+            handover = False
+        method = p.get_method().decode("ascii", "replace")
+        headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(self._headers))
+        if handover or wants_aiohttp(method, path, headers):
+            if self._raw is None or self.plane.aiohttp is None:
+                raise _Bad(400, "a request for the admin API, the page or a WebSocket cannot be pipelined "
+                           "behind data-path requests on one connection; open a new connection")
+            self._handover = b"".join(self._raw)
+            if self._task is not None:
+                self._pause()
+            raise _Stop
+        te = headers.get("Transfer-Encoding")
+        cl = headers.get("Content-Length")
+        length = int(cl) if cl is not None and cl.isdigit() else None
+        body_exists = te is not None or (length is not None and length > 0)
+        body = Body(self._pause, self._resume)
+        if not body_exists:
+            body.feed_eof()
+        else:
+            self._arm(self.plane.settings.body_timeout)
+        version = (1, 1) if p.get_http_version() == "1.1" else (1, 0)
+        req = DataRequest(self, method, headers, RelURL(path, query), body, body_exists, length, version,
+                          p.should_keep_alive())
+        expect = headers.get("Expect")
+        if expect is not None:
+            if expect.lower() != "100-continue" or version < (1, 1):
+                raise _Bad(417, f"unsupported Expect: {expect}")
+            if body_exists:
+                req.expect_continue = True
+                body.on_first_read = self._send_continue
+        self._cur = req
+        if self._task is None:
+            self._start(req)
+        else:
+            self._queue.append(req)
+            self._pause()  # one request waits at most: the rest stays in the socket
+
+    def on_body(self, data: bytes) -> None:
+        cur = self._cur
+        if cur is not None:
+            cur.content.feed(data)
+            if not cur.content.discard and self._timer is None:
+                self._arm(self.plane.settings.body_timeout)
+            elif self._timer is not None:
+                self._rearm_body()
+
+    def on_message_complete(self) -> None:
+        cur, self._cur = self._cur, None
+        self._between = True
+        self._disarm()
+        if cur is not None:
+            cur.content.feed_eof()
+        if self._task is None and not self._queue:
+            self._arm(self.plane.settings.keepalive_timeout)
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def _send_continue(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _start(self, req: DataRequest) -> None:
+        self._task = self.loop.create_task(self._run(req))
+
+    async def _run(self, req: DataRequest) -> None:
+        try:
+            resp = await handle(cast(web.Request, req))
+            if not req.started and self._refusal is not None and req.content.exception() is not None:
+                self._close_with_refusal()  # its own body did not parse: that is the answer
+            elif not req.started:
+                req.write_whole(resp)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("data path: unhandled error for %s %s", req.method, req.rel_url.raw_path)
+            if not req.started and not self.closed:
+                req.keep_alive = False
+                req.write_whole(_internal_error())
+            self._close()
+        finally:
+            self._task = None
+        self._after(req)
+
+    def keep_going(self, req: DataRequest) -> bool:
+        """Whether the connection serves another request after ``req`` (asked when its head is written)."""
+        if not req.keep_alive or self.plane.draining or self.closed or (self._refusal and not self._queue):
+            return False
+        if not req.content.is_eof():
+            # The answer does not need the rest of the body: drop it, and close (the client may not send it
+            # at all after an answer to Expect: 100-continue).
+            req.content.discard = True
+            return False
+        return True
+
+    def _after(self, req: DataRequest) -> None:
+        if self.closed:
+            return
+        if not req.finished:
+            self._close()
+            return
+        if self._refusal is not None and not (self._queue and req.keep_alive):
+            self._close_with_refusal()
+        elif not req.keep_alive:
+            self._linger(req)
+        elif self._queue:
+            nxt = self._queue.popleft()
+            self._resume()
+            self._start(nxt)
+        elif self._handover is not None:
+            self._hand_over()
+        elif self._cur is None:
+            self._arm(self.plane.settings.keepalive_timeout)
+
+    def _linger(self, req: DataRequest) -> None:
+        """Close after the answer; a body still arriving is read and dropped for a moment first, so that the
+        client reads the answer instead of a reset."""
+        tr = self.transport
+        if tr is None or req.content.is_eof():
+            self._close()
+            return
+        req.content.discard = True
+        self._lingering = True
+        with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
+            if tr.can_write_eof():
+                tr.write_eof()
+        self._resume_all()
+        self._disarm()
+        self._timer = self.loop.call_later(self.plane.settings.linger, self._close)
+
+    def _hand_over(self) -> None:
+        """Give the connection to aiohttp with the bytes from the current request's first byte on."""
+        data, self._handover = self._handover, None
+        tr, srv = self.transport, self.plane.aiohttp
+        if tr is None or srv is None or data is None or self.closed:
+            return
+        self._disarm()
+        self.handed = True
+        self.plane.conns.discard(self)
+        self._resume_all()
+        handler = srv()
+        tr.set_protocol(handler)
+        handler.connection_made(tr)
+        handler.data_received(data)
+
+    # ---- transport --------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        tr = self.transport
+        if tr is not None and not self.closed:
+            tr.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("the client went away")
+        if not self._write_paused:
+            return
+        self._drain = d = self.loop.create_future()
+        await d
+
+    def _pause(self) -> None:
+        self._pauses += 1
+        if self._pauses == 1 and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._pauses == 0:
+            return
+        self._pauses -= 1
+        if self._pauses == 0 and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _resume_all(self) -> None:
+        if self._pauses:
+            self._pauses = 1
+            self._resume()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """A request that does not parse or breaks a limit: answer (unless an answer is under way) and close."""
+        if self._cur is not None and not self._cur.content.is_eof():
+            self._cur.content.set_exception(BodyError(f"the request body broke: {message}"))
+        log.info("data path: refused a request from %s: %d %s", self.remote, status, message)
+        self._refusal = (status, message)
+        if self._task is None:
+            self._close_with_refusal()
+        else:
+            self._pause()  # the parser is done with this connection; the answer under way goes out first
+
+    def _close_with_refusal(self) -> None:
+        if self._refusal is not None:
+            self.write(_error_bytes(*self._refusal))
+        self._close()
+
+    def _close(self) -> None:
+        self._disarm()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def close_if_idle(self) -> None:
+        if self._task is None and self._cur is None and not self._queue:
+            self._close()
+
+    # ---- deadlines --------------------------------------------------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is None and seconds > 0:
+            self._timer = self.loop.call_later(seconds, self._on_deadline)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _rearm_body(self) -> None:
+        self._disarm()
+        self._arm(self.plane.settings.body_timeout)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        if self._in_head:
+            self._refuse(408, "the request head did not arrive in time")
+        elif self._cur is not None and not self._cur.content.is_eof():
+            if self._pauses:  # the handler is slow, not the client
+                self._arm(self.plane.settings.body_timeout)
+                return
+            self._cur.content.set_exception(BodyError("the request body stopped arriving"))
+            self._close()
+        elif self._task is None:
+            self._close()  # idle keep-alive
+
+
+def _internal_error() -> web.Response:
+    body = json.dumps({"status": "error", "errorType": "internal", "error": "internal gateway error"})
+    return web.Response(status=500, text=body, content_type="application/json")
+
+
+class DataPlane:
+    """The listener of one worker: ``start`` it, ``stop_listening`` on SIGTERM, ``close`` at the end."""
+
+    def __init__(self, app: web.Application, aiohttp_server: Any | None, settings: Settings | None = None):
+        self.app = app
+        self.aiohttp = aiohttp_server  # aiohttp's web.Server: called for a RequestHandler per hand-over
+        self.settings = settings or Settings()
+        self.loop = asyncio.get_running_loop()
+        self.conns: set[HttpProtocol] = set()
+        self.draining = False
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int, reuse_port: bool = False, backlog: int = 1024) -> int:
+        """Listen; returns the bound port."""
+        self._server = await self.loop.create_server(lambda: HttpProtocol(self), host, port,
+                                                     reuse_port=reuse_port or None, backlog=backlog)
+        sockets = self._server.sockets
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def stop_listening(self) -> None:
+        """Close the listener and the idle connections; answers under way end with ``Connection: close``."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.conns):
+            conn.close_if_idle()
+
+    async def close(self) -> None:
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.conns):
+            conn._close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
