@@ -274,3 +274,14 @@ async def test_loki_tail_websocket_is_relayed_through_the_hand_over(db_dsn: str,
             await ws.send_str("ping")
             assert await asyncio.wait_for(ws.receive_str(), 5) == "echo:ping"
         assert dp.rec.last.method == "WS" and dp.rec.last.headers["X-Scope-OrgID"] == "100"
+
+
+async def test_an_http2_preface_gets_a_clear_error_not_a_parse_failure(db_dsn: str, aiohttp_client: Any,
+                                                                        aiohttp_server: Any) -> None:
+    # Grafana's Tempo streaming dials gRPC (HTTP/2 with prior knowledge) at the data source's host and port.
+    async with _dp(db_dsn, aiohttp_client, aiohttp_server) as dp:
+        out = await _exchange(dp.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00")
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 505 "), out[:300]
+        assert b"Streaming off" in body and b'"status": "error"' in body, body
+        assert dp.rec.seen == []

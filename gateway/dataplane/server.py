@@ -42,6 +42,7 @@ MAX_LINE: Final = 8190  # aiohttp's max_line_size and max_field_size
 MAX_HEADERS: Final = 128  # aiohttp's max_headers
 MAX_HEAD: Final = 64 * 1024
 _VISIBLE: Final = bytes(range(0x21, 0x7F))
+_H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +72,9 @@ def _error_bytes(status: int, message: str) -> bytes:
     kind = _ERROR_TYPES.get(status, "bad_data")
     body = json.dumps({"status": "error", "errorType": kind, "error": message}).encode()
     phrase = HTTPStatus(status).phrase
+    retry = "Retry-After: 1\r\n" if status == 503 else ""
     return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode() + body
+            f"{retry}Connection: close\r\n\r\n").encode() + body
 
 
 def wants_aiohttp(method: str, path: str, headers: CIMultiDictProxy[str]) -> bool:
@@ -114,6 +116,7 @@ class HttpProtocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._in_head = False
+        self._fresh = True  # no byte received yet: a silent connection gets the head deadline, not keep-alive's
         self._handover: bytes | None = None
         self._refusal: tuple[int, str] | None = None  # a parse error to answer once the answer under way is out
         self._lingering = False
@@ -133,7 +136,7 @@ class HttpProtocol(asyncio.Protocol):
             self.closed = True
             return
         plane.conns.add(self)
-        self._arm(plane.settings.keepalive_timeout)
+        self._arm(plane.settings.head_timeout)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -175,6 +178,12 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._raw = None
         self._begun_in_read = 0
+        if self._fresh:
+            self._fresh = False
+            if data.startswith(_H2_PREFACE[:14]):  # "PRI * HTTP/2.0": gRPC (Tempo streaming) speaks HTTP/2 only
+                self._refuse(505, "HTTP/2 is not supported by this gateway (gRPC, e.g. Tempo streaming): turn "
+                                  "Streaming off in the Tempo data source, or put an HTTP/2-to-HTTP/1.1 proxy in front")
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -452,8 +461,8 @@ class HttpProtocol(asyncio.Protocol):
         self._timer = None
         if self.closed:
             return
-        if self._in_head:
-            self._refuse(408, "the request head did not arrive in time")
+        if self._in_head or self._fresh:
+            self._refuse(408, f"request head not received within {self.plane.settings.head_timeout:g}s")
         elif self._cur is not None and not self._cur.content.is_eof():
             if self._pauses:  # the handler is slow, not the client
                 self._arm(self.plane.settings.body_timeout)
