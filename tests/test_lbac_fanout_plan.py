@@ -8,7 +8,7 @@ import pytest
 
 from gateway.lbac import RewriteError
 from gateway.lbac import remote_read as rr
-from gateway.lbac.fanout import MAX_FANOUT, Merge, disjoint, plan, plan_remote_read
+from gateway.lbac.fanout import MAX_FANOUT, Merge, disjoint, plan, plan_header_mode, plan_remote_read
 from gateway.policy.selector import parse_selector
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.fanout import TailDedup, merge_matrix, merge_metadata, merge_stats, merge_streams
@@ -162,3 +162,17 @@ def test_remote_read_plan_and_frames() -> None:
         assert len(got.queries[0].matchers) == 1 + len(pol.matchers)
     with pytest.raises(RewriteError):
         plan_remote_read(b"\x10garbage", TWO)
+
+
+def test_header_mode_sends_the_policy_as_the_query_of_query_less_detected_endpoints() -> None:
+    # Real Loki main with -lbac.enabled leaves detected_labels without a query unfiltered (tests/e2e/test_real_loki.py).
+    path = "/loki/api/v1/detected_labels"
+    p = plan_header_mode(Kind.LOGQL, path, "GET", q(start="1", end="2"), None, TWO)
+    assert p is not None and p.merge is Merge.DETECTED_LABELS
+    assert [dict(parse_qsl(leg.query))["query"] for leg in p.legs] == [str(s) for s in TWO]
+    one = plan_header_mode(Kind.LOGQL, "/loki/api/v1/detected_field/app/values", "GET", q(), None, ONE)
+    assert one is not None and one.merge is Merge.SINGLE and dict(parse_qsl(one.legs[0].query))["query"] == str(ONE[0])
+    # A query of its own, another endpoint, or no policies: forwarded as sent (the backend filters).
+    assert plan_header_mode(Kind.LOGQL, path, "GET", q(query='{app="a"}'), None, TWO) is None
+    assert plan_header_mode(Kind.LOGQL_OPTIONAL, "/loki/api/v1/labels", "GET", q(), None, TWO) is None
+    assert plan_header_mode(Kind.LOGQL, path, "GET", q(), None, ()) is None

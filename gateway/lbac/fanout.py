@@ -240,6 +240,28 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
     return Plan(merge, legs)
 
 
+def plan_header_mode(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
+                     policies: tuple[Selector, ...]) -> Plan | None:
+    """Header mode's one fan-out: Loki ``detected_labels`` / ``detected_field/{name}/values`` without a query.
+
+    Seen on a real Loki main with ``-lbac.enabled``: ``detected_labels`` without ``query`` answers with the
+    labels of every stream of the tenant whatever X-Prom-Label-Policy says, and with a query it filters.
+    So, as in enforce mode, each policy selector becomes the query (the header still travels with each leg).
+    """
+    if not policies or kind not in (Kind.LOGQL, Kind.LOGQL_OPTIONAL):
+        return None
+    merge = _loki_merge(path)
+    if merge not in _QUERY_OPTIONAL:
+        return None
+    pairs = lbac._pairs(raw_query, body)
+    if lbac._one(pairs, "query", required=False) is not None:
+        return None
+    pols = policies if len(policies) == 1 else _selectors(policies, False)
+    _check_size(pols)
+    legs = tuple(_encode(method, [*pairs, ("query", str(p))]) for p in pols)
+    return Plan(Merge.SINGLE if len(legs) == 1 else merge, legs)
+
+
 @lru_cache(maxsize=1024)
 def _selectors(policies: tuple[Selector, ...], promql: bool) -> tuple[Selector, ...]:
     """The OR of ``policies`` as few selectors as exact identities allow (what each rewrite starts from)."""

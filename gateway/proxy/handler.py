@@ -219,8 +219,14 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
             if mode == "enforce":
                 label_headers = ()
         elif route.kind is not Kind.REMOTE_READ:  # header mode: the backend filters what it runs
-            r = headermode.normalize(raw_query, await _read_form(request))
-            raw_query, body, rewritten = r.query or "", r.body, r.body is not None
+            form = await _read_form(request)
+            fan = lbac_fanout.plan_header_mode(route.kind, m.upstream_path, request.method, raw_query, form,
+                                               policies)
+            if fan is None:
+                r = headermode.normalize(raw_query, form)
+                raw_query, body, rewritten = r.query or "", r.body, r.body is not None
+            else:
+                rewritten = True
 
     base = upstream.url_for(route.role.value)
     url = f"{base}{m.upstream_path}" + (f"?{raw_query}" if raw_query else "")
