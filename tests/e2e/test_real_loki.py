@@ -1,0 +1,440 @@
+"""The gateway against a real Loki (main branch, ``pkg/labelaccess``), opt-in.
+
+Runs only when ``GATEWAY_LOKI_BIN`` names a Loki binary built from grafana/loki main (one with
+``-lbac.enabled``); otherwise the tests are deselected (``tests/conftest.py``). Build one with the
+repository's vendor directory::
+
+    GOFLAGS=-mod=vendor GOPROXY=off CGO_ENABLED=0 go build -o /tmp/loki ./cmd/loki
+    GATEWAY_LOKI_BIN=/tmp/loki .venv/bin/pytest -q tests/e2e/test_real_loki.py
+
+One Loki with ``-lbac.enabled`` and one without are started on free ports in temporary
+directories (filesystem storage, in-memory ring). Streams are pushed for two tenants
+(``100`` and ``l101``: stacks 100 and 101 of the test config); for each policy set the
+streams visible under it are also pushed into a tenant of their own. A token whose realms
+carry the policy set reads through the gateway (``lbac: header``, ``enforce`` and ``auto``),
+and every answer must equal what Loki itself answers for the visible-only tenant: log queries
+(``query_range``), ``labels``, ``label/{name}/values``, ``series`` and ``detected_labels``
+without a query. Loki without LBAC must make header mode refuse (503) and auto fall back to
+enforce.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import TEST_CONFIG, free_port
+from tests.e2e.gateway_proc import GatewayProcess
+
+pytestmark = pytest.mark.real_loki
+
+LOKI_BIN = os.environ.get("GATEWAY_LOKI_BIN", "")
+ROOT = Path(__file__).resolve().parents[2]
+TENANTS = {"100": "100", "101": "l101"}  # stack -> its logs tenant in TEST_CONFIG
+
+# Distinct `app` per stream; some lack `env` (env!="prod" matches them) or `team`.
+STREAMS: dict[str, list[dict[str, str]]] = {
+    "100": [
+        {"app": "api-dev-a", "env": "dev", "team": "a"},
+        {"app": "api-prod-a", "env": "prod", "team": "a"},
+        {"app": "web-dev-b", "env": "dev", "team": "b"},
+        {"app": "web-prod-b", "env": "prod", "team": "b"},
+        {"app": "db-staging-a", "env": "staging", "team": "a"},
+        {"app": "job-a", "team": "a"},
+        {"app": "job-b", "team": "b"},
+        {"app": "cron-dev", "env": "dev"},
+        {"app": "batch-qa-b", "env": "qa", "team": "b", "zone": "z1"},
+    ],
+    "l101": [
+        {"app": "other-dev-a", "env": "dev", "team": "a", "region": "eu"},
+        {"app": "other-prod-a", "env": "prod", "team": "a", "region": "us"},
+        {"app": "other-dev-b", "env": "dev", "team": "b", "region": "us"},
+        {"app": "other-test-a", "env": "test", "team": "a", "region": "ap"},
+    ],
+}
+ORDER = {s["app"]: n for n, s in enumerate(s for streams in STREAMS.values() for s in streams)}
+POLICY_SETS: dict[str, tuple[str, ...]] = {
+    "one": ('{team="a", env!="prod"}',),
+    "two": ('{env="dev"}', '{team="a", env!="prod"}'),
+}
+NOW_NS = time.time_ns()
+START_NS, END_NS = NOW_NS - 600 * 10**9, NOW_NS + 60 * 10**9
+QUERIES = ('{app=~".+"}', '{app=~".+"} |= "line 1"', '{env="dev"}', '{team="a"} != "line 0"')
+VALUE_NAMES = ("app", "env", "team", "region", "zone", "service_name")
+
+_MATCHER = re.compile(r'\s*([A-Za-z_]\w*)\s*(=~|!~|!=|=)\s*"([^"]*)"\s*,?')
+
+
+def matches(selector: str, labels: dict[str, str]) -> bool:
+    """The test's own evaluation of the simple selectors above (an absent label is "")."""
+    body = selector.strip()[1:-1]
+    pos = 0
+    while pos < len(body):
+        m = _MATCHER.match(body, pos)
+        assert m, f"selector not understood by the test: {selector}"
+        name, op, value = m.groups()
+        have = labels.get(name, "")
+        ok = {"=": have == value, "!=": have != value, "=~": re.fullmatch(value, have) is not None,
+              "!~": re.fullmatch(value, have) is None}[op]
+        if not ok:
+            return False
+        pos = m.end()
+    return True
+
+
+def visible_tenant(name: str, tenant: str) -> str:
+    return f"vis-{name}-{tenant}"
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+def http(method: str, url: str, headers: dict[str, str] | None = None, body: Any = None,
+         timeout: float = 30) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    hdrs = {"Content-Type": "application/json", **(headers or {})} if data is not None else dict(headers or {})
+    req = urllib.request.Request(url, data=data, headers=hdrs, method=method)  # noqa: S310
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+# ---------------------------------------------------------------------------------------------- Loki
+
+
+class LokiProcess:
+    """A single-binary Loki on free ports, filesystem storage under ``tmp``."""
+
+    def __init__(self, tmp: Path, lbac: bool):
+        self.tmp, self.lbac = tmp, lbac
+        self.port, self.grpc = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        data = tmp / "data"
+        cfg = {
+            "auth_enabled": True,
+            "server": {"http_listen_address": "127.0.0.1", "http_listen_port": self.port,
+                       "grpc_listen_address": "127.0.0.1", "grpc_listen_port": self.grpc, "log_level": "warn"},
+            "common": {"instance_addr": "127.0.0.1", "path_prefix": str(data), "replication_factor": 1,
+                       "storage": {"filesystem": {"chunks_directory": str(data / "chunks"),
+                                                  "rules_directory": str(data / "rules")}},
+                       "ring": {"kvstore": {"store": "inmemory"}}},
+            "ingester": {"lifecycler": {"min_ready_duration": "0s", "final_sleep": "0s"}},
+            "schema_config": {"configs": [{"from": "2020-10-24", "store": "tsdb", "object_store": "filesystem",
+                                           "schema": "v13", "index": {"prefix": "index_", "period": "24h"}}]},
+            "frontend": {"encoding": "protobuf"},
+            "limits_config": {"discover_log_levels": False},
+            "analytics": {"reporting_enabled": False},
+        }
+        self.config_path = tmp / "loki.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.log_path = tmp / "loki.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90) -> LokiProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([LOKI_BIN, f"-config.file={self.config_path}",
+                                      f"-lbac.enabled={'true' if self.lbac else 'false'}"],
+                                     stdout=log, stderr=log, cwd=self.tmp)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"loki exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+            status, _ = http("GET", f"{self.url}/ready", timeout=2) if self._listening() else (0, None)
+            if status == 200:
+                return self
+            time.sleep(0.3)
+        raise RuntimeError(f"loki not ready in {timeout}s: {self.log_path.read_text()[-3000:]}")
+
+    def _listening(self) -> bool:
+        import socket
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def push(self, tenant: str, streams: list[dict[str, str]]) -> None:
+        # The same entries whichever tenant a stream is pushed to (its own nanosecond offset).
+        body = {"streams": [{"stream": s, "values": [[str(NOW_NS - (60 - 20 * i) * 10**9 + ORDER[s["app"]]),
+                                                      f"{s['app']} line {i}"] for i in range(3)]}
+                            for s in streams]}
+        status, answer = http("POST", f"{self.url}/loki/api/v1/push", {"X-Scope-OrgID": tenant}, body)
+        assert status == 204, (tenant, status, answer)
+
+    def get(self, tenant: str, path: str, params: dict[str, str]) -> tuple[int, Any]:
+        return http("GET", f"{self.url}{path}?{urllib.parse.urlencode(params)}", {"X-Scope-OrgID": tenant})
+
+
+def _load(loki: LokiProcess) -> None:
+    for tenant, streams in STREAMS.items():
+        loki.push(tenant, streams)
+        for name, selectors in POLICY_SETS.items():
+            vis = [s for s in streams if any(matches(sel, s) for sel in selectors)]
+            assert vis, (name, tenant)
+            loki.push(visible_tenant(name, tenant), vis)
+    deadline = time.monotonic() + 30  # pushed data is queryable at once; wait only for a slow start
+    while time.monotonic() < deadline:
+        status, ans = loki.get("100", "/loki/api/v1/series", {"match[]": '{app=~".+"}', "start": str(START_NS),
+                                                             "end": str(END_NS)})
+        if status == 200 and len(ans["data"]) == len(STREAMS["100"]):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"pushed streams not readable: {status} {ans}")
+
+
+@pytest.fixture(scope="module")
+def loki_dirs() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="gateway-real-loki-"))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _loki(base: Path, lbac: bool) -> Iterator[LokiProcess]:
+    if not LOKI_BIN or not os.access(LOKI_BIN, os.X_OK):
+        pytest.fail(f"GATEWAY_LOKI_BIN={LOKI_BIN!r} is not an executable Loki binary")
+    tmp = base / ("lbac" if lbac else "plain")
+    tmp.mkdir()
+    loki = LokiProcess(tmp, lbac).start()
+    try:
+        _load(loki)
+        yield loki
+    finally:
+        loki.stop()
+
+
+@pytest.fixture(scope="module")
+def loki_lbac(loki_dirs: Path) -> Iterator[LokiProcess]:
+    yield from _loki(loki_dirs, lbac=True)
+
+
+@pytest.fixture(scope="module")
+def loki_plain(loki_dirs: Path) -> Iterator[LokiProcess]:
+    yield from _loki(loki_dirs, lbac=False)
+
+
+# ---------------------------------------------------------------------------------------------- gateway
+
+
+class Gw:
+    """A `gateway serve` process in front of one Loki, with tokens per policy set."""
+
+    def __init__(self, proc: GatewayProcess, tokens: dict[str, str]):
+        self.proc, self.tokens = proc, tokens
+
+    def get(self, token: str, tenant: str, path: str, params: dict[str, str]) -> tuple[int, Any]:
+        return http("GET", f"{self.proc.url}{path}?{urllib.parse.urlencode(params)}", basic(tenant, token))
+
+    def ready(self) -> dict[str, Any]:
+        status, body = http("GET", f"{self.proc.url}/ready")
+        assert status == 200, body
+        return body  # type: ignore[no-any-return]
+
+
+def _gateway(tmp: Path, dsn: str, loki: LokiProcess, mode: str) -> Iterator[Gw]:
+    proc = GatewayProcess(tmp, dsn, data_dir=str(tmp / "data"),
+                          upstreams={**TEST_CONFIG["upstreams"], "logs": {"url": loki.url, "lbac": mode}})
+    r = subprocess.run([sys.executable, "-m", "gateway", "token", "bootstrap", "-c", str(proc.config_path),
+                        "--org", "1"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    admin = r.stdout.strip()
+    proc.start(timeout=30)
+    try:
+        tokens: dict[str, str] = {}
+        for name, selectors in {"all": (), **POLICY_SETS}.items():
+            realms = [{"type": "stack", "identifier": stack,
+                       "labelPolicies": [{"selector": s} for s in selectors]} for stack in TENANTS]
+            status, pol = http("POST", f"{proc.url}/api/v1/accesspolicies", {"Authorization": f"Bearer {admin}"},
+                               {"name": f"logs-{name}", "scopes": ["logs:read", "logs:write"], "realms": realms})
+            assert status == 200, pol
+            status, tok = http("POST", f"{proc.url}/api/v1/tokens", {"Authorization": f"Bearer {admin}"},
+                               {"accessPolicyId": pol["id"], "name": f"tok-{name}"})
+            assert status == 200, tok
+            tokens[name] = tok["token"]
+        yield Gw(proc, tokens)
+    finally:
+        proc.stop()
+
+
+def _wait_probe(gw: Gw, want: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while True:
+        st = gw.ready()["lbac"]["logs"]
+        if st["checkedAt"] is not None or time.monotonic() > deadline:
+            assert st["effective"] == want, st
+            return st  # type: ignore[no-any-return]
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+RANGE = {"start": str(START_NS), "end": str(END_NS)}
+Normalizer = Callable[[Any], Any]
+
+
+def _streams(ans: Any) -> Any:
+    assert ans["data"]["resultType"] == "streams", ans
+    return sorted((tuple(sorted(r["stream"].items())), tuple(tuple(v[:2]) for v in r["values"]))
+                  for r in ans["data"]["result"])
+
+
+def _sorted(ans: Any) -> Any:
+    return sorted(ans.get("data") or [])
+
+
+def _series(ans: Any) -> Any:
+    return sorted(tuple(sorted(s.items())) for s in ans["data"])
+
+
+def _detected(ans: Any) -> Any:
+    return {d["label"]: d.get("cardinality") for d in ans.get("detectedLabels") or []}
+
+
+def reads(detected: bool = False) -> list[tuple[str, str, dict[str, str], Normalizer]]:
+    """The reads compared; ``detected``: only ``detected_labels`` without a query (its own test)."""
+    if detected:
+        return [("detected_labels", "/loki/api/v1/detected_labels", dict(RANGE), _detected)]
+    out: list[tuple[str, str, dict[str, str], Normalizer]] = []
+    for q in QUERIES:
+        for direction in ("forward", "backward"):
+            out.append((f"query_range {q} {direction}", "/loki/api/v1/query_range",
+                        {"query": q, "limit": "1000", "direction": direction, **RANGE}, _streams))
+    out.append(("labels", "/loki/api/v1/labels", dict(RANGE), _sorted))
+    for name in VALUE_NAMES:
+        out.append((f"label/{name}/values", f"/loki/api/v1/label/{name}/values", dict(RANGE), _sorted))
+    out.append(("series", "/loki/api/v1/series", {"match[]": '{app=~".+"}', **RANGE}, _series))
+    return out
+
+
+def compare(gw: Gw, loki: LokiProcess, name: str, detected: bool = False) -> list[str]:
+    """Every read through the gateway with the token of ``name``, against Loki's visible-only tenant."""
+    problems: list[str] = []
+    for tenant in TENANTS.values():
+        allowed = {s["app"] for s in STREAMS[tenant] if any(matches(sel, s) for sel in POLICY_SETS[name])}
+        for what, path, params, norm in reads(detected):
+            status, got = gw.get(gw.tokens[name], tenant, path, params)
+            estatus, expected = loki.get(visible_tenant(name, tenant), path, params)
+            assert estatus == 200, (what, expected)
+            if status != 200:
+                problems.append(f"{name}/{tenant} {what}: {status} {str(got)[:300]}")
+                continue
+            g, e = norm(got), norm(expected)
+            if what.startswith(("query_range", "series")):  # never a stream outside the policy
+                apps = {dict(item[0] if what.startswith("query_range") else item).get("app") for item in g}
+                leaked = apps - allowed
+                assert not leaked, f"{name}/{tenant} {what}: streams outside the policy {leaked}"
+            if what == "detected_labels" and len(POLICY_SETS[name]) > 1:
+                # Fanned out: the union of names, each leg's HyperLogLog estimate, the largest kept.
+                if not set(g) <= set(e) or any(g[k] > e[k] for k in g):
+                    problems.append(f"{name}/{tenant} {what}: {g} not within {e}")
+                continue
+            if g != e:
+                problems.append(f"{name}/{tenant} {what}: got {g} expected {e}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture
+def gw_factory(tmp_path: Path, db_dsn: str) -> Iterator[Callable[[LokiProcess, str], Gw]]:
+    gens: list[Iterator[Gw]] = []
+
+    def make(loki: LokiProcess, mode: str) -> Gw:
+        gen = _gateway(tmp_path, db_dsn, loki, mode)
+        gens.append(gen)
+        return next(gen)
+    yield make
+    for gen in gens:
+        gen.close()
+
+
+def test_loki_rejects_a_malformed_policy_header(loki_lbac: LokiProcess, loki_plain: LokiProcess) -> None:
+    """The premise of the probe: Loki with LBAC answers 400, without it ignores the header."""
+    h = {"X-Scope-OrgID": "100", "X-Prom-Label-Policy": "gateway-lbac-probe"}
+    status, body = http("GET", f"{loki_lbac.url}/loki/api/v1/labels", h)
+    assert status == 400 and "invalid label policy header value" in str(body), (status, body)
+    status, body = http("GET", f"{loki_plain.url}/loki/api/v1/labels", h)
+    assert status == 200, (status, body)
+
+
+@pytest.mark.parametrize("mode", ["header", "enforce", "auto"])
+def test_restricted_reads_see_exactly_the_visible_streams(loki_lbac: LokiProcess, gw_factory: Any,
+                                                          mode: str) -> None:
+    gw = gw_factory(loki_lbac, mode)
+    want = "enforce" if mode == "enforce" else "header"
+    st = _wait_probe(gw, want)
+    if mode != "enforce":
+        assert st["backendEnforces"] is True, st
+        assert "enforces X-Prom-Label-Policy" in gw.proc.log_path.read_text()
+    problems = [p for name in POLICY_SETS for p in compare(gw, loki_lbac, name)]
+    # The unrestricted token sees every stream of each tenant.
+    for tenant, streams in STREAMS.items():
+        status, ans = gw.get(gw.tokens["all"], tenant, "/loki/api/v1/series", {"match[]": '{app=~".+"}', **RANGE})
+        assert status == 200 and {s["app"] for s in ans["data"]} == {s["app"] for s in streams}, ans
+    assert not problems, "\n".join(problems)
+
+
+# Loki main's LBAC does not filter `detected_labels` without a `query` (a query is filtered): in every
+# mode the gateway sends the policy selectors as the query (found by this test on the real Loki).
+@pytest.mark.parametrize("mode", ["header", "enforce", "auto"])
+def test_detected_labels_without_query_shows_only_visible_labels(loki_lbac: LokiProcess, gw_factory: Any,
+                                                                 mode: str) -> None:
+    gw = gw_factory(loki_lbac, mode)
+    _wait_probe(gw, "enforce" if mode == "enforce" else "header")
+    problems = [p for name in POLICY_SETS for p in compare(gw, loki_lbac, name, detected=True)]
+    assert not problems, "\n".join(problems)
+
+
+def test_header_mode_refuses_on_loki_without_lbac(loki_plain: LokiProcess, gw_factory: Any) -> None:
+    gw = gw_factory(loki_plain, "header")
+    st = _wait_probe(gw, "unverified")
+    assert st["backendEnforces"] is False, st
+    status, body = gw.get(gw.tokens["one"], "100", "/loki/api/v1/query_range", {"query": '{app=~".+"}', **RANGE})
+    assert status == 503 and body["errorType"] == "unavailable", (status, body)
+    assert "does not (verifiably) enforce label policies" in body["error"], body
+    status, body = gw.get(gw.tokens["all"], "100", "/loki/api/v1/labels", dict(RANGE))
+    assert status == 200, (status, body)  # unrestricted reads unaffected
+
+
+def test_auto_mode_falls_back_to_enforce_on_loki_without_lbac(loki_plain: LokiProcess, gw_factory: Any) -> None:
+    gw = gw_factory(loki_plain, "auto")
+    st = _wait_probe(gw, "enforce")
+    assert st["backendEnforces"] is False, st
+    problems = [p for name in POLICY_SETS for p in (*compare(gw, loki_plain, name),
+                                                    *compare(gw, loki_plain, name, detected=True))]
+    assert not problems, "\n".join(problems)
