@@ -67,6 +67,9 @@ class World:
         self.deleted_tokens: set[str] = set()
         self.seen_level: dict[str, int] = {}
         self.seen_gone: set[str] = set()
+        # Rows the lagging replica has been seen to hold: a row it never knew (its creation not yet seen)
+        # is absent for lack of news, not because of the delete, so only a row it held can go "back".
+        self.seen_held: set[str] = set()
 
     def check_acknowledged(self, cache: PolicyCache, when: str) -> None:
         for tid in self.deleted_tokens:
@@ -84,17 +87,21 @@ class World:
         for pid in [*self.policies, *self.deleted_policies]:
             held = _level(cache, pid)
             if held is None:
-                if pid in self.deleted_policies:
+                if pid in self.deleted_policies and pid in self.seen_held:
                     self.seen_gone.add(pid)
                 continue
+            self.seen_held.add(pid)
             assert pid not in self.seen_gone, f"{when}: replica resurrected deleted policy {pid}"
             assert held >= self.seen_level.get(pid, 0), f"{when}: replica went back on policy {pid}"
             self.seen_level[pid] = held
+        self.seen_held.update(tid for tid in self.tokens if tid in cache.tokens)
         for tid in self.deleted_tokens:
             if tid not in cache.tokens:
-                self.seen_gone.add(tid)
+                if tid in self.seen_held:
+                    self.seen_gone.add(tid)
             else:
                 assert tid not in self.seen_gone, f"{when}: replica resurrected deleted token {tid}"
+                self.seen_held.add(tid)
 
 
 async def _drop_listener(cache: PolicyCache) -> None:
