@@ -74,6 +74,9 @@ class PolicyCache:
         self._epoch = 0  # bumped when a full load begins
         self._merged = 0  # epoch of the last full load merged
         self._touched: set[tuple[str, str]] = set()  # rows written since the running load began
+        # Bumped on every change the snapshot takes in (merge, row stored, row buried): whatever was
+        # derived from the snapshot under an older generation (the data path's decision cache) is void.
+        self.generation = 0
         self._load_lock = asyncio.Lock()
         # Read-through (a token the snapshot does not know yet).
         self.read_through_rate = read_through_rate
@@ -150,6 +153,7 @@ class PolicyCache:
             self._set_map(table, new_map)
             self._ver[table] = new_ver
             self._tombs[table] = {rid: e for rid, e in tombs.items() if e >= epoch}
+        self.generation += 1
         self._merged = epoch
         self._touched = set()
         self.team_rules = build_index(self.datasources.values(), self.teams)
@@ -231,6 +235,7 @@ class PolicyCache:
             return False
         if epoch == self._epoch and self._load_lock.locked():
             self._touched.add((table, rid))  # written after the running load began: the merge keeps it
+        self.generation += 1
         self._ver[table][rid] = version
         if table in ("datasources", "teams"):
             self._map(table)[int(rid)] = obj
@@ -240,6 +245,7 @@ class PolicyCache:
         return True
 
     def _bury(self, table: str, rid: str) -> None:
+        self.generation += 1
         self._tombs[table][rid] = self._epoch
         self._ver[table].pop(rid, None)
         if table in ("datasources", "teams"):
