@@ -11,7 +11,8 @@ maps rather than swapped in: a row the load did not see survives only if it was 
 the load began. A read that began before a full load that has since been merged is dropped
 (the load saw that row or a newer one). A token id the snapshot does not know is read through
 from the database before the request is refused: single-flight per id, a negative cache, and a
-rate limit, for well-formed ids only.
+rate limit, for well-formed ids only. ``generation`` moves on every change the snapshot takes in
+(a merge, a stored row, a buried one): what is derived from the snapshot is keyed on it.
 """
 
 from __future__ import annotations

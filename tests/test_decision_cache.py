@@ -150,10 +150,9 @@ async def _served(env: Env, token: str, **headers: str) -> int:
     return r.status
 
 
-async def _cached_ok(env: Env, token: str) -> None:
-    """Two requests succeed and the second is answered from the decision cache."""
+async def _hit(env: Env, token: str) -> bool:
+    """Serve one request (it must succeed); True if the decision cache answered it."""
     dc = env.gw.state.decisions
-    assert await _served(env, token) == 200
     hits = 0
     real = dc.get
 
@@ -167,7 +166,31 @@ async def _cached_ok(env: Env, token: str) -> None:
         assert await _served(env, token) == 200
     finally:
         del dc.get
-    assert hits == 1
+    return hits == 1
+
+
+async def _cached_ok(env: Env, token: str) -> None:
+    """Two requests succeed and the second is answered from the decision cache."""
+    assert await _served(env, token) == 200
+    assert await _hit(env, token)
+
+
+async def test_a_decision_made_while_the_snapshot_changed_is_not_kept(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = await env.gw.policy(f"r{uuid.uuid4().hex[:6]}", ["metrics:read"], [{"type": "stack", "identifier": "100"}])
+    t = await env.gw.token(p["id"], "raced")
+    cache = env.gw.state.cache
+    real = cache.authorize
+
+    async def changing(*a: Any) -> Any:
+        got = await real(*a)
+        cache.generation += 1  # a change lands while this request decides (as during a read-through)
+        return got
+    monkeypatch.setattr(cache, "authorize", changing)
+    assert await _served(env, t["token"]) == 200
+    monkeypatch.undo()
+    assert not await _hit(env, t["token"])  # decided again, and kept this time
+    assert await _hit(env, t["token"])
 
 
 async def test_deleting_a_token_refuses_the_very_next_request(env: Env) -> None:
