@@ -102,22 +102,23 @@ def basic(user: str, token: str) -> str:
 
 def decide(snap: Snapshot, headers: CIMultiDictProxy[str], method: str, path: str, peer: str,
            decisions: DecisionCache | None = None) -> CIMultiDict[str]:
-    """The handler's pure per-request work, in its order: route match, credentials, client IP, then (on a
-    miss of ``decisions``, or always without one) token decode and lookup (identify), tenant, authorize;
-    label-policy headers, upstream header build."""
+    """The handler's pure per-request work, in its order: route match, client IP, then (on a miss of
+    ``decisions``, or always without one) credentials, token decode and lookup (identify), tenant,
+    authorize; label-policy headers, upstream header build."""
     m = match(method, path)
     assert m is not None
-    presented, user = credentials(headers.get("Authorization"))
+    auth = headers.get("Authorization")
     route = m.route
     cfg = snap.config
     org = headers.get("X-Scope-OrgID")
     ip = client_ip(peer, headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
-    key = (presented, user, org, route.backend, route.scope, ip)
+    key = (auth, org, route.backend, route.scope, ip)
     d = decisions.get(key, snap.generation, cfg, time.time()) if decisions is not None else None
     if d is None:
+        presented, user = credentials(auth)
         ident = identify(presented, snap.tokens, snap.policies, datetime.now(UTC))
         stack = cfg.stack_by_tenant[(route.backend, user or "100")]
-        d = Decision(ident, stack, stack.tenants[route.backend], authorize(ident, route.scope, stack, ip))
+        d = Decision(ident, stack, stack.tenants[route.backend], authorize(ident, route.scope, stack, ip), ip)
         if decisions is not None:
             decisions.put(key, snap.generation, cfg, d)
     label_headers = d.label_headers() if d.policies and route.kind in lbac.RESTRICTED_KINDS else ()

@@ -47,7 +47,13 @@ def _decision(cfg: Config, expires_at: datetime | None = None) -> Decision:
 def _key(**kw: Any) -> Key:
     facts: dict[str, Any] = {"presented": "glc_secret", "user": "100", "org": None, "backend": "metrics",
                              "scope": "metrics:read", "ip": IP, **kw}
-    return (facts["presented"], facts["user"], facts["org"], facts["backend"], facts["scope"], facts["ip"])
+    auth = facts.get("auth") or (_basic(facts["user"], facts["presented"])["Authorization"] if facts["user"]
+                                 else f"Bearer {facts['presented']}")
+    return (auth, facts["org"], facts["backend"], facts["scope"], facts["ip"])
+
+
+def _basic(user: str, token: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()}
 
 
 # ---- the cache on its own -----------------------------------------------------------------------------
@@ -60,6 +66,7 @@ def test_a_decision_is_reused_under_the_same_generation_and_config() -> None:
     assert dc.get(_key(), 7, cfg, time.time()) is d
     assert d.label_headers() == headers_for("100", d.policies)
     assert d.label_headers() is d.label_headers()  # computed once
+    assert Decision(d.ident, d.stack, d.tenant, d.policies, IP).client_ip == "10.1.2.3"
 
 
 def test_any_snapshot_change_or_config_reload_voids_every_decision() -> None:
@@ -91,7 +98,8 @@ def test_a_decision_does_not_outlive_the_token() -> None:
 
 
 @pytest.mark.parametrize("other", [{"presented": "glc_secreT"}, {"presented": "glc_secret "}, {"user": "200"},
-                                   {"user": None}, {"org": "100"}, {"backend": "logs"}, {"scope": "metrics:write"},
+                                   {"user": None}, {"auth": "basic " + base64.b64encode(b"100:glc_secret").decode()},
+                                   {"org": "100"}, {"backend": "logs"}, {"scope": "metrics:write"},
                                    {"ip": ipaddress.ip_address("10.1.2.4")}, {"ip": None}])
 def test_every_fact_of_the_key_counts(other: dict[str, Any]) -> None:
     cfg, dc = _cfg(), DecisionCache()
@@ -133,10 +141,6 @@ def test_every_change_the_policy_cache_takes_in_moves_its_generation() -> None:
 
 
 # ---- through the real server ---------------------------------------------------------------------------
-
-def _basic(user: str, token: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()}
-
 
 @pytest.fixture
 async def env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> Any:

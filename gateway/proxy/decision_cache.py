@@ -1,8 +1,9 @@
 """A per-worker cache of authorization decisions (issue 17): identify + stack + authorize, memoized.
 
-A decision is a pure function of the request facts in its key (the presented credential string, the
-Basic username, X-Scope-OrgID, the route's backend and scope, the resolved client address), the
-policy snapshot and the config snapshot, and of the time only through the token's ``expiresAt``.
+A decision is a pure function of the request facts in its key (the Authorization header exactly as
+received, which fixes the presented credential string and the Basic username; X-Scope-OrgID; the
+route's backend and scope; the resolved client address), the policy snapshot and the config snapshot,
+and of the time only through the token's ``expiresAt``.
 So an entry is valid exactly while
 
 * the policy cache's ``generation`` is the one the decision was computed under (it is bumped on every
@@ -13,9 +14,9 @@ So an entry is valid exactly while
 
 Any other change empties the whole cache at the next lookup: a revoked token is refused at once.
 
-Only successes are stored, and only after the full path verified that exact presented string (the
-secret's hash compared in constant time): a hit proves nothing new about a string, it only repeats a
-verified one. The dict compares key strings only after their randomized SipHash matched, so a
+Only successes are stored, and only after the full path parsed that exact header and verified the
+credential in it (the secret's hash compared in constant time): a hit proves nothing new about a
+string, it only repeats a verified one. The dict compares key strings only after their randomized SipHash matched, so a
 lookup is no timing oracle for a cached secret. Team rules (X-Grafana-User) and the client's
 X-Prom-Label-Policy headers are not part of the decision kept here: the handler applies them after it,
 on every request, as it did before.
@@ -36,20 +37,22 @@ from gateway.policy.selector import Selector
 
 MAX_DECISIONS: Final = 10_000
 
-#: (presented credential, Basic username, X-Scope-OrgID, backend, scope, client address)
-Key = tuple[str, str | None, str | None, str, str, IPAddress | None]
+#: (Authorization header, X-Scope-OrgID, backend, scope, client address)
+Key = tuple[str | None, str | None, str, str, IPAddress | None]
 
 
 class Decision:
     """What the handler needs after authorizing: who, which stack and tenant, which label policies."""
 
-    __slots__ = ("ident", "stack", "tenant", "policies", "expires", "_headers")
+    __slots__ = ("ident", "stack", "tenant", "policies", "client_ip", "expires", "_headers")
 
-    def __init__(self, ident: Identity, stack: Stack, tenant: str, policies: tuple[Selector, ...]):
+    def __init__(self, ident: Identity, stack: Stack, tenant: str, policies: tuple[Selector, ...],
+                 client_ip: IPAddress | None = None):
         self.ident = ident
         self.stack = stack
         self.tenant = tenant
         self.policies = policies
+        self.client_ip = str(client_ip) if client_ip else None  # the key's address, as the access log writes it
         exp = ident.token.expires_at
         self.expires = exp.timestamp() if exp is not None else math.inf
         self._headers: tuple[str, ...] | None = None

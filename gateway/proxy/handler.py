@@ -144,7 +144,7 @@ async def _decide(st: State, cfg: Config, backend: str, scope: str, presented: s
         ident, policies = await st.cache.authorize(ident, scope, stack, ip)
     except Denied as exc:
         raise _refused(exc) from None
-    return Decision(ident, stack, tenant, policies)
+    return Decision(ident, stack, tenant, policies, ip)
 
 
 async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str, object], started: float
@@ -157,20 +157,20 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     if st.cache.stale:
         raise ProxyError(503, "policy snapshot unavailable or too old; refusing rather than trusting it",
                          "stale_snapshot")
-    presented, basic_user = credentials(request.headers.get("Authorization"))
+    auth = request.headers.get("Authorization")
     org_header = request.headers.get("X-Scope-OrgID")
     ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
-    key = (presented, basic_user, org_header, route.backend, route.scope, ip)
     generation = st.cache.generation  # read before any await: a change meanwhile voids what is decided
+    key = (auth, org_header, route.backend, route.scope, ip)
     decision = st.decisions.get(key, generation, cfg, time.time())
     if decision is None:
+        presented, basic_user = credentials(auth)  # refuses a missing or malformed header: never stored
         decision = await _decide(st, cfg, route.backend, route.scope, presented, basic_user, org_header, ip,
                                  entry)
         if st.cache.generation == generation:
             st.decisions.put(key, generation, cfg, decision)
     ident, tenant, policies = decision.ident, decision.tenant, decision.policies
-    entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=tenant,
-                 client_ip=str(ip) if ip else None)
+    entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=tenant, client_ip=decision.client_ip)
     st.cache.record_use(ident.token.id)
 
     reads = route.kind in lbac.RESTRICTED_KINDS
