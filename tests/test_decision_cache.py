@@ -66,7 +66,7 @@ def test_a_decision_is_reused_under_the_same_generation_and_config() -> None:
     assert dc.get(_key(), 7, cfg, time.time()) is d
     assert d.label_headers() == headers_for("100", d.policies)
     assert d.label_headers() is d.label_headers()  # computed once
-    assert Decision(d.ident, d.stack, d.tenant, d.policies, IP).client_ip == "10.1.2.3"
+    assert Decision(d.ident, d.stack, d.tenant, d.policies, IP).client_ip() == "10.1.2.3"
 
 
 def test_any_snapshot_change_or_config_reload_voids_every_decision() -> None:

@@ -44,24 +44,31 @@ Key = tuple[str | None, str | None, str, str, IPAddress | None]
 class Decision:
     """What the handler needs after authorizing: who, which stack and tenant, which label policies."""
 
-    __slots__ = ("ident", "stack", "tenant", "policies", "client_ip", "expires", "_headers")
+    __slots__ = ("ident", "stack", "tenant", "policies", "ip", "expires", "_headers", "_ip_text")
 
     def __init__(self, ident: Identity, stack: Stack, tenant: str, policies: tuple[Selector, ...],
-                 client_ip: IPAddress | None = None):
+                 ip: IPAddress | None = None):
         self.ident = ident
         self.stack = stack
         self.tenant = tenant
         self.policies = policies
-        self.client_ip = str(client_ip) if client_ip else None  # the key's address, as the access log writes it
+        self.ip = ip  # the key's client address
         exp = ident.token.expires_at
         self.expires = exp.timestamp() if exp is not None else math.inf
         self._headers: tuple[str, ...] | None = None
+        self._ip_text: str | None = None
 
     def label_headers(self) -> tuple[str, ...]:
         """``headers_for(tenant, policies)``, computed once per decision."""
         if self._headers is None:
             self._headers = headers_for(self.tenant, self.policies)
         return self._headers
+
+    def client_ip(self) -> str | None:
+        """The client address as the access log writes it, computed once per decision."""
+        if self._ip_text is None and self.ip is not None:
+            self._ip_text = str(self.ip)
+        return self._ip_text
 
 
 class DecisionCache:
@@ -76,18 +83,10 @@ class DecisionCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _valid_for(self, generation: int, config: Config) -> bool:
-        """True when the entries were computed under ``generation`` and ``config``; else empty them."""
-        if generation == self._generation and config is self._config:
-            return True
-        self._entries.clear()
-        self._generation = generation
-        self._config = config
-        return False
-
     def get(self, key: Key, generation: int, config: Config, now: float) -> Decision | None:
         """The decision for ``key`` if it still holds (``now``: ``time.time()``), else None."""
-        if not self._valid_for(generation, config):
+        if generation != self._generation or config is not self._config:
+            self._reset(generation, config)
             return None
         d = self._entries.get(key)
         if d is None:
@@ -101,10 +100,17 @@ class DecisionCache:
     def put(self, key: Key, generation: int, config: Config, decision: Decision) -> None:
         """Store a decision computed entirely under ``generation`` (the caller checks that the
         snapshot's generation did not move while it decided) and ``config``."""
-        if generation < self._generation:
-            return  # computed before a change this cache has already seen
-        self._valid_for(generation, config)
-        self._entries[key] = decision
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
+        if generation != self._generation or config is not self._config:
+            if generation < self._generation:
+                return  # computed before a change this cache has already seen
+            self._reset(generation, config)
+        entries = self._entries
+        entries[key] = decision  # (a key stored meanwhile by a concurrent miss keeps its place: harmless)
+        if len(entries) > self.maxsize:
+            entries.popitem(last=False)
+
+    def _reset(self, generation: int, config: Config) -> None:
+        """Empty the cache: its entries were computed under another generation or config."""
+        self._entries.clear()
+        self._generation = generation
+        self._config = config

@@ -170,7 +170,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
         if st.cache.generation == generation:
             st.decisions.put(key, generation, cfg, decision)
     ident, tenant, policies = decision.ident, decision.tenant, decision.policies
-    entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=tenant, client_ip=decision.client_ip)
+    entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=tenant, client_ip=decision.client_ip())
     st.cache.record_use(ident.token.id)
 
     reads = route.kind in lbac.RESTRICTED_KINDS
