@@ -28,6 +28,7 @@ from gateway.policy import tokens as tokfmt
 from gateway.policy.decision import authorize, identify
 from gateway.policy.model import AccessPolicy, Realm, Token
 from gateway.policy.selector import Selector, parse_selector
+from gateway.proxy.decision_cache import Decision, DecisionCache
 from gateway.proxy.headers import upstream_headers
 from gateway.proxy.identify import credentials
 from gateway.routes import Kind, match
@@ -46,6 +47,7 @@ class Snapshot:
     open_token: str  # a token of an unrestricted read/write policy
     restricted_token: str  # a token of a policy restricted to RESTRICTION on stack 100
     config: Config
+    generation: int = 0  # the PolicyCache's generation: what the decision cache's entries are valid for
 
 
 def bench_config() -> Config:
@@ -98,21 +100,29 @@ def basic(user: str, token: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
 
 
-def decide(snap: Snapshot, headers: CIMultiDictProxy[str], method: str, path: str, peer: str) -> CIMultiDict[str]:
-    """The handler's pure per-request work, in its order: route match, credentials, token decode and
-    lookup (identify), tenant, client IP, authorize, label-policy headers, upstream header build."""
+def decide(snap: Snapshot, headers: CIMultiDictProxy[str], method: str, path: str, peer: str,
+           decisions: DecisionCache | None = None) -> CIMultiDict[str]:
+    """The handler's pure per-request work, in its order: route match, client IP, then (on a miss of
+    ``decisions``, or always without one) credentials, token decode and lookup (identify), tenant,
+    authorize; label-policy headers, upstream header build."""
     m = match(method, path)
     assert m is not None
-    presented, user = credentials(headers.get("Authorization"))
-    ident = identify(presented, snap.tokens, snap.policies, datetime.now(UTC))
+    auth = headers.get("Authorization")
     route = m.route
     cfg = snap.config
-    stack = cfg.stack_by_tenant[(route.backend, user or "100")]
-    tenant = stack.tenants[route.backend]
+    org = headers.get("X-Scope-OrgID")
     ip = client_ip(peer, headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
-    policies = authorize(ident, route.scope, stack, ip)
-    label_headers = lbac.headers_for(tenant, policies) if policies and route.kind in lbac.RESTRICTED_KINDS else ()
-    return upstream_headers(headers, tenant, peer, label_headers)
+    key = (auth, org, route.backend, route.scope, ip)
+    d = decisions.get(key, snap.generation, cfg, time.time()) if decisions is not None else None
+    if d is None:
+        presented, user = credentials(auth)
+        ident = identify(presented, snap.tokens, snap.policies, datetime.now(UTC))
+        stack = cfg.stack_by_tenant[(route.backend, user or "100")]
+        d = Decision(ident, stack, stack.tenants[route.backend], authorize(ident, route.scope, stack, ip), ip)
+        if decisions is not None:
+            decisions.put(key, snap.generation, cfg, d)
+    label_headers = d.label_headers() if d.policies and route.kind in lbac.RESTRICTED_KINDS else ()
+    return upstream_headers(headers, d.tenant, peer, label_headers)
 
 
 def per_call_us(fn: Callable[[], Any], n: int, repeat: int = 5) -> float:
@@ -150,13 +160,22 @@ def hot_path(snap: Snapshot, n: int) -> dict[str, float]:
     presented = snap.presented
     count = len(presented)
 
-    def rotating(i: int) -> None:  # every request a different token of the snapshot: decode cache cold
-        decide(snap, _incoming(basic("100", presented[i % count])), "GET", READ_PATH, "127.0.0.1")
+    decisions = DecisionCache()  # one worker's, as the handler keeps it
+
+    def rotating(i: int) -> None:  # every request a different token: decode and decision caches cold
+        decide(snap, _incoming(basic("100", presented[i % count])), "GET", READ_PATH, "127.0.0.1", decisions)
 
     out = {
-        "decision_us": per_call_us(lambda: decide(snap, h_open, "GET", READ_PATH, "127.0.0.1"), n),
-        "decision_restricted_us": per_call_us(lambda: decide(snap, h_restricted, "GET", READ_PATH, "127.0.0.1"), n),
+        # warm: the decision cache answers (the same token, address, tenant and route again)
+        "decision_us": per_call_us(lambda: decide(snap, h_open, "GET", READ_PATH, "127.0.0.1", decisions), n),
+        "decision_restricted_us": per_call_us(
+            lambda: decide(snap, h_restricted, "GET", READ_PATH, "127.0.0.1", decisions), n),
+        # first use: a miss of both caches, the decision then stored (evicting the least recently used)
         "decision_token_cold_us": per_item_us(rotating, 10_000_000, max(1, min(n, count // 3))),
+        # the decision made afresh each time (no decision cache; the decode cache warm)
+        "decision_uncached_us": per_call_us(lambda: decide(snap, h_open, "GET", READ_PATH, "127.0.0.1"), n),
+        "decision_restricted_uncached_us": per_call_us(
+            lambda: decide(snap, h_restricted, "GET", READ_PATH, "127.0.0.1"), n),
         "route_match_us": per_call_us(lambda: match("GET", READ_PATH), n),
         "credentials_us": per_call_us(lambda: credentials(h_open["Authorization"]), n),
         "token_decode_cached_us": per_call_us(lambda: tokfmt.decode(snap.open_token), n),

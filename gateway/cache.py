@@ -11,7 +11,8 @@ maps rather than swapped in: a row the load did not see survives only if it was 
 the load began. A read that began before a full load that has since been merged is dropped
 (the load saw that row or a newer one). A token id the snapshot does not know is read through
 from the database before the request is refused: single-flight per id, a negative cache, and a
-rate limit, for well-formed ids only.
+rate limit, for well-formed ids only. ``generation`` moves on every change the snapshot takes in
+(a merge, a stored row, a buried one): what is derived from the snapshot is keyed on it.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class PolicyCache:
         self._epoch = 0  # bumped when a full load begins
         self._merged = 0  # epoch of the last full load merged
         self._touched: set[tuple[str, str]] = set()  # rows written since the running load began
+        # Bumped on every change the snapshot takes in (merge, row stored, row buried): whatever was
+        # derived from the snapshot under an older generation (the data path's decision cache) is void.
+        self.generation = 0
         self._load_lock = asyncio.Lock()
         # Read-through (a token the snapshot does not know yet).
         self.read_through_rate = read_through_rate
@@ -150,6 +154,7 @@ class PolicyCache:
             self._set_map(table, new_map)
             self._ver[table] = new_ver
             self._tombs[table] = {rid: e for rid, e in tombs.items() if e >= epoch}
+        self.generation += 1
         self._merged = epoch
         self._touched = set()
         self.team_rules = build_index(self.datasources.values(), self.teams)
@@ -231,6 +236,7 @@ class PolicyCache:
             return False
         if epoch == self._epoch and self._load_lock.locked():
             self._touched.add((table, rid))  # written after the running load began: the merge keeps it
+        self.generation += 1
         self._ver[table][rid] = version
         if table in ("datasources", "teams"):
             self._map(table)[int(rid)] = obj
@@ -240,6 +246,7 @@ class PolicyCache:
         return True
 
     def _bury(self, table: str, rid: str) -> None:
+        self.generation += 1
         self._tombs[table][rid] = self._epoch
         self._ver[table].pop(rid, None)
         if table in ("datasources", "teams"):

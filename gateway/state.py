@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.cache import PolicyCache
 from gateway.config import Config
+from gateway.proxy.decision_cache import DecisionCache
 from gateway.store import Store
 
 
@@ -29,6 +30,7 @@ class State:
         if not self.in_flight:
             self.idle.set()
     extras: dict[str, Any] = field(default_factory=dict)
+    decisions: DecisionCache = field(default_factory=DecisionCache)  # valid per cache.generation and config
 
 
 STATE = web.AppKey("state", State)

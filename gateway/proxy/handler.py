@@ -22,7 +22,8 @@ from gateway.lbac.pool import enforce_bounded, plan_bounded
 from gateway.lbac.probe import effective_mode
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.policy.datasource import user_policies
-from gateway.policy.decision import Denied, Identity, covering_realms
+from gateway.policy.decision import Denied, Identity, IPAddress, covering_realms
+from gateway.proxy.decision_cache import Decision
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.fanout import execute as execute_fanout
 from gateway.proxy.forward import Upstreams, forward, relay_websocket
@@ -126,6 +127,26 @@ def _refused(exc: Denied, headers: dict[str, str] | None = None) -> ProxyError:
     return ProxyError(exc.status, exc.message, exc.reason, headers)
 
 
+async def _decide(st: State, cfg: Config, backend: str, scope: str, presented: str, basic_user: str | None,
+                  org_header: str | None, ip: IPAddress | None, entry: dict[str, object]) -> Decision:
+    """Identify, resolve the stack and tenant, authorize: the uncached decision (refusals raise)."""
+    try:
+        ident = await st.cache.identify(presented, datetime.now(UTC))
+    except Denied as exc:
+        raise _refused(exc, CHALLENGE) from None
+    entry.update(token_id=ident.token.id, policy=ident.policy.name)
+    stack = resolve_stack(cfg, ident, backend, basic_user, org_header)
+    tenant = stack.tenants.get(backend)
+    if tenant is None:
+        raise ProxyError(404, f"stack {stack.id} has no {backend} tenant", "no_tenant")
+    entry["tenant"] = tenant
+    try:
+        ident, policies = await st.cache.authorize(ident, scope, stack, ip)
+    except Denied as exc:
+        raise _refused(exc) from None
+    return Decision(ident, stack, tenant, policies, ip)
+
+
 async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str, object], started: float
                  ) -> tuple[web.StreamResponse, int]:
     cfg = st.config
@@ -136,23 +157,20 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     if st.cache.stale:
         raise ProxyError(503, "policy snapshot unavailable or too old; refusing rather than trusting it",
                          "stale_snapshot")
-    presented, basic_user = credentials(request.headers.get("Authorization"))
-    try:
-        ident = await st.cache.identify(presented, datetime.now(UTC))
-    except Denied as exc:
-        raise _refused(exc, CHALLENGE) from None
-    entry.update(token_id=ident.token.id, policy=ident.policy.name)
-    stack = resolve_stack(cfg, ident, route.backend, basic_user, request.headers.get("X-Scope-OrgID"))
-    tenant = stack.tenants.get(route.backend)
-    if tenant is None:
-        raise ProxyError(404, f"stack {stack.id} has no {route.backend} tenant", "no_tenant")
-    entry["tenant"] = tenant
+    auth = request.headers.get("Authorization")
+    org_header = request.headers.get("X-Scope-OrgID")
     ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
-    entry["client_ip"] = str(ip) if ip else None
-    try:
-        ident, policies = await st.cache.authorize(ident, route.scope, stack, ip)
-    except Denied as exc:
-        raise _refused(exc) from None
+    generation = st.cache.generation  # read before any await: a change meanwhile voids what is decided
+    key = (auth, org_header, route.backend, route.scope, ip)
+    decision = st.decisions.get(key, generation, cfg, time.time())
+    if decision is None:
+        presented, basic_user = credentials(auth)  # refuses a missing or malformed header: never stored
+        decision = await _decide(st, cfg, route.backend, route.scope, presented, basic_user, org_header, ip,
+                                 entry)
+        if st.cache.generation == generation:
+            st.decisions.put(key, generation, cfg, decision)
+    ident, tenant, policies = decision.ident, decision.tenant, decision.policies
+    entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=tenant, client_ip=decision.client_ip())
     st.cache.record_use(ident.token.id)
 
     reads = route.kind in lbac.RESTRICTED_KINDS
@@ -191,7 +209,8 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
             raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
                              "lbac_unfilterable")
         mode = entry["lbac"] = effective_mode(st.extras, upstream)  # 503 for an unverified header mode
-        label_headers = lbac.headers_for(tenant, policies)
+        label_headers = decision.label_headers() if policies is decision.policies \
+            else lbac.headers_for(tenant, policies)
         if fan is not None:
             rewritten = True
             label_headers = () if mode == "enforce" else label_headers
