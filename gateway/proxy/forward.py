@@ -215,53 +215,11 @@ async def _forward_fast(request: web.Request, fast: FastClient, url: URL, header
 async def relay_websocket(request: web.Request, session: aiohttp.ClientSession, url: str,
                           headers: CIMultiDict[str]) -> tuple[web.WebSocketResponse, Outcome]:
     """Loki tail: connect upstream first (so refusals surface as HTTP errors), then pump both ways."""
-    for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Content-Length"):
-        headers.popall(h, None)
-    ws_url = "ws" + url[4:] if url.startswith("http") else url
-    try:
-        up = await session.ws_connect(ws_url, headers=headers, autoclose=True, autoping=True, heartbeat=30)
-    except aiohttp.WSServerHandshakeError as exc:
-        raise ProxyError(exc.status if 400 <= exc.status < 600 else 502, f"upstream refused the tail: {exc.message}",
-                         "upstream_refused") from None
-    except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
-        raise _failure(exc) from None
-    client = web.WebSocketResponse(autoping=True, heartbeat=30)
-    await client.prepare(request)
-    sent = 0
+    return await relay_websockets(request, session, [url], headers, _unfiltered)
 
-    async def down() -> None:
-        nonlocal sent
-        async for msg in up:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                sent += len(msg.data)
-                await client.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                sent += len(msg.data)
-                await client.send_bytes(msg.data)
-            else:
-                break
 
-    async def upward() -> None:
-        async for msg in client:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await up.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                await up.send_bytes(msg.data)
-            else:
-                break
-
-    tasks = [asyncio.create_task(down()), asyncio.create_task(upward())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        await up.close()
-        await client.close()
-    return client, Outcome(101, sent, 0.0)
+def _unfiltered(text: str) -> str | None:
+    return text
 
 
 async def relay_websockets(request: web.Request, session: aiohttp.ClientSession, urls: list[str],
