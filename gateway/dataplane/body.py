@@ -102,15 +102,19 @@ class Body:
             self._resume()
         return chunk
 
-    async def readany(self) -> bytes:
-        """The next bytes that arrived (``b""`` at the end)."""
+    async def _arrived(self) -> bool:
+        """Wait until bytes are buffered; False at the end of the body (the body's error is raised)."""
         while not self._chunks:
             if self._eof:
-                return b""
+                return False
             if self._exc is not None:
                 raise self._exc
             await self._wait()
-        return self._take(-1)
+        return True
+
+    async def readany(self) -> bytes:
+        """The next bytes that arrived (``b""`` at the end)."""
+        return self._take(-1) if await self._arrived() else b""
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all of the body for ``n < 0``); ``b""`` at the end."""
@@ -121,13 +125,7 @@ class Body:
             return b"".join(parts)
         if n == 0:
             return b""
-        while not self._chunks:
-            if self._eof:
-                return b""
-            if self._exc is not None:
-                raise self._exc
-            await self._wait()
-        return self._take(n)
+        return self._take(n) if await self._arrived() else b""
 
     async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
         while chunk := await self.read(n):

@@ -216,9 +216,7 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
             return None  # enforce: "parameter 'query' is required", or the policy itself as query
         if len(pols) == 1 and kind is Kind.LOGQL_OPTIONAL:
             return None  # today's path already sends the policy as the query
-        _check_size(pols)
-        legs = tuple(_encode(method, [*pairs, ("query", str(p))]) for p in pols)
-        return Plan(Merge.SINGLE if len(legs) == 1 else merge, legs)
+        return _policy_as_query(method, pairs, pols, merge)
     if len(pols) == 1 or _union_works(query, policies):
         return None
     if merge is None:
@@ -256,7 +254,11 @@ def plan_header_mode(kind: Kind, path: str, method: str, raw_query: str, body: b
     pairs = lbac._pairs(raw_query, body)
     if lbac._one(pairs, "query", required=False) is not None:
         return None
-    pols = policies if len(policies) == 1 else _selectors(policies, False)
+    return _policy_as_query(method, pairs, policies if len(policies) == 1 else _selectors(policies, False), merge)
+
+
+def _policy_as_query(method: str, pairs: list[tuple[str, str]], pols: tuple[Selector, ...], merge: Merge) -> Plan:
+    """One leg per selector, each sending the selector itself as the request's missing ``query``."""
     _check_size(pols)
     legs = tuple(_encode(method, [*pairs, ("query", str(p))]) for p in pols)
     return Plan(Merge.SINGLE if len(legs) == 1 else merge, legs)
