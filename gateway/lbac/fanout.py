@@ -13,9 +13,13 @@ rewrite, and merges the answers (``gateway.proxy.fanout``). This module only dec
 
 A plan is made only where the merge gives exactly the answer of a tenant holding only the visible
 series or streams; what cannot be merged exactly is refused with a 400 that says why. Counting
-endpoints (``index/stats``, ``patterns``) are exact only when no stream can match two selectors
-(:func:`disjoint`); volumes are refused because Loki groups them by the query's matcher names and
-cuts them to the top ``limit``, which a sum over selectors cannot reproduce. At most
+endpoints (``index/stats``, ``index/volume``, ``index/volume_range``) are answered by
+inclusion-exclusion (:mod:`gateway.lbac.overlap`, :mod:`gateway.lbac.counts`: one leg per
+intersection of selectors, summed with signs; volumes grouped as the original query would group
+them). ``patterns`` under several selectors is refused: Loki drops the patterns a request sees
+fewer than 30 times and keeps its top 300 (``pkg/pattern/ingester_querier.go`` ``prunePatterns``),
+so a pattern seen 20 times under each of two selectors is missing from both answers but present in
+their union's: no sum of per-selector answers is exact, not even for disjoint selectors. At most
 :data:`MAX_FANOUT` selectors are fanned out.
 """
 
@@ -30,9 +34,10 @@ from urllib.parse import urlencode
 
 import promql_parser as pp
 
-from gateway.lbac import RewriteError
+from gateway.lbac import RewriteError, counts
 from gateway.lbac import restrict as lbac
 from gateway.lbac.logql import is_log_query, restrict_logql, simplify
+from gateway.lbac.overlap import Term, TooManyTerms, signed_intersections
 from gateway.lbac.promql import effective_policies, restrict_match, restrict_promql
 from gateway.lbac.remote_read import (
     SAMPLES_CONTENT_TYPE,
@@ -60,8 +65,9 @@ class Merge(enum.Enum):
     DETECTED_LABELS = "detected_labels"
     DETECTED_FIELDS = "detected_fields"
     DETECTED_VALUES = "detected_values"
-    PATTERNS = "patterns"  # disjoint selectors only: samples summed per pattern
-    INDEX_STATS = "index_stats"  # disjoint selectors only: counts summed
+    PATTERNS = "patterns"  # the endpoint only: several selectors are refused (Loki prunes per request)
+    INDEX_STATS = "index_stats"  # inclusion-exclusion: counts summed with the terms' signs
+    VOLUME = "volume"  # inclusion-exclusion: volumes per name and bucket, then Loki's top `limit`
     MATRIX = "matrix"  # Prometheus range vector: series by label set, samples deduplicated
     METADATA = "metadata"  # legs: visible metric names, then the tenant's metadata (filtered)
     REMOTE_READ = "remote_read"  # series merged by label set per query
@@ -85,6 +91,7 @@ class Plan:
     legs: tuple[Leg, ...]
     limit: int = LOKI_DEFAULT_LIMIT  # entries (streams) or metrics (metadata); < 0: none
     forward: bool = False  # Loki direction
+    counts: counts.Counts | None = None  # signed merges (index stats, volumes): signs and limits
 
 
 # Loki endpoint (the upstream path's tail) -> merge; endpoints missing here are never fanned out.
@@ -98,13 +105,14 @@ _LOKI_ENDPOINTS: Final[tuple[tuple[re.Pattern[str], Merge], ...]] = tuple(
         (r"/loki/api/v1/detected_field/[^/]+/values\Z", Merge.DETECTED_VALUES),
         (r"/loki/api/v1/patterns\Z", Merge.PATTERNS),
         (r"/loki/api/v1/index/stats\Z", Merge.INDEX_STATS),
+        (r"/loki/api/v1/index/volume(?:_range)?\Z", Merge.VOLUME),
     )
 )  # fmt: skip
 #: Endpoints Grafana calls without ``query``: the policy selectors become the query (Loki's labels too).
 _QUERY_OPTIONAL: Final = frozenset({Merge.DETECTED_LABELS, Merge.DETECTED_VALUES})
 _PLANNED: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL, Kind.LOGQL_TAIL, Kind.PROMQL})
-_DISJOINT_ONLY: Final = frozenset({Merge.PATTERNS, Merge.INDEX_STATS})
-_VOLUME: Final = re.compile(r"/loki/api/v1/index/volume(?:_range)?\Z")
+#: Planned even under a single selector (or a union rewrite): volumes must group as the original query.
+_SINGLE_PLANNED: Final = _QUERY_OPTIONAL | {Merge.VOLUME}
 _METADATA: Final = re.compile(r"/api/v1/metadata\Z")
 _PROM_QUERY: Final = re.compile(r"/api/v1/query(?:_range)?\Z")
 _LITERALS: Final = re.compile(r"[A-Za-z0-9_\-]+(?:\|[A-Za-z0-9_\-]+)*\Z")
@@ -137,10 +145,6 @@ def _conflict(x: LabelMatcher, y: LabelMatcher) -> bool:
 def disjoint(a: Selector, b: Selector) -> bool:
     """Whether no label set can match both selectors (a sound, incomplete check)."""
     return any(x.name == y.name and _conflict(x, y) for x in a.matchers for y in b.matchers)
-
-
-def _pairwise_disjoint(pols: tuple[Selector, ...]) -> bool:
-    return all(disjoint(a, b) for i, a in enumerate(pols) for b in pols[i + 1 :])
 
 
 def _check_size(pols: tuple[Selector, ...]) -> None:
@@ -202,12 +206,12 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
     if kind not in _PLANNED:
         return None
     pols = policies if len(policies) == 1 else _selectors(policies, kind is Kind.PROMQL)
-    if len(pols) == 1 and not (kind is Kind.LOGQL and _loki_merge(path) in _QUERY_OPTIONAL):
+    if len(pols) == 1 and not (kind is Kind.LOGQL and _loki_merge(path) in _SINGLE_PLANNED):
         return None  # the hot path of single-selector policies: today's rewrite, nothing parsed here
     if kind is Kind.PROMQL:
         return _promql_plan(path, method, raw_query, body, policies, pols)
     merge = Merge.TAIL if kind is Kind.LOGQL_TAIL else _loki_merge(path)
-    if merge is None and not _VOLUME.search(path):
+    if merge is None:
         return None
     pairs = lbac._pairs(raw_query, body)
     query = lbac._one(pairs, "query", required=False)
@@ -217,20 +221,22 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
         if len(pols) == 1 and kind is Kind.LOGQL_OPTIONAL:
             return None  # today's path already sends the policy as the query
         return _policy_as_query(method, pairs, pols, merge)
+    if merge is Merge.VOLUME:
+        return _volume_plan(kind, method, pairs, policies, pols)
     if len(pols) == 1 or _union_works(query, policies):
         return None
-    if merge is None:
-        raise ProxyError(400, "query refused by label-based access control: index volumes cannot be restricted "
-                         "by several label policies (Loki groups them by the query's own labels and keeps the "
-                         "top `limit`, which no sum over policies reproduces); ask your admin for a single "
-                         "selector", "lbac_refused")
     if not _safe_log_query(query):
         return None  # a metric query the union rewrite refused: enforce says why
-    if merge in _DISJOINT_ONLY and not _pairwise_disjoint(pols):
-        raise ProxyError(400, "query refused by label-based access control: this endpoint counts streams, and a "
-                         "stream can match several of your label policies, so the counts cannot be added up "
-                         "exactly; ask your admin for label policies that do not overlap", "lbac_refused")
+    if merge is Merge.PATTERNS:
+        raise ProxyError(400, "query refused by label-based access control: patterns cannot be restricted by "
+                         "several label policies (Loki drops the patterns one request sees fewer than 30 times "
+                         "and keeps its top 300, so per-policy answers cannot be added up exactly); ask your "
+                         "admin for a single selector", "lbac_refused")
     _check_size(pols)
+    if merge is Merge.INDEX_STATS:
+        terms = _terms(pols)
+        return Plan(merge, tuple(_single(kind, method, raw_query, body, t.selector) for t in terms),
+                    counts=counts.Counts(tuple(t.sign for t in terms)))
     legs = tuple(_single(kind, method, raw_query, body, p) for p in pols)
     if merge is Merge.STREAMS:
         limit, forward = _limit_direction(pairs)
@@ -262,6 +268,39 @@ def _policy_as_query(method: str, pairs: list[tuple[str, str]], pols: tuple[Sele
     _check_size(pols)
     legs = tuple(_encode(method, [*pairs, ("query", str(p))]) for p in pols)
     return Plan(Merge.SINGLE if len(legs) == 1 else merge, legs)
+
+
+@lru_cache(maxsize=256)
+def _terms(pols: tuple[Selector, ...]) -> tuple[Term, ...]:
+    """The inclusion-exclusion terms for ``pols``, or the 400 that says there would be too many."""
+    try:
+        return signed_intersections(pols, disjoint)
+    except TooManyTerms as exc:
+        raise ProxyError(400, f"query refused by label-based access control: {exc}; ask your admin for fewer "
+                         "or non-overlapping label policies", "lbac_refused") from None
+
+
+def _volume_plan(kind: Kind, method: str, pairs: list[tuple[str, str]], policies: tuple[Selector, ...],
+                 pols: tuple[Selector, ...]) -> Plan | None:
+    """Volumes grouped as the original query groups them: one leg (single selector or union), or one per term."""
+    params = counts.volume_params(pairs)
+    if params is None:
+        return None  # not a plain selector: today's rewrite, and Loki's own refusal
+    query = lbac._one(params.pairs, "query", required=True) or ""
+    if len(pols) == 1 or _union_works(query, policies):
+        return Plan(Merge.SINGLE, (_union(kind, method, _encode(method, params.pairs), policies),))
+    _check_size(pols)
+    terms = _terms(pols)
+    leg_pairs, leg_limit = counts.with_leg_limit(params)
+    leg = _encode(method, leg_pairs)
+    return Plan(Merge.VOLUME, tuple(_single(kind, method, leg.query, leg.body, t.selector) for t in terms),
+                counts=counts.Counts(tuple(t.sign for t in terms), params.limit or 0, leg_limit, params.by_labels))
+
+
+def _union(kind: Kind, method: str, leg: Leg, policies: tuple[Selector, ...]) -> Leg:
+    """Today's rewrite of ``leg`` under all of ``policies`` (one selector, or their union as one)."""
+    r = lbac.enforce(kind, method, leg.query, leg.body, policies)
+    return Leg(r.query if r.query is not None else leg.query, r.body or None, method)
 
 
 @lru_cache(maxsize=1024)
