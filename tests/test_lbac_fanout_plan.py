@@ -97,7 +97,11 @@ def test_counting_legs_are_the_inclusion_exclusion_terms() -> None:
     assert p is not None and p.merge is Merge.SINGLE and p.legs[0].method == "POST"
     assert dict(parse_qsl((p.legs[0].body or b"").decode())) == {
         "targetLabels": "team", "query": '{app="a", team=~".+", env="dev"}'}
-    for raw in (q(query='{app="a"} |= "x"'), q(query="up"), q(query='{app="a"}', limit="-1")):
+    with pytest.raises(ProxyError, match="given more than once"):
+        plan(Kind.LOGQL, "/loki/api/v1/index/volume", "POST", q(targetLabels="env"), q(
+            query='{app="a"}', targetLabels="team").encode(), TWO)
+    for raw in (q(query='{app="a"} |= "x"'), q(query="up"), q(query='{app="a"}', limit="-1"),
+                q(query='{app="a"}', targetLabels=" env")):
         p = plan(Kind.LOGQL, "/loki/api/v1/index/volume", "GET", raw, None, TWO)  # Loki's own 400 through
         assert p is None or all(dict(parse_qsl(leg.query)).get("limit") in (None, "-1") for leg in p.legs)
 

@@ -43,9 +43,11 @@ per-policy answers miss what only their sum would keep; see ``gateway.lbac.fanou
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+from gateway.lbac import restrict
 from gateway.policy.selector import LabelMatcher, Selector, SelectorError, parse_selector
 
 __all__ = ["VOLUME_LEG_LIMIT", "Counts", "Inexact", "merge_index_stats", "merge_volumes", "volume_params"]
@@ -53,6 +55,7 @@ __all__ = ["VOLUME_LEG_LIMIT", "Counts", "Inexact", "merge_index_stats", "merge_
 #: Volumes asked of each leg at least (Loki's default ``limits.volume-max-series``).
 VOLUME_LEG_LIMIT: Final = 1000
 _DEFAULT_LIMIT: Final = 100  # pkg/loghttp/query.go defaultVolumeLimit
+_LABEL_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class Inexact(ValueError):
@@ -87,8 +90,8 @@ def _names(sel: Selector) -> list[str]:
 
 
 def _one(pairs: list[tuple[str, str]], name: str) -> str:
-    """Go's ``r.Form.Get``: the first value, or empty."""
-    return next((v for k, v in pairs if k == name), "")
+    """The parameter's value or empty; given twice (URL and body), a 400 as for ``query``."""
+    return restrict._one(pairs, name, required=False) or ""
 
 
 def volume_params(pairs: list[tuple[str, str]]) -> VolumeParams | None:
@@ -104,7 +107,9 @@ def volume_params(pairs: list[tuple[str, str]]) -> VolumeParams | None:
     except SelectorError:
         return None
     names = _names(sel)
-    targets = [t for t in _one(pairs, "targetLabels").split(",") if t] if _one(pairs, "targetLabels") else []
+    targets = [t for t in _one(pairs, "targetLabels").split(",") if t]
+    if not all(_LABEL_NAME.match(t) for t in targets):
+        return None  # Loki matches no stream by such a name; a leg could not even name it
     by_labels = _one(pairs, "aggregateBy") == "labels"
     extra = tuple(LabelMatcher(t, "=~", ".+") for t in dict.fromkeys(targets) if t not in names)
     out = [(k, v) for k, v in pairs if k not in ("query", "targetLabels")]

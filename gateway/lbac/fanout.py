@@ -34,8 +34,9 @@ from urllib.parse import urlencode
 
 import promql_parser as pp
 
-from gateway.lbac import RewriteError, counts
+from gateway.lbac import RewriteError
 from gateway.lbac import restrict as lbac
+from gateway.lbac.counts import Counts, volume_params, with_leg_limit
 from gateway.lbac.logql import is_log_query, restrict_logql, simplify
 from gateway.lbac.overlap import Term, TooManyTerms, signed_intersections
 from gateway.lbac.promql import effective_policies, restrict_match, restrict_promql
@@ -91,7 +92,7 @@ class Plan:
     legs: tuple[Leg, ...]
     limit: int = LOKI_DEFAULT_LIMIT  # entries (streams) or metrics (metadata); < 0: none
     forward: bool = False  # Loki direction
-    counts: counts.Counts | None = None  # signed merges (index stats, volumes): signs and limits
+    counts: Counts | None = None  # signed merges (index stats, volumes): signs and limits
 
 
 # Loki endpoint (the upstream path's tail) -> merge; endpoints missing here are never fanned out.
@@ -236,7 +237,7 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
     if merge is Merge.INDEX_STATS:
         terms = _terms(pols)
         return Plan(merge, tuple(_single(kind, method, raw_query, body, t.selector) for t in terms),
-                    counts=counts.Counts(tuple(t.sign for t in terms)))
+                    counts=Counts(tuple(t.sign for t in terms)))
     legs = tuple(_single(kind, method, raw_query, body, p) for p in pols)
     if merge is Merge.STREAMS:
         limit, forward = _limit_direction(pairs)
@@ -283,7 +284,7 @@ def _terms(pols: tuple[Selector, ...]) -> tuple[Term, ...]:
 def _volume_plan(kind: Kind, method: str, pairs: list[tuple[str, str]], policies: tuple[Selector, ...],
                  pols: tuple[Selector, ...]) -> Plan | None:
     """Volumes grouped as the original query groups them: one leg (single selector or union), or one per term."""
-    params = counts.volume_params(pairs)
+    params = volume_params(pairs)
     if params is None:
         return None  # not a plain selector: today's rewrite, and Loki's own refusal
     query = lbac._one(params.pairs, "query", required=True) or ""
@@ -291,10 +292,10 @@ def _volume_plan(kind: Kind, method: str, pairs: list[tuple[str, str]], policies
         return Plan(Merge.SINGLE, (_union(kind, method, _encode(method, params.pairs), policies),))
     _check_size(pols)
     terms = _terms(pols)
-    leg_pairs, leg_limit = counts.with_leg_limit(params)
+    leg_pairs, leg_limit = with_leg_limit(params)
     leg = _encode(method, leg_pairs)
     return Plan(Merge.VOLUME, tuple(_single(kind, method, leg.query, leg.body, t.selector) for t in terms),
-                counts=counts.Counts(tuple(t.sign for t in terms), params.limit or 0, leg_limit, params.by_labels))
+                counts=Counts(tuple(t.sign for t in terms), params.limit or 0, leg_limit, params.by_labels))
 
 
 def _union(kind: Kind, method: str, leg: Leg, policies: tuple[Selector, ...]) -> Leg:
