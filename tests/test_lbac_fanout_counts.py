@@ -232,3 +232,26 @@ async def test_patterns_under_several_selectors_are_refused(env: Env, loki: tupl
     assert r.status == 200 and await r.json() == visible_only(one).patterns(p)
     assert (await r.json())["data"]
     assert dict(loki[0].seen[-1][1])["query"] == '{app=~".+", env!="prod"}'  # today's single rewrite
+
+
+def test_signed_merges_refuse_what_they_do_not_understand() -> None:
+    vec = {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"app": "a"}, "value": [1700000000.5, "10"]}]}}
+    more = {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"app": "a"}, "value": [1700000000.5, "25"]}]}}
+    out, stats = counts.merge_volumes([more, vec], counts.Counts((1, -1), 100, 1000))
+    assert out["data"] == {"resultType": "vector", "result": [{"metric": {"app": "a"},
+                                                               "value": [1700000000.5, "15"]}]} and stats == []
+    for docs, c in (([vec, more], counts.Counts((1, -1), 100, 1000)),  # a negative volume
+                    ([{"status": "success", "data": {"resultType": "streams", "result": []}}], counts.Counts((1,))),
+                    ([{"status": "error"}], counts.Counts((1,))),
+                    ([{"status": "success", "data": {"resultType": "vector", "result": [
+                        {"metric": {"a": "", "b": ""}, "value": [1, "1"]}]}}], counts.Counts((1,), by_labels=True)),
+                    ([{"status": "success", "data": {"resultType": "vector", "result": [
+                        {"metric": {"a": "x"}, "value": [1, "1.5"]}]}}], counts.Counts((1,)))):
+        with pytest.raises(counts.Unmergeable):
+            counts.merge_volumes(docs, c)
+    with pytest.raises(counts.Unmergeable):
+        counts.merge_index_stats([{"streams": 1}, {"streams": 2}], (1, -1))
+    assert counts.merge_index_stats([{"streams": 3, "bytes": 9}, {"streams": 1, "bytes": 4}], (1, -1)) == {
+        "streams": 2, "bytes": 5}

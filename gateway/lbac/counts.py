@@ -50,7 +50,8 @@ from typing import Any, Final
 from gateway.lbac import restrict
 from gateway.policy.selector import LabelMatcher, Selector, SelectorError, parse_selector
 
-__all__ = ["VOLUME_LEG_LIMIT", "Counts", "Inexact", "merge_index_stats", "merge_volumes", "volume_params"]
+__all__ = ["VOLUME_LEG_LIMIT", "Counts", "Inexact", "Unmergeable", "merge_index_stats", "merge_volumes",
+           "volume_params", "with_leg_limit"]
 
 #: Volumes asked of each leg at least (Loki's default ``limits.volume-max-series``).
 VOLUME_LEG_LIMIT: Final = 1000
