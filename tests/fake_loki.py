@@ -20,8 +20,8 @@ Written from Loki's source (grafana/loki), for what the fan-out tests depend on:
   ``detected_labels`` ``{"detectedLabels":[{"label","cardinality"}]}``; ``index/stats``
   ``{"streams","chunks","bytes","entries"}``; tail frames ``{"streams":[...]}``.
 
-Anything else in a query (parsers, metric queries) is answered 400, so a test never passes on
-syntax the fake does not evaluate.
+Metric queries (``query_range`` and the instant ``query``) are evaluated by tests/fake_loki_metrics.py;
+anything else in a query is answered 400, so a test never passes on syntax the fake does not evaluate.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests import fake_loki_metrics
 
 _MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*"|`[^`]*`)\s*(,|\})')
 _FILTER = re.compile(r'\s*(\|=|!=|\|~|!~)\s*("(?:[^"\\]|\\.)*"|`[^`]*`)')
@@ -133,6 +135,27 @@ def parse_time(value: str | None, default: int) -> int:
     return n * 1_000_000_000 if len(value) <= 10 else n
 
 
+def is_metric(query: str) -> bool:
+    """A metric query starts with a function or aggregation, a log query with its selector."""
+    return not query.lstrip(" (").startswith("{")
+
+
+def _step(value: str | None) -> int:
+    """Loki's step: float seconds or a Prometheus duration (``pkg/loghttp/params.go``)."""
+    if not value:
+        raise LokiError("the fake Loki needs an explicit step")
+    try:
+        seconds = float(value)
+    except ValueError:
+        m = re.fullmatch(r"(\d+)([smh])", value)
+        if m is None:
+            raise LokiError(f'cannot parse "{value}" to a valid duration') from None
+        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if seconds <= 0:
+        raise LokiError("zero or negative query resolution step widths are not accepted")
+    return int(seconds * 10**9)
+
+
 @dataclass
 class FakeLoki:
     streams: list[Stream]
@@ -183,6 +206,16 @@ class FakeLoki:
                              "execTime": 0.001, "queueTime": 0.0001, "linesProcessedPerSecond": scanned * 1000}}
         return {"status": "success", "data": {"resultType": "streams", "result": result, "stats": stats}}
 
+    def metric(self, p: dict[str, str], instant: bool) -> dict[str, Any]:
+        expr = fake_loki_metrics.parse(p.get("query", ""), parse_selector, _string, LokiError)
+        if instant:
+            steps = [parse_time(p.get("time"), self.now_ns)]
+        else:
+            start, end = self._bounds(p)
+            step = _step(p.get("step"))
+            steps = list(range(start, end + 1, step))
+        return fake_loki_metrics.evaluate(expr, self.streams, steps, instant)
+
     def labels(self, p: dict[str, str], name: str | None = None) -> dict[str, Any]:
         select = parse_selector(p["query"])[0] if p.get("query") else (lambda ls: True)
         out: set[str] = set()
@@ -229,7 +262,9 @@ class FakeLoki:
         p, pairs = await self._params(request)
         path = request.path
         try:
-            if path.endswith("/query_range"):
+            if path.endswith(("/query_range", "/query")) and is_metric(p.get("query", "")):
+                doc = self.metric(p, instant=path.endswith("/query"))
+            elif path.endswith("/query_range"):
                 doc = self.query_range(p)
             elif path.endswith(("/labels", "/label")):
                 doc = self.labels(p)

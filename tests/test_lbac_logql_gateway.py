@@ -107,11 +107,12 @@ TABLE: list[tuple[str, dict[str, str | None]]] = [
         "merge": 'topk(3, sum by (app) (bytes_over_time({app=~"x|y", env=~"dev|prod"}[5m])))',
         "union": 'topk(3, sum by (app) ((bytes_over_time({app=~"x|y", ns="a"}[5m]) or '
                  'bytes_over_time({app=~"x|y", team="b"}[5m]))))'}),
-    ('sum by (ns) (rate({app="x"} | logfmt | unwrap latency [5m]))', {
-        "one": 'sum by (ns) (rate({app="x", ns="allowed"} | logfmt | unwrap latency [5m]))',
-        "merge": 'sum by (ns) (rate({app="x", env=~"dev|prod"} | logfmt | unwrap latency [5m]))',
-        "union": 'sum by (ns) ((rate({app="x", ns="a"} | logfmt | unwrap latency [5m]) or '
-                 'rate({app="x", team="b"} | logfmt | unwrap latency [5m])))'}),
+    # (with a parser stage, sums under several selectors are fanned out instead: test_lbac_metric_fanout.py)
+    ('sum by (ns) (rate({app="x"} | unwrap latency [5m]))', {
+        "one": 'sum by (ns) (rate({app="x", ns="allowed"} | unwrap latency [5m]))',
+        "merge": 'sum by (ns) (rate({app="x", env=~"dev|prod"} | unwrap latency [5m]))',
+        "union": 'sum by (ns) ((rate({app="x", ns="a"} | unwrap latency [5m]) or '
+                 'rate({app="x", team="b"} | unwrap latency [5m])))'}),
     ('absent_over_time({app="x"}[5m])', {
         "one": 'absent_over_time({app="x", ns="allowed"}[5m])',
         "merge": 'absent_over_time({app="x", env=~"dev|prod"}[5m])',
@@ -187,7 +188,9 @@ async def test_query_endpoints_receive_the_exact_rewrite(env: Env, path: str, me
                 n = len(env.rec.seen)
                 r = await send(env, method, path, [("query", query), ("limit", "10")], auth[name])
                 case = (path, method, name, query)
-                if want is None and path in FANNED and not query.startswith("absent"):
+                if query.startswith("absent"):
+                    continue  # labelled from the client's selector, merged as numbers: test_lbac_metric_fanout.py
+                if want is None and path in FANNED:
                     assert r.status == 200, (case, await r.text())
                     legs = env.rec.seen[n:]
                     got = sorted(dict(s.query + (parse_qsl(s.body.decode()) if s.body else []))["query"]

@@ -30,7 +30,7 @@ from urllib.parse import urlencode
 
 import promql_parser as pp
 
-from gateway.lbac import RewriteError
+from gateway.lbac import RewriteError, metric_fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.logql import is_log_query, restrict_logql, simplify
 from gateway.lbac.promql import effective_policies, restrict_match, restrict_promql
@@ -66,6 +66,8 @@ class Merge(enum.Enum):
     METADATA = "metadata"  # legs: visible metric names, then the tenant's metadata (filtered)
     REMOTE_READ = "remote_read"  # series merged by label set per query
     TAIL = "tail"  # one WebSocket per selector, frames merged
+    SIGNED = "signed"  # Loki metric query that sums over streams: legs added with Plan.signs
+    ABSENT = "absent"  # Loki absent_over_time: the steps every leg answers, labelled with Plan.labels
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,8 @@ class Plan:
     legs: tuple[Leg, ...]
     limit: int = LOKI_DEFAULT_LIMIT  # entries (streams) or metrics (metadata); < 0: none
     forward: bool = False  # Loki direction
+    signs: tuple[int, ...] = ()  # Merge.SIGNED: +1/-1 per leg (inclusion-exclusion)
+    labels: tuple[tuple[str, str], ...] = ()  # Merge.ABSENT: the result's labels
 
 
 # Loki endpoint (the upstream path's tail) -> merge; endpoints missing here are never fanned out.
@@ -202,7 +206,8 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
     if kind not in _PLANNED:
         return None
     pols = policies if len(policies) == 1 else _selectors(policies, kind is Kind.PROMQL)
-    if len(pols) == 1 and not (kind is Kind.LOGQL and _loki_merge(path) in _QUERY_OPTIONAL):
+    if len(pols) == 1 and not (kind is Kind.LOGQL and (_loki_merge(path) in _QUERY_OPTIONAL
+                                                       or _mentions_absent(raw_query, body))):
         return None  # the hot path of single-selector policies: today's rewrite, nothing parsed here
     if kind is Kind.PROMQL:
         return _promql_plan(path, method, raw_query, body, policies, pols)
@@ -217,15 +222,20 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
         if len(pols) == 1 and kind is Kind.LOGQL_OPTIONAL:
             return None  # today's path already sends the policy as the query
         return _policy_as_query(method, pairs, pols, merge)
-    if len(pols) == 1 or _union_works(query, policies):
-        return None
+    if len(pols) == 1:  # absent_over_time: labelled from the client's selector, not the rewritten one
+        return _metric_plan(kind, method, raw_query, body, query, pols, True) if merge is Merge.STREAMS else None
+    union_ok = _union_works(query, policies)
+    if union_ok and not metric_fanout.has_parser(query):
+        return None  # the union rewrite is exact
+    if merge is Merge.STREAMS and not _safe_log_query(query):
+        return _metric_plan(kind, method, raw_query, body, query, pols, union_ok)  # None: the union or its refusal
+    if union_ok or not _safe_log_query(query):
+        return None  # exact already, or not a log query: enforce decides (and says why it refuses)
     if merge is None:
         raise ProxyError(400, "query refused by label-based access control: index volumes cannot be restricted "
                          "by several label policies (Loki groups them by the query's own labels and keeps the "
                          "top `limit`, which no sum over policies reproduces); ask your admin for a single "
                          "selector", "lbac_refused")
-    if not _safe_log_query(query):
-        return None  # a metric query the union rewrite refused: enforce says why
     if merge in _DISJOINT_ONLY and not _pairwise_disjoint(pols):
         raise ProxyError(400, "query refused by label-based access control: this endpoint counts streams, and a "
                          "stream can match several of your label policies, so the counts cannot be added up "
@@ -283,6 +293,39 @@ def _safe_log_query(query: str) -> bool:
         return is_log_query(query)
     except RewriteError:
         return False  # enforce refuses with the lexer's message
+
+
+def _metric_plan(kind: Kind, method: str, raw_query: str, body: bytes | None, query: str,
+                 pols: tuple[Selector, ...], union_ok: bool) -> Plan | None:
+    """A LogQL metric query under several selectors: sums over streams or absence (``metric_fanout``).
+
+    Used where the union rewrite refuses, and for sums over streams whose pipeline parses labels out of
+    lines (a parsed label can make two streams one series, which ``or`` would count once). Under one
+    selector only for ``absent_over_time``: Loki labels its answer with the selector's ``=`` matchers,
+    so the rewritten query's answer would carry the policy's labels (seen on a real Loki).
+    """
+    try:
+        found = metric_fanout.shape(query)
+    except RewriteError:
+        return None
+    if found is None or (union_ok and found.kind == "additive" and len(pols) == 1):
+        return None
+    if found.kind == "absent":
+        _check_size(pols)
+        legs = tuple(_single(kind, method, raw_query, body, p) for p in pols)
+        return Plan(Merge.ABSENT, legs, labels=tuple(metric_fanout.absent_labels(found.matchers).items()))
+    signed = metric_fanout.terms(pols, disjoint)
+    legs = tuple(_single(kind, method, raw_query, body, sel) for _, sel in signed)
+    return Plan(Merge.SIGNED, legs, signs=tuple(sign for sign, _ in signed))
+
+
+_ABSENT: Final = re.compile(r"absent_over_time", re.IGNORECASE)
+_ABSENT_BYTES: Final = re.compile(rb"absent_over_time", re.IGNORECASE)
+
+
+def _mentions_absent(raw_query: str, body: bytes | None) -> bool:
+    """A cheap look for ``absent_over_time`` (URL and form encoding leave the name as it is)."""
+    return _ABSENT.search(raw_query) is not None or (body is not None and _ABSENT_BYTES.search(body) is not None)
 
 
 def _promql_plan(path: str, method: str, raw_query: str, body: bytes | None, policies: tuple[Selector, ...],

@@ -24,6 +24,7 @@ Merges, each chosen to equal the visible-only answer:
   largest leg's estimate (a sum would count shared values twice). ``detected_field`` values: the union.
 * ``patterns`` and ``index/stats`` (planned only for selectors no stream can match twice): summed.
 * Prometheus range vectors: series by label set, samples by timestamp, sorted by labels.
+* LogQL metric queries the union rewrite refuses: ``gateway.proxy.metric_merge`` (signed sums, absence).
 * Metadata: the tenant's metadata restricted to the metric names the token can see, then ``limit``.
 * Remote read: see ``gateway.lbac.remote_read.merge_samples`` / ``merge_streamed``.
 """
@@ -49,6 +50,7 @@ from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE
 from gateway.lbac.restrict import FORM
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
+from gateway.proxy.metric_merge import merge_absent, merge_signed
 
 #: Largest answer read from one leg.
 MAX_ANSWER: Final = 256 * 1024 * 1024
@@ -355,6 +357,8 @@ _JSON_MERGES: Final[dict[Merge, Callable[[list[Any], Plan], dict[str, Any]]]] = 
     Merge.PATTERNS: _patterns,
     Merge.INDEX_STATS: _index_stats,
     Merge.MATRIX: merge_matrix,
+    Merge.SIGNED: merge_signed,
+    Merge.ABSENT: merge_absent,
 }
 
 
