@@ -237,7 +237,23 @@ class FakeLoki:
         for s in self._in_range(p, select):
             for k, v in s.labels.items():
                 values.setdefault(k, set()).add(v)
-        return {"detectedLabels": [{"label": k, "cardinality": len(values[k])} for k in sorted(values)]}
+        # countLabelsAndCardinality / shouldRejectLabel (pkg/querier/querier.go): a label whose values are all
+        # numbers or UUIDs is dropped (one or two "0"/"1" values excepted), cluster/namespace/instance/pod kept
+        def looks_like_id(v: str) -> bool:
+            try:
+                float(v.replace("_", "x"))  # Go's ParseFloat takes no underscores here
+                return True
+            except ValueError:
+                return re.fullmatch(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}", v) is not None
+
+        def keep(name: str, vs: set[str]) -> bool:
+            if name in ("cluster", "namespace", "instance", "pod"):
+                return bool(vs)
+            if len(vs) <= 2 and vs <= {"0", "1"}:
+                return bool(vs)
+            return not all(looks_like_id(v) for v in vs)
+        return {"detectedLabels": [{"label": k, "cardinality": len(values[k])} for k in sorted(values)
+                                   if keep(k, values[k])]}
 
     def index_stats(self, p: dict[str, str]) -> dict[str, Any]:
         select = parse_selector(p.get("query", ""))[0]

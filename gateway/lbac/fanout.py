@@ -32,7 +32,7 @@ import promql_parser as pp
 
 from gateway.lbac import RewriteError, metric_fanout
 from gateway.lbac import restrict as lbac
-from gateway.lbac.logql import is_log_query, restrict_logql, simplify
+from gateway.lbac.logql import is_log_query, restrict_logql, restrict_logql_matchers, simplify
 from gateway.lbac.promql import effective_policies, restrict_match, restrict_promql
 from gateway.lbac.remote_read import (
     SAMPLES_CONTENT_TYPE,
@@ -58,6 +58,7 @@ class Merge(enum.Enum):
     STREAMS = "streams"  # Loki log query: streams by label set, entries deduplicated, direction, limit
     VALUES = "values"  # Loki labels / label values: union of the value lists
     DETECTED_LABELS = "detected_labels"
+    DETECTED_FROM_SERIES = "detected_from_series"  # detected_labels computed from one series leg
     DETECTED_FIELDS = "detected_fields"
     DETECTED_VALUES = "detected_values"
     PATTERNS = "patterns"  # disjoint selectors only: samples summed per pattern
@@ -216,6 +217,8 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
         return None
     pairs = lbac._pairs(raw_query, body)
     query = lbac._one(pairs, "query", required=False)
+    if merge is Merge.DETECTED_LABELS and len(pols) > 1:
+        return _detected_from_series(path, pairs, query, pols)
     if query is None:
         if merge is None or not (kind is Kind.LOGQL_OPTIONAL or merge in _QUERY_OPTIONAL):
             return None  # enforce: "parameter 'query' is required", or the policy itself as query
@@ -264,7 +267,30 @@ def plan_header_mode(kind: Kind, path: str, method: str, raw_query: str, body: b
     pairs = lbac._pairs(raw_query, body)
     if lbac._one(pairs, "query", required=False) is not None:
         return None
-    return _policy_as_query(method, pairs, policies if len(policies) == 1 else _selectors(policies, False), merge)
+    pols = policies if len(policies) == 1 else _selectors(policies, False)
+    if merge is Merge.DETECTED_LABELS and len(pols) > 1:
+        return _detected_from_series(path, pairs, None, pols)
+    return _policy_as_query(method, pairs, pols, merge)
+
+
+def _detected_from_series(path: str, pairs: list[tuple[str, str]], query: str | None,
+                          pols: tuple[Selector, ...]) -> Plan:
+    """``detected_labels`` under several selectors, from one ``series`` request (its ``match[]`` are OR-ed).
+
+    Each leg's answer would count a value seen under two selectors twice or, if the largest leg is kept,
+    miss the values only another leg sees; and Loki drops a label whose values all look like IDs, which
+    depends on all the values. The visible streams' label sets give the values exactly, and
+    ``gateway.proxy.detected`` applies Loki's rules to them.
+    """
+    _check_size(pols)
+    try:
+        matches = restrict_logql_matchers([query] if query is not None else [], pols)
+    except RewriteError as exc:
+        raise ProxyError(400, f"invalid query: {exc}", "bad_query") from None
+    keep = [(k, v) for k, v in pairs if k in ("start", "end", "since")]
+    series_path = path[: -len("detected_labels")] + "series"
+    leg = Leg(urlencode([*keep, *(("match[]", m) for m in matches)]), None, "GET", series_path)
+    return Plan(Merge.DETECTED_FROM_SERIES, (leg,))
 
 
 def _policy_as_query(method: str, pairs: list[tuple[str, str]], pols: tuple[Selector, ...], merge: Merge) -> Plan:
