@@ -42,7 +42,7 @@ _WORD = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)")
 _NAMES = re.compile(r"\s*\(\s*([A-Za-z_][A-Za-z0-9_]*(?:\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*)?\s*\)")
 _LOGFMT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(\S*)")
 RANGE_OPS = ("count_over_time", "rate", "bytes_over_time", "bytes_rate", "sum_over_time", "avg_over_time",
-             "max_over_time", "absent_over_time")
+             "max_over_time", "min_over_time", "absent_over_time")
 VECTOR_OPS = ("sum", "avg", "max", "min", "count")
 # RangeAggregationExpr.validate (pkg/logql/syntax/ast.go): only these take by/without
 _GROUPABLE = ("avg_over_time", "max_over_time", "min_over_time")
@@ -195,8 +195,8 @@ class _Parser:
         if r is None:
             raise self.error(f"parse error: expected a range at {self.pos}")
         self.pos = r.end()
-        if op == "sum_over_time" and unwrap is None:
-            raise self.error("parse error: sum_over_time needs unwrap")
+        if op in ("sum_over_time", "avg_over_time", "max_over_time", "min_over_time") and unwrap is None:
+            raise self.error(f"parse error: {op} needs unwrap")
         eq = {i: self.string(v) for i, (_n, o, v) in enumerate(matchers) if o == "="}
         return _Range(op, select, [(n, o) for n, o, _ in matchers], eq, lambda line: all(f(line) for f in filters),
                       logfmt, drop, unwrap, int(r.group(1)) * _UNITS[r.group(2)] * 10**9, None)
@@ -279,6 +279,7 @@ def _range_at(r: _Range, streams: list[Any], t: int) -> dict[Labels, float]:
         "sum_over_time": math.fsum,
         "avg_over_time": lambda v: math.fsum(v) / len(v),
         "max_over_time": max,
+        "min_over_time": min,
     }
     return {k: fold[r.op](v) for k, v in found.items()}
 

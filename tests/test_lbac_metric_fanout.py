@@ -82,6 +82,9 @@ SHAPES = [
     'sum by (app) (rate({S} != "info" [R]))',
     'absent_over_time({S} [R])',
     'absent_over_time({S} |= "level=error n=9 user=3" [R])',
+    'max_over_time({S} | logfmt | unwrap n [R]) by (level)',  # grouping drops the policy labels
+    'max by (app) (max_over_time({S} | logfmt | drop env | unwrap n [R]))',
+    'min_over_time({S} | logfmt | unwrap n [R]) by (env)',
 ]
 SELECTORS = ['{app="a"}', '{app=~"a|b"}', '{app="b", env=~"dev|prod"}', '{app=~".+", team!="b"}', '{app="nope"}']
 
@@ -144,7 +147,7 @@ async def test_metric_queries_equal_the_visible_only_tenant(env: Env, loki: tupl
     h = await auth(env, name)
     truth = visible_only(name)
     nonempty = fanned = 0
-    for i, (path, params) in enumerate(generated(sum(map(ord, name)), 66)):
+    for i, (path, params) in enumerate(generated(sum(map(ord, name)), 84)):
         n = len(fake.seen)
         if i % 2:
             r = await env.gw.client.get(path, params=params, headers=h)
@@ -206,6 +209,10 @@ def test_shapes() -> None:
               'rate_counter({a="b"} | unwrap n [5m])', 'count_over_time({a="b"}[5m]) * 2',
               'sum(count_over_time({a="b"}[5m])) + sum(count_over_time({a="c"}[5m]))', 'topk(3, rate({a="b"}[1m]))'):
         assert shape(q) is None, q
+    assert shape('max by (x) (max_over_time({a="b"} | unwrap n [5m]) by (x, y))').kind == "max"  # type: ignore[union-attr]
+    assert shape('min_over_time({a="b"} | unwrap n [5m]) by (x)').kind == "min"  # type: ignore[union-attr]
+    assert shape('min(max_over_time({a="b"} | unwrap n [5m]))') is None
+    assert shape('sum(max_over_time({a="b"} | unwrap n [5m]))') is None
     assert has_parser('rate({a="b"} | json [1m])') and not has_parser('rate({a="b"} |= "| json" [1m])')
 
 

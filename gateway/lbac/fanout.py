@@ -69,6 +69,8 @@ class Merge(enum.Enum):
     TAIL = "tail"  # one WebSocket per selector, frames merged
     SIGNED = "signed"  # Loki metric query that sums over streams: legs added with Plan.signs
     ABSENT = "absent"  # Loki absent_over_time: the steps every leg answers, labelled with Plan.labels
+    MAX = "max"  # Loki max_over_time (in max aggregations): the largest of the legs per series and step
+    MIN = "min"  # the same for min_over_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,17 +336,18 @@ def _metric_plan(kind: Kind, method: str, raw_query: str, body: bytes | None, qu
         found = metric_fanout.shape(query)
     except RewriteError:
         return None
-    if found is None or (union_ok and found.kind == "additive" and len(pols) == 1):
+    if found is None or (union_ok and found.kind != "absent" and len(pols) == 1):
         return None
-    if found.kind == "absent":
+    if found.kind in _PER_SELECTOR:
         _check_size(pols)
         legs = tuple(_single(kind, method, raw_query, body, p) for p in pols)
-        return Plan(Merge.ABSENT, legs, labels=tuple(metric_fanout.absent_labels(found.matchers).items()))
+        return Plan(_PER_SELECTOR[found.kind], legs, labels=tuple(metric_fanout.absent_labels(found.matchers).items()))
     signed = metric_fanout.terms(pols, disjoint)
     legs = tuple(_single(kind, method, raw_query, body, sel) for _, sel in signed)
     return Plan(Merge.SIGNED, legs, signs=tuple(sign for sign, _ in signed))
 
 
+_PER_SELECTOR: Final = {"absent": Merge.ABSENT, "max": Merge.MAX, "min": Merge.MIN}
 _ABSENT: Final = re.compile(r"absent_over_time", re.IGNORECASE)
 _ABSENT_BYTES: Final = re.compile(rb"absent_over_time", re.IGNORECASE)
 

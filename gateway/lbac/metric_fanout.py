@@ -13,6 +13,9 @@ shapes can still be answered exactly by sending several restricted queries and c
   inclusion-exclusion sum of the answers under the intersections (``gateway.lbac.overlap``). A
   series and a point are answered where a single-selector leg has them (any intersection's streams
   are also one selector's streams, so the negative terms add no series).
+* **Maxima and minima** - the whole query is ``max_over_time`` (``min_over_time``), with or without
+  ``by``/``without``, possibly inside ``max`` (``min``) aggregations: the largest sample of a group over
+  the visible streams is the largest of the legs' answers, one leg per selector, per series and step.
 * **``absent_over_time``** - the whole query is ``absent_over_time(<log range>)``: a step is absent
   for the visible streams exactly when it is absent under every selector, so the answer keeps the
   steps every leg answers, labelled as Loki labels it for the original query (``absentLabels`` in
@@ -40,10 +43,17 @@ __all__ = ["ADDITIVE_OPS", "MetricShape", "absent_labels", "has_parser", "shape"
 #: Range aggregations whose value is a sum over the samples of the streams read.
 ADDITIVE_OPS: Final = frozenset({"count_over_time", "rate", "bytes_over_time", "bytes_rate", "sum_over_time"})
 _GROUPING: Final = frozenset({"by", "without"})
+#: The range aggregation a query ends in -> its shape; max/min over a union is the max/min over the legs.
+_LEAVES: Final = {**dict.fromkeys(ADDITIVE_OPS, "additive"), "max_over_time": "max", "min_over_time": "min",
+                  "absent_over_time": "absent"}
+#: Vector aggregations each shape may sit in (sums in sums, maxima in maxima, absence in nothing).
+_WRAPPABLE: Final = {"additive": frozenset({"sum"}), "max": frozenset({"max"}), "min": frozenset({"min"}),
+                     "absent": frozenset()}
+_VECTOR_WRAPPERS: Final = frozenset({"sum", "max", "min"})
 
 
 class MetricShape:
-    """What :func:`shape` found: ``"additive"`` or ``"absent"``, and the query's one stream selector."""
+    """What :func:`shape` found: ``"additive"``, ``"max"``, ``"min"`` or ``"absent"``, and the query's selector."""
 
     __slots__ = ("kind", "matchers")
 
@@ -79,13 +89,13 @@ def shape(query: str) -> MetricShape | None:
     if len(sels) != 1:
         return None
     i, j = _strip(toks, 0, len(toks) - 1)
-    wrapped = False
+    wrappers: set[str] = set()
     while i <= j:
         t = toks[i]
         if t.kind != "ident":
             return None
         name = t.text.lower()
-        if name == "sum":
+        if name in _VECTOR_WRAPPERS:
             k = _after_grouping(toks, i + 1, j)
             if k > j or not _is(toks[k], "("):
                 return None
@@ -93,9 +103,10 @@ def shape(query: str) -> MetricShape | None:
             if _after_grouping(toks, close + 1, j) != j + 1:
                 return None
             i, j = _strip(toks, k + 1, close - 1)
-            wrapped = True
+            wrappers.add(name)
             continue
-        if name in ADDITIVE_OPS or (name == "absent_over_time" and not wrapped):
+        kind = _LEAVES.get(name)
+        if kind is not None and wrappers <= _WRAPPABLE[kind]:
             if i + 1 > j or not _is(toks[i + 1], "("):
                 return None
             close = _matching(toks, i + 1)
@@ -105,7 +116,7 @@ def shape(query: str) -> MetricShape | None:
                 return None
             if any(x.kind == "ident" and x.text.lower() == "variants" for x in toks[i + 1 : close]):
                 return None
-            return MetricShape("absent" if name == "absent_over_time" else "additive", sels[0].matchers)
+            return MetricShape(kind, sels[0].matchers)
         return None
     return None
 

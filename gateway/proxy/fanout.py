@@ -25,7 +25,8 @@ Merges, each chosen to equal the visible-only answer:
   per leg, and the merge reports the largest leg's estimate. ``detected_field`` values: the union.
 * ``patterns`` and ``index/stats`` (planned only for selectors no stream can match twice): summed.
 * Prometheus range vectors: series by label set, samples by timestamp, sorted by labels.
-* LogQL metric queries the union rewrite refuses: ``gateway.proxy.metric_merge`` (signed sums, absence).
+* LogQL metric queries the union rewrite refuses: ``gateway.proxy.metric_merge`` (signed sums, maxima and
+  minima, absence).
 * Metadata: the tenant's metadata restricted to the metric names the token can see, then ``limit``.
 * Remote read: see ``gateway.lbac.remote_read.merge_samples`` / ``merge_streamed``.
 """
@@ -52,7 +53,7 @@ from gateway.lbac.restrict import FORM
 from gateway.proxy.detected import merge_detected_from_series
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
-from gateway.proxy.metric_merge import merge_absent, merge_signed
+from gateway.proxy.metric_merge import merge_absent, merge_extreme, merge_signed
 
 #: Largest answer read from one leg.
 MAX_ANSWER: Final = 256 * 1024 * 1024
@@ -361,6 +362,8 @@ _JSON_MERGES: Final[dict[Merge, Callable[[list[Any], Plan], dict[str, Any]]]] = 
     Merge.MATRIX: merge_matrix,
     Merge.SIGNED: merge_signed,
     Merge.ABSENT: merge_absent,
+    Merge.MAX: merge_extreme,
+    Merge.MIN: merge_extreme,
     Merge.DETECTED_FROM_SERIES: merge_detected_from_series,
 }
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.lbac.fanout import Plan
 
-__all__ = ["go_float", "merge_absent", "merge_signed"]
+__all__ = ["go_float", "merge_absent", "merge_extreme", "merge_signed"]
 
 
 class Unmergeable(ValueError):
@@ -116,3 +116,33 @@ def merge_absent(docs: list[Any], plan: Plan) -> dict[str, Any]:
         else:
             result = [{"metric": metric, "value": [kept[0][0], kept[0][1]]}]
     return _envelope(docs, kind or "matrix", result)
+
+
+def merge_extreme(docs: list[Any], plan: Plan) -> dict[str, Any]:
+    """Per series and timestamp the largest (``Merge.MAX``) or smallest leg value, written as that leg wrote it."""
+    from gateway.lbac.fanout import Merge
+
+    kinds = {_data(d)[0] for d in docs}
+    if len(kinds) != 1:
+        raise Unmergeable("legs answered different result types")
+    kind = kinds.pop()
+    better = (lambda a, b: a > b) if plan.merge is Merge.MAX else (lambda a, b: a < b)
+    acc: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], dict[float, tuple[Any, Any, float]]]] = {}
+    for doc in docs:
+        for s in _data(doc)[1]:
+            metric = s["metric"]
+            points = acc.setdefault(tuple(sorted(metric.items())), (metric, {}))[1]
+            for ts, value in _points(kind, s):
+                t, v = float(ts), float(value)
+                have = points.get(t)
+                if have is None or better(v, have[2]) or (math.isnan(have[2]) and not math.isnan(v)):
+                    points[t] = (ts, value, v)
+    result: list[Any] = []
+    for key in sorted(acc):
+        metric, points = acc[key]
+        kept = [(points[t][0], points[t][1]) for t in sorted(points)]
+        if kind == "matrix":
+            result.append({"metric": metric, "values": [[ts, v] for ts, v in kept]})
+        else:
+            result.append({"metric": metric, "value": [kept[0][0], kept[0][1]]})
+    return _envelope(docs, kind, result)

@@ -451,6 +451,8 @@ METRIC_QUERIES = (
     'absent_over_time({app="job-a"}[1m])',
     'absent_over_time({app="api-prod-a", env="prod"}[1m])',
     'absent_over_time({app=~".+"} |= "line 9" [5m])',
+    'max_over_time({app=~".+"} | logfmt | unwrap n [5m]) by (level)',
+    'min_over_time({app=~".+"} | logfmt | drop env | unwrap n [2m]) by (app)',
 )
 
 
@@ -487,4 +489,4 @@ def test_metric_queries_under_several_selectors(loki_lbac: LokiProcess, loki_pla
                                         f"expected {_numbers(expected)}")
                     nonempty += bool(expected["data"]["result"])
     assert not problems, "\n".join(problems)
-    assert compared == 64 and nonempty >= 40, (compared, nonempty)
+    assert compared == 80 and nonempty >= 50, (compared, nonempty)
