@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -51,6 +52,22 @@ class LokiError(Exception):
 class Stream:
     labels: dict[str, str]
     entries: tuple[tuple[int, str], ...]  # (ns, line), any order
+
+
+@asynccontextmanager
+async def enforce_gateway(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, url: str) -> AsyncIterator[Any]:
+    """The test gateway with every backend at ``url`` in enforce mode (tests.test_proxy's ``_env``)."""
+    from tests.test_proxy import _env
+
+    ups = {"metrics": {"url": url, "lbac": "enforce"}, "logs": {"url": url, "lbac": "enforce"},
+           "traces": {"url": url, "write_url": url}}
+    async with _env(db_dsn, aiohttp_client, aiohttp_server, lbac="enforce", upstreams=ups) as e:
+        yield e
+
+
+def stack_realm(selectors: tuple[str, ...], stack: str = "100") -> list[dict[str, Any]]:
+    """Realms of an access policy: one stack with these selectors as its label policies."""
+    return [{"type": "stack", "identifier": stack, "labelPolicies": [{"selector": s} for s in selectors]}]
 
 
 def label_string(labels: dict[str, str]) -> str:
@@ -104,15 +121,7 @@ def parse_query(query: str) -> tuple[Callable[[dict[str, str]], bool], Callable[
         m = _FILTER.match(query, pos)
         if m is None:
             raise LokiError(f"parse error: the fake Loki only evaluates line filters (at {pos})")
-        op, value = m.group(1), _string(m.group(2))
-        if op == "|=":
-            filters.append(lambda line, v=value: v in line)
-        elif op == "!=":
-            filters.append(lambda line, v=value: v not in line)
-        else:
-            rx = re.compile(value)
-            filters.append((lambda line, r=rx: r.search(line) is not None) if op == "|~"
-                           else (lambda line, r=rx: r.search(line) is None))
+        filters.append(fake_loki_metrics.line_filter(m.group(1), _string(m.group(2))))
         pos = m.end()
     return select, lambda line: all(f(line) for f in filters)
 
@@ -161,6 +170,10 @@ class FakeLoki:
     streams: list[Stream]
     now_ns: int = 0
     seen: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
+
+    def visible_only(self, selectors: tuple[Any, ...]) -> FakeLoki:
+        """The ground truth of a label policy: a Loki holding only the streams some selector matches."""
+        return FakeLoki([s for s in self.streams if any(p.matches(s.labels) for p in selectors)], now_ns=self.now_ns)
 
     # ------------------------------------------------------------------ evaluation (pure)
 

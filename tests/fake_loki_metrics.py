@@ -59,6 +59,18 @@ def go_float(v: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
+def line_filter(op: str, value: str) -> Callable[[str], bool]:
+    """A line filter: ``|=``/``!=`` substring, ``|~``/``!~`` unanchored regex (Loki's ``pkg/logql/log/filter.go``)."""
+    if op == "|=":
+        return lambda line: value in line
+    if op == "!=":
+        return lambda line: value not in line
+    rx = re.compile(value)
+    if op == "|~":
+        return lambda line: rx.search(line) is not None
+    return lambda line: rx.search(line) is None
+
+
 @dataclass
 class _Range:
     op: str
@@ -166,15 +178,7 @@ class _Parser:
         logfmt, drop, unwrap = False, (), None
         while True:
             if (f := _FILTER.match(self.s, self.pos)) is not None:
-                op_, value = f.group(1), self.string(f.group(2))
-                if op_ == "|=":
-                    filters.append(lambda line, v=value: v in line)
-                elif op_ == "!=":
-                    filters.append(lambda line, v=value: v not in line)
-                else:
-                    rx = re.compile(value)
-                    filters.append((lambda line, r=rx: r.search(line) is not None) if op_ == "|~"
-                                   else (lambda line, r=rx: r.search(line) is None))
+                filters.append(line_filter(f.group(1), self.string(f.group(2))))
                 self.pos = f.end()
                 continue
             if (st := _STAGE.match(self.s, self.pos)) is not None:

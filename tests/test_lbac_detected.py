@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from gateway.proxy.detected import detected_labels, should_reject
-from tests.fake_loki import FakeLoki, Stream
-from tests.test_proxy import Env, _env, basic
+from tests.fake_loki import FakeLoki, Stream, enforce_gateway, stack_realm
+from tests.test_proxy import Env, basic
 
 BASE = 1_700_000_000 * 10**9
 SEC = 10**9
@@ -37,17 +37,13 @@ def fake(visible_only: bool) -> FakeLoki:
 async def env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> AsyncIterator[tuple[Env, FakeLoki]]:
     loki = fake(False)
     server = await aiohttp_server(loki.app())
-    url = f"http://127.0.0.1:{server.port}"
-    ups = {"metrics": {"url": url, "lbac": "enforce"}, "logs": {"url": url, "lbac": "enforce"},
-           "traces": {"url": url, "write_url": url}}
-    async with _env(db_dsn, aiohttp_client, aiohttp_server, lbac="enforce", upstreams=ups) as e:
+    async with enforce_gateway(db_dsn, aiohttp_client, aiohttp_server, f"http://127.0.0.1:{server.port}") as e:
         yield e, loki
 
 
 async def test_detected_labels_equal_the_visible_only_tenant(env: tuple[Env, FakeLoki]) -> None:
     gw, loki = env
-    tok = await gw.token(["logs:read"], [{"type": "stack", "identifier": "100",
-                                          "labelPolicies": [{"selector": s} for s in POLICIES]}])
+    tok = await gw.token(["logs:read"], stack_realm(POLICIES))
     truth = fake(True)
     for query in (None, '{app=~"x|y"}', '{app="y"}'):
         p = {"start": str(BASE), "end": str(BASE + 60 * SEC), **({"query": query} if query else {})}

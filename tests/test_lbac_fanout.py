@@ -58,8 +58,7 @@ def policies(name: str) -> tuple[Selector, ...]:
 
 
 def visible_only(name: str) -> FakeLoki:
-    pols = policies(name)
-    return FakeLoki([s for s in STREAMS if any(p.matches(s.labels) for p in pols)], now_ns=BASE + 700 * SEC)
+    return FakeLoki(STREAMS, now_ns=BASE + 700 * SEC).visible_only(policies(name))
 
 
 SELECTORS = ['{app="a"}', '{app=~"a|b"}', '{app=~".+"}', '{env!="prod", app=~".+"}', '{team="b"}',

@@ -23,8 +23,8 @@ from gateway.lbac.metric_fanout import absent_labels, has_parser, shape
 from gateway.policy.selector import Selector, parse_selector
 from gateway.proxy.metric_merge import go_float
 from gateway.routes import Kind
-from tests.fake_loki import FakeLoki, Stream
-from tests.test_proxy import Env, _env, basic, expect_refusal
+from tests.fake_loki import FakeLoki, Stream, enforce_gateway, stack_realm
+from tests.test_proxy import Env, basic, expect_refusal
 
 BASE = 1_700_000_000 * 10**9
 SEC = 10**9
@@ -66,8 +66,7 @@ def policies(name: str) -> tuple[Selector, ...]:
 
 
 def visible_only(name: str) -> FakeLoki:
-    pols = policies(name)
-    return FakeLoki([s for s in STREAMS if any(p.matches(s.labels) for p in pols)], now_ns=BASE + 700 * SEC)
+    return FakeLoki(STREAMS, now_ns=BASE + 700 * SEC).visible_only(policies(name))
 
 
 SHAPES = [
@@ -128,17 +127,12 @@ async def loki(aiohttp_server: Any) -> AsyncIterator[tuple[FakeLoki, str]]:
 @pytest.fixture
 async def env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, loki: tuple[FakeLoki, str]
               ) -> AsyncIterator[Env]:
-    url = loki[1]
-    ups = {"metrics": {"url": url, "lbac": "enforce"}, "logs": {"url": url, "lbac": "enforce"},
-           "traces": {"url": url, "write_url": url}}
-    async with _env(db_dsn, aiohttp_client, aiohttp_server, lbac="enforce", upstreams=ups) as e:
+    async with enforce_gateway(db_dsn, aiohttp_client, aiohttp_server, loki[1]) as e:
         yield e
 
 
 async def auth(env: Env, name: str) -> dict[str, str]:
-    tok = await env.token(["logs:read"], [{"type": "stack", "identifier": "100",
-                                           "labelPolicies": [{"selector": s} for s in SETS[name]]}])
-    return basic("100", tok)
+    return basic("100", await env.token(["logs:read"], stack_realm(SETS[name])))
 
 
 @pytest.mark.parametrize("name", list(SETS))
@@ -188,8 +182,7 @@ async def test_what_is_not_a_sum_stays_refused(env: Env) -> None:
                                     params={"query": query, "start": str(T0), "end": str(T0 + 600), "step": "60"})
         await expect_refusal(r, 400, "label")
     # five overlapping selectors would take 31 requests: refused, saying why
-    five = [{"selector": f'{{l{i}="x"}}'} for i in range(5)]
-    tok = await env.token(["logs:read"], [{"type": "stack", "identifier": "100", "labelPolicies": five}])
+    tok = await env.token(["logs:read"], stack_realm(tuple(f'{{l{i}="x"}}' for i in range(5))))
     r = await env.gw.client.get("/loki/api/v1/query", headers=basic("100", tok),
                                 params={"query": 'count_over_time({app="a"} | drop l0 [1m])', "time": str(T0 + 60)})
     await expect_refusal(r, 400, "overlap")
