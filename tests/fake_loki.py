@@ -38,20 +38,23 @@ Written from Loki's source (grafana/loki), for what the fan-out tests depend on:
   10s), summed per (pattern, level, timestamp) over streams (``iter.NewMerge``); then Loki's
   ``prunePatterns``: totals below 30 dropped, the top 300 by total kept, largest first.
 
-Anything else in a query (parsers, metric queries) is answered 400, so a test never passes on
-syntax the fake does not evaluate.
+Metric queries (``query_range`` and the instant ``query``) are evaluated by tests/fake_loki_metrics.py;
+anything else in a query is answered 400, so a test never passes on syntax the fake does not evaluate.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests import fake_loki_metrics
 
 SEC = 10**9
 
@@ -69,6 +72,22 @@ class LokiError(Exception):
 class Stream:
     labels: dict[str, str]
     entries: tuple[tuple[int, str], ...]  # (ns, line), any order
+
+
+@asynccontextmanager
+async def enforce_gateway(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, url: str) -> AsyncIterator[Any]:
+    """The test gateway with every backend at ``url`` in enforce mode (tests.test_proxy's ``_env``)."""
+    from tests.test_proxy import _env
+
+    ups = {"metrics": {"url": url, "lbac": "enforce"}, "logs": {"url": url, "lbac": "enforce"},
+           "traces": {"url": url, "write_url": url}}
+    async with _env(db_dsn, aiohttp_client, aiohttp_server, lbac="enforce", upstreams=ups) as e:
+        yield e
+
+
+def stack_realm(selectors: tuple[str, ...], stack: str = "100") -> list[dict[str, Any]]:
+    """Realms of an access policy: one stack with these selectors as its label policies."""
+    return [{"type": "stack", "identifier": stack, "labelPolicies": [{"selector": s} for s in selectors]}]
 
 
 def label_string(labels: dict[str, str]) -> str:
@@ -122,15 +141,7 @@ def parse_query(query: str) -> tuple[Callable[[dict[str, str]], bool], Callable[
         m = _FILTER.match(query, pos)
         if m is None:
             raise LokiError(f"parse error: the fake Loki only evaluates line filters (at {pos})")
-        op, value = m.group(1), _string(m.group(2))
-        if op == "|=":
-            filters.append(lambda line, v=value: v in line)
-        elif op == "!=":
-            filters.append(lambda line, v=value: v not in line)
-        else:
-            rx = re.compile(value)
-            filters.append((lambda line, r=rx: r.search(line) is not None) if op == "|~"
-                           else (lambda line, r=rx: r.search(line) is None))
+        filters.append(fake_loki_metrics.line_filter(m.group(1), _string(m.group(2))))
         pos = m.end()
     return select, lambda line: all(f(line) for f in filters)
 
@@ -211,11 +222,36 @@ def pattern_of(line: str) -> str:
     return re.sub(r"\d+", "<_>", re.sub(r"=\S*", "=<_>", line))
 
 
+def is_metric(query: str) -> bool:
+    """A metric query starts with a function or aggregation, a log query with its selector."""
+    return not query.lstrip(" (").startswith("{")
+
+
+def _step(value: str | None) -> int:
+    """Loki's step: float seconds or a Prometheus duration (``pkg/loghttp/params.go``)."""
+    if not value:
+        raise LokiError("the fake Loki needs an explicit step")
+    try:
+        seconds = float(value)
+    except ValueError:
+        m = re.fullmatch(r"(\d+)([smh])", value)
+        if m is None:
+            raise LokiError(f'cannot parse "{value}" to a valid duration') from None
+        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if seconds <= 0:
+        raise LokiError("zero or negative query resolution step widths are not accepted")
+    return int(seconds * 10**9)
+
+
 @dataclass
 class FakeLoki:
     streams: list[Stream]
     now_ns: int = 0
     seen: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
+
+    def visible_only(self, selectors: tuple[Any, ...]) -> FakeLoki:
+        """The ground truth of a label policy: a Loki holding only the streams some selector matches."""
+        return FakeLoki([s for s in self.streams if any(p.matches(s.labels) for p in selectors)], now_ns=self.now_ns)
 
     # ------------------------------------------------------------------ evaluation (pure)
 
@@ -261,6 +297,16 @@ class FakeLoki:
                              "execTime": 0.001, "queueTime": 0.0001, "linesProcessedPerSecond": scanned * 1000}}
         return {"status": "success", "data": {"resultType": "streams", "result": result, "stats": stats}}
 
+    def metric(self, p: dict[str, str], instant: bool) -> dict[str, Any]:
+        expr = fake_loki_metrics.parse(p.get("query", ""), parse_selector, _string, LokiError)
+        if instant:
+            steps = [parse_time(p.get("time"), self.now_ns)]
+        else:
+            start, end = self._bounds(p)
+            step = _step(p.get("step"))
+            steps = list(range(start, end + 1, step))
+        return fake_loki_metrics.evaluate(expr, self.streams, steps, instant)
+
     def labels(self, p: dict[str, str], name: str | None = None) -> dict[str, Any]:
         select = parse_selector(p["query"])[0] if p.get("query") else (lambda ls: True)
         out: set[str] = set()
@@ -282,7 +328,23 @@ class FakeLoki:
         for s in self._in_range(p, select):
             for k, v in s.labels.items():
                 values.setdefault(k, set()).add(v)
-        return {"detectedLabels": [{"label": k, "cardinality": len(values[k])} for k in sorted(values)]}
+        # countLabelsAndCardinality / shouldRejectLabel (pkg/querier/querier.go): a label whose values are all
+        # numbers or UUIDs is dropped (one or two "0"/"1" values excepted), cluster/namespace/instance/pod kept
+        def looks_like_id(v: str) -> bool:
+            try:
+                float(v.replace("_", "x"))  # Go's ParseFloat takes no underscores here
+                return True
+            except ValueError:
+                return re.fullmatch(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}", v) is not None
+
+        def keep(name: str, vs: set[str]) -> bool:
+            if name in ("cluster", "namespace", "instance", "pod"):
+                return bool(vs)
+            if len(vs) <= 2 and vs <= {"0", "1"}:
+                return bool(vs)
+            return not all(looks_like_id(v) for v in vs)
+        return {"detectedLabels": [{"label": k, "cardinality": len(values[k])} for k in sorted(values)
+                                   if keep(k, values[k])]}
 
     def index_stats(self, p: dict[str, str]) -> dict[str, Any]:
         select = parse_selector(p.get("query", ""))[0]
@@ -390,7 +452,9 @@ class FakeLoki:
         p, pairs = await self._params(request)
         path = request.path
         try:
-            if path.endswith("/query_range"):
+            if path.endswith(("/query_range", "/query")) and is_metric(p.get("query", "")):
+                doc = self.metric(p, instant=path.endswith("/query"))
+            elif path.endswith("/query_range"):
                 doc = self.query_range(p)
             elif path.endswith(("/labels", "/label")):
                 doc = self.labels(p)

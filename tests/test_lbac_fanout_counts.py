@@ -22,9 +22,9 @@ from gateway.lbac.fanout import disjoint
 from gateway.lbac.logql import simplify
 from gateway.lbac.overlap import MAX_TERMS, signed_intersections
 from gateway.policy.selector import Selector, parse_selector
-from tests.fake_loki import FakeLoki
+from tests.fake_loki import FakeLoki, enforce_gateway, stack_realm
 from tests.test_lbac_fanout import BASE, SEC, STREAMS
-from tests.test_proxy import Env, _env, basic, expect_refusal
+from tests.test_proxy import Env, basic, expect_refusal
 
 SETS: dict[str, tuple[str, ...]] = {
     "issue": ('{env="dev"}', '{team="a", env!="prod"}'),  # the issue's example; the two overlap
@@ -45,8 +45,7 @@ def terms(name: str) -> int:
 
 
 def visible_only(selectors: tuple[str, ...]) -> FakeLoki:
-    pols = tuple(parse_selector(s) for s in selectors)
-    return FakeLoki([s for s in STREAMS if any(p.matches(s.labels) for p in pols)], now_ns=NOW)
+    return FakeLoki(STREAMS, now_ns=NOW).visible_only(tuple(parse_selector(s) for s in selectors))
 
 
 @pytest.fixture
@@ -59,17 +58,12 @@ async def loki(aiohttp_server: Any) -> AsyncIterator[tuple[FakeLoki, str]]:
 @pytest.fixture
 async def env(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, loki: tuple[FakeLoki, str]
               ) -> AsyncIterator[Env]:
-    url = loki[1]
-    ups = {"metrics": {"url": url, "lbac": "enforce"}, "logs": {"url": url, "lbac": "enforce"},
-           "traces": {"url": url, "write_url": url}}
-    async with _env(db_dsn, aiohttp_client, aiohttp_server, lbac="enforce", upstreams=ups) as e:
+    async with enforce_gateway(db_dsn, aiohttp_client, aiohttp_server, loki[1]) as e:
         yield e
 
 
 async def auth(env: Env, selectors: tuple[str, ...]) -> dict[str, str]:
-    tok = await env.token(["logs:read"], [{"type": "stack", "identifier": "100",
-                                           "labelPolicies": [{"selector": s} for s in selectors]}])
-    return basic("100", tok)
+    return basic("100", await env.token(["logs:read"], stack_realm(selectors)))
 
 
 SELECTORS = ['{app="a"}', '{app=~".+"}', '{env!="prod", app=~".+"}', '{team="b"}', '{app=~"a|b", env=~"dev|stage"}',

@@ -45,6 +45,11 @@ def test_grafana_probes_without_query_get_the_policy_as_query(path: str) -> None
     assert p is not None and p.merge is Merge.SINGLE
     assert parse_qsl(p.legs[0].query) == [("start", "1"), ("query", '{env="dev"}')]
     p = plan(Kind.LOGQL, path, "POST", "", b"start=1", TWO)
+    if path.endswith("detected_labels"):  # several selectors: the visible streams, once (one series request)
+        assert p is not None and p.merge is Merge.DETECTED_FROM_SERIES and len(p.legs) == 1
+        assert p.legs[0].path == "/loki/api/v1/series" and p.legs[0].method == "GET"
+        assert parse_qsl(p.legs[0].query) == [("start", "1"), *(("match[]", str(s)) for s in TWO)]
+        return
     assert p is not None and len(p.legs) == 2 and all(leg.method == "POST" for leg in p.legs)
     assert [dict(parse_qsl((leg.body or b"").decode()))["query"] for leg in p.legs] == [str(s) for s in TWO]
 
@@ -60,8 +65,9 @@ def test_log_query_legs_are_todays_single_rewrites_with_the_same_parameters() ->
 
 def test_metric_queries_keep_the_union_rewrite_or_its_refusal() -> None:
     assert plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query='rate({app="a"}[5m])'), None, TWO) is None
-    assert plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query='absent_over_time({a="b"}[5m])'), None,
-                TWO) is None  # enforce refuses it, saying why
+    avg = 'avg_over_time({a="b"} | unwrap n [5m]) by (level)'  # grouping drops the policy label, not a sum
+    assert plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query=avg), None, TWO) is None  # enforce says why
+    # absent_over_time and sums over streams are fanned out: tests/test_lbac_metric_fanout.py
 
 
 def test_what_cannot_be_exact_is_refused() -> None:
@@ -196,8 +202,8 @@ def test_header_mode_sends_the_policy_as_the_query_of_query_less_detected_endpoi
     # Real Loki main with -lbac.enabled leaves detected_labels without a query unfiltered (tests/e2e/test_real_loki.py).
     path = "/loki/api/v1/detected_labels"
     p = plan_header_mode(Kind.LOGQL, path, "GET", q(start="1", end="2"), None, TWO)
-    assert p is not None and p.merge is Merge.DETECTED_LABELS
-    assert [dict(parse_qsl(leg.query))["query"] for leg in p.legs] == [str(s) for s in TWO]
+    assert p is not None and p.merge is Merge.DETECTED_FROM_SERIES  # the policy selectors as series match[]
+    assert [v for k, v in parse_qsl(p.legs[0].query) if k == "match[]"] == [str(s) for s in TWO]
     one = plan_header_mode(Kind.LOGQL, "/loki/api/v1/detected_field/app/values", "GET", q(), None, ONE)
     assert one is not None and one.merge is Merge.SINGLE and dict(parse_qsl(one.legs[0].query))["query"] == str(ONE[0])
     # A query of its own, another endpoint, or no policies: forwarded as sent (the backend filters).

@@ -19,13 +19,16 @@ Merges, each chosen to equal the visible-only answer:
   by label string (``logqlmodel.Streams.Less``). ``stats`` are summed, except wall-clock times
   and per-second rates (``execTime``, ``queueTime``, ``*PerSecond``), which take the largest leg's
   value since the legs run side by side.
-* Loki labels and values: the union, sorted. ``detected_labels`` / ``detected_fields``: the union by
-  name; their ``cardinality`` is Loki's HyperLogLog estimate per leg, and the merge reports the
-  largest leg's estimate (a sum would count shared values twice). ``detected_field`` values: the union.
+* Loki labels and values: the union, sorted. ``detected_labels``: computed from one ``series`` answer for
+  all the selectors (``gateway.proxy.detected``), so values seen under two selectors count once.
+  ``detected_fields``: the union by name; Loki estimates their ``cardinality`` from a sample of lines
+  per leg, and the merge reports the largest leg's estimate. ``detected_field`` values: the union.
 * ``index/stats``, ``index/volume``, ``index/volume_range``: one leg per inclusion-exclusion term,
   summed with the terms' signs (``gateway.lbac.counts``); a volume leg that came back as full as it
   asked may have been cut, and the request is refused with a 400 rather than answered wrong.
 * Prometheus range vectors: series by label set, samples by timestamp, sorted by labels.
+* LogQL metric queries the union rewrite refuses: ``gateway.proxy.metric_merge`` (signed sums, maxima and
+  minima, absence).
 * Metadata: the tenant's metadata restricted to the metric names the token can see, then ``limit``.
 * Remote read: see ``gateway.lbac.remote_read.merge_samples`` / ``merge_streamed``.
 """
@@ -50,8 +53,10 @@ from gateway.lbac.counts import Counts, Inexact, merge_index_stats, merge_volume
 from gateway.lbac.fanout import Leg, Merge, Plan
 from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE, merge_samples, merge_streamed
 from gateway.lbac.restrict import FORM
+from gateway.proxy.detected import merge_detected_from_series
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
+from gateway.proxy.metric_merge import merge_absent, merge_extreme, merge_signed
 
 #: Largest answer read from one leg.
 MAX_ANSWER: Final = 256 * 1024 * 1024
@@ -354,6 +359,11 @@ _JSON_MERGES: Final[dict[Merge, Callable[[list[Any], Plan], dict[str, Any]]]] = 
     Merge.INDEX_STATS: _index_stats,
     Merge.VOLUME: _volumes,
     Merge.MATRIX: merge_matrix,
+    Merge.SIGNED: merge_signed,
+    Merge.ABSENT: merge_absent,
+    Merge.MAX: merge_extreme,
+    Merge.MIN: merge_extreme,
+    Merge.DETECTED_FROM_SERIES: merge_detected_from_series,
 }
 
 
