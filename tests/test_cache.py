@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import datetime
@@ -37,10 +38,24 @@ async def test_usage_batches_from_replicas_keep_earliest_and_latest(gw: Gateway,
         await close_state(other)
 
 
+async def _no_more_notifications(cache: Any) -> None:
+    """As with a database that is down: stop listening, then let what already arrived be applied."""
+    from gateway.store import CHANNEL
+
+    await cache._listener.remove_listener(CHANNEL, cache._on_notify)
+    await cache._listener.execute("SELECT 1")  # notifications sent before this are delivered first
+    for _ in range(200):
+        if cache._queue.empty():
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the last one's row read
+
+
 async def test_a_stale_snapshot_is_refused_not_trusted(gw: Gateway) -> None:
     p = await gw.policy("s", ["metrics:read"])
     tok = (await gw.token(p["id"], "s"))["token"]
     cache: Any = gw.state.cache
+    await _no_more_notifications(cache)  # a late NOTIFY of the writes above would refresh last_sync
     cache.db_ok = False
     cache.max_staleness = 5.0
     cache.last_sync = time.monotonic() - 3  # within the bound: still serving
