@@ -25,6 +25,7 @@ from gateway.proxy.headers import response_headers
 
 if TYPE_CHECKING:
     from gateway.dataplane.server import HttpProtocol
+    from gateway.routes import RouteMatch
 
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 _FRAMING: Final = ("Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive")
@@ -53,7 +54,7 @@ class DataRequest:
     """One parsed request on a protocol connection (see the module docstring)."""
 
     __slots__ = ("method", "headers", "rel_url", "content", "body_exists", "content_length", "remote", "app",
-                 "transport", "version", "keep_alive", "expect_continue", "started", "finished", "_proto")
+                 "transport", "version", "keep_alive", "expect_continue", "started", "finished", "route", "_proto")
 
     def __init__(self, proto: HttpProtocol, method: str, headers: CIMultiDictProxy[str], rel_url: RelURL,
                  content: Body, body_exists: bool, content_length: int | None, version: tuple[int, int],
@@ -68,6 +69,7 @@ class DataRequest:
         self.expect_continue = False
         self.started = False  # the status line is out
         self.finished = False  # the whole answer is out
+        self.route: RouteMatch | None = None  # the route the server matched (the handler matches again)
 
     # ---- more of aiohttp's request, for code on the data path that reads it ---------------------------
 

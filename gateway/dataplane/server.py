@@ -31,10 +31,11 @@ import httptools
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.dataplane import exchange
 from gateway.dataplane.body import Body, BodyError
 from gateway.dataplane.request import DataRequest, RelURL
 from gateway.proxy.handler import handle
-from gateway.routes import match
+from gateway.routes import RouteMatch, match
 
 log = logging.getLogger("gateway.dataplane")
 
@@ -80,7 +81,10 @@ def _error_bytes(status: int, message: str) -> bytes:
 def wants_aiohttp(method: str, path: str, headers: CIMultiDictProxy[str]) -> bool:
     """Whether aiohttp serves this request: anything that is not a data-path route, and WebSocket upgrades
     (the same test ``_serve`` makes before relaying a tail)."""
-    m = match(method, path)
+    return _for_aiohttp(match(method, path), headers)
+
+
+def _for_aiohttp(m: RouteMatch | None, headers: CIMultiDictProxy[str]) -> bool:
     if m is None:
         return True
     if headers.get("Upgrade", "").lower() == "websocket" and m.route.websocket:
@@ -107,7 +111,7 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._cur: DataRequest | None = None
         self._queue: deque[DataRequest] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | exchange.Exchange | None = None  # the request being answered
         self._between = True  # the parser is between two requests
         self._raw: list[bytes] | None = None  # bytes since the current request's first byte, when known
         self._begun_in_read = 0
@@ -243,7 +247,8 @@ class HttpProtocol(asyncio.Protocol):
             handover = False
         method = p.get_method().decode("ascii", "replace")
         headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(self._headers))
-        if handover or wants_aiohttp(method, path, headers):
+        m = None if handover else match(method, path)
+        if handover or _for_aiohttp(m, headers):
             if self._raw is None or self.plane.aiohttp is None:
                 raise _Bad(400, "a request for the admin API, the page or a WebSocket cannot be pipelined "
                            "behind data-path requests on one connection; open a new connection")
@@ -263,6 +268,7 @@ class HttpProtocol(asyncio.Protocol):
         version = (1, 1) if p.get_http_version() == "1.1" else (1, 0)
         req = DataRequest(self, method, headers, RelURL(path, query), body, body_exists, length, version,
                           p.should_keep_alive())
+        req.route = m
         expect = headers.get("Expect")
         if expect is not None:
             if expect.lower() != "100-continue" or version < (1, 1):
@@ -302,6 +308,8 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _start(self, req: DataRequest) -> None:
+        if not req.body_exists and exchange.start(self, req):
+            return  # served by callbacks: self._task is the exchange
         self._task = self.loop.create_task(self._run(req))
 
     async def _run(self, req: DataRequest) -> None:

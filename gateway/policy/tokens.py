@@ -29,6 +29,11 @@ MAX_TOKEN_LEN: Final = 1024
 SECRET_BYTES: Final = 32
 MALFORMED: Final = "malformed token"
 _BODY = re.compile(r"[A-Za-z0-9_-]+")
+# One decoder and one compact encoder for every token (json.dumps with options builds an encoder per call).
+_LOADS: Final = json.JSONDecoder().decode
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":")).encode
+_FROM_URLSAFE: Final = str.maketrans("-_", "+/")
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 
 
 class TokenFormatError(ValueError):
@@ -86,7 +91,8 @@ def _decode(token: str) -> DecodedToken:
     if not _BODY.fullmatch(raw) or len(raw) % 4 == 1:
         raise TokenFormatError(MALFORMED)
     try:
-        data = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        body = binascii.a2b_base64((raw + "=" * (-len(raw) % 4)).translate(_FROM_URLSAFE))
+        data = _LOADS(body.decode("utf-8"))
     except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise TokenFormatError(MALFORMED) from None
     if not isinstance(data, dict) or list(data) != ["o", "i", "k", "m"]:
@@ -95,7 +101,11 @@ def _decode(token: str) -> DecodedToken:
     if not (isinstance(org, str) and isinstance(tid, str) and isinstance(secret, str) and secret
             and isinstance(meta, dict) and list(meta) == ["r"] and isinstance(meta["r"], str)):
         raise TokenFormatError(MALFORMED)
-    if encode(org, tid, secret, meta["r"]) != token:  # any other spelling of the same claims
+    # Any other spelling of the same claims: ``encode`` of them must give the token back. That is the
+    # JSON of the claims being exactly ``body`` (same keys in the same order, compact) and ``body``'s
+    # unpadded URL-safe base64 being exactly ``raw``; checked on the bytes, without building the string.
+    if _COMPACT(data).encode() != body or \
+            binascii.b2a_base64(body, newline=False).translate(_TO_URLSAFE).rstrip(b"=") != raw.encode():
         raise TokenFormatError(MALFORMED)
     return DecodedToken(org, tid, hash_secret(secret))
 

@@ -501,6 +501,14 @@ class FastClient:
         """Plain http with a host and no credentials in the URL (aiohttp turns those into Basic auth)."""
         return url.scheme == "http" and bool(url.raw_host) and url.raw_user is None and url.raw_password is None
 
+    def idle(self, url: URL) -> _Conn | None:
+        """A pooled idle connection to ``url``'s host, taken out of the pool, or None (for callers that send
+        a prepared head with ``_Conn.start`` and read ``FastResponse`` themselves, without awaiting)."""
+        if self.closed:
+            return None
+        pool = self._pools.get((url.raw_host or "", url.port or 0))
+        return pool.acquire() if pool is not None else None
+
     async def request(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None = None,
                       stream: AsyncIterator[bytes] | None = None) -> FastResponse:
         """Send one request; the answer comes back whole when small, else as a stream.

@@ -1,0 +1,144 @@
+"""The handler's decision for the common case, taken without awaiting anything: a bodiless request whose
+decision is cached, forwarded as it is (no policies), with the label-policy header (header mode), or with
+its query rewritten inline (enforce mode, no fan-out).
+
+``prepare`` mirrors ``handler._serve`` step for step for that case and returns the upstream request it
+would send, or None whenever anything else would happen (a decision-cache miss, team rules, a fan-out, a
+refusal, a rewrite heavy enough for the pool, a body to read, an https upstream...): the caller then
+serves the request through ``handler.handle``, which decides again from scratch. So ``prepare`` has no
+side effect, and a request it declines behaves exactly as before.
+
+    p = prepare(request, st, m)
+    if p is None:
+        ...  # await handle(request)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Final
+
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.clientip import client_ip
+from gateway.lbac import RewriteError, bounds, headermode
+from gateway.lbac import fanout as lbac_fanout
+from gateway.lbac import restrict as lbac
+from gateway.lbac.pool import _LOGQL, _MATCHES, _PROMQL, weigh
+from gateway.lbac.probe import effective_mode
+from gateway.policy.datasource import user_policies
+from gateway.policy.decision import Denied
+from gateway.proxy.decision_cache import Decision
+from gateway.proxy.errors import ProxyError
+from gateway.proxy.fastclient import FastClient, request_head
+from gateway.proxy.forward import _FAST, Upstreams
+from gateway.proxy.headers import upstream_headers
+from gateway.routes import Kind, RouteMatch
+
+if TYPE_CHECKING:
+    from gateway.dataplane.request import DataRequest
+    from gateway.policy.selector import Selector
+    from gateway.state import State
+
+#: Route kinds whose requests ``prepare`` never takes: a body to read or a WebSocket.
+_DECLINED_KINDS: Final = frozenset({Kind.REMOTE_READ, Kind.LOGQL_DELETE, Kind.LOGQL_TAIL, Kind.TENANT_WIDE})
+_POOLED_KINDS: Final = _PROMQL | _LOGQL | frozenset(_MATCHES)
+
+
+class Prepared:
+    """The upstream request of a prepared request, and what the access log and metrics need of it."""
+
+    __slots__ = ("m", "decision", "lbac", "url", "fast", "headers", "head", "upstream_base")
+
+    def __init__(self, m: RouteMatch, decision: Decision, lbac_mode: str | None, url: URL, fast: FastClient,
+                 headers: CIMultiDict[str], head: bytes, upstream_base: str):
+        self.m, self.decision, self.lbac, self.url, self.fast = m, decision, lbac_mode, url, fast
+        self.headers, self.head, self.upstream_base = headers, head, upstream_base
+
+
+def _enforce_inline(kind: Kind, path: str, method: str, raw_query: str,
+                    policies: tuple[Selector, ...]) -> lbac.Restriction | None:
+    """``plan_bounded`` then ``enforce_bounded`` for a bodiless request, when both run inline and no
+    fan-out is planned; None otherwise (refusals included)."""
+    try:
+        if kind in _POOLED_KINDS and bounds.INLINE_WEIGHT < weigh(kind, raw_query, None, len(policies)):
+            return None
+        if lbac_fanout.plan(kind, path, method, raw_query, None, policies) is not None:
+            return None
+        return lbac.enforce(kind, method, raw_query, None, policies)
+    except (ProxyError, RewriteError):
+        return None
+
+
+def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams) -> Prepared | None:
+    """The upstream request ``handler._serve`` would send for ``request``, if it is the common case."""
+    route = m.route
+    if route.websocket or route.scope == "rules:write" or route.kind in _DECLINED_KINDS:
+        return None
+    cfg = st.config
+    upstream = cfg.upstreams.get(route.backend)
+    if upstream is None or st.cache.stale:
+        return None
+    headers = request.headers
+    ip = client_ip(request.remote, headers.getall("X-Forwarded-For", ()), cfg.trusted_proxies)
+    key = (headers.get("Authorization"), headers.get("X-Scope-OrgID"), route.backend, route.scope, ip)
+    decision = st.decisions.get(key, st.cache.generation, cfg, time.time())
+    if decision is None:
+        return None
+    policies = decision.policies
+    reads = route.kind in lbac.RESTRICTED_KINDS
+    raw_query = request.rel_url.raw_query_string
+    label_headers: tuple[str, ...] = ()
+    rewritten = False
+    mode: str | None = None
+    if not policies:
+        if reads:
+            if "X-Prom-Label-Policy" in headers:
+                return None
+            try:
+                if user_policies(st.cache, decision.ident.policy.id, route.backend, decision.tenant,
+                                 headers.get(cfg.grafana_user_header)):
+                    return None  # team rules narrow this token: the handler applies them
+            except Denied:
+                return None
+    elif reads:
+        try:
+            mode = effective_mode(st.extras, upstream)
+        except ProxyError:
+            return None
+        if mode == "enforce":
+            r = _enforce_inline(route.kind, m.upstream_path, request.method, raw_query, policies)
+            if r is None or r.body is not None:
+                return None
+            raw_query = r.query if r.query is not None else raw_query
+            rewritten = True
+        else:
+            try:
+                if lbac_fanout.plan_header_mode(route.kind, m.upstream_path, request.method, raw_query, None,
+                                                policies) is not None:
+                    return None
+                n = headermode.normalize(raw_query, None)
+            except (ProxyError, RewriteError):
+                return None
+            if n.body is not None:
+                return None
+            raw_query = n.query or ""
+            label_headers = decision.label_headers()
+    base = upstream.url_for(route.role.value)
+    fast = _FAST.get(upstreams.session(upstream))
+    if fast is None or fast.closed:
+        return None
+    try:
+        url = URL(f"{base}{m.upstream_path}" + (f"?{raw_query}" if raw_query else ""))
+    except ValueError:
+        return None
+    if not fast.accepts(url):
+        return None
+    out: CIMultiDict[str] = upstream_headers(headers, decision.tenant, request.remote or "unknown", label_headers,
+                                             drop_body_headers=rewritten)
+    try:
+        head = request_head(request.method, url, out, None)
+    except ValueError:
+        return None
+    return Prepared(m, decision, mode, url, fast, out, head, base)
