@@ -54,7 +54,8 @@ class DataRequest:
     """One parsed request on a protocol connection (see the module docstring)."""
 
     __slots__ = ("method", "headers", "rel_url", "content", "body_exists", "content_length", "remote", "app",
-                 "transport", "version", "keep_alive", "expect_continue", "started", "finished", "route", "_proto")
+                 "transport", "version", "keep_alive", "expect_continue", "started", "finished",
+                 "route", "memo", "_proto")
 
     def __init__(self, proto: HttpProtocol, method: str, headers: CIMultiDictProxy[str], rel_url: RelURL,
                  content: Body, body_exists: bool, content_length: int | None, version: tuple[int, int],
@@ -70,6 +71,7 @@ class DataRequest:
         self.started = False  # the status line is out
         self.finished = False  # the whole answer is out
         self.route: RouteMatch | None = None  # the route the server matched (the handler matches again)
+        self.memo: dict[object, object] = {}  # what gateway.proxy.fastpath derived from these same headers
 
     # ---- more of aiohttp's request, for code on the data path that reads it ---------------------------
 

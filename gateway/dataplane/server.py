@@ -105,7 +105,13 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = False
         self.handed = False
         self._url = bytearray()
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        # The previous request's raw header fields and what was made of them: a keep-alive client sends the
+        # same fields request after request, so they are decoded once, and ``memo`` keeps what the fast path
+        # derives from them (gateway.proxy.fastpath), for as long as they stay the same.
+        self._last_raw: list[tuple[bytes, bytes]] | None = None
+        self._last_headers: CIMultiDictProxy[str] | None = None
+        self._memo: dict[object, object] = {}
         self._name = bytearray()
         self._value = bytearray()
         self._head_bytes = 0
@@ -230,7 +236,7 @@ class HttpProtocol(asyncio.Protocol):
             raise _Bad(431, "request header fields too large")
         if len(self._headers) >= MAX_HEADERS:
             raise _Bad(431, f"more than {MAX_HEADERS} request header fields")
-        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -246,7 +252,12 @@ class HttpProtocol(asyncio.Protocol):
             path = path.partition("#")[0]
             handover = False
         method = p.get_method().decode("ascii", "replace")
-        headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(self._headers))
+        raw_headers = self._headers
+        headers = self._last_headers
+        if headers is None or raw_headers != self._last_raw:
+            headers = CIMultiDictProxy(CIMultiDict([(n.decode("utf-8", "surrogateescape"),
+                                                      v.decode("utf-8", "surrogateescape")) for n, v in raw_headers]))
+            self._last_raw, self._last_headers, self._memo = raw_headers, headers, {}
         m = None if handover else match(method, path)
         if handover or _for_aiohttp(m, headers):
             if self._raw is None or self.plane.aiohttp is None:
@@ -268,7 +279,7 @@ class HttpProtocol(asyncio.Protocol):
         version = (1, 1) if p.get_http_version() == "1.1" else (1, 0)
         req = DataRequest(self, method, headers, RelURL(path, query), body, body_exists, length, version,
                           p.should_keep_alive())
-        req.route = m
+        req.route, req.memo = m, self._memo
         expect = headers.get("Expect")
         if expect is not None:
             if expect.lower() != "100-continue" or version < (1, 1):

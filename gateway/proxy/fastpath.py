@@ -16,7 +16,7 @@ side effect, and a request it declines behaves exactly as before.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -28,7 +28,7 @@ from gateway.lbac import restrict as lbac
 from gateway.lbac.pool import _LOGQL, _MATCHES, _PROMQL, weigh
 from gateway.lbac.probe import effective_mode
 from gateway.policy.datasource import user_policies
-from gateway.policy.decision import Denied
+from gateway.policy.decision import Denied, IPAddress
 from gateway.proxy.decision_cache import Decision
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.fastclient import FastClient, request_head
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 #: Route kinds whose requests ``prepare`` never takes: a body to read or a WebSocket.
 _DECLINED_KINDS: Final = frozenset({Kind.REMOTE_READ, Kind.LOGQL_DELETE, Kind.LOGQL_TAIL, Kind.TENANT_WIDE})
 _POOLED_KINDS: Final = _PROMQL | _LOGQL | frozenset(_MATCHES)
+_MAX_MEMO: Final = 16  # upstream header blocks kept per connection (one per method and upstream, usually)
 
 
 class Prepared:
@@ -81,8 +82,14 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
     if upstream is None or st.cache.stale:
         return None
     headers = request.headers
-    ip = client_ip(request.remote, headers.getall("X-Forwarded-For", ()), cfg.trusted_proxies)
-    key = (headers.get("Authorization"), headers.get("X-Scope-OrgID"), route.backend, route.scope, ip)
+    memo = request.memo  # what was derived from these same headers on this connection (and peer)
+    facts = cast(tuple[object, IPAddress | None, str | None, str | None] | None, memo.get("facts"))
+    if facts is None or facts[0] is not cfg:  # (a reload may change the trusted proxies)
+        ip = client_ip(request.remote, headers.getall("X-Forwarded-For", ()), cfg.trusted_proxies)
+        facts = (cfg, ip, headers.get("Authorization"), headers.get("X-Scope-OrgID"))
+        memo["facts"] = facts
+    _, ip, auth, org = facts
+    key = (auth, org, route.backend, route.scope, ip)
     decision = st.decisions.get(key, st.cache.generation, cfg, time.time())
     if decision is None:
         return None
@@ -135,10 +142,22 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
         return None
     if not fast.accepts(url):
         return None
-    out: CIMultiDict[str] = upstream_headers(headers, decision.tenant, request.remote or "unknown", label_headers,
-                                             drop_body_headers=rewritten)
-    try:
-        head = request_head(request.method, url, out, None)
-    except ValueError:
-        return None
+    block_key = (request.method, url.host_port_subcomponent, decision.tenant, label_headers, rewritten)
+    hit = memo.get(block_key)
+    if hit is None:
+        out: CIMultiDict[str] = upstream_headers(headers, decision.tenant, request.remote or "unknown",
+                                                 label_headers, drop_body_headers=rewritten)
+        try:
+            head = request_head(request.method, url, out, None)
+        except ValueError:
+            return None
+        if len(memo) >= _MAX_MEMO:
+            memo.clear()
+        memo[block_key] = (out, head[head.index(b"\r\n"):])
+    else:
+        out, block = cast(tuple[CIMultiDict[str], bytes], hit)
+        line = f"{request.method} {url.raw_path_qs} HTTP/1.1"
+        if "\r" in line or "\n" in line or "\x00" in line:  # (as request_head refuses them)
+            return None
+        head = line.encode("utf-8") + block
     return Prepared(m, decision, mode, url, fast, out, head, base)
