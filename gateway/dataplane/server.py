@@ -125,6 +125,10 @@ class HttpProtocol(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # The keep-alive deadline is kept lazily: a busy connection moves ``_idle_until`` on every answer, and
+        # its one timer, when it fires early, waits again until then (no timer made and cancelled per request).
+        self._idle_until: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._in_head = False
         self._fresh = True  # no byte received yet: a silent connection gets the head deadline, not keep-alive's
         self._handover: bytes | None = None
@@ -151,6 +155,9 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         self._disarm()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.plane.conns.discard(self)
         for req in (self._cur, *self._queue):
             if req is not None and not req.content.is_eof():
@@ -208,6 +215,8 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed HTTP request: {exc}")
             return
+        if self._in_head and self._timer is None and not self.closed:
+            self._arm(self.plane.settings.head_timeout)
         if self._handover is not None and self._task is None:
             self._hand_over()
 
@@ -222,8 +231,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url.clear()
         self._headers = []
         self._head_bytes = 0
-        self._disarm()
-        self._arm(self.plane.settings.head_timeout)
+        self._disarm()  # the head deadline is armed after this read if the head is still incomplete
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -310,7 +318,7 @@ class HttpProtocol(asyncio.Protocol):
         if cur is not None:
             cur.content.feed_eof()
         if self._task is None and not self._queue:
-            self._arm(self.plane.settings.keepalive_timeout)
+            self._idle()
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -369,8 +377,8 @@ class HttpProtocol(asyncio.Protocol):
             self._start(nxt)
         elif self._handover is not None:
             self._hand_over()
-        elif self._cur is None:
-            self._arm(self.plane.settings.keepalive_timeout)
+        elif self._cur is None and self._timer is None:
+            self._idle()
 
     def _linger(self, req: DataRequest) -> None:
         """Close after the answer; a body still arriving is read and dropped for a moment first, so that the
@@ -468,9 +476,29 @@ class HttpProtocol(asyncio.Protocol):
             self._timer = self.loop.call_later(seconds, self._on_deadline)
 
     def _disarm(self) -> None:
+        self._idle_until = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _idle(self) -> None:
+        """Close the connection if no request starts within ``keepalive_timeout`` (lazily: see __init__)."""
+        seconds = self.plane.settings.keepalive_timeout
+        if seconds <= 0 or self.closed:
+            return
+        self._idle_until = until = self.loop.time() + seconds
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_at(until, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle_timer = None
+        until = self._idle_until
+        if until is None or self.closed:
+            return
+        if self.loop.time() < until:
+            self._idle_timer = self.loop.call_at(until, self._on_idle)
+        elif self._task is None and self._timer is None:
+            self._close()  # idle keep-alive
 
     def _rearm_body(self) -> None:
         self._disarm()
