@@ -324,3 +324,62 @@ async def test_an_upstream_answer_the_client_reads_slowly_is_paced(
         writer.close()
         assert got > len(big)  # the head and all of the body
         assert dp.gw.state.in_flight == 0
+
+
+# ---- the relay: what it takes, and what it hands back to the lean client's parser ------------------------
+
+def _raw(answer: bytes, then_close: bool = False) -> Callable[[asyncio.StreamWriter], Any]:
+    async def step(w: asyncio.StreamWriter) -> bool:
+        w.write(answer)
+        await w.drain()
+        return not then_close
+
+    return step
+
+
+async def _split(w: asyncio.StreamWriter) -> None:
+    """The head, then the body a moment later (a body still arriving after the head's read)."""
+    w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhe")
+    await w.drain()
+    await asyncio.sleep(0.1)
+    w.write(b"llo")
+    await w.drain()
+
+
+@pytest.mark.parametrize(("answer", "body", "reused"), [
+    # taken by the relay: a whole small answer with one Content-Length; the connection is pooled again
+    (_raw(b"HTTP/1.1 201 Created\r\nContent-Type: text/plain\r\nX-A: 1\r\nContent-Length: 3\r\n\r\nabc"),
+     b"abc", True),
+    (_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), b"", True),
+    # the upstream asks to close: answered, never reused
+    (_raw(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", then_close=True), b"ok", False),
+    # handed back: chunked, a body split over reads, 1xx before the answer, bytes after it
+    (_raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), b"abc", True),
+    (_split, b"hello", True),
+    (_raw(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"), b"hi", True),
+    (_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), b"hi",
+     False),
+])
+async def test_the_answer_is_relayed_or_handed_back_and_the_connection_pooled_only_when_it_may_be(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, taken: list[str], answer: Any, body: bytes,
+        reused: bool) -> None:
+    async with _dp_raw(db_dsn, aiohttp_client, aiohttp_server, [ok, answer, ok]) as (dp, seen):
+        tok = await dp.token(["metrics:read"])
+        await _prime(dp, tok)
+        reader, writer = await asyncio.open_connection("127.0.0.1", dp.port)
+        try:
+            writer.write(_get(tok))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 20"), head
+            assert b"Transfer-Encoding" not in head and b"Connection: close" not in head
+            assert f"Content-Length: {len(body)}\r\n".encode() in head and b"Date: " in head
+            assert await asyncio.wait_for(reader.readexactly(len(body)), 5) == body
+            # the client's connection carries on
+            writer.write(_get(tok))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ") and await reader.readexactly(2) == b"{}"
+        finally:
+            writer.close()
+        # the third request on the second one's connection (by callbacks again), or on a new one (by the handler)
+        assert len(taken) == (2 if reused else 1)
+        assert (seen[2] == seen[1]) is reused, seen

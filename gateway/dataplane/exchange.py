@@ -19,6 +19,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
+import httptools
 from aiohttp import web
 
 from gateway.proxy.errors import ProxyError, error_response
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.proxy")
 _NO_BODY = (204, 304)
+_MAX_FIELD = 8190  # aiohttp's max_field_size and max_line_size, which the lean client's parser applies
+_MAX_HEAD = 64 * 1024  # a response head the relay waits for, at most; past it the lean client's parser reads it
 
 
 def start(proto: HttpProtocol, req: DataRequest) -> bool:
@@ -62,7 +65,83 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
     ex = Exchange(proto, req, st, p, conn, started, sent_at)
     proto._task = ex  # it answers done() and cancel() like the task
     waiter.add_done_callback(ex._answered)
+    if req.method != "HEAD":
+        conn.relay = _Relay(ex).feed
     return True
+
+
+class _GiveUp(Exception):
+    """Raised in a parser callback: not a response the relay takes."""
+
+
+class _Relay:
+    """The upstream's response read with httptools as it arrives, for the case that dominates: a head and
+    a small body with one Content-Length, all in the reads that complete the head. Anything else (1xx,
+    204, 304, chunked or close-delimited bodies, a body still arriving after the head's read, a second
+    response, a parse error) is handed back: the lean client's own parser reads it all, as without a relay.
+    """
+
+    __slots__ = ("ex", "parser", "raw", "size", "fields", "length", "head_done", "complete", "keep", "messages")
+
+    def __init__(self, ex: Exchange):
+        self.ex = ex
+        self.parser = httptools.HttpResponseParser(self)
+        self.raw: list[bytes] = []
+        self.size = 0
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.length = -1
+        self.head_done = self.complete = self.keep = False
+        self.messages = 0
+
+    def on_message_begin(self) -> None:
+        self.messages += 1
+        if self.messages > 1:
+            raise _GiveUp
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) > _MAX_FIELD or len(value) > _MAX_FIELD:
+            raise _GiveUp  # (the lean client's parser refuses it)
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        status = p.get_status_code()
+        if status < 200 or status in _NO_BODY or p.get_http_version() not in ("1.1", "1.0"):
+            raise _GiveUp
+        length: bytes | None = None
+        for name, value in self.fields:
+            low = name.lower()
+            if low == b"content-length":
+                if length is not None or not value.isdigit():
+                    raise _GiveUp
+                length = value
+            elif low == b"transfer-encoding":
+                raise _GiveUp
+        if length is None or int(length) > self.ex.p.fast.small_body:
+            raise _GiveUp
+        self.length = int(length)
+        self.head_done = True
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep = self.parser.should_keep_alive()  # (llhttp resets its flags once this returns)
+
+    def feed(self, data: bytes) -> bytes | None:
+        """None: taken (the head is still incomplete, or the answer is written); else all bytes so far."""
+        self.raw.append(data)
+        self.size += len(data)
+        try:
+            self.parser.feed_data(data)
+        except Exception:  # _GiveUp, a parse error, an upgrade: the lean client's parser decides
+            return b"".join(self.raw)
+        if self.complete:
+            whole = b"".join(self.raw) if len(self.raw) > 1 else data
+            p = self.parser
+            self.ex._relayed(p.get_status_code(), whole, self.fields, self.length, self.keep)
+            return None
+        if self.head_done or self.size > _MAX_HEAD:
+            return b"".join(self.raw)
+        return None
 
 
 class Exchange:
@@ -105,6 +184,23 @@ class Exchange:
         return True
 
     # ---- the answer --------------------------------------------------------------------------------
+
+    def _relayed(self, status: int, whole: bytes, fields: list[tuple[bytes, bytes]], length: int, keep: bool
+                 ) -> None:
+        """A whole small answer read by the relay: the connection back to the pool, the answer written."""
+        if self._done:
+            return
+        conn = self.conn
+        conn.headers_at = conn.pool.loop.time()
+        conn.relayed = keep
+        conn.pool.release(conn)
+        req = self.req
+        try:
+            split = len(whole) - length
+            req.respond_raw(whole[:split], fields, whole[split:])
+            self._end(Outcome(status, length, conn.headers_at - self.sent_at))
+        except Exception:
+            self._crashed()
 
     def _answered(self, fut: asyncio.Future[None]) -> None:
         exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()

@@ -168,20 +168,43 @@ class DataRequest:
         key = (status, reason, self.version, keep, len(body), tuple(upstream.items()))
         head = _heads.get(key)
         if head is None:
-            hdrs = response_headers(upstream)
-            if body and "Content-Type" not in hdrs:
-                hdrs["Content-Type"] = "application/octet-stream"
-            head, _ = self._head(status, reason, hdrs, len(body), True, copy=False)
-            if len(_heads) >= MAX_CACHED_HEADS:
-                _heads.clear()
-            if "Date" in upstream:  # else the head carries our Date and must not outlive its second
-                _heads[key] = head
+            head = self._small_head(key, status, reason, upstream, len(body))
         else:
             self.keep_alive = keep
         self.started = True
         self._proto.write(head + body)
         self.finished = True
         return WRITTEN
+
+    def _small_head(self, key: tuple[Any, ...], status: int, reason: str | None, upstream: CIMultiDictProxy[str],
+                    length: int) -> bytes:
+        hdrs = response_headers(upstream)
+        if length and "Content-Type" not in hdrs:
+            hdrs["Content-Type"] = "application/octet-stream"
+        head, _ = self._head(status, reason, hdrs, length, True, copy=False)
+        if len(_heads) >= MAX_CACHED_HEADS:
+            _heads.clear()
+        if "Date" in upstream:  # else the head carries our Date and must not outlive its second
+            _heads[key] = head
+        return head
+
+    def respond_raw(self, upstream_head: bytes, fields: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """``respond`` from the upstream's raw head (status line and header block, as received, which is
+        the cache key) and its parsed header fields (read only on a cache miss)."""
+        keep = self._proto.keep_going(self)
+        key = (upstream_head, self.version, keep, len(body))
+        head = _heads.get(key)
+        if head is None:
+            line = upstream_head[:upstream_head.index(b"\r\n")].decode("utf-8", "surrogateescape").split(" ", 2)
+            status, reason = int(line[1]), line[2] if len(line) > 2 else ""
+            upstream = CIMultiDictProxy(CIMultiDict([(n.decode("utf-8", "surrogateescape"),
+                                                      v.decode("utf-8", "surrogateescape")) for n, v in fields]))
+            head = self._small_head(key, status, reason, upstream, len(body))
+        else:
+            self.keep_alive = keep
+        self.started = True
+        self._proto.write(head + body)
+        self.finished = True
 
     async def start_stream(self, resp: web.StreamResponse) -> StreamWriter:
         """Send the head of a streamed answer; the body follows through the returned writer."""
