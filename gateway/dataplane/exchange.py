@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,7 +26,7 @@ from aiohttp import web
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.fastclient import IDEMPOTENT, FastClientError, FastResponse, _Conn
 from gateway.proxy.fastpath import Prepared, prepare
-from gateway.proxy.forward import Outcome, _failure, _forward_fast, answer_fast
+from gateway.proxy.forward import Outcome, Upstreams, _failure, _forward_fast, answer_fast
 from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS
 from gateway.state import STATE, State
 from gateway.tally import TALLY
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from gateway.dataplane.server import HttpProtocol
 
 log = logging.getLogger("gateway.proxy")
+# Per application, its state and upstream clients (set once, when the application is built).
+_refs: weakref.WeakKeyDictionary[web.Application, tuple[State | None, Upstreams | None]] = \
+    weakref.WeakKeyDictionary()
 _NO_BODY = (204, 304)
 _MAX_FIELD = 8190  # aiohttp's max_field_size and max_line_size, which the lean client's parser applies
 _MAX_HEAD = 64 * 1024  # a response head the relay waits for, at most; past it the lean client's parser reads it
@@ -43,10 +47,11 @@ _MAX_HEAD = 64 * 1024  # a response head the relay waits for, at most; past it t
 def start(proto: HttpProtocol, req: DataRequest) -> bool:
     """Serve ``req`` by callbacks if it is the common case (then the connection's ``_task`` is the
     exchange); False leaves it, untouched, to the handler task."""
-    app = req.app
-    st = app.get(STATE)
-    upstreams = app.get(UPSTREAMS)
     m = req.route
+    refs = _refs.get(req.app)
+    if refs is None:
+        refs = _refs[req.app] = (req.app.get(STATE), req.app.get(UPSTREAMS))
+    st, upstreams = refs
     if st is None or upstreams is None or m is None:
         return False
     started = time.perf_counter()

@@ -93,6 +93,15 @@ def _for_aiohttp(m: RouteMatch | None, headers: CIMultiDictProxy[str]) -> bool:
     return "upgrade" in conn.lower() and "Upgrade" in headers  # any other protocol switch: as aiohttp does
 
 
+def _nothing() -> None:
+    pass
+
+
+#: The body of every request without one: at its end from the start.
+_NO_BODY: Final = Body(_nothing, _nothing)
+_NO_BODY.feed_eof()
+
+
 class HttpProtocol(asyncio.Protocol):
     """One client connection (see the module docstring)."""
 
@@ -279,10 +288,10 @@ class HttpProtocol(asyncio.Protocol):
         cl = headers.get("Content-Length")
         length = int(cl) if cl is not None and cl.isdigit() else None
         body_exists = te is not None or (length is not None and length > 0)
-        body = Body(self._pause, self._resume)
         if not body_exists:
-            body.feed_eof()
+            body = _NO_BODY  # (ended: nothing reads, waits on or changes it)
         else:
+            body = Body(self._pause, self._resume)
             self._arm(self.plane.settings.body_timeout)
         version = (1, 1) if p.get_http_version() == "1.1" else (1, 0)
         req = DataRequest(self, method, headers, RelURL(path, query), body, body_exists, length, version,
