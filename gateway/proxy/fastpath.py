@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 #: Route kinds whose requests ``prepare`` never takes: a body to read or a WebSocket.
 _DECLINED_KINDS: Final = frozenset({Kind.REMOTE_READ, Kind.LOGQL_DELETE, Kind.LOGQL_TAIL, Kind.TENANT_WIDE})
 _POOLED_KINDS: Final = _PROMQL | _LOGQL | frozenset(_MATCHES)
+_FANOUT_KINDS: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL})  # plan_header_mode may fan these out
+#: Header mode's query normalization (a pure function of the query string) for kinds that never fan out.
+_NORMALIZED: Final[bounds.SizedLRU[tuple[Kind, str, str], str]] = bounds.SizedLRU(1024)
 _MAX_MEMO: Final = 16  # upstream header blocks kept per connection (one per method and upstream, usually)
 
 
@@ -121,16 +124,21 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
             raw_query = r.query if r.query is not None else raw_query
             rewritten = True
         else:
-            try:
-                if lbac_fanout.plan_header_mode(route.kind, m.upstream_path, request.method, raw_query, None,
-                                                policies) is not None:
+            normalized = _NORMALIZED.get((route.kind, m.upstream_path, raw_query))
+            if normalized is None:
+                try:
+                    if lbac_fanout.plan_header_mode(route.kind, m.upstream_path, request.method, raw_query, None,
+                                                    policies) is not None:
+                        return None
+                    n = headermode.normalize(raw_query, None)
+                except (ProxyError, RewriteError):
                     return None
-                n = headermode.normalize(raw_query, None)
-            except (ProxyError, RewriteError):
-                return None
-            if n.body is not None:
-                return None
-            raw_query = n.query or ""
+                if n.body is not None:
+                    return None
+                normalized = n.query or ""
+                if route.kind not in _FANOUT_KINDS:  # (else the plan depends on the policies too)
+                    _NORMALIZED.put((route.kind, m.upstream_path, raw_query), normalized, len(normalized))
+            raw_query = normalized
             label_headers = decision.label_headers()
     base = upstream.url_for(route.role.value)
     fast = _FAST.get(upstreams.session(upstream))
