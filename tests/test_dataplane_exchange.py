@@ -383,3 +383,22 @@ async def test_the_answer_is_relayed_or_handed_back_and_the_connection_pooled_on
         # the third request on the second one's connection (by callbacks again), or on a new one (by the handler)
         assert len(taken) == (2 if reused else 1)
         assert (seen[2] == seen[1]) is reused, seen
+
+
+async def test_a_label_restricted_query_is_rewritten_on_the_callback_path_as_by_the_handler(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, taken: list[str]) -> None:
+    async with _dp(db_dsn, aiohttp_client, aiohttp_server) as dp:
+        p = await dp.gw.policy("restricted", ["metrics:read"], [{"type": "stack", "identifier": "100",
+                                                                 "labelPolicies": [{"selector": '{env="dev"}'}]}])
+        tok = str((await dp.gw.token(p["id"], "restricted"))["token"])
+        await _prime(dp, tok)
+        by_handler = dp.rec.seen[-1]
+        out = await _exchange(dp.port, _get(tok, extra=b"Connection: close\r\n"))
+        assert out.startswith(b"HTTP/1.1 200 ") and len(taken) == 1
+        by_callbacks = dp.rec.seen[-1]
+        assert by_callbacks.query == by_handler.query and 'env="dev"' in by_callbacks.query[0][1]
+        assert by_callbacks.headers.getall("X-Prom-Label-Policy", []) == by_handler.headers.getall(
+            "X-Prom-Label-Policy", [])
+        # a query the rewriter refuses is the handler's 400, not the callback path's
+        out = await _exchange(dp.port, _get(tok, f"{Q}?query=up%7B", b"Connection: close\r\n"))
+        assert out.startswith(b"HTTP/1.1 400 ") and len(taken) == 1
