@@ -71,7 +71,13 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
     proto._task = ex  # it answers done() and cancel() like the task
     waiter.add_done_callback(ex._answered)
     if req.method != "HEAD":
-        conn.relay = _Relay(ex).feed
+        relay = conn.relay_state
+        if isinstance(relay, _Relay):  # the one that read this connection's last answer, whole
+            conn.relay_state = None
+            relay.reset(ex)
+        else:
+            relay = _Relay(ex)
+        conn.relay = relay.feed
     return True
 
 
@@ -89,8 +95,12 @@ class _Relay:
     __slots__ = ("ex", "parser", "raw", "size", "fields", "length", "head_done", "complete", "keep", "messages")
 
     def __init__(self, ex: Exchange):
-        self.ex = ex
         self.parser = httptools.HttpResponseParser(self)
+        self.reset(ex)
+
+    def reset(self, ex: Exchange) -> None:
+        """Ready for the next answer on its connection (its parser is between two messages)."""
+        self.ex = ex
         self.raw: list[bytes] = []
         self.size = 0
         self.fields: list[tuple[bytes, bytes]] = []
@@ -142,7 +152,10 @@ class _Relay:
         if self.complete:
             whole = b"".join(self.raw) if len(self.raw) > 1 else data
             p = self.parser
+            if self.keep:
+                self.ex.conn.relay_state = self  # the next answer on the connection may use it again
             self.ex._relayed(p.get_status_code(), whole, self.fields, self.length, self.keep)
+            self.raw = []  # (an idle connection holds no answer)
             return None
         if self.head_done or self.size > _MAX_HEAD:
             return b"".join(self.raw)

@@ -169,6 +169,7 @@ class _Conn(BaseProtocol):
         # this connection's own parser then reads as if they had just arrived.
         self.relay: Callable[[bytes], bytes | None] | None = None
         self.relayed: bool | None = None  # a relayed response ended: whether the connection may be reused
+        self.relay_state: object = None  # kept for the relay's owner across responses
 
     def _new_parser(self, with_body: bool) -> Any:
         return HttpResponseParser(self, self._loop, self.limit, payload_exception=BadResponse,
