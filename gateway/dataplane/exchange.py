@@ -55,7 +55,11 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
     if st is None or upstreams is None or m is None:
         return False
     started = time.perf_counter()
-    p = prepare(req, st, m, upstreams)
+    try:
+        p = prepare(req, st, m, upstreams)
+    except Exception:  # a bug here must not cost the request: the handler decides it from scratch
+        log.exception("data path: preparing %s %s failed", req.method, req.rel_url.raw_path)
+        return False
     if p is None:
         return False
     conn = p.fast.idle(p.url)
