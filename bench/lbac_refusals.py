@@ -45,6 +45,17 @@ READS: list[tuple[str, str, dict[str, str]]] = [
     ("GET", "/loki/api/v1/query_range", {"query": 'absent_over_time({app="a"}[5m])', "step": "60", **_R}),
     ("GET", "/loki/api/v1/query", {"query": 'sum(rate({app="a"}[5m]))', "time": "1700003600"}),
     ("GET", "/loki/api/v1/query", {"query": 'count_over_time({app="a"}[5m])', "time": "1700003600"}),
+    ("GET", "/loki/api/v1/query_range", {"query": 'sum by (level) (count_over_time({app="a"} | logfmt | drop env, '
+                                         'team, ns [1m]))', "step": "60", **_R}),
+    ("GET", "/loki/api/v1/query_range", {"query": 'count_over_time({app="a"} | drop env, team, ns [5m])', "step": "60",
+                                         **_R}),
+    ("GET", "/loki/api/v1/query", {"query": 'sum(rate({app="a"} | unpack [5m]))', "time": "1700003600"}),
+    ("GET", "/loki/api/v1/query_range", {"query": 'avg_over_time({app="a"} | logfmt | unwrap latency [5m]) by (level)',
+                                         "step": "60", **_R}),
+    ("GET", "/loki/api/v1/query_range", {"query": 'max_over_time({app="a"} | logfmt | unwrap latency [5m]) by (level)',
+                                         "step": "60", **_R}),
+    ("GET", "/loki/api/v1/query_range", {"query": 'quantile_over_time(0.99, {app="a"} | logfmt | unwrap latency [5m]) '
+                                         'by (level)', "step": "60", **_R}),
     # Loki: labels, values, series (autocomplete, label browser, Save & test)
     ("GET", "/loki/api/v1/labels", {**_R}),
     ("GET", "/loki/api/v1/labels", {"query": '{app="a"}', **_R}),

@@ -18,22 +18,45 @@ Written from Loki's source (grafana/loki), for what the fan-out tests depend on:
   "streams","result":[{"stream":{...},"values":[["<ns>","line"]]}],"stats":{...}}}``; labels and
   label values ``{"status":"success","data":[...]}``; series ``data`` a list of label maps;
   ``detected_labels`` ``{"detectedLabels":[{"label","cardinality"}]}``; ``index/stats``
-  ``{"streams","chunks","bytes","entries"}``; tail frames ``{"streams":[...]}``.
+  ``{"streams","chunks","bytes","entries"}``; tail frames ``{"streams":[...]}``;
+* ``index/stats``: the streams with entries in ``start <= ts < end``, one chunk each, their entries
+  and line bytes (``pkg/storage/stores/index/stats``: counts per stream, summed);
+* ``index/volume`` and ``index/volume_range`` (``pkg/loghttp/query.go``, ``pkg/util/series_volume.go``
+  ``PrepareLabelsAndMatchers``, ``pkg/ingester/instance.go`` ``getVolume``,
+  ``pkg/storage/stores/index/seriesvolume``, ``pkg/querier/queryrange/volume.go``): the query is a
+  plain selector; ``limit`` 0 means 100, negative is refused; ``aggregateBy`` ``series`` (default)
+  or ``labels``; ``targetLabels`` (comma-separated) adds ``t=~".+"`` for each target the query does
+  not name; a stream's volume is the bytes of its lines in the bucket; ``series`` groups a stream
+  under its labels among the targets, or among the query's matcher names; ``labels`` adds it to
+  each of its label names (the targets only, if given); buckets are ``util.ForInterval(step, start,
+  end, endInclusive)`` (one bucket for ``index/volume``), each read from its start to its end
+  truncated to seconds, keyed by its end, cut to the top ``limit`` by volume then name; the answer
+  is a Prometheus ``vector`` (``matrix`` once a name has two samples), names ordered by their first
+  sample's value, largest first, then name; a ``labels`` name is the series ``{name: ""}``;
+* ``patterns`` (``pkg/pattern``): a stand-in for Drain, one pattern per line (``key=value`` values
+  and runs of digits become ``<_>``), its level the line's first word; samples are counts per ``step`` (at least
+  10s), summed per (pattern, level, timestamp) over streams (``iter.NewMerge``); then Loki's
+  ``prunePatterns``: totals below 30 dropped, the top 300 by total kept, largest first.
 
-Anything else in a query (parsers, metric queries) is answered 400, so a test never passes on
-syntax the fake does not evaluate.
+Metric queries (``query_range`` and the instant ``query``) are evaluated by tests/fake_loki_metrics.py;
+anything else in a query is answered 400, so a test never passes on syntax the fake does not evaluate.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests import fake_loki_metrics
+
+SEC = 10**9
 
 _MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*"|`[^`]*`)\s*(,|\})')
 _FILTER = re.compile(r'\s*(\|=|!=|\|~|!~)\s*("(?:[^"\\]|\\.)*"|`[^`]*`)')
@@ -49,6 +72,22 @@ class LokiError(Exception):
 class Stream:
     labels: dict[str, str]
     entries: tuple[tuple[int, str], ...]  # (ns, line), any order
+
+
+@asynccontextmanager
+async def enforce_gateway(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, url: str) -> AsyncIterator[Any]:
+    """The test gateway with every backend at ``url`` in enforce mode (tests.test_proxy's ``_env``)."""
+    from tests.test_proxy import _env
+
+    ups = {"metrics": {"url": url, "lbac": "enforce"}, "logs": {"url": url, "lbac": "enforce"},
+           "traces": {"url": url, "write_url": url}}
+    async with _env(db_dsn, aiohttp_client, aiohttp_server, lbac="enforce", upstreams=ups) as e:
+        yield e
+
+
+def stack_realm(selectors: tuple[str, ...], stack: str = "100") -> list[dict[str, Any]]:
+    """Realms of an access policy: one stack with these selectors as its label policies."""
+    return [{"type": "stack", "identifier": stack, "labelPolicies": [{"selector": s} for s in selectors]}]
 
 
 def label_string(labels: dict[str, str]) -> str:
@@ -102,15 +141,7 @@ def parse_query(query: str) -> tuple[Callable[[dict[str, str]], bool], Callable[
         m = _FILTER.match(query, pos)
         if m is None:
             raise LokiError(f"parse error: the fake Loki only evaluates line filters (at {pos})")
-        op, value = m.group(1), _string(m.group(2))
-        if op == "|=":
-            filters.append(lambda line, v=value: v in line)
-        elif op == "!=":
-            filters.append(lambda line, v=value: v not in line)
-        else:
-            rx = re.compile(value)
-            filters.append((lambda line, r=rx: r.search(line) is not None) if op == "|~"
-                           else (lambda line, r=rx: r.search(line) is None))
+        filters.append(fake_loki_metrics.line_filter(m.group(1), _string(m.group(2))))
         pos = m.end()
     return select, lambda line: all(f(line) for f in filters)
 
@@ -133,11 +164,94 @@ def parse_time(value: str | None, default: int) -> int:
     return n * 1_000_000_000 if len(value) <= 10 else n
 
 
+def parse_matchers(text: str) -> list[tuple[str, str, str]]:
+    """The matchers of a plain selector (Loki's ``syntax.ParseMatchers``, validated): (name, op, value)."""
+    s = text.strip()
+    if not s.startswith("{"):
+        raise LokiError("parse error: only label matchers are supported")
+    pos, out = 1, []
+    while True:
+        m = _MATCHER.match(s, pos)
+        if m is None:
+            raise LokiError("only label matchers are supported")
+        out.append((m.group(1), m.group(2), _string(m.group(3))))
+        pos = m.end()
+        if m.group(4) == "}":
+            break
+    if s[pos:].strip():
+        raise LokiError("only label matchers are supported")
+    if all(_matcher(*x)({}) for x in out):
+        raise LokiError(_EMPTY_MSG)
+    return out
+
+
+def parse_duration(value: str) -> int:
+    """Loki's ``parseSecondsOrDuration`` (float seconds or a Prometheus duration), in nanoseconds."""
+    try:
+        return round(float(value) * 1e9)
+    except ValueError:
+        pass
+    m = re.fullmatch(r"(\d+)(ms|s|m|h|d)", value)
+    if m is None:
+        raise LokiError(f'cannot parse "{value}" to a valid duration')
+    return int(m.group(1)) * {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86400 * 10**9}[
+        m.group(2)]
+
+
+def for_interval(step: int, start: int, end: int) -> list[tuple[int, int]]:
+    """``util.ForInterval(step, start, end, endTimeInclusive=true)`` in nanoseconds (SplitGap: 1ms)."""
+    if step <= 0:
+        return [(start, end)]
+    out, first, t = [], True, start - start % step
+    while t < end:
+        new_end = t + step
+        new_end = end if new_end >= end else new_end - 10**6
+        out.append((start if first else t, new_end))
+        first = False
+        t += step
+    return out
+
+
+def _json_ts(ns: int) -> int | float:
+    ms = ns // 10**6
+    return ms // 1000 if ms % 1000 == 0 else ms / 1000
+
+
+def pattern_of(line: str) -> str:
+    """Drain's logfmt tokenizer keeps the keys and varies the values; digits vary anywhere."""
+    return re.sub(r"\d+", "<_>", re.sub(r"=\S*", "=<_>", line))
+
+
+def is_metric(query: str) -> bool:
+    """A metric query starts with a function or aggregation, a log query with its selector."""
+    return not query.lstrip(" (").startswith("{")
+
+
+def _step(value: str | None) -> int:
+    """Loki's step: float seconds or a Prometheus duration (``pkg/loghttp/params.go``)."""
+    if not value:
+        raise LokiError("the fake Loki needs an explicit step")
+    try:
+        seconds = float(value)
+    except ValueError:
+        m = re.fullmatch(r"(\d+)([smh])", value)
+        if m is None:
+            raise LokiError(f'cannot parse "{value}" to a valid duration') from None
+        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if seconds <= 0:
+        raise LokiError("zero or negative query resolution step widths are not accepted")
+    return int(seconds * 10**9)
+
+
 @dataclass
 class FakeLoki:
     streams: list[Stream]
     now_ns: int = 0
     seen: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
+
+    def visible_only(self, selectors: tuple[Any, ...]) -> FakeLoki:
+        """The ground truth of a label policy: a Loki holding only the streams some selector matches."""
+        return FakeLoki([s for s in self.streams if any(p.matches(s.labels) for p in selectors)], now_ns=self.now_ns)
 
     # ------------------------------------------------------------------ evaluation (pure)
 
@@ -183,6 +297,16 @@ class FakeLoki:
                              "execTime": 0.001, "queueTime": 0.0001, "linesProcessedPerSecond": scanned * 1000}}
         return {"status": "success", "data": {"resultType": "streams", "result": result, "stats": stats}}
 
+    def metric(self, p: dict[str, str], instant: bool) -> dict[str, Any]:
+        expr = fake_loki_metrics.parse(p.get("query", ""), parse_selector, _string, LokiError)
+        if instant:
+            steps = [parse_time(p.get("time"), self.now_ns)]
+        else:
+            start, end = self._bounds(p)
+            step = _step(p.get("step"))
+            steps = list(range(start, end + 1, step))
+        return fake_loki_metrics.evaluate(expr, self.streams, steps, instant)
+
     def labels(self, p: dict[str, str], name: str | None = None) -> dict[str, Any]:
         select = parse_selector(p["query"])[0] if p.get("query") else (lambda ls: True)
         out: set[str] = set()
@@ -204,15 +328,114 @@ class FakeLoki:
         for s in self._in_range(p, select):
             for k, v in s.labels.items():
                 values.setdefault(k, set()).add(v)
-        return {"detectedLabels": [{"label": k, "cardinality": len(values[k])} for k in sorted(values)]}
+        # countLabelsAndCardinality / shouldRejectLabel (pkg/querier/querier.go): a label whose values are all
+        # numbers or UUIDs is dropped (one or two "0"/"1" values excepted), cluster/namespace/instance/pod kept
+        def looks_like_id(v: str) -> bool:
+            try:
+                float(v.replace("_", "x"))  # Go's ParseFloat takes no underscores here
+                return True
+            except ValueError:
+                return re.fullmatch(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}", v) is not None
+
+        def keep(name: str, vs: set[str]) -> bool:
+            if name in ("cluster", "namespace", "instance", "pod"):
+                return bool(vs)
+            if len(vs) <= 2 and vs <= {"0", "1"}:
+                return bool(vs)
+            return not all(looks_like_id(v) for v in vs)
+        return {"detectedLabels": [{"label": k, "cardinality": len(values[k])} for k in sorted(values)
+                                   if keep(k, values[k])]}
 
     def index_stats(self, p: dict[str, str]) -> dict[str, Any]:
         select = parse_selector(p.get("query", ""))[0]
         start, end = self._bounds(p)
         found = self._in_range(p, select)
         entries = [line for s in found for t, line in s.entries if start <= t < end]
-        return {"streams": len(found), "chunks": len(found), "entries": len(entries),
-                "bytes": sum(len(x) for x in entries)}
+        return {"streams": len(found), "chunks": len(found), "bytes": sum(len(x.encode()) for x in entries),
+                "entries": len(entries)}  # Loki's key order (logproto.IndexStatsResponse)
+
+    def volume(self, p: dict[str, str], ranged: bool) -> dict[str, Any]:
+        matchers = parse_matchers(p.get("query", ""))
+        raw_limit = p.get("limit") or "100"
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            raise LokiError(f'strconv.Atoi: parsing "{raw_limit}": invalid syntax') from None
+        if limit < 0:
+            raise LokiError("limit must be a positive value")
+        limit = limit or 100
+        aggregate = p.get("aggregateBy") or "series"
+        if aggregate not in ("series", "labels"):
+            raise LokiError("invalid aggregation option")
+        targets = [t for t in (p.get("targetLabels") or "").split(",")] if p.get("targetLabels") else []
+        names = [n for n, _, _ in matchers]
+        if targets:
+            matchers += [(t, "=~", ".+") for t in targets if t not in names]
+            group_by = set(targets)
+        else:
+            group_by = set(names)
+        tests = [_matcher(*m) for m in matchers]
+        start, end = self._bounds(p)
+        step = 0
+        if ranged:
+            step = parse_duration(p["step"]) if p.get("step") else max((end - start) // (250 * 10**9), 1) * 10**9
+            if step <= 0:
+                raise LokiError("zero or negative query resolution step widths are not accepted. "
+                                "Try a positive integer")
+        by_name: dict[str, list[tuple[int, int]]] = {}
+        metrics: dict[str, dict[str, str]] = {}
+        for b_start, b_end in for_interval(step, start, end):
+            lo, hi = b_start // SEC * SEC, b_end // SEC * SEC  # model.TimeFromUnix(t.Unix())
+            volumes: dict[str, int] = {}
+            for s in self.streams:
+                if not all(t(s.labels) for t in tests):
+                    continue
+                lines = [line for t, line in s.entries if lo <= t <= hi]
+                if not lines:
+                    continue
+                size = sum(len(x.encode()) for x in lines)
+                if aggregate == "series":
+                    group = {k: v for k, v in s.labels.items() if k in group_by}
+                    key = label_string(group)
+                    metrics[key] = group
+                    volumes[key] = volumes.get(key, 0) + size
+                else:
+                    for k in s.labels:
+                        if not targets or k in group_by:
+                            metrics[k] = {k: ""}
+                            volumes[k] = volumes.get(k, 0) + size
+            top = sorted(volumes.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+            for key, v in top:
+                by_name.setdefault(key, []).append((b_end, v))
+        matrix = any(len(v) > 1 for v in by_name.values())
+        order = sorted(by_name, key=lambda k: (-sorted(by_name[k])[0][1], k))
+        result: list[dict[str, Any]] = []
+        for key in order:
+            samples = [[_json_ts(t), str(v)] for t, v in sorted(by_name[key])]
+            result.append({"metric": metrics[key], **({"values": samples} if matrix else {"value": samples[0]})})
+        stats = {"summary": {"execTime": 0.001, "totalEntriesReturned": len(result), "splits": 1}}
+        return {"status": "success", "data": {"resultType": "matrix" if matrix else "vector", "result": result,
+                                              "stats": stats}}
+
+    def patterns(self, p: dict[str, str]) -> dict[str, Any]:
+        tests = [_matcher(*m) for m in parse_matchers(p.get("query", ""))]
+        start, end = self._bounds(p)
+        step = parse_duration(p["step"]) if p.get("step") else max((end - start) // (250 * 10**9), 1) * 10**9
+        step = max(step // 10**6, 10_000)  # ms, at least drain.TimeResolution
+        counts: dict[tuple[str, str], dict[int, int]] = {}
+        for s in self.streams:
+            if not all(t(s.labels) for t in tests):
+                continue
+            for t, line in s.entries:
+                if start <= t <= end:
+                    ms = t // 10**6
+                    samples = counts.setdefault((pattern_of(line), line.split(" ", 1)[0]), {})
+                    samples[ms - ms % step] = samples.get(ms - ms % step, 0) + 1
+        totals = {k: sum(v.values()) for k, v in counts.items()}
+        kept = sorted((k for k in counts if totals[k] >= 30), key=lambda k: (-totals[k], k))[:300]
+        return {"status": "success", "data": [
+            {"pattern": k[0], "level": k[1], "samples": [[t // 1000, n] for t, n in sorted(counts[k].items())]}
+            for k in kept]}
 
     # ------------------------------------------------------------------ HTTP
 
@@ -229,7 +452,9 @@ class FakeLoki:
         p, pairs = await self._params(request)
         path = request.path
         try:
-            if path.endswith("/query_range"):
+            if path.endswith(("/query_range", "/query")) and is_metric(p.get("query", "")):
+                doc = self.metric(p, instant=path.endswith("/query"))
+            elif path.endswith("/query_range"):
                 doc = self.query_range(p)
             elif path.endswith(("/labels", "/label")):
                 doc = self.labels(p)
@@ -241,6 +466,10 @@ class FakeLoki:
                 doc = self.detected_labels(p)
             elif path.endswith("/index/stats"):
                 doc = self.index_stats(p)
+            elif path.endswith(("/index/volume", "/index/volume_range")):
+                doc = self.volume(p, ranged=path.endswith("_range"))
+            elif path.endswith("/patterns"):
+                doc = self.patterns(p)
             else:
                 return web.Response(status=404, text="404 page not found\n")
         except (LokiError, re.error) as exc:

@@ -25,7 +25,7 @@ def q(**params: str) -> str:
 
 SINGLE_CASES = [
     (Kind.LOGQL, "/loki/api/v1/query_range", q(query='{app="a"}')),
-    (Kind.LOGQL, "/loki/api/v1/index/volume", q(query='{app="a"}')),
+    (Kind.LOGQL, "/loki/api/v1/index/stats", q(query='{app="a"}')),
     (Kind.LOGQL, "/loki/api/v1/detected_labels", q(query='{app="a"}')),
     (Kind.LOGQL_OPTIONAL, "/loki/api/v1/labels", ""),
     (Kind.LOGQL_TAIL, "/loki/api/v1/tail", q(query='{app="a"}')),
@@ -45,6 +45,11 @@ def test_grafana_probes_without_query_get_the_policy_as_query(path: str) -> None
     assert p is not None and p.merge is Merge.SINGLE
     assert parse_qsl(p.legs[0].query) == [("start", "1"), ("query", '{env="dev"}')]
     p = plan(Kind.LOGQL, path, "POST", "", b"start=1", TWO)
+    if path.endswith("detected_labels"):  # several selectors: the visible streams, once (one series request)
+        assert p is not None and p.merge is Merge.DETECTED_FROM_SERIES and len(p.legs) == 1
+        assert p.legs[0].path == "/loki/api/v1/series" and p.legs[0].method == "GET"
+        assert parse_qsl(p.legs[0].query) == [("start", "1"), *(("match[]", str(s)) for s in TWO)]
+        return
     assert p is not None and len(p.legs) == 2 and all(leg.method == "POST" for leg in p.legs)
     assert [dict(parse_qsl((leg.body or b"").decode()))["query"] for leg in p.legs] == [str(s) for s in TWO]
 
@@ -60,22 +65,51 @@ def test_log_query_legs_are_todays_single_rewrites_with_the_same_parameters() ->
 
 def test_metric_queries_keep_the_union_rewrite_or_its_refusal() -> None:
     assert plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query='rate({app="a"}[5m])'), None, TWO) is None
-    assert plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query='absent_over_time({a="b"}[5m])'), None,
-                TWO) is None  # enforce refuses it, saying why
+    avg = 'avg_over_time({a="b"} | unwrap n [5m]) by (level)'  # grouping drops the policy label, not a sum
+    assert plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query=avg), None, TWO) is None  # enforce says why
+    # absent_over_time and sums over streams are fanned out: tests/test_lbac_metric_fanout.py
 
 
 def test_what_cannot_be_exact_is_refused() -> None:
-    for path in ("/loki/api/v1/index/volume", "/loki/api/v1/index/volume_range"):
-        with pytest.raises(ProxyError, match="index volumes"):
-            plan(Kind.LOGQL, path, "GET", q(query='{app="a"}'), None, TWO)
-    for path in ("/loki/api/v1/index/stats", "/loki/api/v1/patterns"):
-        with pytest.raises(ProxyError, match="cannot be added up exactly"):
-            plan(Kind.LOGQL, path, "GET", q(query='{app="a"}'), None, TWO)
-        p = plan(Kind.LOGQL, path, "GET", q(query='{app="a"}'), None, DISJOINT)
-        assert p is not None and len(p.legs) == 2
+    for pols in (TWO, DISJOINT):  # Loki prunes each request's patterns: no sum is exact
+        with pytest.raises(ProxyError, match="patterns cannot be restricted"):
+            plan(Kind.LOGQL, "/loki/api/v1/patterns", "GET", q(query='{app="a"}'), None, pols)
+    assert plan(Kind.LOGQL, "/loki/api/v1/patterns", "GET", q(query='{app="a"}'), None, ONE) is None
+    overlapping = tuple(parse_selector(f'{{l{i}="x"}}') for i in range(5))  # 31 terms
+    with pytest.raises(ProxyError, match="more than 15 upstream requests"):
+        plan(Kind.LOGQL, "/loki/api/v1/index/stats", "GET", q(query='{app="a"}'), None, overlapping)
     many = tuple(parse_selector(f'{{l{i}="x"}}') for i in range(MAX_FANOUT + 1))
     with pytest.raises(ProxyError, match=f"at most {MAX_FANOUT}"):
         plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query='{app="a"}'), None, many)
+
+
+def test_counting_legs_are_the_inclusion_exclusion_terms() -> None:
+    p = plan(Kind.LOGQL, "/loki/api/v1/index/stats", "GET", q(query='{app="a"}', start="1"), None, TWO)
+    assert p is not None and p.merge is Merge.INDEX_STATS and p.counts is not None
+    assert p.counts.signs == (1, 1, -1)
+    assert [dict(parse_qsl(leg.query))["query"] for leg in p.legs] == [
+        '{app="a", env="dev"}', '{app="a", team="a", env!="prod"}', '{app="a", env="dev", team="a", env!="prod"}']
+    p = plan(Kind.LOGQL, "/loki/api/v1/index/stats", "GET", q(query='{app="a"}'), None, DISJOINT)
+    assert p is not None and p.counts is not None and p.counts.signs == (1, 1)
+    raw = q(query='{app="a", env!="x"}', limit="7", aggregateBy="series")
+    p = plan(Kind.LOGQL, "/loki/api/v1/index/volume", "GET", raw, None, TWO)
+    assert p is not None and p.merge is Merge.VOLUME and p.counts is not None
+    assert (p.counts.signs, p.counts.limit, p.counts.leg_limit, p.counts.by_labels) == ((1, 1, -1), 7, 1000, False)
+    assert dict(parse_qsl(p.legs[2].query)) == {"aggregateBy": "series", "limit": "1000", "targetLabels": "app,env",
+                                                "query": '{app="a", env!="x", env="dev", team="a", env!="prod"}'}
+    # targets the query does not name get Loki's own `t=~".+"` first; one selector: one leg, limit untouched
+    p = plan(Kind.LOGQL, "/loki/api/v1/index/volume_range", "POST", "", q(query='{app="a"}', targetLabels="team")
+             .encode(), ONE)
+    assert p is not None and p.merge is Merge.SINGLE and p.legs[0].method == "POST"
+    assert dict(parse_qsl((p.legs[0].body or b"").decode())) == {
+        "targetLabels": "team", "query": '{app="a", team=~".+", env="dev"}'}
+    with pytest.raises(ProxyError, match="given more than once"):
+        plan(Kind.LOGQL, "/loki/api/v1/index/volume", "POST", q(targetLabels="env"), q(
+            query='{app="a"}', targetLabels="team").encode(), TWO)
+    for raw in (q(query='{app="a"} |= "x"'), q(query="up"), q(query='{app="a"}', limit="-1"),
+                q(query='{app="a"}', targetLabels=" env")):
+        p = plan(Kind.LOGQL, "/loki/api/v1/index/volume", "GET", raw, None, TWO)  # Loki's own 400 through
+        assert p is None or all(dict(parse_qsl(leg.query)).get("limit") in (None, "-1") for leg in p.legs)
 
 
 def test_disjointness_is_sound() -> None:
@@ -168,8 +202,8 @@ def test_header_mode_sends_the_policy_as_the_query_of_query_less_detected_endpoi
     # Real Loki main with -lbac.enabled leaves detected_labels without a query unfiltered (tests/e2e/test_real_loki.py).
     path = "/loki/api/v1/detected_labels"
     p = plan_header_mode(Kind.LOGQL, path, "GET", q(start="1", end="2"), None, TWO)
-    assert p is not None and p.merge is Merge.DETECTED_LABELS
-    assert [dict(parse_qsl(leg.query))["query"] for leg in p.legs] == [str(s) for s in TWO]
+    assert p is not None and p.merge is Merge.DETECTED_FROM_SERIES  # the policy selectors as series match[]
+    assert [v for k, v in parse_qsl(p.legs[0].query) if k == "match[]"] == [str(s) for s in TWO]
     one = plan_header_mode(Kind.LOGQL, "/loki/api/v1/detected_field/app/values", "GET", q(), None, ONE)
     assert one is not None and one.merge is Merge.SINGLE and dict(parse_qsl(one.legs[0].query))["query"] == str(ONE[0])
     # A query of its own, another endpoint, or no policies: forwarded as sent (the backend filters).

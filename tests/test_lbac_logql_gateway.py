@@ -11,6 +11,9 @@ queries, ``by``/``without`` groupings and the ``or`` operator. Each is sent to e
   aggregations; log queries are fanned out: one upstream request per selector, each exactly the
   single-selector rewrite (the merged answers are checked against a fake Loki in
   tests/test_lbac_fanout.py); what no fan-out answers exactly is refused (400, nothing sent upstream).
+  The counting endpoints (``index/stats``, volumes) send one request per inclusion-exclusion term,
+  the intersection ``{ns="a", team="b"}`` too (tests/test_lbac_fanout_counts.py checks the sums);
+  a volume request also names the query's labels as ``targetLabels``, so Loki groups as asked.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
+from gateway.policy.selector import SelectorError, parse_selector
 from tests.test_proxy import Env, _env, basic, expect_refusal
 
 SETS: dict[str, tuple[str, ...]] = {
@@ -107,11 +111,12 @@ TABLE: list[tuple[str, dict[str, str | None]]] = [
         "merge": 'topk(3, sum by (app) (bytes_over_time({app=~"x|y", env=~"dev|prod"}[5m])))',
         "union": 'topk(3, sum by (app) ((bytes_over_time({app=~"x|y", ns="a"}[5m]) or '
                  'bytes_over_time({app=~"x|y", team="b"}[5m]))))'}),
-    ('sum by (ns) (rate({app="x"} | logfmt | unwrap latency [5m]))', {
-        "one": 'sum by (ns) (rate({app="x", ns="allowed"} | logfmt | unwrap latency [5m]))',
-        "merge": 'sum by (ns) (rate({app="x", env=~"dev|prod"} | logfmt | unwrap latency [5m]))',
-        "union": 'sum by (ns) ((rate({app="x", ns="a"} | logfmt | unwrap latency [5m]) or '
-                 'rate({app="x", team="b"} | logfmt | unwrap latency [5m])))'}),
+    # (with a parser stage, sums under several selectors are fanned out instead: test_lbac_metric_fanout.py)
+    ('sum by (ns) (rate({app="x"} | unwrap latency [5m]))', {
+        "one": 'sum by (ns) (rate({app="x", ns="allowed"} | unwrap latency [5m]))',
+        "merge": 'sum by (ns) (rate({app="x", env=~"dev|prod"} | unwrap latency [5m]))',
+        "union": 'sum by (ns) ((rate({app="x", ns="a"} | unwrap latency [5m]) or '
+                 'rate({app="x", team="b"} | unwrap latency [5m])))'}),
     ('absent_over_time({app="x"}[5m])', {
         "one": 'absent_over_time({app="x", ns="allowed"}[5m])',
         "merge": 'absent_over_time({app="x", env=~"dev|prod"}[5m])',
@@ -126,7 +131,18 @@ FANNED: dict[str, bytes] = {
     "/loki/api/v1/detected_fields": b'{"fields":[],"limit":1000}',
     "/loki/api/v1/detected_labels": b'{"detectedLabels":[]}',
     "/loki/api/v1/detected_field/level/values": b'{"values":[],"limit":1000}',
+    "/loki/api/v1/index/stats": b'{"streams":0,"chunks":0,"bytes":0,"entries":0}',
 }
+VOLUMES = ("/loki/api/v1/index/volume", "/loki/api/v1/index/volume_range")
+EMPTY_VOLUME = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+
+
+def plain(query: str) -> list[str] | None:
+    """The matcher names of a plain selector (what a volume groups by), or None."""
+    try:
+        return list(dict.fromkeys(m.name for m in parse_selector(query).matchers)) if query.startswith("{") else None
+    except SelectorError:
+        return None
 
 
 def per_selector(one: str) -> list[str]:
@@ -180,20 +196,42 @@ async def send(env: Env, method: str, path: str, params: list[tuple[str, str]], 
 @pytest.mark.parametrize(("path", "methods"), QUERY_PATHS, ids=[p for p, _ in QUERY_PATHS])
 async def test_query_endpoints_receive_the_exact_rewrite(env: Env, path: str, methods: tuple[str, ...]) -> None:
     auth = await tokens(env)
-    env.rec.reply = FANNED.get(path, env.rec.reply)
+    env.rec.reply = EMPTY_VOLUME if path in VOLUMES else FANNED.get(path, env.rec.reply)
     for query, expected in TABLE:
         for name, want in expected.items():
             for method in methods:
                 n = len(env.rec.seen)
                 r = await send(env, method, path, [("query", query), ("limit", "10")], auth[name])
                 case = (path, method, name, query)
-                if want is None and path in FANNED and not query.startswith("absent"):
+                if query.startswith("absent"):
+                    continue  # labelled from the client's selector, merged as numbers: test_lbac_metric_fanout.py
+                if path.endswith("/detected_labels") and name == "union" and (
+                        "|" in query or not query.startswith("{")):  # Loki's ParseMatchers: selectors only
+                    await expect_refusal(r, 400, "exactly one stream selector")
+                    continue
+                names = plain(query) if path in VOLUMES else None
+                if (want is None and path in FANNED) or (names is not None and name == "union"):
                     assert r.status == 200, (case, await r.text())
                     legs = env.rec.seen[n:]
-                    got = sorted(dict(s.query + (parse_qsl(s.body.decode()) if s.body else []))["query"]
-                                 for s in legs)
-                    assert got == sorted(per_selector(expected["one"] or "")), case
+                    if path.endswith("/detected_labels"):  # one series request, a match[] per selector
+                        assert [s.path for s in legs] == ["/loki/api/v1/series"], case
+                        got = sorted(v for k, v in legs[0].query if k == "match[]")
+                        assert got == sorted(per_selector(expected["one"] or "")), case
+                        continue
+                    params = [dict(s.query + (parse_qsl(s.body.decode()) if s.body else [])) for s in legs]
+                    one = expected["one"] or ""
+                    terms = per_selector(one)
+                    if path in VOLUMES or path.endswith("/index/stats"):  # inclusion-exclusion: the overlap too
+                        terms.append(one.replace(', ns="allowed"}', ', ns="a", team="b"}'))
+                    assert sorted(leg["query"] for leg in params) == sorted(terms), case
+                    if names is not None:
+                        assert all(leg["targetLabels"] == ",".join(names) and leg["limit"] == "1000"
+                                   for leg in params), case
                     assert all(s.path == path and "X-Prom-Label-Policy" not in s.headers for s in legs)
+                    continue
+                if names is not None and want is not None:  # one leg, grouped by the query's own labels
+                    assert r.status == 200, (case, await r.text())
+                    assert sent(env) == [("limit", "10"), ("targetLabels", ",".join(names)), ("query", want)], case
                     continue
                 if want is None:
                     await expect_refusal(r, 400, "label-based access control")

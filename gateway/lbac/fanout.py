@@ -13,9 +13,13 @@ rewrite, and merges the answers (``gateway.proxy.fanout``). This module only dec
 
 A plan is made only where the merge gives exactly the answer of a tenant holding only the visible
 series or streams; what cannot be merged exactly is refused with a 400 that says why. Counting
-endpoints (``index/stats``, ``patterns``) are exact only when no stream can match two selectors
-(:func:`disjoint`); volumes are refused because Loki groups them by the query's matcher names and
-cuts them to the top ``limit``, which a sum over selectors cannot reproduce. At most
+endpoints (``index/stats``, ``index/volume``, ``index/volume_range``) are answered by
+inclusion-exclusion (:mod:`gateway.lbac.overlap`, :mod:`gateway.lbac.counts`: one leg per
+intersection of selectors, summed with signs; volumes grouped as the original query would group
+them). ``patterns`` under several selectors is refused: Loki drops the patterns a request sees
+fewer than 30 times and keeps its top 300 (``pkg/pattern/ingester_querier.go`` ``prunePatterns``),
+so a pattern seen 20 times under each of two selectors is missing from both answers but present in
+their union's: no sum of per-selector answers is exact, not even for disjoint selectors. At most
 :data:`MAX_FANOUT` selectors are fanned out.
 """
 
@@ -30,9 +34,11 @@ from urllib.parse import urlencode
 
 import promql_parser as pp
 
-from gateway.lbac import RewriteError
+from gateway.lbac import RewriteError, metric_fanout
 from gateway.lbac import restrict as lbac
-from gateway.lbac.logql import is_log_query, restrict_logql, simplify
+from gateway.lbac.counts import Counts, volume_params, with_leg_limit
+from gateway.lbac.logql import is_log_query, restrict_logql, restrict_logql_matchers, simplify
+from gateway.lbac.overlap import Term, TooManyTerms, signed_intersections
 from gateway.lbac.promql import effective_policies, restrict_match, restrict_promql
 from gateway.lbac.remote_read import (
     SAMPLES_CONTENT_TYPE,
@@ -58,14 +64,20 @@ class Merge(enum.Enum):
     STREAMS = "streams"  # Loki log query: streams by label set, entries deduplicated, direction, limit
     VALUES = "values"  # Loki labels / label values: union of the value lists
     DETECTED_LABELS = "detected_labels"
+    DETECTED_FROM_SERIES = "detected_from_series"  # detected_labels computed from one series leg
     DETECTED_FIELDS = "detected_fields"
     DETECTED_VALUES = "detected_values"
-    PATTERNS = "patterns"  # disjoint selectors only: samples summed per pattern
-    INDEX_STATS = "index_stats"  # disjoint selectors only: counts summed
+    PATTERNS = "patterns"  # the endpoint only: several selectors are refused (Loki prunes per request)
+    INDEX_STATS = "index_stats"  # inclusion-exclusion: counts summed with the terms' signs (Plan.counts)
+    VOLUME = "volume"  # inclusion-exclusion: volumes per name and bucket, then Loki's top `limit`
     MATRIX = "matrix"  # Prometheus range vector: series by label set, samples deduplicated
     METADATA = "metadata"  # legs: visible metric names, then the tenant's metadata (filtered)
     REMOTE_READ = "remote_read"  # series merged by label set per query
     TAIL = "tail"  # one WebSocket per selector, frames merged
+    SIGNED = "signed"  # Loki metric query that sums over streams: legs added with Plan.signs
+    ABSENT = "absent"  # Loki absent_over_time: the steps every leg answers, labelled with Plan.labels
+    MAX = "max"  # Loki max_over_time (in max aggregations): the largest of the legs per series and step
+    MIN = "min"  # the same for min_over_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +97,9 @@ class Plan:
     legs: tuple[Leg, ...]
     limit: int = LOKI_DEFAULT_LIMIT  # entries (streams) or metrics (metadata); < 0: none
     forward: bool = False  # Loki direction
+    signs: tuple[int, ...] = ()  # Merge.SIGNED: +1/-1 per leg (inclusion-exclusion)
+    labels: tuple[tuple[str, str], ...] = ()  # Merge.ABSENT: the result's labels
+    counts: Counts | None = None  # Merge.INDEX_STATS, Merge.VOLUME: signs and limits
 
 
 # Loki endpoint (the upstream path's tail) -> merge; endpoints missing here are never fanned out.
@@ -98,13 +113,14 @@ _LOKI_ENDPOINTS: Final[tuple[tuple[re.Pattern[str], Merge], ...]] = tuple(
         (r"/loki/api/v1/detected_field/[^/]+/values\Z", Merge.DETECTED_VALUES),
         (r"/loki/api/v1/patterns\Z", Merge.PATTERNS),
         (r"/loki/api/v1/index/stats\Z", Merge.INDEX_STATS),
+        (r"/loki/api/v1/index/volume(?:_range)?\Z", Merge.VOLUME),
     )
 )  # fmt: skip
 #: Endpoints Grafana calls without ``query``: the policy selectors become the query (Loki's labels too).
 _QUERY_OPTIONAL: Final = frozenset({Merge.DETECTED_LABELS, Merge.DETECTED_VALUES})
 _PLANNED: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL, Kind.LOGQL_TAIL, Kind.PROMQL})
-_DISJOINT_ONLY: Final = frozenset({Merge.PATTERNS, Merge.INDEX_STATS})
-_VOLUME: Final = re.compile(r"/loki/api/v1/index/volume(?:_range)?\Z")
+#: Planned even under a single selector (or a union rewrite): volumes must group as the original query.
+_SINGLE_PLANNED: Final = _QUERY_OPTIONAL | {Merge.VOLUME}
 _METADATA: Final = re.compile(r"/api/v1/metadata\Z")
 _PROM_QUERY: Final = re.compile(r"/api/v1/query(?:_range)?\Z")
 _LITERALS: Final = re.compile(r"[A-Za-z0-9_\-]+(?:\|[A-Za-z0-9_\-]+)*\Z")
@@ -137,10 +153,6 @@ def _conflict(x: LabelMatcher, y: LabelMatcher) -> bool:
 def disjoint(a: Selector, b: Selector) -> bool:
     """Whether no label set can match both selectors (a sound, incomplete check)."""
     return any(x.name == y.name and _conflict(x, y) for x in a.matchers for y in b.matchers)
-
-
-def _pairwise_disjoint(pols: tuple[Selector, ...]) -> bool:
-    return all(disjoint(a, b) for i, a in enumerate(pols) for b in pols[i + 1 :])
 
 
 def _check_size(pols: tuple[Selector, ...]) -> None:
@@ -202,35 +214,45 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
     if kind not in _PLANNED:
         return None
     pols = policies if len(policies) == 1 else _selectors(policies, kind is Kind.PROMQL)
-    if len(pols) == 1 and not (kind is Kind.LOGQL and _loki_merge(path) in _QUERY_OPTIONAL):
+    if len(pols) == 1 and not (kind is Kind.LOGQL and (_loki_merge(path) in _SINGLE_PLANNED
+                                                       or _mentions_absent(raw_query, body))):
         return None  # the hot path of single-selector policies: today's rewrite, nothing parsed here
     if kind is Kind.PROMQL:
         return _promql_plan(path, method, raw_query, body, policies, pols)
     merge = Merge.TAIL if kind is Kind.LOGQL_TAIL else _loki_merge(path)
-    if merge is None and not _VOLUME.search(path):
+    if merge is None:
         return None
     pairs = lbac._pairs(raw_query, body)
     query = lbac._one(pairs, "query", required=False)
+    if merge is Merge.DETECTED_LABELS and len(pols) > 1:
+        return _detected_from_series(path, pairs, query, pols)
     if query is None:
         if merge is None or not (kind is Kind.LOGQL_OPTIONAL or merge in _QUERY_OPTIONAL):
             return None  # enforce: "parameter 'query' is required", or the policy itself as query
         if len(pols) == 1 and kind is Kind.LOGQL_OPTIONAL:
             return None  # today's path already sends the policy as the query
         return _policy_as_query(method, pairs, pols, merge)
-    if len(pols) == 1 or _union_works(query, policies):
-        return None
-    if merge is None:
-        raise ProxyError(400, "query refused by label-based access control: index volumes cannot be restricted "
-                         "by several label policies (Loki groups them by the query's own labels and keeps the "
-                         "top `limit`, which no sum over policies reproduces); ask your admin for a single "
-                         "selector", "lbac_refused")
-    if not _safe_log_query(query):
-        return None  # a metric query the union rewrite refused: enforce says why
-    if merge in _DISJOINT_ONLY and not _pairwise_disjoint(pols):
-        raise ProxyError(400, "query refused by label-based access control: this endpoint counts streams, and a "
-                         "stream can match several of your label policies, so the counts cannot be added up "
-                         "exactly; ask your admin for label policies that do not overlap", "lbac_refused")
+    if merge is Merge.VOLUME:
+        return _volume_plan(kind, method, pairs, policies, pols)
+    if len(pols) == 1:  # absent_over_time: labelled from the client's selector, not the rewritten one
+        return _metric_plan(kind, method, raw_query, body, query, pols, True) if merge is Merge.STREAMS else None
+    union_ok = _union_works(query, policies)
+    if union_ok and not metric_fanout.has_parser(query):
+        return None  # the union rewrite is exact
+    if merge is Merge.STREAMS and not _safe_log_query(query):
+        return _metric_plan(kind, method, raw_query, body, query, pols, union_ok)  # None: the union or its refusal
+    if union_ok or not _safe_log_query(query):
+        return None  # exact already, or not a log query: enforce decides (and says why it refuses)
+    if merge is Merge.PATTERNS:
+        raise ProxyError(400, "query refused by label-based access control: patterns cannot be restricted by "
+                         "several label policies (Loki drops the patterns one request sees fewer than 30 times "
+                         "and keeps its top 300, so per-policy answers cannot be added up exactly); ask your "
+                         "admin for a single selector", "lbac_refused")
     _check_size(pols)
+    if merge is Merge.INDEX_STATS:
+        terms = _terms(pols)
+        return Plan(merge, tuple(_single(kind, method, raw_query, body, t.selector) for t in terms),
+                    counts=Counts(tuple(t.sign for t in terms)))
     legs = tuple(_single(kind, method, raw_query, body, p) for p in pols)
     if merge is Merge.STREAMS:
         limit, forward = _limit_direction(pairs)
@@ -254,7 +276,30 @@ def plan_header_mode(kind: Kind, path: str, method: str, raw_query: str, body: b
     pairs = lbac._pairs(raw_query, body)
     if lbac._one(pairs, "query", required=False) is not None:
         return None
-    return _policy_as_query(method, pairs, policies if len(policies) == 1 else _selectors(policies, False), merge)
+    pols = policies if len(policies) == 1 else _selectors(policies, False)
+    if merge is Merge.DETECTED_LABELS and len(pols) > 1:
+        return _detected_from_series(path, pairs, None, pols)
+    return _policy_as_query(method, pairs, pols, merge)
+
+
+def _detected_from_series(path: str, pairs: list[tuple[str, str]], query: str | None,
+                          pols: tuple[Selector, ...]) -> Plan:
+    """``detected_labels`` under several selectors, from one ``series`` request (its ``match[]`` are OR-ed).
+
+    Each leg's answer would count a value seen under two selectors twice or, if the largest leg is kept,
+    miss the values only another leg sees; and Loki drops a label whose values all look like IDs, which
+    depends on all the values. The visible streams' label sets give the values exactly, and
+    ``gateway.proxy.detected`` applies Loki's rules to them.
+    """
+    _check_size(pols)
+    try:
+        matches = restrict_logql_matchers([query] if query is not None else [], pols)
+    except RewriteError as exc:
+        raise ProxyError(400, f"invalid query: {exc}", "bad_query") from None
+    keep = [(k, v) for k, v in pairs if k in ("start", "end", "since")]
+    series_path = path[: -len("detected_labels")] + "series"
+    leg = Leg(urlencode([*keep, *(("match[]", m) for m in matches)]), None, "GET", series_path)
+    return Plan(Merge.DETECTED_FROM_SERIES, (leg,))
 
 
 def _policy_as_query(method: str, pairs: list[tuple[str, str]], pols: tuple[Selector, ...], merge: Merge) -> Plan:
@@ -262,6 +307,39 @@ def _policy_as_query(method: str, pairs: list[tuple[str, str]], pols: tuple[Sele
     _check_size(pols)
     legs = tuple(_encode(method, [*pairs, ("query", str(p))]) for p in pols)
     return Plan(Merge.SINGLE if len(legs) == 1 else merge, legs)
+
+
+@lru_cache(maxsize=256)
+def _terms(pols: tuple[Selector, ...]) -> tuple[Term, ...]:
+    """The inclusion-exclusion terms for ``pols``, or the 400 that says there would be too many."""
+    try:
+        return signed_intersections(pols, disjoint)
+    except TooManyTerms as exc:
+        raise ProxyError(400, f"query refused by label-based access control: {exc}; ask your admin for fewer "
+                         "or non-overlapping label policies", "lbac_refused") from None
+
+
+def _volume_plan(kind: Kind, method: str, pairs: list[tuple[str, str]], policies: tuple[Selector, ...],
+                 pols: tuple[Selector, ...]) -> Plan | None:
+    """Volumes grouped as the original query groups them: one leg (single selector or union), or one per term."""
+    params = volume_params(pairs)
+    if params is None:
+        return None  # not a plain selector: today's rewrite, and Loki's own refusal
+    query = lbac._one(params.pairs, "query", required=True) or ""
+    if len(pols) == 1 or _union_works(query, policies):
+        return Plan(Merge.SINGLE, (_union(kind, method, _encode(method, params.pairs), policies),))
+    _check_size(pols)
+    terms = _terms(pols)
+    leg_pairs, leg_limit = with_leg_limit(params)
+    leg = _encode(method, leg_pairs)
+    return Plan(Merge.VOLUME, tuple(_single(kind, method, leg.query, leg.body, t.selector) for t in terms),
+                counts=Counts(tuple(t.sign for t in terms), params.limit or 0, leg_limit, params.by_labels))
+
+
+def _union(kind: Kind, method: str, leg: Leg, policies: tuple[Selector, ...]) -> Leg:
+    """Today's rewrite of ``leg`` under all of ``policies`` (one selector, or their union as one)."""
+    r = lbac.enforce(kind, method, leg.query, leg.body, policies)
+    return Leg(r.query if r.query is not None else leg.query, r.body or None, method)
 
 
 @lru_cache(maxsize=1024)
@@ -283,6 +361,40 @@ def _safe_log_query(query: str) -> bool:
         return is_log_query(query)
     except RewriteError:
         return False  # enforce refuses with the lexer's message
+
+
+def _metric_plan(kind: Kind, method: str, raw_query: str, body: bytes | None, query: str,
+                 pols: tuple[Selector, ...], union_ok: bool) -> Plan | None:
+    """A LogQL metric query under several selectors: sums over streams or absence (``metric_fanout``).
+
+    Used where the union rewrite refuses, and for sums over streams whose pipeline parses labels out of
+    lines (a parsed label can make two streams one series, which ``or`` would count once). Under one
+    selector only for ``absent_over_time``: Loki labels its answer with the selector's ``=`` matchers,
+    so the rewritten query's answer would carry the policy's labels (seen on a real Loki).
+    """
+    try:
+        found = metric_fanout.shape(query)
+    except RewriteError:
+        return None
+    if found is None or (union_ok and found.kind != "absent" and len(pols) == 1):
+        return None
+    if found.kind in _PER_SELECTOR:
+        _check_size(pols)
+        legs = tuple(_single(kind, method, raw_query, body, p) for p in pols)
+        return Plan(_PER_SELECTOR[found.kind], legs, labels=tuple(metric_fanout.absent_labels(found.matchers).items()))
+    signed = metric_fanout.terms(pols, disjoint)
+    legs = tuple(_single(kind, method, raw_query, body, sel) for _, sel in signed)
+    return Plan(Merge.SIGNED, legs, signs=tuple(sign for sign, _ in signed))
+
+
+_PER_SELECTOR: Final = {"absent": Merge.ABSENT, "max": Merge.MAX, "min": Merge.MIN}
+_ABSENT: Final = re.compile(r"absent_over_time", re.IGNORECASE)
+_ABSENT_BYTES: Final = re.compile(rb"absent_over_time", re.IGNORECASE)
+
+
+def _mentions_absent(raw_query: str, body: bytes | None) -> bool:
+    """A cheap look for ``absent_over_time`` (URL and form encoding leave the name as it is)."""
+    return _ABSENT.search(raw_query) is not None or (body is not None and _ABSENT_BYTES.search(body) is not None)
 
 
 def _promql_plan(path: str, method: str, raw_query: str, body: bytes | None, policies: tuple[Selector, ...],

@@ -45,7 +45,9 @@ Several label policies (OR-ed) are handled, in order:
    range aggregation that is its direct child (``VectorAggregationExpr.Extractor``),
    never through the ``or``. Known limit, never a leak: if a stream lacks a policy label
    and a parser or structured metadata supplies a label of that name, two streams can
-   share a series label set and ``or`` keeps only one of them.
+   share a series label set and ``or`` keeps only one of them; so sums, maxima and minima
+   whose pipeline has a parser are fanned out instead (``gateway.lbac.metric_fanout``), and
+   the limit remains for the other aggregations and for structured metadata.
 3. Anything else (log queries whose policies differ in more than one label value) is
    refused with a message saying why.
 """

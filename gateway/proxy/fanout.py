@@ -19,11 +19,16 @@ Merges, each chosen to equal the visible-only answer:
   by label string (``logqlmodel.Streams.Less``). ``stats`` are summed, except wall-clock times
   and per-second rates (``execTime``, ``queueTime``, ``*PerSecond``), which take the largest leg's
   value since the legs run side by side.
-* Loki labels and values: the union, sorted. ``detected_labels`` / ``detected_fields``: the union by
-  name; their ``cardinality`` is Loki's HyperLogLog estimate per leg, and the merge reports the
-  largest leg's estimate (a sum would count shared values twice). ``detected_field`` values: the union.
-* ``patterns`` and ``index/stats`` (planned only for selectors no stream can match twice): summed.
+* Loki labels and values: the union, sorted. ``detected_labels``: computed from one ``series`` answer for
+  all the selectors (``gateway.proxy.detected``), so values seen under two selectors count once.
+  ``detected_fields``: the union by name; Loki estimates their ``cardinality`` from a sample of lines
+  per leg, and the merge reports the largest leg's estimate. ``detected_field`` values: the union.
+* ``index/stats``, ``index/volume``, ``index/volume_range``: one leg per inclusion-exclusion term,
+  summed with the terms' signs (``gateway.lbac.counts``); a volume leg that came back as full as it
+  asked may have been cut, and the request is refused with a 400 rather than answered wrong.
 * Prometheus range vectors: series by label set, samples by timestamp, sorted by labels.
+* LogQL metric queries the union rewrite refuses: ``gateway.proxy.metric_merge`` (signed sums, maxima and
+  minima, absence).
 * Metadata: the tenant's metadata restricted to the metric names the token can see, then ``limit``.
 * Remote read: see ``gateway.lbac.remote_read.merge_samples`` / ``merge_streamed``.
 """
@@ -44,11 +49,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.lbac import RewriteError
+from gateway.lbac.counts import Counts, Inexact, merge_index_stats, merge_volumes
 from gateway.lbac.fanout import Leg, Merge, Plan
 from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE, merge_samples, merge_streamed
 from gateway.lbac.restrict import FORM
+from gateway.proxy.detected import merge_detected_from_series
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
+from gateway.proxy.metric_merge import merge_absent, merge_extreme, merge_signed
 
 #: Largest answer read from one leg.
 MAX_ANSWER: Final = 256 * 1024 * 1024
@@ -145,6 +153,8 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, base: st
             return resp, Outcome(a.status, len(a.body), upstream_seconds)
     try:
         body, ctype, extra = _merge(plan, answers)
+    except Inexact as exc:
+        raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
     except (_Unmergeable, RewriteError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ProxyError(502, f"the upstream's answers could not be merged: {exc}", "upstream_unmergeable"
                          ) from None
@@ -283,27 +293,21 @@ def _detected_values(docs: list[Any], _plan: Plan) -> dict[str, Any]:
     return out
 
 
-def _patterns(docs: list[Any], _plan: Plan) -> dict[str, Any]:
-    merged: dict[tuple[str, str], dict[int, float]] = {}
-    for doc in docs:
-        for p in _success(doc).get("data") or []:
-            samples = merged.setdefault((p["pattern"], p.get("level", "")), {})
-            for ts, v in p.get("samples") or []:
-                samples[int(ts)] = samples.get(int(ts), 0) + v
-    rows = []
-    for (pattern, level), samples in merged.items():
-        row: dict[str, Any] = {"pattern": pattern}
-        if level:
-            row["level"] = level
-        row["samples"] = [[t, samples[t]] for t in sorted(samples)]
-        rows.append(row)
-    rows.sort(key=lambda r: (-sum(v for _, v in r["samples"]), r["pattern"], r.get("level", "")))
-    return {"status": "success", "data": rows}
+def _counts(plan: Plan, n: int) -> Counts:
+    if plan.counts is None or len(plan.counts.signs) != n:
+        raise _Unmergeable("a signed merge without one sign per leg")
+    return plan.counts
 
 
-def _index_stats(docs: list[Any], _plan: Plan) -> dict[str, Any]:
-    keys = list(dict.fromkeys(k for d in docs for k in d))
-    return {k: sum(int(d.get(k, 0)) for d in docs) for k in keys}
+def _index_stats(docs: list[Any], plan: Plan) -> dict[str, Any]:
+    return merge_index_stats(docs, _counts(plan, len(docs)).signs)
+
+
+def _volumes(docs: list[Any], plan: Plan) -> dict[str, Any]:
+    out, stats = merge_volumes(docs, _counts(plan, len(docs)))
+    if stats:
+        out["data"]["stats"] = merge_stats(stats)
+    return out
 
 
 def merge_matrix(docs: list[Any], _plan: Plan | None = None) -> dict[str, Any]:
@@ -352,9 +356,14 @@ _JSON_MERGES: Final[dict[Merge, Callable[[list[Any], Plan], dict[str, Any]]]] = 
     Merge.DETECTED_LABELS: _detected_labels,
     Merge.DETECTED_FIELDS: _detected_fields,
     Merge.DETECTED_VALUES: _detected_values,
-    Merge.PATTERNS: _patterns,
     Merge.INDEX_STATS: _index_stats,
+    Merge.VOLUME: _volumes,
     Merge.MATRIX: merge_matrix,
+    Merge.SIGNED: merge_signed,
+    Merge.ABSENT: merge_absent,
+    Merge.MAX: merge_extreme,
+    Merge.MIN: merge_extreme,
+    Merge.DETECTED_FROM_SERIES: merge_detected_from_series,
 }
 
 

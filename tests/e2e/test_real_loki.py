@@ -15,7 +15,9 @@ carry the policy set reads through the gateway (``lbac: header``, ``enforce`` an
 and every answer must equal what Loki itself answers for the visible-only tenant: log queries
 (``query_range``), ``labels``, ``label/{name}/values``, ``series`` and ``detected_labels``
 without a query. Loki without LBAC must make header mode refuse (503) and auto fall back to
-enforce.
+enforce. In enforce mode, ``index/stats``, ``index/volume`` and ``index/volume_range`` (counted by
+inclusion-exclusion over the selectors) must equal the visible-only tenant's answers exactly:
+same names, values, order and result type.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ NOW_NS = time.time_ns()
 START_NS, END_NS = NOW_NS - 600 * 10**9, NOW_NS + 60 * 10**9
 QUERIES = ('{app=~".+"}', '{app=~".+"} |= "line 1"', '{env="dev"}', '{team="a"} != "line 0"')
 VALUE_NAMES = ("app", "env", "team", "region", "zone", "service_name")
+LEVELS = ("info", "error", "info")
 
 _MATCHER = re.compile(r'\s*([A-Za-z_]\w*)\s*(=~|!~|!=|=)\s*"([^"]*)"\s*,?')
 
@@ -190,7 +193,8 @@ class LokiProcess:
     def push(self, tenant: str, streams: list[dict[str, str]]) -> None:
         # The same entries whichever tenant a stream is pushed to (its own nanosecond offset).
         body = {"streams": [{"stream": s, "values": [[str(NOW_NS - (60 - 20 * i) * 10**9 + ORDER[s["app"]]),
-                                                      f"{s['app']} line {i}"] for i in range(3)]}
+                                                      f"{s['app']} line {i} level={LEVELS[i]} n={i + 1}"]
+                                                     for i in range(3)]}
                             for s in streams]}
         status, answer = http("POST", f"{self.url}/loki/api/v1/push", {"X-Scope-OrgID": tenant}, body)
         assert status == 204, (tenant, status, answer)
@@ -357,11 +361,6 @@ def compare(gw: Gw, loki: LokiProcess, name: str, detected: bool = False) -> lis
                 apps = {dict(item[0] if what.startswith("query_range") else item).get("app") for item in g}
                 leaked = apps - allowed
                 assert not leaked, f"{name}/{tenant} {what}: streams outside the policy {leaked}"
-            if what == "detected_labels" and len(POLICY_SETS[name]) > 1:
-                # Fanned out: the union of names, each leg's HyperLogLog estimate, the largest kept.
-                if not set(g) <= set(e) or any(g[k] > e[k] for k in g):
-                    problems.append(f"{name}/{tenant} {what}: {g} not within {e}")
-                continue
             if g != e:
                 problems.append(f"{name}/{tenant} {what}: got {g} expected {e}")
     return problems
@@ -438,3 +437,190 @@ def test_auto_mode_falls_back_to_enforce_on_loki_without_lbac(loki_plain: LokiPr
     problems = [p for name in POLICY_SETS for p in (*compare(gw, loki_plain, name),
                                                     *compare(gw, loki_plain, name, detected=True))]
     assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------- counts
+
+COUNT_READS: list[tuple[str, dict[str, str]]] = [
+    ("/loki/api/v1/index/stats", {"query": '{app=~".+"}'}),
+    ("/loki/api/v1/index/stats", {"query": '{team="a"}'}),
+    ("/loki/api/v1/index/volume", {"query": '{app=~".+"}'}),
+    ("/loki/api/v1/index/volume", {"query": '{team=~".+"}'}),
+    ("/loki/api/v1/index/volume", {"query": '{env!="prod", app=~".+"}'}),
+    ("/loki/api/v1/index/volume", {"query": '{app=~".+"}', "targetLabels": "env"}),
+    ("/loki/api/v1/index/volume", {"query": '{app=~".+"}', "targetLabels": "team,env"}),
+    ("/loki/api/v1/index/volume", {"query": '{app=~".+"}', "aggregateBy": "labels"}),
+    ("/loki/api/v1/index/volume", {"query": '{app=~".+"}', "limit": "2"}),
+    ("/loki/api/v1/index/volume_range", {"query": '{app=~".+"}', "step": "20"}),
+    ("/loki/api/v1/index/volume_range", {"query": '{team=~".+"}', "step": "1m", "targetLabels": "env"}),
+    ("/loki/api/v1/index/volume_range", {"query": '{app=~".+"}', "aggregateBy": "labels", "limit": "3"}),
+]
+
+
+def _counted(ans: Any) -> Any:
+    if "data" not in ans:
+        return ans  # index/stats: {"streams","chunks","bytes","entries"}
+    return ans["status"], ans["data"]["resultType"], ans["data"]["result"]
+
+
+# Streams whose lines share one pattern (stream, lines): under the `two` policy set one matches each
+# selector; `{env="dev"}` alone sees the pattern 20 times (Loki drops it: fewer than 30), the other
+# selector 35 times, their union 55 times: the per-selector answers add up to 35.
+PATTERN_STREAMS = [({"app": "pat-dev", "env": "dev"}, 20), ({"app": "pat-a", "team": "a"}, 35)]
+PATTERN_QUERY = '{app=~"pat-.+"}'
+
+
+@pytest.fixture(scope="module")
+def loki_counts(loki_dirs: Path) -> Iterator[LokiProcess]:
+    """A Loki without LBAC, with the pattern ingester, holding the streams above and the pattern streams."""
+    if not LOKI_BIN or not os.access(LOKI_BIN, os.X_OK):
+        pytest.fail(f"GATEWAY_LOKI_BIN={LOKI_BIN!r} is not an executable Loki binary")
+    tmp = loki_dirs / "counts"
+    tmp.mkdir()
+    loki = LokiProcess(tmp, lbac=False)
+    cfg = yaml.safe_load(loki.config_path.read_text())
+    cfg["pattern_ingester"] = {"enabled": True}
+    loki.config_path.write_text(yaml.safe_dump(cfg))
+    loki.start()
+    try:
+        _load(loki)
+        for tenant in ["100", *(visible_tenant(n, "100") for n in POLICY_SETS)]:
+            vis = [(s, n) for s, n in PATTERN_STREAMS if tenant == "100" or any(
+                matches(sel, s) for sel in POLICY_SETS[tenant.split("-")[1]])]
+            body = {"streams": [{"stream": s, "values": [
+                [str(NOW_NS - (200 - 5 * i) * 10**9 + k), f"level=info msg=checkout user={i} took={3 * i}ms"]
+                for i in range(n)]} for k, (s, n) in enumerate(vis)]}
+            status, answer = http("POST", f"{loki.url}/loki/api/v1/push", {"X-Scope-OrgID": tenant}, body)
+            assert status == 204, (tenant, status, answer)
+        yield loki
+    finally:
+        loki.stop()
+
+
+def _compare_counts(gw: Gw, loki: LokiProcess) -> tuple[list[str], int]:
+    problems, volumes = [], 0
+    for name in POLICY_SETS:
+        for tenant in TENANTS.values():
+            for path, params in COUNT_READS:
+                p = {**params, **RANGE}
+                status, got = gw.get(gw.tokens[name], tenant, path, p)
+                estatus, expected = loki.get(visible_tenant(name, tenant), path, p)
+                assert estatus == 200, (path, p, expected)
+                if status != 200 or _counted(got) != _counted(expected):
+                    problems.append(f"{name}/{tenant} {path} {params}: {status} got {str(_counted(got))[:400]} "
+                                    f"expected {str(_counted(expected))[:400]}")
+                volumes += "data" in expected and bool(expected["data"]["result"])
+    return problems, volumes
+
+
+def test_stats_and_volumes_equal_the_visible_only_tenant(loki_counts: LokiProcess, gw_factory: Any) -> None:
+    """From the ingesters (data just pushed), then from the TSDB store after a flush: Loki counts
+    per stream in both, so the signed sums are exact in both."""
+    gw = gw_factory(loki_counts, "enforce")
+    _wait_probe(gw, "enforce")
+    problems, volumes = _compare_counts(gw, loki_counts)
+    status, _ = http("POST", f"{loki_counts.url}/flush")
+    assert status == 204
+    pushed = {t: len(streams) for t, streams in STREAMS.items()}
+    pushed["100"] += len(PATTERN_STREAMS)
+    for name, selectors in POLICY_SETS.items():
+        for t, streams in STREAMS.items():
+            pushed[visible_tenant(name, t)] = sum(any(matches(sel, s) for sel in selectors) for s in streams) + (
+                sum(any(matches(sel, s) for sel in selectors) for s, _ in PATTERN_STREAMS) if t == "100" else 0)
+    deadline = time.monotonic() + 60
+    while True:  # every tenant's flushed chunks reach the index (the stats count each stream again)
+        seen = {t: loki_counts.get(t, "/loki/api/v1/index/stats", {"query": '{app=~".+"}', **RANGE})[1]["streams"]
+                for t in pushed}
+        if seen == pushed or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert seen == pushed, (seen, pushed)
+    for _ in range(5):  # the index may still be settling (a stream's chunks in two places): a real error repeats
+        flushed, volumes_flushed = _compare_counts(gw, loki_counts)
+        if not flushed:
+            break
+        time.sleep(2)
+    assert volumes >= 20 and volumes_flushed >= 20  # not vacuous
+    assert not problems + flushed, "\n".join(problems + ["after flush:"] + flushed)
+
+
+def test_patterns_one_selector_answered_several_refused(loki_counts: LokiProcess, gw_factory: Any) -> None:
+    gw = gw_factory(loki_counts, "enforce")
+    _wait_probe(gw, "enforce")
+    p = {"query": PATTERN_QUERY, **RANGE}
+    deadline = time.monotonic() + 30
+    while True:  # the pattern ingester receives pushes on its own: wait until it holds them
+        status, union = loki_counts.get(visible_tenant("two", "100"), "/loki/api/v1/patterns", p)
+        if status == 200 and union.get("data") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert [(d["pattern"], sum(v for _, v in d["samples"])) for d in union["data"]] == [
+        ("level=info msg=checkout user=<_> took=<_>", 55)], union
+    # Why several selectors are refused: Loki prunes each selector's answer on its own.
+    alone = {}
+    for name, selector in zip(("dev", "team"), POLICY_SETS["two"], strict=True):
+        q = PATTERN_QUERY[:-1] + ", " + selector[1:]
+        status, ans = loki_counts.get("100", "/loki/api/v1/patterns", {**p, "query": q})
+        assert status == 200, ans
+        alone[name] = [sum(v for _, v in d["samples"]) for d in ans["data"]]
+    assert alone == {"dev": [], "team": [35]}, alone  # 0 + 35 is not 55
+    status, body = gw.get(gw.tokens["two"], "100", "/loki/api/v1/patterns", p)
+    assert status == 400 and "patterns cannot be restricted by several label policies" in body["error"], body
+    status, got = gw.get(gw.tokens["one"], "100", "/loki/api/v1/patterns", p)  # one selector: today's rewrite
+    estatus, expected = loki_counts.get(visible_tenant("one", "100"), "/loki/api/v1/patterns", p)
+    assert status == estatus == 200 and got == expected and got["data"], (got, expected)
+
+
+# ---------------------------------------------------------------------------------------------- metric queries
+
+# Under the two overlapping selectors of "two" the union rewrite refuses these (grouping or `drop` of a
+# policy label, absence) or may count two streams as one (a parser): the gateway sends inclusion-exclusion
+# legs (sums over streams) or one leg per selector (absent_over_time) and combines the numbers.
+METRIC_QUERIES = (
+    'sum by (level) (count_over_time({app=~".+"} | logfmt [5m]))',
+    'sum by (level) (sum_over_time({app=~".+"} | logfmt | unwrap n [5m]))',
+    'count_over_time({app=~".+"} | drop env [2m])',
+    'rate({app=~".+"} |= "line 1" | drop team, env [1m])',
+    'sum(bytes_over_time({app=~".+"} | logfmt | drop env [5m]))',
+    'absent_over_time({app="job-a"}[1m])',
+    'absent_over_time({app="api-prod-a", env="prod"}[1m])',
+    'absent_over_time({app=~".+"} |= "line 9" [5m])',
+    'max_over_time({app=~".+"} | logfmt | unwrap n [5m]) by (level)',
+    'min_over_time({app=~".+"} | logfmt | drop env | unwrap n [2m]) by (app)',
+)
+
+
+def _numbers(ans: Any) -> Any:
+    data = ans["data"]
+    out = []
+    for s in data["result"]:
+        points = s["values"] if "values" in s else [s["value"]]
+        out.append((tuple(sorted(s["metric"].items())), tuple((float(t), round(float(v), 9)) for t, v in points)))
+    return data["resultType"], sorted(out)
+
+
+@pytest.mark.parametrize("mode", ["enforce", "auto"])
+def test_metric_queries_under_several_selectors(loki_lbac: LokiProcess, loki_plain: LokiProcess, gw_factory: Any,
+                                                mode: str) -> None:
+    loki = loki_lbac if mode == "enforce" else loki_plain  # auto on a Loki without LBAC: enforce
+    gw = gw_factory(loki, mode)
+    _wait_probe(gw, "enforce")
+    problems: list[str] = []
+    compared = nonempty = 0
+    for name in POLICY_SETS:
+        for tenant in TENANTS.values():
+            for query in METRIC_QUERIES:
+                for path, params in (("/loki/api/v1/query_range", {"query": query, "step": "30s", **RANGE}),
+                                     ("/loki/api/v1/query", {"query": query, "time": str(NOW_NS)})):
+                    status, got = gw.get(gw.tokens[name], tenant, path, params)
+                    estatus, expected = loki.get(visible_tenant(name, tenant), path, params)
+                    assert estatus == 200, (query, expected)
+                    compared += 1
+                    if status != 200:
+                        problems.append(f"{name}/{tenant} {path} {query}: {status} {str(got)[:300]}")
+                    elif _numbers(got) != _numbers(expected):
+                        problems.append(f"{name}/{tenant} {path} {query}: got {_numbers(got)} "
+                                        f"expected {_numbers(expected)}")
+                    nonempty += bool(expected["data"]["result"])
+    assert not problems, "\n".join(problems)
+    assert compared == 80 and nonempty >= 50, (compared, nonempty)
