@@ -16,8 +16,16 @@ from typing import Any, Final
 FORMATS: Final = ("json", "text")
 _format = "json"
 _ACCESS_JSON: Final = '{"level":"info","logger":"gateway.access",'
-# One encoder for every access line (json.dumps with options builds a new encoder per call).
-_ENCODE: Final = json.JSONEncoder(separators=(",", ":"), default=str).encode
+# One encoder for every access line (json.dumps with options builds a new encoder per call, and
+# JSONEncoder.encode a new C encoder): the C encoder itself, made once, with JSONEncoder's defaults
+# (ensure_ascii, allow_nan) and compact separators; an entry holds no cycles, so no cycle check.
+_make: Any = getattr(json.encoder, "c_make_encoder", None)  # (CPython's; None only without _json)
+_iterencode: Any = _make(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True) \
+    if _make is not None else json.JSONEncoder(separators=(",", ":"), default=str).iterencode
+
+
+def _ENCODE(entry: Mapping[str, Any]) -> str:  # noqa: N802 - a constant-like callable
+    return "".join(_iterencode(entry, 0) if _make is not None else _iterencode(entry))
 
 
 def _iso(ts: float) -> str:

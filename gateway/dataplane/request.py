@@ -25,6 +25,7 @@ from gateway.proxy.headers import response_headers
 
 if TYPE_CHECKING:
     from gateway.dataplane.server import HttpProtocol
+    from gateway.routes import RouteMatch
 
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 _FRAMING: Final = ("Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive")
@@ -53,7 +54,8 @@ class DataRequest:
     """One parsed request on a protocol connection (see the module docstring)."""
 
     __slots__ = ("method", "headers", "rel_url", "content", "body_exists", "content_length", "remote", "app",
-                 "transport", "version", "keep_alive", "expect_continue", "started", "finished", "_proto")
+                 "transport", "version", "keep_alive", "expect_continue", "started", "finished",
+                 "route", "memo", "_proto")
 
     def __init__(self, proto: HttpProtocol, method: str, headers: CIMultiDictProxy[str], rel_url: RelURL,
                  content: Body, body_exists: bool, content_length: int | None, version: tuple[int, int],
@@ -68,6 +70,8 @@ class DataRequest:
         self.expect_continue = False
         self.started = False  # the status line is out
         self.finished = False  # the whole answer is out
+        self.route: RouteMatch | None = None  # the route the server matched (the handler matches again)
+        self.memo: dict[object, object] = {}  # what gateway.proxy.fastpath derived from these same headers
 
     # ---- more of aiohttp's request, for code on the data path that reads it ---------------------------
 
@@ -164,20 +168,43 @@ class DataRequest:
         key = (status, reason, self.version, keep, len(body), tuple(upstream.items()))
         head = _heads.get(key)
         if head is None:
-            hdrs = response_headers(upstream)
-            if body and "Content-Type" not in hdrs:
-                hdrs["Content-Type"] = "application/octet-stream"
-            head, _ = self._head(status, reason, hdrs, len(body), True, copy=False)
-            if len(_heads) >= MAX_CACHED_HEADS:
-                _heads.clear()
-            if "Date" in upstream:  # else the head carries our Date and must not outlive its second
-                _heads[key] = head
+            head = self._small_head(key, status, reason, upstream, len(body))
         else:
             self.keep_alive = keep
         self.started = True
         self._proto.write(head + body)
         self.finished = True
         return WRITTEN
+
+    def _small_head(self, key: tuple[Any, ...], status: int, reason: str | None, upstream: CIMultiDictProxy[str],
+                    length: int) -> bytes:
+        hdrs = response_headers(upstream)
+        if length and "Content-Type" not in hdrs:
+            hdrs["Content-Type"] = "application/octet-stream"
+        head, _ = self._head(status, reason, hdrs, length, True, copy=False)
+        if len(_heads) >= MAX_CACHED_HEADS:
+            _heads.clear()
+        if "Date" in upstream:  # else the head carries our Date and must not outlive its second
+            _heads[key] = head
+        return head
+
+    def respond_raw(self, upstream_head: bytes, fields: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """``respond`` from the upstream's raw head (status line and header block, as received, which is
+        the cache key) and its parsed header fields (read only on a cache miss)."""
+        keep = self._proto.keep_going(self)
+        key = (upstream_head, self.version, keep, len(body))
+        head = _heads.get(key)
+        if head is None:
+            line = upstream_head[:upstream_head.index(b"\r\n")].decode("utf-8", "surrogateescape").split(" ", 2)
+            status, reason = int(line[1]), line[2] if len(line) > 2 else ""
+            upstream = CIMultiDictProxy(CIMultiDict([(n.decode("utf-8", "surrogateescape"),
+                                                      v.decode("utf-8", "surrogateescape")) for n, v in fields]))
+            head = self._small_head(key, status, reason, upstream, len(body))
+        else:
+            self.keep_alive = keep
+        self.started = True
+        self._proto.write(head + body)
+        self.finished = True
 
     async def start_stream(self, resp: web.StreamResponse) -> StreamWriter:
         """Send the head of a streamed answer; the body follows through the returned writer."""

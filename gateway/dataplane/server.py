@@ -31,10 +31,11 @@ import httptools
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.dataplane import exchange
 from gateway.dataplane.body import Body, BodyError
 from gateway.dataplane.request import DataRequest, RelURL
 from gateway.proxy.handler import handle
-from gateway.routes import match
+from gateway.routes import RouteMatch, match
 
 log = logging.getLogger("gateway.dataplane")
 
@@ -80,13 +81,25 @@ def _error_bytes(status: int, message: str) -> bytes:
 def wants_aiohttp(method: str, path: str, headers: CIMultiDictProxy[str]) -> bool:
     """Whether aiohttp serves this request: anything that is not a data-path route, and WebSocket upgrades
     (the same test ``_serve`` makes before relaying a tail)."""
-    m = match(method, path)
+    return _for_aiohttp(match(method, path), headers)
+
+
+def _for_aiohttp(m: RouteMatch | None, headers: CIMultiDictProxy[str]) -> bool:
     if m is None:
         return True
     if headers.get("Upgrade", "").lower() == "websocket" and m.route.websocket:
         return True
     conn = headers.get("Connection", "")
     return "upgrade" in conn.lower() and "Upgrade" in headers  # any other protocol switch: as aiohttp does
+
+
+def _nothing() -> None:
+    pass
+
+
+#: The body of every request without one: at its end from the start.
+_NO_BODY: Final = Body(_nothing, _nothing)
+_NO_BODY.feed_eof()
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -101,13 +114,19 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = False
         self.handed = False
         self._url = bytearray()
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        # The previous request's raw header fields and what was made of them: a keep-alive client sends the
+        # same fields request after request, so they are decoded once, and ``memo`` keeps what the fast path
+        # derives from them (gateway.proxy.fastpath), for as long as they stay the same.
+        self._last_raw: list[tuple[bytes, bytes]] | None = None
+        self._last_headers: CIMultiDictProxy[str] | None = None
+        self._memo: dict[object, object] = {}
         self._name = bytearray()
         self._value = bytearray()
         self._head_bytes = 0
         self._cur: DataRequest | None = None
         self._queue: deque[DataRequest] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | exchange.Exchange | None = None  # the request being answered
         self._between = True  # the parser is between two requests
         self._raw: list[bytes] | None = None  # bytes since the current request's first byte, when known
         self._begun_in_read = 0
@@ -115,6 +134,10 @@ class HttpProtocol(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # The keep-alive deadline is kept lazily: a busy connection moves ``_idle_until`` on every answer, and
+        # its one timer, when it fires early, waits again until then (no timer made and cancelled per request).
+        self._idle_until: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._in_head = False
         self._fresh = True  # no byte received yet: a silent connection gets the head deadline, not keep-alive's
         self._handover: bytes | None = None
@@ -141,6 +164,9 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         self._disarm()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.plane.conns.discard(self)
         for req in (self._cur, *self._queue):
             if req is not None and not req.content.is_eof():
@@ -198,6 +224,8 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed HTTP request: {exc}")
             return
+        if self._in_head and self._timer is None and not self.closed:
+            self._arm(self.plane.settings.head_timeout)
         if self._handover is not None and self._task is None:
             self._hand_over()
 
@@ -212,8 +240,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url.clear()
         self._headers = []
         self._head_bytes = 0
-        self._disarm()
-        self._arm(self.plane.settings.head_timeout)
+        self._disarm()  # the head deadline is armed after this read if the head is still incomplete
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -226,7 +253,7 @@ class HttpProtocol(asyncio.Protocol):
             raise _Bad(431, "request header fields too large")
         if len(self._headers) >= MAX_HEADERS:
             raise _Bad(431, f"more than {MAX_HEADERS} request header fields")
-        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -242,8 +269,14 @@ class HttpProtocol(asyncio.Protocol):
             path = path.partition("#")[0]
             handover = False
         method = p.get_method().decode("ascii", "replace")
-        headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(self._headers))
-        if handover or wants_aiohttp(method, path, headers):
+        raw_headers = self._headers
+        headers = self._last_headers
+        if headers is None or raw_headers != self._last_raw:
+            headers = CIMultiDictProxy(CIMultiDict([(n.decode("utf-8", "surrogateescape"),
+                                                      v.decode("utf-8", "surrogateescape")) for n, v in raw_headers]))
+            self._last_raw, self._last_headers, self._memo = raw_headers, headers, {}
+        m = None if handover else match(method, path)
+        if handover or _for_aiohttp(m, headers):
             if self._raw is None or self.plane.aiohttp is None:
                 raise _Bad(400, "a request for the admin API, the page or a WebSocket cannot be pipelined "
                            "behind data-path requests on one connection; open a new connection")
@@ -255,14 +288,15 @@ class HttpProtocol(asyncio.Protocol):
         cl = headers.get("Content-Length")
         length = int(cl) if cl is not None and cl.isdigit() else None
         body_exists = te is not None or (length is not None and length > 0)
-        body = Body(self._pause, self._resume)
         if not body_exists:
-            body.feed_eof()
+            body = _NO_BODY  # (ended: nothing reads, waits on or changes it)
         else:
+            body = Body(self._pause, self._resume)
             self._arm(self.plane.settings.body_timeout)
         version = (1, 1) if p.get_http_version() == "1.1" else (1, 0)
         req = DataRequest(self, method, headers, RelURL(path, query), body, body_exists, length, version,
                           p.should_keep_alive())
+        req.route, req.memo = m, self._memo
         expect = headers.get("Expect")
         if expect is not None:
             if expect.lower() != "100-continue" or version < (1, 1):
@@ -293,7 +327,7 @@ class HttpProtocol(asyncio.Protocol):
         if cur is not None:
             cur.content.feed_eof()
         if self._task is None and not self._queue:
-            self._arm(self.plane.settings.keepalive_timeout)
+            self._idle()
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -302,6 +336,8 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _start(self, req: DataRequest) -> None:
+        if not req.body_exists and exchange.start(self, req):
+            return  # served by callbacks: self._task is the exchange
         self._task = self.loop.create_task(self._run(req))
 
     async def _run(self, req: DataRequest) -> None:
@@ -350,8 +386,8 @@ class HttpProtocol(asyncio.Protocol):
             self._start(nxt)
         elif self._handover is not None:
             self._hand_over()
-        elif self._cur is None:
-            self._arm(self.plane.settings.keepalive_timeout)
+        elif self._cur is None and self._timer is None:
+            self._idle()
 
     def _linger(self, req: DataRequest) -> None:
         """Close after the answer; a body still arriving is read and dropped for a moment first, so that the
@@ -449,9 +485,29 @@ class HttpProtocol(asyncio.Protocol):
             self._timer = self.loop.call_later(seconds, self._on_deadline)
 
     def _disarm(self) -> None:
+        self._idle_until = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _idle(self) -> None:
+        """Close the connection if no request starts within ``keepalive_timeout`` (lazily: see __init__)."""
+        seconds = self.plane.settings.keepalive_timeout
+        if seconds <= 0 or self.closed:
+            return
+        self._idle_until = until = self.loop.time() + seconds
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_at(until, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle_timer = None
+        until = self._idle_until
+        if until is None or self.closed:
+            return
+        if self.loop.time() < until:
+            self._idle_timer = self.loop.call_at(until, self._on_idle)
+        elif self._task is None and self._timer is None:
+            self._close()  # idle keep-alive
 
     def _rearm_body(self) -> None:
         self._disarm()

@@ -45,8 +45,24 @@ def _refused(exc: RewriteError) -> ProxyError:
     return ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused")
 
 
+#: Weights of requests seen: the same query (a dashboard's refresh, a cached rewrite) is measured once.
+_WEIGHTS: Final[bounds.SizedLRU[tuple[Kind, str, bytes | None, int], int]] = bounds.SizedLRU(1024)
+
+
 def weigh(kind: Kind, raw_query: str, body: bytes | None, policies: int) -> int:
-    """Check the bounds (400 past them) and return the rewrite's weight, before any parsing."""
+    """Check the bounds (400 past them) and return the rewrite's weight, before any parsing.
+
+    A pure function of its arguments: successes are kept (a refusal is measured again each time)."""
+    key = (kind, raw_query, body, policies)
+    hit = _WEIGHTS.get(key)
+    if hit is not None:
+        return hit
+    weight = _weigh(kind, raw_query, body, policies)
+    _WEIGHTS.put(key, weight, len(raw_query) + len(body or b""))
+    return weight
+
+
+def _weigh(kind: Kind, raw_query: str, body: bytes | None, policies: int) -> int:
     pairs = lbac._pairs(raw_query, body)
     try:
         if kind in _MATCHES:

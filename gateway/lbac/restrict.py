@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
@@ -202,5 +203,8 @@ def _enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, polici
     return Restriction(query=encoded, body=b"" if body else None)
 
 
+@lru_cache(maxsize=4096)
 def headers_for(tenant: str, policies: tuple[Selector, ...]) -> tuple[str, ...]:
+    """The X-Prom-Label-Policy values of ``policies`` (pure, so kept: a token's first use often repeats a
+    policy's)."""
     return tuple(label_policy_header(tenant, s) for s in policies)

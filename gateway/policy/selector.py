@@ -33,9 +33,13 @@ class SelectorError(ValueError):
     """The text is not a usable label selector; the message says why."""
 
 
+# json.dumps with an option builds a new encoder per call: one, made once.
+_QUOTE: Final = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def quote(value: str) -> str:
     """Quote a label value so PromQL and LogQL read back exactly ``value``."""
-    return json.dumps(value, ensure_ascii=False)
+    return _QUOTE(value)
 
 
 def quote_name(name: str) -> str:

@@ -29,6 +29,15 @@ MAX_TOKEN_LEN: Final = 1024
 SECRET_BYTES: Final = 32
 MALFORMED: Final = "malformed token"
 _BODY = re.compile(r"[A-Za-z0-9_-]+")
+# One decoder and one compact encoder for every token (json.dumps with options builds an encoder per call).
+_LOADS: Final = json.JSONDecoder().decode
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":")).encode
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+# The canonical body when no string needs an escape (what ``encode`` writes for ids, secrets and regions):
+# JSON strings of printable ASCII but '"' and '\\', exactly what json.dumps leaves unescaped.
+_PLAIN: Final = rb'"([ !#-\[\]-~]*)"'
+_CANONICAL: Final = re.compile(rb'\{"o":%s,"i":%s,"k":%s,"m":\{"r":%s\}\}' % (_PLAIN, _PLAIN, _PLAIN, _PLAIN))
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 
 
 class TokenFormatError(ValueError):
@@ -86,8 +95,20 @@ def _decode(token: str) -> DecodedToken:
     if not _BODY.fullmatch(raw) or len(raw) % 4 == 1:
         raise TokenFormatError(MALFORMED)
     try:
-        data = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        body = binascii.a2b_base64(raw.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):
+        raise TokenFormatError(MALFORMED) from None
+    if binascii.b2a_base64(body, newline=False).translate(_TO_URLSAFE).rstrip(b"=") != raw.encode("ascii"):
+        raise TokenFormatError(MALFORMED)  # another base64 spelling of the same bytes
+    plain = _CANONICAL.fullmatch(body)
+    if plain is not None:  # the canonical JSON of four strings without escapes: read them off
+        org, tid, secret, _region = (g.decode("ascii") for g in plain.groups())
+        if not secret:
+            raise TokenFormatError(MALFORMED)
+        return DecodedToken(org, tid, hash_secret(secret))
+    try:
+        data = _LOADS(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise TokenFormatError(MALFORMED) from None
     if not isinstance(data, dict) or list(data) != ["o", "i", "k", "m"]:
         raise TokenFormatError(MALFORMED)
@@ -95,7 +116,10 @@ def _decode(token: str) -> DecodedToken:
     if not (isinstance(org, str) and isinstance(tid, str) and isinstance(secret, str) and secret
             and isinstance(meta, dict) and list(meta) == ["r"] and isinstance(meta["r"], str)):
         raise TokenFormatError(MALFORMED)
-    if encode(org, tid, secret, meta["r"]) != token:  # any other spelling of the same claims
+    # Any other spelling of the same claims: ``encode`` of them must give the token back. That is ``body``'s
+    # unpadded URL-safe base64 being exactly ``raw`` (checked above) and the JSON of the claims being
+    # exactly ``body`` (same keys in the same order, compact, the same escapes).
+    if _COMPACT(data).encode() != body:
         raise TokenFormatError(MALFORMED)
     return DecodedToken(org, tid, hash_secret(secret))
 

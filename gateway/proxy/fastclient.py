@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 from aiohttp.base_protocol import BaseProtocol
@@ -164,6 +164,12 @@ class _Conn(BaseProtocol):
         self.idle_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.grace: asyncio.TimerHandle | None = None
+        # A reader of the raw response set by the caller after ``start`` (gateway.dataplane.exchange):
+        # ``relay(data)`` returns None when it took the bytes, else all the response's bytes so far, which
+        # this connection's own parser then reads as if they had just arrived.
+        self.relay: Callable[[bytes], bytes | None] | None = None
+        self.relayed: bool | None = None  # a relayed response ended: whether the connection may be reused
+        self.relay_state: object = None  # kept for the relay's owner across responses
 
     def _new_parser(self, with_body: bool) -> Any:
         return HttpResponseParser(self, self._loop, self.limit, payload_exception=BadResponse,
@@ -184,6 +190,7 @@ class _Conn(BaseProtocol):
         if self.closed or tr is None or tr.is_closing():
             raise ServerDisconnected("the upstream closed the connection")
         self.busy = True
+        self.relay = self.relayed = None
         self.uses += 1
         self.got = 0
         self.msg = self.payload = None
@@ -252,9 +259,11 @@ class _Conn(BaseProtocol):
     @property
     def reusable(self) -> bool:
         tr = self.transport
-        if tr is None or tr.is_closing() or self.closed or self.broken or self.msg is None:
+        if tr is None or tr.is_closing() or self.closed or self.broken:
             return False
-        return not self.msg.should_close and self.complete
+        if self.relayed is not None:
+            return self.relayed
+        return self.msg is not None and not self.msg.should_close and self.complete
 
     # ---- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -268,6 +277,12 @@ class _Conn(BaseProtocol):
         if data:
             self.got += len(data)
             self.last_io = self._loop.time()
+        relay = self.relay
+        if relay is not None:
+            rest = relay(data)
+            if rest is None:
+                return
+            self.relay, data = None, rest  # the relay gave up: read everything so far the usual way
         parser = self._parser
         if parser is None:
             return
@@ -500,6 +515,14 @@ class FastClient:
     def accepts(url: URL) -> bool:
         """Plain http with a host and no credentials in the URL (aiohttp turns those into Basic auth)."""
         return url.scheme == "http" and bool(url.raw_host) and url.raw_user is None and url.raw_password is None
+
+    def idle(self, url: URL) -> _Conn | None:
+        """A pooled idle connection to ``url``'s host, taken out of the pool, or None (for callers that send
+        a prepared head with ``_Conn.start`` and read ``FastResponse`` themselves, without awaiting)."""
+        if self.closed:
+            return None
+        pool = self._pools.get((url.raw_host or "", url.port or 0))
+        return pool.acquire() if pool is not None else None
 
     async def request(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None = None,
                       stream: AsyncIterator[bytes] | None = None) -> FastResponse:

@@ -193,6 +193,11 @@ async def _forward_fast(request: web.Request, fast: FastClient, url: URL, header
         up: FastResponse = await fast.request(request.method, url, headers, body, stream)
     except OSError as exc:  # TimeoutError is one
         raise _failure(exc) from None
+    return await answer_fast(request, up)
+
+
+async def answer_fast(request: web.Request, up: FastResponse) -> tuple[web.StreamResponse, Outcome]:
+    """The client's answer from the lean client's response: whole when small, else streamed."""
     try:
         status = up.status
         if up.body is not None and request.method != "HEAD" and status != 204 and status != 304:

@@ -1,0 +1,171 @@
+"""The handler's decision for the common case, taken without awaiting anything: a bodiless request whose
+decision is cached, forwarded as it is (no policies), with the label-policy header (header mode), or with
+its query rewritten inline (enforce mode, no fan-out).
+
+``prepare`` mirrors ``handler._serve`` step for step for that case and returns the upstream request it
+would send, or None whenever anything else would happen (a decision-cache miss, team rules, a fan-out, a
+refusal, a rewrite heavy enough for the pool, a body to read, an https upstream...): the caller then
+serves the request through ``handler.handle``, which decides again from scratch. So ``prepare`` has no
+side effect, and a request it declines behaves exactly as before.
+
+    p = prepare(request, st, m)
+    if p is None:
+        ...  # await handle(request)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Final, cast
+
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.clientip import client_ip
+from gateway.lbac import RewriteError, bounds, headermode
+from gateway.lbac import fanout as lbac_fanout
+from gateway.lbac import restrict as lbac
+from gateway.lbac.pool import _LOGQL, _MATCHES, _PROMQL, weigh
+from gateway.lbac.probe import effective_mode
+from gateway.policy.datasource import user_policies
+from gateway.policy.decision import Denied, IPAddress
+from gateway.proxy.decision_cache import Decision
+from gateway.proxy.errors import ProxyError
+from gateway.proxy.fastclient import FastClient, request_head
+from gateway.proxy.forward import _FAST, Upstreams
+from gateway.proxy.headers import upstream_headers
+from gateway.routes import Kind, RouteMatch
+
+if TYPE_CHECKING:
+    from gateway.dataplane.request import DataRequest
+    from gateway.policy.selector import Selector
+    from gateway.state import State
+
+#: Route kinds whose requests ``prepare`` never takes: a body to read or a WebSocket.
+_DECLINED_KINDS: Final = frozenset({Kind.REMOTE_READ, Kind.LOGQL_DELETE, Kind.LOGQL_TAIL, Kind.TENANT_WIDE})
+_POOLED_KINDS: Final = _PROMQL | _LOGQL | frozenset(_MATCHES)
+_FANOUT_KINDS: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL})  # plan_header_mode may fan these out
+#: Header mode's query normalization (a pure function of the query string) for kinds that never fan out.
+_NORMALIZED: Final[bounds.SizedLRU[tuple[Kind, str, str], str]] = bounds.SizedLRU(1024)
+_MAX_MEMO: Final = 16  # upstream header blocks kept per connection (one per method and upstream, usually)
+
+
+class Prepared:
+    """The upstream request of a prepared request, and what the access log and metrics need of it."""
+
+    __slots__ = ("m", "decision", "lbac", "url", "fast", "headers", "head", "upstream_base")
+
+    def __init__(self, m: RouteMatch, decision: Decision, lbac_mode: str | None, url: URL, fast: FastClient,
+                 headers: CIMultiDict[str], head: bytes, upstream_base: str):
+        self.m, self.decision, self.lbac, self.url, self.fast = m, decision, lbac_mode, url, fast
+        self.headers, self.head, self.upstream_base = headers, head, upstream_base
+
+
+def _enforce_inline(kind: Kind, path: str, method: str, raw_query: str,
+                    policies: tuple[Selector, ...]) -> lbac.Restriction | None:
+    """``plan_bounded`` then ``enforce_bounded`` for a bodiless request, when both run inline and no
+    fan-out is planned; None otherwise (refusals included)."""
+    try:
+        if kind in _POOLED_KINDS and bounds.INLINE_WEIGHT < weigh(kind, raw_query, None, len(policies)):
+            return None
+        if lbac_fanout.plan(kind, path, method, raw_query, None, policies) is not None:
+            return None
+        return lbac.enforce(kind, method, raw_query, None, policies)
+    except (ProxyError, RewriteError):
+        return None
+
+
+def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams) -> Prepared | None:
+    """The upstream request ``handler._serve`` would send for ``request``, if it is the common case."""
+    route = m.route
+    if route.websocket or route.scope == "rules:write" or route.kind in _DECLINED_KINDS:
+        return None
+    cfg = st.config
+    upstream = cfg.upstreams.get(route.backend)
+    if upstream is None or st.cache.stale:
+        return None
+    headers = request.headers
+    memo = request.memo  # what was derived from these same headers on this connection (and peer)
+    facts = cast(tuple[object, IPAddress | None, str | None, str | None] | None, memo.get("facts"))
+    if facts is None or facts[0] is not cfg:  # (a reload may change the trusted proxies)
+        ip = client_ip(request.remote, headers.getall("X-Forwarded-For", ()), cfg.trusted_proxies)
+        facts = (cfg, ip, headers.get("Authorization"), headers.get("X-Scope-OrgID"))
+        memo["facts"] = facts
+    _, ip, auth, org = facts
+    key = (auth, org, route.backend, route.scope, ip)
+    decision = st.decisions.get(key, st.cache.generation, cfg, time.time())
+    if decision is None:
+        return None
+    policies = decision.policies
+    reads = route.kind in lbac.RESTRICTED_KINDS
+    raw_query = request.rel_url.raw_query_string
+    label_headers: tuple[str, ...] = ()
+    rewritten = False
+    mode: str | None = None
+    if not policies:
+        if reads:
+            if "X-Prom-Label-Policy" in headers:
+                return None
+            try:
+                if user_policies(st.cache, decision.ident.policy.id, route.backend, decision.tenant,
+                                 headers.get(cfg.grafana_user_header)):
+                    return None  # team rules narrow this token: the handler applies them
+            except Denied:
+                return None
+    elif reads:
+        try:
+            mode = effective_mode(st.extras, upstream)
+        except ProxyError:
+            return None
+        if mode == "enforce":
+            r = _enforce_inline(route.kind, m.upstream_path, request.method, raw_query, policies)
+            if r is None or r.body is not None:
+                return None
+            raw_query = r.query if r.query is not None else raw_query
+            rewritten = True
+        else:
+            normalized = _NORMALIZED.get((route.kind, m.upstream_path, raw_query))
+            if normalized is None:
+                try:
+                    if lbac_fanout.plan_header_mode(route.kind, m.upstream_path, request.method, raw_query, None,
+                                                    policies) is not None:
+                        return None
+                    n = headermode.normalize(raw_query, None)
+                except (ProxyError, RewriteError):
+                    return None
+                if n.body is not None:
+                    return None
+                normalized = n.query or ""
+                if route.kind not in _FANOUT_KINDS:  # (else the plan depends on the policies too)
+                    _NORMALIZED.put((route.kind, m.upstream_path, raw_query), normalized, len(normalized))
+            raw_query = normalized
+            label_headers = decision.label_headers()
+    base = upstream.url_for(route.role.value)
+    fast = _FAST.get(upstreams.session(upstream))
+    if fast is None or fast.closed:
+        return None
+    try:
+        url = URL(f"{base}{m.upstream_path}" + (f"?{raw_query}" if raw_query else ""))
+    except ValueError:
+        return None
+    if not fast.accepts(url):
+        return None
+    block_key = (request.method, url.host_port_subcomponent, decision.tenant, label_headers, rewritten)
+    hit = memo.get(block_key)
+    if hit is None:
+        out: CIMultiDict[str] = upstream_headers(headers, decision.tenant, request.remote or "unknown",
+                                                 label_headers, drop_body_headers=rewritten)
+        try:
+            head = request_head(request.method, url, out, None)
+        except ValueError:
+            return None
+        if len(memo) >= _MAX_MEMO:
+            memo.clear()
+        memo[block_key] = (out, head[head.index(b"\r\n"):])
+    else:
+        out, block = cast(tuple[CIMultiDict[str], bytes], hit)
+        line = f"{request.method} {url.raw_path_qs} HTTP/1.1"
+        if "\r" in line or "\n" in line or "\x00" in line:  # (as request_head refuses them)
+            return None
+        head = line.encode("utf-8") + block
+    return Prepared(m, decision, mode, url, fast, out, head, base)

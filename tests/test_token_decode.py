@@ -1,0 +1,41 @@
+"""``tokens.decode``'s two readings of a token body: the plain canonical JSON read off by a pattern, and
+anything else through the JSON parser and the canonical-form check; both give what ``encode`` put in."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from gateway.policy import tokens
+
+
+@pytest.mark.parametrize(("org", "secret", "region"), [
+    ("1", tokens.new_secret(), "local"),  # what the gateway issues: read off by the pattern
+    ("1", 'se"cr\\et', "prod-eu"),  # escapes: the JSON parser's reading
+    ("ü", "s\u00e9cret\x7f", "r"),  # non-ASCII (escaped as \\u....), and DEL (left as it is)
+    ("1", " ~!#[]", "x"),  # the edges of the pattern's character class
+])
+def test_a_token_decodes_to_what_was_encoded(org: str, secret: str, region: str) -> None:
+    tok = tokens.encode(org, "00000000-0000-0001-0000-000000000001", secret, region)
+    d = tokens._decode(tok)
+    assert (d.org_id, d.token_id, d.secret_hash) == (org, "00000000-0000-0001-0000-000000000001",
+                                                     tokens.hash_secret(secret))
+
+
+def _spell(body: bytes, pad: bool = False) -> str:
+    text = base64.urlsafe_b64encode(body).decode()
+    return "glc_" + (text if pad else text.rstrip("="))
+
+
+@pytest.mark.parametrize("spelling", [
+    _spell(b'{"o":"12","i":"a","k":"s","m":{"r":"x"}}', pad=True),  # padded (a plain body otherwise)
+    _spell(b'{"o": "1","i":"a","k":"s","m":{"r":"x"}}'),  # a space
+    _spell(b'{"o":"\\u0031","i":"a","k":"s","m":{"r":"x"}}'),  # an escape json.dumps would not write
+    _spell(b'{"o":"1","i":"a","k":"","m":{"r":"x"}}'),  # no secret
+    _spell(b'{"i":"a","o":"1","k":"s","m":{"r":"x"}}'),  # keys reordered
+    _spell(b'{"o":"1","i":"a","k":"s","m":{"r":"x"}}')[:-1] + "F",  # other trailing bits, same bytes
+])
+def test_other_spellings_are_refused(spelling: str) -> None:
+    with pytest.raises(tokens.TokenFormatError, match="^malformed token$"):
+        tokens._decode(spelling)
