@@ -169,12 +169,14 @@ class DataRequest:
         head = _heads.get(key)
         if head is None:
             head = self._small_head(key, status, reason, upstream, len(body))
-        else:
-            self.keep_alive = keep
+        self._write_small(head, keep, body)
+        return WRITTEN
+
+    def _write_small(self, head: bytes, keep: bool, body: bytes) -> None:
+        self.keep_alive = keep  # what _head() decided on a cache miss too
         self.started = True
         self._proto.write(head + body)
         self.finished = True
-        return WRITTEN
 
     def _small_head(self, key: tuple[Any, ...], status: int, reason: str | None, upstream: CIMultiDictProxy[str],
                     length: int) -> bytes:
@@ -200,11 +202,7 @@ class DataRequest:
             upstream = CIMultiDictProxy(CIMultiDict([(n.decode("utf-8", "surrogateescape"),
                                                       v.decode("utf-8", "surrogateescape")) for n, v in fields]))
             head = self._small_head(key, status, reason, upstream, len(body))
-        else:
-            self.keep_alive = keep
-        self.started = True
-        self._proto.write(head + body)
-        self.finished = True
+        self._write_small(head, keep, body)
 
     async def start_stream(self, resp: web.StreamResponse) -> StreamWriter:
         """Send the head of a streamed answer; the body follows through the returned writer."""
