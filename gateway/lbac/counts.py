@@ -49,6 +49,7 @@ from typing import Any, Final
 
 from gateway.lbac import restrict
 from gateway.policy.selector import LabelMatcher, Selector, SelectorError, parse_selector
+from gateway.proxy.merging import Unmergeable, success
 
 __all__ = ["VOLUME_LEG_LIMIT", "Counts", "Inexact", "Unmergeable", "merge_index_stats", "merge_volumes",
            "volume_params", "with_leg_limit"]
@@ -61,10 +62,6 @@ _LABEL_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 class Inexact(ValueError):
     """The legs' answers cannot give the exact answer (a leg was cut to its limit)."""
-
-
-class Unmergeable(ValueError):
-    """A leg answered 200 with something these merges do not understand."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +140,6 @@ def with_leg_limit(params: VolumeParams) -> tuple[list[tuple[str, str]], int]:
 # --------------------------------------------------------------------------- merges
 
 
-def _success(doc: Any) -> dict[str, Any]:
-    if not isinstance(doc, dict) or doc.get("status", "success") != "success":
-        raise Unmergeable("an answer is not a success")
-    return doc
-
-
 def merge_index_stats(docs: list[Any], signs: tuple[int, ...]) -> dict[str, int]:
     """``{"streams","chunks","bytes","entries"}``: the signed sum per key."""
     keys = list(dict.fromkeys(k for d in docs for k in d))
@@ -188,7 +179,7 @@ def merge_volumes(docs: list[Any], counts: Counts) -> tuple[dict[str, Any], list
     metrics: dict[str, dict[str, str]] = {}
     stats: list[Any] = []
     for doc, sign in zip(docs, counts.signs, strict=True):
-        data = _success(doc)["data"]
+        data = success(doc)["data"]
         kind = data.get("resultType")
         if kind not in ("vector", "matrix"):
             raise Unmergeable(f"resultType {kind!r}, expected vector or matrix")

@@ -16,6 +16,7 @@ import re
 from typing import Any, Final
 
 from gateway.lbac.fanout import Plan
+from gateway.proxy.merging import Unmergeable, success
 
 __all__ = ["detected_labels", "merge_detected_from_series", "should_reject"]
 
@@ -74,10 +75,7 @@ def detected_labels(streams: list[dict[str, str]]) -> list[dict[str, Any]]:
 
 
 def merge_detected_from_series(docs: list[Any], _plan: Plan) -> dict[str, Any]:
-    doc = docs[0]
-    if not isinstance(doc, dict) or doc.get("status", "success") != "success":
-        raise ValueError("the series answer is not a success")
-    streams = doc.get("data") or []
+    streams = success(docs[0]).get("data") or []
     if not isinstance(streams, list) or not all(isinstance(s, dict) for s in streams):
-        raise ValueError("the series answer is not a list of label sets")
+        raise Unmergeable("the series answer is not a list of label sets")
     return {"detectedLabels": detected_labels(streams)}

@@ -56,6 +56,7 @@ from gateway.lbac.restrict import FORM
 from gateway.proxy.detected import merge_detected_from_series
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
+from gateway.proxy.merging import Unmergeable, merge_stats, success
 from gateway.proxy.metric_merge import merge_absent, merge_extreme, merge_signed
 
 #: Largest answer read from one leg.
@@ -63,11 +64,6 @@ MAX_ANSWER: Final = 256 * 1024 * 1024
 #: Tail: how many recent entries are remembered to drop the copy a second selector's socket sends.
 TAIL_MEMORY: Final = 10_000
 _JSON: Final = "application/json; charset=utf-8"
-_MAX_STATS: Final = frozenset({"execTime", "queueTime"})
-
-
-class _Unmergeable(Exception):
-    """A leg answered 200 with something the merge does not understand."""
 
 
 @dataclass(slots=True)
@@ -155,7 +151,7 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, base: st
         body, ctype, extra = _merge(plan, answers)
     except Inexact as exc:
         raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
-    except (_Unmergeable, RewriteError, ValueError, KeyError, TypeError, IndexError) as exc:
+    except (Unmergeable, RewriteError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ProxyError(502, f"the upstream's answers could not be merged: {exc}", "upstream_unmergeable"
                          ) from None
     resp = web.Response(status=200, body=body, headers={"Content-Type": ctype, **extra})
@@ -169,7 +165,7 @@ def _merge(plan: Plan, answers: list[_Answer]) -> tuple[bytes, str, dict[str, st
             return merge_samples([a.body for a in answers]), SAMPLES_CONTENT_TYPE, {"Content-Encoding": "snappy"}
         if types == {STREAMED_CONTENT_TYPE.split(";", 1)[0]}:
             return merge_streamed([a.body for a in answers]), STREAMED_CONTENT_TYPE, {}
-        raise _Unmergeable(f"remote read answers of types {sorted(types)}")
+        raise Unmergeable(f"remote read answers of types {sorted(types)}")
     docs = []
     for a in answers:  # each leg's bytes are dropped once parsed: one copy per leg at a time
         docs.append(json.loads(a.body))
@@ -189,21 +185,15 @@ def label_string(labels: dict[str, str]) -> str:
     return "{" + ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sorted(labels.items())) + "}"
 
 
-def _success(doc: Any) -> Any:
-    if not isinstance(doc, dict) or doc.get("status", "success") != "success":
-        raise _Unmergeable("an answer is not a success")
-    return doc
-
-
 def merge_streams(docs: list[Any], limit: int, forward: bool) -> dict[str, Any]:
     """Loki streams answers merged (see the module docstring)."""
     seen: set[tuple[str, str, str, str]] = set()
     items: list[tuple[int, str, list[Any], dict[str, str]]] = []
     data0: dict[str, Any] = {}
     for doc in docs:
-        data = _success(doc)["data"]
+        data = success(doc)["data"]
         if data.get("resultType") != "streams":
-            raise _Unmergeable(f"resultType {data.get('resultType')!r}, expected streams")
+            raise Unmergeable(f"resultType {data.get('resultType')!r}, expected streams")
         data0 = data0 or data
         for s in data["result"]:
             labels = s["stream"]
@@ -228,29 +218,14 @@ def merge_streams(docs: list[Any], limit: int, forward: bool) -> dict[str, Any]:
     return {"status": "success", "data": data_out}
 
 
-def merge_stats(stats: list[Any]) -> Any:
-    """Counters summed; wall-clock times and per-second rates: the largest (legs run side by side)."""
-    def fold(key: str, values: list[Any]) -> Any:
-        values = [v for v in values if v is not None]
-        if not values:
-            return None
-        if all(isinstance(v, dict) for v in values):
-            keys = list(dict.fromkeys(k for v in values for k in v))
-            return {k: fold(k, [v.get(k) for v in values]) for k in keys}
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            return max(values) if key in _MAX_STATS or key.endswith("PerSecond") else sum(values)
-        return values[0]
-    return fold("", stats)
-
-
 def _values_union(docs: list[Any], _plan: Plan) -> dict[str, Any]:
     # Loki's v1 answer is {"data": [...]} (omitted when empty); the legacy /api/prom one {"values": [...]}
     key = "values" if any("values" in d for d in docs) and not any("data" in d for d in docs) else "data"
     out: set[str] = set()
     for doc in docs:
-        vals = _success(doc).get(key) or []
+        vals = success(doc).get(key) or []
         if not isinstance(vals, list):
-            raise _Unmergeable(f"{key} is not a list")
+            raise Unmergeable(f"{key} is not a list")
         out.update(vals)
     return {**docs[0], "status": "success", key: sorted(out)}
 
@@ -295,7 +270,7 @@ def _detected_values(docs: list[Any], _plan: Plan) -> dict[str, Any]:
 
 def _counts(plan: Plan, n: int) -> Counts:
     if plan.counts is None or len(plan.counts.signs) != n:
-        raise _Unmergeable("a signed merge without one sign per leg")
+        raise Unmergeable("a signed merge without one sign per leg")
     return plan.counts
 
 
@@ -314,9 +289,9 @@ def merge_matrix(docs: list[Any], _plan: Plan | None = None) -> dict[str, Any]:
     series: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], dict[float, Any]]] = {}
     warnings: list[str] = []
     for doc in docs:
-        data = _success(doc)["data"]
+        data = success(doc)["data"]
         if data.get("resultType") != "matrix":
-            raise _Unmergeable(f"resultType {data.get('resultType')!r}, expected matrix")
+            raise Unmergeable(f"resultType {data.get('resultType')!r}, expected matrix")
         for w in doc.get("warnings") or []:
             if w not in warnings:
                 warnings.append(w)
@@ -326,7 +301,7 @@ def merge_matrix(docs: list[Any], _plan: Plan | None = None) -> dict[str, Any]:
             for point in s.get("values") or []:
                 samples.setdefault(float(point[0]), point)
             if s.get("histograms"):
-                raise _Unmergeable("native histograms")
+                raise Unmergeable("native histograms")
     result = [{"metric": series[k][0], "values": [series[k][1][t] for t in sorted(series[k][1])]}
               for k in sorted(series)]
     out: dict[str, Any] = {"status": "success", "data": {"resultType": "matrix", "result": result}}
@@ -337,10 +312,10 @@ def merge_matrix(docs: list[Any], _plan: Plan | None = None) -> dict[str, Any]:
 
 def merge_metadata(names_doc: Any, meta_doc: Any, limit: int) -> dict[str, Any]:
     """The tenant's metadata, restricted to the visible metric names, then cut to ``limit`` metrics."""
-    names = _success(names_doc)["data"]
-    meta = _success(meta_doc)["data"]
+    names = success(names_doc)["data"]
+    meta = success(meta_doc)["data"]
     if not isinstance(names, list) or not isinstance(meta, dict):
-        raise _Unmergeable("label values are not a list, or metadata is not an object")
+        raise Unmergeable("label values are not a list, or metadata is not an object")
     names = set(names)
     keep = [k for k in sorted(meta) if k in names]
     if limit >= 0:

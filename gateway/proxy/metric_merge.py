@@ -13,13 +13,10 @@ import math
 from decimal import Decimal
 from typing import Any
 
-from gateway.lbac.fanout import Plan
+from gateway.lbac.fanout import Merge, Plan
+from gateway.proxy.merging import Unmergeable, merge_stats, success
 
 __all__ = ["go_float", "merge_absent", "merge_extreme", "merge_signed"]
-
-
-class Unmergeable(ValueError):
-    """A leg answered 200 with something these merges do not understand."""
 
 
 def go_float(v: float) -> str:
@@ -37,9 +34,7 @@ def go_float(v: float) -> str:
 
 
 def _data(doc: Any) -> tuple[str, list[Any]]:
-    if not isinstance(doc, dict) or doc.get("status", "success") != "success":
-        raise Unmergeable("an answer is not a success")
-    data = doc["data"]
+    data = success(doc)["data"]
     kind = data.get("resultType")
     if kind not in ("matrix", "vector"):
         raise Unmergeable(f"resultType {kind!r}, expected matrix or vector")
@@ -51,8 +46,6 @@ def _points(kind: str, series: Any) -> list[Any]:
 
 
 def _envelope(docs: list[Any], kind: str, result: list[Any]) -> dict[str, Any]:
-    from gateway.proxy.fanout import merge_stats  # one stats rule for every fan-out
-
     data: dict[str, Any] = {"resultType": kind, "result": result}
     stats = [d["data"]["stats"] for d in docs if isinstance(d["data"].get("stats"), dict)]
     if stats:
@@ -120,8 +113,6 @@ def merge_absent(docs: list[Any], plan: Plan) -> dict[str, Any]:
 
 def merge_extreme(docs: list[Any], plan: Plan) -> dict[str, Any]:
     """Per series and timestamp the largest (``Merge.MAX``) or smallest leg value, written as that leg wrote it."""
-    from gateway.lbac.fanout import Merge
-
     kinds = {_data(d)[0] for d in docs}
     if len(kinds) != 1:
         raise Unmergeable("legs answered different result types")
