@@ -215,7 +215,7 @@ def test_plans() -> None:
     absent = p('absent_over_time({app="a", env="x"}[5m])')
     assert absent.merge is Merge.ABSENT and len(absent.legs) == 2 and dict(absent.labels) == {"app": "a", "env": "x"}
     summed = p('sum by (level) (sum_over_time({app="a"} | drop env | unwrap n [5m]))')
-    assert summed.merge is Merge.SIGNED and summed.signs == (1, 1, -1)
+    assert summed.merge is Merge.SIGNED and summed.counts.signs == (1, 1, -1)
     assert p('count_over_time({app="a"}[5m])') is None  # the union rewrite: one request
     assert p('count_over_time({app="a"} | logfmt [5m])').merge is Merge.SIGNED  # a parser may supply env
 

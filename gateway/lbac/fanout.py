@@ -74,7 +74,7 @@ class Merge(enum.Enum):
     METADATA = "metadata"  # legs: visible metric names, then the tenant's metadata (filtered)
     REMOTE_READ = "remote_read"  # series merged by label set per query
     TAIL = "tail"  # one WebSocket per selector, frames merged
-    SIGNED = "signed"  # Loki metric query that sums over streams: legs added with Plan.signs
+    SIGNED = "signed"  # Loki metric query that sums over streams: legs added with Plan.counts' signs
     ABSENT = "absent"  # Loki absent_over_time: the steps every leg answers, labelled with Plan.labels
     MAX = "max"  # Loki max_over_time (in max aggregations): the largest of the legs per series and step
     MIN = "min"  # the same for min_over_time
@@ -97,9 +97,8 @@ class Plan:
     legs: tuple[Leg, ...]
     limit: int = LOKI_DEFAULT_LIMIT  # entries (streams) or metrics (metadata); < 0: none
     forward: bool = False  # Loki direction
-    signs: tuple[int, ...] = ()  # Merge.SIGNED: +1/-1 per leg (inclusion-exclusion)
     labels: tuple[tuple[str, str], ...] = ()  # Merge.ABSENT: the result's labels
-    counts: Counts | None = None  # Merge.INDEX_STATS, Merge.VOLUME: signs and limits
+    counts: Counts | None = None  # Merge.SIGNED, INDEX_STATS, VOLUME: signs (and limits for volumes)
 
 
 # Loki endpoint (the upstream path's tail) -> merge; endpoints missing here are never fanned out.
@@ -227,7 +226,7 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
     if merge is Merge.DETECTED_LABELS and len(pols) > 1:
         return _detected_from_series(path, pairs, query, pols)
     if query is None:
-        if merge is None or not (kind is Kind.LOGQL_OPTIONAL or merge in _QUERY_OPTIONAL):
+        if not (kind is Kind.LOGQL_OPTIONAL or merge in _QUERY_OPTIONAL):
             return None  # enforce: "parameter 'query' is required", or the policy itself as query
         if len(pols) == 1 and kind is Kind.LOGQL_OPTIONAL:
             return None  # today's path already sends the policy as the query
@@ -237,12 +236,10 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
     if len(pols) == 1:  # absent_over_time: labelled from the client's selector, not the rewritten one
         return _metric_plan(kind, method, raw_query, body, query, pols, True) if merge is Merge.STREAMS else None
     union_ok = _union_works(query, policies)
-    if union_ok and not metric_fanout.has_parser(query):
-        return None  # the union rewrite is exact
-    if merge is Merge.STREAMS and not _safe_log_query(query):
-        return _metric_plan(kind, method, raw_query, body, query, pols, union_ok)  # None: the union or its refusal
-    if union_ok or not _safe_log_query(query):
-        return None  # exact already, or not a log query: enforce decides (and says why it refuses)
+    if not _safe_log_query(query):  # a metric query: the union, its refusal, or a fan-out
+        return _metric_plan(kind, method, raw_query, body, query, pols, union_ok) if merge is Merge.STREAMS else None
+    if union_ok:
+        return None  # one selector merged from several: the single rewrite is exact
     if merge is Merge.PATTERNS:
         raise ProxyError(400, "query refused by label-based access control: patterns cannot be restricted by "
                          "several label policies (Loki drops the patterns one request sees fewer than 30 times "
@@ -376,15 +373,16 @@ def _metric_plan(kind: Kind, method: str, raw_query: str, body: bytes | None, qu
         found = metric_fanout.shape(query)
     except RewriteError:
         return None
-    if found is None or (union_ok and found.kind != "absent" and len(pols) == 1):
-        return None
+    if found is None or (union_ok and found.kind != "absent" and (len(pols) == 1 or not found.parser)):
+        return None  # the rewrite (one selector, or the union) is exact
     if found.kind in _PER_SELECTOR:
         _check_size(pols)
         legs = tuple(_single(kind, method, raw_query, body, p) for p in pols)
-        return Plan(_PER_SELECTOR[found.kind], legs, labels=tuple(metric_fanout.absent_labels(found.matchers).items()))
-    signed = metric_fanout.terms(pols, disjoint)
-    legs = tuple(_single(kind, method, raw_query, body, sel) for _, sel in signed)
-    return Plan(Merge.SIGNED, legs, signs=tuple(sign for sign, _ in signed))
+        labels = tuple(metric_fanout.absent_labels(found.matchers).items()) if found.kind == "absent" else ()
+        return Plan(_PER_SELECTOR[found.kind], legs, labels=labels)
+    terms = _terms(pols)
+    legs = tuple(_single(kind, method, raw_query, body, t.selector) for t in terms)
+    return Plan(Merge.SIGNED, legs, counts=Counts(tuple(t.sign for t in terms)))
 
 
 _PER_SELECTOR: Final = {"absent": Merge.ABSENT, "max": Merge.MAX, "min": Merge.MIN}

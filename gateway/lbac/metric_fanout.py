@@ -29,16 +29,13 @@ counted once by Loki and twice by the sum. Numbers only, never a series outside 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Final
 
 from gateway.lbac import RewriteError
 from gateway.lbac.logql import _lex, _matching, _Tok
-from gateway.lbac.overlap import TooManyTerms, signed_intersections
-from gateway.policy.selector import LabelMatcher, Selector
-from gateway.proxy.errors import ProxyError
+from gateway.policy.selector import LabelMatcher
 
-__all__ = ["ADDITIVE_OPS", "MetricShape", "absent_labels", "has_parser", "shape", "terms"]
+__all__ = ["ADDITIVE_OPS", "MetricShape", "absent_labels", "has_parser", "shape"]
 
 #: Range aggregations whose value is a sum over the samples of the streams read.
 ADDITIVE_OPS: Final = frozenset({"count_over_time", "rate", "bytes_over_time", "bytes_rate", "sum_over_time"})
@@ -55,11 +52,12 @@ _VECTOR_WRAPPERS: Final = frozenset({"sum", "max", "min"})
 class MetricShape:
     """What :func:`shape` found: ``"additive"``, ``"max"``, ``"min"`` or ``"absent"``, and the query's selector."""
 
-    __slots__ = ("kind", "matchers")
+    __slots__ = ("kind", "matchers", "parser")
 
-    def __init__(self, kind: str, matchers: tuple[LabelMatcher, ...]) -> None:
+    def __init__(self, kind: str, matchers: tuple[LabelMatcher, ...], parser: bool) -> None:
         self.kind = kind
         self.matchers = matchers
+        self.parser = parser  # a stage adds labels from the line: the union's `or` may merge two streams
 
 
 def _is(t: _Tok, text: str) -> bool:
@@ -116,7 +114,7 @@ def shape(query: str) -> MetricShape | None:
                 return None
             if any(x.kind == "ident" and x.text.lower() == "variants" for x in toks[i + 1 : close]):
                 return None
-            return MetricShape(kind, sels[0].matchers)
+            return MetricShape(kind, sels[0].matchers, _has_parser(toks))
         return None
     return None
 
@@ -133,6 +131,10 @@ def has_parser(query: str) -> bool:
         toks, _ = _lex(query)
     except RewriteError:
         return False
+    return _has_parser(toks)
+
+
+def _has_parser(toks: list[_Tok]) -> bool:
     return any(_is(t, "|") and k + 1 < len(toks) and toks[k + 1].kind == "ident"
                and toks[k + 1].text.lower() in _PARSERS for k, t in enumerate(toks))
 
@@ -151,14 +153,3 @@ def absent_labels(matchers: tuple[LabelMatcher, ...]) -> dict[str, str]:
     for name in empty:
         out.pop(name, None)
     return dict(sorted(out.items()))
-
-
-def terms(pols: tuple[Selector, ...],
-          disjoint: Callable[[Selector, Selector], bool]) -> tuple[tuple[int, Selector], ...]:
-    """Signed selectors for an additive query (raises ProxyError 400 when there would be too many)."""
-    try:
-        found = signed_intersections(pols, disjoint)
-    except TooManyTerms as exc:
-        raise ProxyError(400, f"query refused by label-based access control: {exc}; ask your admin for "
-                         "label policies that overlap less", "lbac_refused") from None
-    return tuple((t.sign, t.selector) for t in found)

@@ -59,14 +59,14 @@ def _envelope(docs: list[Any], kind: str, result: list[Any]) -> dict[str, Any]:
 
 def merge_signed(docs: list[Any], plan: Plan) -> dict[str, Any]:
     """Per series and timestamp, the signed sum of the legs (inclusion-exclusion), exactly rounded."""
-    if len(docs) != len(plan.signs):
+    if plan.counts is None or len(docs) != len(plan.counts.signs):
         raise Unmergeable("one sign per leg expected")
     kinds = {_data(d)[0] for d in docs}
     if len(kinds) != 1:
         raise Unmergeable("legs answered different result types")
     kind = kinds.pop()
     acc: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], dict[float, tuple[Any, list[float], bool]]]] = {}
-    for doc, sign in zip(docs, plan.signs, strict=True):
+    for doc, sign in zip(docs, plan.counts.signs, strict=True):
         for s in _data(doc)[1]:
             metric = s["metric"]
             key = tuple(sorted(metric.items()))
