@@ -22,7 +22,7 @@ from gateway.dataplane.server import wants_aiohttp
 from tests.conftest import Gateway, bootstrap_token, make_config
 from tests.dataplane_server import ProtocolTestServer
 from tests.recorder import Recorder
-from tests.test_proxy import basic
+from tests.test_proxy import basic, slow_upstream
 
 Q = "/prometheus/api/v1/query"
 
@@ -206,19 +206,7 @@ async def test_big_bodies_stream_both_ways_intact(db_dsn: str, aiohttp_client: A
 
 async def test_a_client_that_hangs_up_cancels_the_upstream_exchange(db_dsn: str, aiohttp_client: Any,
                                                                     aiohttp_server: Any) -> None:
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return web.Response(text="late")
-
-    app = web.Application(handler_args={"handler_cancellation": True})
-    app.router.add_route("*", "/{tail:.*}", slow)
+    app, started, cancelled = slow_upstream()
     async with _dp(db_dsn, aiohttp_client, aiohttp_server, upstream=app) as dp:
         tok = await dp.token(["metrics:read"])
         reader, writer = await asyncio.open_connection("127.0.0.1", dp.port)

@@ -353,8 +353,8 @@ async def test_one_json_access_log_line_per_request_without_secrets(env: Env) ->
     assert all(secret[:20] not in line for line in lines)
 
 
-async def test_client_disconnect_cancels_the_upstream_call(db_dsn: str, aiohttp_client: Any,
-                                                           aiohttp_server: Any) -> None:
+def slow_upstream() -> tuple[web.Application, asyncio.Event, asyncio.Event]:
+    """An upstream that answers after 30 s; its events tell that a request arrived and that it was cancelled."""
     started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def slow(_r: web.Request) -> web.Response:
@@ -364,10 +364,16 @@ async def test_client_disconnect_cancels_the_upstream_call(db_dsn: str, aiohttp_
         except asyncio.CancelledError:
             cancelled.set()
             raise
-        return web.Response()
+        return web.Response(text="late")
 
     app = web.Application(handler_args={"handler_cancellation": True})
-    app.router.add_get("/{t:.*}", slow)
+    app.router.add_route("*", "/{tail:.*}", slow)
+    return app, started, cancelled
+
+
+async def test_client_disconnect_cancels_the_upstream_call(db_dsn: str, aiohttp_client: Any,
+                                                           aiohttp_server: Any) -> None:
+    app, started, cancelled = slow_upstream()
     server = await aiohttp_server(app)
     async with _env(db_dsn, aiohttp_client, aiohttp_server,
                     upstreams={"metrics": {"url": f"http://127.0.0.1:{server.port}"}}) as e:
