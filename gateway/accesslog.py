@@ -13,6 +13,7 @@ import sys
 import time
 from typing import IO, Any, Final
 
+from gateway import logfmt
 from gateway.logfmt import access_line
 
 FLUSH_SECONDS: Final = 0.2
@@ -33,7 +34,19 @@ class AccessLog:
         if not self.enabled:
             return
         entry["time"] = round(time.time(), 3)
-        self._lines.append(access_line(entry))
+        self._add(access_line(entry))
+
+    def templated(self) -> bool:
+        """Whether lines go out as JSON, so that ``write_json`` may be given one built from a template."""
+        return self.enabled and logfmt.current() == "json"
+
+    def write_json(self, head: str) -> None:
+        """A JSON line that ``write`` would make of an entry, up to the ``time`` field (added here) and the
+        closing brace: the callback path builds its common line from a template (gateway/dataplane/exchange.py)."""
+        self._add(f'{head},"time":{round(time.time(), 3)!r}}}')
+
+    def _add(self, line: str) -> None:
+        self._lines.append(line)
         if len(self._lines) >= FLUSH_LINES:
             self.flush()
         elif self._timer is None:

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 FORMATS: Final = ("json", "text")
 _format = "json"
-_ACCESS_JSON: Final = '{"level":"info","logger":"gateway.access",'
+ACCESS_JSON: Final = '{"level":"info","logger":"gateway.access",'
 # One encoder for every access line (json.dumps with options builds a new encoder per call, and
 # JSONEncoder.encode a new C encoder): the C encoder itself, made once, with JSONEncoder's defaults
 # (ensure_ascii, allow_nan) and compact separators; an entry holds no cycles, so no cycle check.
@@ -79,6 +79,11 @@ def setup(level: str, choice: str | None = None) -> str:
     return _format
 
 
+def json_encoded(value: object) -> str:
+    """``value`` as the access log's JSON encoder writes it."""
+    return _ENCODE({"": value})[4:-1]
+
+
 def current() -> str:
     return _format
 
@@ -86,6 +91,6 @@ def current() -> str:
 def access_line(entry: Mapping[str, Any], fmt: str | None = None) -> str:
     """An access-log entry (its ``time`` in unix seconds) in the process's format."""
     if (fmt or _format) == "json":  # the keys every JSON line has, then the entry's own
-        return _ACCESS_JSON + _ENCODE(entry)[1:]
+        return ACCESS_JSON + _ENCODE(entry)[1:]
     rest = " ".join(f"{k}={_value(v)}" for k, v in entry.items() if k != "time" and v is not None)
     return f"{_iso(float(entry.get('time', time.time())))} INFO gateway.access: {rest}"

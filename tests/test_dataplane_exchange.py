@@ -17,6 +17,7 @@ from typing import Any, cast
 import pytest
 
 from gateway.dataplane import exchange
+from gateway.logfmt import access_line
 from gateway.proxy import fastpath
 from tests.recorder import Recorder
 from tests.test_dataplane import DP, Q, _dp, _exchange, _get
@@ -101,13 +102,47 @@ async def test_the_access_log_line_and_metrics_are_the_handlers(
         out = await _exchange(dp.port, _get(tok, extra=b"Connection: close\r\n"))
         assert out.startswith(b"HTTP/1.1 200 ") and len(taken) == 1
         log.flush()
+        raw = log.stream.getvalue().splitlines()[-1]
         slow, fast = (json.loads(line) for line in log.stream.getvalue().splitlines()[-2:])
         assert list(fast) == list(slow)  # the same fields in the same order
+        # the callback path's line comes from a template: byte for byte what the encoder makes of its fields
+        assert raw == access_line(dict(list(fast.items())[2:]))
         for k in ("method", "path", "token_id", "policy", "tenant", "client_ip", "status", "bytes"):
             assert fast[k] == slow[k], k
         assert fast["bytes"] == len(dp.rec.reply) and fast["duration_ms"] > 0 and fast["upstream_ms"] >= 0
         assert TALLY._requests.get(("metrics", "metrics:read", "200"), 0) == before + 1
         assert dp.gw.state.in_flight == 0 and dp.gw.state.idle.is_set()
+
+
+async def test_a_keep_alive_connection_sees_a_revoked_token_and_a_restricted_policy_at_once(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, taken: list[str]) -> None:
+    """What the callback path keeps per connection holds for one policy generation only."""
+    async with _dp(db_dsn, aiohttp_client, aiohttp_server) as dp:
+        p = await dp.gw.policy("kept", ["metrics:read"], [{"type": "stack", "identifier": "100"}])
+        t = await dp.gw.token(p["id"], "kept")
+        tok = str(t["token"])
+        await _prime(dp, tok)
+        reader, writer = await asyncio.open_connection("127.0.0.1", dp.port)
+
+        async def ask() -> bytes:
+            writer.write(_get(tok))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+            return head
+
+        try:
+            assert (await ask()).startswith(b"HTTP/1.1 200 ") and len(taken) == 1
+            # a label policy added to the token's policy: the next request on this connection is narrowed
+            await dp.gw.api("POST", f"/api/v1/accesspolicies/{p['id']}", {
+                "scopes": ["metrics:read"], "realms": [{"type": "stack", "identifier": "100",
+                                                        "labelPolicies": [{"selector": '{env="dev"}'}]}]})
+            assert (await ask()).startswith(b"HTTP/1.1 200 ")
+            assert 'env="dev"' in dp.rec.seen[-1].query[0][1] or \
+                dp.rec.seen[-1].headers.getall("X-Prom-Label-Policy", [])
+            await dp.gw.api("DELETE", f"/api/v1/tokens/{t['id']}", expect=200)
+            assert (await ask()).startswith(b"HTTP/1.1 401 ")
+        finally:
+            writer.close()
 
 
 async def test_what_the_exchange_declines_goes_to_the_handler(
@@ -402,3 +437,48 @@ async def test_a_label_restricted_query_is_rewritten_on_the_callback_path_as_by_
         # a query the rewriter refuses is the handler's 400, not the callback path's
         out = await _exchange(dp.port, _get(tok, f"{Q}?query=up%7B", b"Connection: close\r\n"))
         assert out.startswith(b"HTTP/1.1 400 ") and len(taken) == 1
+
+
+async def _ok_split(w: asyncio.StreamWriter) -> None:
+    w.write(OK[:-1])
+    await w.drain()
+    await asyncio.sleep(0.1)
+    w.write(OK[-1:])
+    await w.drain()
+
+
+@pytest.mark.parametrize(("answer", "parsed", "reused"), [
+    (ok, 1, True),  # the head the relay read before, then exactly its body: not parsed again
+    (_raw(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 2, False),  # bytes after it: parsed, handed back
+    (_ok_split, 2, True),  # its body not all in the head's read: parsed, then handed back
+])
+async def test_a_head_the_relay_read_before_skips_the_parser_only_for_exactly_its_answer(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, taken: list[str], monkeypatch: pytest.MonkeyPatch,
+        answer: Any, parsed: int, reused: bool) -> None:
+    monkeypatch.setattr(exchange, "_KNOWN_HEADS", {})
+    heads: list[int] = []
+    real = exchange._Relay.on_headers_complete
+
+    def counted(self: Any) -> None:
+        heads.append(1)
+        real(self)
+
+    monkeypatch.setattr(exchange._Relay, "on_headers_complete", counted)
+    async with _dp_raw(db_dsn, aiohttp_client, aiohttp_server, [ok, ok, answer, ok]) as (dp, seen):
+        tok = await dp.token(["metrics:read"])
+        await _prime(dp, tok)  # (by the handler: no relay)
+        reader, writer = await asyncio.open_connection("127.0.0.1", dp.port)
+        try:
+            for _ in range(2):
+                writer.write(_get(tok))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 2\r\n" in head, head
+                assert await asyncio.wait_for(reader.readexactly(2), 5) == b"{}"
+        finally:
+            writer.close()
+        assert OK[:-2] in exchange._KNOWN_HEADS and len(taken) == 2
+        assert len(heads) == parsed
+        assert (seen[2] == seen[1]) is True  # the second answer came on the first one's pooled connection
+        out = await _exchange(dp.port, _get(tok, extra=b"Connection: close\r\n"))
+        assert out.startswith(b"HTTP/1.1 200 ")
+        assert (seen[3] == seen[2]) is reused, seen

@@ -16,17 +16,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Coroutine
+from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 from aiohttp import web
 
+from gateway.accesslog import AccessLog
+from gateway.logfmt import ACCESS_JSON as _ACCESS_JSON
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.fastclient import IDEMPOTENT, FastClientError, FastResponse, _Conn
 from gateway.proxy.fastpath import Prepared, prepare
-from gateway.proxy.forward import Outcome, Upstreams, _failure, _forward_fast, answer_fast
+from gateway.proxy.forward import Outcome, _failure, _forward_fast, answer_fast
 from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS
 from gateway.state import STATE, State
 from gateway.tally import TALLY
@@ -36,9 +38,8 @@ if TYPE_CHECKING:
     from gateway.dataplane.server import HttpProtocol
 
 log = logging.getLogger("gateway.proxy")
-# Per application, its state and upstream clients (set once, when the application is built).
-_refs: weakref.WeakKeyDictionary[web.Application, tuple[State | None, Upstreams | None]] = \
-    weakref.WeakKeyDictionary()
+_str = encode_basestring_ascii  # a JSON string as the access log's encoder writes it
+_LBAC_FIELD: dict[str | None, str] = {mode: f',"lbac":{_str(mode)}' for mode in ("header", "enforce")}
 _NO_BODY = (204, 304)
 _MAX_FIELD = 8190  # aiohttp's max_field_size and max_line_size, which the lean client's parser applies
 _MAX_HEAD = 64 * 1024  # a response head the relay waits for, at most; past it the lean client's parser reads it
@@ -48,11 +49,12 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
     """Serve ``req`` by callbacks if it is the common case (then the connection's ``_task`` is the
     exchange); False leaves it, untouched, to the handler task."""
     m = req.route
-    refs = _refs.get(req.app)
+    refs = proto.plane.refs
     if refs is None:
-        refs = _refs[req.app] = (req.app.get(STATE), req.app.get(UPSTREAMS))
-    st, upstreams = refs
-    if st is None or upstreams is None or m is None:
+        app = req.app
+        refs = proto.plane.refs = (app.get(STATE), app.get(UPSTREAMS), app.get(ACCESS_LOG))
+    st, upstreams, access_log = refs
+    if st is None or upstreams is None or access_log is None or m is None:
         return False
     started = time.perf_counter()
     try:
@@ -71,7 +73,7 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
     except FastClientError:
         conn.close()
         return False
-    ex = Exchange(proto, req, st, p, conn, started, sent_at)
+    ex = Exchange(proto, req, st, p, conn, started, sent_at, access_log)
     proto._task = ex  # it answers done() and cancel() like the task
     waiter.add_done_callback(ex._answered)
     if req.method != "HEAD":
@@ -89,11 +91,21 @@ class _GiveUp(Exception):
     """Raised in a parser callback: not a response the relay takes."""
 
 
+#: Response heads a relay has read whole with llhttp, by their exact bytes (status line to the blank line):
+#: status, Content-Length, keep-alive and fields. The same bytes parse the same way, so an answer that is
+#: a known head followed by exactly its body, in one read, is relayed without parsing it again (an
+#: upstream repeats its answers' heads; its Date header moves them on once a second).
+_KNOWN_HEADS: dict[bytes, tuple[int, int, bool, list[tuple[bytes, bytes]]]] = {}
+_MAX_KNOWN_HEADS = 256
+
+
 class _Relay:
     """The upstream's response read with httptools as it arrives, for the case that dominates: a head and
     a small body with one Content-Length, all in the reads that complete the head. Anything else (1xx,
     204, 304, chunked or close-delimited bodies, a body still arriving after the head's read, a second
     response, a parse error) is handed back: the lean client's own parser reads it all, as without a relay.
+    The parser is between two messages whenever a relay starts reading an answer (it is new, or it read
+    the connection's previous answer whole), which is what lets a known head skip it.
     """
 
     __slots__ = ("ex", "parser", "raw", "size", "fields", "length", "head_done", "complete", "keep", "messages")
@@ -147,6 +159,14 @@ class _Relay:
 
     def feed(self, data: bytes) -> bytes | None:
         """None: taken (the head is still incomplete, or the answer is written); else all bytes so far."""
+        if not self.raw:
+            end = data.find(b"\r\n\r\n") + 4
+            known = _KNOWN_HEADS.get(data[:end]) if end > 3 else None
+            if known is not None and len(data) - end == known[1] <= self.ex.p.fast.small_body:
+                if known[2]:
+                    self.ex.conn.relay_state = self
+                self.ex._relayed(known[0], data, known[3], known[1], known[2])
+                return None
         self.raw.append(data)
         self.size += len(data)
         try:
@@ -156,9 +176,13 @@ class _Relay:
         if self.complete:
             whole = b"".join(self.raw) if len(self.raw) > 1 else data
             p = self.parser
+            status = p.get_status_code()
             if self.keep:
                 self.ex.conn.relay_state = self  # the next answer on the connection may use it again
-            self.ex._relayed(p.get_status_code(), whole, self.fields, self.length, self.keep)
+            if len(_KNOWN_HEADS) >= _MAX_KNOWN_HEADS:
+                _KNOWN_HEADS.clear()
+            _KNOWN_HEADS[whole[:len(whole) - self.length]] = (status, self.length, self.keep, self.fields)
+            self.ex._relayed(status, whole, self.fields, self.length, self.keep)
             self.raw = []  # (an idle connection holds no answer)
             return None
         if self.head_done or self.size > _MAX_HEAD:
@@ -169,26 +193,30 @@ class _Relay:
 class Exchange:
     """One request served by callbacks (see the module docstring)."""
 
-    __slots__ = ("proto", "req", "st", "p", "conn", "started", "sent_at", "entry", "_done")
+    __slots__ = ("proto", "req", "st", "p", "conn", "started", "sent_at", "log", "_done")
 
     def __init__(self, proto: HttpProtocol, req: DataRequest, st: State, p: Prepared, conn: _Conn,
-                 started: float, sent_at: float):
+                 started: float, sent_at: float, access_log: AccessLog):
         self.proto, self.req, self.st, self.p, self.conn = proto, req, st, p, conn
-        self.started, self.sent_at = started, sent_at
+        self.started, self.sent_at, self.log = started, sent_at, access_log
         self._done = False
-        # handler.handle's bookkeeping, in its order
-        self.entry: dict[str, object] = {"method": req.method, "path": req.rel_url.raw_path}
+        # handler.handle's bookkeeping, in its order (its access-log entry is made at the end: ``_entry``)
         TALLY.in_flight += 1
         st.in_flight += 1
         st.idle.clear()
+        st.cache.record_use(p.decision.ident.token.id)
+        TALLY.added(p.m.route.backend, time.perf_counter() - started)
+
+    def _entry(self) -> dict[str, object]:
+        """The access-log entry ``handler.handle`` and ``_serve`` make, up to the answer's fields."""
+        req, p = self.req, self.p
         d = p.decision
         ident = d.ident
-        self.entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=d.tenant,
-                          client_ip=d.client_ip())
-        st.cache.record_use(ident.token.id)
+        entry: dict[str, object] = {"method": req.method, "path": req.rel_url.raw_path, "token_id": ident.token.id,
+                                    "policy": ident.policy.name, "tenant": d.tenant, "client_ip": d.client_ip()}
         if p.lbac is not None:
-            self.entry["lbac"] = p.lbac
-        TALLY.added(p.m.route.backend, time.perf_counter() - started)
+            entry["lbac"] = p.lbac
+        return entry
 
     # ---- what the connection asks of its handler task ----------------------------------------------
 
@@ -216,11 +244,10 @@ class Exchange:
         conn.headers_at = conn.pool.loop.time()
         conn.relayed = keep
         conn.pool.release(conn)
-        req = self.req
         try:
             split = len(whole) - length
-            req.respond_raw(whole[:split], fields, whole[split:])
-            self._end(Outcome(status, length, conn.headers_at - self.sent_at))
+            self.req.respond_raw(whole[:split], fields, whole[split:])
+            self._end(status, length, conn.headers_at - self.sent_at)
         except Exception:
             self._crashed()
 
@@ -245,7 +272,7 @@ class Exchange:
             status = up.status
             if up.body is not None and req.method != "HEAD" and status not in _NO_BODY:
                 req.respond(status, up.reason, up.headers, up.body)
-                self._end(Outcome(status, len(up.body), up.upstream_seconds))
+                self._end(status, len(up.body), up.upstream_seconds)
             else:
                 self._continue(answer_fast(cast(web.Request, req), up))
         except Exception:
@@ -259,11 +286,25 @@ class Exchange:
             return ProxyError(exc.status, f"{backend} {exc.message}", exc.reason)
         return exc
 
-    def _end(self, outcome: Outcome) -> None:
+    def _end(self, status: int, bytes_out: int, upstream_seconds: float) -> None:
+        """An answer written: the books, with the access-log line from its template when it is JSON."""
         self._done = True
-        TALLY.upstream(self.p.m.route.backend, outcome.upstream_seconds)
-        self.entry.update(upstream_ms=round(outcome.upstream_seconds * 1000, 3), bytes=outcome.bytes_out)
-        self._books(outcome.status, None)
+        route = self.p.m.route
+        TALLY.upstream(route.backend, upstream_seconds)
+        upstream_ms = round(upstream_seconds * 1000, 3)
+        who = self.p.decision.log_fields()
+        if who is None or not self.log.templated():
+            entry = self._entry()
+            entry.update(upstream_ms=upstream_ms, bytes=bytes_out)
+            self._books(status, None, entry)
+        else:
+            self._count(status)
+            req, p = self.req, self.p
+            self.log.write_json(
+                f'{_ACCESS_JSON}"method":{_str(req.method)},"path":{_str(req.rel_url.raw_path)},'
+                f'{who}{_LBAC_FIELD.get(p.lbac, "")},"upstream_ms":{upstream_ms!r},'
+                f'"bytes":{bytes_out},"status":{status},"duration_ms":'
+                f'{round((time.perf_counter() - self.started) * 1000, 3)!r}')
         self._after()
 
     def _refused(self, exc: ProxyError) -> None:
@@ -293,20 +334,25 @@ class Exchange:
             proto._task = None
         proto._after(self.req)
 
-    def _books(self, status: int, refusal: ProxyError | None) -> None:
-        """``handler.handle``'s ``except ProxyError`` and ``finally``."""
+    def _count(self, status: int) -> None:
+        """``handler.handle``'s ``finally``, but for the access-log line."""
         route = self.p.m.route
-        entry = self.entry
+        TALLY.in_flight -= 1
+        self.st.request_done()
+        TALLY.request(route.backend, route.scope, status)
+
+    def _books(self, status: int, refusal: ProxyError | None, entry: dict[str, object] | None = None) -> None:
+        """``handler.handle``'s ``except ProxyError`` and ``finally``."""
+        if entry is None:
+            entry = self._entry()
         if refusal is not None:
             TALLY.refusal(refusal.reason)
             entry["refusal"] = refusal.reason
             entry["error"] = refusal.message
-        TALLY.in_flight -= 1
-        self.st.request_done()
-        TALLY.request(route.backend, route.scope, status)
+        self._count(status)
         entry.update(status=status, duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
                      client_ip=entry.get("client_ip") or self.req.remote)
-        self.req.app[ACCESS_LOG].write(entry)
+        self.log.write(entry)
 
     # ---- the rest in a task ---------------------------------------------------------------------------
 
@@ -337,8 +383,9 @@ class Exchange:
             return
         else:
             TALLY.upstream(self.p.m.route.backend, outcome.upstream_seconds)
-            self.entry.update(upstream_ms=round(outcome.upstream_seconds * 1000, 3), bytes=outcome.bytes_out)
-            self._books(outcome.status, None)
+            entry = self._entry()
+            entry.update(upstream_ms=round(outcome.upstream_seconds * 1000, 3), bytes=outcome.bytes_out)
+            self._books(outcome.status, None, entry)
             if not req.started:
                 req.write_whole(resp)
         proto._task = None

@@ -81,16 +81,28 @@ def _error_bytes(status: int, message: str) -> bytes:
 def wants_aiohttp(method: str, path: str, headers: CIMultiDictProxy[str]) -> bool:
     """Whether aiohttp serves this request: anything that is not a data-path route, and WebSocket upgrades
     (the same test ``_serve`` makes before relaying a tail)."""
-    return _for_aiohttp(match(method, path), headers)
+    return _wants(match(method, path), _HeadFacts(headers))
 
 
-def _for_aiohttp(m: RouteMatch | None, headers: CIMultiDictProxy[str]) -> bool:
-    if m is None:
-        return True
-    if headers.get("Upgrade", "").lower() == "websocket" and m.route.websocket:
-        return True
-    conn = headers.get("Connection", "")
-    return "upgrade" in conn.lower() and "Upgrade" in headers  # any other protocol switch: as aiohttp does
+class _HeadFacts:
+    """What the server reads from a request's header fields, derived once per header set (a keep-alive
+    client sends the same fields request after request)."""
+
+    __slots__ = ("websocket", "switch", "length", "body_exists", "expect")
+
+    def __init__(self, headers: CIMultiDictProxy[str]):
+        self.websocket = headers.get("Upgrade", "").lower() == "websocket"
+        # any other protocol switch: as aiohttp does
+        self.switch = "upgrade" in headers.get("Connection", "").lower() and "Upgrade" in headers
+        cl = headers.get("Content-Length")
+        self.length = int(cl) if cl is not None and cl.isdigit() else None
+        self.body_exists = "Transfer-Encoding" in headers or (self.length is not None and self.length > 0)
+        self.expect = headers.get("Expect")
+
+
+def _wants(m: RouteMatch | None, h: _HeadFacts) -> bool:
+    """Whether aiohttp serves the request (see ``wants_aiohttp``)."""
+    return m is None or (h.websocket and m.route.websocket) or h.switch
 
 
 def _nothing() -> None:
@@ -121,6 +133,7 @@ class HttpProtocol(asyncio.Protocol):
         self._last_raw: list[tuple[bytes, bytes]] | None = None
         self._last_headers: CIMultiDictProxy[str] | None = None
         self._memo: dict[object, object] = {}
+        self._facts = _HeadFacts(CIMultiDictProxy(CIMultiDict()))
         self._name = bytearray()
         self._value = bytearray()
         self._head_bytes = 0
@@ -275,8 +288,10 @@ class HttpProtocol(asyncio.Protocol):
             headers = CIMultiDictProxy(CIMultiDict([(n.decode("utf-8", "surrogateescape"),
                                                       v.decode("utf-8", "surrogateescape")) for n, v in raw_headers]))
             self._last_raw, self._last_headers, self._memo = raw_headers, headers, {}
+            self._facts = _HeadFacts(headers)
+        facts = self._facts
         m = None if handover else match(method, path)
-        if handover or _for_aiohttp(m, headers):
+        if handover or _wants(m, facts):
             if self._raw is None or self.plane.aiohttp is None:
                 raise _Bad(400, "a request for the admin API, the page or a WebSocket cannot be pipelined "
                            "behind data-path requests on one connection; open a new connection")
@@ -284,10 +299,7 @@ class HttpProtocol(asyncio.Protocol):
             if self._task is not None:
                 self._pause()
             raise _Stop
-        te = headers.get("Transfer-Encoding")
-        cl = headers.get("Content-Length")
-        length = int(cl) if cl is not None and cl.isdigit() else None
-        body_exists = te is not None or (length is not None and length > 0)
+        length, body_exists = facts.length, facts.body_exists
         if not body_exists:
             body = _NO_BODY  # (ended: nothing reads, waits on or changes it)
         else:
@@ -297,7 +309,7 @@ class HttpProtocol(asyncio.Protocol):
         req = DataRequest(self, method, headers, RelURL(path, query), body, body_exists, length, version,
                           p.should_keep_alive())
         req.route, req.memo = m, self._memo
-        expect = headers.get("Expect")
+        expect = facts.expect
         if expect is not None:
             if expect.lower() != "100-continue" or version < (1, 1):
                 raise _Bad(417, f"unsupported Expect: {expect}")
@@ -545,6 +557,7 @@ class DataPlane:
         self.conns: set[HttpProtocol] = set()
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
+        self.refs: Any = None  # what the callback path takes from the application, once (exchange.start)
 
     async def start(self, host: str, port: int, reuse_port: bool = False, backlog: int = 1024) -> int:
         """Listen; returns the bound port."""

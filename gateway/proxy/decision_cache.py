@@ -32,6 +32,7 @@ from typing import Final
 
 from gateway.config import Config, Stack
 from gateway.lbac.restrict import headers_for
+from gateway.logfmt import json_encoded
 from gateway.policy.decision import Identity, IPAddress
 from gateway.policy.selector import Selector
 
@@ -44,7 +45,7 @@ Key = tuple[str | None, str | None, str, str, IPAddress | None]
 class Decision:
     """What the handler needs after authorizing: who, which stack and tenant, which label policies."""
 
-    __slots__ = ("ident", "stack", "tenant", "policies", "ip", "expires", "_headers", "_ip_text")
+    __slots__ = ("ident", "stack", "tenant", "policies", "ip", "expires", "_headers", "_ip_text", "_log")
 
     def __init__(self, ident: Identity, stack: Stack, tenant: str, policies: tuple[Selector, ...],
                  ip: IPAddress | None = None):
@@ -57,6 +58,7 @@ class Decision:
         self.expires = exp.timestamp() if exp is not None else math.inf
         self._headers: tuple[str, ...] | None = None
         self._ip_text: str | None = None
+        self._log: str | None = None
 
     def label_headers(self) -> tuple[str, ...]:
         """``headers_for(tenant, policies)``, computed once per decision."""
@@ -69,6 +71,19 @@ class Decision:
         if self._ip_text is None and self.ip is not None:
             self._ip_text = str(self.ip)
         return self._ip_text
+
+    def log_fields(self) -> str | None:
+        """The access log's JSON fields for who asked (``token_id`` to ``client_ip``), made once per decision;
+        None without a client address (the handler's entry then takes the connection's)."""
+        if self._log is None:
+            ip = self.client_ip()
+            if ip is None:
+                return None
+            ident = self.ident
+            self._log = ",".join(f"{json_encoded(k)}:{json_encoded(v)}" for k, v in (
+                ("token_id", ident.token.id), ("policy", ident.policy.name), ("tenant", self.tenant),
+                ("client_ip", ip)))
+        return self._log
 
 
 class DecisionCache:

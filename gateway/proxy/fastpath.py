@@ -37,6 +37,7 @@ from gateway.proxy.headers import upstream_headers
 from gateway.routes import Kind, RouteMatch
 
 if TYPE_CHECKING:
+    from gateway.config import Upstream
     from gateway.dataplane.request import DataRequest
     from gateway.policy.selector import Selector
     from gateway.state import State
@@ -75,14 +76,31 @@ def _enforce_inline(kind: Kind, path: str, method: str, raw_query: str,
         return None
 
 
-def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams) -> Prepared | None:
-    """The upstream request ``handler._serve`` would send for ``request``, if it is the common case."""
+class _Facts:
+    """What ``prepare`` derives from one header set, one method and one route: fixed while the config
+    object and the policy cache's generation stay the ones it was derived under (the decision cache's own
+    rule; the token's expiry is checked per request), so a keep-alive client's next request reuses it."""
+
+    __slots__ = ("cfg", "gen", "decision", "upstream", "fast", "base", "restricted", "blocks", "rewrites")
+
+    def __init__(self, cfg: object, gen: int, decision: Decision, upstream: Upstream, fast: FastClient, base: str,
+                 restricted: bool):
+        self.cfg, self.gen, self.decision, self.upstream, self.fast = cfg, gen, decision, upstream, fast
+        self.base, self.restricted = base, restricted
+        # (label headers, rewritten) -> (upstream headers, the head after its request line)
+        self.blocks: dict[tuple[tuple[str, ...], bool], tuple[CIMultiDict[str], bytes]] = {}
+        # (upstream path, query) -> the query as enforce mode rewrites it inline, or None: declined
+        self.rewrites: dict[tuple[str, str], str | None] = {}
+
+
+def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams) -> _Facts | None:
+    """``handler._serve``'s steps up to the query, for a route ``prepare`` may take; None declines."""
     route = m.route
     if route.websocket or route.scope == "rules:write" or route.kind in _DECLINED_KINDS:
         return None
     cfg = st.config
     upstream = cfg.upstreams.get(route.backend)
-    if upstream is None or st.cache.stale:
+    if upstream is None:
         return None
     headers = request.headers
     memo = request.memo  # what was derived from these same headers on this connection (and peer)
@@ -92,42 +110,73 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
         facts = (cfg, ip, headers.get("Authorization"), headers.get("X-Scope-OrgID"))
         memo["facts"] = facts
     _, ip, auth, org = facts
-    key = (auth, org, route.backend, route.scope, ip)
-    decision = st.decisions.get(key, st.cache.generation, cfg, time.time())
+    gen = st.cache.generation
+    decision = st.decisions.get((auth, org, route.backend, route.scope, ip), gen, cfg, time.time())
     if decision is None:
         return None
-    policies = decision.policies
     reads = route.kind in lbac.RESTRICTED_KINDS
+    if reads and not decision.policies:
+        if "X-Prom-Label-Policy" in headers:
+            return None
+        try:
+            if user_policies(st.cache, decision.ident.policy.id, route.backend, decision.tenant,
+                             headers.get(cfg.grafana_user_header)):
+                return None  # team rules narrow this token: the handler applies them
+        except Denied:
+            return None
+    fast = _FAST.get(upstreams.session(upstream))
+    if fast is None or fast.closed:
+        return None
+    return _Facts(cfg, gen, decision, upstream, fast, upstream.url_for(route.role.value),
+                  reads and bool(decision.policies))
+
+
+def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams) -> Prepared | None:
+    """The upstream request ``handler._serve`` would send for ``request``, if it is the common case."""
+    memo = request.memo
+    key = (request.method, id(m.route))  # (routes are module-level objects: their ids are stable)
+    f = cast(_Facts | None, memo.get(key))
+    cache = st.cache
+    if f is None or f.cfg is not st.config or f.gen != cache.generation or f.fast.closed:
+        f = _facts(request, st, m, upstreams)
+        if f is None:
+            return None
+        if len(memo) >= _MAX_MEMO:
+            memo.clear()
+        memo[key] = f
+    decision = f.decision
+    if cache.stale or time.time() >= decision.expires:  # (identify refuses at expires_at <= now)
+        return None
     raw_query = request.rel_url.raw_query_string
     label_headers: tuple[str, ...] = ()
     rewritten = False
     mode: str | None = None
-    if not policies:
-        if reads:
-            if "X-Prom-Label-Policy" in headers:
-                return None
-            try:
-                if user_policies(st.cache, decision.ident.policy.id, route.backend, decision.tenant,
-                                 headers.get(cfg.grafana_user_header)):
-                    return None  # team rules narrow this token: the handler applies them
-            except Denied:
-                return None
-    elif reads:
+    if f.restricted:
+        policies = decision.policies
+        kind = m.route.kind
         try:
-            mode = effective_mode(st.extras, upstream)
+            mode = effective_mode(st.extras, f.upstream)  # (a probe may change its verdict at any time)
         except ProxyError:
             return None
         if mode == "enforce":
-            r = _enforce_inline(route.kind, m.upstream_path, request.method, raw_query, policies)
-            if r is None or r.body is not None:
+            rkey = (m.upstream_path, raw_query)
+            if rkey in f.rewrites:
+                rewrite = f.rewrites[rkey]
+            else:  # (a pure function of the query, the method and the decision's policies)
+                r = _enforce_inline(kind, m.upstream_path, request.method, raw_query, policies)
+                rewrite = None if r is None or r.body is not None else r.query if r.query is not None else raw_query
+                if len(f.rewrites) >= _MAX_MEMO:
+                    f.rewrites.clear()
+                f.rewrites[rkey] = rewrite
+            if rewrite is None:
                 return None
-            raw_query = r.query if r.query is not None else raw_query
+            raw_query = rewrite
             rewritten = True
         else:
-            normalized = _NORMALIZED.get((route.kind, m.upstream_path, raw_query))
+            normalized = _NORMALIZED.get((kind, m.upstream_path, raw_query))
             if normalized is None:
                 try:
-                    if lbac_fanout.plan_header_mode(route.kind, m.upstream_path, request.method, raw_query, None,
+                    if lbac_fanout.plan_header_mode(kind, m.upstream_path, request.method, raw_query, None,
                                                     policies) is not None:
                         return None
                     n = headermode.normalize(raw_query, None)
@@ -136,36 +185,31 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
                 if n.body is not None:
                     return None
                 normalized = n.query or ""
-                if route.kind not in _FANOUT_KINDS:  # (else the plan depends on the policies too)
-                    _NORMALIZED.put((route.kind, m.upstream_path, raw_query), normalized, len(normalized))
+                if kind not in _FANOUT_KINDS:  # (else the plan depends on the policies too)
+                    _NORMALIZED.put((kind, m.upstream_path, raw_query), normalized, len(normalized))
             raw_query = normalized
             label_headers = decision.label_headers()
-    base = upstream.url_for(route.role.value)
-    fast = _FAST.get(upstreams.session(upstream))
-    if fast is None or fast.closed:
-        return None
+    fast = f.fast
     try:
-        url = URL(f"{base}{m.upstream_path}" + (f"?{raw_query}" if raw_query else ""))
+        url = URL(f"{f.base}{m.upstream_path}" + (f"?{raw_query}" if raw_query else ""))
     except ValueError:
         return None
     if not fast.accepts(url):
         return None
-    block_key = (request.method, url.host_port_subcomponent, decision.tenant, label_headers, rewritten)
-    hit = memo.get(block_key)
+    block_key = (label_headers, rewritten)
+    hit = f.blocks.get(block_key)
     if hit is None:
-        out: CIMultiDict[str] = upstream_headers(headers, decision.tenant, request.remote or "unknown",
+        out: CIMultiDict[str] = upstream_headers(request.headers, decision.tenant, request.remote or "unknown",
                                                  label_headers, drop_body_headers=rewritten)
         try:
             head = request_head(request.method, url, out, None)
         except ValueError:
             return None
-        if len(memo) >= _MAX_MEMO:
-            memo.clear()
-        memo[block_key] = (out, head[head.index(b"\r\n"):])
+        f.blocks[block_key] = (out, head[head.index(b"\r\n"):])
     else:
-        out, block = cast(tuple[CIMultiDict[str], bytes], hit)
+        out, block = hit
         line = f"{request.method} {url.raw_path_qs} HTTP/1.1"
         if "\r" in line or "\n" in line or "\x00" in line:  # (as request_head refuses them)
             return None
         head = line.encode("utf-8") + block
-    return Prepared(m, decision, mode, url, fast, out, head, base)
+    return Prepared(m, decision, mode, url, fast, out, head, f.base)
