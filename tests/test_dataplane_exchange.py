@@ -21,6 +21,7 @@ from gateway.logfmt import access_line
 from gateway.proxy import fastpath
 from tests.recorder import Recorder
 from tests.test_dataplane import DP, Q, _dp, _exchange, _get
+from tests.test_proxy import basic
 
 
 @pytest.fixture
@@ -482,3 +483,26 @@ async def test_a_head_the_relay_read_before_skips_the_parser_only_for_exactly_it
         out = await _exchange(dp.port, _get(tok, extra=b"Connection: close\r\n"))
         assert out.startswith(b"HTTP/1.1 200 ")
         assert (seen[3] == seen[2]) is reused, seen
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n",
+                                    b"HTTP/1.1 304 Not Modified\r\nX-A: 1\r\nContent-Length: 10\r\n\r\n"])
+async def test_an_answer_without_a_body_is_written_whole_and_the_connection_carries_on(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, taken: list[str], answer: bytes) -> None:
+    async with _dp_raw(db_dsn, aiohttp_client, aiohttp_server, [ok, _raw(answer)]) as (dp, seen):
+        tok = await dp.token(["metrics:read", "metrics:write"])
+        await _prime(dp, tok)
+        auth = basic("100", tok)["Authorization"].encode()
+        push = (b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth
+                + b"\r\nContent-Type: application/x-protobuf\r\nContent-Length: 3\r\n\r\nabc")
+        reader, writer = await asyncio.open_connection("127.0.0.1", dp.port)
+        try:
+            for req in (_get(tok), push, _get(tok)):  # by callbacks, by the handler (a body), by callbacks
+                writer.write(req)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(answer[:12]) and b"X-A: 1\r\n" in head, head
+                assert b"Content-Length" not in head and b"Transfer-Encoding" not in head
+                assert b"Connection: close" not in head
+        finally:
+            writer.close()
+        assert len(taken) == 2 and len(set(seen[1:])) == 1  # one pooled upstream connection throughout

@@ -270,9 +270,10 @@ class Exchange:
                 return
             up = FastResponse(self.conn, self.sent_at)
             status = up.status
-            if up.body is not None and req.method != "HEAD" and status not in _NO_BODY:
-                req.respond(status, up.reason, up.headers, up.body)
-                self._end(status, len(up.body), up.upstream_seconds)
+            if up.body is not None and (status in _NO_BODY or req.method != "HEAD"):  # (as answer_fast does)
+                body = b"" if status in _NO_BODY else up.body
+                req.respond(status, up.reason, up.headers, body)
+                self._end(status, len(body), up.upstream_seconds)
             else:
                 self._continue(answer_fast(cast(web.Request, req), up))
         except Exception:

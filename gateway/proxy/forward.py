@@ -200,9 +200,12 @@ async def answer_fast(request: web.Request, up: FastResponse) -> tuple[web.Strea
     """The client's answer from the lean client's response: whole when small, else streamed."""
     try:
         status = up.status
+        respond = getattr(request, "respond", None)  # the protocol data path writes it without a Response
+        if respond is not None and up.body is not None and status in (204, 304):
+            # Whole, and no body to send (a push's answer): the head alone, as the streamed path writes it.
+            return respond(status, up.reason, up.headers, b""), Outcome(status, 0, up.upstream_seconds)
         if up.body is not None and request.method != "HEAD" and status != 204 and status != 304:
             # Whole and small: one write for headers and body.
-            respond = getattr(request, "respond", None)  # the protocol data path writes it without a Response
             if respond is not None:
                 return respond(status, up.reason, up.headers, up.body), Outcome(status, len(up.body),
                                                                                 up.upstream_seconds)
