@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -180,6 +181,10 @@ def _supervise(cfg: Config, config_path: str | None, workers: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     forget_process(os.getpid())  # the gauges are the workers' (each publishes its own)
+    # What is imported so far is the workers' too, copy-on-write: frozen, the collector never writes into
+    # those objects' headers in a worker, so their pages stay shared (bench scale run: PSS 301 -> 280 MB).
+    gc.collect()
+    gc.freeze()
     for _ in range(workers):
         spawn()
     log.info("started %d workers: %s", workers, ", ".join(map(str, children)))

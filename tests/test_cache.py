@@ -90,3 +90,18 @@ async def test_resync_replaces_the_snapshot_whole(gw: Gateway, db_dsn: str) -> N
     assert t["id"] in gw.state.cache.tokens
     await gw.state.cache.resync()
     assert t["id"] not in gw.state.cache.tokens
+
+
+async def test_a_snapshot_reads_every_token_across_cursor_batches(gw: Gateway, monkeypatch: Any) -> None:
+    """Tokens are read by a cursor a batch at a time (memory, bench scale run): every row arrives once, with
+    its policy's id string shared."""
+    import gateway.store as store_mod
+
+    monkeypatch.setattr(store_mod, "_TOKEN_BATCH", 7)
+    p = await gw.policy("batched", ["metrics:read"])
+    made = {(await gw.token(p["id"], f"b{i}"))["id"] for i in range(23)}
+    snap = await gw.state.cache.store.load_snapshot()
+    assert made <= set(snap.tokens)
+    mine = [tok for tok, _version in snap.tokens.values() if tok.id in made]
+    assert len(mine) == 23 and all(tok.access_policy_id is mine[0].access_policy_id for tok in mine)
+    assert {tok.name for tok in mine} == {f"b{i}" for i in range(23)}

@@ -137,6 +137,9 @@ def _scope_sql(scope: AdminScope, args: list[Any], realms_col: str = "p.realms")
     return cond
 
 
+_TOKEN_BATCH = 2000  # token rows per cursor fetch in load_snapshot
+
+
 class Store:
     """The database. One pool; the cache holds its own LISTEN connection."""
 
@@ -200,13 +203,17 @@ class Store:
         from gateway.store.datasources import datasource_from_row, team_from_row
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             prows = await conn.fetch("SELECT * FROM access_policies")
-            trows = await conn.fetch("SELECT id::text, access_policy_id::text, name, secret_sha256, expires_at,"
-                                     " version FROM tokens")
+            policies = {str(r["id"]): (policy_from_row(r), r["version"]) for r in prows}
+            del prows
+            interned = {pid: pid for pid in policies}  # one string object per policy id, shared by its tokens
+            # Tokens by a cursor, a batch at a time: 100,000 rows fetched at once stayed resident after the
+            # load as freed but fragmented memory (bench scale run: 29 MB per worker).
+            tokens: dict[str, tuple[Token, int]] = {}
+            async for r in conn.cursor("SELECT id::text, access_policy_id::text, name, secret_sha256, expires_at,"
+                                       " version FROM tokens", prefetch=_TOKEN_BATCH):
+                tokens[r[0]] = (Token(r[0], interned.get(r[1], r[1]), r[2], "", r[3], r[4]), r[5])
             drows = await conn.fetch("SELECT * FROM datasources")
             mrows = await conn.fetch("SELECT * FROM teams")
-        policies = {str(r["id"]): (policy_from_row(r), r["version"]) for r in prows}
-        interned = {pid: pid for pid in policies}  # one string object per policy id, shared by its tokens
-        tokens = {r[0]: (Token(r[0], interned.get(r[1], r[1]), r[2], "", r[3], r[4]), r[5]) for r in trows}
         return Snapshot(policies, tokens, {str(r["id"]): (datasource_from_row(r), r["version"]) for r in drows},
                         {str(r["id"]): (team_from_row(r), r["version"]) for r in mrows})
 
