@@ -506,3 +506,50 @@ async def test_an_answer_without_a_body_is_written_whole_and_the_connection_carr
         finally:
             writer.close()
         assert len(taken) == 2 and len(set(seen[1:])) == 1  # one pooled upstream connection throughout
+
+
+async def test_a_new_lbac_probe_verdict_changes_the_mode_on_a_kept_alive_connection(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, taken: list[str]) -> None:
+    """``auto``: header mode while the probe finds that the backend enforces, enforce mode from the request
+    after a verdict that it does not, on the same connection."""
+    from gateway.app import build_app, close_state, open_state
+    from gateway.lbac.probe import Verdict, probe_of
+    from tests.conftest import Gateway, bootstrap_token, make_config
+    from tests.dataplane_server import ProtocolTestServer
+
+    rec = Recorder()
+    up = await aiohttp_server(rec.app())
+    url = f"http://127.0.0.1:{up.port}"
+    state = await open_state(make_config(db_dsn, upstreams={"metrics": {"url": url, "lbac": "auto"}}))
+    try:
+        client = await aiohttp_client(ProtocolTestServer(build_app(state)))
+        dp = DP(Gateway(client, state, await bootstrap_token(state)), rec, client.server.port or 0)
+        probe = probe_of(state.extras)
+        read_url = state.config.upstreams["metrics"].url_for("read")
+        for _ in range(100):  # the start-up probe's own verdict first
+            if probe.verdicts.get("metrics") is not None:
+                break
+            await asyncio.sleep(0.05)
+        probe.verdicts["metrics"] = Verdict(read_url, True, "test: enforces", 0.0)
+        p = await dp.gw.policy("auto", ["metrics:read"], [{"type": "stack", "identifier": "100",
+                                                           "labelPolicies": [{"selector": '{env="dev"}'}]}])
+        tok = str((await dp.gw.token(p["id"], "auto"))["token"])
+        await _prime(dp, tok)
+        reader, writer = await asyncio.open_connection("127.0.0.1", dp.port)
+        try:
+            for enforces in (True, False):
+                probe.verdicts["metrics"] = Verdict(read_url, enforces, "test", 0.0)
+                writer.write(_get(tok))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+                seen = rec.seen[-1]
+                if enforces:  # header mode: the query as sent, the policy in a header
+                    assert seen.query == [("query", "up")] and seen.headers.getall("X-Prom-Label-Policy")
+                else:  # enforce mode: the query rewritten, no header
+                    assert 'env="dev"' in seen.query[0][1] and "X-Prom-Label-Policy" not in seen.headers
+        finally:
+            writer.close()
+        assert len(taken) == 2
+    finally:
+        await close_state(state)

@@ -26,7 +26,7 @@ from gateway.lbac import RewriteError, bounds, headermode
 from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.pool import _LOGQL, _MATCHES, _PROMQL, weigh
-from gateway.lbac.probe import effective_mode
+from gateway.lbac.probe import effective_mode, probe_of
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, IPAddress
 from gateway.proxy.decision_cache import Decision
@@ -48,6 +48,7 @@ _POOLED_KINDS: Final = _PROMQL | _LOGQL | frozenset(_MATCHES)
 _FANOUT_KINDS: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL})  # plan_header_mode may fan these out
 #: Header mode's query normalization (a pure function of the query string) for kinds that never fan out.
 _NORMALIZED: Final[bounds.SizedLRU[tuple[Kind, str, str], str]] = bounds.SizedLRU(1024)
+_UNSEEN: Final = object()
 _MAX_MEMO: Final = 16  # upstream header blocks kept per connection (one per method and upstream, usually)
 
 
@@ -79,18 +80,19 @@ def _enforce_inline(kind: Kind, path: str, method: str, raw_query: str,
 class _Facts:
     """What ``prepare`` derives from one header set, one method and one route: fixed while the config
     object and the policy cache's generation stay the ones it was derived under (the decision cache's own
-    rule; the token's expiry is checked per request), so a keep-alive client's next request reuses it."""
+    rule; the token's expiry is checked per request), and for a label-restricted read while the LBAC probe
+    keeps the verdict its mode came from, so a keep-alive client's next request reuses it."""
 
-    __slots__ = ("cfg", "gen", "decision", "upstream", "fast", "base", "restricted", "blocks", "rewrites")
+    __slots__ = ("cfg", "gen", "decision", "upstream", "fast", "base", "mode", "verdict", "blocks", "queries")
 
     def __init__(self, cfg: object, gen: int, decision: Decision, upstream: Upstream, fast: FastClient, base: str,
-                 restricted: bool):
+                 mode: str | None, verdict: object):
         self.cfg, self.gen, self.decision, self.upstream, self.fast = cfg, gen, decision, upstream, fast
-        self.base, self.restricted = base, restricted
+        self.base, self.mode, self.verdict = base, mode, verdict
         # (label headers, rewritten) -> (upstream headers, the head after its request line)
         self.blocks: dict[tuple[tuple[str, ...], bool], tuple[CIMultiDict[str], bytes]] = {}
-        # (upstream path, query) -> the query as enforce mode rewrites it inline, or None: declined
-        self.rewrites: dict[tuple[str, str], str | None] = {}
+        # (upstream path, query) -> the query sent upstream under ``mode``, or None: declined
+        self.queries: dict[tuple[str, str], str | None] = {}
 
 
 def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams) -> _Facts | None:
@@ -115,6 +117,8 @@ def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams)
     if decision is None:
         return None
     reads = route.kind in lbac.RESTRICTED_KINDS
+    mode: str | None = None
+    verdict: object = None
     if reads and not decision.policies:
         if "X-Prom-Label-Policy" in headers:
             return None
@@ -124,11 +128,39 @@ def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams)
                 return None  # team rules narrow this token: the handler applies them
         except Denied:
             return None
+    elif reads:
+        verdict = probe_of(st.extras).verdicts.get(upstream.signal)  # (the mode is a function of it)
+        try:
+            mode = effective_mode(st.extras, upstream)
+        except ProxyError:
+            return None
     fast = _FAST.get(upstreams.session(upstream))
     if fast is None or fast.closed:
         return None
-    return _Facts(cfg, gen, decision, upstream, fast, upstream.url_for(route.role.value),
-                  reads and bool(decision.policies))
+    return _Facts(cfg, gen, decision, upstream, fast, upstream.url_for(route.role.value), mode, verdict)
+
+
+def _restricted_query(f: _Facts, m: RouteMatch, method: str, raw_query: str) -> str | None:
+    """The query a label-restricted read sends upstream in ``f.mode``, or None where the handler must serve
+    it (a fan-out, a refusal, a body); a pure function of the query, the method and the decision's policies."""
+    kind, path, policies = m.route.kind, m.upstream_path, f.decision.policies
+    if f.mode == "enforce":
+        r = _enforce_inline(kind, path, method, raw_query, policies)
+        return None if r is None or r.body is not None else r.query if r.query is not None else raw_query
+    normalized = _NORMALIZED.get((kind, path, raw_query))
+    if normalized is None:
+        try:
+            if lbac_fanout.plan_header_mode(kind, path, method, raw_query, None, policies) is not None:
+                return None
+            n = headermode.normalize(raw_query, None)
+        except (ProxyError, RewriteError):
+            return None
+        if n.body is not None:
+            return None
+        normalized = n.query or ""
+        if kind not in _FANOUT_KINDS:  # (else the plan depends on the policies too)
+            _NORMALIZED.put((kind, path, raw_query), normalized, len(normalized))
+    return normalized
 
 
 def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams) -> Prepared | None:
@@ -137,7 +169,8 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
     key = (request.method, id(m.route))  # (routes are module-level objects: their ids are stable)
     f = cast(_Facts | None, memo.get(key))
     cache = st.cache
-    if f is None or f.cfg is not st.config or f.gen != cache.generation or f.fast.closed:
+    if f is None or f.cfg is not st.config or f.gen != cache.generation or f.fast.closed or (
+            f.mode is not None and probe_of(st.extras).verdicts.get(f.upstream.signal) is not f.verdict):
         f = _facts(request, st, m, upstreams)
         if f is None:
             return None
@@ -150,44 +183,21 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
     raw_query = request.rel_url.raw_query_string
     label_headers: tuple[str, ...] = ()
     rewritten = False
-    mode: str | None = None
-    if f.restricted:
-        policies = decision.policies
-        kind = m.route.kind
-        try:
-            mode = effective_mode(st.extras, f.upstream)  # (a probe may change its verdict at any time)
-        except ProxyError:
+    mode = f.mode
+    if mode is not None:
+        qkey = (m.upstream_path, raw_query)
+        got = f.queries.get(qkey, _UNSEEN)
+        if got is _UNSEEN:
+            if len(f.queries) >= _MAX_MEMO:
+                f.queries.clear()
+            got = f.queries[qkey] = _restricted_query(f, m, request.method, raw_query)
+        sent = cast(str | None, got)
+        if sent is None:
             return None
+        raw_query = sent
         if mode == "enforce":
-            rkey = (m.upstream_path, raw_query)
-            if rkey in f.rewrites:
-                rewrite = f.rewrites[rkey]
-            else:  # (a pure function of the query, the method and the decision's policies)
-                r = _enforce_inline(kind, m.upstream_path, request.method, raw_query, policies)
-                rewrite = None if r is None or r.body is not None else r.query if r.query is not None else raw_query
-                if len(f.rewrites) >= _MAX_MEMO:
-                    f.rewrites.clear()
-                f.rewrites[rkey] = rewrite
-            if rewrite is None:
-                return None
-            raw_query = rewrite
             rewritten = True
         else:
-            normalized = _NORMALIZED.get((kind, m.upstream_path, raw_query))
-            if normalized is None:
-                try:
-                    if lbac_fanout.plan_header_mode(kind, m.upstream_path, request.method, raw_query, None,
-                                                    policies) is not None:
-                        return None
-                    n = headermode.normalize(raw_query, None)
-                except (ProxyError, RewriteError):
-                    return None
-                if n.body is not None:
-                    return None
-                normalized = n.query or ""
-                if kind not in _FANOUT_KINDS:  # (else the plan depends on the policies too)
-                    _NORMALIZED.put((kind, m.upstream_path, raw_query), normalized, len(normalized))
-            raw_query = normalized
             label_headers = decision.label_headers()
     fast = f.fast
     try:
