@@ -25,8 +25,17 @@ _DROPPED_PREFIXES: Final = ("x-mimir-", "x-loki-", "x-tempo-", "x-grafana-")
 _PASSED: Final = frozenset({"x-loki-response-encoding-flags"})  # categorize-labels: labels apart from metadata
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    return {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",") if t.strip()}
+_NO_TOKENS: Final = frozenset[str]()
+_PLAIN_CONNECTION: Final = frozenset({"keep-alive", "close"})  # (both are hop-by-hop anyway)
+_DROPPED_WITH_BODY: Final = _DROPPED | {"content-length", "content-type"}
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str] | set[str]:
+    """The header names the client's Connection header lists (hop-by-hop too, RFC 9110 7.6.1)."""
+    values = headers.getall("Connection", ())
+    if not values or (len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION):
+        return _NO_TOKENS
+    return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], tenant: str, forwarded_for: str,
@@ -34,19 +43,20 @@ def upstream_headers(incoming: CIMultiDictProxy[str], tenant: str, forwarded_for
                      ) -> CIMultiDict[str]:
     """Copy the client's headers minus the dropped ones; set the tenant and the forwarding chain."""
     extra = _connection_tokens(incoming)
+    dropped = _DROPPED_WITH_BODY if drop_body_headers else _DROPPED
     out: CIMultiDict[str] = CIMultiDict()
+    add = out.add
     for name, value in incoming.items():
         low = name.lower()
-        if low in _DROPPED or low in extra or (low.startswith(_DROPPED_PREFIXES) and low not in _PASSED):
+        if low in dropped or low in extra or (low.startswith(_DROPPED_PREFIXES) and low not in _PASSED):
             continue
-        if drop_body_headers and low in ("content-length", "content-type"):
-            continue
-        out.add(name, value)
-    prior = ", ".join(incoming.getall("X-Forwarded-For", []))
-    out["X-Forwarded-For"] = f"{prior}, {forwarded_for}" if prior else forwarded_for
-    out["X-Scope-OrgID"] = tenant
+        add(name, value)
+    prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    # (X-Forwarded-For, X-Scope-OrgID and X-Prom-Label-Policy are dropped above: adding them sets them)
+    add("X-Forwarded-For", f"{prior}, {forwarded_for}" if prior else forwarded_for)
+    add("X-Scope-OrgID", tenant)
     for value in label_policy_headers:
-        out.add("X-Prom-Label-Policy", value)
+        add("X-Prom-Label-Policy", value)
     return out
 
 

@@ -1,0 +1,38 @@
+"""``upstream_headers``: what the client's headers become upstream (unit level; tests/test_proxy.py checks
+it end to end)."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.proxy.headers import upstream_headers
+
+
+def _h(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def test_credentials_tenancy_and_hop_by_hop_headers_are_dropped_and_the_tenant_set() -> None:
+    out = upstream_headers(_h(("Host", "gw"), ("Authorization", "Basic x"), ("X-Scope-OrgID", "999"),
+                              ("Connection", "keep-alive"), ("Accept", "application/json"),
+                              ("X-Prom-Label-Policy", "999:%7B%7D"), ("X-Loki-Response-Encoding-Flags", "c"),
+                              ("X-Loki-Query-Limits", "{}"), ("Content-Length", "3")), "100", "10.0.0.1")
+    assert list(out.items()) == [("Accept", "application/json"), ("X-Loki-Response-Encoding-Flags", "c"),
+                                 ("Content-Length", "3"), ("X-Forwarded-For", "10.0.0.1"), ("X-Scope-OrgID", "100")]
+
+
+def test_headers_the_connection_header_names_are_dropped_in_every_connection_header() -> None:
+    out = upstream_headers(_h(("Connection", "close"), ("Connection", "X-A, x-b"), ("X-A", "1"), ("X-B", "2"),
+                              ("X-C", "3")), "100", "h")
+    assert "X-A" not in out and "X-B" not in out and out["X-C"] == "3"
+    out = upstream_headers(_h(("Connection", "X-A"), ("X-A", "1")), "100", "h")
+    assert "X-A" not in out
+
+
+def test_the_forwarding_chain_body_headers_and_label_policies() -> None:
+    out = upstream_headers(_h(("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-For", "2.2.2.2"),
+                              ("Content-Type", "text/plain"), ("Content-Length", "9")), "100", "3.3.3.3",
+                           ("100:a", "100:b"), drop_body_headers=True)
+    assert out.getall("X-Forwarded-For") == ["1.1.1.1, 2.2.2.2, 3.3.3.3"]
+    assert "Content-Type" not in out and "Content-Length" not in out
+    assert out.getall("X-Prom-Label-Policy") == ["100:a", "100:b"] and out.getall("X-Scope-OrgID") == ["100"]
