@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 
 from gateway.proxy.errors import ProxyError
@@ -21,9 +20,9 @@ def credentials(header: str | None) -> tuple[str, str | None]:
     if kind == "bearer" and value:
         return value, None
     if kind == "basic" and value:
-        try:
-            decoded = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        try:  # (base64.b64decode(validate=True) is this; a non-ASCII value fails its encode)
+            decoded = binascii.a2b_base64(value.encode("ascii"), strict_mode=True).decode("utf-8")
+        except (binascii.Error, UnicodeError):
             raise ProxyError(401, "malformed Basic credentials: not base64 of user:password",
                              "malformed_credentials", CHALLENGE) from None
         user, sep, password = decoded.partition(":")
