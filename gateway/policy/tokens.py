@@ -102,10 +102,10 @@ def _decode(token: str) -> DecodedToken:
         raise TokenFormatError(MALFORMED)  # another base64 spelling of the same bytes
     plain = _CANONICAL.fullmatch(body)
     if plain is not None:  # the canonical JSON of four strings without escapes: read them off
-        org, tid, secret, _region = (g.decode("ascii") for g in plain.groups())
+        org, tid, secret, _region = plain.groups()
         if not secret:
             raise TokenFormatError(MALFORMED)
-        return DecodedToken(org, tid, hash_secret(secret))
+        return DecodedToken(org.decode("ascii"), tid.decode("ascii"), hashlib.sha256(secret).digest())
     try:
         data = _LOADS(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
