@@ -144,7 +144,7 @@ class PolicyCache:
                 if rid in tombs:
                     continue
                 held = vers.get(rid)
-                if held is not None and held > v:
+                if held is not None and held >= v:  # (the same version: keep the object already held)
                     new_map[key(rid)], new_ver[rid] = live[key(rid)], held
                 else:
                     new_map[key(rid)], new_ver[rid] = obj, v
