@@ -20,7 +20,8 @@ ACCESS_JSON: Final = '{"level":"info","logger":"gateway.access",'
 # JSONEncoder.encode a new C encoder): the C encoder itself, made once, with JSONEncoder's defaults
 # (ensure_ascii, allow_nan) and compact separators; an entry holds no cycles, so no cycle check.
 _make: Any = getattr(json.encoder, "c_make_encoder", None)  # (CPython's; None only without _json)
-_iterencode: Any = _make(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True) \
+json_string: Final[Any] = json.encoder.encode_basestring_ascii  # a str as the access log's encoder writes it
+_iterencode: Any = _make(None, str, json_string, None, ":", ",", False, False, True) \
     if _make is not None else json.JSONEncoder(separators=(",", ":"), default=str).iterencode
 
 
@@ -79,9 +80,6 @@ def setup(level: str, choice: str | None = None) -> str:
     return _format
 
 
-def json_encoded(value: object) -> str:
-    """``value`` as the access log's JSON encoder writes it."""
-    return _ENCODE({"": value})[4:-1]
 
 
 def current() -> str:

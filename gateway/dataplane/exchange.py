@@ -17,7 +17,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -25,10 +24,11 @@ from aiohttp import web
 
 from gateway.accesslog import AccessLog
 from gateway.logfmt import ACCESS_JSON as _ACCESS_JSON
+from gateway.logfmt import json_string as _str
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.fastclient import IDEMPOTENT, FastClientError, FastResponse, _Conn
 from gateway.proxy.fastpath import Prepared, prepare
-from gateway.proxy.forward import Outcome, _failure, _forward_fast, answer_fast
+from gateway.proxy.forward import Outcome, _failure, _forward_fast, answer_fast, whole_body
 from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS
 from gateway.state import STATE, State
 from gateway.tally import TALLY
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from gateway.dataplane.server import HttpProtocol
 
 log = logging.getLogger("gateway.proxy")
-_str = encode_basestring_ascii  # a JSON string as the access log's encoder writes it
 _LBAC_FIELD: dict[str | None, str] = {mode: f',"lbac":{_str(mode)}' for mode in ("header", "enforce")}
 _NO_BODY = (204, 304)
 _MAX_FIELD = 8190  # aiohttp's max_field_size and max_line_size, which the lean client's parser applies
@@ -269,11 +268,10 @@ class Exchange:
                     raise exc
                 return
             up = FastResponse(self.conn, self.sent_at)
-            status = up.status
-            if up.body is not None and (status in _NO_BODY or req.method != "HEAD"):  # (as answer_fast does)
-                body = b"" if status in _NO_BODY else up.body
-                req.respond(status, up.reason, up.headers, body)
-                self._end(status, len(body), up.upstream_seconds)
+            body = whole_body(up, req.method)
+            if body is not None:
+                req.respond(up.status, up.reason, up.headers, body)
+                self._end(up.status, len(body), up.upstream_seconds)
             else:
                 self._continue(answer_fast(cast(web.Request, req), up))
         except Exception:
@@ -288,10 +286,15 @@ class Exchange:
         return exc
 
     def _end(self, status: int, bytes_out: int, upstream_seconds: float) -> None:
-        """An answer written: the books, with the access-log line from its template when it is JSON."""
+        """An answer written by callbacks: its books, then the connection's next request."""
         self._done = True
-        route = self.p.m.route
-        TALLY.upstream(route.backend, upstream_seconds)
+        self._answered_books(status, bytes_out, upstream_seconds)
+        self._after()
+
+    def _answered_books(self, status: int, bytes_out: int, upstream_seconds: float) -> None:
+        """``_serve``'s and ``handle``'s books of an answer, with the access-log line from its template when
+        it is JSON."""
+        TALLY.upstream(self.p.m.route.backend, upstream_seconds)
         upstream_ms = round(upstream_seconds * 1000, 3)
         who = self.p.decision.log_fields()
         if who is None or not self.log.templated():
@@ -306,7 +309,6 @@ class Exchange:
                 f'{who}{_LBAC_FIELD.get(p.lbac, "")},"upstream_ms":{upstream_ms!r},'
                 f'"bytes":{bytes_out},"status":{status},"duration_ms":'
                 f'{round((time.perf_counter() - self.started) * 1000, 3)!r}')
-        self._after()
 
     def _refused(self, exc: ProxyError) -> None:
         self._done = True
@@ -383,10 +385,7 @@ class Exchange:
             self._crashed()
             return
         else:
-            TALLY.upstream(self.p.m.route.backend, outcome.upstream_seconds)
-            entry = self._entry()
-            entry.update(upstream_ms=round(outcome.upstream_seconds * 1000, 3), bytes=outcome.bytes_out)
-            self._books(outcome.status, None, entry)
+            self._answered_books(outcome.status, outcome.bytes_out, outcome.upstream_seconds)
             if not req.started:
                 req.write_whole(resp)
         proto._task = None

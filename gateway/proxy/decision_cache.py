@@ -32,7 +32,7 @@ from typing import Final
 
 from gateway.config import Config, Stack
 from gateway.lbac.restrict import headers_for
-from gateway.logfmt import json_encoded
+from gateway.logfmt import json_string
 from gateway.policy.decision import Identity, IPAddress
 from gateway.policy.selector import Selector
 
@@ -80,9 +80,8 @@ class Decision:
             if ip is None:
                 return None
             ident = self.ident
-            self._log = ",".join(f"{json_encoded(k)}:{json_encoded(v)}" for k, v in (
-                ("token_id", ident.token.id), ("policy", ident.policy.name), ("tenant", self.tenant),
-                ("client_ip", ip)))
+            self._log = (f'"token_id":{json_string(ident.token.id)},"policy":{json_string(ident.policy.name)},'
+                         f'"tenant":{json_string(self.tenant)},"client_ip":{json_string(ip)}')
         return self._log
 
 

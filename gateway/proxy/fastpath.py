@@ -49,7 +49,7 @@ _FANOUT_KINDS: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL})  # plan_head
 #: Header mode's query normalization (a pure function of the query string) for kinds that never fan out.
 _NORMALIZED: Final[bounds.SizedLRU[tuple[Kind, str, str], str]] = bounds.SizedLRU(1024)
 _UNSEEN: Final = object()
-_MAX_MEMO: Final = 16  # upstream header blocks kept per connection (one per method and upstream, usually)
+_MAX_MEMO: Final = 16  # facts kept per connection and header set (one per method and route), queries per facts
 
 
 class Prepared:
@@ -83,14 +83,14 @@ class _Facts:
     rule; the token's expiry is checked per request), and for a label-restricted read while the LBAC probe
     keeps the verdict its mode came from, so a keep-alive client's next request reuses it."""
 
-    __slots__ = ("cfg", "gen", "decision", "upstream", "fast", "base", "mode", "verdict", "blocks", "queries")
+    __slots__ = ("cfg", "gen", "decision", "upstream", "fast", "base", "mode", "verdict", "block", "queries")
 
     def __init__(self, cfg: object, gen: int, decision: Decision, upstream: Upstream, fast: FastClient, base: str,
                  mode: str | None, verdict: object):
         self.cfg, self.gen, self.decision, self.upstream, self.fast = cfg, gen, decision, upstream, fast
         self.base, self.mode, self.verdict = base, mode, verdict
-        # (label headers, rewritten) -> (upstream headers, the head after its request line)
-        self.blocks: dict[tuple[tuple[str, ...], bool], tuple[CIMultiDict[str], bytes]] = {}
+        # the upstream headers and the head after its request line (one per facts: the mode is fixed)
+        self.block: tuple[CIMultiDict[str], bytes] | None = None
         # (upstream path, query) -> the query sent upstream under ``mode``, or None: declined
         self.queries: dict[tuple[str, str], str | None] = {}
 
@@ -206,8 +206,7 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
         return None
     if not fast.accepts(url):
         return None
-    block_key = (label_headers, rewritten)
-    hit = f.blocks.get(block_key)
+    hit = f.block
     if hit is None:
         out: CIMultiDict[str] = upstream_headers(request.headers, decision.tenant, request.remote or "unknown",
                                                  label_headers, drop_body_headers=rewritten)
@@ -215,7 +214,7 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
             head = request_head(request.method, url, out, None)
         except ValueError:
             return None
-        f.blocks[block_key] = (out, head[head.index(b"\r\n"):])
+        f.block = (out, head[head.index(b"\r\n"):])
     else:
         out, block = hit
         line = f"{request.method} {url.raw_path_qs} HTTP/1.1"

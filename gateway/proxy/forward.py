@@ -196,21 +196,31 @@ async def _forward_fast(request: web.Request, fast: FastClient, url: URL, header
     return await answer_fast(request, up)
 
 
+def whole_body(up: FastResponse, method: str) -> bytes | None:
+    """What the protocol data path writes with the head in one write (``DataRequest.respond``), or None to
+    stream the answer: nothing for a 204 or 304 (a push's answer), the small whole body otherwise, but
+    never for HEAD (its head announces the length of a body it does not carry)."""
+    if up.body is None:
+        return None
+    if up.status in (204, 304):
+        return b""
+    return None if method == "HEAD" else up.body
+
+
 async def answer_fast(request: web.Request, up: FastResponse) -> tuple[web.StreamResponse, Outcome]:
     """The client's answer from the lean client's response: whole when small, else streamed."""
     try:
         status = up.status
-        respond = getattr(request, "respond", None)  # the protocol data path writes it without a Response
-        if respond is not None and up.body is not None and status in (204, 304):
-            # Whole, and no body to send (a push's answer): the head alone, as the streamed path writes it.
-            return respond(status, up.reason, up.headers, b""), Outcome(status, 0, up.upstream_seconds)
-        if up.body is not None and request.method != "HEAD" and status != 204 and status != 304:
-            # Whole and small: one write for headers and body.
+        body = whole_body(up, request.method)
+        if body is not None:
+            respond = getattr(request, "respond", None)  # the protocol data path writes it without a Response
             if respond is not None:
-                return respond(status, up.reason, up.headers, up.body), Outcome(status, len(up.body),
-                                                                                up.upstream_seconds)
-            small = web.Response(status=status, reason=up.reason, headers=response_headers(up.headers), body=up.body)
-            return small, Outcome(status, len(up.body), up.upstream_seconds)
+                return respond(status, up.reason, up.headers, body), Outcome(status, len(body),
+                                                                             up.upstream_seconds)
+            if status != 204 and status != 304:  # (aiohttp's Response: whole and small, one write)
+                small = web.Response(status=status, reason=up.reason, headers=response_headers(up.headers),
+                                     body=body)
+                return small, Outcome(status, len(body), up.upstream_seconds)
         resp = web.StreamResponse(status=status, reason=up.reason, headers=response_headers(up.headers))
         if up.content_length is not None:
             resp.content_length = up.content_length
