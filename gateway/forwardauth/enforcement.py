@@ -87,7 +87,7 @@ class EnforcementProbe:
         """Re-probe every ``probe_interval`` and as soon as the config object changes (a reload); the first
         probe is the caller's (``refresh`` at start-up)."""
         loop = asyncio.get_running_loop()
-        probed: Config | None = get_config()
+        probed = get_config()
         due = loop.time() + min((b.probe_interval for b in probed.forward_auth.enforcing.values()), default=300.0)
         while True:
             await asyncio.sleep(_CONFIG_POLL)
