@@ -102,7 +102,7 @@ def _label_policies(st: State, cfg: Config, m: RouteMatch, orig: Original, decis
 def _answer(caller: Caller, cfg: Config, tenant: str, label_headers: tuple[str, ...]) -> web.Response:
     max_age = cfg.forward_auth.max_age
     headers: list[tuple[str, str]] = [("X-Scope-OrgID", tenant),
-                                      ("Cache-Control", f"private, max-age={max_age}" if max_age else "no-store")]
+                                      ("Cache-Control", f"max-age={max_age}" if max_age else "no-store")]
     if label_headers:
         if caller.joined_policies:
             headers.append((LABEL_POLICY, ",".join(label_headers)))
