@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -52,6 +52,14 @@ GRPC_ROUTES: Final = Router([
 _REWRITTEN: Final = frozenset({Kind.TENANT_WIDE, Kind.LOGQL_DELETE})
 _FORM_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # Go's ParseForm reads these bodies
 LABEL_POLICY: Final = "X-Prom-Label-Policy"
+_COUNTED: dict[tuple[str, str], Any] = {}  # the counter's children by (caller, outcome): labels() costs a lock
+
+
+def _count(caller: str, outcome: str) -> None:
+    child = _COUNTED.get((caller, outcome))
+    if child is None:
+        child = _COUNTED[(caller, outcome)] = FORWARD_AUTH.labels(caller, outcome)
+    child.inc()
 
 
 def _route(orig: Original) -> RouteMatch:
@@ -149,7 +157,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         resp = _refusal(caller, exc)
         status = resp.status
     finally:
-        FORWARD_AUTH.labels(caller.kind, outcome).inc()
+        _count(caller.kind, outcome)
         entry.update(status=status, duration_ms=round((time.perf_counter() - started) * 1000, 3),
                      client_ip=entry.get("client_ip") or request.remote)
         request.app[ACCESS_LOG].write(entry)
