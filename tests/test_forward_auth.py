@@ -212,3 +212,17 @@ def test_forward_auth_config_is_validated() -> None:
     cfg = parse_config({"upstreams": {"logs": {"url": "http://loki:3100"}},
                         "forward_auth": {"label_policies": {"logs": {"enforced_by_backend": True}}}}, env={})
     assert cfg.forward_auth.enforcing["logs"].url == "http://loki:3100" and cfg.forward_auth.max_age == 5
+
+
+async def test_grafana_team_rules_travel_as_label_policies(db_dsn: str, aiohttp_client: Any,
+                                                           aiohttp_server: Any) -> None:
+    from tests.test_datasources import _setup
+    async with fa_env(db_dsn, aiohttp_client, aiohttp_server) as env:
+        tok, *_ = await _setup(env)  # team one {env="dev"}: alice, carol; team two {env="prod"}: carol
+        h = basic("100", tok)
+        r = await _ask(env, "GET", "/prometheus/api/v1/query", "metrics:read", {**h, "X-Grafana-User": "alice"})
+        assert r.label_policies == [("100", [("env", "=", "dev")])]
+        r = await _ask(env, "GET", "/prometheus/api/v1/query", "metrics:read", {**h, "X-Grafana-User": "carol"})
+        assert sorted(m for _, m in r.label_policies) == [[("env", "=", "dev")], [("env", "=", "prod")]]
+        r = await _ask(env, "GET", "/prometheus/api/v1/query", "metrics:read", {**h, "X-Grafana-User": "dave"})
+        assert r.label_policies == []  # in no team: the token's full access, as on the data path
