@@ -161,6 +161,17 @@ async def test_proxy_conventions_and_what_each_understands(db_dsn: str, aiohttp_
         assert r.status == 403 and "source_tenants" in (await r.json())["error"]
         r = await c.get("/forward-auth/envoy/prometheus/api/v1/query", headers={**basic("100", writer)})
         assert r.status == 403 and "metrics:read" in (await r.json())["error"]
+        # a snapshot too old to trust: the data path's 503 to Traefik, a 403 to nginx (never a 200)
+        cache: Any = env.gw.state.cache
+        cache.loaded = False
+        try:
+            ask = {**auth, "X-Forwarded-Method": "GET", "X-Forwarded-Uri": QR}
+            r = await c.get("/forward-auth/traefik", headers=ask)
+            assert r.status == 503 and "too old" in (await r.json())["error"]
+            r = await c.get("/forward-auth/nginx", headers={**auth, "X-Original-Method": "GET", "X-Original-URI": QR})
+            assert r.status == 403 and "too old" in (await r.json())["error"]
+        finally:
+            cache.loaded = True
 
 
 async def test_the_data_paths_decision_use_revocation_and_metrics(db_dsn: str, aiohttp_client: Any,
