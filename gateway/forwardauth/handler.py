@@ -165,6 +165,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    """Before the data path's catch-all; any method (nginx's sub-request keeps the original one)."""
+    """Before the data path's catch-all; any method (Envoy's check request keeps the original one)."""
     app.router.add_route("*", ENVOY_PREFIX + "/{tail:.*}", handle)
     app.router.add_route("*", "/forward-auth/{caller}", handle)
