@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -29,8 +30,10 @@ class NginxProcess:
         self.binary, self.prefix, self.port = binary, prefix, port
         prefix.mkdir(parents=True, exist_ok=True)
         self.conf = prefix / "nginx.conf"
+        # as root, workers would run as nobody, who cannot enter pytest's 0700 temporary directories
+        user = "user root;\n" if os.geteuid() == 0 else ""
         self.conf.write_text(
-            f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+            f"{user}daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
             f"events {{ worker_connections 512; }}\nhttp {{\n  access_log off;\n{http_block_paths(prefix)}\n"
             f"{http_conf}\n}}\n", encoding="utf-8")
         self.proc: subprocess.Popen[bytes] | None = None

@@ -8,6 +8,7 @@ is the one nginx passes in X-Forwarded-For, not nginx's own (127.0.0.1, the trus
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -94,8 +95,10 @@ class LabelAccessLoki:
 
 
 @contextlib.asynccontextmanager
-async def stack(db_dsn: str, tmp_path: Path, aiohttp_server: Any) -> AsyncIterator[tuple[Gateway, str, Any]]:
-    """(gateway with admin token, nginx base URL, the Loki fake)."""
+async def stack(db_dsn: str, tmp_path: Path, aiohttp_server: Any, max_age: int = 0
+                ) -> AsyncIterator[tuple[Gateway, str, Any]]:
+    """(gateway with admin token, nginx base URL, the Loki fake); with ``max_age``, nginx caches the answers
+    (the shipped gateway-auth-cache.conf) for that long."""
     nginx = find_nginx()
     require(nginx is not None, "nginx (Debian: apt-get install nginx)")
     require(find_prometheus() is not None, "prometheus (Debian: apt-get install prometheus)")
@@ -108,17 +111,21 @@ async def stack(db_dsn: str, tmp_path: Path, aiohttp_server: Any) -> AsyncIterat
     with PrometheusProcess(tmp_path / "tsdb", remote_write_receiver=True, route_prefix="/prometheus") as prom:
         state = await open_state(make_config(
             db_dsn, trusted_proxies=["127.0.0.1/32"],
-            forward_auth={"max_age": 0, "label_policies": {"logs": {"enforced_by_backend": True, "url": loki_url}}}))
+            forward_auth={"max_age": max_age,
+                          "label_policies": {"logs": {"enforced_by_backend": True, "url": loki_url}}}))
         try:
             gw_srv = await aiohttp_server(build_app(state))
             await enforcement.probe_of(state.extras).refresh(state.config)
             conf = tmp_path / "nginx"
             (conf / "gateway").mkdir(parents=True)
-            for name in ("gateway-auth-location.conf", "gateway-auth.conf"):
+            for name in ("gateway-auth-location.conf", "gateway-auth.conf", "gateway-auth-cache.conf"):
                 shutil.copy(SHIPPED / name, conf / "gateway" / name)
-            (conf / "gateway" / "gateway-auth-cache.conf").write_text("# no cache: every request is decided\n")
+            if not max_age:
+                (conf / "gateway" / "gateway-auth-cache.conf").write_text("# no cache: every request is decided\n")
             port = free_port()
+            cache = f"proxy_cache_path {conf}/cache levels=1 keys_zone=gateway_auth:1m;" if max_age else ""
             http = f"""
+  {cache}
   upstream gateway_forward_auth {{ server 127.0.0.1:{gw_srv.port}; keepalive 4; }}
   server {{
     listen 127.0.0.1:{port};
@@ -207,3 +214,26 @@ async def test_label_policies_reach_an_enforcing_loki_through_nginx(db_dsn: str,
                                                      "X-Prom-Label-Policy": "100:%7Bteam%3D%22zzz%22%7D"})
         assert r.status == 200
         assert (await r.json())["data"]["result"] == []
+
+
+async def test_a_cached_answer_outlives_revocation_for_max_age_only(db_dsn: str, tmp_path: Path,
+                                                                   aiohttp_server: Any) -> None:
+    """The README's caveat, measured: nginx with the shipped cache snippet keeps a 200 for the answer's
+    max-age (2 s), so a revoked token still passes until then, never after; refusals are not cached."""
+    async with stack(db_dsn, tmp_path, aiohttp_server, max_age=2) as (gw, base, loki), _from("127.0.0.2") as c:
+        name = f"p{os.urandom(4).hex()}"
+        p = await gw.policy(name, ["logs:read"], [{"type": "stack", "identifier": "100"}])
+        tok = await gw.token(p["id"], name)
+        url, params = f"{base}/loki/api/v1/query_range", {"query": '{app="checkout"}'}
+        assert (await c.get(url, params=params, headers=basic("100", tok["token"]))).status == 200
+        revoked = time.monotonic()
+        await gw.api("DELETE", f"/api/v1/tokens/{tok['id']}", expect=None)
+        r = await c.get(url, params=params, headers=basic("100", tok["token"]))
+        if time.monotonic() - revoked < 1.5:  # (a very slow machine may already be past the cached answer)
+            assert r.status == 200  # the cached answer: the revoked token still passes
+        await asyncio.sleep(max(0.0, 3.5 - (time.monotonic() - revoked)))  # past the 2 s max-age
+        assert (await c.get(url, params=params, headers=basic("100", tok["token"]))).status == 401
+        before = len(loki.seen)
+        for _ in range(2):  # a 401 is no-store: each attempt is decided again, none reaches Loki
+            assert (await c.get(url, params=params, headers=basic("100", tok["token"]))).status == 401
+        assert len(loki.seen) == before
