@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, micro, payloads, report, scale
+from bench import forwardauth, loadgen, micro, payloads, report, scale
 from bench.loadgen import Workload, WrkResult
 from bench.servers import FloorProxy, GatewayServer, NginxProxy, Server, Upstream, ensure_tools, memory, rss_mb
 
@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated workloads to run (a,b,c_cached,c_uncached,d,e)")
     p.add_argument("--no-scale", action="store_true", help="skip the 100k-token scale run")
     p.add_argument("--no-sweep", action="store_true", help="skip the latency-against-load sweep")
+    p.add_argument("--forward-auth", action="store_true", help="also nginx + auth_request to the gateway on (a)")
     p.add_argument("--profile", action="store_true",
                    help="also record py-spy profiles of a gateway worker under workloads a and c_uncached")
     p.add_argument("--data-path", choices=("aiohttp", "protocol"), default="protocol",
@@ -379,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["workloads"][w.name] = bench.workload(w)
 
             wa = next((w for w in workloads if w.name == "a"), None)
+            if wa is not None and args.forward_auth:
+                log("forward-auth: nginx + auth_request to the gateway, workload (a)")
+                results["forward_auth"] = forwardauth.run(bench, wa, workers)
             if wa is not None and not args.no_sweep:
                 gmax = results["workloads"]["a"]["summary"]["gateway"]["rps"]
                 log(f"latency against offered load (gateway max on (a): {gmax:.0f} req/s)")

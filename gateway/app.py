@@ -14,6 +14,8 @@ from gateway.admin import datasources as datasources_api
 from gateway.admin.errors import error_middleware
 from gateway.cache import PolicyCache
 from gateway.config import Config
+from gateway.forwardauth import enforcement as forward_auth_enforcement
+from gateway.forwardauth.handler import add_routes as add_forward_auth_routes
 from gateway.freshness import read_through_middleware
 from gateway.lbac import pool as rewrite_pool
 from gateway.lbac.probe import probe_of
@@ -66,6 +68,7 @@ async def ready(request: web.Request) -> web.Response:
         "snapshotAgeSeconds": round(c.age, 3) if c.loaded else None,
         "policies": len(c.policies), "tokens": len(c.tokens),
         "lbac": probe_of(st.extras).status(st.config),  # header-mode upstreams: verified or refused
+        "forwardAuth": forward_auth_enforcement.probe_of(st.extras).status(st.config),
     }
     return web.json_response(body, status=200 if ok else 503)
 
@@ -107,6 +110,7 @@ def build_app(state: State) -> web.Application:
     datasources_api.add_routes(app)
     setup_page(app)
     app.router.add_get("/", root)
+    add_forward_auth_routes(app)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     app.on_startup.append(_start_lbac_probe)
     app.on_cleanup.append(_close_upstreams)
@@ -119,6 +123,9 @@ async def _start_lbac_probe(app: web.Application) -> None:
     probe = probe_of(st.extras)
     await probe.refresh(st.config)
     probe.start(lambda: st.config)
+    fa_probe = forward_auth_enforcement.probe_of(st.extras)
+    await fa_probe.refresh(st.config)
+    fa_probe.start(lambda: st.config)
 
 
 def build_metrics_app(state: State) -> web.Application:
@@ -130,6 +137,7 @@ def build_metrics_app(state: State) -> web.Application:
 
 async def _close_upstreams(app: web.Application) -> None:
     await probe_of(app[STATE].extras).stop()
+    await forward_auth_enforcement.probe_of(app[STATE].extras).stop()
     rewrite_pool.shutdown()
     app[ACCESS_LOG].flush()
     TALLY.flush()

@@ -110,6 +110,33 @@ class Shutdown:
     drain_timeout: float = 30.0
 
 
+@dataclass(frozen=True, slots=True)
+class EnforcingBackend:
+    """``forward_auth.label_policies.<signal>``: the backend another proxy sends this signal to, which the
+    operator says enforces X-Prom-Label-Policy; the gateway probes ``url`` (as header mode does) every
+    ``probe_interval`` seconds and passes label policies only while the probe confirms it."""
+
+    signal: str
+    url: str
+    probe_interval: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardAuth:
+    """``forward_auth:``, the policy engine behind another proxy (gateway.forwardauth).
+
+    ``max_age``: the Cache-Control max-age of an allowing answer (0: ``no-store``); a proxy that caches it
+    lets a revoked token through for that long. ``enforcing``: per signal, the backend that enforces label
+    policies (a label-restricted read of any other signal is refused). ``ruler_tenant_federation``: whether
+    the Mimir ruler may evaluate federated rule groups; the auth service never sees a rule group's body, so
+    while it may (the default), metrics rule-group writes are refused (use the data path for them).
+    """
+
+    max_age: int = 5
+    enforcing: Mapping[str, EnforcingBackend] = field(default_factory=dict)
+    ruler_tenant_federation: bool = True
+
+
 @dataclass(frozen=True)
 class Config:
     """A validated, immutable configuration snapshot; swapped whole on reload."""
@@ -128,6 +155,7 @@ class Config:
     shutdown: Shutdown = field(default_factory=Shutdown)
     source: str | None = None
     data_path: str = DEFAULT_DATA_PATH
+    forward_auth: ForwardAuth = field(default_factory=ForwardAuth)
     # Derived indexes, built once in __post_init__ for O(1) lookups on the hot path.
     orgs_by_id: Mapping[str, Org] = field(init=False, repr=False)
     stacks_by_id: Mapping[str, Stack] = field(init=False, repr=False)
@@ -315,6 +343,45 @@ def _upstreams(c: _Checker, raw: Any) -> dict[str, Upstream]:
     return result
 
 
+def _forward_auth(c: _Checker, raw: Any, upstreams: Mapping[str, Upstream]) -> ForwardAuth:
+    fm = c.mapping(raw, "forward_auth", ("max_age", "label_policies", "ruler_tenant_federation"))
+    max_age = c.typed(fm.get("max_age"), "forward_auth.max_age",
+                      lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 3600,
+                      "must be a whole number of seconds from 0 to 3600", 5)
+    federation = c.typed(fm.get("ruler_tenant_federation"), "forward_auth.ruler_tenant_federation",
+                         lambda v: isinstance(v, bool), "must be true or false", True)
+    lm = c.mapping(fm.get("label_policies"), "forward_auth.label_policies", SIGNALS)
+    enforcing: dict[str, EnforcingBackend] = {}
+    for sig, raw_sig in lm.items():
+        p = f"forward_auth.label_policies.{sig}"
+        if sig not in SIGNALS:
+            continue
+        if sig not in LABEL_POLICY_SIGNALS:
+            c.add(p, f"label policies apply to {' and '.join(LABEL_POLICY_SIGNALS)} only")
+            continue
+        m = c.mapping(raw_sig, p, ("enforced_by_backend", "url", "probe_interval"), ("enforced_by_backend",))
+        enforced = m.get("enforced_by_backend")
+        if enforced is not None and not isinstance(enforced, bool):
+            c.add(_join(p, "enforced_by_backend"), "must be true or false")
+            continue
+        every = c.typed(m.get("probe_interval"), _join(p, "probe_interval"), _is_pos_number,
+                        "must be a positive number of seconds", 300.0)
+        if not enforced:
+            if m.get("url") is not None:
+                c.add(_join(p, "url"), "is only used with enforced_by_backend: true")
+            continue
+        url = _url(c, m["url"], _join(p, "url")) if m.get("url") is not None else None
+        if url is None and m.get("url") is None:
+            up = upstreams.get(sig)
+            url = up.url_for("read") if up is not None and "read" in up.urls else None
+            if url is None:
+                c.add(_join(p, "url"), f"is required (the {sig} backend behind the proxy, which the gateway "
+                      f"probes) unless upstreams.{sig} names it")
+        if url is not None:
+            enforcing[sig] = EnforcingBackend(sig, url, float(every))
+    return ForwardAuth(max_age, MappingProxyType(enforcing), federation)
+
+
 def _networks(c: _Checker, raw: Any, path: str) -> tuple[Network, ...]:
     if raw is None:
         return ()
@@ -333,7 +400,10 @@ def _networks(c: _Checker, raw: Any, path: str) -> tuple[Network, ...]:
 _DB_DEFAULTS: Final = DatabaseConfig()
 _LIMIT_DEFAULTS: Final = Limits()
 TOP_KEYS: Final = ("listen", "metrics_listen", "data_dir", "database", "region", "log_level", "orgs",
-                   "upstreams", "trusted_proxies", "limits", "grafana_user_header", "shutdown", "data_path")
+                   "upstreams", "trusted_proxies", "limits", "grafana_user_header", "shutdown", "data_path",
+                   "forward_auth")
+#: Signals whose backends can enforce label policies (and be probed for it): Loki, and Mimir/GEM.
+LABEL_POLICY_SIGNALS: Final = ("metrics", "logs")
 
 
 def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -404,6 +474,7 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
     orgs = _orgs(c, top.get("orgs"))
     upstreams = _upstreams(c, top.get("upstreams"))
     trusted = _networks(c, top.get("trusted_proxies"), "trusted_proxies")
+    forward_auth = _forward_auth(c, top.get("forward_auth"), upstreams)
     if c.problems:
         raise ConfigError(c.problems)
     return Config(
@@ -411,7 +482,7 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
         database=DatabaseConfig(db_url, pool_min, pool_max, **{k: float(v) for k, v in num.items()}),
         region=region, log_level=log_level, orgs=orgs, upstreams=MappingProxyType(upstreams),
         trusted_proxies=trusted, limits=limits, grafana_user_header=user_header, shutdown=shutdown,
-        source=source, data_path=data_path,
+        source=source, data_path=data_path, forward_auth=forward_auth,
     )
 
 

@@ -43,6 +43,14 @@ LBAC_HEADER_MODE: Final = Gauge("gateway_lbac_header_mode",
                                 "1 if label-restricted reads to this backend use X-Prom-Label-Policy (header mode), "
                                 "0 if the gateway rewrites them (enforce) or refuses them (unverified header).",
                                 ["backend"], registry=REGISTRY, multiprocess_mode="livemin")
+FORWARD_AUTH: Final = Counter("gateway_forward_auth_decisions_total",
+                              "Forward-auth answers by caller kind (db-auth-gateway, nginx, ingress-nginx, traefik, "
+                              "envoy) and outcome (allowed, or the refusal reason).", ["caller", "outcome"],
+                              registry=REGISTRY)
+FORWARD_AUTH_ENFORCES: Final = Gauge("gateway_forward_auth_backend_enforces",
+                                     "1 if the backend behind the other proxy passed the label-policy probe, 0 if it "
+                                     "failed it, -1 if unknown or not configured.", ["backend"],
+                                     registry=REGISTRY, multiprocess_mode="livemin")
 RELOAD_OK.set(1)
 
 

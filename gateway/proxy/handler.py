@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 
 from aiohttp import web
 
 from gateway.accesslog import AccessLog
 from gateway.clientip import client_ip
-from gateway.config import Config, Stack
 from gateway.lbac import RewriteError, headermode
 from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
@@ -22,13 +20,11 @@ from gateway.lbac.pool import enforce_bounded, plan_bounded
 from gateway.lbac.probe import effective_mode
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.policy.datasource import user_policies
-from gateway.policy.decision import Denied, Identity, IPAddress, covering_realms
-from gateway.proxy.decision_cache import Decision
+from gateway.proxy.decide import decide
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.fanout import execute as execute_fanout
 from gateway.proxy.forward import Upstreams, forward, relay_websocket
 from gateway.proxy.headers import upstream_headers
-from gateway.proxy.identify import CHALLENGE, credentials
 from gateway.proxy.rules import MAX_RULE_BODY, check_source_tenants
 from gateway.routes import Kind, RouteMatch, allowed_methods, match, not_found
 from gateway.state import State, get_state
@@ -37,30 +33,6 @@ from gateway.tally import TALLY
 log = logging.getLogger("gateway.proxy")
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
-
-
-def resolve_stack(cfg: Config, ident: Identity, backend: str, basic_user: str | None, org_header: str | None
-                  ) -> Stack:
-    """The stack a request is for: the Basic username's, or with Bearer the realm's single stack
-    or the one named in X-Scope-OrgID (allowed only inside the realm)."""
-    if basic_user is not None:
-        stack = cfg.stack_by_tenant.get((backend, basic_user))
-        if stack is None:
-            raise ProxyError(401, f"unknown {backend} tenant {basic_user!r}: the Basic-auth username must be a "
-                             "configured tenant ID", "unknown_tenant", CHALLENGE)
-        return stack
-    if org_header:
-        stack = cfg.stack_by_tenant.get((backend, org_header.strip()))
-        if stack is None:
-            raise ProxyError(403, f"X-Scope-OrgID {org_header.strip()!r} is not a {backend} tenant of any stack",
-                             "wrong_tenant")
-        return stack
-    org = cfg.orgs_by_id.get(ident.policy.org_id)
-    covered = [s for s in (org.stacks if org else ()) if covering_realms(ident.policy, s)]
-    if len(covered) != 1:
-        raise ProxyError(400, "the tenant is ambiguous: the token's realm covers several stacks; name one in "
-                         "X-Scope-OrgID or use Basic auth with the tenant ID", "ambiguous_tenant")
-    return covered[0]
 
 
 async def _read_bounded(request: web.Request, limit: int) -> bytes:
@@ -122,31 +94,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
         request.app[ACCESS_LOG].write(entry)
 
 
-def _refused(exc: Denied, headers: dict[str, str] | None = None) -> ProxyError:
-    """The domain's refusal as a data-path error (same status, reason and message)."""
-    return ProxyError(exc.status, exc.message, exc.reason, headers)
-
-
-async def _decide(st: State, cfg: Config, backend: str, scope: str, presented: str, basic_user: str | None,
-                  org_header: str | None, ip: IPAddress | None, entry: dict[str, object]) -> Decision:
-    """Identify, resolve the stack and tenant, authorize: the uncached decision (refusals raise)."""
-    try:
-        ident = await st.cache.identify(presented, datetime.now(UTC))
-    except Denied as exc:
-        raise _refused(exc, CHALLENGE) from None
-    entry.update(token_id=ident.token.id, policy=ident.policy.name)
-    stack = resolve_stack(cfg, ident, backend, basic_user, org_header)
-    tenant = stack.tenants.get(backend)
-    if tenant is None:
-        raise ProxyError(404, f"stack {stack.id} has no {backend} tenant", "no_tenant")
-    entry["tenant"] = tenant
-    try:
-        ident, policies = await st.cache.authorize(ident, scope, stack, ip)
-    except Denied as exc:
-        raise _refused(exc) from None
-    return Decision(ident, stack, tenant, policies, ip)
-
-
 async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str, object], started: float
                  ) -> tuple[web.StreamResponse, int]:
     cfg = st.config
@@ -154,38 +101,10 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     upstream = cfg.upstreams.get(route.backend)
     if upstream is None:
         raise ProxyError(404, f"no {route.backend} upstream is configured on this gateway", "no_upstream")
-    if st.cache.stale:
-        raise ProxyError(503, "policy snapshot unavailable or too old; refusing rather than trusting it",
-                         "stale_snapshot")
-    auth = request.headers.get("Authorization")
-    org_header = request.headers.get("X-Scope-OrgID")
     ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
-    generation = st.cache.generation  # read before any await: a change meanwhile voids what is decided
-    key = (auth, org_header, route.backend, route.scope, ip)
-    decision = st.decisions.get(key, generation, cfg, time.time())
-    if decision is None:
-        presented, basic_user = credentials(auth)  # refuses a missing or malformed header: never stored
-        decision = await _decide(st, cfg, route.backend, route.scope, presented, basic_user, org_header, ip,
-                                 entry)
-        if st.cache.generation == generation:
-            st.decisions.put(key, generation, cfg, decision)
-    ident, tenant, policies = decision.ident, decision.tenant, decision.policies
-    entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=tenant, client_ip=decision.client_ip())
-    st.cache.record_use(ident.token.id)
-
+    decision, policies = await decide(st, cfg, route, request.headers, ip, entry)
+    ident, tenant = decision.ident, decision.tenant
     reads = route.kind in lbac.RESTRICTED_KINDS
-    if not policies and (reads or route.scope == "rules:write"):
-        # A token without label policies may be narrowed by Grafana team rules: those the gateway holds
-        # for the data source using this policy, and (for reads) those Grafana sends as X-Prom-Label-Policy.
-        # A rule write by a narrowed user is refused below, like any label-restricted one.
-        try:
-            team = user_policies(st.cache, ident.policy.id, route.backend, tenant,
-                                 request.headers.get(cfg.grafana_user_header))
-        except Denied as exc:
-            raise _refused(exc) from None
-        client_policies = request.headers.getall("X-Prom-Label-Policy", []) if reads else []
-        sent = lbac.parse_client_policies(client_policies, tenant) if client_policies else ()
-        policies = lbac.intersect(team, sent) if team and sent else (team or sent)
 
     raw_query = request.rel_url.raw_query_string
     body: bytes | None = None
