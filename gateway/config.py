@@ -21,7 +21,7 @@ import yaml
 
 from gateway.policy.model import Network
 
-SIGNALS: Final = ("metrics", "logs", "traces")
+SIGNALS: Final = ("metrics", "logs", "traces", "profiles")
 LBAC_MODES: Final = ("enforce", "header", "auto")
 ROLES: Final = ("write", "read", "rules", "alertmanager")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -304,6 +304,10 @@ def _upstreams(c: _Checker, raw: Any) -> dict[str, Upstream]:
         lbac = m.get("lbac") or "enforce"
         if lbac not in LBAC_MODES:
             c.add(_join(p, "lbac"), f"must be one of {', '.join(LBAC_MODES)}")
+            lbac = "enforce"
+        elif sig == "profiles" and lbac != "enforce":
+            c.add(_join(p, "lbac"), "profiles have no label policies (label-restricted reads are refused): "
+                  "leave lbac unset")
             lbac = "enforce"
         probe_every = c.typed(m.get("lbac_probe_interval"), _join(p, "lbac_probe_interval"), _is_pos_number,
                               "must be a positive number of seconds", 300.0)
