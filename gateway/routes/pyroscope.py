@@ -3,9 +3,10 @@ RegisterQuerierServiceHandler, RegisterPyroscopeHandlers) and the generated Conn
 
 Connect unary procedures are POST only (the querier's methods declare no idempotency level, so
 Connect offers no GET form); the paths are the procedure names. Grafana's Pyroscope data source
-calls exactly the querier procedures (pkg/tsdb/grafana-pyroscope-datasource/pyroscopeClient.go:
-ProfileTypes, LabelNames, LabelValues, SelectSeries, SelectMergeStacktraces, SelectMergeSpanProfile)
-on its URL, the bare gateway. Profiles have no label policies yet, so every read is
+calls querier procedures on its URL, the bare gateway (pkg/tsdb/grafana-pyroscope-datasource/
+pyroscopeClient.go: ProfileTypes, LabelNames, LabelValues, SelectSeries, SelectMergeStacktraces,
+SelectMergeSpanProfile; newer versions more), so every procedure of the querier service is routed,
+and nothing of Pyroscope's internal services. Profiles have no label policies yet, so every read is
 ``Kind.TENANT_WIDE``: a label-restricted token gets 403, as on the endpoints that cannot be filtered.
 """
 
