@@ -305,10 +305,6 @@ def _upstreams(c: _Checker, raw: Any) -> dict[str, Upstream]:
         if lbac not in LBAC_MODES:
             c.add(_join(p, "lbac"), f"must be one of {', '.join(LBAC_MODES)}")
             lbac = "enforce"
-        elif sig == "profiles" and lbac != "enforce":
-            c.add(_join(p, "lbac"), "profiles have no label policies (label-restricted reads are refused): "
-                  "leave lbac unset")
-            lbac = "enforce"
         probe_every = c.typed(m.get("lbac_probe_interval"), _join(p, "lbac_probe_interval"), _is_pos_number,
                               "must be a positive number of seconds", 300.0)
         ct = c.typed(m.get("connect_timeout"), _join(p, "connect_timeout"), _is_pos_number,

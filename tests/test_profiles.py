@@ -71,9 +71,9 @@ def test_profiles_upstream_and_tenant_in_the_config() -> None:
     assert cfg.upstreams["profiles"].url_for("read") == "http://pyroscope:4040"
     assert cfg.stack_by_tenant[("profiles", "p2")].id == "2"
     with pytest.raises(ConfigError) as info:
-        parse_config({**raw, "upstreams": {"profiles": {"url": "http://p:4040", "lbac": "header"}}}, env={})
-    assert info.value.problems == ["upstreams.profiles.lbac: profiles have no label policies (label-restricted "
-                                   "reads are refused): leave lbac unset"]
+        parse_config({**raw, "upstreams": {"profiles": {"url": "pyroscope:4040"}}}, env={})
+    assert info.value.problems == ["upstreams.profiles.url: must be an http:// or https:// URL without query or "
+                                   "fragment"]
 
 
 # ---------------------------------------------------------------- through the gateway
