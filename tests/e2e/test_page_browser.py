@@ -301,7 +301,7 @@ async def test_datasources_teams_and_rules_in_chromium(db_dsn: str, aiohttp_serv
             await page.goto(f"/ui/policies/{policy['id']}")
             await page.get_by_role("link", name="Edit token grafana").click()
             await page.get_by_label("Display name").fill("Grafana (prod data source)")
-            await page.get_by_label("Expires on (optional)").fill("2099-12-31")
+            await page.get_by_label("Expires at, UTC (optional)").fill("2099-12-31T00:00:00")
             await shot("token-edit")
             await page.get_by_role("button", name="Save token").click()
             await expect(page.get_by_role("status").first).to_contain_text("Saved token grafana.")
