@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway import runtime
 from gateway.accesslog import AccessLog
 from gateway.admin import api as admin_api
 from gateway.admin import datasources as datasources_api
@@ -80,7 +82,17 @@ async def metrics(request: web.Request) -> web.Response:
     CACHE_AGE.set(c.age if c.loaded else -1)
     DB_UP.set(1 if c.db_ok else 0)
     TALLY.flush()
-    return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    runtime.publish_gc()
+    return web.Response(body=exposition() + runtime.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+_FAVICON = (Path(__file__).parent / "web" / "static" / "favicon.ico").read_bytes()
+
+
+async def favicon(_request: web.Request) -> web.Response:
+    """What every browser asks for: an answer here, not a refusal counted on the data path."""
+    return web.Response(body=_FAVICON, content_type="image/vnd.microsoft.icon",
+                        headers={"Cache-Control": "public, max-age=86400"})
 
 
 async def root(request: web.Request) -> web.StreamResponse:
@@ -104,6 +116,7 @@ def build_app(state: State) -> web.Application:
     app[ACCESS_LOG] = AccessLog()
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/favicon.ico", favicon)
     if state.config.metrics_listen is None:
         app.router.add_get("/metrics", metrics)
     admin_api.add_routes(app)
@@ -113,8 +126,18 @@ def build_app(state: State) -> web.Application:
     add_forward_auth_routes(app)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     app.on_startup.append(_start_lbac_probe)
+    app.on_startup.append(_start_runtime_publisher)
     app.on_cleanup.append(_close_upstreams)
     return app
+
+
+_RUNTIME_TASK = web.AppKey("runtime_publisher", asyncio.Task[None])
+
+
+async def _start_runtime_publisher(app: web.Application) -> None:
+    """This worker's GC counts reach the shared /metrics files while other workers answer the scrapes."""
+    await asyncio.to_thread(runtime.revision)  # git runs once, off the event loop, before the first scrape
+    app[_RUNTIME_TASK] = asyncio.create_task(runtime.publish_periodically())
 
 
 async def _start_lbac_probe(app: web.Application) -> None:
@@ -136,6 +159,8 @@ def build_metrics_app(state: State) -> web.Application:
 
 
 async def _close_upstreams(app: web.Application) -> None:
+    if (task := app.get(_RUNTIME_TASK)) is not None:
+        task.cancel()
     await probe_of(app[STATE].extras).stop()
     await forward_auth_enforcement.probe_of(app[STATE].extras).stop()
     rewrite_pool.shutdown()

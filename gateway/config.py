@@ -21,7 +21,7 @@ import yaml
 
 from gateway.policy.model import Network
 
-SIGNALS: Final = ("metrics", "logs", "traces")
+SIGNALS: Final = ("metrics", "logs", "traces", "profiles")
 LBAC_MODES: Final = ("enforce", "header", "auto")
 ROLES: Final = ("write", "read", "rules", "alertmanager")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")

@@ -46,7 +46,7 @@ def test_env_overrides_database_url() -> None:
     ({"upstreams": {"metrics": {}}}, "upstreams.metrics.url: is required"),
     ({"upstreams": {"metrics": {"url": "http://x", "lbac_probe_interval": 0}}},
      "upstreams.metrics.lbac_probe_interval: must be a positive number"),
-    ({"upstreams": {"profiles": {"url": "http://x"}}}, "upstreams.profiles: unknown key"),
+    ({"upstreams": {"pyroscope": {"url": "http://x"}}}, "upstreams.pyroscope: unknown key"),
     ({"trusted_proxies": ["10.0.0.0/33"]}, "trusted_proxies[0]: '10.0.0.0/33' is not an IPv4 or IPv6"),
     ({"listen": "nope"}, "listen: must be host:port"),
     ({"database": {"url": "mysql://x"}}, "database.url: must be a postgresql:// URL"),

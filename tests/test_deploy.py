@@ -20,7 +20,8 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -486,6 +487,85 @@ def datasource_problems(doc: Doc, listen_port: int) -> list[str]:
     return problems
 
 
+# ---------------------------------------------------------------- Grafana data sources against the README
+
+README = ROOT / "README.md"
+PROVISIONING = COMPOSE / "grafana" / "provisioning" / "datasources" / "gateway.yaml"
+# The README table's rows by the provisioned data source type they describe.
+TABLE_ROWS: Final = {"prometheus": "Prometheus (Mimir)", "loki": "Loki", "tempo": "Tempo",
+                     "alertmanager": "Alertmanager"}
+
+
+def render_provisioning(text: str, env: dict[str, str]) -> Doc:
+    """The file as Grafana reads it: ``$VAR`` and ``${VAR}`` expanded from the environment first."""
+    expanded = re.sub(r"\$(?:\{(\w+)\}|(\w+))", lambda m: env.get(m.group(1) or m.group(2), ""), text)
+    return dict(yaml.safe_load(expanded))
+
+
+def compose_env() -> dict[str, str]:
+    """The variables .env.example gives the grafana service (a token stands in for the empty one)."""
+    env: dict[str, str] = {}
+    for line in (COMPOSE / ".env.example").read_text(encoding="utf-8").splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            env[name.strip()] = value.strip() or "glc_example"
+    return env
+
+
+def readme_datasource_table(text: str) -> dict[str, dict[str, str]]:
+    """The "| data source | URL | token scopes | settings |" table: row name -> URL path, settings."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| data source | URL |"))
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        name, url, _scopes, settings = (c.strip() for c in line.strip("|").split("|")[:4])
+        found = re.search(r"`(http://[^`]+)`", url)
+        assert found, f"README table row {name!r} names no URL"
+        rows[name] = {"path": urlsplit(found.group(1)).path, "settings": settings}
+    return rows
+
+
+def readme_provisioning_example(text: str) -> dict[str, Doc]:
+    """The README's "Provisioned, for stack 100" YAML, by data source type."""
+    block = text.split("Provisioned, for stack 100:", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    return {d["type"]: d for d in yaml.safe_load(block)["datasources"]}
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def readme_datasource_problems(provisioned: Doc, readme: str) -> list[str]:
+    """Each provisioned data source on the README table's base URL path, with the jsonData the README's
+    provisioning example and the table's settings give (`jsonData.x: {...}` there) for its type."""
+    table, example = readme_datasource_table(readme), readme_provisioning_example(readme)
+    by_uid = {d.get("uid"): d for d in provisioned["datasources"]}
+    problems: list[str] = []
+    for ds in provisioned["datasources"]:
+        row = table.get(TABLE_ROWS.get(ds["type"], ""))
+        if row is None:
+            problems.append(f"{ds['name']}: type {ds['type']} has no row in the README's data source table")
+            continue
+        if urlsplit(ds["url"]).path != row["path"]:
+            problems.append(f"{ds['name']}: URL path {urlsplit(ds['url']).path!r}, the README says {row['path']!r}")
+        want = _leaves(example.get(ds["type"], {}).get("jsonData", {}))
+        for fragment in re.findall(r"`jsonData\.([\w.]+): (\{[^`]*\}|[^`]+)`", row["settings"]):
+            want.update(_leaves(yaml.safe_load(fragment[1]), fragment[0]))
+        have = _leaves(ds.get("jsonData", {}))
+        for key, value in want.items():
+            if key.endswith("datasourceUid"):  # names another data source: the same type as the README's
+                wanted_type = next((t for t, d in example.items() if d.get("uid") == value), None)
+                if by_uid.get(have.get(key), {}).get("type") != wanted_type:
+                    problems.append(f"{ds['name']}: jsonData.{key} must name the {wanted_type} data source")
+            elif have.get(key) != value:
+                problems.append(f"{ds['name']}: jsonData.{key} is {have.get(key)!r}, the README says {value!r}")
+    return problems
+
+
 # ---------------------------------------------------------------- the gateway's own routes
 
 
@@ -671,6 +751,16 @@ def test_grafana_data_sources_go_through_the_gateway() -> None:
     assert {"GATEWAY_TENANT", "GATEWAY_READ_TOKEN"} <= set(env)
 
 
+def test_compose_data_sources_match_the_readme_table() -> None:
+    """Rendered as Grafana reads it, each data source is on the pinned base URL the README's table gives
+    for its type (/mimir/prometheus, /loki, /tempo) with the README's settings (Tempo streaming off)."""
+    provisioned = render_provisioning(PROVISIONING.read_text(encoding="utf-8"), compose_env())
+    assert str(provisioned["datasources"][0]["basicAuthUser"]) == "100"  # rendered, not the ${...} text
+    readme = README.read_text(encoding="utf-8")
+    assert set(readme_datasource_table(readme)) >= set(TABLE_ROWS.values())
+    assert readme_datasource_problems(provisioned, readme) == []
+
+
 # ---------------------------------------------------------------- the checks can fail
 
 
@@ -781,3 +871,15 @@ def test_checks_catch_broken_images_dockerfiles_and_compose() -> None:
     ds = yaml_docs(COMPOSE / "grafana" / "provisioning" / "datasources" / "gateway.yaml")[0]
     ds["datasources"][1]["url"] = "http://loki:3100"
     assert datasource_problems(ds, cfg.listen[1])
+
+    readme = README.read_text(encoding="utf-8")
+    good = render_provisioning(PROVISIONING.read_text(encoding="utf-8"), compose_env())
+    for mutate in (lambda d: d[0].update(url="http://gateway:8080/prometheus"),  # what the example had
+                   lambda d: d[1].update(url="http://gateway:8080"),
+                   lambda d: d[2].update(url="http://gateway:8080"),
+                   lambda d: d[2]["jsonData"].pop("streamingEnabled"),
+                   lambda d: d[2]["jsonData"]["streamingEnabled"].update(metrics=True),
+                   lambda d: d[2]["jsonData"]["serviceMap"].update(datasourceUid="gateway-loki")):
+        bad = copy.deepcopy(good)
+        mutate(bad["datasources"])
+        assert readme_datasource_problems(bad, readme), mutate

@@ -373,11 +373,12 @@ async def test_edit_token_display_name_and_expiry(gw: Gateway) -> None:
     assert f'href="/ui/tokens/{t["id"]}/edit"' in await b.get(page_url)
     edit = f"/ui/tokens/{t['id']}/edit"
     form = await b.get(edit)
-    assert 'name="displayName" value="ci-agent"' in form and f'value="{at.date().isoformat()}"' in form
-    assert f"Now: {at:%Y-%m-%d %H:%M} UTC" in form
+    assert 'name="displayName" value="ci-agent"' in form and f'value="{at:%Y-%m-%dT%H:%M:%S}"' in form
+    assert f'data-local>{at:%Y-%m-%d %H:%M:%S} UTC</time>' in form
 
-    # the display name changes; the unchanged date keeps the exact expiry (15:30, not midnight)
-    loc, _ = await b.post(edit, {"displayName": "CI agent (prod)", "expires": at.date().isoformat()}, form_page=edit)
+    # the display name changes; the expiry as the field showed it is kept
+    loc, _ = await b.post(edit, {"displayName": "CI agent (prod)", "expires": f"{at:%Y-%m-%dT%H:%M:%S}"},
+                          form_page=edit)
     assert loc == page_url
     got = await gw.api("GET", f"/api/v1/tokens/{t['id']}")
     assert got["displayName"] == "CI agent (prod)" and got["expiresAt"] == at.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -409,6 +410,47 @@ async def test_edit_token_display_name_and_expiry(gw: Gateway) -> None:
     assert "needs the accesspolicies:write scope" in await b.get(edit, status=403)
     _, text = await b.post(edit, {"displayName": "z"}, status=403, form_page=page_url)
     assert "accesspolicies:write" in text
+
+
+async def test_token_expiry_is_a_date_time_in_utc_stored_exactly(gw: Gateway) -> None:
+    """The expiry field takes a date and time (UTC, as ``<input type=datetime-local>`` sends it) and the token
+    stops working at exactly that second; the page states UTC and marks the time for localtime.js."""
+    b = Browser(gw)
+    await b.sign_in()
+    p = await gw.policy("timed", ["metrics:read"])
+    page_url = f"/ui/policies/{p['id']}"
+    page = await b.get(page_url)
+    assert 'type="datetime-local" step="1" id="token-expires"' in page and "Expires at, UTC" in page
+    assert '<script src="/ui/static/localtime.js" defer>' in page
+    day = (datetime.now(UTC) + timedelta(days=20)).date().isoformat()
+    cases = [("t-seconds", f"{day}T17:45:30", f"{day}T17:45:30Z"),  # what the field sends with step=1
+             ("t-minutes", f"{day}T08:05", f"{day}T08:05:00Z"),  # and without seconds
+             ("t-zone", f"{day}T12:00:00+02:00", f"{day}T10:00:00Z")]  # an explicit zone is honoured
+    for name, sent, stored in cases:
+        await b.post(f"{page_url}/tokens", {"name": name, "expires": sent}, form_page=page_url)
+        tok = (await gw.api("GET", f"/api/v1/tokens?accessPolicyId={p['id']}&name={name}"))["items"][0]
+        assert tok["expiresAt"] == stored, (sent, tok["expiresAt"])
+    page = await b.get(page_url)
+    assert f'<time datetime="{day}T17:45:30Z" data-local>{day} 17:45 UTC</time>' in page
+    _, text = await b.post(f"{page_url}/tokens", {"name": "t-bad", "expires": "next tuesday"}, status=400,
+                           form_page=page_url)
+    assert "expiry must be a date and time in UTC such as 2030-01-31T17:30" in text
+
+    # Editing: the field shows the exact second; sent back as shown, a fraction the API set is kept.
+    at = (datetime.now(UTC) + timedelta(days=5)).replace(hour=10, minute=11, second=12, microsecond=345000)
+    t = await gw.token(p["id"], "t-api", expiresAt=at.isoformat())
+    before = (await gw.api("GET", f"/api/v1/tokens/{t['id']}"))["expiresAt"]
+    assert before.endswith("12.345000Z"), before  # the API keeps fractions
+    edit = f"/ui/tokens/{t['id']}/edit"
+    form = await b.get(edit)
+    assert f'value="{at:%Y-%m-%dT%H:%M:%S}"' in form and '<script src="/ui/static/localtime.js" defer>' in form
+    await b.post(edit, {"displayName": "", "expires": f"{at:%Y-%m-%dT%H:%M:%S}"}, form_page=edit)
+    await b.post(edit, {"displayName": "", "expires": f"{at:%Y-%m-%d %H:%M:%S} UTC"}, form_page=edit)
+    assert (await gw.api("GET", f"/api/v1/tokens/{t['id']}"))["expiresAt"] == before
+    await b.post(edit, {"displayName": "", "expires": f"{day}T23:59:59"}, form_page=edit)
+    assert (await gw.api("GET", f"/api/v1/tokens/{t['id']}"))["expiresAt"] == f"{day}T23:59:59Z"
+    script = await b.get("/ui/static/localtime.js")
+    assert "toLocaleString" in script and "data-utc-local" in script
 
 
 # ---- list, filters, pagination --------------------------------------------------------------------------

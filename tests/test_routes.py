@@ -24,6 +24,7 @@ from gateway.routes import (
     mimir,
     otlp,
     pinned,
+    pyroscope,
     tempo,
 )
 
@@ -202,17 +203,18 @@ def test_exactly_one_route_matches(route: Route) -> None:
 
 
 def test_tables_are_valid() -> None:
-    assert ALL_ROUTES == mimir.ROUTES + loki.ROUTES + tempo.ROUTES + otlp.ROUTES + pinned.ROUTES
+    assert ALL_ROUTES == mimir.ROUTES + loki.ROUTES + tempo.ROUTES + otlp.ROUTES + pinned.ROUTES + pyroscope.ROUTES
     for route in ALL_ROUTES:
         assert route.scope in ALL_SCOPES
         assert route.backend in BACKENDS
         assert route.methods <= KNOWN_METHODS
         assert ("GET" in route.methods) == ("HEAD" in route.methods)
         assert route.kind is Kind.NONE or route.scope.endswith((":read", ":delete")), "writes carry no query"
-        assert route.scope.split(":")[0] in ("metrics", "logs", "traces", "rules", "alerts")
+        assert route.scope.split(":")[0] in ("metrics", "logs", "traces", "profiles", "rules", "alerts")
     assert {r.backend for r in mimir.ROUTES} == {"metrics"}
     assert {r.backend for r in loki.ROUTES} == {"logs"}
     assert {r.backend for r in tempo.ROUTES} == {"traces"}
+    assert {r.backend for r in pyroscope.ROUTES} == {"profiles"}
     tails = [r for r in loki.ROUTES if r.kind is Kind.LOGQL_TAIL]
     assert [r for r in ALL_ROUTES if r.websocket] == tails + [r for r in pinned.ROUTES if r.kind is Kind.LOGQL_TAIL]
 
@@ -238,7 +240,7 @@ def test_head_is_added_where_get_is() -> None:
     [
         ({"scope": "metrics:admin"}, "unknown scope"),
         ({"scope": "metrics"}, "unknown scope"),
-        ({"backend": "profiles"}, "unknown backend"),
+        ({"backend": "continuous-profiling"}, "unknown backend"),
         ({"methods": frozenset({"TRACE"})}, "methods"),
         ({"methods": frozenset({"get"})}, "methods"),
         ({"methods": frozenset()}, "methods"),

@@ -1,6 +1,6 @@
 """The allowlist: which (method, path) the gateway forwards, to which backend, under which scope.
 
-Each backend has one declarative table (``mimir``, ``loki``, ``tempo``, ``otlp``); this module
+Each backend has one declarative table (``mimir``, ``loki``, ``tempo``, ``pyroscope``, ``otlp``); this module
 holds the types they are written in and the matcher built from them at import time::
 
     m = match("GET", "/prometheus/api/v1/query")
@@ -30,7 +30,7 @@ class Kind(enum.Enum):
     PROMQL = "promql"  # PromQL in `query` (URL or form body): query, query_range, query_exemplars
     MATCH = "match"  # PromQL selectors in `match[]`: series, labels, label values, federate
     REMOTE_READ = "remote_read"  # snappy protobuf ReadRequest body
-    TENANT_WIDE = "tenant_wide"  # cannot be label-filtered: metadata, cardinality, stats, limits
+    TENANT_WIDE = "tenant_wide"  # cannot be label-filtered: metadata, cardinality, stats, limits, profiles
     LOGQL = "logql"  # LogQL in `query`: query, query_range, index/*, patterns, detected_*
     LOGQL_OPTIONAL = "logql_optional"  # labels, label values: optional `query`
     LOGQL_SERIES = "logql_series"  # Loki series: `match` AND `match[]` (OR-ed)
@@ -48,7 +48,7 @@ class Role(enum.Enum):
 
 
 #: The keys of the config's `upstreams` and of a stack's tenants.
-BACKENDS: Final[frozenset[str]] = frozenset({"metrics", "logs", "traces"})
+BACKENDS: Final[frozenset[str]] = frozenset({"metrics", "logs", "traces", "profiles"})
 #: Methods a table may name; anything else (TRACE, CONNECT, OPTIONS, lower case...) never matches.
 KNOWN_METHODS: Final[frozenset[str]] = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 
@@ -290,9 +290,10 @@ class Router:
 
 
 # The tables import the types above, so they are imported only now.
-from gateway.routes import loki, mimir, otlp, pinned, tempo  # noqa: E402
+from gateway.routes import loki, mimir, otlp, pinned, pyroscope, tempo  # noqa: E402
 
-ALL_ROUTES: Final[tuple[Route, ...]] = mimir.ROUTES + loki.ROUTES + tempo.ROUTES + otlp.ROUTES + pinned.ROUTES
+ALL_ROUTES: Final[tuple[Route, ...]] = (mimir.ROUTES + loki.ROUTES + tempo.ROUTES + otlp.ROUTES + pinned.ROUTES
+                                        + pyroscope.ROUTES)
 _ROUTER: Final = Router(ALL_ROUTES)
 _UNKNOWN: Final = ("no such endpoint on this gateway", "unknown_path")
 

@@ -335,7 +335,7 @@ async def _policy_page(request: web.Request, admin: Admin, policy: AccessPolicy,
         "nav": "policies", "policy": policy, "tokens": tokens.items, "now": datetime.now(UTC),
         "next_url": next_url, "first_url": f"/ui/policies/{policy.id}" if cursor else None,
         "can_write": admin.can(WRITE), "can_delete": admin.can(DELETE),
-        "min_date": (datetime.now(UTC).date() + timedelta(days=1)).isoformat(),
+        "min_expiry": _min_expiry(),
         "form": {"name": "", "expires": ""}, "errors": {}, "new_token": None, "secret": None, **extra}, status)
 
 
@@ -352,15 +352,30 @@ async def policy_page(request: web.Request, admin: Admin) -> web.StreamResponse:
     return await _policy_page(request, admin, policy)
 
 
-def _expiry(raw: str) -> datetime | None:
-    """``<input type=date>`` gives YYYY-MM-DD: the token stops working at 00:00 UTC that day."""
-    if not raw:
-        return None
+def _expiry_at(raw: str) -> datetime:
+    """The expiry field: ``<input type=datetime-local>`` gives YYYY-MM-DDTHH:MM[:SS], read as UTC (the field
+    says so, and shows the local time beside it); an explicit zone (Z, +02:00) is honoured, a bare date is
+    00:00 UTC that day. The token stops working at exactly that second."""
     try:
-        day = date.fromisoformat(raw)
+        at = datetime.fromisoformat(raw.removesuffix(" UTC"))
     except ValueError:
-        raise ApiError(400, "invalid_argument", "expiry must be a date such as 2030-01-31", "expiresAt") from None
-    return v.timestamp(datetime(day.year, day.month, day.day, tzinfo=UTC).isoformat(), "expiresAt", future=True)
+        raise ApiError(400, "invalid_argument", "expiry must be a date and time in UTC such as 2030-01-31T17:30",
+                       "expiresAt") from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _expiry(raw: str) -> datetime | None:
+    """A new expiry from the field, which must be in the future; empty means never."""
+    return v.timestamp(_expiry_at(raw).isoformat(), "expiresAt", future=True) if raw else None
+
+
+def _expiry_field(value: datetime | None) -> str:
+    """An expiry as the field shows it: UTC, to the second."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S") if value else ""
+
+
+def _min_expiry() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M")
 
 
 @page(WRITE)
@@ -439,24 +454,20 @@ async def _token_form(request: web.Request, token: Token, form: dict[str, str], 
                       status: int = 200) -> web.Response:
     return await render(request, "token_form.html", {
         "nav": "policies", "token": token, "form": form, "errors": errors, "now": datetime.now(UTC),
-        "min_date": (datetime.now(UTC).date() + timedelta(days=1)).isoformat()}, status)
-
-
-def _day(value: datetime | None) -> str:
-    return value.date().isoformat() if value else ""
+        "min_expiry": _min_expiry()}, status)
 
 
 @page(WRITE)
 async def edit_token_form(request: web.Request, admin: Admin) -> web.StreamResponse:
     token = await _token(request, admin)
     return await _token_form(request, token, {"displayName": token.display_name,
-                                              "expires": _day(token.expires_at)}, {})
+                                              "expires": _expiry_field(token.expires_at)}, {})
 
 
 @page(WRITE)
 async def update_token(request: web.Request, admin: Admin) -> web.StreamResponse:
-    """Display name and expiry, as ``POST /api/v1/tokens/{id}`` changes them; an unchanged date keeps the
-    exact expiry (a token may expire at any time of day; the date picker shows only the day)."""
+    """Display name and expiry, as ``POST /api/v1/tokens/{id}`` changes them; an expiry left as the field
+    showed it (to the second) keeps the exact one (the API may have set fractions of a second)."""
     st = state_of(request)
     token = await _token(request, admin)
     post = await request.post()
@@ -469,11 +480,13 @@ async def update_token(request: web.Request, admin: Admin) -> web.StreamResponse
             changes["display_name"] = display
     except ApiError as exc:
         errors["displayName"] = exc.message
-    if form["expires"] != _day(token.expires_at):
-        try:
+    try:
+        if form["expires"] != _expiry_field(token.expires_at) and not (
+                form["expires"] and token.expires_at is not None
+                and _expiry_at(form["expires"]) == token.expires_at.replace(microsecond=0)):
             changes["expires_at"] = _expiry(form["expires"])
-        except ApiError as exc:
-            errors["expires"] = exc.message
+    except ApiError as exc:
+        errors["expires"] = exc.message
     if errors:
         return await _token_form(request, token, form, errors, 400)
     if changes:

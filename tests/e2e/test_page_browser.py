@@ -72,7 +72,9 @@ async def test_page_end_to_end_in_chromium(db_dsn: str, aiohttp_server: Any) -> 
 
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
-            ctx = await browser.new_context(viewport={"width": 1280, "height": 800}, base_url=base)
+            # UTC+05:30 all year: the token expiry's local time is known
+            ctx = await browser.new_context(viewport={"width": 1280, "height": 800}, base_url=base,
+                                            timezone_id="Asia/Kolkata", locale="en-US")
             await ctx.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
             page = await ctx.new_page()
 
@@ -122,6 +124,20 @@ async def test_page_end_to_end_in_chromium(db_dsn: str, aiohttp_server: Any) -> 
             await shot("token-created")
             await page.goto(policy_url)
             assert token not in await page.content()
+
+            # its expiry: a date and time in UTC, to the second, shown in the browser's time zone as typed
+            await page.get_by_role("link", name="Edit token browser-token").click()
+            await page.locator("#token-expires").fill("2031-03-04T05:06:07")
+            await expect(page.locator("#token-expires-local")).to_have_text(
+                "That is Mar 4, 2031, 10:36:07 AM your time.")
+            await page.get_by_role("button", name="Save token").click()
+            await expect(page.get_by_role("status").first).to_contain_text("Saved token browser-token.")
+            await expect(page.locator("time[data-local]")).to_have_count(1)
+            row = page.locator("tr", has=page.locator("time[data-local]"))
+            await expect(row).to_contain_text("2031-03-04 05:06 UTC (Mar 4, 2031, 10:36:07 AM your time)")
+            async with http.get(f"{base}/api/v1/tokens", params={"name": "browser-token", "includeExpired": "true"},
+                                headers={"Authorization": f"Bearer {admin}"}) as r:
+                assert (await r.json())["items"][0]["expiresAt"] == "2031-03-04T05:06:07Z"
             await shot("policy")
 
             # the token works on the data path, with the tenant and the label policy
@@ -285,7 +301,7 @@ async def test_datasources_teams_and_rules_in_chromium(db_dsn: str, aiohttp_serv
             await page.goto(f"/ui/policies/{policy['id']}")
             await page.get_by_role("link", name="Edit token grafana").click()
             await page.get_by_label("Display name").fill("Grafana (prod data source)")
-            await page.get_by_label("Expires on (optional)").fill("2099-12-31")
+            await page.get_by_label("Expires at, UTC (optional)").fill("2099-12-31T00:00:00")
             await shot("token-edit")
             await page.get_by_role("button", name="Save token").click()
             await expect(page.get_by_role("status").first).to_contain_text("Saved token grafana.")
