@@ -12,7 +12,8 @@ rewrite, and merges the answers (``gateway.proxy.fanout``). This module only dec
         ...  # p.legs are the restricted requests, p.merge says how to merge their answers
 
 A plan is made only where the merge gives exactly the answer of a tenant holding only the visible
-series or streams; what cannot be merged exactly is refused with a 400 that says why. Counting
+series or streams; what cannot be merged exactly is refused with a 400 that says why. Log lines (log
+queries, tail) go to disjoint pieces of the selectors instead (``_pieces``), so no stream is read twice. Counting
 endpoints (``index/stats``, ``index/volume``, ``index/volume_range``) are answered by
 inclusion-exclusion (:mod:`gateway.lbac.overlap`, :mod:`gateway.lbac.counts`: one leg per
 intersection of selectors, summed with signs; volumes grouped as the original query would group
