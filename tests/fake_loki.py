@@ -132,18 +132,94 @@ def parse_selector(text: str) -> tuple[Callable[[dict[str, str]], bool], int]:
     return (lambda ls: all(t(ls) for t in tests)), offset + pos
 
 
+Relabel = Callable[[dict[str, str]], dict[str, str]]
+
+
 def parse_query(query: str) -> tuple[Callable[[dict[str, str]], bool], Callable[[str], bool]]:
+    """A log query without label stages: its stream matcher and its line filter."""
+    select, keep, relabel = parse_log_query(query)
+    if relabel is not _unchanged:
+        raise LokiError("parse error: label stages are evaluated on log queries only")
+    return select, keep
+
+
+def _unchanged(labels: dict[str, str]) -> dict[str, str]:
+    return labels
+
+
+def parse_log_query(query: str) -> tuple[Callable[[dict[str, str]], bool], Callable[[str], bool], Relabel]:
+    """A log query's stream matcher, line filter and label stages (the labels the answer carries).
+
+    Label stages as ``pkg/logql/log`` applies them: ``keep a, b`` deletes every other label
+    (``keep_labels.go``), ``drop a, b`` those (``drop_labels.go``); ``label_format dst=src`` renames
+    (``src`` goes), ``dst="text"`` sets a literal or ``{{.name}}`` template (``fmt.go``); a label
+    left empty is not part of the answer's labels. Only names, no matchers, in ``keep``/``drop``.
+    """
     select, pos = parse_selector(query)
     filters: list[Callable[[str], bool]] = []
+    stages: list[Relabel] = []
     while pos < len(query):
         if not query[pos:].strip():
             break
         m = _FILTER.match(query, pos)
+        if m is not None:
+            filters.append(fake_loki_metrics.line_filter(m.group(1), _string(m.group(2))))
+            pos = m.end()
+            continue
+        m = _LABEL_STAGE.match(query, pos)
         if m is None:
-            raise LokiError(f"parse error: the fake Loki only evaluates line filters (at {pos})")
-        filters.append(fake_loki_metrics.line_filter(m.group(1), _string(m.group(2))))
+            raise LokiError(f"parse error: the fake Loki only evaluates line filters, keep, drop and "
+                            f"label_format (at {pos})")
+        stages.append(_label_stage(m.group(1), m.group(2)))
         pos = m.end()
-    return select, lambda line: all(f(line) for f in filters)
+
+    def relabel(labels: dict[str, str]) -> dict[str, str]:
+        for stage in stages:
+            labels = stage(labels)
+        return {k: v for k, v in labels.items() if v != ""}
+
+    return select, lambda line: all(f(line) for f in filters), relabel if stages else _unchanged
+
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_STRING = r'"(?:[^"\\]|\\.)*"|`[^`]*`'
+_LABEL_STAGE = re.compile(rf"\s*\|\s*(keep|drop|label_format)\s+((?:{_NAME})\s*(?:=\s*(?:{_NAME}|{_STRING}))?"
+                          rf"(?:\s*,\s*{_NAME}\s*(?:=\s*(?:{_NAME}|{_STRING}))?)*)")
+_ASSIGN = re.compile(rf"\s*({_NAME})\s*(?:=\s*({_NAME}|{_STRING}))?\s*(?:,|$)")
+_TEMPLATE_FIELD = re.compile(rf"{{{{\s*\.({_NAME})\s*}}}}")
+
+
+def _label_stage(op: str, args: str) -> Relabel:
+    pairs = [(m.group(1), m.group(2)) for m in _ASSIGN.finditer(args)]
+    if op in ("keep", "drop"):
+        if any(v is not None for _, v in pairs):
+            raise LokiError(f"the fake Loki evaluates {op} with label names only")
+        names = {n for n, _ in pairs}
+        if op == "keep":
+            return lambda ls: {k: v for k, v in ls.items() if k in names}
+        return lambda ls: {k: v for k, v in ls.items() if k not in names}
+    if any(v is None for _, v in pairs):
+        raise LokiError("label_format needs dst=src or dst=\"template\"")
+
+    for _, src in pairs:
+        if src[0] in "\"`" and "{{" in _TEMPLATE_FIELD.sub("", _string(src)):
+            raise LokiError("the fake Loki evaluates label_format templates of {{.name}} only")
+
+    def fmt(ls: dict[str, str]) -> dict[str, str]:
+        # In order (LabelsFormatter.Process): a rename of a present label sets dst and deletes src (so
+        # `a=a` deletes a); templates read the labels as they were at the first template.
+        out = dict(ls)
+        seen: dict[str, str] = {}
+        for dst, src in pairs:
+            if src[0] not in "\"`":
+                if src in out:
+                    out[dst] = out[src]
+                    del out[src]
+                continue
+            seen = seen or dict(out)
+            out[dst] = _TEMPLATE_FIELD.sub(lambda m, at=seen: at.get(m.group(1), ""), _string(src))
+        return out
+    return fmt
 
 
 def parse_time(value: str | None, default: int) -> int:
@@ -264,7 +340,7 @@ class FakeLoki:
         return [s for s in self.streams if select(s.labels) and any(start <= t < end for t, _ in s.entries)]
 
     def query_range(self, p: dict[str, str]) -> dict[str, Any]:
-        select, keep = parse_query(p.get("query", ""))
+        select, keep, relabel = parse_log_query(p.get("query", ""))
         limit_raw = p.get("limit") or "100"
         try:
             limit = int(limit_raw)
@@ -281,12 +357,13 @@ class FakeLoki:
         for s in self.streams:
             if not select(s.labels):
                 continue
-            key = label_string(s.labels)
+            labels = relabel(s.labels)  # the answer's labels: after the pipeline
+            key = label_string(labels)
             for t, line in s.entries:
                 if start <= t < end:
                     scanned += 1
                     if keep(line):
-                        items.append((t, key, s.labels, line))
+                        items.append((t, key, labels, line))
         items.sort(key=lambda i: (i[0], i[1]), reverse=direction == "BACKWARD")
         items = items[:limit]
         grouped: dict[str, tuple[dict[str, str], list[list[str]]]] = {}
@@ -480,9 +557,9 @@ class FakeLoki:
         p, _ = await self._params(request)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        select, keep = parse_query(p.get("query", ""))
-        items = sorted((t, label_string(s.labels), s.labels, line) for s in self.streams if select(s.labels)
-                       for t, line in s.entries if keep(line))
+        select, keep, relabel = parse_log_query(p.get("query", ""))
+        items = sorted(((t, label_string(relabel(s.labels)), relabel(s.labels), line) for s in self.streams
+                        if select(s.labels) for t, line in s.entries if keep(line)), key=lambda i: (i[0], i[1]))
         for t, _key, labels, line in items:  # one frame per entry, oldest first, as a tail of old lines
             await ws.send_str(json.dumps({"streams": [{"stream": labels, "values": [[str(t), line]]}]}))
         async for msg in ws:

@@ -209,6 +209,15 @@ TEMPO = DataSource("tempo", "traces", ("/tempo", ""), (
          "/api/v2/search/tag/resource.k8s.io%2Fname/values", "traces:read"),
     Call("Tag values (v1) of a name with a slash", "GET", "/api/search/tag/k8s.io%2Fname/values", "traces",
          "/api/search/tag/k8s.io%2Fname/values", "traces:read"),
+    Call("Tag values of a name with a slash, Grafana 11.0-12.2 (encodeTag: encoded twice)", "GET",
+         "/api/v2/search/tag/resource.k8s.io%252Fname/values" + q(q="{}", start=S0), "traces",
+         "/api/v2/search/tag/resource.k8s.io%252Fname/values", "traces:read"),
+    Call("Tag values filtered by a TraceQL value holding %, \\ and /", "GET",
+         "/api/v2/search/tag/resource.service.name/values" + q(q='{span.path="/a/100% \\ b"}', limit="1000"),
+         "traces", "/api/v2/search/tag/resource.service.name/values", "traces:read"),
+    Call("Tag values of names with % and \\, Grafana 12.3+ (encoded once)", "GET",
+         "/api/v2/search/tag/span.attr%25percent%5Cback/values" + q(q="{}"), "traces",
+         "/api/v2/search/tag/span.attr%25percent%5Cback/values", "traces:read"),
     Call("TraceQL metrics: range", "GET", "/api/metrics/query_range" + q(q="{} | rate()", start=S0, end=S1,
          step="60s"), "traces", "/api/metrics/query_range", "traces:read"),
     Call("TraceQL metrics: instant", "GET", "/api/metrics/query" + q(q="{} | rate()", start=S0, end=S1), "traces",
@@ -389,7 +398,7 @@ async def test_loki_categorize_labels_reaches_loki_and_control_headers_do_not(
     async with bench(db_dsn, aiohttp_client, aiohttp_server, "unrestricted") as b:
         r = await b.gw.client.get(f"{base}{L}/query_range" + q(query=SEL), headers={
             **basic(TENANTS["logs"], b.token), **CATEGORIZE, "X-Loki-Query-Limits": '{"maxQueryLength":"999d"}',
-            "X-Loki-Query-Limits-Context": '{"expr":"{}"}', "X-Loki-Disable-Pipeline-Wrappers": "true",
+            "X-Loki-Disable-Pipeline-Wrappers": "true",
             "X-Loki-Actor-Path": "a|b", "X-Loki-Anything": "1", "X-Query-Tags": "Source=grafana"})
         assert r.status == 200, await r.text()
         seen = b.recorders["logs"].seen[-1].headers
@@ -397,6 +406,36 @@ async def test_loki_categorize_labels_reaches_loki_and_control_headers_do_not(
     assert seen["X-Query-Tags"] == "Source=grafana"
     assert [h for h in seen if h.lower().startswith("x-loki-") and h.lower() != "x-loki-response-encoding-flags"] \
         == []
+
+
+# As Grafana's pkg/tsdb/loki/api.go sends it (json.Marshal of LimitsContext{Expr, From, To}).
+LIMITS_CONTEXT = json.dumps({"expr": '{app="api"} |= "x"', "from": "2026-06-01T00:00:00Z",
+                             "to": "2026-06-02T00:00:00Z"}, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_loki_query_limits_context_reaches_loki_restricted_as_the_query(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, mode: str) -> None:
+    """Loki checks max_query_bytes_read on the whole query Grafana names (and says how many bytes): as
+    sent for a token that reads the whole tenant; for a label-restricted one its expr restricted like the
+    query, and dropped where it cannot be (not Loki's JSON, or an endpoint that is no query)."""
+    def sent(path: str, value: str) -> Any:
+        return b.gw.client.get(f"/loki{L}/{path}" + q(query=SEL, start=S0, end=S1), headers={
+            **basic(TENANTS["logs"], b.token), "X-Loki-Query-Limits-Context": value})
+
+    async with bench(db_dsn, aiohttp_client, aiohttp_server, mode) as b:
+        seen = []
+        for path, value in (("query_range", LIMITS_CONTEXT), ("query_range", "{not json"),
+                            ("labels", LIMITS_CONTEXT), ("query", LIMITS_CONTEXT)):
+            r = await sent(path, value)
+            assert r.status == 200, await r.text()
+            seen.append(b.recorders["logs"].seen[-1].headers.getall("X-Loki-Query-Limits-Context", []))
+    if mode == "unrestricted":
+        assert seen == [[LIMITS_CONTEXT], ["{not json"], [LIMITS_CONTEXT], [LIMITS_CONTEXT]]
+        return
+    restricted = {"expr": '{app="api", env="dev"} |= "x"', "from": "2026-06-01T00:00:00Z",
+                  "to": "2026-06-02T00:00:00Z"}
+    assert [[json.loads(v) for v in vs] for vs in seen] == [[restricted], [], [], [restricted]]
 
 
 @pytest.mark.parametrize("mode", ["unrestricted", "restricted-enforce"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 from urllib.parse import parse_qsl, urlencode
 
 import pytest
@@ -9,9 +11,10 @@ import pytest
 from gateway.lbac import RewriteError
 from gateway.lbac import remote_read as rr
 from gateway.lbac.fanout import MAX_FANOUT, Merge, disjoint, plan, plan_header_mode, plan_remote_read
+from gateway.lbac.overlap import TooManyTerms, disjoint_pieces
 from gateway.policy.selector import parse_selector
 from gateway.proxy.errors import ProxyError
-from gateway.proxy.fanout import TailDedup, merge_matrix, merge_metadata, merge_stats, merge_streams
+from gateway.proxy.fanout import merge_matrix, merge_metadata, merge_stats, merge_streams
 from gateway.routes import Kind
 
 ONE = (parse_selector('{env="dev"}'),)
@@ -60,7 +63,7 @@ def test_log_query_legs_are_todays_single_rewrites_with_the_same_parameters() ->
     assert p is not None and p.merge is Merge.STREAMS and p.limit == 7 and p.forward
     assert [parse_qsl(leg.query) for leg in p.legs] == [
         [("limit", "7"), ("direction", "forward"), ("start", "1"), ("end", "2"), ("query", want)]
-        for want in ('{app="a", env="dev"} |= "x"', '{app="a", team="a", env!="prod"} |= "x"')]
+        for want in ('{app="a", env="dev"} |= "x"', '{app="a", team="a", env!="prod", env!="dev"} |= "x"')]
 
 
 def test_metric_queries_keep_the_union_rewrite_or_its_refusal() -> None:
@@ -144,7 +147,7 @@ def test_metadata_plan_and_merge() -> None:
     assert merge_metadata(names, meta, 1)["data"] == {"a": [1]}
 
 
-def test_streams_merge_dedupes_orders_and_cuts() -> None:
+def test_streams_merge_keeps_every_entry_of_the_disjoint_legs_orders_and_cuts() -> None:
     def doc(*streams: tuple[dict[str, str], list[list[object]]]) -> dict[str, object]:
         return {"status": "success", "data": {"resultType": "streams", "encodingFlags": ["categorize-labels"],
                                               "result": [{"stream": s, "values": v} for s, v in streams],
@@ -153,8 +156,10 @@ def test_streams_merge_dedupes_orders_and_cuts() -> None:
     meta = {"structuredMetadata": {"trace": "1"}}
     one = doc((a, [["30", "x", meta], ["10", "y"]]), (b, [["30", "z"]]))
     two = doc((a, [["30", "x", meta], ["20", "w"]]))
+    # The same line at the same time under the same labels in two legs: two streams (the legs are disjoint)
+    # that the pipeline made alike, both kept as Loki keeps them.
     out = merge_streams([one, two], 3, forward=False)
-    assert out["data"]["result"] == [{"stream": a, "values": [["30", "x", meta], ["20", "w"]]},
+    assert out["data"]["result"] == [{"stream": a, "values": [["30", "x", meta], ["30", "x", meta]]},
                                      {"stream": b, "values": [["30", "z"]]}]
     assert out["data"]["encodingFlags"] == ["categorize-labels"]
     assert out["data"]["stats"] == {"summary": {"execTime": 1.0, "totalLinesProcessed": 6}}
@@ -164,17 +169,13 @@ def test_streams_merge_dedupes_orders_and_cuts() -> None:
                        ) == {"x": {"bytesProcessedPerSecond": 7, "n": 3}}
 
 
-def test_matrix_merge_and_tail_dedup() -> None:
+def test_matrix_merge() -> None:
     docs = [{"status": "success", "data": {"resultType": "matrix", "result": [
         {"metric": {"a": "1"}, "values": [[1, "1"], [2, "2"]]}]}},
             {"status": "success", "data": {"resultType": "matrix", "result": [
                 {"metric": {"a": "1"}, "values": [[2, "2"]]}, {"metric": {"a": "0"}, "values": [[1, "5"]]}]}}]
     assert merge_matrix(docs)["data"]["result"] == [{"metric": {"a": "0"}, "values": [[1, "5"]]},
                                                     {"metric": {"a": "1"}, "values": [[1, "1"], [2, "2"]]}]
-    tail = TailDedup(memory=2)
-    frame = '{"streams":[{"stream":{"a":"1"},"values":[["1","x"]]}]}'
-    assert tail.frame(frame) is not None and tail.frame(frame) is None
-    assert tail.frame("not json") == "not json"
 
 
 def test_remote_read_plan_and_frames() -> None:
@@ -210,3 +211,37 @@ def test_header_mode_sends_the_policy_as_the_query_of_query_less_detected_endpoi
     assert plan_header_mode(Kind.LOGQL, path, "GET", q(query='{app="a"}'), None, TWO) is None
     assert plan_header_mode(Kind.LOGQL_OPTIONAL, "/loki/api/v1/labels", "GET", q(), None, TWO) is None
     assert plan_header_mode(Kind.LOGQL, path, "GET", q(), None, ()) is None
+
+
+def test_disjoint_pieces_cover_the_policies_once() -> None:
+    """Brute force over label sets: a label set matches exactly one piece when some policy matches it, else
+    none; so a log query's legs read every visible stream once and nothing else."""
+    rng = random.Random(6)
+    values = ["", "a", "b", "dev", "prod"]
+    ops = ["=", "!=", "=~", "!~"]
+    label_sets = [{k: v for k, v in zip(("env", "team", "app"), combo, strict=True) if v}
+                  for combo in itertools.product(values, repeat=3)]
+    for _ in range(300):
+        pols = tuple(parse_selector("{" + ", ".join(
+            f'{rng.choice(["env", "team", "app"])}{rng.choice(ops)}"{rng.choice(["a", "b", "dev", "a|dev", ".+"])}"'
+            for _ in range(rng.randint(1, 3))) + "}") for _ in range(rng.randint(2, 4)))
+        try:
+            pieces = disjoint_pieces(pols, disjoint, 64)
+        except TooManyTerms:
+            continue
+        for labels in label_sets:
+            hits = sum(p.matches(labels) for p in pieces)
+            assert hits == (1 if any(p.matches(labels) for p in pols) else 0), (pols, pieces, labels)
+    assert [str(p) for p in disjoint_pieces(TWO, disjoint, 16)] == [
+        '{env="dev"}', '{team="a", env!="prod", env!="dev"}']
+    assert disjoint_pieces(DISJOINT, disjoint, 16) == DISJOINT  # disjoint already: unchanged
+    many = tuple(parse_selector(f'{{a{i}="x", b{i}="y"}}') for i in range(6))
+    with pytest.raises(TooManyTerms):
+        disjoint_pieces(many, disjoint, MAX_FANOUT)
+
+
+def test_log_queries_under_too_overlapping_policies_are_refused() -> None:
+    many = tuple(parse_selector(f'{{a{i}="x", b{i}="y"}}') for i in range(6))
+    with pytest.raises(ProxyError) as exc:
+        plan(Kind.LOGQL, "/loki/api/v1/query_range", "GET", q(query='{app="a"}'), None, many)
+    assert exc.value.status == 400 and "overlap" in exc.value.message

@@ -3,7 +3,9 @@ read differently from the gateway."""
 
 from __future__ import annotations
 
+import random
 import re
+from urllib.parse import unquote
 
 import pytest
 
@@ -114,16 +116,34 @@ TRICKS = (
     "/api/search/tag/../../distributor/ring/values",
     "/api/v2/search/tag/%2e%2e/values",
     "/api/traces/%2e%2e",
-    # An encoded slash passes only inside a Tempo tag name, and only where decoding it makes no
-    # dot or empty segment and no other escape is left.
+    # Escapes pass only inside a Tempo tag name, and only where no decoding of it (once, twice...)
+    # makes a dot or empty segment (at / or \\), a control character, or needs a fourth decoding.
     "/api/v2/search/tag/a%2F..%2Fb/values",
     "/api/v2/search/tag/%2F/values",
     "/api/v2/search/tag/a%2F%2Fb/values",
     "/api/v2/search/tag/.%2Fa/values",
     "/api/v2/search/tag/a%2F./values",
     "/api/v2/search/tag/a%2F%2e%2e/values",
-    "/api/v2/search/tag/a%252Fb/values",
     "/api/v2/search/tag/a%2Fb/values%2F",
+    "/api/v2/search/tag/a%252F..%252Fb/values",
+    "/api/v2/search/tag/%252e%252e/values",
+    "/api/v2/search/tag/a%252F%252e%252e/values",
+    "/api/v2/search/tag/a%25252F..%25252Fb/values",
+    "/api/v2/search/tag/a%2525252Fb/values",
+    "/api/v2/search/tag/a%5C..%5Cb/values",
+    "/api/v2/search/tag/a%255C..%255Cb/values",
+    "/api/v2/search/tag/a%2500b/values",
+    "/api/v2/search/tag/a%250Ab/values",
+    "/api/v2/search/tag/a%00b/values",
+    "/api/v2/search/tag/a%252F%252Fb/values",
+    "/api/v2/search/tag/a%252F/values",
+    "/api/v2/search/tag/%25/values%2F..",
+    "/api/v2/search/tag/a%25/values/..",
+    "/api/search/tag/%252E%252E%252F%252E%252E%252Fdistributor/values",
+    "/tempo/api/v2/search/tag/a%252F..%252F..%252Fb/values",
+    "/api/traces/a%252Fb",
+    "/prometheus/api/v1/label/a%252Fb/values",
+    "/loki/loki/api/v1/label/a%25/values",
     "/api/traces/a%2Fb",
     "/tempo/api/traces/a%2Fb",
     "/loki/loki/api/v1/label/a%2Fb/values",
@@ -310,12 +330,64 @@ def test_a_match_does_not_share_state_between_requests() -> None:
     "/api/v2/search/tag/span.a%2fb%2Fc/values",
     "/tempo/api/v2/search/tag/resource.k8s.io%2Fname/values",
     "/tempo/api/search/tag/resource.k8s.io%2Fname/values",
+    # Grafana 11.0-12.2 (language_provider.ts encodeTag: encodeURIComponent twice, forwarded as escaped)
+    "/api/v2/search/tag/resource.k8s.io%252Fname/values",
+    "/tempo/api/v2/search/tag/span.attr%2525percent/values",
+    "/api/v2/search/tag/span.attr%255Cback/values",
+    "/api/v2/search/tag/span.attr%252520valid_escape_code/values",
+    "/api/v2/search/tag/span.%F0%9F%90%B7%252F%25F0%259F%2590%25B7/values",
+    # Grafana 12.3+ (the name encoded once): %, \\ and the rest of Tempo's special-character names
+    "/api/v2/search/tag/span.attr%25percent/values",
+    "/api/v2/search/tag/span.attr%5Cback/values",
+    "/api/v2/search/tag/span.attr%2520valid_escape_code/values",
+    "/api/v2/search/tag/span.attr%20%22'%3C%3E%23%25%7B%7D%7C%5C*/values",
+    "/api/search/tag/span.attr%5Bbracket/values",
 ])
 def test_encoded_slash_passes_in_a_tempo_tag_name_byte_for_byte(path: str) -> None:
     m = match("GET", path)
     assert m is not None and m.route.backend == "traces" and m.route.encoded_slash == "tag"
     assert m.upstream_path == path.removeprefix("/tempo")
     assert allowed_methods(path) == GET
+
+
+def _normalised(path: str, decodings: int) -> str:
+    """What an upstream (or proxies in front of it) may make of ``path``: percent-decoded ``decodings``
+    times, ``\\`` read as ``/``, dot segments resolved and repeated slashes merged (RFC 3986 5.2.4, nginx's
+    merge_slashes)."""
+    for _ in range(decodings):
+        path = unquote(path, errors="surrogateescape")
+    path = re.sub("/+", "/", path.replace("\\", "/"))
+    out: list[str] = []
+    for seg in path.split("/")[1:]:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    return "/" + "/".join(out)
+
+
+def test_no_decoding_of_an_accepted_tag_name_reaches_another_route() -> None:
+    """Path normalisation, brute-forced: every tag-values path the matcher accepts, decoded 0 to 4 times
+    and normalised, still names the tag-values route (the tenant is a header the gateway sets, never in
+    the path). Names are drawn from the characters that make escapes, separators and dots."""
+    rng = random.Random(29)
+    alphabet = ["%", "2", "5", "F", "f", "E", "e", "C", "c", "0", "/", ".", "a", "%25", "%2F", "%2E", "%5C", "%252F"]
+    accepted = 0
+    for _ in range(20000):
+        tag = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9)))
+        for prefix in ("/api/v2/search/tag/", "/tempo/api/search/tag/"):
+            path = f"{prefix}{tag}/values"
+            m = match("GET", path)
+            if m is None:
+                continue
+            accepted += 1
+            assert m.route.encoded_slash == "tag" and m.upstream_path == path.removeprefix("/tempo")
+            for decodings in range(5):
+                seen = _normalised(path, decodings)
+                assert seen.startswith(prefix) and seen.endswith("/values") and len(seen) > len(prefix) + 6, \
+                    (path, decodings, seen)
+    assert accepted > 2000  # the property is not vacuous
 
 
 def test_encoded_slash_is_refused_in_every_other_route() -> None:

@@ -12,7 +12,8 @@ rewrite, and merges the answers (``gateway.proxy.fanout``). This module only dec
         ...  # p.legs are the restricted requests, p.merge says how to merge their answers
 
 A plan is made only where the merge gives exactly the answer of a tenant holding only the visible
-series or streams; what cannot be merged exactly is refused with a 400 that says why. Counting
+series or streams; what cannot be merged exactly is refused with a 400 that says why. Log lines (log
+queries, tail) go to disjoint pieces of the selectors instead (``_pieces``), so no stream is read twice. Counting
 endpoints (``index/stats``, ``index/volume``, ``index/volume_range``) are answered by
 inclusion-exclusion (:mod:`gateway.lbac.overlap`, :mod:`gateway.lbac.counts`: one leg per
 intersection of selectors, summed with signs; volumes grouped as the original query would group
@@ -38,7 +39,7 @@ from gateway.lbac import RewriteError, metric_fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.counts import Counts, volume_params, with_leg_limit
 from gateway.lbac.logql import is_log_query, restrict_logql, restrict_logql_matchers, simplify
-from gateway.lbac.overlap import Term, TooManyTerms, signed_intersections
+from gateway.lbac.overlap import Term, TooManyTerms, disjoint_pieces, signed_intersections
 from gateway.lbac.promql import effective_policies, restrict_match, restrict_promql
 from gateway.lbac.remote_read import (
     SAMPLES_CONTENT_TYPE,
@@ -61,7 +62,7 @@ class Merge(enum.Enum):
     """How the answers of the legs become one answer."""
 
     SINGLE = "single"  # one leg: its answer is passed through unchanged
-    STREAMS = "streams"  # Loki log query: streams by label set, entries deduplicated, direction, limit
+    STREAMS = "streams"  # Loki log query: disjoint legs, streams by label set, direction, limit
     VALUES = "values"  # Loki labels / label values: union of the value lists
     DETECTED_LABELS = "detected_labels"
     DETECTED_FROM_SERIES = "detected_from_series"  # detected_labels computed from one series leg
@@ -250,7 +251,9 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
         terms = _terms(pols)
         return Plan(merge, tuple(_single(kind, method, raw_query, body, t.selector) for t in terms),
                     counts=Counts(tuple(t.sign for t in terms)))
-    legs = tuple(_single(kind, method, raw_query, body, p) for p in pols)
+    # Log lines: one leg per disjoint piece, so each stream is read once (see _pieces).
+    legs = tuple(_single(kind, method, raw_query, body, p)
+                 for p in (_pieces(pols) if merge in _BY_STREAM else pols))
     if merge is Merge.STREAMS:
         limit, forward = _limit_direction(pairs)
         return Plan(merge, legs, limit, forward)
@@ -304,6 +307,27 @@ def _policy_as_query(method: str, pairs: list[tuple[str, str]], pols: tuple[Sele
     _check_size(pols)
     legs = tuple(_encode(method, [*pairs, ("query", str(p))]) for p in pols)
     return Plan(Merge.SINGLE if len(legs) == 1 else merge, legs)
+
+
+#: Merges of log entries: their legs must not overlap (``_pieces``).
+_BY_STREAM: Final = frozenset({Merge.STREAMS, Merge.TAIL})
+
+
+@lru_cache(maxsize=256)
+def _pieces(pols: tuple[Selector, ...]) -> tuple[Selector, ...]:
+    """``pols`` as disjoint selectors (:func:`gateway.lbac.overlap.disjoint_pieces`), or a 400 beyond MAX_FANOUT.
+
+    Loki deduplicates entries by the stream they come from (its identity before the pipeline:
+    ``pkg/iter/entry_iterator.go`` compares the stream hash), but answers with the labels after it: two
+    streams that ``keep``, ``drop`` or ``label_format`` make alike, holding the same line at the same
+    time, are two entries under one label set. No merge can tell them from one stream read by two
+    overlapping legs, so no stream is read by two: the legs are disjoint and nothing is deduplicated.
+    """
+    try:
+        return disjoint_pieces(pols, disjoint, MAX_FANOUT)
+    except TooManyTerms as exc:
+        raise ProxyError(400, f"query refused by label-based access control: {exc}; ask your admin for fewer "
+                         "or non-overlapping label policies", "lbac_refused") from None
 
 
 @lru_cache(maxsize=256)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Final
 
-from gateway.policy.selector import LabelMatcher, Selector
+from gateway.policy.selector import LabelMatcher, MatchOpStr, Selector
 
-__all__ = ["MAX_TERMS", "Term", "TooManyTerms", "signed_intersections"]
+__all__ = ["MAX_TERMS", "Term", "TooManyTerms", "disjoint_pieces", "signed_intersections"]
 
 #: Most upstream requests one inclusion-exclusion may cost (4 overlapping selectors: 15).
 MAX_TERMS: Final = 15
@@ -71,3 +71,45 @@ def signed_intersections(policies: tuple[Selector, ...],
                     f"{MAX_TERMS} upstream requests"
                 )
     return tuple(terms)
+
+
+# Each matcher's complement, exact where a missing label reads as the empty value (Loki, Prometheus).
+_NEGATED: Final[dict[MatchOpStr, MatchOpStr]] = {"=": "!=", "!=": "=", "=~": "!~", "!~": "=~"}
+
+
+def _minus(piece: Selector, other: Selector, disjoint: Callable[[Selector, Selector], bool]) -> list[Selector]:
+    """``piece AND NOT other`` as disjoint selectors: for other's matchers m1..mk, the pieces
+    ``piece, m1..m(i-1), not mi`` (NOT of an AND is an OR of complements, made disjoint by order)."""
+    if disjoint(piece, other):
+        return [piece]
+    out: list[Selector] = []
+    prefix: list[LabelMatcher] = []
+    for m in other.matchers:
+        if m not in piece.matchers:  # (m in piece: NOT m leaves nothing of it)
+            cut = intersect((piece, Selector((*prefix, LabelMatcher(m.name, _NEGATED[m.op], m.value)))))
+            if not disjoint(cut, cut):  # a selector at odds with itself matches nothing
+                out.append(cut)
+        prefix.append(m)
+    return out
+
+
+def disjoint_pieces(policies: tuple[Selector, ...], disjoint: Callable[[Selector, Selector], bool],
+                    most: int) -> tuple[Selector, ...]:
+    """Selectors no two of which match one label set, whose OR is the OR of ``policies``:
+    ``P1``, ``P2 and not P1``, ``P3 and not P1 and not P2``... each negation split at its matchers.
+
+    Where an answer holds entries that cannot be told apart by their labels (a log query whose
+    pipeline rewrites labels: ``keep``, ``drop``, ``label_format``), per-piece answers are merged
+    without deduplication: a stream reaches exactly one piece. Raises :class:`TooManyTerms` beyond
+    ``most`` pieces.
+    """
+    pieces: list[Selector] = []
+    for i, policy in enumerate(policies):
+        mine = [policy]
+        for other in policies[:i]:
+            mine = [cut for piece in mine for cut in _minus(piece, other, disjoint)]
+        pieces.extend(mine)
+        if len(pieces) > most:
+            raise TooManyTerms(f"{len(policies)} label policies overlap so much that an exact answer would "
+                               f"take more than {most} upstream requests")
+    return tuple(pieces)

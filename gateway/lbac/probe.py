@@ -4,9 +4,11 @@ A backend without label-based access control ignores the header and returns ever
 ``lbac: header`` is only safe once shown to work. The probe, run at start-up, after every
 config reload and every ``lbac_probe_interval`` seconds, reads with a deliberately malformed
 policy for a probe tenant: Loki (``pkg/labelaccess``: ``policyFromHeaderValue``) and GEM answer
-400 "invalid label policy header value", a backend that ignores the header answers 200. When
-that is inconclusive (another status), a second probe reads a configured tenant without and
-then with a valid policy that matches nothing: enforced means the second answer is empty.
+400 "invalid label policy header value" (a JSON error), a backend that ignores the header answers 200.
+When that is inconclusive (another status), and always for Mimir's own LBAC (the same 400 as plain
+text: ``-auth.label-access-control-enabled``, set per component, so a query-frontend may parse the
+header for queriers that do not filter), a second probe reads a configured tenant without and then
+with a valid policy that matches nothing: enforced means the second answer is empty.
 
 Until a probe has passed, and whenever one fails, :func:`effective_mode` refuses restricted
 reads to a ``header`` upstream with 503; ``auto`` falls back to ``enforce`` instead.
@@ -188,6 +190,15 @@ async def _get(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
         return r.status, await r.content.read(64 * 1024)
 
 
+def _data_error(body: bytes) -> bool:
+    """Whether ``body`` is a JSON error object (``{"status": "error", ...}``)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("status") == "error"
+
+
 def _data(body: bytes) -> list[Any] | None:
     """The ``data`` list of a Prometheus/Loki label answer, or None if it is not one."""
     try:
@@ -209,10 +220,16 @@ async def probe_upstream(session: aiohttp.ClientSession, up: Upstream, tenant: s
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         return Verdict(base, None, f"unreachable: {type(exc).__name__}", now)
     if status == 400 and b"invalid label policy" in body.lower():
-        return Verdict(base, True, "rejected a malformed policy with 400", now)
-    if 200 <= status < 300:
+        if _data_error(body):  # Loki's and GEL's/GEM's answer: the JSON error of their API
+            return Verdict(base, True, "rejected a malformed policy with 400", now)
+        # Mimir's own LBAC (-auth.label-access-control-enabled; pkg/labelaccess middleware.go answers with
+        # http.Error: plain text). The flag is set per component, and a query-frontend that parses the header
+        # proves nothing of the queriers behind it: only an answer a policy empties does.
+        first = "Mimir's label-based access control rejected a malformed policy with 400"
+    elif 200 <= status < 300:
         return Verdict(base, False, f"answered {status} to a malformed policy: it ignores the header", now)
-    first = f"answered {status} to a malformed policy"
+    else:
+        first = f"answered {status} to a malformed policy"
     if tenant is None:
         return Verdict(base, None, f"{first}; no tenant configured for a second probe", now)
     nothing = f"{tenant}:" + path_escape('{__gateway_lbac_probe__="' + os.urandom(8).hex() + '"}')
@@ -225,7 +242,10 @@ async def probe_upstream(session: aiohttp.ClientSession, up: Upstream, tenant: s
     if s1 != 200 or not d1:
         return Verdict(base, None, f"{first}; tenant {tenant} has no labels to compare (status {s1})", now)
     if s2 == 200 and d2 == []:
-        return Verdict(base, True, "a policy matching nothing emptied the answer", now)
+        return Verdict(base, True, f"{first}; a policy matching nothing emptied the answer" if status == 400
+                       else "a policy matching nothing emptied the answer", now)
     if s2 == 200 and d2:
-        return Verdict(base, False, "a policy matching nothing changed nothing: it ignores the header", now)
+        why = "its queriers do not filter" if status == 400 else "it ignores the header"
+        return Verdict(base, False, f"{first}: a policy matching nothing changed nothing, {why}" if status == 400
+                       else f"a policy matching nothing changed nothing: {why}", now)
     return Verdict(base, None, f"{first}; a valid policy answered {s2}", now)

@@ -13,7 +13,9 @@ client and a partial merge is never returned.
 
 Merges, each chosen to equal the visible-only answer:
 
-* Loki streams: entries deduplicated by (stream labels, timestamp, line, metadata), ordered as
+* Loki streams: the legs are disjoint (no stream is read twice, ``gateway.lbac.fanout._pieces``), so
+  no entry is dropped as a duplicate (Loki answers the labels after the pipeline, which two streams
+  may share, and deduplicates only within a stream); entries ordered as
   Loki's querier orders them (timestamp, then the stream's label string, reversed for
   ``backward``; ``pkg/iter`` heap iterators), cut to ``limit``, grouped by stream, streams sorted
   by label string (``logqlmodel.Streams.Less``). ``stats`` are summed, except wall-clock times
@@ -39,7 +41,6 @@ import asyncio
 import gzip
 import json
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -55,14 +56,12 @@ from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE
 from gateway.lbac.restrict import FORM
 from gateway.proxy.detected import merge_detected_from_series
 from gateway.proxy.errors import ProxyError
-from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
+from gateway.proxy.forward import Outcome, _failure, _unfiltered, describe, forward, relay_websockets
 from gateway.proxy.merging import Unmergeable, merge_stats, success
 from gateway.proxy.metric_merge import merge_absent, merge_extreme, merge_signed
 
 #: Largest answer read from one leg.
 MAX_ANSWER: Final = 256 * 1024 * 1024
-#: Tail: how many recent entries are remembered to drop the copy a second selector's socket sends.
-TAIL_MEMORY: Final = 10_000
 _JSON: Final = "application/json; charset=utf-8"
 
 
@@ -128,7 +127,8 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, base: st
         if request.headers.get("Upgrade", "").lower() != "websocket":
             raise ProxyError(400, "tail under several label policies needs a WebSocket upgrade", "bad_query")
         urls = [_url(base, leg.path or path, leg.query) for leg in plan.legs]
-        return await relay_websockets(request, session, urls, headers, TailDedup().frame)
+        # The legs are disjoint (no other socket sends a leg's entries): frames pass as sent.
+        return await relay_websockets(request, session, urls, headers, _unfiltered)
     if plan.merge is Merge.SINGLE:
         leg = plan.legs[0]
         return await forward(request, session, _url(base, leg.path or path, leg.query), _leg_headers(headers, leg)
@@ -187,7 +187,6 @@ def label_string(labels: dict[str, str]) -> str:
 
 def merge_streams(docs: list[Any], limit: int, forward: bool) -> dict[str, Any]:
     """Loki streams answers merged (see the module docstring)."""
-    seen: set[tuple[str, str, str, str]] = set()
     items: list[tuple[int, str, list[Any], dict[str, str]]] = []
     data0: dict[str, Any] = {}
     for doc in docs:
@@ -199,10 +198,6 @@ def merge_streams(docs: list[Any], limit: int, forward: bool) -> dict[str, Any]:
             labels = s["stream"]
             key = label_string(labels)
             for e in s["values"]:
-                k = (key, str(e[0]), str(e[1]), json.dumps(e[2:], sort_keys=True) if len(e) > 2 else "")
-                if k in seen:
-                    continue
-                seen.add(k)
                 items.append((int(e[0]), key, e, labels))
     items.sort(key=lambda t: (t[0], t[1]), reverse=not forward)
     if limit >= 0:
@@ -341,39 +336,3 @@ _JSON_MERGES: Final[dict[Merge, Callable[[list[Any], Plan], dict[str, Any]]]] = 
     Merge.DETECTED_FROM_SERIES: merge_detected_from_series,
 }
 
-
-# --------------------------------------------------------------------------- tail
-
-
-class TailDedup:
-    """Drops the entries of a tail frame that another selector's socket already sent."""
-
-    def __init__(self, memory: int = TAIL_MEMORY) -> None:
-        self.memory = memory
-        self.seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
-
-    def frame(self, text: str) -> str | None:
-        """The frame without repeated entries; None when nothing is left to send."""
-        try:
-            doc = json.loads(text)
-            streams = doc.get("streams") or []
-        except (ValueError, AttributeError):
-            return text
-        kept = []
-        for s in streams:
-            key = label_string(s.get("stream") or {})
-            values = []
-            for e in s.get("values") or []:
-                k = (key, str(e[0]), json.dumps(e[1:], sort_keys=True))
-                if k in self.seen:
-                    continue
-                self.seen[k] = None
-                if len(self.seen) > self.memory:
-                    self.seen.popitem(last=False)
-                values.append(e)
-            if values:
-                kept.append({**s, "values": values})
-        if not kept and not doc.get("dropped_entries"):
-            return None
-        doc["streams"] = kept
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))

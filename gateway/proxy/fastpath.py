@@ -25,6 +25,8 @@ from gateway.clientip import client_ip
 from gateway.lbac import RewriteError, bounds, headermode
 from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
+from gateway.lbac.limits_context import HEADER as LIMITS_CONTEXT
+from gateway.lbac.limits_context import limits_context
 from gateway.lbac.pool import _LOGQL, _MATCHES, _PROMQL, weigh
 from gateway.lbac.probe import effective_mode, probe_of
 from gateway.policy.datasource import user_policies
@@ -208,8 +210,11 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
         return None
     hit = f.block
     if hit is None:
-        out: CIMultiDict[str] = upstream_headers(request.headers, decision.tenant, request.remote or "unknown",
-                                                 label_headers, drop_body_headers=rewritten)
+        out: CIMultiDict[str] = upstream_headers(
+            request.headers, decision.tenant, request.remote or "unknown", label_headers,
+            drop_body_headers=rewritten, limits_context=limits_context(
+                request.headers.getall(LIMITS_CONTEXT, ()), m.route.backend, m.route.kind,
+                decision.policies))
         try:
             head = request_head(request.method, url, out, None)
         except ValueError:

@@ -244,7 +244,8 @@ async def relay_websockets(request: web.Request, session: aiohttp.ClientSession,
                            headers: CIMultiDict[str], text_filter: Callable[[str], str | None]
                            ) -> tuple[web.WebSocketResponse, Outcome]:
     """Loki tail under several label policies: one upstream socket per selector, frames merged onto the
-    client's socket (text frames through ``text_filter``, which drops repeats), all closed together."""
+    client's socket (text frames through ``text_filter``; the legs are disjoint, so none is dropped as a repeat),
+    all closed together."""
     for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Content-Length"):
         headers.popall(h, None)
     ups: list[aiohttp.ClientWebSocketResponse] = []

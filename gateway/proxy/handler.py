@@ -16,6 +16,8 @@ from gateway.clientip import client_ip
 from gateway.lbac import RewriteError, headermode
 from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
+from gateway.lbac.limits_context import HEADER as LIMITS_CONTEXT
+from gateway.lbac.limits_context import limits_context
 from gateway.lbac.pool import enforce_bounded, plan_bounded
 from gateway.lbac.probe import effective_mode
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
@@ -169,7 +171,8 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     base = upstream.url_for(route.role.value)
     url = f"{base}{m.upstream_path}" + (f"?{raw_query}" if raw_query else "")
     headers = upstream_headers(request.headers, tenant, request.remote or "unknown", label_headers,
-                               drop_body_headers=rewritten)
+                               drop_body_headers=rewritten, limits_context=limits_context(
+                                   request.headers.getall(LIMITS_CONTEXT, ()), route.backend, route.kind, policies))
     if rewritten and body:
         headers["Content-Type"] = content_type
     limit = cfg.limits.max_request_body

@@ -18,8 +18,9 @@ _DROPPED: Final = HOP_BY_HOP | frozenset({"authorization", "x-scope-orgid", "x-p
                                           "x-http-method-override", "x-http-method", "x-method-override"})
 _DROPPED_PREFIXES: Final = ("x-mimir-", "x-loki-", "x-tempo-", "x-grafana-")
 # Of those, the ones that only shape the answer, which Grafana sends. Loki's others are control
-# (grafana/loki pkg/util/httpreq, pkg/querier/queryrange/querylimits): X-Loki-Query-Limits and
-# X-Loki-Query-Limits-Context set the query limits, X-Loki-Disable-Pipeline-Wrappers turns off the
+# (grafana/loki pkg/util/httpreq, pkg/querier/queryrange/querylimits): X-Loki-Query-Limits sets the
+# query limits, X-Loki-Query-Limits-Context the whole query its byte limit is checked on (passed apart,
+# restricted: gateway/lbac/limits_context.py), X-Loki-Disable-Pipeline-Wrappers turns off the
 # pipeline wrappers (which enforce label access in Grafana Enterprise Logs), X-Loki-Actor-Path
 # picks the query scheduler's queue.
 _PASSED: Final = frozenset({"x-loki-response-encoding-flags"})  # categorize-labels: labels apart from metadata
@@ -39,8 +40,8 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str] | set[s
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], tenant: str, forwarded_for: str,
-                     label_policy_headers: Iterable[str] = (), drop_body_headers: bool = False
-                     ) -> CIMultiDict[str]:
+                     label_policy_headers: Iterable[str] = (), drop_body_headers: bool = False,
+                     limits_context: str | None = None) -> CIMultiDict[str]:
     """Copy the client's headers minus the dropped ones; set the tenant and the forwarding chain."""
     extra = _connection_tokens(incoming)
     dropped = _DROPPED_WITH_BODY if drop_body_headers else _DROPPED
@@ -57,6 +58,8 @@ def upstream_headers(incoming: CIMultiDictProxy[str], tenant: str, forwarded_for
     add("X-Scope-OrgID", tenant)
     for value in label_policy_headers:
         add("X-Prom-Label-Policy", value)
+    if limits_context is not None:
+        add("X-Loki-Query-Limits-Context", limits_context)
     return out
 
 

@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote_to_bytes
 
 from gateway.policy.scopes import ALL_SCOPES
 
@@ -72,7 +73,13 @@ _SEGMENT: Final = "[^/]+"
 _UNCLEAN: Final = re.compile(
     r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/%]|//|\.\.|/\.(?:/|$)|%(?![0-9A-Fa-f]{2})|%(?:2[FfEe5]|5[Cc]|00)"
 )
-_ENCODED_SLASH: Final = re.compile("%2[Ff]")
+# What `_opaque_name` reads: a Tempo attribute name as sent and as each decoding leaves it.
+_RAW_UNCLEAN: Final = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/%]|%(?![0-9A-Fa-f]{2})")
+_ESCAPE: Final = re.compile(rb"%[0-9A-Fa-f]{2}")
+_CONTROL: Final = re.compile(rb"[\x00-\x1f\x7f]")
+_SEPARATORS: Final = re.compile(rb"[/\\]")
+_DOT_SEGMENTS: Final = frozenset({b"", b".", b".."})
+_MAX_DECODINGS: Final = 3  # Grafana encodes twice; a third level is allowed, a fourth is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +99,8 @@ class Route:
     role: Role = Role.READ
     upstream_path: str | None = None
     websocket: bool = False
-    #: The one parameter that may hold an encoded slash (%2F), e.g. a Tempo attribute name.
+    #: The one parameter that may hold escapes an upstream decodes into separators (%2F, %5C, %25...),
+    #: e.g. a Tempo attribute name; accepted only where no decoding makes it more than a name.
     encoded_slash: str = ""
     note: str = ""
 
@@ -162,13 +170,37 @@ def _is_clean(path: str) -> bool:
 
 
 def _match_encoded_slash(regex: re.Pattern[str], name: str, path: str) -> re.Match[str] | None:
-    """The match of ``path`` if it is clean once the %2F inside parameter ``name`` is read as ``/``:
-    no other escape anywhere, and no dot or empty segment that the decoded slashes could make."""
+    """The match of ``path`` if everything but parameter ``name`` is clean and ``name`` stays one opaque
+    name however often it is percent-decoded (see `_opaque_name`), so no decoding reaches another route."""
     m = regex.fullmatch(path)
     if m is None:
         return None
     start, end = m.span(name)
-    return m if _is_clean(path[:start] + _ENCODED_SLASH.sub("/", m.group(name)) + path[end:]) else None
+    if not _is_clean(path[:start] + "x" + path[end:]) or not _opaque_name(m.group(name)):
+        return None
+    return m
+
+
+def _opaque_name(value: str) -> bool:
+    """True if ``value`` (a Tempo attribute name as sent) is pchar and well-formed escapes, and neither it
+    nor any of its percent-decodings holds a control character or, split at ``/`` or ``\\``, an empty,
+    ``.`` or ``..`` segment; and it is plain after at most `_MAX_DECODINGS` decodings.
+
+    Grafana encodes the name once (12.3+, or typed by hand) or twice (11.0-12.2's ``encodeTag``, which
+    its data-source proxy forwards as escaped: ``k8s.io%252Fname``); Tempo's router decodes once and
+    Tempo before 2.10 decoded the name again (``url.QueryUnescape``). Whatever a chain of decoders
+    does, the name can then only become a name: the route and the tenant stay what was checked.
+    """
+    if _RAW_UNCLEAN.search(value) is not None:
+        return False
+    cur = value.encode("ascii")
+    for _ in range(_MAX_DECODINGS + 1):
+        if _CONTROL.search(cur) is not None or any(seg in _DOT_SEGMENTS for seg in _SEPARATORS.split(cur)):
+            return False
+        if _ESCAPE.search(cur) is None:
+            return True
+        cur = unquote_to_bytes(cur)
+    return False
 
 
 def _first_segment(path: str) -> str:
@@ -212,7 +244,7 @@ class Router:
         # first segment -> path shape (the pattern with its parameter names erased) -> entry
         dynamic: dict[str, dict[str, tuple[re.Pattern[str], dict[str, Route]]]] = {}
         examples: dict[str, str] = {}  # shape -> a path only that shape should match
-        # first segment -> the routes whose one parameter may hold %2F, tried only for unclean paths
+        # first segment -> the routes whose one parameter may hold escapes, tried only for unclean paths
         slashy: dict[str, dict[str, tuple[re.Pattern[str], dict[str, Route], str]]] = {}
         for route in routes:
             regex, _ = _compile(route.pattern)
