@@ -171,7 +171,7 @@ def test_prepare_declines_without_a_cached_decision() -> None:
 
     from gateway.app import build_app
     from gateway.dataplane.request import RelURL
-    from gateway.proxy.decision_cache import DecisionCache
+    from gateway.decision_cache import DecisionCache
     from gateway.proxy.forward import Upstreams
     from gateway.routes import match
     from tests.conftest import make_config

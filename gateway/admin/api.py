@@ -369,9 +369,7 @@ async def list_audit(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    from gateway.admin import cloud  # it builds on this module
-
-    cloud.add_routes(app)  # first: /accesspolicies/config must win over /accesspolicies/{id}
+    """The Access Policies / Tokens API; :func:`gateway.admin.routes.add_routes` adds the Cloud routes first."""
     for prefix in ("/api/v1", "/v1"):  # Cloud clients use both /api/v1/... and /v1/...
         app.router.add_post(f"{prefix}/accesspolicies", create_policy)
         app.router.add_get(f"{prefix}/accesspolicies", list_policies)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Final
 from urllib.parse import urlencode
 
+from gateway.errors import ProxyError
 from gateway.lbac.restrict import Restriction, _pairs
-from gateway.proxy.errors import ProxyError
 
 #: Parameters the APIs read as lists (OR-ed selectors); every other one must appear once.
 REPEATABLE: Final = frozenset({"match[]", "match"})

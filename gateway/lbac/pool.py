@@ -19,12 +19,12 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Final, TypeVar
 
+from gateway.errors import ProxyError
 from gateway.lbac import RewriteError, bounds, fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.fanout import Plan
 from gateway.lbac.restrict import Restriction
 from gateway.policy.selector import Selector
-from gateway.proxy.errors import ProxyError
 from gateway.routes import Kind
 
 log = logging.getLogger("gateway.lbac")

@@ -10,7 +10,7 @@ Takes: the state (policy snapshot, decision cache), the config snapshot the requ
 matched route (its backend, scope and kind), the request's headers (``Authorization``, ``X-Scope-OrgID``,
 the Grafana user header and, for reads, ``X-Prom-Label-Policy``), and the client address already resolved
 (``gateway.clientip``: X-Forwarded-For only from trusted proxies). Gives: the cached or new
-:class:`~gateway.proxy.decision_cache.Decision` (token, policy, stack, tenant, the token's label policies)
+:class:`~gateway.decision_cache.Decision` (token, policy, stack, tenant, the token's label policies)
 and the effective label policies of this request (the token's, or else the Grafana team rules and the
 client's own ``X-Prom-Label-Policy``, intersected). Raises the refusal as a :class:`ProxyError` (401 with the
 challenge, 403, 400, 404, 503 for a stale snapshot).
@@ -27,11 +27,11 @@ from datetime import UTC, datetime
 from typing import Protocol, overload
 
 from gateway.config import Config, Stack
+from gateway.decision_cache import Decision
 from gateway.lbac import restrict as lbac
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, Identity, IPAddress, covering_realms
 from gateway.policy.selector import Selector
-from gateway.proxy.decision_cache import Decision
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.identify import CHALLENGE, credentials
 from gateway.routes import Route

@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.clientip import client_ip
+from gateway.decision_cache import Decision
 from gateway.lbac import RewriteError, bounds, headermode
 from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
@@ -31,7 +32,6 @@ from gateway.lbac.pool import _LOGQL, _MATCHES, _PROMQL, weigh
 from gateway.lbac.probe import effective_mode, probe_of
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, IPAddress
-from gateway.proxy.decision_cache import Decision
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.fastclient import FastClient, request_head
 from gateway.proxy.forward import _FAST, Upstreams

@@ -1,0 +1,14 @@
+"""The admin API's routes in their order: the Cloud-compatible routes (``gateway.admin.cloud``) before the
+Access Policies / Tokens API (``gateway.admin.api``) they build on, so ``/accesspolicies/config`` wins over
+``/accesspolicies/{id}``. Kept here so neither module imports the other both ways."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.admin import api, cloud
+
+
+def add_routes(app: web.Application) -> None:
+    cloud.add_routes(app)  # first: /accesspolicies/config must win over /accesspolicies/{id}
+    api.add_routes(app)
