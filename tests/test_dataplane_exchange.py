@@ -192,8 +192,8 @@ def test_prepare_declines_without_a_cached_decision() -> None:
     assert m is not None
     st.decisions = DecisionCache()
     assert fastpath.prepare(Req(), st, m, Upstreams()) is None  # type: ignore[arg-type]
-    facts = cast(tuple[object, ...], Req.memo["facts"])
-    assert len(st.decisions) == 0 and facts[1:] == (ipaddress.ip_address("127.0.0.1"), "Basic eDp5", None)
+    facts = cast(tuple[object, ...], Req.memo["ip"])  # the client address, resolved once per header set
+    assert len(st.decisions) == 0 and facts[1:] == (ipaddress.ip_address("127.0.0.1"),)
 
 
 # ---- a scripted raw upstream ---------------------------------------------------------------------------

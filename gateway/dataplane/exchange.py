@@ -29,7 +29,7 @@ from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.fastclient import IDEMPOTENT, FastClientError, FastResponse, _Conn
 from gateway.proxy.fastpath import Prepared, prepare
 from gateway.proxy.forward import Outcome, _failure, _forward_fast, answer_fast, whole_body
-from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS
+from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS, upstream_error
 from gateway.state import STATE, State
 from gateway.tally import TALLY
 
@@ -278,12 +278,8 @@ class Exchange:
             self._crashed()
 
     def _upstream_error(self, exc: ProxyError) -> ProxyError:
-        """``handler._serve``'s mapping: name the backend; the URL stays in the log."""
-        if exc.status in (502, 504):
-            backend = self.p.m.route.backend
-            log.warning("%s upstream %s: %s", backend, self.p.upstream_base, exc.message)
-            return ProxyError(exc.status, f"{backend} {exc.message}", exc.reason)
-        return exc
+        """``handler.execute``'s mapping: name the backend; the URL stays in the log."""
+        return upstream_error(exc, self.p.m.route.backend, self.p.upstream_base)
 
     def _end(self, status: int, bytes_out: int, upstream_seconds: float) -> None:
         """An answer written by callbacks: its books, then the connection's next request."""

@@ -99,12 +99,35 @@ async def _decide(st: State, cfg: Config, backend: str, scope: str, presented: s
     return Decision(ident, stack, tenant, policies, ip)
 
 
-async def decide(st: State, cfg: Config, route: Route, headers: Headers, ip: IPAddress | None,
-                 entry: dict[str, object]) -> tuple[Decision, Policies]:
-    """The request's decision and effective label policies (see the module docstring); refusals raise."""
+def check_fresh(st: State) -> None:
+    """Refuse (503) while the policy snapshot is missing or too old: never trust a stale one."""
     if st.cache.stale:
         raise ProxyError(503, "policy snapshot unavailable or too old; refusing rather than trusting it",
                          "stale_snapshot")
+
+
+def holds(st: State, decision: Decision, now: float) -> bool:
+    """Whether a decision kept by a cache in front of this stage may still be used (``now``: ``time.time()``):
+    the snapshot is fresh and the token has not expired."""
+    return not st.cache.stale and not decision.expired(now)
+
+
+def decided(st: State, cfg: Config, route: Route, headers: Headers, ip: IPAddress | None
+            ) -> tuple[Decision, Policies] | None:
+    """:func:`decide`'s answer when the decision cache holds it, else None; synchronous, records nothing
+    (the per-connection memo ``gateway.proxy.fastpath`` calls it). Refusals raise."""
+    check_fresh(st)
+    key = (headers.get("Authorization"), headers.get("X-Scope-OrgID"), route.backend, route.scope, ip)
+    decision = st.decisions.get(key, st.cache.generation, cfg, time.time())
+    if decision is None:
+        return None
+    return decision, effective_policies(st, cfg, route, decision, headers)
+
+
+async def decide(st: State, cfg: Config, route: Route, headers: Headers, ip: IPAddress | None,
+                 entry: dict[str, object]) -> tuple[Decision, Policies]:
+    """The request's decision and effective label policies (see the module docstring); refusals raise."""
+    check_fresh(st)
     auth = headers.get("Authorization")
     org_header = headers.get("X-Scope-OrgID")
     generation = st.cache.generation  # read before any await: a change meanwhile voids what is decided
@@ -116,15 +139,23 @@ async def decide(st: State, cfg: Config, route: Route, headers: Headers, ip: IPA
                                  entry)
         if st.cache.generation == generation:
             st.decisions.put(key, generation, cfg, decision)
-    ident, tenant, policies = decision.ident, decision.tenant, decision.policies
-    entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=tenant, client_ip=decision.client_ip())
+    ident = decision.ident
+    entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=decision.tenant,
+                 client_ip=decision.client_ip())
     st.cache.record_use(ident.token.id)
+    return decision, effective_policies(st, cfg, route, decision, headers)
 
+
+def effective_policies(st: State, cfg: Config, route: Route, decision: Decision, headers: Headers) -> Policies:
+    """The token's label policies, or else the Grafana team rules and the client's X-Prom-Label-Policy,
+    intersected."""
+    policies = decision.policies
     reads = route.kind in lbac.RESTRICTED_KINDS
     if not policies and (reads or route.scope == "rules:write"):
         # A token without label policies may be narrowed by Grafana team rules: those the gateway holds
         # for the data source using this policy, and (for reads) those Grafana sends as X-Prom-Label-Policy.
-        # A rule write by a narrowed user is refused by the caller, like any label-restricted one.
+        # A rule write by a narrowed user is refused by the plan, like any label-restricted one.
+        ident, tenant = decision.ident, decision.tenant
         try:
             team = user_policies(st.cache, ident.policy.id, route.backend, tenant,
                                  headers.get(cfg.grafana_user_header))
@@ -133,4 +164,4 @@ async def decide(st: State, cfg: Config, route: Route, headers: Headers, ip: IPA
         client_policies = headers.getall("X-Prom-Label-Policy", []) if reads else []
         sent = lbac.parse_client_policies(client_policies, tenant) if client_policies else ()
         policies = lbac.intersect(team, sent) if team and sent else (team or sent)
-    return decision, policies
+    return policies
