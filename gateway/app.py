@@ -18,7 +18,7 @@ from gateway.cache import PolicyCache
 from gateway.config import Config
 from gateway.forwardauth import enforcement as forward_auth_enforcement
 from gateway.forwardauth.handler import add_routes as add_forward_auth_routes
-from gateway.freshness import read_through_middleware
+from gateway.freshness import database_gate_middleware, read_through_middleware
 from gateway.lbac import pool as rewrite_pool
 from gateway.lbac.probe import probe_of
 from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP, exposition
@@ -108,7 +108,7 @@ def build_app(state: State) -> web.Application:
     # auto_decompress off: the gateway checks and forwards the client's bytes as sent (a gzip push must
     # reach the backend still gzipped, and a compressed form must not be parsed inflated but sent deflated).
     # handler_cancellation on: a client that hangs up cancels its handler, and so the upstream call.
-    app = web.Application(middlewares=[error_middleware, read_through_middleware],
+    app = web.Application(middlewares=[error_middleware, database_gate_middleware, read_through_middleware],
                           client_max_size=state.config.limits.max_admin_body,
                           handler_args={"auto_decompress": False, "handler_cancellation": True})
     app[STATE] = state

@@ -41,13 +41,17 @@ _DB_ERRORS: Final = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Tim
 MAX_NEGATIVE: Final = 65536
 GAUGE_INTERVAL: Final = 1.0
 POLICY_RECHECK: Final = 1.0  # seconds: a refused policy is re-read at most this often
+# Seconds before the first reconnect attempt; later ones double up to reconnect_max_backoff (default 0.5 s).
+# A worker hears a write made while its listener is down only once it has reconnected and resynced, and
+# the database may return at any moment of a wait: the wait bounds that delay (issue 23).
+RECONNECT_FIRST: Final = 0.1
 
 
 class PolicyCache:
     """Policies and tokens by id. Mutated only by this class, from the event loop."""
 
     def __init__(self, store: Store, resync_interval: float = 60.0, usage_flush_interval: float = 10.0,
-                 max_staleness: float = 3600.0, reconnect_max_backoff: float = 10.0,
+                 max_staleness: float = 3600.0, reconnect_max_backoff: float = 0.5,
                  read_through_rate: float = 50.0, read_through_burst: int = 100, negative_ttl: float = 10.0):
         self.store = store
         self.policies: dict[str, AccessPolicy] = {}
@@ -64,6 +68,7 @@ class PolicyCache:
         self.usage_flush_interval = usage_flush_interval
         self.max_staleness = max_staleness
         self.reconnect_max_backoff = reconnect_max_backoff
+        self._was_stale = False  # what the last staleness log line said (one line per change, not per request)
         self._usage: dict[str, tuple[float, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncpg.Connection | None = None
@@ -126,6 +131,7 @@ class PolicyCache:
         self.last_sync = time.monotonic()
         self.detail = "ok"
         self.publish_gauges()
+        self.note_staleness()
         log.log(logging.DEBUG if quiet else logging.INFO, "policy snapshot loaded: %d policies, %d tokens in %.0f ms",
                 len(self.policies), len(self.tokens), (self.last_sync - started) * 1000)
 
@@ -379,7 +385,8 @@ class PolicyCache:
 
     async def _supervise(self) -> None:
         """Periodic resync; on a lost listener, reconnect with backoff and resync before trusting."""
-        backoff = min(0.5, self.reconnect_max_backoff)
+        first = min(RECONNECT_FIRST, self.reconnect_max_backoff)
+        backoff = first
         while True:
             lost_wait = asyncio.ensure_future(self._lost.wait())
             try:
@@ -404,7 +411,7 @@ class PolicyCache:
                     await self._connect_listener()
                     await self.resync()
                     log.info("database connection restored; snapshot resynced")
-                    backoff = min(0.5, self.reconnect_max_backoff)
+                    backoff = first
                     break
                 except _DB_ERRORS as exc:
                     self._degrade(f"database unreachable ({exc.__class__.__name__}); retrying in {backoff:.1f}s")
@@ -426,9 +433,24 @@ class PolicyCache:
         CACHE_AGE.set(self.age if self.loaded else -1)
         DB_UP.set(1 if self.db_ok else 0)
 
+    def note_staleness(self) -> None:
+        """Log once when the snapshot passes max_staleness (every request now answers 503) and once
+        when it is fresh again; called every GAUGE_INTERVAL and after every load."""
+        stale = self.loaded and self.stale
+        if stale == self._was_stale:
+            return
+        self._was_stale = stale
+        if stale:
+            log.error("policy snapshot is %.0fs old, past database.max_staleness (%.0fs), with the database "
+                      "unreachable (%s): the data path, the admin API and the page answer 503 until it is back",
+                      self.age, self.max_staleness, self.detail)
+        else:
+            log.warning("policy snapshot fresh again (database reachable, resynced): serving resumes")
+
     async def _gauge_loop(self) -> None:
         while True:
             self.publish_gauges()
+            self.note_staleness()
             await asyncio.sleep(GAUGE_INTERVAL)
 
     # ---- usage --------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class DatabaseConfig:
     resync_interval: float = 60.0
     usage_flush_interval: float = 10.0
     max_staleness: float = 3600.0
-    reconnect_max_backoff: float = 10.0
+    reconnect_max_backoff: float = 0.5  # bounds how late a worker hears a write after an outage (issue 23)
 
 
 @dataclass(frozen=True, slots=True)

@@ -492,17 +492,27 @@ class Store:
     # ---- usage --------------------------------------------------------------------------------------
 
     async def flush_usage(self, usage: dict[str, tuple[datetime, datetime]]) -> None:
-        """Merge first/last-used times; LEAST/GREATEST keep the extremes across replicas."""
+        """Merge first/last-used times; LEAST/GREATEST keep the extremes across replicas.
+
+        Every worker of every replica writes such batches. An UPDATE over a join locks its rows in
+        whatever order the plan visits them, so two overlapping batches could each hold a row the
+        other waits for (a deadlock, issue 23). The rows are locked first, in id order, by one
+        ``SELECT ... ORDER BY id FOR NO KEY UPDATE`` (rows are locked after the sort): batches then
+        always take their common rows in the same order, and never wait on each other in a cycle.
+        """
         if not usage:
             return
-        ids = [uuid.UUID(k) for k in usage]
-        firsts = [v[0] for v in usage.values()]
-        lasts = [v[1] for v in usage.values()]
-        await self.pool.execute(
-            "UPDATE tokens t SET first_used_at = LEAST(COALESCE(t.first_used_at, u.f), u.f),"
-            " last_used_at = GREATEST(COALESCE(t.last_used_at, u.l), u.l)"
-            " FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS u(id, f, l) WHERE t.id = u.id",
-            ids, firsts, lasts)
+        order = sorted(usage)
+        ids = [uuid.UUID(k) for k in order]
+        firsts = [usage[k][0] for k in order]
+        lasts = [usage[k][1] for k in order]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM tokens WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE", ids)
+            await conn.execute(
+                "UPDATE tokens t SET first_used_at = LEAST(COALESCE(t.first_used_at, u.f), u.f),"
+                " last_used_at = GREATEST(COALESCE(t.last_used_at, u.l), u.l)"
+                " FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS u(id, f, l) WHERE t.id = u.id",
+                ids, firsts, lasts)
 
 
 Listener = Callable[[str, str, str], Awaitable[None]]
