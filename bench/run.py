@@ -46,8 +46,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--forward-auth", action="store_true", help="also nginx + auth_request to the gateway on (a)")
     p.add_argument("--profile", action="store_true",
                    help="also record py-spy profiles of a gateway worker under workloads a and c_uncached")
-    p.add_argument("--data-path", choices=("aiohttp", "protocol"), default="protocol",
-                   help="the gateway's data_path setting (default protocol)")
     p.add_argument("--quick", action="store_true", help="2 s runs, 1 rep, 10k tokens: a smoke run")
     p.add_argument("--out", type=Path, default=HERE, help="where results.json and results.png go")
     args = p.parse_args(argv)
@@ -338,7 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(), "workers": workers,
         "python": sys.version.split()[0], "duration_s": args.duration, "reps": args.reps,
-        "data_path": args.data_path,
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False).stderr.strip(),
     }
     servers: list[Server] = []
@@ -359,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(px)
             fl = FloorProxy(workdir, workers, up.port).start()
             servers.append(fl)
-            gws = {mode: GatewayServer(workdir, f"gateway-{mode}", dsn, up.url, mode, workers, args.data_path)
+            gws = {mode: GatewayServer(workdir, f"gateway-{mode}", dsn, up.url, mode, workers)
                    for mode in ("header", "enforce")}
             for g in gws.values():
                 servers.append(g)

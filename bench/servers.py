@@ -324,13 +324,11 @@ class FloorProxy(Server):
         return self
 
 
-def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: Path,
-                   data_path: str = "protocol") -> dict[str, Any]:
+def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: Path) -> dict[str, Any]:
     """The gateway's config for a run: every signal to the bench upstream; production defaults otherwise
     (log level info, so the JSON access log line is written for every request, to a file)."""
     return {
         "listen": f"127.0.0.1:{port}", "region": "local", "data_dir": str(data_dir), "log_level": "info",
-        "data_path": data_path,
         "database": {"url": dsn, "resync_interval": 60, "usage_flush_interval": 10},
         "orgs": BENCH_ORGS,
         "upstreams": {"metrics": {"url": upstream_url, "lbac": lbac}, "logs": {"url": upstream_url, "lbac": lbac},
@@ -341,14 +339,13 @@ def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: 
 class GatewayServer(Server):
     """`python -m gateway serve -c FILE --workers N`."""
 
-    def __init__(self, workdir: Path, name: str, dsn: str, upstream_url: str, lbac: str, workers: int,
-                 data_path: str = "protocol"):
+    def __init__(self, workdir: Path, name: str, dsn: str, upstream_url: str, lbac: str, workers: int):
         self.name = name
         super().__init__(workdir)
         self.gw_workers = workers
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(
-            gateway_config(self.port, dsn, upstream_url, lbac, workdir / f"{name}-data", data_path)))
+            gateway_config(self.port, dsn, upstream_url, lbac, workdir / f"{name}-data")))
         self.started_at = 0.0
 
     def start(self, timeout: float = 60.0) -> float:
