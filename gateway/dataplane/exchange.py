@@ -25,7 +25,7 @@ from aiohttp import web
 from gateway.accesslog import AccessLog
 from gateway.logfmt import ACCESS_JSON as _ACCESS_JSON
 from gateway.logfmt import json_string as _str
-from gateway.proxy.errors import ProxyError, error_response
+from gateway.proxy.errors import ProxyError, error_response, internal_error
 from gateway.proxy.fastclient import IDEMPOTENT, FastClientError, FastResponse, _Conn
 from gateway.proxy.fastpath import Prepared, prepare
 from gateway.proxy.forward import Outcome, _failure, _forward_fast, answer_fast, whole_body
@@ -314,8 +314,6 @@ class Exchange:
         self._after()
 
     def _crashed(self) -> None:
-        from gateway.dataplane.server import _internal_error
-
         log.exception("data path: unhandled error for %s %s", self.req.method, self.req.rel_url.raw_path)
         if not self._done:
             self._done = True
@@ -323,7 +321,7 @@ class Exchange:
         req, proto = self.req, self.proto
         if not req.started and not proto.closed:
             req.keep_alive = False
-            req.write_whole(_internal_error())
+            req.write_whole(internal_error())
         proto._close()
         self._after()
 

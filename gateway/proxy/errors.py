@@ -11,9 +11,15 @@ from aiohttp import web
 
 from gateway.errors import ERROR_TYPES, ProxyError
 
-__all__ = ["ProxyError", "error_response"]
+__all__ = ["ProxyError", "error_response", "internal_error"]
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     body = json.dumps({"status": "error", "errorType": ERROR_TYPES.get(status, "error"), "error": message})
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+def internal_error() -> web.Response:
+    """The answer to a request whose handling crashed (the log has the traceback)."""
+    body = json.dumps({"status": "error", "errorType": "internal", "error": "internal gateway error"})
+    return web.Response(status=500, text=body, content_type="application/json")
