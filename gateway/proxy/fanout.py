@@ -6,8 +6,11 @@ into what a tenant holding only the visible streams or series would get::
 
     resp, outcome = await execute(request, session, base, upstream_path, headers, plan, body_limit)
 
-Each leg's answer is read whole once (bounded by :data:`MAX_ANSWER`), parsed, and folded into the
-merge; the legs' bytes are dropped as soon as they are parsed. Any leg that does not answer 200 is
+Each leg's answer is read whole once, every byte charged first to the worker's fan-out budget
+(``gateway.proxy.budget``: 503 with ``Retry-After`` past ``limits.fanout_memory``, shared by every
+concurrent fan-out), at most :data:`LEG_CONCURRENCY` legs of a request in flight. Answers larger than
+``budget.INLINE_MERGE`` together are merged in a separate process, so the event loop never parses
+megabytes; the legs' bytes are dropped as soon as they are parsed. Any leg that does not answer 200 is
 passed on as the answer (its status and body), so Loki's and Prometheus's own errors reach the
 client and a partial merge is never returned.
 
@@ -36,7 +39,7 @@ Merges, each chosen to equal the visible-only answer:
 from __future__ import annotations
 
 import asyncio
-import gzip
+import hashlib
 import json
 import zlib
 from collections import OrderedDict
@@ -53,16 +56,20 @@ from gateway.lbac.counts import Counts, Inexact, merge_index_stats, merge_volume
 from gateway.lbac.fanout import Leg, Merge, Plan
 from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE, merge_samples, merge_streamed
 from gateway.lbac.restrict import FORM
+from gateway.proxy.budget import BUDGET, DEFAULT_FANOUT_MEMORY, INLINE_MERGE, Held, merge_off_loop
 from gateway.proxy.detected import merge_detected_from_series
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
 from gateway.proxy.merging import Unmergeable, merge_stats, success
 from gateway.proxy.metric_merge import merge_absent, merge_extreme, merge_signed
 
-#: Largest answer read from one leg.
+#: Largest answer read from one leg (the worker's fan-out budget usually refuses sooner: 503).
 MAX_ANSWER: Final = 256 * 1024 * 1024
+#: Legs of one request in flight at once: a request's burst on the upstream is at most this many reads.
+LEG_CONCURRENCY: Final = 4
 #: Tail: how many recent entries are remembered to drop the copy a second selector's socket sends.
 TAIL_MEMORY: Final = 10_000
+TAIL_DIGEST: Final = 16  # bytes of each remembered entry's digest
 _JSON: Final = "application/json; charset=utf-8"
 
 
@@ -89,27 +96,27 @@ def _leg_headers(headers: CIMultiDict[str], leg: Leg) -> CIMultiDict[str]:
     return h
 
 
-async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str], leg: Leg) -> _Answer:
+async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str], leg: Leg,
+                 held: Held) -> _Answer:
+    """One leg's answer, read whole and decompressed, every byte charged to the worker's budget first."""
     try:
         method = "GET" if leg.method == "HEAD" else leg.method  # the merge needs the bodies
         async with session.request(method, url, headers=_leg_headers(headers, leg), data=leg.body,
                                    allow_redirects=False, compress=None) as up:
             if up.content_length is not None and up.content_length > MAX_ANSWER:
-                raise ProxyError(502, f"upstream answer larger than {MAX_ANSWER} bytes cannot be merged",
-                                 "upstream_too_large")
+                raise _too_large()
             buf = bytearray()
             async for chunk in up.content.iter_chunked(256 * 1024):
+                held.take(len(chunk))  # 503 past the budget, before the bytes are kept
                 buf += chunk
                 if len(buf) > MAX_ANSWER:
-                    raise ProxyError(502, f"upstream answer larger than {MAX_ANSWER} bytes cannot be merged",
-                                     "upstream_too_large")
-            body = bytes(buf)
+                    raise _too_large()
             encoding = up.headers.get("Content-Encoding", "").strip().lower()
-            if encoding == "gzip":
-                body = gzip.decompress(body)
-            elif encoding == "deflate":
-                body = zlib.decompress(body)
-            elif encoding not in ("", "identity", "snappy"):
+            if encoding in _WBITS:
+                body = _decompress(bytes(buf), _WBITS[encoding], held)
+            elif encoding in ("", "identity", "snappy"):
+                body = bytes(buf)
+            else:
                 raise ProxyError(502, f"upstream answered in an encoding the merge cannot read: {encoding}",
                                  "upstream_unavailable")
             return _Answer(up.status, up.headers.get("Content-Type", ""), body)
@@ -121,9 +128,33 @@ async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[
         raise _failure(exc) from None
 
 
+_WBITS: Final = {"gzip": 31, "deflate": 15}
+
+
+def _too_large() -> ProxyError:
+    return ProxyError(502, f"upstream answer larger than {MAX_ANSWER} bytes cannot be merged", "upstream_too_large")
+
+
+def _decompress(data: bytes, wbits: int, held: Held) -> bytes:
+    """Inflate at most what the budget (and MAX_ANSWER) allows: a small bomb cannot grow the worker."""
+    d = zlib.decompressobj(wbits)
+    cap = min(MAX_ANSWER, held.room())
+    out = d.decompress(data, cap + 1)
+    if len(out) > MAX_ANSWER:
+        raise _too_large()
+    held.take(len(out) + (1 if d.unconsumed_tail else 0))  # past the room: 503
+    if not d.eof:
+        raise ProxyError(502, "upstream answer broke: truncated compressed body", "upstream_unavailable")
+    return out
+
+
 async def execute(request: web.Request, session: aiohttp.ClientSession, base: str, path: str,
-                  headers: CIMultiDict[str], plan: Plan, body_limit: int) -> tuple[web.StreamResponse, Outcome]:
-    """Send the plan's legs and answer the merged result (or the first leg that did not answer 200)."""
+                  headers: CIMultiDict[str], plan: Plan, body_limit: int,
+                  budget: int = DEFAULT_FANOUT_MEMORY) -> tuple[web.StreamResponse, Outcome]:
+    """Send the plan's legs and answer the merged result (or the first leg that did not answer 200).
+
+    ``budget`` is the worker's fan-out memory (``limits.fanout_memory``), shared by every fan-out.
+    """
     if plan.merge is Merge.TAIL:
         if request.headers.get("Upgrade", "").lower() != "websocket":
             raise ProxyError(400, "tail under several label policies needs a WebSocket upgrade", "bad_query")
@@ -135,27 +166,46 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, base: st
                              if leg.body else headers, leg.body, body_limit)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    results = await asyncio.gather(*(_fetch(session, _url(base, leg.path or path, leg.query), headers, leg)
-                                     for leg in plan.legs), return_exceptions=True)
-    upstream_seconds = loop.time() - started
-    answers: list[_Answer] = []
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-        answers.append(r)
-    for a in answers:
-        if a.status != 200:
-            resp = web.Response(status=a.status, body=a.body, headers={"Content-Type": a.content_type or _JSON})
-            return resp, Outcome(a.status, len(a.body), upstream_seconds)
-    try:
-        body, ctype, extra = _merge(plan, answers)
-    except Inexact as exc:
-        raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
-    except (Unmergeable, RewriteError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ProxyError(502, f"the upstream's answers could not be merged: {exc}", "upstream_unmergeable"
-                         ) from None
+    with BUDGET.hold(budget) as held:
+        answers = await _fetch_all(session, base, path, headers, plan, held)
+        upstream_seconds = loop.time() - started
+        for a in answers:
+            if a.status != 200:
+                resp = web.Response(status=a.status, body=a.body, headers={"Content-Type": a.content_type or _JSON})
+                return resp, Outcome(a.status, len(a.body), upstream_seconds)
+        size = sum(len(a.body) for a in answers)
+        try:
+            if size <= INLINE_MERGE:
+                body, ctype, extra = _merge(plan, answers)
+            else:  # parsing megabytes holds the GIL: another process does it, this loop only copies bytes
+                held.take(size)  # the copy on its way to the merge process
+                body, ctype, extra = await merge_off_loop(_merge, plan, answers)
+        except Inexact as exc:
+            raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
+        except (Unmergeable, RewriteError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ProxyError(502, f"the upstream's answers could not be merged: {exc}", "upstream_unmergeable"
+                             ) from None
     resp = web.Response(status=200, body=body, headers={"Content-Type": ctype, **extra})
     return resp, Outcome(200, len(body), upstream_seconds)
+
+
+async def _fetch_all(session: aiohttp.ClientSession, base: str, path: str, headers: CIMultiDict[str], plan: Plan,
+                     held: Held) -> list[_Answer]:
+    """Every leg's answer, at most LEG_CONCURRENCY in flight; the first failure stops the others."""
+    gate = asyncio.Semaphore(LEG_CONCURRENCY)
+
+    async def one(leg: Leg) -> _Answer:
+        async with gate:
+            return await _fetch(session, _url(base, leg.path or path, leg.query), headers, leg, held)
+
+    tasks = [asyncio.ensure_future(one(leg)) for leg in plan.legs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _merge(plan: Plan, answers: list[_Answer]) -> tuple[bytes, str, dict[str, str]]:
@@ -346,11 +396,25 @@ _JSON_MERGES: Final[dict[Merge, Callable[[list[Any], Plan], dict[str, Any]]]] = 
 
 
 class TailDedup:
-    """Drops the entries of a tail frame that another selector's socket already sent."""
+    """Drops the entries of a tail frame that another selector's socket already sent.
+
+    Remembers a 16-byte digest of (stream labels, timestamp, line and metadata) per entry, never the
+    entry: at most ``memory`` digests, so a connection's dedup holds about ``memory`` x 100 bytes
+    whatever the lines' length (keys on the lines kept 53 MB alive for 800 lines of 64 KiB).
+    """
 
     def __init__(self, memory: int = TAIL_MEMORY) -> None:
         self.memory = memory
-        self.seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self.seen: OrderedDict[bytes, None] = OrderedDict()
+
+    @staticmethod
+    def digest(stream: str, entry: list[Any]) -> bytes:
+        h = hashlib.blake2b(digest_size=TAIL_DIGEST)
+        for part in (stream, str(entry[0]), json.dumps(entry[1:], sort_keys=True)):
+            data = part.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))  # length-prefixed: no two tuples hash the same bytes
+            h.update(data)
+        return h.digest()
 
     def frame(self, text: str) -> str | None:
         """The frame without repeated entries; None when nothing is left to send."""
@@ -364,7 +428,7 @@ class TailDedup:
             key = label_string(s.get("stream") or {})
             values = []
             for e in s.get("values") or []:
-                k = (key, str(e[0]), json.dumps(e[1:], sort_keys=True))
+                k = self.digest(key, e)
                 if k in self.seen:
                     continue
                 self.seen[k] = None

@@ -15,10 +15,10 @@ from aiohttp import web
 from gateway.accesslog import AccessLog
 from gateway.clientip import client_ip
 from gateway.config import Config, Stack
-from gateway.lbac import RewriteError, headermode
+from gateway.lbac import RewriteError, bounds, headermode
 from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
-from gateway.lbac.pool import enforce_bounded, plan_bounded
+from gateway.lbac.pool import check_nesting, enforce_bounded, plan_bounded
 from gateway.lbac.probe import effective_mode
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.policy.datasource import user_policies
@@ -186,6 +186,10 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
         client_policies = request.headers.getall("X-Prom-Label-Policy", []) if reads else []
         sent = lbac.parse_client_policies(client_policies, tenant) if client_policies else ()
         policies = lbac.intersect(team, sent) if team and sent else (team or sent)
+        try:  # client-sent selectors count against the bounds of a token's own
+            bounds.check_policies(len(policies))
+        except RewriteError as exc:
+            raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
 
     raw_query = request.rel_url.raw_query_string
     body: bytes | None = None
@@ -239,6 +243,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
                 label_headers = ()
         elif route.kind is not Kind.REMOTE_READ:  # header mode: the backend filters what it runs
             form = await _read_form(request)
+            check_nesting(route.kind, raw_query, form)  # the parse bound holds in both modes
             fan = lbac_fanout.plan_header_mode(route.kind, m.upstream_path, request.method, raw_query, form,
                                                policies)
             if fan is None:
@@ -262,7 +267,8 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     try:
         if fan is not None:
             entry["fanout"] = len(fan.legs)
-            resp, outcome = await execute_fanout(request, session, base, m.upstream_path, headers, fan, limit)
+            resp, outcome = await execute_fanout(request, session, base, m.upstream_path, headers, fan, limit,
+                                                  cfg.limits.fanout_memory)
         elif route.websocket and request.headers.get("Upgrade", "").lower() == "websocket":
             resp, outcome = await relay_websocket(request, session, url, headers)
         else:
