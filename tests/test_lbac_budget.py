@@ -88,12 +88,12 @@ async def loki(aiohttp_server: Any) -> AsyncIterator[tuple[StreamsLoki, str]]:
 @pytest.fixture
 async def enforce_small(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, loki: tuple[StreamsLoki, str]
                         ) -> AsyncIterator[Env]:
-    """Enforce mode against the streams stand-in, with a 4 MiB fan-out budget per worker."""
+    """Enforce mode against the streams stand-in, with a 16 MiB fan-out budget per worker."""
     url = loki[1]
     ups = {"metrics": {"url": url, "lbac": "enforce"}, "logs": {"url": url, "lbac": "enforce"},
            "traces": {"url": url, "write_url": url}}
     async with _env(db_dsn, aiohttp_client, aiohttp_server, lbac="enforce", upstreams=ups,
-                    limits={"fanout_memory": 4 * 1024 * 1024}) as e:
+                    limits={"fanout_memory": 16 * 1024 * 1024}) as e:
         yield e
 
 
@@ -124,13 +124,13 @@ async def test_sixteen_client_selectors_fan_out_within_the_budget(enforce_small:
 async def test_past_the_budget_a_fanout_gets_503_with_retry_after(enforce_small: Env,
                                                                   loki: tuple[StreamsLoki, str]) -> None:
     fake = loki[0]
-    fake.lines, fake.line_bytes = 1000, 1024  # 16 legs of ~1 MiB: past the 4 MiB budget
+    fake.lines, fake.line_bytes = 1000, 1024  # 16 legs of ~1 MiB, ~4.5 times that to merge: past 16 MiB
     h = await _plain_read(enforce_small)
     r = await enforce_small.gw.client.get(QR, headers=h)
     await expect_refusal(r, 503, "fan-out memory budget")
     assert r.headers["Retry-After"] == "1"
     assert budget.BUDGET.held == 0  # everything taken was given back
-    fake.lines = 100  # 16 x ~100 KiB: within the budget again, and merged in the merge process
+    fake.lines = 100  # 16 x ~100 KiB (~7.5 MB to hold and merge): within the budget, merged in the merge process
     r = await enforce_small.gw.client.get(QR, headers=h)
     assert r.status == 200 and len((await r.json())["data"]["result"]) == 16
 
@@ -138,9 +138,9 @@ async def test_past_the_budget_a_fanout_gets_503_with_retry_after(enforce_small:
 async def test_concurrent_fanouts_share_one_budget(enforce_small: Env, loki: tuple[StreamsLoki, str]) -> None:
     """Two fan-outs that each fit alone do not fit together: the second one is refused, neither stalls."""
     fake = loki[0]
-    # 16 x ~114 KiB = ~1.8 MiB each, twice that while merging (the copy sent to the merge process): one
-    # fan-out fits the 4 MiB budget, two side by side do not
-    fake.lines, fake.line_bytes = 110, 1024
+    # 16 legs of 160 lines of 1 KiB: ~2.7 MB of answers, ~12 MB with what merging them takes (merge_cost):
+    # one fan-out fits the 16 MiB budget, two side by side do not
+    fake.lines, fake.line_bytes = 160, 1024
     fake.gate, fake.arrive_at = asyncio.Event(), 2 * LEG_CONCURRENCY
     h = await _plain_read(enforce_small)
     first = asyncio.ensure_future(enforce_small.gw.client.get(QR, headers=h))

@@ -56,7 +56,7 @@ from gateway.lbac.counts import Counts, Inexact, merge_index_stats, merge_volume
 from gateway.lbac.fanout import Leg, Merge, Plan
 from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE, merge_samples, merge_streamed
 from gateway.lbac.restrict import FORM
-from gateway.proxy.budget import BUDGET, DEFAULT_FANOUT_MEMORY, INLINE_MERGE, Held, merge_off_loop
+from gateway.proxy.budget import BUDGET, DEFAULT_FANOUT_MEMORY, INLINE_MERGE, Held, merge_cost, merge_off_loop
 from gateway.proxy.detected import merge_detected_from_series
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
@@ -105,21 +105,27 @@ async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[
                                    allow_redirects=False, compress=None) as up:
             if up.content_length is not None and up.content_length > MAX_ANSWER:
                 raise _too_large()
+            ctype = up.headers.get("Content-Type", "")
+            is_json = "json" in ctype.lower()
+            encoding = up.headers.get("Content-Encoding", "").strip().lower()
+            if encoding not in _WBITS and encoding not in ("", "identity", "snappy"):
+                raise ProxyError(502, f"upstream answered in an encoding the merge cannot read: {encoding}",
+                                 "upstream_unavailable")
+            plain = encoding not in _WBITS
             buf = bytearray()
-            async for chunk in up.content.iter_chunked(256 * 1024):
-                held.take(len(chunk))  # 503 past the budget, before the bytes are kept
+            async for chunk in up.content.iter_chunked(_PIECE):
+                # 503 past the budget, before the bytes are kept: the bytes and what merging them will take
+                held.take(len(chunk) + (merge_cost(chunk, is_json) if plain else 0))
                 buf += chunk
                 if len(buf) > MAX_ANSWER:
                     raise _too_large()
-            encoding = up.headers.get("Content-Encoding", "").strip().lower()
-            if encoding in _WBITS:
-                body = _decompress(bytes(buf), _WBITS[encoding], held)
-            elif encoding in ("", "identity", "snappy"):
-                body = bytes(buf)
-            else:
-                raise ProxyError(502, f"upstream answered in an encoding the merge cannot read: {encoding}",
-                                 "upstream_unavailable")
-            return _Answer(up.status, up.headers.get("Content-Type", ""), body)
+            if plain:
+                return _Answer(up.status, ctype, bytes(buf))
+            body = _decompress(bytes(buf), _WBITS[encoding], held)
+            for i in range(0, len(body), _PIECE):  # charged piece by piece: the loop is never held long
+                held.take(merge_cost(body[i:i + _PIECE], is_json))
+                await asyncio.sleep(0)
+            return _Answer(up.status, ctype, body)
     except ProxyError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError, zlib.error, EOFError) as exc:
@@ -129,6 +135,7 @@ async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[
 
 
 _WBITS: Final = {"gzip": 31, "deflate": 15}
+_PIECE: Final = 256 * 1024
 
 
 def _too_large() -> ProxyError:
@@ -177,8 +184,7 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, base: st
         try:
             if size <= INLINE_MERGE:
                 body, ctype, extra = _merge(plan, answers)
-            else:  # parsing megabytes holds the GIL: another process does it, this loop only copies bytes
-                held.take(size)  # the copy on its way to the merge process
+            else:  # parsing megabytes holds the GIL: another process does it (its memory was charged by _fetch)
                 body, ctype, extra = await merge_off_loop(_merge, plan, answers)
         except Inexact as exc:
             raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
