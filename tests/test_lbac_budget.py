@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -124,13 +126,13 @@ async def test_sixteen_client_selectors_fan_out_within_the_budget(enforce_small:
 async def test_past_the_budget_a_fanout_gets_503_with_retry_after(enforce_small: Env,
                                                                   loki: tuple[StreamsLoki, str]) -> None:
     fake = loki[0]
-    fake.lines, fake.line_bytes = 1000, 1024  # 16 legs of ~1 MiB, ~4.5 times that to merge: past 16 MiB
+    fake.lines, fake.line_bytes = 1000, 1024  # 16 legs of ~1 MiB, ~5.4 times that with merging: past 16 MiB
     h = await _plain_read(enforce_small)
     r = await enforce_small.gw.client.get(QR, headers=h)
     await expect_refusal(r, 503, "fan-out memory budget")
     assert r.headers["Retry-After"] == "1"
     assert budget.BUDGET.held == 0  # everything taken was given back
-    fake.lines = 100  # 16 x ~100 KiB (~7.5 MB to hold and merge): within the budget, merged in the merge process
+    fake.lines = 100  # 16 x ~100 KiB (~9 MB to hold and merge): within the budget, merged in the merge process
     r = await enforce_small.gw.client.get(QR, headers=h)
     assert r.status == 200 and len((await r.json())["data"]["result"]) == 16
 
@@ -138,9 +140,9 @@ async def test_past_the_budget_a_fanout_gets_503_with_retry_after(enforce_small:
 async def test_concurrent_fanouts_share_one_budget(enforce_small: Env, loki: tuple[StreamsLoki, str]) -> None:
     """Two fan-outs that each fit alone do not fit together: the second one is refused, neither stalls."""
     fake = loki[0]
-    # 16 legs of 160 lines of 1 KiB: ~2.7 MB of answers, ~12 MB with what merging them takes (merge_cost):
+    # 16 legs of 140 lines of 1 KiB: ~2.4 MB of answers, ~12.7 MB with what merging them takes (merge_cost):
     # one fan-out fits the 16 MiB budget, two side by side do not
-    fake.lines, fake.line_bytes = 160, 1024
+    fake.lines, fake.line_bytes = 140, 1024
     fake.gate, fake.arrive_at = asyncio.Event(), 2 * LEG_CONCURRENCY
     h = await _plain_read(enforce_small)
     first = asyncio.ensure_future(enforce_small.gw.client.get(QR, headers=h))
@@ -171,6 +173,8 @@ async def test_big_merges_are_not_parsed_on_the_event_loop(enforce_small: Env, l
     assert r.status == 200 and len(doc["data"]["result"]) == 16
     assert sum(len(s["values"]) for s in doc["data"]["result"]) == 1000  # the query's limit, across the legs
     assert not [n for n in parsed if n > 64 * 1024], parsed  # on ae4b1b2: 16 answers of ~100 KiB parsed here
+    left = [n for n in os.listdir(budget._SPOOL or tempfile.gettempdir()) if n.startswith("gateway-fanout-")]
+    assert not left  # the answers handed to the merge process are removed
 
 
 def test_client_selectors_count_against_the_token_bounds() -> None:

@@ -56,7 +56,17 @@ from gateway.lbac.counts import Counts, Inexact, merge_index_stats, merge_volume
 from gateway.lbac.fanout import Leg, Merge, Plan
 from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE, merge_samples, merge_streamed
 from gateway.lbac.restrict import FORM
-from gateway.proxy.budget import BUDGET, DEFAULT_FANOUT_MEMORY, INLINE_MERGE, Held, merge_cost, merge_off_loop
+from gateway.proxy.budget import (
+    BUDGET,
+    DEFAULT_FANOUT_MEMORY,
+    INLINE_MERGE,
+    Held,
+    merge_cost,
+    merge_off_loop,
+    read_spooled,
+    spool,
+    unlink,
+)
 from gateway.proxy.detected import merge_detected_from_series
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward, relay_websockets
@@ -185,7 +195,13 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, base: st
             if size <= INLINE_MERGE:
                 body, ctype, extra = _merge(plan, answers)
             else:  # parsing megabytes holds the GIL: another process does it (its memory was charged by _fetch)
-                body, ctype, extra = await merge_off_loop(_merge, plan, answers)
+                paths = await spool([a.body for a in answers])
+                metas = [(a.status, a.content_type) for a in answers]
+                answers.clear()  # the bytes wait in the files now
+                try:
+                    body, ctype, extra = await merge_off_loop(_merge_spooled, plan, metas, paths)
+                finally:
+                    unlink(paths)
         except Inexact as exc:
             raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
         except (Unmergeable, RewriteError, ValueError, KeyError, TypeError, IndexError) as exc:
@@ -212,6 +228,12 @@ async def _fetch_all(session: aiohttp.ClientSession, base: str, path: str, heade
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _merge_spooled(plan: Plan, metas: list[tuple[int, str]], paths: list[str]) -> tuple[bytes, str, dict[str, str]]:
+    """In the merge process: :func:`_merge` of the answers the worker spooled to files."""
+    return _merge(plan, [_Answer(status, ctype, read_spooled(path)) for (status, ctype), path in zip(metas, paths,
+                                                                                                  strict=True)])
 
 
 def _merge(plan: Plan, answers: list[_Answer]) -> tuple[bytes, str, dict[str, str]]:
