@@ -15,6 +15,7 @@ The gateway is the real server on real HTTP; the Loki stand-in answers ``query_r
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import subprocess
@@ -56,6 +57,7 @@ class StreamsLoki:
         self.in_flight = self.max_in_flight = self.requests = 0
         self.gate: asyncio.Event | None = None
         self.arrived, self.arrive_at = asyncio.Event(), 0  # set once ``arrive_at`` requests came in
+        self.gzip = False  # answer gzip-encoded whatever the request asked (as a misconfigured proxy might)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests += 1
@@ -73,6 +75,9 @@ class StreamsLoki:
             values = [[str(BASE_NS + i), f"{i:08d} " + "x" * self.line_bytes] for i in range(self.lines)]
             doc = {"status": "success", "data": {"resultType": "streams",
                                                  "result": [{"stream": labels, "values": values}]}}
+            if self.gzip:
+                return web.Response(body=gzip.compress(json.dumps(doc).encode()), content_type="application/json",
+                                    headers={"Content-Encoding": "gzip"})
             return web.json_response(doc)
         finally:
             self.in_flight -= 1
@@ -177,6 +182,19 @@ async def test_big_merges_are_not_parsed_on_the_event_loop(enforce_small: Env, l
     assert not left  # the answers handed to the merge process are removed
 
 
+async def test_compressed_answers_are_inflated_within_the_budget(enforce_small: Env,
+                                                                 loki: tuple[StreamsLoki, str]) -> None:
+    fake = loki[0]
+    fake.gzip = True
+    h = await _plain_read(enforce_small)
+    r = await enforce_small.gw.client.get(QR, headers=h)
+    assert r.status == 200 and len((await r.json())["data"]["result"]) == 16
+    fake.lines, fake.line_bytes = 2000, 4096  # 16 x 8 MiB of a repeated line: ~20 KiB each compressed
+    r = await enforce_small.gw.client.get(QR, headers=h)
+    await expect_refusal(r, 503, "fan-out memory budget")
+    assert budget.BUDGET.held == 0
+
+
 def test_client_selectors_count_against_the_token_bounds() -> None:
     """Team rules x client selectors are bounded like a token's own (MAX_POLICIES)."""
     team = tuple(parse_selector(f'{{ns="n{i}"}}') for i in range(16))
@@ -246,6 +264,7 @@ def test_twelve_thousand_levels_do_not_crash_the_planner() -> None:
     fan-out planner handed the raw query to promql-parser, and 12,000 levels ended the process (SIGSEGV)."""
     code = """
 import asyncio
+import gzip
 from gateway.lbac.pool import check_nesting, enforce_bounded, plan_bounded
 from gateway.policy.selector import parse_selector
 from gateway.proxy.errors import ProxyError

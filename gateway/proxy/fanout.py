@@ -131,7 +131,16 @@ async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[
                     raise _too_large()
             if plain:
                 return _Answer(up.status, ctype, bytes(buf))
-            body = _decompress(bytes(buf), _WBITS[encoding], held)
+            data, cap = bytes(buf), min(MAX_ANSWER, held.room())
+            del buf
+            # zlib releases the GIL: inflating in a thread keeps megabytes of it off this event loop
+            body, more, complete = await asyncio.get_running_loop().run_in_executor(
+                None, _inflate, data, _WBITS[encoding], cap)
+            if len(body) > MAX_ANSWER:
+                raise _too_large()
+            held.take(len(body) + more)  # past the room: 503
+            if not complete:
+                raise ProxyError(502, "upstream answer broke: truncated compressed body", "upstream_unavailable")
             for i in range(0, len(body), _PIECE):  # charged piece by piece: the loop is never held long
                 held.take(merge_cost(body[i:i + _PIECE], is_json))
                 await asyncio.sleep(0)
@@ -152,17 +161,12 @@ def _too_large() -> ProxyError:
     return ProxyError(502, f"upstream answer larger than {MAX_ANSWER} bytes cannot be merged", "upstream_too_large")
 
 
-def _decompress(data: bytes, wbits: int, held: Held) -> bytes:
-    """Inflate at most what the budget (and MAX_ANSWER) allows: a small bomb cannot grow the worker."""
+def _inflate(data: bytes, wbits: int, cap: int) -> tuple[bytes, int, bool]:
+    """At most ``cap`` + 1 bytes of ``data`` inflated (a small bomb cannot grow the worker past its budget):
+    (the bytes, 1 if more were left, whether the stream ended)."""
     d = zlib.decompressobj(wbits)
-    cap = min(MAX_ANSWER, held.room())
     out = d.decompress(data, cap + 1)
-    if len(out) > MAX_ANSWER:
-        raise _too_large()
-    held.take(len(out) + (1 if d.unconsumed_tail else 0))  # past the room: 503
-    if not d.eof:
-        raise ProxyError(502, "upstream answer broke: truncated compressed body", "upstream_unavailable")
-    return out
+    return out, 1 if d.unconsumed_tail else 0, d.eof
 
 
 async def execute(request: web.Request, session: aiohttp.ClientSession, base: str, path: str,
