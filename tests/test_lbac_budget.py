@@ -34,6 +34,7 @@ from gateway.lbac import bounds, logql
 from gateway.lbac import restrict as lbac
 from gateway.policy.selector import parse_selector
 from gateway.proxy import budget, fanout
+from gateway.proxy.errors import ProxyError
 from gateway.proxy.fanout import LEG_CONCURRENCY, TAIL_DIGEST, TailDedup
 from tests.test_lbac_bypass import restricted
 from tests.test_proxy import Env, _env, basic, expect_refusal
@@ -193,6 +194,22 @@ async def test_compressed_answers_are_inflated_within_the_budget(enforce_small: 
     r = await enforce_small.gw.client.get(QR, headers=h)
     await expect_refusal(r, 503, "fan-out memory budget")
     assert budget.BUDGET.held == 0
+
+
+def test_newcomers_take_at_most_half_of_what_is_left() -> None:
+    """A stream of new fan-outs cannot starve one under way (they would all end in 503s)."""
+    b = budget.Budget()
+    with b.hold(100) as first:
+        first.take(60)
+        with b.hold(100) as late:
+            late.take(20)
+            with pytest.raises(ProxyError) as info:
+                late.take(1)
+            assert info.value.status == 503 and info.value.headers == {"Retry-After": "1"}
+        first.take(40)  # the request under way still gets the rest
+        with pytest.raises(ProxyError):
+            first.take(1)
+    assert b.held == 0
 
 
 def test_client_selectors_count_against_the_token_bounds() -> None:

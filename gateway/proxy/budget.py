@@ -7,7 +7,9 @@ worker for seconds. So:
 
 * every fan-out charges what it holds to one per-worker :class:`Budget` (``limits.fanout_memory``): the
   answers as they arrive (decompressed) and what merging them will take (:func:`merge_cost`); past it
-  the request gets a 503 with ``Retry-After``, at once, and gives back what it held;
+  the request gets a 503 with ``Retry-After``, at once, and gives back what it held; a request that
+  starts while others hold some of it may take at most half of what is left, so newcomers cannot
+  starve the fan-outs under way;
 * a merge of more than :data:`INLINE_MERGE` bytes runs in a separate process (one per worker,
   merges queued, a fresh process each time, at a lower CPU priority), so the event loop only copies
   bytes; smaller ones run inline (a few ms at most).
@@ -51,7 +53,9 @@ class Budget:
     @contextlib.contextmanager
     def hold(self, limit: int) -> Iterator[Held]:
         """A request's share: everything it took is given back when the block ends, however it ends."""
-        share = Held(self, limit)
+        # a request that starts while others hold some of the budget may take half of what is left, so a
+        # stream of newcomers cannot starve the fan-outs already under way (which would all end in 503s)
+        share = Held(self, limit, limit if self.held == 0 else max(0, limit - self.held) // 2)
         try:
             yield share
         finally:
@@ -62,19 +66,19 @@ class Budget:
 class Held:
     """One request's bytes in the worker's :class:`Budget`."""
 
-    __slots__ = ("budget", "limit", "taken")
+    __slots__ = ("budget", "limit", "cap", "taken")
 
-    def __init__(self, budget: Budget, limit: int) -> None:
-        self.budget, self.limit, self.taken = budget, limit, 0
+    def __init__(self, budget: Budget, limit: int, cap: int) -> None:
+        self.budget, self.limit, self.cap, self.taken = budget, limit, cap, 0
 
     def room(self) -> int:
         """Bytes this request could still take now."""
-        return max(0, self.limit - self.budget.held)
+        return max(0, min(self.limit - self.budget.held, self.cap - self.taken))
 
     def take(self, n: int) -> None:
         """Charge ``n`` more bytes, or refuse the request (503, Retry-After) past the worker's budget."""
         b = self.budget
-        if b.held + n > self.limit:
+        if b.held + n > self.limit or self.taken + n > self.cap:
             raise ProxyError(503, f"the gateway worker's fan-out memory budget ({self.limit} bytes, shared by "
                              "every concurrent request under several label policies) is spent; retry shortly",
                              "fanout_budget", {"Retry-After": RETRY_AFTER})

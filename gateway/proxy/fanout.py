@@ -123,16 +123,19 @@ async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[
                                  "upstream_unavailable")
             plain = encoding not in _WBITS
             buf = bytearray()
-            async for chunk in up.content.iter_chunked(_PIECE):
-                # 503 past the budget, before the bytes are kept: the bytes and what merging them will take
-                held.take(len(chunk) + (merge_cost(chunk, is_json) if plain else 0))
-                buf += chunk
-                if len(buf) > MAX_ANSWER:
-                    raise _too_large()
+            try:
+                async for chunk in up.content.iter_chunked(_PIECE):
+                    # 503 past the budget, before the bytes are kept: the bytes and what merging them will take
+                    held.take(len(chunk) + (merge_cost(chunk, is_json) if plain else 0))
+                    buf += chunk
+                    if len(buf) > MAX_ANSWER:
+                        raise _too_large()
+                data = bytes(buf)
+            finally:
+                buf.clear()  # a refusal's traceback keeps this frame (and its buffer) alive until a collection
             if plain:
-                return _Answer(up.status, ctype, bytes(buf))
-            data, cap = bytes(buf), min(MAX_ANSWER, held.room())
-            del buf
+                return _Answer(up.status, ctype, data)
+            cap = min(MAX_ANSWER, held.room())
             # zlib releases the GIL: inflating in a thread keeps megabytes of it off this event loop
             body, more, complete = await asyncio.get_running_loop().run_in_executor(
                 None, _inflate, data, _WBITS[encoding], cap)
@@ -231,6 +234,7 @@ async def _fetch_all(session: aiohttp.ClientSession, base: str, path: str, heade
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        tasks.clear()  # the legs that finished hold their answers; the exception's traceback holds this frame
         raise
 
 
