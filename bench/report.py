@@ -71,6 +71,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         mem = d["gateway_memory"]
         growth = round(mem["rss_max_during_mb"] - mem["rss_before_mb"], 1)
         add("remote_write memory growth during the runs (MB, all workers)", growth, "flat: <= 64 MB", growth <= 64)
+    ab = results.get("abuse")
+    if ab:
+        for name, ph in ab["phases"].items():
+            add(f"abuse ({name}): another tenant's added p99 (ms)", ph["added_p99_ms"], "<= 50 ms",
+                ph["added_p99_ms"] <= 50)
+            add(f"abuse ({name}): worker RSS growth (MB, largest worker)", ph["worker_rss_growth_max_mb"],
+                f"<= {ab['budget_mb']:.0f} MB (limits.fanout_memory)",
+                ph["worker_rss_growth_max_mb"] <= ab["budget_mb"])
     s = results.get("scale")
     if s:
         add(f"{s['tokens']} tokens: seconds to every worker ready", s["all_workers_ready_s"], "<= 5 s",
@@ -160,6 +168,9 @@ def table(results: dict[str, Any]) -> str:
             lines.append("  by function (self % | inclusive %):")
             for fn, inc, own in p["top_self"][:12]:
                 lines.append(f"    {own:5.1f} | {inc:5.1f}  {fn}")
+    if results.get("abuse"):
+        from bench.abuse import table as abuse_table
+        lines += abuse_table(results["abuse"])
     t = results.get("targets") or []
     if t:
         lines.append("")

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Protocol, overload
 
 from gateway.config import Config, Stack
+from gateway.lbac import RewriteError, bounds
 from gateway.lbac import restrict as lbac
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, Identity, IPAddress, covering_realms
@@ -133,4 +134,8 @@ async def decide(st: State, cfg: Config, route: Route, headers: Headers, ip: IPA
         client_policies = headers.getall("X-Prom-Label-Policy", []) if reads else []
         sent = lbac.parse_client_policies(client_policies, tenant) if client_policies else ()
         policies = lbac.intersect(team, sent) if team and sent else (team or sent)
+        try:  # client-sent selectors count against the bounds of a token's own
+            bounds.check_policies(len(policies))
+        except RewriteError as exc:
+            raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
     return decision, policies

@@ -27,7 +27,7 @@ from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.limits_context import HEADER as LIMITS_CONTEXT
 from gateway.lbac.limits_context import limits_context
-from gateway.lbac.pool import _LOGQL, _MATCHES, _PROMQL, weigh
+from gateway.lbac.pool import _LOGQL, _MATCHES, _PROMQL, check_nesting, weigh
 from gateway.lbac.probe import effective_mode, probe_of
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, IPAddress
@@ -152,6 +152,7 @@ def _restricted_query(f: _Facts, m: RouteMatch, method: str, raw_query: str) -> 
     normalized = _NORMALIZED.get((kind, path, raw_query))
     if normalized is None:
         try:
+            check_nesting(kind, raw_query, None)
             if lbac_fanout.plan_header_mode(kind, path, method, raw_query, None, policies) is not None:
                 return None
             n = headermode.normalize(raw_query, None)

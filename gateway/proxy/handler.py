@@ -18,7 +18,7 @@ from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.limits_context import HEADER as LIMITS_CONTEXT
 from gateway.lbac.limits_context import limits_context
-from gateway.lbac.pool import enforce_bounded, plan_bounded
+from gateway.lbac.pool import check_nesting, enforce_bounded, plan_bounded
 from gateway.lbac.probe import effective_mode
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.policy.datasource import user_policies
@@ -160,6 +160,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
                 label_headers = ()
         elif route.kind is not Kind.REMOTE_READ:  # header mode: the backend filters what it runs
             form = await _read_form(request)
+            check_nesting(route.kind, raw_query, form)  # the parse bound holds in both modes
             fan = lbac_fanout.plan_header_mode(route.kind, m.upstream_path, request.method, raw_query, form,
                                                policies)
             if fan is None:
@@ -184,7 +185,8 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     try:
         if fan is not None:
             entry["fanout"] = len(fan.legs)
-            resp, outcome = await execute_fanout(request, session, base, m.upstream_path, headers, fan, limit)
+            resp, outcome = await execute_fanout(request, session, base, m.upstream_path, headers, fan, limit,
+                                                  cfg.limits.fanout_memory)
         elif route.websocket and request.headers.get("Upgrade", "").lower() == "websocket":
             resp, outcome = await relay_websocket(request, session, url, headers)
         else:
