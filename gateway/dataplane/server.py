@@ -116,9 +116,15 @@ def _wants(m: RouteMatch | None, h: _HeadFacts) -> bool:
 
 def _decode(raw: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
     """Header fields as text. llhttp strips whitespace before a value, not after it; aiohttp and nginx
-    strip both, and so does this (a value of ``5 `` is the length 5, for every reader after this one)."""
-    return CIMultiDictProxy(CIMultiDict([(n.decode("utf-8", "surrogateescape"),
-                                          v.rstrip(b" \t").decode("utf-8", "surrogateescape")) for n, v in raw]))
+    strip both, and so does this; a length is written as the number llhttp read (``0005 `` is 5), for every
+    reader after this one."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for n, v in raw:
+        v = v.rstrip(b" \t")
+        if n.lower() == b"content-length" and v.isdigit():
+            v = b"%d" % int(v)
+        out.add(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+    return CIMultiDictProxy(out)
 
 
 _FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding"})
