@@ -29,7 +29,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final, cast
@@ -95,18 +97,36 @@ class _HeadFacts:
     Content-Length of digits, optional whitespace around it, never with Transfer-Encoding, which ends in
     ``chunked``). They are only checked against what the parser then does (``HttpProtocol._decide``)."""
 
-    __slots__ = ("websocket", "switch", "length", "chunked", "declares_body", "unreadable", "expect")
+    __slots__ = ("websocket", "switch", "length", "chunked", "declares_body", "refusal", "expect", "host")
 
-    def __init__(self, headers: CIMultiDictProxy[str]):
+    def __init__(self, headers: CIMultiDictProxy[str], raw: Sequence[tuple[bytes, bytes]] = ()):
         self.websocket = headers.get("Upgrade", "").lower() == "websocket"
         # any other protocol switch: as aiohttp does
         self.switch = "upgrade" in headers.get("Connection", "").lower() and "Upgrade" in headers
         cl = headers.get("Content-Length")
-        self.unreadable = cl is not None and not (cl.isascii() and cl.isdigit())  # (values arrive stripped)
-        self.length = int(cl) if cl is not None and not self.unreadable else None
-        self.chunked = "Transfer-Encoding" in headers
+        unreadable = cl is not None and not (cl.isascii() and cl.isdigit())  # (values arrive stripped)
+        self.length = int(cl) if cl is not None and not unreadable else None
+        te = headers.getall("Transfer-Encoding", ())
+        self.chunked = bool(te)
         self.declares_body = self.chunked or bool(self.length)
-        self.expect = headers.get("Expect")
+        expect = headers.getall("Expect", ())
+        self.expect = expect[0] if expect else None
+        hosts = headers.getall("Host", ())
+        #: The first of these rules the header set breaks, as (status, message): refused before any body byte.
+        self.refusal: tuple[int, str] | None = None
+        for broken, status, message in (
+                (unreadable, 400, "the request's Content-Length is not a plain decimal number"),
+                (any(b"\t" in v for n, v in raw if n.lower() in _FRAMING_NAMES), 400,
+                 "a tab in Content-Length or Transfer-Encoding is read differently by different servers"),
+                (len(te) > 1 or (te and te[0].lower() != "chunked"), 501,
+                 "the only transfer coding this gateway reads is a single 'chunked'"),
+                (len(expect) > 1, 400, "more than one Expect field"),
+                (len(hosts) > 1, 400, "more than one Host field"),
+                (any(not _HOST.fullmatch(h) for h in hosts), 400, "the Host field is not a valid host[:port]")):
+            if broken:
+                self.refusal = (status, message)
+                break
+        self.host = bool(hosts)
 
 
 def _wants(m: RouteMatch | None, h: _HeadFacts) -> bool:
@@ -128,6 +148,11 @@ def _decode(raw: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
 
 
 _FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding"})
+_HOST: Final = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=%-]+(:[0-9]*)?|\[[0-9A-Fa-f:.]+\](:[0-9]*)?")
+#: A tab before a framing field's value (llhttp strips it, nginx does not): refused, for one reading of them.
+_LEADING_TAB: Final = re.compile(rb"\n(?i:content-length|transfer-encoding):[ \t]*\t")
+_REFUSED_METHODS: Final = {b"CONNECT": "CONNECT (this gateway is no forward proxy)",
+                           b"TRACE": "TRACE (it would echo credentials)"}
 
 
 def _rewritten_head(method: bytes, url: bytes, version: str, raw: list[tuple[bytes, bytes]],
@@ -165,6 +190,7 @@ class HttpProtocol(asyncio.Protocol):
         self._memo: dict[object, object] = {}
         self._facts = _HeadFacts(CIMultiDictProxy(CIMultiDict()))
         self._head_bytes = 0
+        self._window: list[bytes] = []
         self._cur: DataRequest | None = None
         self._undecided = False  # _cur's head is parsed; whether a body follows is not known yet
         self._queue: deque[DataRequest] = deque()
@@ -250,6 +276,10 @@ class HttpProtocol(asyncio.Protocol):
         if self._switch_tail is not None:  # after a protocol switch's head, waiting for the answers before it
             self._switch_tail += data
             return
+        if self._in_head:  # the reads that hold the current head (see _tab_before_framing)
+            self._window.append(data)
+        else:
+            self._window = [data]
         if self._fresh:
             self._fresh = False
             if data.startswith(_H2_PREFACE[:14]):  # "PRI * HTTP/2.0": gRPC (Tempo streaming) speaks HTTP/2 only
@@ -321,14 +351,25 @@ class HttpProtocol(asyncio.Protocol):
         if headers is None or raw_headers != self._last_raw:
             headers = _decode(raw_headers)
             self._last_raw, self._last_headers, self._memo = raw_headers, headers, {}
-            self._facts = _HeadFacts(headers)
+            self._facts = _HeadFacts(headers, raw_headers)
         facts = self._facts
         version_text = p.get_http_version()
         version = (1, 1) if version_text == "1.1" else (1, 0)
-        if facts.unreadable:  # (llhttp read a length there: the two readings differ)
-            raise _Bad(400, "the request's Content-Length is not a plain decimal number")
+        if version_text not in ("1.1", "1.0"):
+            raise _Bad(505, f"HTTP/{version_text} is not supported; this gateway speaks HTTP/1.1 and 1.0")
+        if facts.refusal is not None:
+            raise _Bad(*facts.refusal)
+        if version >= (1, 1) and not facts.host:
+            raise _Bad(400, "an HTTP/1.1 request without a Host field")
         if facts.chunked and version < (1, 1):
             raise _Bad(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
+        if (facts.chunked or facts.length is not None) and self._tab_before_framing():
+            raise _Bad(400, "a tab in Content-Length or Transfer-Encoding is read differently by different servers")
+        refused = _REFUSED_METHODS.get(p.get_method())
+        if refused is not None:
+            raise _Bad(405, f"this gateway does not serve {refused}")
+        if raw_url == b"*" or b"#" in raw_url:
+            raise _Bad(400, "the request target is not a path (a '*', or a '#' fragment, which clients never send)")
         upgrade = p.should_upgrade()
         if upgrade and facts.declares_body:
             raise _Bad(400, "a protocol switch (Upgrade, CONNECT) with a request body is ambiguous")
@@ -344,6 +385,13 @@ class HttpProtocol(asyncio.Protocol):
             raise _Bad(417, f"unsupported Expect: {expect}")
         self._cur = req
         self._undecided = True  # the parser says next whether a body follows (on_body, on_message_complete)
+
+    def _tab_before_framing(self) -> bool:
+        """Whether a framing field's value starts with a tab: llhttp skips it before the value begins, so it
+        is read from the bytes of the reads that hold the head (a superset: a match in a body before it only
+        refuses the connection that sent it)."""
+        window = self._window
+        return any(b"\t" in part for part in window) and _LEADING_TAB.search(b"".join(window)) is not None
 
     def on_body(self, data: bytes) -> None:
         if self._relaying:
@@ -504,11 +552,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def keep_going(self, req: DataRequest) -> bool:
         """Whether the connection serves another request after ``req`` (asked when its head is written)."""
-        if not req.keep_alive or self.plane.draining or self.closed or (self._refusal and not self._queue):
-            return False
-        if not req.content.is_eof():
-            # The answer does not need the rest of the body: drop it, and close (the client may not send it
-            # at all after an answer to Expect: 100-continue).
+        if not req.keep_alive or self.plane.draining or self.closed:
+            return False  # (a parse error behind it is answered after it, with its own Connection: close)
+        if not req.content.at_eof():
+            # The answer did not read the whole body: drop the rest, and close (the client may not send it at
+            # all after an answer to Expect: 100-continue). Whether it had all arrived does not matter: the
+            # connection's fate must not depend on how the client's bytes were cut into reads.
             req.content.discard = True
             return False
         return True
@@ -520,7 +569,10 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
             return
         if self._refusal is not None and not (self._queue and req.keep_alive):
-            self._close_with_refusal()
+            if req.keep_alive:
+                self._close_with_refusal()
+            else:
+                self._close()  # (no answer after one that said Connection: close)
         elif not req.keep_alive:
             self._linger(req)
         elif self._queue:
