@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 
 # A skipped end-to-end test's reason names what is missing; these map it to the Debian package.
-_PACKAGES = {"chromium": "chromium", "prometheus": "prometheus", "promtool": "prometheus"}
+_PACKAGES = {"chromium": "chromium", "prometheus": "prometheus", "promtool": "prometheus", "nginx": "nginx"}
 
 
 def pytest_unconfigure(config: Any) -> None:

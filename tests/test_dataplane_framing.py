@@ -27,11 +27,14 @@ async def test_a_length_with_a_trailing_space_frames_the_body_for_the_upstream_t
         db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> None:
     async with _dp(db_dsn, aiohttp_client, aiohttp_server) as dp:
         tok = await dp.token(["metrics:write"])
-        for value in (b"5 ", b"5\t", b" 5 ", b"0005"):
+        for value in (b"5 ", b"  5  ", b"0005", b"5\t", b"\t5"):
             dp.rec.seen.clear()
             data = (b"POST /api/v1/push HTTP/1.1\r\nHost: x\r\n" + _auth(tok) + b"Content-Length: " + value
                     + b"\r\nConnection: close\r\n\r\nhello")
             out = await _exchange(dp.port, data)
+            if b"\t" in value:  # nginx refuses a tab there, llhttp skips it: refused, one reading for all
+                assert _statuses(out) == [b"400"] and dp.rec.seen == [], (value, out[:300])
+                continue
             assert _statuses(out) == [b"200"], (value, out[:300])
             assert [(s.method, s.path, s.body) for s in dp.rec.seen] == [("POST", PUSH, b"hello")], value
             assert dp.rec.last.headers["Content-Length"] == "5"
