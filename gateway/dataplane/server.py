@@ -304,7 +304,9 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed HTTP request: {exc}")
             return
-        if self._in_head and self._timer is None and not self.closed:
+        if not self._in_head:
+            self._window = []  # (kept only while a head is incomplete: a read can be 256 KiB of body)
+        elif self._timer is None and not self.closed:
             self._arm(self.plane.settings.head_timeout)
         self._flush_relay()
 
