@@ -503,12 +503,22 @@ class HttpProtocol(asyncio.Protocol):
         handler.connection_made(tr)
         if out:
             handler.data_received(b"".join(out))
+        if self._refusal is not None:
+            self._end_relay()
+            return
         tail, self._switch_tail = self._switch_tail, None
         if tail is not None:  # a protocol switch: the transport is aiohttp's from here on
             self.handed = True
             tr.set_protocol(handler)
             if tail:
                 handler.data_received(tail)
+
+    def _end_relay(self) -> None:
+        """A request behind those fed to aiohttp did not parse: aiohttp answers those, then closes."""
+        if self._relay_in_body:
+            self._relay.force_close()  # (its request's body will never be whole)
+        else:
+            self._relay.close()
 
     def _switch_protocol(self, tail: bytes) -> None:
         """llhttp stopped after a protocol switch's head (WebSocket, CONNECT): the rest is not HTTP."""
@@ -570,7 +580,9 @@ class HttpProtocol(asyncio.Protocol):
         if not req.finished:
             self._close()
             return
-        if self._refusal is not None and not (self._queue and req.keep_alive):
+        if self._relay_out is not None and not self._queue:
+            self._flush_relay()
+        elif self._refusal is not None and not (self._queue and req.keep_alive):
             if req.keep_alive:
                 self._close_with_refusal()
             else:
@@ -581,8 +593,6 @@ class HttpProtocol(asyncio.Protocol):
             nxt = self._queue.popleft()
             self._resume()
             self._start(nxt)
-        elif self._relay_out is not None:
-            self._flush_relay()
         elif self._cur is None and self._timer is None:
             self._idle()
 
@@ -637,15 +647,14 @@ class HttpProtocol(asyncio.Protocol):
     def _refuse(self, status: int, message: str) -> None:
         """A request that does not parse or breaks a limit: answer (unless an answer is under way) and close.
         After a hand-over, aiohttp writes the answers: it closes the connection once those before are out."""
-        if self._relay is not None:
+        if self._relaying:
             log.info("data path: refused a request from %s after a hand-over: %d %s", self.remote, status, message)
             self._refusal = (status, message)
-            if self._relay_in_body:
-                self._relay.force_close()  # (its request's body will never be whole)
+            if self._relay is not None:
+                self._end_relay()
             else:
-                self._relay.close()
+                self._flush_relay()  # (once the data-path answers before it are out: see _after)
             return
-        self._relay_out = None  # requests for aiohttp behind it are not answered: the connection closes
         if self._cur is not None and not self._cur.content.is_eof():
             self._cur.content.set_exception(BodyError(f"the request body broke: {message}"))
         log.info("data path: refused a request from %s: %d %s", self.remote, status, message)
