@@ -19,7 +19,7 @@ the rest of its connection over to aiohttp's ``RequestHandler``, still read by t
 there on is written to aiohttp anew from what llhttp parsed (request line, header fields, and the body as
 llhttp framed it, with one Content-Length or chunked), so no byte is read by two parsers that might frame it
 differently, and nothing already answered is fed again. Data-path answers under way go out first. A protocol
-switch (WebSocket, CONNECT) gets the transport itself, with the re-written head and the bytes llhttp left
+switch (a WebSocket upgrade) gets the transport itself, with the re-written head and the bytes llhttp left
 after it.
 """
 
@@ -374,7 +374,7 @@ class HttpProtocol(asyncio.Protocol):
             raise _Bad(400, "the request target is not a path (a '*', or a '#' fragment, which clients never send)")
         upgrade = p.should_upgrade()
         if upgrade and facts.declares_body:
-            raise _Bad(400, "a protocol switch (Upgrade, CONNECT) with a request body is ambiguous")
+            raise _Bad(400, "a protocol switch (Upgrade) with a request body is ambiguous")
         m = None if handover or self._relaying else match(method, path)
         if handover or self._relaying or upgrade or _wants(m, facts):
             self._to_relay(p.get_method(), raw_url, version_text, raw_headers, facts)
@@ -521,7 +521,7 @@ class HttpProtocol(asyncio.Protocol):
             self._relay.close()
 
     def _switch_protocol(self, tail: bytes) -> None:
-        """llhttp stopped after a protocol switch's head (WebSocket, CONNECT): the rest is not HTTP."""
+        """llhttp stopped after a protocol switch's head (a WebSocket upgrade): the rest is not HTTP."""
         if self._relay is not None:  # aiohttp already reads this connection
             self.handed = True
             assert self.transport is not None
@@ -580,7 +580,7 @@ class HttpProtocol(asyncio.Protocol):
         if not req.finished:
             self._close()
             return
-        if self._relay_out is not None and not self._queue:
+        if self._relay_out is not None and not self._queue and req.keep_alive:
             self._flush_relay()
         elif self._refusal is not None and not (self._queue and req.keep_alive):
             if req.keep_alive:
