@@ -185,3 +185,21 @@ async def test_framing_refusals_close_the_connection_and_forward_nothing(
             out = await _exchange(dp.port, data + _get(tok))  # (a good request behind: never answered)
             assert _statuses(out) == [status] and b"Connection: close" in out, (data[:60], out[:300])
         assert dp.rec.seen == []
+
+
+async def test_a_websocket_upgrade_pipelined_behind_a_data_path_request_gets_the_socket_after_it(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> None:
+    async with _dp(db_dsn, aiohttp_client, aiohttp_server) as dp:
+        tok = await dp.token(["metrics:read", "logs:read"])
+        upgrade = (b"GET /loki/api/v1/tail?query=%7Bapp%3D%22x%22%7D HTTP/1.1\r\nHost: x\r\n" + _auth(tok)
+                   + b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        reader, writer = await asyncio.open_connection("127.0.0.1", dp.port)
+        writer.write(_get(tok, f"{Q}?query=a") + upgrade)
+        out = b""
+        async with asyncio.timeout(10):
+            while b"hello" not in out:
+                out += await reader.read(65536)
+        writer.close()
+        assert _statuses(out) == [b"200", b"101"], out
+        assert [s.method for s in dp.rec.seen] == ["GET", "WS"]
