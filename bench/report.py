@@ -71,6 +71,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         mem = d["gateway_memory"]
         growth = round(mem["rss_max_during_mb"] - mem["rss_before_mb"], 1)
         add("remote_write memory growth during the runs (MB, all workers)", growth, "flat: <= 64 MB", growth <= 64)
+    ab = results.get("abuse")
+    if ab:
+        for name, ph in ab["phases"].items():
+            add(f"abuse ({name}): another tenant's added p99 (ms)", ph["added_p99_ms"], "<= 50 ms",
+                ph["added_p99_ms"] <= 50)
+            add(f"abuse ({name}): worker RSS growth (MB, largest worker)", ph["worker_rss_growth_max_mb"],
+                f"<= {ab['budget_mb']:.0f} MB (limits.fanout_memory)",
+                ph["worker_rss_growth_max_mb"] <= ab["budget_mb"])
     s = results.get("scale")
     if s:
         add(f"{s['tokens']} tokens: seconds to every worker ready", s["all_workers_ready_s"], "<= 5 s",
@@ -160,6 +168,9 @@ def table(results: dict[str, Any]) -> str:
             lines.append("  by function (self % | inclusive %):")
             for fn, inc, own in p["top_self"][:12]:
                 lines.append(f"    {own:5.1f} | {inc:5.1f}  {fn}")
+    if results.get("abuse"):
+        from bench.abuse import table as abuse_table
+        lines += abuse_table(results["abuse"])
     t = results.get("targets") or []
     if t:
         lines.append("")
@@ -181,13 +192,14 @@ PROFILE_PARTS = (
     ("access log (AccessLog.write)", "gateway/accesslog.py:AccessLog.write"),
     ("routing (UrlDispatcher.resolve)", "aiohttp/web_urldispatcher.py:UrlDispatcher.resolve"),
     ("callback exchange: decision and upstream head (fastpath.prepare)", "gateway/proxy/fastpath.py:prepare"),
+    ("plan stage (plan.plan)", "gateway/proxy/plan.py:plan"),
     ("callback exchange: start (exchange.start)", "gateway/dataplane/exchange.py:start"),
     ("callback exchange: relayed answer (Exchange._relayed)", "gateway/dataplane/exchange.py:Exchange._relayed"),
     ("callback exchange: lean client's answer (Exchange._answered)",
      "gateway/dataplane/exchange.py:Exchange._answered"),
     ("handler (handle)", "gateway/proxy/handler.py:handle"),
     ("forward (client + response)", "gateway/proxy/forward.py:forward"),
-    ("_serve (decision steps + forward)", "gateway/proxy/handler.py:_serve"),
+    ("_serve (decide, plan, execute)", "gateway/proxy/handler.py:_serve"),
     ("aiohttp client (ClientSession._request)", "aiohttp/client.py:ClientSession._request"),
     ("response headers out (StreamResponse.prepare)", "aiohttp/web_response.py:StreamResponse.prepare"),
     ("socket writes (StreamWriter._write)", "aiohttp/http_writer.py:StreamWriter._write"),

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import forwardauth, loadgen, micro, payloads, report, scale
+from bench import abuse, forwardauth, loadgen, micro, payloads, report, scale
 from bench.loadgen import Workload, WrkResult
 from bench.servers import FloorProxy, GatewayServer, NginxProxy, Server, Upstream, ensure_tools, memory, rss_mb
 
@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=100_000, help="tokens in the scale run and micro snapshot")
     p.add_argument("--policies", type=int, default=10_000, help="policies in the scale run and micro snapshot")
     p.add_argument("--micro-n", type=int, default=20_000, help="calls per micro-benchmark batch")
-    p.add_argument("--only", default="", help="comma-separated workloads to run (a,b,c_cached,c_uncached,d,e)")
+    p.add_argument("--only", default="", help="comma-separated workloads to run (a,b,c_cached,c_uncached,d,e,"
+                   "abuse); `--only abuse` runs the abuse section alone")
+    p.add_argument("--no-abuse", action="store_true", help="skip the abuse section")
+    p.add_argument("--abuse-attacks", default="push,fanout,both",
+                   help="the abuse section's attacks (default push,fanout,both)")
     p.add_argument("--no-scale", action="store_true", help="skip the 100k-token scale run")
     p.add_argument("--no-sweep", action="store_true", help="skip the latency-against-load sweep")
     p.add_argument("--forward-auth", action="store_true", help="also nginx + auth_request to the gateway on (a)")
@@ -49,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 s runs, 1 rep, 10k tokens: a smoke run")
     p.add_argument("--out", type=Path, default=HERE, help="where results.json and results.png go")
     args = p.parse_args(argv)
+    args.abuse_only = args.only == "abuse"
+    if args.abuse_only:
+        args.no_scale = args.no_sweep = True
     if args.quick:
         args.duration, args.reps, args.warmup = 2.0, 1, 0.5
         args.tokens, args.policies, args.micro_n = 10_000, 1_000, 2_000
@@ -325,6 +332,55 @@ def started(servers: list[Server]) -> Iterator[None]:
                 s.stop()
 
 
+def run_workloads(args: argparse.Namespace, workdir: Path, dsn: str, workers: int, servers: list[Server],
+                  results: dict[str, Any]) -> Upstream:
+    """The workloads on the four paths, the sweep and the profiles; returns the upstream (for the scale run)."""
+    up = Upstream(workdir, workers).configure().start()
+    servers.append(up)
+    verify_sink(up)
+    px = NginxProxy(workdir, workers, up.port).configure().start()
+    servers.append(px)
+    fl = FloorProxy(workdir, workers, up.port).start()
+    servers.append(fl)
+    gws = {mode: GatewayServer(workdir, f"gateway-{mode}", dsn, up.url, mode, workers)
+           for mode in ("header", "enforce")}
+    for g in gws.values():
+        servers.append(g)
+        g.start()
+        g.wait_all_listening()
+    toks = create_tokens(gws["header"])
+    workloads = build_workloads(workdir, toks)
+    if args.only:
+        keep = set(args.only.split(","))
+        workloads = [w for w in workloads if w.name in keep]
+    bench = Bench(args, workdir, up, px, gws, fl)
+    for w in workloads:
+        check_through(bench.target("gateway", w), w)
+
+    results["workloads"] = {}
+    for w in workloads:
+        log(f"workload {w.title}")
+        results["workloads"][w.name] = bench.workload(w)
+
+    wa = next((w for w in workloads if w.name == "a"), None)
+    if wa is not None and args.forward_auth:
+        log("forward-auth: nginx + auth_request to the gateway, workload (a)")
+        results["forward_auth"] = forwardauth.run(bench, wa, workers)
+    if wa is not None and not args.no_sweep:
+        gmax = results["workloads"]["a"]["summary"]["gateway"]["rps"]
+        log(f"latency against offered load (gateway max on (a): {gmax:.0f} req/s)")
+        results["sweep"] = bench.sweep(wa, gmax)
+    if args.profile:
+        results["profile"] = {}
+        for w in workloads:
+            if w.name in ("a", "c_uncached"):
+                log(f"profiling a gateway worker under {w.name}")
+                results["profile"][w.name] = bench.profile(w)
+    for g in gws.values():
+        g.stop()
+    return up
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.monotonic()
@@ -341,59 +397,23 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[Server] = []
     try:
         with started(servers):
-            log(f"micro-benchmarks on a snapshot of {args.tokens} tokens, {args.policies} policies")
-            results["micro"] = micro.run(args.tokens, args.policies, args.micro_n)
-            log("  " + ", ".join(f"{k} {v}" for k, v in results["micro"].items()))
+            if not args.abuse_only:
+                log(f"micro-benchmarks on a snapshot of {args.tokens} tokens, {args.policies} policies")
+                results["micro"] = micro.run(args.tokens, args.policies, args.micro_n)
+                log("  " + ", ".join(f"{k} {v}" for k, v in results["micro"].items()))
 
-            log("starting embedded PostgreSQL, nginx upstream, nginx proxy and two gateways")
+            log("starting embedded PostgreSQL" + ("" if args.abuse_only else
+                                                  ", nginx upstream, nginx proxy and two gateways"))
             from gateway.store.embedded import start_embedded
             (workdir / "pg").mkdir(mode=0o755)
             dsn = start_embedded(workdir / "pg")
-            up = Upstream(workdir, workers).configure().start()
-            servers.append(up)
-            verify_sink(up)
-            px = NginxProxy(workdir, workers, up.port).configure().start()
-            servers.append(px)
-            fl = FloorProxy(workdir, workers, up.port).start()
-            servers.append(fl)
-            gws = {mode: GatewayServer(workdir, f"gateway-{mode}", dsn, up.url, mode, workers)
-                   for mode in ("header", "enforce")}
-            for g in gws.values():
-                servers.append(g)
-                g.start()
-                g.wait_all_listening()
-            toks = create_tokens(gws["header"])
-            workloads = build_workloads(workdir, toks)
-            if args.only:
-                keep = set(args.only.split(","))
-                workloads = [w for w in workloads if w.name in keep]
-            bench = Bench(args, workdir, up, px, gws, fl)
-            for w in workloads:
-                check_through(bench.target("gateway", w), w)
-
-            results["workloads"] = {}
-            for w in workloads:
-                log(f"workload {w.title}")
-                results["workloads"][w.name] = bench.workload(w)
-
-            wa = next((w for w in workloads if w.name == "a"), None)
-            if wa is not None and args.forward_auth:
-                log("forward-auth: nginx + auth_request to the gateway, workload (a)")
-                results["forward_auth"] = forwardauth.run(bench, wa, workers)
-            if wa is not None and not args.no_sweep:
-                gmax = results["workloads"]["a"]["summary"]["gateway"]["rps"]
-                log(f"latency against offered load (gateway max on (a): {gmax:.0f} req/s)")
-                results["sweep"] = bench.sweep(wa, gmax)
-            if args.profile:
-                results["profile"] = {}
-                for w in workloads:
-                    if w.name in ("a", "c_uncached"):
-                        log(f"profiling a gateway worker under {w.name}")
-                        results["profile"][w.name] = bench.profile(w)
-            for g in gws.values():
-                g.stop()
-
-            if not args.no_scale:
+            up = run_workloads(args, workdir, dsn, workers, servers, results) if not args.abuse_only else None
+            if not args.no_abuse and (not args.only or "abuse" in args.only.split(",")):
+                log("abuse: another tenant's latency and the workers' memory while two attackers push at the bounds")
+                results["abuse"] = abuse.run(workdir, dsn, workers, args.duration, args.reps, log,
+                                             tuple(args.abuse_attacks.split(",")))
+                log("\n".join(abuse.table(results["abuse"])))
+            if not args.no_scale and up is not None:
                 log(f"scale run: {args.tokens} tokens and {args.policies} policies by COPY, then start a gateway")
                 results["scale"] = scale.run(workdir, dsn, up.url, workers, args.tokens, args.policies)
                 log(f"  {results['scale']}")

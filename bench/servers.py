@@ -223,10 +223,11 @@ class Upstream(Nginx):
     that reads the whole body before it answers 204 (request buffering in front of a unix-socket server
     that discards it), as a real Mimir or Loki must."""
 
-    def __init__(self, workdir: Path, workers: int):
+    def __init__(self, workdir: Path, workers: int, streams_file: Path | None = None):
         super().__init__(workdir, "upstream", workers)
         self.sink_sock = self.prefix / "sink.sock"
         self.sink_log = self.prefix / "sink.log"
+        self.streams_file = streams_file  # the abuse section: every Loki query_range answers this file
 
     def configure(self) -> Self:
         self.write_config(self._common() + "http {\n" + self._http_common() + f"""
@@ -252,6 +253,7 @@ class Upstream(Nginx):
       }}
       return 200 '{{"status":"success","data":[]}}';
     }}
+{self._streams_location()}
     location ~ ^/(api/v1/push|loki/api/v1/push)$ {{
       client_max_body_size 128m;
       client_body_buffer_size 2m;
@@ -266,6 +268,14 @@ class Upstream(Nginx):
 }}
 """)
         return self
+
+
+    def _streams_location(self) -> str:
+        f = self.streams_file
+        if f is None:
+            return ""
+        return (f"    location = /loki/api/v1/query_range {{ default_type application/json; root {f.parent}; "
+                f"try_files /{f.name} =404; }}")
 
 
 class NginxProxy(Nginx):
@@ -324,10 +334,12 @@ class FloorProxy(Server):
         return self
 
 
-def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: Path) -> dict[str, Any]:
+def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: Path,
+                   limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """The gateway's config for a run: every signal to the bench upstream; production defaults otherwise
     (log level info, so the JSON access log line is written for every request, to a file)."""
     return {
+        **({"limits": limits} if limits else {}),
         "listen": f"127.0.0.1:{port}", "region": "local", "data_dir": str(data_dir), "log_level": "info",
         "database": {"url": dsn, "resync_interval": 60, "usage_flush_interval": 10},
         "orgs": BENCH_ORGS,
@@ -339,13 +351,14 @@ def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: 
 class GatewayServer(Server):
     """`python -m gateway serve -c FILE --workers N`."""
 
-    def __init__(self, workdir: Path, name: str, dsn: str, upstream_url: str, lbac: str, workers: int):
+    def __init__(self, workdir: Path, name: str, dsn: str, upstream_url: str, lbac: str, workers: int,
+                 limits: dict[str, Any] | None = None):
         self.name = name
         super().__init__(workdir)
         self.gw_workers = workers
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(
-            gateway_config(self.port, dsn, upstream_url, lbac, workdir / f"{name}-data")))
+            gateway_config(self.port, dsn, upstream_url, lbac, workdir / f"{name}-data", limits)))
         self.started_at = 0.0
 
     def start(self, timeout: float = 60.0) -> float:

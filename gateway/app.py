@@ -22,6 +22,7 @@ from gateway.freshness import database_gate_middleware, read_through_middleware
 from gateway.lbac import pool as rewrite_pool
 from gateway.lbac.probe import probe_of
 from gateway.metrics import CACHE_AGE, CACHE_POLICIES, CACHE_TOKENS, DB_UP, exposition
+from gateway.proxy import budget as merge_pool
 from gateway.proxy.forward import Upstreams
 from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS
 from gateway.proxy.handler import handle as proxy_handler
@@ -164,6 +165,7 @@ async def _close_upstreams(app: web.Application) -> None:
     await probe_of(app[STATE].extras).stop()
     await forward_auth_enforcement.probe_of(app[STATE].extras).stop()
     rewrite_pool.shutdown()
+    merge_pool.shutdown()
     app[ACCESS_LOG].flush()
     TALLY.flush()
     await app[UPSTREAMS].close()

@@ -103,6 +103,7 @@ class Limits:
     head_timeout: float = 30.0
     body_idle_timeout: float = 30.0
     max_connections: int = 4096
+    fanout_memory: int = 256 * 1024 * 1024  # bytes of fan-out answers a worker holds at once (issue 22)
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,7 +451,7 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
     log_level = c.typed(top.get("log_level"), "log_level", lambda v: v in LOG_LEVELS,
                         f"must be one of {', '.join(LOG_LEVELS)}", "info")
     lm = c.mapping(top.get("limits"), "limits", ("max_request_body", "max_admin_body", "head_timeout",
-                                                 "body_idle_timeout", "max_connections"))
+                                                 "body_idle_timeout", "max_connections", "fanout_memory"))
     limits = Limits(
         c.typed(lm.get("max_request_body"), "limits.max_request_body", _is_pos_int,
                 "must be a positive number of bytes", _LIMIT_DEFAULTS.max_request_body),
@@ -462,6 +463,8 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
                       "must be a positive number of seconds", _LIMIT_DEFAULTS.body_idle_timeout)),
         c.typed(lm.get("max_connections"), "limits.max_connections", _is_pos_int,
                 "must be a positive number of connections", _LIMIT_DEFAULTS.max_connections),
+        c.typed(lm.get("fanout_memory"), "limits.fanout_memory", _is_pos_int,
+                "must be a positive number of bytes", _LIMIT_DEFAULTS.fanout_memory),
     )
     user_header = c.typed(top.get("grafana_user_header"), "grafana_user_header",
                           lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9-]+", v) is not None,

@@ -40,6 +40,8 @@ class Body:
     # ---- the connection's side --------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        if self._eof:  # (each request has its own body: bytes past its end belong to no one)
+            raise RuntimeError("request body bytes after the end of the body")
         self.received += len(data)
         if self.discard:
             return

@@ -9,11 +9,18 @@ arrive within ``head_timeout`` of its first byte, an idle keep-alive connection 
 ``keepalive_timeout``, a body that stops arriving for ``body_timeout`` fails and closes the connection.
 Past ``max_connections`` per worker a new connection gets a 503 and is closed.
 
-Hand-over: a request that is not for the data path (admin API, page, health, metrics, an unknown path, a
-WebSocket upgrade) moves its connection to aiohttp's ``RequestHandler``, fed the bytes received from
-that request's first byte on; this needs the request's start in the byte stream, known whenever it began
-a read (always, for a client that waits for each answer). A pipelined one whose start is not known is
-refused with 400 and the connection closed.
+Framing has one source of truth, llhttp (strict mode). Whether a request has a body is what the parser does
+after its head: a bodiless request is complete at once, anything else gets body bytes. The header text only
+has to agree: a request whose Content-Length or Transfer-Encoding says "no body" while the parser reads one
+(or the reverse) is refused with 400 before any body byte is kept. Every request gets its own body object.
+
+Hand-over: a request that is not for the data path (admin API, page, health, metrics, an unknown path) turns
+the rest of its connection over to aiohttp's ``RequestHandler``, still read by this parser: each request from
+there on is written to aiohttp anew from what llhttp parsed (request line, header fields, and the body as
+llhttp framed it, with one Content-Length or chunked), so no byte is read by two parsers that might frame it
+differently, and nothing already answered is fed again. Data-path answers under way go out first. A protocol
+switch (a WebSocket upgrade) gets the transport itself, with the re-written head and the bytes llhttp left
+after it.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final, cast
@@ -56,10 +65,6 @@ class Settings:
     linger: float = 2.0  # seconds to read (and drop) a body the answer did not need before closing
 
 
-class _Stop(Exception):
-    """Raised in a parser callback to stop parsing at a request handed to aiohttp."""
-
-
 class _Bad(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -87,18 +92,42 @@ def wants_aiohttp(method: str, path: str, headers: CIMultiDictProxy[str]) -> boo
 
 class _HeadFacts:
     """What the server reads from a request's header fields, derived once per header set (a keep-alive
-    client sends the same fields request after request)."""
+    client sends the same fields request after request).
 
-    __slots__ = ("websocket", "switch", "length", "body_exists", "expect")
+    The framing fields here are what the header text *declares*; llhttp has already accepted them (one
+    Content-Length of digits, optional whitespace around it, never with Transfer-Encoding, which ends in
+    ``chunked``). They are only checked against what the parser then does (``HttpProtocol._decide``)."""
 
-    def __init__(self, headers: CIMultiDictProxy[str]):
+    __slots__ = ("websocket", "switch", "length", "chunked", "declares_body", "refusal", "expect", "host")
+
+    def __init__(self, headers: CIMultiDictProxy[str], raw: Sequence[tuple[bytes, bytes]] = ()):
         self.websocket = headers.get("Upgrade", "").lower() == "websocket"
         # any other protocol switch: as aiohttp does
         self.switch = "upgrade" in headers.get("Connection", "").lower() and "Upgrade" in headers
         cl = headers.get("Content-Length")
-        self.length = int(cl) if cl is not None and cl.isdigit() else None
-        self.body_exists = "Transfer-Encoding" in headers or (self.length is not None and self.length > 0)
-        self.expect = headers.get("Expect")
+        unreadable = cl is not None and not (cl.isascii() and cl.isdigit())  # (values arrive stripped)
+        self.length = int(cl) if cl is not None and not unreadable else None
+        te = headers.getall("Transfer-Encoding", ())
+        self.chunked = bool(te)
+        self.declares_body = self.chunked or bool(self.length)
+        expect = headers.getall("Expect", ())
+        self.expect = expect[0] if expect else None
+        hosts = headers.getall("Host", ())
+        #: The first of these rules the header set breaks, as (status, message): refused before any body byte.
+        self.refusal: tuple[int, str] | None = None
+        for broken, status, message in (
+                (unreadable, 400, "the request's Content-Length is not a plain decimal number"),
+                (any(b"\t" in v for n, v in raw if n.lower() in _FRAMING_NAMES), 400,
+                 "a tab in Content-Length or Transfer-Encoding is read differently by different servers"),
+                (len(te) > 1 or (te and te[0].lower() != "chunked"), 501,
+                 "the only transfer coding this gateway reads is a single 'chunked'"),
+                (len(expect) > 1, 400, "more than one Expect field"),
+                (len(hosts) > 1, 400, "more than one Host field"),
+                (any(not _HOST.fullmatch(h) for h in hosts), 400, "the Host field is not a valid host[:port]")):
+            if broken:
+                self.refusal = (status, message)
+                break
+        self.host = bool(hosts)
 
 
 def _wants(m: RouteMatch | None, h: _HeadFacts) -> bool:
@@ -106,13 +135,39 @@ def _wants(m: RouteMatch | None, h: _HeadFacts) -> bool:
     return m is None or (h.websocket and m.route.websocket) or h.switch
 
 
-def _nothing() -> None:
-    pass
+def _decode(raw: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
+    """Header fields as text. llhttp strips whitespace before a value, not after it; aiohttp and nginx
+    strip both, and so does this; a length is written as the number llhttp read (``0005 `` is 5), for every
+    reader after this one."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for n, v in raw:
+        v = v.rstrip(b" \t")
+        if n.lower() == b"content-length" and v.isdigit():
+            v = b"%d" % int(v)
+        out.add(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+    return CIMultiDictProxy(out)
 
 
-#: The body of every request without one: at its end from the start.
-_NO_BODY: Final = Body(_nothing, _nothing)
-_NO_BODY.feed_eof()
+_FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding"})
+_HOST: Final = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=%-]+(:[0-9]*)?|\[[0-9A-Fa-f:.]+\](:[0-9]*)?")
+#: A tab before a framing field's value (llhttp strips it, nginx does not): refused, for one reading of them.
+_LEADING_TAB: Final = re.compile(rb"\n(?i:content-length|transfer-encoding):[ \t]*\t")
+_REFUSED_METHODS: Final = {b"CONNECT": "CONNECT (this gateway is no forward proxy)",
+                           b"TRACE": "TRACE (it would echo credentials)"}
+
+
+def _rewritten_head(method: bytes, url: bytes, version: str, raw: list[tuple[bytes, bytes]],
+                    facts: _HeadFacts) -> bytes:
+    """A request head for aiohttp, written from what llhttp parsed (every part passed its strict checks):
+    the framing is the one llhttp applies, stated once."""
+    lines = [b"%s %s HTTP/%s\r\n" % (method, url, version.encode("ascii"))]
+    lines += [b"%s: %s\r\n" % (n, v.rstrip(b" \t")) for n, v in raw if n.lower() not in _FRAMING_NAMES]
+    if facts.chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    elif facts.length is not None:
+        lines.append(b"Content-Length: %d\r\n" % facts.length)
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -125,7 +180,7 @@ class HttpProtocol(asyncio.Protocol):
         self.remote: str | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
-        self.handed = False
+        self.handed = False  # the transport is aiohttp's (a protocol switch)
         self._url = bytearray()
         self._headers: list[tuple[bytes, bytes]] = []
         # The previous request's raw header fields and what was made of them: a keep-alive client sends the
@@ -135,15 +190,12 @@ class HttpProtocol(asyncio.Protocol):
         self._last_headers: CIMultiDictProxy[str] | None = None
         self._memo: dict[object, object] = {}
         self._facts = _HeadFacts(CIMultiDictProxy(CIMultiDict()))
-        self._name = bytearray()
-        self._value = bytearray()
         self._head_bytes = 0
+        self._window: list[bytes] = []
         self._cur: DataRequest | None = None
+        self._undecided = False  # _cur's head is parsed; whether a body follows is not known yet
         self._queue: deque[DataRequest] = deque()
         self._task: asyncio.Task[None] | exchange.Exchange | None = None  # the request being answered
-        self._between = True  # the parser is between two requests
-        self._raw: list[bytes] | None = None  # bytes since the current request's first byte, when known
-        self._begun_in_read = 0
         self._pauses = 0
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -154,7 +206,15 @@ class HttpProtocol(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._in_head = False
         self._fresh = True  # no byte received yet: a silent connection gets the head deadline, not keep-alive's
-        self._handover: bytes | None = None
+        # After a hand-over: aiohttp's handler, fed the requests this parser reads (re-written, see the module
+        # docstring); ``_relay_out`` holds what it is fed until the data-path answers before it are out.
+        self._relay: Any = None
+        self._relaying = False  # the requests from here on are aiohttp's
+        self._relay_out: list[bytes] | None = None
+        self._relay_chunked = False
+        self._relay_in_body = False
+        self._relay_length = self._relay_sent = 0
+        self._switch_tail: bytes | None = None  # a protocol switch's bytes after its head, for aiohttp
         self._refusal: tuple[int, str] | None = None  # a parse error to answer once the answer under way is out
         self._lingering = False
 
@@ -190,9 +250,13 @@ class HttpProtocol(asyncio.Protocol):
         d = self._drain
         if d is not None and not d.done():
             d.set_exception(ConnectionResetError("the client went away"))
+        if self._relay is not None:
+            self._relay.connection_lost(exc)
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._relay is not None:
+            self._relay.pause_writing()
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -201,6 +265,8 @@ class HttpProtocol(asyncio.Protocol):
             self._drain = None
             if not d.done():
                 d.set_result(None)
+        if self._relay is not None:
+            self._relay.resume_writing()
 
     def eof_received(self) -> bool:
         return False
@@ -208,16 +274,13 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.handed or self._refusal is not None or self._lingering:
             return  # (a lingering connection reads only to drop what the client still sends)
-        if self._handover is not None:  # waiting for the answer before it to finish
-            self._handover += data
+        if self._switch_tail is not None:  # after a protocol switch's head, waiting for the answers before it
+            self._switch_tail += data
             return
-        if self._between:
-            self._raw, self._begun_in_read = [data], 0
-        elif self._in_head and self._raw is not None:
-            self._raw.append(data)
+        if self._in_head:  # the reads that hold the current head (see _tab_before_framing)
+            self._window.append(data)
         else:
-            self._raw = None
-        self._begun_in_read = 0
+            self._window = [data]
         if self._fresh:
             self._fresh = False
             if data.startswith(_H2_PREFACE[:14]):  # "PRI * HTTP/2.0": gRPC (Tempo streaming) speaks HTTP/2 only
@@ -226,30 +289,31 @@ class HttpProtocol(asyncio.Protocol):
                 return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # an upgrade request is always handed over (on_headers_complete)
+            if self._undecided:  # the head is complete and the read ended without the message: a body follows
+                self._decide(True)
+        except httptools.HttpParserUpgrade as up:
+            self._switch_protocol(data[up.args[0]:])
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _Bad):
                 self._refuse(cause.status, cause.message)
-            elif not isinstance(cause, _Stop):
+            else:
                 log.exception("data path: parser callback failed", exc_info=cause)
                 self._refuse(500, "internal error parsing the request")
+        except _Bad as exc:
+            self._refuse(exc.status, exc.message)
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed HTTP request: {exc}")
             return
-        if self._in_head and self._timer is None and not self.closed:
+        if not self._in_head:
+            self._window = []  # (kept only while a head is incomplete: a read can be 256 KiB of body)
+        elif self._timer is None and not self.closed:
             self._arm(self.plane.settings.head_timeout)
-        if self._handover is not None and self._task is None:
-            self._hand_over()
+        self._flush_relay()
 
     # ---- parser callbacks (httptools) -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._begun_in_read += 1
-        if self._begun_in_read > 1:
-            self._raw = None  # a second request in one read: where it starts is not known
-        self._between = False
         self._in_head = True
         self._url.clear()
         self._headers = []
@@ -265,6 +329,8 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if len(name) > MAX_LINE or len(value) > MAX_LINE or self._head_bytes > MAX_HEAD:
             raise _Bad(431, "request header fields too large")
+        if not self._in_head:
+            return  # a chunked body's trailer fields: bounded, and dropped (nginx drops them too)
         if len(self._headers) >= MAX_HEADERS:
             raise _Bad(431, f"more than {MAX_HEADERS} request header fields")
         self._headers.append((name, value))
@@ -286,61 +352,186 @@ class HttpProtocol(asyncio.Protocol):
         raw_headers = self._headers
         headers = self._last_headers
         if headers is None or raw_headers != self._last_raw:
-            headers = CIMultiDictProxy(CIMultiDict([(n.decode("utf-8", "surrogateescape"),
-                                                      v.decode("utf-8", "surrogateescape")) for n, v in raw_headers]))
+            headers = _decode(raw_headers)
             self._last_raw, self._last_headers, self._memo = raw_headers, headers, {}
-            self._facts = _HeadFacts(headers)
+            self._facts = _HeadFacts(headers, raw_headers)
         facts = self._facts
-        m = None if handover else match(method, path)
-        if handover or _wants(m, facts):
-            if self._raw is None or self.plane.aiohttp is None:
-                raise _Bad(400, "a request for the admin API, the page or a WebSocket cannot be pipelined "
-                           "behind data-path requests on one connection; open a new connection")
-            self._handover = b"".join(self._raw)
-            if self._task is not None:
-                self._pause()
-            raise _Stop
-        length, body_exists = facts.length, facts.body_exists
-        if not body_exists:
-            body = _NO_BODY  # (ended: nothing reads, waits on or changes it)
-        else:
-            body = Body(self._pause, self._resume)
-            self._arm(self.plane.settings.body_timeout)
-        version = (1, 1) if p.get_http_version() == "1.1" else (1, 0)
-        req = DataRequest(self, method, headers, RelURL(path, query), body, body_exists, length, version,
-                          p.should_keep_alive())
+        version_text = p.get_http_version()
+        version = (1, 1) if version_text == "1.1" else (1, 0)
+        if version_text not in ("1.1", "1.0"):
+            raise _Bad(505, f"HTTP/{version_text} is not supported; this gateway speaks HTTP/1.1 and 1.0")
+        if facts.refusal is not None:
+            raise _Bad(*facts.refusal)
+        if version >= (1, 1) and not facts.host:
+            raise _Bad(400, "an HTTP/1.1 request without a Host field")
+        if facts.chunked and version < (1, 1):
+            raise _Bad(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
+        if (facts.chunked or facts.length is not None) and self._tab_before_framing():
+            raise _Bad(400, "a tab in Content-Length or Transfer-Encoding is read differently by different servers")
+        refused = _REFUSED_METHODS.get(p.get_method())
+        if refused is not None:
+            raise _Bad(405, f"this gateway does not serve {refused}")
+        if raw_url == b"*" or b"#" in raw_url:
+            raise _Bad(400, "the request target is not a path (a '*', or a '#' fragment, which clients never send)")
+        upgrade = p.should_upgrade()
+        if upgrade and facts.declares_body:
+            raise _Bad(400, "a protocol switch (Upgrade) with a request body is ambiguous")
+        m = None if handover or self._relaying else match(method, path)
+        if handover or self._relaying or upgrade or _wants(m, facts):
+            self._to_relay(p.get_method(), raw_url, version_text, raw_headers, facts)
+            return
+        req = DataRequest(self, method, headers, RelURL(path, query), Body(self._pause, self._resume), False,
+                          facts.length, version, p.should_keep_alive())
         req.route, req.memo = m, self._memo
         expect = facts.expect
-        if expect is not None:
-            if expect.lower() != "100-continue" or version < (1, 1):
-                raise _Bad(417, f"unsupported Expect: {expect}")
-            if body_exists:
-                req.expect_continue = True
-                body.on_first_read = self._send_continue
+        if expect is not None and (expect.lower() != "100-continue" or version < (1, 1)):
+            raise _Bad(417, f"unsupported Expect: {expect}")
         self._cur = req
+        self._undecided = True  # the parser says next whether a body follows (on_body, on_message_complete)
+
+    def _tab_before_framing(self) -> bool:
+        """Whether a framing field's value starts with a tab: llhttp skips it before the value begins, so it
+        is read from the bytes of the reads that hold the head (a superset: a match in a body before it only
+        refuses the connection that sent it)."""
+        window = self._window
+        return any(b"\t" in part for part in window) and _LEADING_TAB.search(b"".join(window)) is not None
+
+    def on_body(self, data: bytes) -> None:
+        if self._relaying:
+            self._relay_body(data)
+            return
+        cur = self._cur
+        if cur is None:
+            raise _Bad(400, "request body bytes outside of a request")
+        if self._undecided:
+            self._decide(True)
+        cur.content.feed(data)
+        if not cur.content.discard and self._timer is None:
+            self._arm(self.plane.settings.body_timeout)
+        elif self._timer is not None:
+            self._rearm_body()
+
+    def on_message_complete(self) -> None:
+        if self._relaying:
+            self._relay_end()
+            return
+        if self._undecided:
+            self._decide(False)
+        cur, self._cur = self._cur, None
+        self._disarm()
+        if cur is not None:
+            if cur.content_length is not None and cur.content.received != cur.content_length:
+                raise _Bad(400, "the request body does not match its Content-Length")
+            cur.content.feed_eof()
+        if self._task is None and not self._queue:
+            self._idle()
+
+    def _decide(self, has_body: bool) -> None:
+        """The parser has said whether the current request has a body; the header text must agree, and the
+        request is then answered (or queued)."""
+        self._undecided = False
+        req, facts = self._cur, self._facts
+        assert req is not None
+        if has_body != facts.declares_body and (has_body or not facts.chunked):
+            # (the one agreement that is not exact: a chunked body of no chunks, whole in this read)
+            raise _Bad(400, "the request's framing is ambiguous: its header fields and its bytes disagree on "
+                            "whether it has a body")
+        req.body_exists = has_body
+        if has_body:
+            self._arm(self.plane.settings.body_timeout)
+            if facts.expect is not None:
+                req.expect_continue = True
+                req.content.on_first_read = self._send_continue
+        else:
+            req.content.feed_eof()
+            if facts.chunked:
+                req.content_length = 0
         if self._task is None:
             self._start(req)
         else:
             self._queue.append(req)
             self._pause()  # one request waits at most: the rest stays in the socket
 
-    def on_body(self, data: bytes) -> None:
-        cur = self._cur
-        if cur is not None:
-            cur.content.feed(data)
-            if not cur.content.discard and self._timer is None:
-                self._arm(self.plane.settings.body_timeout)
-            elif self._timer is not None:
-                self._rearm_body()
+    # ---- the hand-over to aiohttp -----------------------------------------------------------------
 
-    def on_message_complete(self) -> None:
-        cur, self._cur = self._cur, None
-        self._between = True
+    def _to_relay(self, method: bytes, url: bytes, version: str, raw: list[tuple[bytes, bytes]],
+                  facts: _HeadFacts) -> None:
+        """This request and every one after it on the connection are aiohttp's."""
+        if self.plane.aiohttp is None:
+            raise _Bad(404, "no such data-path route")
+        if not self._relaying:
+            self._relaying = True
+            self._relay_out = []
+            if self._task is not None:
+                self._pause()  # the answers under way go out first; until then, this read is all that is kept
+        self._relay_chunked, self._relay_length, self._relay_sent = facts.chunked, facts.length or 0, 0
+        self._relay_in_body = True
+        self._relay_write(_rewritten_head(method, url, version, raw, facts))
+
+    def _relay_body(self, data: bytes) -> None:
+        self._relay_sent += len(data)
+        if not self._relay_chunked and self._relay_sent > self._relay_length:
+            raise _Bad(400, "the request's framing is ambiguous: its header fields and its bytes disagree on "
+                            "its body's length")
+        self._relay_write(b"%x\r\n%b\r\n" % (len(data), data) if self._relay_chunked else data)
+
+    def _relay_end(self) -> None:
+        self._relay_in_body = False
+        if self._relay_chunked:
+            self._relay_write(b"0\r\n\r\n")
+        elif self._relay_sent != self._relay_length:
+            raise _Bad(400, "the request body does not match its Content-Length")
+
+    def _relay_write(self, data: bytes) -> None:
+        if self._relay_out is not None:
+            self._relay_out.append(data)
+        else:
+            self._relay.data_received(data)
+
+    def _flush_relay(self) -> None:
+        """Start aiohttp's handler once no data-path answer is under way, and feed it what was kept."""
+        out = self._relay_out
+        if out is None or self._task is not None or self._queue or self.closed:
+            return
+        tr, srv = self.transport, self.plane.aiohttp
+        if tr is None or srv is None:
+            return
+        self._relay_out = None
         self._disarm()
-        if cur is not None:
-            cur.content.feed_eof()
-        if self._task is None and not self._queue:
-            self._idle()
+        self.plane.conns.discard(self)
+        self._resume_all()
+        self._relay = handler = srv()
+        handler.connection_made(tr)
+        if out:
+            handler.data_received(b"".join(out))
+        if self._refusal is not None:
+            self._end_relay()
+            return
+        tail, self._switch_tail = self._switch_tail, None
+        if tail is not None:  # a protocol switch: the transport is aiohttp's from here on
+            self.handed = True
+            tr.set_protocol(handler)
+            if tail:
+                handler.data_received(tail)
+
+    def _end_relay(self) -> None:
+        """A request behind those fed to aiohttp did not parse: aiohttp answers those, then closes."""
+        if self._relay_in_body:
+            self._relay.force_close()  # (its request's body will never be whole)
+        else:
+            self._relay.close()
+
+    def _switch_protocol(self, tail: bytes) -> None:
+        """llhttp stopped after a protocol switch's head (a WebSocket upgrade): the rest is not HTTP."""
+        if self._relay is not None:  # aiohttp already reads this connection
+            self.handed = True
+            assert self.transport is not None
+            self.transport.set_protocol(self._relay)
+            if tail:
+                self._relay.data_received(tail)
+        else:
+            self._switch_tail = tail
+            self._pause()
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -374,11 +565,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def keep_going(self, req: DataRequest) -> bool:
         """Whether the connection serves another request after ``req`` (asked when its head is written)."""
-        if not req.keep_alive or self.plane.draining or self.closed or (self._refusal and not self._queue):
-            return False
-        if not req.content.is_eof():
-            # The answer does not need the rest of the body: drop it, and close (the client may not send it
-            # at all after an answer to Expect: 100-continue).
+        if not req.keep_alive or self.plane.draining or self.closed:
+            return False  # (a parse error behind it is answered after it, with its own Connection: close)
+        if not req.content.at_eof():
+            # The answer did not read the whole body: drop the rest, and close (the client may not send it at
+            # all after an answer to Expect: 100-continue). Whether it had all arrived does not matter: the
+            # connection's fate must not depend on how the client's bytes were cut into reads.
             req.content.discard = True
             return False
         return True
@@ -389,16 +581,19 @@ class HttpProtocol(asyncio.Protocol):
         if not req.finished:
             self._close()
             return
-        if self._refusal is not None and not (self._queue and req.keep_alive):
-            self._close_with_refusal()
+        if self._relay_out is not None and not self._queue and req.keep_alive:
+            self._flush_relay()
+        elif self._refusal is not None and not (self._queue and req.keep_alive):
+            if req.keep_alive:
+                self._close_with_refusal()
+            else:
+                self._close()  # (no answer after one that said Connection: close)
         elif not req.keep_alive:
             self._linger(req)
         elif self._queue:
             nxt = self._queue.popleft()
             self._resume()
             self._start(nxt)
-        elif self._handover is not None:
-            self._hand_over()
         elif self._cur is None and self._timer is None:
             self._idle()
 
@@ -417,21 +612,6 @@ class HttpProtocol(asyncio.Protocol):
         self._resume_all()
         self._disarm()
         self._timer = self.loop.call_later(self.plane.settings.linger, self._close)
-
-    def _hand_over(self) -> None:
-        """Give the connection to aiohttp with the bytes from the current request's first byte on."""
-        data, self._handover = self._handover, None
-        tr, srv = self.transport, self.plane.aiohttp
-        if tr is None or srv is None or data is None or self.closed:
-            return
-        self._disarm()
-        self.handed = True
-        self.plane.conns.discard(self)
-        self._resume_all()
-        handler = srv()
-        tr.set_protocol(handler)
-        handler.connection_made(tr)
-        handler.data_received(data)
 
     # ---- transport --------------------------------------------------------------------------------
 
@@ -466,7 +646,16 @@ class HttpProtocol(asyncio.Protocol):
             self._resume()
 
     def _refuse(self, status: int, message: str) -> None:
-        """A request that does not parse or breaks a limit: answer (unless an answer is under way) and close."""
+        """A request that does not parse or breaks a limit: answer (unless an answer is under way) and close.
+        After a hand-over, aiohttp writes the answers: it closes the connection once those before are out."""
+        if self._relaying:
+            log.info("data path: refused a request from %s after a hand-over: %d %s", self.remote, status, message)
+            self._refusal = (status, message)
+            if self._relay is not None:
+                self._end_relay()
+            else:
+                self._flush_relay()  # (once the data-path answers before it are out: see _after)
+            return
         if self._cur is not None and not self._cur.content.is_eof():
             self._cur.content.set_exception(BodyError(f"the request body broke: {message}"))
         log.info("data path: refused a request from %s: %d %s", self.remote, status, message)

@@ -71,6 +71,9 @@ def _weigh(kind: Kind, raw_query: str, body: bytes | None, policies: int) -> int
         if kind in _MATCHES:
             n = sum(1 for k, _ in pairs if k in _MATCHES[kind])
             bounds.check_matches(n, policies)
+            for k, v in pairs:
+                if k in _MATCHES[kind]:
+                    bounds.check_nesting(v)
             return 0 if max(n, 1) * policies <= _INLINE_MATCH_PRODUCT else bounds.INLINE_WEIGHT + 1
         weight = 0
         for k, v in pairs:
@@ -86,6 +89,18 @@ def _weigh(kind: Kind, raw_query: str, body: bytes | None, policies: int) -> int
         return weight
     except RewriteError as exc:
         raise _refused(exc) from None
+
+
+def check_nesting(kind: Kind, raw_query: str, body: bytes | None) -> None:
+    """Header mode's parse bound: the query and selectors the backend will parse, refused past MAX_DEPTH.
+
+    The gateway parses nothing there, but the same bound holds in both modes (and a planner that
+    looks at the query later never meets deep nesting).
+    """
+    names = _MATCHES.get(kind, ("query",))
+    for k, v in lbac._pairs(raw_query, body):
+        if k in names and bounds.nesting_exceeds(v):
+            raise _refused(RewriteError(f"the query nests deeper than {bounds.MAX_DEPTH} levels of brackets"))
 
 
 def _run(fn: Callable[..., _T], *args: Any) -> _T | tuple[int, str, str]:

@@ -22,6 +22,7 @@ from gateway.routes import Kind
 
 FORM: Final = "application/x-www-form-urlencoded"
 MAX_FORM_BODY: Final = 1024 * 1024
+MAX_PARAMS: Final = 1000  # parameters of one restricted read, URL and form body together
 # Go's url.PathEscape (encodePathSegment) leaves letters, digits, "-_.~" and these alone; it escapes
 # "/ ; , ?" and everything else. Python's quote never escapes letters, digits and "-_.~".
 _PATH_SAFE: Final = "$&+:=@"
@@ -99,12 +100,20 @@ def intersect(a: tuple[Selector, ...], b: tuple[Selector, ...]) -> tuple[Selecto
 
 
 def _pairs(raw_query: str, body: bytes | None) -> list[tuple[str, str]]:
-    pairs = parse_qsl(raw_query, keep_blank_values=True, strict_parsing=False, max_num_fields=1000)
+    try:  # past MAX_PARAMS parse_qsl raises ValueError: a 400, never a 500
+        pairs = parse_qsl(raw_query, keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_PARAMS)
+    except ValueError:
+        raise ProxyError(400, f"more than {MAX_PARAMS} query parameters", "bad_query") from None
     if body:
         try:
-            pairs += parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=1000)
-        except (UnicodeDecodeError, ValueError):
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
             raise ProxyError(400, "form body is not valid UTF-8 form data", "bad_form") from None
+        try:
+            pairs += parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_PARAMS - len(pairs))
+        except ValueError:
+            raise ProxyError(400, f"more than {MAX_PARAMS} parameters in the URL and form body", "bad_form"
+                             ) from None
     return pairs
 
 

@@ -28,6 +28,7 @@ from typing import Protocol, overload
 
 from gateway.config import Config, Stack
 from gateway.decision_cache import Decision
+from gateway.lbac import RewriteError, bounds
 from gateway.lbac import restrict as lbac
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, Identity, IPAddress, covering_realms
@@ -164,4 +165,8 @@ def effective_policies(st: State, cfg: Config, route: Route, decision: Decision,
         client_policies = headers.getall("X-Prom-Label-Policy", []) if reads else []
         sent = lbac.parse_client_policies(client_policies, tenant) if client_policies else ()
         policies = lbac.intersect(team, sent) if team and sent else (team or sent)
+        try:  # client-sent selectors count against the bounds of a token's own
+            bounds.check_policies(len(policies))
+        except RewriteError as exc:
+            raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
     return policies

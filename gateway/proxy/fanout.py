@@ -6,8 +6,11 @@ into what a tenant holding only the visible streams or series would get::
 
     resp, outcome = await execute(request, session, base, upstream_path, headers, plan, body_limit)
 
-Each leg's answer is read whole once (bounded by :data:`MAX_ANSWER`), parsed, and folded into the
-merge; the legs' bytes are dropped as soon as they are parsed. Any leg that does not answer 200 is
+Each leg's answer is read whole once, every byte charged first to the worker's fan-out budget
+(``gateway.proxy.budget``: 503 with ``Retry-After`` past ``limits.fanout_memory``, shared by every
+concurrent fan-out), at most :data:`LEG_CONCURRENCY` legs of a request in flight. Answers larger than
+``budget.INLINE_MERGE`` together are merged in a separate process, so the event loop never parses
+megabytes; the legs' bytes are dropped as soon as they are parsed. Any leg that does not answer 200 is
 passed on as the answer (its status and body), so Loki's and Prometheus's own errors reach the
 client and a partial merge is never returned.
 
@@ -38,7 +41,6 @@ Merges, each chosen to equal the visible-only answer:
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import zlib
 from collections.abc import Callable
@@ -55,13 +57,26 @@ from gateway.lbac.fanout import Leg, Merge, Plan
 from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE, merge_samples, merge_streamed
 from gateway.lbac.restrict import FORM
 from gateway.merging import Unmergeable, merge_stats, success
+from gateway.proxy.budget import (
+    BUDGET,
+    DEFAULT_FANOUT_MEMORY,
+    INLINE_MERGE,
+    Held,
+    merge_cost,
+    merge_off_loop,
+    read_spooled,
+    spool,
+    unlink,
+)
 from gateway.proxy.detected import merge_detected_from_series
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, _unfiltered, describe, forward, relay_websockets
 from gateway.proxy.metric_merge import merge_absent, merge_extreme, merge_signed
 
-#: Largest answer read from one leg.
+#: Largest answer read from one leg (the worker's fan-out budget usually refuses sooner: 503).
 MAX_ANSWER: Final = 256 * 1024 * 1024
+#: Legs of one request in flight at once: a request's burst on the upstream is at most this many reads.
+LEG_CONCURRENCY: Final = 4
 _JSON: Final = "application/json; charset=utf-8"
 
 
@@ -88,30 +103,48 @@ def _leg_headers(headers: CIMultiDict[str], leg: Leg) -> CIMultiDict[str]:
     return h
 
 
-async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str], leg: Leg) -> _Answer:
+async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str], leg: Leg,
+                 held: Held) -> _Answer:
+    """One leg's answer, read whole and decompressed, every byte charged to the worker's budget first."""
     try:
         method = "GET" if leg.method == "HEAD" else leg.method  # the merge needs the bodies
         async with session.request(method, url, headers=_leg_headers(headers, leg), data=leg.body,
                                    allow_redirects=False, compress=None) as up:
             if up.content_length is not None and up.content_length > MAX_ANSWER:
-                raise ProxyError(502, f"upstream answer larger than {MAX_ANSWER} bytes cannot be merged",
-                                 "upstream_too_large")
-            buf = bytearray()
-            async for chunk in up.content.iter_chunked(256 * 1024):
-                buf += chunk
-                if len(buf) > MAX_ANSWER:
-                    raise ProxyError(502, f"upstream answer larger than {MAX_ANSWER} bytes cannot be merged",
-                                     "upstream_too_large")
-            body = bytes(buf)
+                raise _too_large()
+            ctype = up.headers.get("Content-Type", "")
+            is_json = "json" in ctype.lower()
             encoding = up.headers.get("Content-Encoding", "").strip().lower()
-            if encoding == "gzip":
-                body = gzip.decompress(body)
-            elif encoding == "deflate":
-                body = zlib.decompress(body)
-            elif encoding not in ("", "identity", "snappy"):
+            if encoding not in _WBITS and encoding not in ("", "identity", "snappy"):
                 raise ProxyError(502, f"upstream answered in an encoding the merge cannot read: {encoding}",
                                  "upstream_unavailable")
-            return _Answer(up.status, up.headers.get("Content-Type", ""), body)
+            plain = encoding not in _WBITS
+            buf = bytearray()
+            try:
+                async for chunk in up.content.iter_chunked(_PIECE):
+                    # 503 past the budget, before the bytes are kept: the bytes and what merging them will take
+                    held.take(len(chunk) + (merge_cost(chunk, is_json) if plain else 0))
+                    buf += chunk
+                    if len(buf) > MAX_ANSWER:
+                        raise _too_large()
+                data = bytes(buf)
+            finally:
+                buf.clear()  # a refusal's traceback keeps this frame (and its buffer) alive until a collection
+            if plain:
+                return _Answer(up.status, ctype, data)
+            cap = min(MAX_ANSWER, held.room())
+            # zlib releases the GIL: inflating in a thread keeps megabytes of it off this event loop
+            body, more, complete = await asyncio.get_running_loop().run_in_executor(
+                None, _inflate, data, _WBITS[encoding], cap)
+            if len(body) > MAX_ANSWER:
+                raise _too_large()
+            held.take(len(body) + more)  # past the room: 503
+            if not complete:
+                raise ProxyError(502, "upstream answer broke: truncated compressed body", "upstream_unavailable")
+            for i in range(0, len(body), _PIECE):  # charged piece by piece: the loop is never held long
+                held.take(merge_cost(body[i:i + _PIECE], is_json))
+                await asyncio.sleep(0)
+            return _Answer(up.status, ctype, body)
     except ProxyError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError, zlib.error, EOFError) as exc:
@@ -120,9 +153,29 @@ async def _fetch(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[
         raise _failure(exc) from None
 
 
+_WBITS: Final = {"gzip": 31, "deflate": 15}
+_PIECE: Final = 256 * 1024
+
+
+def _too_large() -> ProxyError:
+    return ProxyError(502, f"upstream answer larger than {MAX_ANSWER} bytes cannot be merged", "upstream_too_large")
+
+
+def _inflate(data: bytes, wbits: int, cap: int) -> tuple[bytes, int, bool]:
+    """At most ``cap`` + 1 bytes of ``data`` inflated (a small bomb cannot grow the worker past its budget):
+    (the bytes, 1 if more were left, whether the stream ended)."""
+    d = zlib.decompressobj(wbits)
+    out = d.decompress(data, cap + 1)
+    return out, 1 if d.unconsumed_tail else 0, d.eof
+
+
 async def execute(request: web.Request, session: aiohttp.ClientSession, base: str, path: str,
-                  headers: CIMultiDict[str], plan: Plan, body_limit: int) -> tuple[web.StreamResponse, Outcome]:
-    """Send the plan's legs and answer the merged result (or the first leg that did not answer 200)."""
+                  headers: CIMultiDict[str], plan: Plan, body_limit: int,
+                  budget: int = DEFAULT_FANOUT_MEMORY) -> tuple[web.StreamResponse, Outcome]:
+    """Send the plan's legs and answer the merged result (or the first leg that did not answer 200).
+
+    ``budget`` is the worker's fan-out memory (``limits.fanout_memory``), shared by every fan-out.
+    """
     if plan.merge is Merge.TAIL:
         if request.headers.get("Upgrade", "").lower() != "websocket":
             raise ProxyError(400, "tail under several label policies needs a WebSocket upgrade", "bad_query")
@@ -135,27 +188,58 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, base: st
                              if leg.body else headers, leg.body, body_limit)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    results = await asyncio.gather(*(_fetch(session, _url(base, leg.path or path, leg.query), headers, leg)
-                                     for leg in plan.legs), return_exceptions=True)
-    upstream_seconds = loop.time() - started
-    answers: list[_Answer] = []
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-        answers.append(r)
-    for a in answers:
-        if a.status != 200:
-            resp = web.Response(status=a.status, body=a.body, headers={"Content-Type": a.content_type or _JSON})
-            return resp, Outcome(a.status, len(a.body), upstream_seconds)
-    try:
-        body, ctype, extra = _merge(plan, answers)
-    except Inexact as exc:
-        raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
-    except (Unmergeable, RewriteError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ProxyError(502, f"the upstream's answers could not be merged: {exc}", "upstream_unmergeable"
-                         ) from None
+    with BUDGET.hold(budget) as held:
+        answers = await _fetch_all(session, base, path, headers, plan, held)
+        upstream_seconds = loop.time() - started
+        for a in answers:
+            if a.status != 200:
+                resp = web.Response(status=a.status, body=a.body, headers={"Content-Type": a.content_type or _JSON})
+                return resp, Outcome(a.status, len(a.body), upstream_seconds)
+        size = sum(len(a.body) for a in answers)
+        try:
+            if size <= INLINE_MERGE:
+                body, ctype, extra = _merge(plan, answers)
+            else:  # parsing megabytes holds the GIL: another process does it (its memory was charged by _fetch)
+                paths = await spool([a.body for a in answers])
+                metas = [(a.status, a.content_type) for a in answers]
+                answers.clear()  # the bytes wait in the files now
+                try:
+                    body, ctype, extra = await merge_off_loop(_merge_spooled, plan, metas, paths)
+                finally:
+                    unlink(paths)
+        except Inexact as exc:
+            raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
+        except (Unmergeable, RewriteError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ProxyError(502, f"the upstream's answers could not be merged: {exc}", "upstream_unmergeable"
+                             ) from None
     resp = web.Response(status=200, body=body, headers={"Content-Type": ctype, **extra})
     return resp, Outcome(200, len(body), upstream_seconds)
+
+
+async def _fetch_all(session: aiohttp.ClientSession, base: str, path: str, headers: CIMultiDict[str], plan: Plan,
+                     held: Held) -> list[_Answer]:
+    """Every leg's answer, at most LEG_CONCURRENCY in flight; the first failure stops the others."""
+    gate = asyncio.Semaphore(LEG_CONCURRENCY)
+
+    async def one(leg: Leg) -> _Answer:
+        async with gate:
+            return await _fetch(session, _url(base, leg.path or path, leg.query), headers, leg, held)
+
+    tasks = [asyncio.ensure_future(one(leg)) for leg in plan.legs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        tasks.clear()  # the legs that finished hold their answers; the exception's traceback holds this frame
+        raise
+
+
+def _merge_spooled(plan: Plan, metas: list[tuple[int, str]], paths: list[str]) -> tuple[bytes, str, dict[str, str]]:
+    """In the merge process: :func:`_merge` of the answers the worker spooled to files."""
+    return _merge(plan, [_Answer(status, ctype, read_spooled(path)) for (status, ctype), path in zip(metas, paths,
+                                                                                                  strict=True)])
 
 
 def _merge(plan: Plan, answers: list[_Answer]) -> tuple[bytes, str, dict[str, str]]:

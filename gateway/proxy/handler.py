@@ -113,7 +113,8 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, p: Forwa
     try:
         if isinstance(p, FanOut):
             entry["fanout"] = len(p.legs.legs)
-            resp, outcome = await execute_fanout(request, session, p.base, p.path, p.headers, p.legs, p.body_limit)
+            resp, outcome = await execute_fanout(request, session, p.base, p.path, p.headers, p.legs, p.body_limit,
+                                                  p.memory)
         elif isinstance(p, Stream):
             resp, outcome = await relay_websocket(request, session, p.url, p.headers)
         else:

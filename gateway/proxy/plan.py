@@ -35,7 +35,7 @@ from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.limits_context import HEADER as LIMITS_CONTEXT
 from gateway.lbac.limits_context import limits_context
-from gateway.lbac.pool import RewriteArgs, Rewritten, rewrite_inline
+from gateway.lbac.pool import RewriteArgs, Rewritten, check_nesting, rewrite_inline
 from gateway.lbac.probe import effective_mode
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.policy.datasource import user_policies
@@ -92,6 +92,7 @@ class FanOut:
     headers: CIMultiDict[str] = field(compare=False)
     legs: lbac_fanout.Plan
     body_limit: int
+    memory: int  # the worker's fan-out memory budget (``limits.fanout_memory``), shared by every fan-out
     lbac: str | None = None
 
 
@@ -235,6 +236,7 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
             form = _form(req, body)
             if isinstance(form, NeedsBody):
                 return form
+            check_nesting(kind, raw_query, form)  # the parse bound holds in both modes
             fan = lbac_fanout.plan_header_mode(kind, path, method, raw_query, form, policies)
             if fan is None:
                 n = headermode.normalize(raw_query, form)
@@ -252,7 +254,7 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
     limit = cfg.limits.max_request_body
     check_body_length(req.content_length, limit)
     if fan is not None:
-        return FanOut(base, path, out, fan, limit, mode)
+        return FanOut(base, path, out, fan, limit, cfg.limits.fanout_memory, mode)
     url = f"{base}{path}" + (f"?{raw_query}" if raw_query else "")
     if route.websocket and headers.get("Upgrade", "").lower() == "websocket":
         return Stream(url, out, base, mode)
