@@ -100,9 +100,14 @@ async def _decide(st: State, cfg: Config, backend: str, scope: str, presented: s
     return Decision(ident, stack, tenant, policies, ip)
 
 
+def fresh(st: State) -> bool:
+    """Whether the policy snapshot may be trusted (loaded, and not too old while the database is down)."""
+    return not st.cache.stale
+
+
 def check_fresh(st: State) -> None:
     """Refuse (503) while the policy snapshot is missing or too old: never trust a stale one."""
-    if st.cache.stale:
+    if not fresh(st):
         raise ProxyError(503, "policy snapshot unavailable or too old; refusing rather than trusting it",
                          "stale_snapshot")
 
@@ -110,7 +115,7 @@ def check_fresh(st: State) -> None:
 def holds(st: State, decision: Decision, now: float) -> bool:
     """Whether a decision kept by a cache in front of this stage may still be used (``now``: ``time.time()``):
     the snapshot is fresh and the token has not expired."""
-    return not st.cache.stale and not decision.expired(now)
+    return fresh(st) and not decision.expired(now)
 
 
 def decided(st: State, cfg: Config, route: Route, headers: Headers, ip: IPAddress | None
