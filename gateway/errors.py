@@ -23,6 +23,7 @@ class ProxyError(Exception):
         super().__init__(message)
         self.status, self.message, self.reason = status, message, reason or ERROR_TYPES.get(status, "error")
         self.headers = headers or {}
+        self.lbac: str | None = None  # the LBAC mode of a narrowed read refused after it was chosen (access log)
 
 
 def body_too_large(limit: int) -> ProxyError:

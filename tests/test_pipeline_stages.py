@@ -216,7 +216,7 @@ def _expect(route: Route, token: str, mode: str, req: _Request, p: Plan) -> None
         return
     header = mode == "header"
     if kind is Kind.REMOTE_READ and not header:
-        assert p == NeedsBody(MAX_READ_BODY)
+        assert p == NeedsBody(MAX_READ_BODY, "enforce")
         return
     assert not isinstance(p, Refuse | NeedsBody), p
     assert p.lbac == ("header" if header else "enforce")  # type: ignore[union-attr]
@@ -268,7 +268,7 @@ def test_a_narrowed_read_with_a_body_to_read_is_planned_again_with_it() -> None:
         return first, plan(w.st, w.cfg, m, upstream_of(w.cfg, route), decision, policies, req, b"query=up")
 
     first, second = asyncio.run(run())
-    assert first == NeedsBody(lbac.MAX_FORM_BODY)
+    assert first == NeedsBody(lbac.MAX_FORM_BODY, "enforce")
     assert isinstance(second, Forward) and second.body is not None and _restricted(second.body.decode())
     assert second.headers["Content-Type"] == lbac.FORM and "Content-Length" not in second.headers
 

@@ -88,6 +88,8 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     rewritten: Rewritten | None = None
     p = plan(st, cfg, m, upstream, decision, policies, request)
     for _ in range(2):  # at most one body and one rewrite
+        if p.lbac is not None:
+            entry["lbac"] = p.lbac
         if isinstance(p, NeedsBody):
             body = await read_bounded(request, p.limit)
         elif isinstance(p, Offload):
@@ -95,12 +97,12 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
         else:
             break
         p = plan(st, cfg, m, upstream, decision, policies, request, body, rewritten)
+    if p.lbac is not None:
+        entry["lbac"] = p.lbac
     if isinstance(p, Refuse):
         raise p.error()
     if isinstance(p, NeedsBody | Offload):  # (a plan asks for each once: never reached)
         raise ProxyError(500, "the request could not be planned", "internal")
-    if p.lbac is not None:
-        entry["lbac"] = p.lbac
     TALLY.added(m.route.backend, time.perf_counter() - started)
     return await execute(request, request.app[UPSTREAMS].session(upstream), p, m, entry)
 

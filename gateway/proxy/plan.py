@@ -111,6 +111,7 @@ class NeedsBody:
     """Read the request body, refusing it past ``limit`` bytes, then plan again with it."""
 
     limit: int
+    lbac: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,7 @@ class Offload:
     then plan again with its result."""
 
     args: RewriteArgs
+    lbac: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,7 @@ class Refuse:
     reason: str
     message: str
     headers: dict[str, str] | None = field(default=None, compare=False)
+    lbac: str | None = None
 
     def error(self) -> ProxyError:
         return ProxyError(self.status, self.message, self.reason, self.headers)
@@ -147,7 +150,7 @@ def upstream_of(cfg: Config, route: Route) -> Upstream:
     return upstream
 
 
-def _form(req: Facts, body: bytes | None) -> bytes | None | NeedsBody:
+def _form(req: Facts, body: bytes | None, mode: str | None) -> bytes | None | NeedsBody:
     """The form body a query may carry: None without one, NeedsBody until read; 415 for any other type."""
     if not req.body_exists:
         return None
@@ -158,7 +161,7 @@ def _form(req: Facts, body: bytes | None) -> bytes | None | NeedsBody:
         # Prometheus also parses multipart bodies: anything but a plain form could smuggle a parameter.
         raise ProxyError(415, "label-restricted queries must send parameters in the URL or as "
                          f"{lbac.FORM}", "bad_form")
-    return NeedsBody(lbac.MAX_FORM_BODY)
+    return NeedsBody(lbac.MAX_FORM_BODY, mode)
 
 
 def plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, decision: Decision, policies: Policies,
@@ -167,7 +170,7 @@ def plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, decision: De
     try:
         return _plan(st, cfg, m, upstream, decision, policies, req, body, rewritten)
     except ProxyError as exc:
-        return Refuse(exc.status, exc.reason, exc.message, exc.headers or None)
+        return Refuse(exc.status, exc.reason, exc.message, exc.headers or None, exc.lbac)
 
 
 def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision, policies: Policies,
@@ -194,69 +197,73 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
             check_source_tenants(body, cfg, ident, lambda t: user_policies(st.cache, ident.policy.id, "metrics",
                                                                            t, user))
             sent = body
-    if policies and kind in lbac.RESTRICTED_KINDS:
-        if kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(kind, path, method, raw_query, None, policies)
-                                         ) is None:
-            raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
-                             "lbac_unfilterable")
-        mode = effective_mode(st.extras, upstream)  # the probe's verdict: 503 for an unverified header mode
-        label_headers = d.label_headers() if policies is d.policies else lbac.headers_for(d.tenant, policies)
-        if fan is not None:
-            rewritten = True
-            label_headers = _NO_HEADERS if mode == "enforce" else label_headers
-        elif mode == "enforce" or kind is Kind.LOGQL_DELETE:
-            if kind is Kind.REMOTE_READ:
-                if body is None:
-                    return NeedsBody(MAX_READ_BODY)
-                try:
-                    fan = lbac_fanout.plan_remote_read(body, policies) if mode == "enforce" else None
-                    sent = restrict_read_request(body, policies) if fan is None else None
-                except RewriteError as exc:
-                    raise ProxyError(400, f"remote read refused by label-based access control: {exc}",
-                                     "lbac_refused") from None
-                content_type = req.headers.get("Content-Type", "application/x-protobuf")
-            else:
-                form = _form(req, body)
+    try:
+        if policies and kind in lbac.RESTRICTED_KINDS:
+            if kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(kind, path, method, raw_query, None, policies)
+                                             ) is None:
+                raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
+                                 "lbac_unfilterable")
+            mode = effective_mode(st.extras, upstream)  # the probe's verdict: 503 for an unverified header mode
+            label_headers = d.label_headers() if policies is d.policies else lbac.headers_for(d.tenant, policies)
+            if fan is not None:
+                rewritten = True
+                label_headers = _NO_HEADERS if mode == "enforce" else label_headers
+            elif mode == "enforce" or kind is Kind.LOGQL_DELETE:
+                if kind is Kind.REMOTE_READ:
+                    if body is None:
+                        return NeedsBody(MAX_READ_BODY, mode)
+                    try:
+                        fan = lbac_fanout.plan_remote_read(body, policies) if mode == "enforce" else None
+                        sent = restrict_read_request(body, policies) if fan is None else None
+                    except RewriteError as exc:
+                        raise ProxyError(400, f"remote read refused by label-based access control: {exc}",
+                                         "lbac_refused") from None
+                    content_type = req.headers.get("Content-Type", "application/x-protobuf")
+                else:
+                    form = _form(req, body, mode)
+                    if isinstance(form, NeedsBody):
+                        return form
+                    args = (kind, path, method, raw_query, form, policies, mode == "enforce")
+                    r = done if done is not None else rewrite_inline(args)
+                    if r is None:
+                        return Offload(args, mode)
+                    if isinstance(r, lbac_fanout.Plan):
+                        fan = r
+                    else:
+                        raw_query = r.query if r.query is not None else raw_query
+                        sent = r.body
+                    content_type = lbac.FORM
+                rewritten = True
+                if mode == "enforce":
+                    label_headers = _NO_HEADERS
+            elif kind is not Kind.REMOTE_READ:  # header mode: the backend filters what it runs
+                form = _form(req, body, mode)
                 if isinstance(form, NeedsBody):
                     return form
-                args = (kind, path, method, raw_query, form, policies, mode == "enforce")
-                r = done if done is not None else rewrite_inline(args)
-                if r is None:
-                    return Offload(args)
-                if isinstance(r, lbac_fanout.Plan):
-                    fan = r
+                check_nesting(kind, raw_query, form)  # the parse bound holds in both modes
+                fan = lbac_fanout.plan_header_mode(kind, path, method, raw_query, form, policies)
+                if fan is None:
+                    n = headermode.normalize(raw_query, form)
+                    raw_query, sent, rewritten = n.query or "", n.body, n.body is not None
                 else:
-                    raw_query = r.query if r.query is not None else raw_query
-                    sent = r.body
-                content_type = lbac.FORM
-            rewritten = True
-            if mode == "enforce":
-                label_headers = _NO_HEADERS
-        elif kind is not Kind.REMOTE_READ:  # header mode: the backend filters what it runs
-            form = _form(req, body)
-            if isinstance(form, NeedsBody):
-                return form
-            check_nesting(kind, raw_query, form)  # the parse bound holds in both modes
-            fan = lbac_fanout.plan_header_mode(kind, path, method, raw_query, form, policies)
-            if fan is None:
-                n = headermode.normalize(raw_query, form)
-                raw_query, sent, rewritten = n.query or "", n.body, n.body is not None
-            else:
-                rewritten = True
+                    rewritten = True
 
-    base = upstream.url_for(route.role.value)
-    headers = req.headers
-    out = upstream_headers(headers, d.tenant, req.remote or "unknown", label_headers, drop_body_headers=rewritten,
-                           limits_context=limits_context(headers.getall(LIMITS_CONTEXT, ()), route.backend, kind,
-                                                         policies))
-    if rewritten and sent:
-        out["Content-Type"] = content_type
-    limit = cfg.limits.max_request_body
-    check_body_length(req.content_length, limit)
-    if fan is not None:
-        return FanOut(base, path, out, fan, limit, cfg.limits.fanout_memory, mode)
-    url = f"{base}{path}" + (f"?{raw_query}" if raw_query else "")
-    if route.websocket and headers.get("Upgrade", "").lower() == "websocket":
-        return Stream(url, out, base, mode)
-    return Forward(url, out, sent, limit, base, mode)
+        base = upstream.url_for(route.role.value)
+        headers = req.headers
+        out = upstream_headers(headers, d.tenant, req.remote or "unknown", label_headers, drop_body_headers=rewritten,
+                               limits_context=limits_context(headers.getall(LIMITS_CONTEXT, ()), route.backend, kind,
+                                                             policies))
+        if rewritten and sent:
+            out["Content-Type"] = content_type
+        limit = cfg.limits.max_request_body
+        check_body_length(req.content_length, limit)
+        if fan is not None:
+            return FanOut(base, path, out, fan, limit, cfg.limits.fanout_memory, mode)
+        url = f"{base}{path}" + (f"?{raw_query}" if raw_query else "")
+        if route.websocket and headers.get("Upgrade", "").lower() == "websocket":
+            return Stream(url, out, base, mode)
+        return Forward(url, out, sent, limit, base, mode)
+    except ProxyError as exc:
+        exc.lbac = mode  # (the access log names the mode of a narrowed read however it ends)
+        raise
 
