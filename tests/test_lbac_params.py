@@ -67,21 +67,23 @@ Reader = Callable[[Form], Any]
 # (name, method, raw query, form body); {v} is the value, percent-encoded
 
 
-def spellings(name: str, value: str) -> list[tuple[str, str, str, str | None]]:
+def spellings(name: str, value: str, rest: str = "start=1") -> list[tuple[str, str, str, str | None]]:
+    """(spelling, method, raw query, form body): ``name`` given as ``value`` every way a client can; ``rest``
+    (other parameters, already encoded) rides along."""
     v = quote(value, safe="")
     n = quote(name, safe="")
     return [
-        ("absent", "GET", "start=1", None),
-        ("empty", "GET", f"{n}=&start=1", None),
-        ("bare", "GET", f"{n}&start=1", None),
-        ("empty in body", "POST", "start=1", f"{n}="),
-        ("url", "GET", f"{n}={v}&start=1", None),
-        ("body", "POST", "", f"start=1&{n}={v}"),
-        ("url of a post", "POST", f"{n}={v}", "start=1"),
-        ("encoded name", "GET", f"%{ord(name[0]):02X}{n[1:]}={v}", None),
-        ("url and body", "POST", f"{n}={v}", f"{n}={v}"),
-        ("twice in url", "GET", f"{n}={v}&{n}={v}", None),
-        ("empty then given", "GET", f"{n}=&{n}={v}", None),
+        ("absent", "GET", rest, None),
+        ("empty", "GET", f"{n}=&{rest}", None),
+        ("bare", "GET", f"{n}&{rest}", None),
+        ("empty in body", "POST", rest, f"{n}="),
+        ("url", "GET", f"{n}={v}&{rest}", None),
+        ("body", "POST", "", f"{rest}&{n}={v}"),
+        ("url of a post", "POST", f"{n}={v}", rest),
+        ("encoded name", "GET", f"%{ord(name[0]):02X}{n[1:]}={v}&{rest}", None),
+        ("url and body", "POST", f"{n}={v}", f"{n}={v}&{rest}"),
+        ("twice in url", "GET", f"{n}={v}&{n}={v}&{rest}", None),
+        ("empty then given", "GET", f"{n}=&{n}={v}&{rest}", None),
     ]
 
 
