@@ -171,6 +171,47 @@ def _rows() -> list[Row]:
         ("prom query in a get body", "GET", "/prometheus/api/v1/query", "", "query=up", prom_query,
          'up{ns="allowed"}', "up"),
     ]
+    return rows + _other_param_rows()
+
+
+_SELECTOR_GIVEN = {Kind.LOGQL: f"query={quote(Q)}", Kind.LOGQL_OPTIONAL: f"query={quote(Q)}",
+                   Kind.LOGQL_TAIL: f"query={quote(Q)}", Kind.LOGQL_SERIES: f"match={quote(Q)}",
+                   Kind.PROMQL: "query=up", Kind.MATCH: "match%5B%5D=up"}
+_GET_ONLY = ("/tail", "/federate", "/prometheus/api/v1/label/{name}/values")
+
+
+def _other_param_rows() -> list[Row]:
+    """Every other parameter of every endpoint in gateway.lbac.params (none selects data): the backend reads
+    what the client sent, an empty one as absent, a list's every value; a repeated single value is a 400."""
+    rows: list[Row] = []
+    for e in params.ENDPOINTS:
+        if e.kind not in _SELECTOR_GIVEN:
+            continue  # metadata (a plan of its own) and delete (tested in test_lbac_bypass)
+        path = e.paths[0].replace("{name}", "app")
+        get_only = e.paths[0].endswith(_GET_ONLY)
+        for prm in e.params:
+            if prm.role is params.Role.SELECTOR:
+                continue
+            lists = prm.reads is params.Reads.LIST
+            def reader(f: Form, name: str = prm.name, lists: bool = lists) -> Any:
+                return f.list(name) if lists else f.get(name)
+            for spelling, method, raw, body in spellings(prm.name, "5", _SELECTOR_GIVEN[e.kind]):
+                if (method == "POST" and get_only) or spelling in ("absent", "encoded name"):
+                    continue
+                want: Any
+                enforce: Any = None
+                if spelling in EMPTY and prm.name == "targetLabels":
+                    # none: Loki groups by the query's label names, so the gateway names them (the policy's
+                    # matchers must not change the grouping: gateway.lbac.counts.volume_params)
+                    want, enforce = "", "app"
+                elif spelling in EMPTY:
+                    want = [""] if lists else ""
+                elif spelling in REPEATED:
+                    want = (["", "5"] if spelling == "empty then given" else ["5", "5"]) if lists else 400
+                else:
+                    want = ["5"] if lists else "5"
+                rows.append((f"{method} {path} {prm.name} {spelling}", method, path, raw, body, reader,
+                             want if enforce is None else enforce, want))
     return rows
 
 

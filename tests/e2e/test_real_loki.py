@@ -14,9 +14,10 @@ streams visible under it are also pushed into a tenant of their own. A token who
 carry the policy set reads through the gateway (``lbac: header``, ``enforce`` and ``auto``),
 and every answer must equal what Loki itself answers for the visible-only tenant: log queries
 (``query_range``), ``labels``, ``label/{name}/values``, ``series`` and ``detected_labels``
-without a query (and with an empty one, which Loki reads as none). Loki without LBAC must make header mode refuse (503) and auto fall back to
-enforce. In enforce mode, ``index/stats``, ``index/volume`` and ``index/volume_range`` (counted by
-inclusion-exclusion over the selectors) must equal the visible-only tenant's answers exactly:
+without a query (and with an empty one, which Loki reads as none). Loki without LBAC must make
+header mode refuse (503) and auto fall back to enforce. In enforce mode, ``index/stats``,
+``index/volume`` and ``index/volume_range`` (counted by inclusion-exclusion over the selectors)
+must equal the visible-only tenant's answers exactly:
 same names, values, order and result type.
 """
 
