@@ -102,8 +102,10 @@ LOKI_REQUIRED = ("/loki/api/v1/query", "/loki/api/v1/query_range", "/api/prom/qu
                  "/loki/api/v1/detected_fields")
 PROM_REQUIRED = ("/prometheus/api/v1/query", "/prometheus/api/v1/query_range", "/prometheus/api/v1/query_exemplars",
                  "/api/prom/api/v1/query")
-PROM_MATCH = ("/prometheus/api/v1/series", "/prometheus/api/v1/labels", "/api/prom/api/v1/labels")
+PROM_MATCH = ("/prometheus/api/v1/series", "/prometheus/api/v1/labels", "/api/prom/api/v1/labels",
+              "/prometheus/api/v1/label/app/values", "/prometheus/federate", "/federate")
 
+_GET_ONLY = ("/tail", "/federate", "/prometheus/api/v1/label/{name}/values", "/prometheus/api/v1/label/app/values")
 Row = tuple[str, str, str, str, str | None, Reader, Any, Any]  # id, method, path, raw, body, reader, enforce, header
 
 
@@ -114,6 +116,8 @@ def _rows() -> list[Row]:
             absent_header: Any, given_header: Any) -> None:
         lists = isinstance(restricted, list)
         for spelling, method, raw, body in spellings(name, value):
+            if method == "POST" and path.endswith(_GET_ONLY):
+                continue
             enforce: Any
             header: Any
             if spelling == "absent" or (spelling in EMPTY and not lists):  # Form.Get: empty is absent
@@ -177,7 +181,6 @@ def _rows() -> list[Row]:
 _SELECTOR_GIVEN = {Kind.LOGQL: f"query={quote(Q)}", Kind.LOGQL_OPTIONAL: f"query={quote(Q)}",
                    Kind.LOGQL_TAIL: f"query={quote(Q)}", Kind.LOGQL_SERIES: f"match={quote(Q)}",
                    Kind.PROMQL: "query=up", Kind.MATCH: "match%5B%5D=up"}
-_GET_ONLY = ("/tail", "/federate", "/prometheus/api/v1/label/{name}/values")
 
 
 def _other_param_rows() -> list[Row]:
