@@ -9,7 +9,9 @@ Written from Loki's source (grafana/loki), for what the fan-out tests depend on:
   tests/loki_lbac.py, 400 when malformed): a read sees only the streams some policy of the queried
   tenant matches, except ``detected_labels`` without a query, which ``pkg/querier/querier.go``
   ``DetectedLabels`` answers from the index without the policy (seen on a real Loki main:
-  tests/e2e/test_real_loki.py);
+  tests/e2e/test_real_loki.py), and label names, which ``Label`` reads from the index with the query's
+  matchers only (``store.LabelNamesForMetricName``: ``labelaccess.StoreWrapper`` wraps label values, not
+  names; the ingesters filter, but only hold recent data, so this fake answers as the store does);
 * parameters (``pkg/loghttp/params.go``): ``limit`` defaults to 100 and must be positive;
   ``direction`` is ``FORWARD``/``BACKWARD`` in any case, default backward; a timestamp with a ``.``
   is float seconds, an integer of at most 10 digits is seconds, a longer one nanoseconds, else
@@ -477,7 +479,8 @@ class FakeLoki:
             return self
         policies = extract(request.headers.getall("X-Prom-Label-Policy", [])).get(
             request.headers.get("X-Scope-OrgID", ""))
-        if not policies or (request.path.endswith("/detected_labels") and not p.get("query")):
+        if not policies or (request.path.endswith("/detected_labels") and not p.get("query")) \
+                or request.path.endswith(("/labels", "/label")):
             return self
         return self._under(policies)
 

@@ -94,9 +94,10 @@ EMPTY = {"empty", "bare", "empty in body"}
 # (path, reader, parameter, value, restricted value, what an absent selector becomes in enforce / header)
 # absent-enforce: the rewritten selector, or an int status; absent-header: what Loki is sent
 
-LOKI_OPTIONAL = ("/loki/api/v1/labels", "/loki/api/v1/label", "/loki/api/v1/label/app/values", "/api/prom/label",
-                 "/api/prom/label/app/values")
-LOKI_QUERY_OPTIONAL = ("/loki/api/v1/detected_labels", "/loki/api/v1/detected_field/level/values")
+LOKI_OPTIONAL = ("/loki/api/v1/label/app/values", "/api/prom/label/app/values")
+#: Reads Loki's LBAC does not filter without a query: the policy is the query in header mode too
+LOKI_QUERY_OPTIONAL = ("/loki/api/v1/detected_labels", "/loki/api/v1/detected_field/level/values",
+                       "/loki/api/v1/labels", "/loki/api/v1/label", "/api/prom/label")
 LOKI_REQUIRED = ("/loki/api/v1/query", "/loki/api/v1/query_range", "/api/prom/query", "/loki/api/v1/index/stats",
                  "/loki/api/v1/index/volume", "/loki/api/v1/index/volume_range", "/loki/api/v1/patterns",
                  "/loki/api/v1/detected_fields")

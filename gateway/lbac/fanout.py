@@ -121,6 +121,7 @@ _PLANNED: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL, Kind.LOGQL_TAIL, K
 #: Planned even under a single selector (or a union rewrite): volumes must group as the original query.
 _SINGLE_PLANNED: Final = _QUERY_OPTIONAL | {Merge.VOLUME}
 _METADATA: Final = re.compile(r"/api/v1/metadata\Z")
+_LABEL_NAMES: Final = re.compile(r"/(?:loki/api/v1|api/prom)/labels?\Z")
 _PROM_QUERY: Final = re.compile(r"/api/v1/query(?:_range)?\Z")
 _LITERALS: Final = re.compile(r"[A-Za-z0-9_\-]+(?:\|[A-Za-z0-9_\-]+)*\Z")
 
@@ -259,16 +260,20 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
 
 def plan_header_mode(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
                      policies: tuple[Selector, ...]) -> Plan | None:
-    """Header mode's one fan-out: Loki ``detected_labels`` / ``detected_field/{name}/values`` without a query.
+    """Header mode's one fan-out: Loki ``detected_labels`` / ``detected_field/{name}/values`` and label names
+    without a query (absent or empty: Loki reads both as none).
 
     Seen on a real Loki main with ``-lbac.enabled``: ``detected_labels`` without ``query`` answers with the
     labels of every stream of the tenant whatever X-Prom-Label-Policy says, and with a query it filters.
-    So, as in enforce mode, each policy selector becomes the query (the header still travels with each leg).
+    Label names come from the index without the policy too (``pkg/querier/querier.go`` ``Label`` calls
+    ``store.LabelNamesForMetricName``, which ``labelaccess.StoreWrapper`` does not wrap), once older than
+    the ingesters' window. So, as in enforce mode, each policy selector becomes the query (the header
+    still travels with each leg).
     """
     if not policies or kind not in (Kind.LOGQL, Kind.LOGQL_OPTIONAL):
         return None
     merge = _loki_merge(path)
-    if merge not in _QUERY_OPTIONAL:
+    if merge not in _QUERY_OPTIONAL and not (merge is Merge.VALUES and _LABEL_NAMES.search(path)):
         return None
     pairs = lbac._pairs(raw_query, body)
     if lbac._one(pairs, "query", required=False) is not None:
