@@ -96,8 +96,9 @@ EMPTY = {"empty", "bare", "empty in body"}
 
 LOKI_OPTIONAL = ("/loki/api/v1/label/app/values", "/api/prom/label/app/values")
 #: Reads Loki's LBAC does not filter without a query: the policy is the query in header mode too
-LOKI_QUERY_OPTIONAL = ("/loki/api/v1/detected_labels", "/loki/api/v1/detected_field/level/values",
-                       "/loki/api/v1/labels", "/loki/api/v1/label", "/api/prom/label")
+LOKI_QUERY_OPTIONAL = ("/loki/api/v1/detected_labels", "/loki/api/v1/detected_field/level/values")
+#: Label names: Loki reads them from its index with the query's matchers only, so header mode restricts both
+LOKI_NAMES = ("/loki/api/v1/labels", "/loki/api/v1/label", "/api/prom/label")
 LOKI_REQUIRED = ("/loki/api/v1/query", "/loki/api/v1/query_range", "/api/prom/query", "/loki/api/v1/index/stats",
                  "/loki/api/v1/index/volume", "/loki/api/v1/index/volume_range", "/loki/api/v1/patterns",
                  "/loki/api/v1/detected_fields")
@@ -139,6 +140,8 @@ def _rows() -> list[Row]:
         add(path, loki_query, "query", Q, Q_R, POLICY, ABSENT, Q)
     for path in LOKI_QUERY_OPTIONAL:
         add(path, loki_query, "query", Q, Q_R, POLICY, POLICY, Q)
+    for path in LOKI_NAMES:
+        add(path, loki_query, "query", Q, Q_R, POLICY, POLICY, Q_R)
     for path in LOKI_REQUIRED:
         add(path, loki_query, "query", Q, Q_R, 400, ABSENT, Q)
     for path in PROM_REQUIRED:
@@ -162,11 +165,11 @@ def _rows() -> list[Row]:
          ['up{ns="allowed"}', 'x{ns="allowed"}'], ["up", "x"]),
         ("prom label values absent", "GET", "/prometheus/api/v1/label/app/values", "", None, prom_match, [POLICY],
          ABSENT),
-        ("loki semicolon", "GET", "/loki/api/v1/labels", f"query={quote(Q)};x=1", None, loki_query, 400,
+        ("loki semicolon", "GET", "/loki/api/v1/detected_labels", f"query={quote(Q)};x=1", None, loki_query, 400,
          Q + ";x=1"),
         # (no stream selector: nothing to restrict, and Loki answers its parse error)
-        ("loki bad escape", "GET", "/loki/api/v1/labels", "query=%zz", None, loki_query, "%zz", "%zz"),
-        ("loki plus is a space", "GET", "/loki/api/v1/labels", "query={app=+%22x%22}", None, loki_query,
+        ("loki bad escape", "GET", "/loki/api/v1/label/app/values", "query=%zz", None, loki_query, "%zz", "%zz"),
+        ("loki plus is a space", "GET", "/loki/api/v1/label/app/values", "query={app=+%22x%22}", None, loki_query,
          '{app="x", ns="allowed"}', '{app= "x"}'),
         ("loki other params repeated", "GET", "/loki/api/v1/labels", "start=1&start=2", None, loki_query, 400, 400),
         ("loki series shards repeated", "GET", series, "shards=0_of_2&shards=1_of_2", None, loki_series, [POLICY],
