@@ -427,7 +427,7 @@ READS = [
     ("GET", "/loki/api/v1/query", {"query": '{app="x"}'}),
     ("POST", "/loki/api/v1/query_range", {"query": '{app="x"}'}),
     ("GET", "/loki/api/v1/series", {"match": '{app="x"}'}),
-    ("GET", "/loki/api/v1/labels", {"query": '{app="x"}'}),  # (without one: the policy, test_lbac_params.py)
+    # (label names get the policy as their query in header mode too: tests/test_lbac_params.py)
     ("GET", "/loki/api/v1/label/app/values", {}),
     ("GET", "/loki/api/v1/index/stats", {"query": '{app="x"}'}),
     ("GET", "/loki/api/v1/index/volume", {"query": '{app="x"}'}),
