@@ -14,9 +14,10 @@ streams visible under it are also pushed into a tenant of their own. A token who
 carry the policy set reads through the gateway (``lbac: header``, ``enforce`` and ``auto``),
 and every answer must equal what Loki itself answers for the visible-only tenant: log queries
 (``query_range``), ``labels``, ``label/{name}/values``, ``series`` and ``detected_labels``
-without a query. Loki without LBAC must make header mode refuse (503) and auto fall back to
-enforce. In enforce mode, ``index/stats``, ``index/volume`` and ``index/volume_range`` (counted by
-inclusion-exclusion over the selectors) must equal the visible-only tenant's answers exactly:
+without a query (and with an empty one, which Loki reads as none). Loki without LBAC must make
+header mode refuse (503) and auto fall back to enforce. In enforce mode, ``index/stats``,
+``index/volume`` and ``index/volume_range`` (counted by inclusion-exclusion over the selectors)
+must equal the visible-only tenant's answers exactly:
 same names, values, order and result type.
 """
 
@@ -336,14 +337,16 @@ def _detected(ans: Any) -> Any:
 
 def reads(detected: bool = False) -> list[tuple[str, str, dict[str, str], Normalizer]]:
     """The reads compared; ``detected``: only ``detected_labels`` without a query (its own test)."""
-    if detected:
-        return [("detected_labels", "/loki/api/v1/detected_labels", dict(RANGE), _detected)]
+    if detected:  # without a query, and with an empty one (Loki reads `query=` as none: Logs Drilldown sends it)
+        return [("detected_labels", "/loki/api/v1/detected_labels", dict(RANGE), _detected),
+                ("detected_labels query=", "/loki/api/v1/detected_labels", {**RANGE, "query": ""}, _detected)]
     out: list[tuple[str, str, dict[str, str], Normalizer]] = []
     for q in QUERIES:
         for direction in ("forward", "backward"):
             out.append((f"query_range {q} {direction}", "/loki/api/v1/query_range",
                         {"query": q, "limit": "1000", "direction": direction, **RANGE}, _streams))
     out.append(("labels", "/loki/api/v1/labels", dict(RANGE), _sorted))
+    out.append(("labels query=", "/loki/api/v1/labels", {**RANGE, "query": ""}, _sorted))
     for name in VALUE_NAMES:
         out.append((f"label/{name}/values", f"/loki/api/v1/label/{name}/values", dict(RANGE), _sorted))
     out.append(("series", "/loki/api/v1/series", {"match[]": '{app=~".+"}', **RANGE}, _series))
