@@ -27,6 +27,7 @@ from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.pool import _LOGQL, _MATCHES, _PROMQL, weigh
 from gateway.lbac.probe import effective_mode, probe_of
+from gateway.limits.stage import applies as limits_apply
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, IPAddress
 from gateway.proxy.decision_cache import Decision
@@ -114,7 +115,7 @@ def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams)
     _, ip, auth, org = facts
     gen = st.cache.generation
     decision = st.decisions.get((auth, org, route.backend, route.scope, ip), gen, cfg, time.time())
-    if decision is None:
+    if decision is None or limits_apply(cfg, route, decision):  # (limited requests: the handler's stage)
         return None
     reads = route.kind in lbac.RESTRICTED_KINDS
     mode: str | None = None
