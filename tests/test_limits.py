@@ -159,11 +159,13 @@ async def test_tenant_defaults_and_write_bytes(db_dsn: str, aiohttp_client: Any,
 
 
 async def test_concurrent_queries(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> None:
-    release = asyncio.Event()
+    release, two_arrived = asyncio.Event(), asyncio.Event()
     arrived: list[int] = []
 
     async def slow(_r: web.Request) -> web.Response:
         arrived.append(1)
+        if len(arrived) == 2:
+            two_arrived.set()
         await release.wait()
         return web.json_response({"status": "success", "data": {"resultType": "vector", "result": []}})
     app = web.Application()
@@ -174,8 +176,7 @@ async def test_concurrent_queries(db_dsn: str, aiohttp_client: Any, aiohttp_serv
     async with _env(db_dsn, aiohttp_client, aiohttp_server, upstreams=ups) as env:
         name, tok = await policy_token(env, ["metrics:read"], {"gatewayLimits": {"concurrentQueries": 2}})
         running = [asyncio.create_task(env.gw.client.get(QUERY, headers=basic("100", tok))) for _ in range(2)]
-        while len(arrived) < 2:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(two_arrived.wait(), 10)
         refused = [await env.gw.client.get(QUERY, headers=basic("100", tok)) for _ in range(3)]
         assert [r.status for r in refused] == [429] * 3
         assert (await refused[0].json())["error"].startswith(f"concurrent_queries limit reached for policy '{name}'")

@@ -104,7 +104,8 @@ def parse(obj: Any) -> LokiPolicy | None:
         if isinstance(v, str) and (ms := parse_duration_ms(v.strip())) is not None and ms > 0:
             sent[key] = v.strip()
     if "queryTimeout" in sent or "maxQueryTime" in sent:  # the timeout under both names, the stricter one
-        t = min((sent[k] for k in ("queryTimeout", "maxQueryTime") if k in sent), key=parse_duration_ms)
+        given = [sent[k] for k in ("queryTimeout", "maxQueryTime") if k in sent]
+        t = min(given, key=lambda d: parse_duration_ms(d) or 0)
         sent["queryTimeout"] = sent["maxQueryTime"] = t
     for key in ("maxEntriesLimitPerQuery", "minimumLabelsNumber"):
         v = obj.get(key)

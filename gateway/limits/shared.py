@@ -61,12 +61,13 @@ class Table:
     # ---- slots ---------------------------------------------------------------------------------
 
     def _slot(self, key: str) -> int:
-        slot = self._index.get(key)
-        if slot is not None:
-            return slot
+        known = self._index.get(key)
+        if known is not None:
+            return known
         tag = float(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=6).digest(), "big") | 1)
         start = int(tag) % self.slots
         f = self._f
+        slot = start
         for i in range(_PROBES):
             slot = (start + i) % self.slots
             base = slot * _FIELDS

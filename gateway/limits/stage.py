@@ -66,7 +66,8 @@ def policy_limits(attributes_json: str | None) -> PolicyLimits:
     except ValueError:
         attrs = None
     attrs = attrs if isinstance(attrs, dict) else {}
-    raw = attrs.get(ATTRIBUTE) if isinstance(attrs.get(ATTRIBUTE), dict) else {}
+    got_raw = attrs.get(ATTRIBUTE)
+    raw: dict[str, Any] = got_raw if isinstance(got_raw, dict) else {}
     vals = {ours: raw[theirs] for theirs, ours in ATTRIBUTE_FIELDS.items()
             if isinstance(raw.get(theirs), int | float) and not isinstance(raw.get(theirs), bool)
             and raw[theirs] >= 0}
@@ -139,7 +140,8 @@ def admit(cfg: Config, route: Route, decision: Decision, content_length: int | N
                 if not t.enter(key, rates.concurrent_queries):
                     raise _refuse("concurrent_queries", by, name, limited_status,
                                   f"concurrent_queries limit reached for {by} {name!r}: "
-                                  f"{rates.concurrent_queries} queries already running; retry when one has finished", entry, "1")
+                                  f"{rates.concurrent_queries} queries already running; retry when one has finished",
+                                  entry, "1")
                 held.append(key)
             if rates.requests_per_second:
                 wait = t.take(key, rates.requests_per_second, rates.request_burst(), 1.0, debt=False)
