@@ -227,3 +227,21 @@ async def test_access_log_names_the_limit(db_dsn: str, aiohttp_client: Any, aioh
         limited = [x for x in lines if x.get("status") == 429]
         assert limited and all(x["limit"] == "policy:requests_per_second" for x in limited)
         assert all("_limits_held" not in x for x in lines)
+
+
+async def test_the_page_shows_a_policys_limits(gw: Any) -> None:
+    from tests.test_page import Browser
+    attrs = {"gatewayLimits": {"requestsPerSecond": 5, "concurrentQueries": 2},
+             "lokiQueryPolicy": {"maxQueryLookback": "7d", "requiredLabels": ["namespace"]}}
+    p = await gw.api("POST", "/api/v1/accesspolicies", {"name": "limited", "scopes": ["logs:read"],
+                                                        "realms": [{"type": "org", "identifier": "1"}],
+                                                        "attributes": attrs})
+    plain = await gw.policy("plain", ["logs:read"])
+    b = Browser(gw)
+    await b.sign_in()
+    text = await b.get(f"/ui/policies/{p['id']}")
+    for want in ("gatewayLimits.concurrentQueries: <code>2</code>", "gatewayLimits.requestsPerSecond: <code>5</code>",
+                 "lokiQueryPolicy.maxQueryLookback: <code>7d</code>",
+                 "lokiQueryPolicy.requiredLabels: <code>[&#34;namespace&#34;]</code>"):
+        assert want in text, text
+    assert "none of its own" in await b.get(f"/ui/policies/{plain['id']}")

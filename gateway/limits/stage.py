@@ -81,6 +81,23 @@ def policy_limits(attributes_json: str | None) -> PolicyLimits:
     return got
 
 
+def describe(attributes_json: str | None) -> list[tuple[str, str]]:
+    """The policy's limits as the page lists them: (field, value), ours then Cloud's lokiQueryPolicy."""
+    try:
+        attrs = json.loads(attributes_json or "null")
+    except ValueError:
+        return []
+    if not isinstance(attrs, dict):
+        return []
+    out: list[tuple[str, str]] = []
+    for key in (ATTRIBUTE, "lokiQueryPolicy"):
+        sub = attrs.get(key)
+        if isinstance(sub, dict):
+            out += [(f"{key}.{k}", json.dumps(v) if not isinstance(v, str) else v) for k, v in sorted(sub.items())
+                    if v not in (None, "", [])]
+    return out
+
+
 def applies(cfg: Config, route: Route, decision: Decision) -> bool:
     """Whether the limit stage may act on this route and decision (the callback path declines if so)."""
     if cfg.tenant_limits.active:

@@ -23,6 +23,7 @@ from gateway.admin.api import check_datasource_policy
 from gateway.admin.auditfilter import RESOURCE_TYPES
 from gateway.admin.errors import ApiError
 from gateway.admin.serialize import policy_json, token_json
+from gateway.limits.stage import describe as describe_limits
 from gateway.policy import tokens as tokfmt
 from gateway.policy.model import AccessPolicy, Realm, Token
 from gateway.policy.scopes import SCOPE_GROUPS, SERVED_SCOPES
@@ -336,7 +337,8 @@ async def _policy_page(request: web.Request, admin: Admin, policy: AccessPolicy,
         "next_url": next_url, "first_url": f"/ui/policies/{policy.id}" if cursor else None,
         "can_write": admin.can(WRITE), "can_delete": admin.can(DELETE),
         "min_date": (datetime.now(UTC).date() + timedelta(days=1)).isoformat(),
-        "form": {"name": "", "expires": ""}, "errors": {}, "new_token": None, "secret": None, **extra}, status)
+        "form": {"name": "", "expires": ""}, "errors": {}, "new_token": None, "secret": None,
+        "limits": describe_limits(policy.attributes_json), **extra}, status)
 
 
 _SHOW_ONCE = "show_once"
