@@ -190,6 +190,8 @@ def test_shared_table_buckets_and_lanes() -> None:
     t = Table(slots=64, lanes=4)
     assert [t.take("a", 1.0, 3.0, 1.0, debt=False) for _ in range(3)] == [0.0, 0.0, 0.0]
     assert t.take("a", 1.0, 3.0, 1.0, debt=False) > 0.5
+    t.refund("a", 3.0)  # (the callback path gives back what it took for a request it then leaves)
+    assert t.take("a", 1.0, 3.0, 1.0, debt=False) == 0.0 and t.take("a", 1.0, 3.0, 1.0, debt=False) > 0.5
     assert t.take("b", 1.0, 3.0, 1.0, debt=False) == 0.0  # another key, another bucket
     assert t.take("w", 100.0, 100.0, 500.0, debt=True, kind=1) == 0.0  # too big: passes once, then owes
     assert t.take("w", 100.0, 100.0, 1.0, debt=True, kind=1) >= 3.9

@@ -106,6 +106,17 @@ class Table:
         finally:
             self._unlock(slot)
 
+    def refund(self, key: str, burst: float, n: float = 1.0, kind: int = 0) -> None:
+        """Give back ``n`` tokens taken for a request that was then not served by the one who took them."""
+        slot = self._slot(key)
+        base = slot * _FIELDS + 1 + 2 * kind
+        self._lock(slot)
+        try:
+            if self._f[base + 1] != 0.0:
+                self._f[base] = min(burst, self._f[base] + n)
+        finally:
+            self._unlock(slot)
+
     # ---- in-flight counts ----------------------------------------------------------------------
 
     def _my_lane(self) -> int:

@@ -11,8 +11,9 @@ with Retry-After and an error naming the limit; a write gets ``tenant_limits.wri
 Prometheus retries any 5xx, but a 429 only with ``retry_on_http_429``, storage/remote/client.go).
 
 A request of a policy without limits on a tenant without limits costs one attribute read and one dict lookup
-(the policy's parsed attributes are cached by their text). :func:`applies` tells the protocol server's
-callback path (``gateway.proxy.fastpath``) to leave limited requests to the handler.
+(the policy's parsed attributes are cached by their text). :func:`fast_plan` tells the protocol server's
+callback path (``gateway.proxy.fastpath``) which requests it may still serve (request rates only) and
+which it leaves to the handler.
 """
 
 from __future__ import annotations
@@ -98,15 +99,53 @@ def describe(attributes_json: str | None) -> list[tuple[str, str]]:
     return out
 
 
-def applies(cfg: Config, route: Route, decision: Decision) -> bool:
-    """Whether the limit stage may act on this route and decision (the callback path declines if so)."""
-    if cfg.tenant_limits.active:
-        tl = cfg.tenant_limits
-        o = tl.tenants.get(decision.tenant)
-        if tl.defaults or (o is not None and (o.rates or route.role.value in o.blocks)):
-            return True
+#: Request-rate buckets a bodiless request takes a token from: (key, rate, burst).
+Buckets = tuple[tuple[str, float, float], ...]
+
+
+def fast_plan(cfg: Config, route: Route, decision: Decision) -> Buckets | None:
+    """For the callback path (``gateway.proxy.fastpath``, bodiless requests, decided once per connection):
+    the request-rate buckets to take from, ``()`` when nothing applies, or None when only the handler's
+    stage can serve it (a block, a concurrency limit on a read, the Loki query policy)."""
+    tl = cfg.tenant_limits
     pl = policy_limits(decision.ident.policy.attributes_json)
-    return bool(pl.rates) or (pl.loki is not None and route.backend == "logs" and route.role is Role.READ)
+    if not tl.active and pl is _NONE:
+        return ()
+    reads = route.role is Role.READ
+    if pl.loki is not None and route.backend == "logs" and reads:
+        return None
+    tenant_rates = Rates()
+    if tl.active:
+        o = tl.tenants.get(decision.tenant)
+        if o is not None and route.role.value in o.blocks:
+            return None
+        tenant_rates = tl.defaults if o is None else o.rates
+    out: list[tuple[str, float, float]] = []
+    for rates, key in ((pl.rates, f"p{decision.ident.policy.id}"),
+                       (tenant_rates, f"t{route.backend}|{decision.tenant}")):
+        if rates.concurrent_queries and reads:
+            return None
+        if rates.requests_per_second:
+            out.append((key, rates.requests_per_second, rates.request_burst()))
+    return tuple(out)
+
+
+def fast_take(buckets: Buckets) -> bool:
+    """Take one request from each bucket; False (the handler then refuses and counts it) if one is empty
+    (what was taken from the others is given back)."""
+    t = table()
+    for i, (key, rate, burst) in enumerate(buckets):
+        if t.take(key, rate, burst, 1.0, debt=False):
+            fast_refund(buckets[:i])
+            return False
+    return True
+
+
+def fast_refund(buckets: Buckets) -> None:
+    """Give back what :func:`fast_take` took, for a request the callback path then leaves to the handler."""
+    t = table()
+    for key, _, burst in buckets:
+        t.refund(key, burst)
 
 
 def _retry_after(seconds: float) -> str:
