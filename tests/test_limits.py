@@ -247,3 +247,22 @@ async def test_the_page_shows_a_policys_limits(gw: Any) -> None:
                  "lokiQueryPolicy.requiredLabels: <code>[&#34;namespace&#34;]</code>"):
         assert want in text, text
     assert "none of its own" in await b.get(f"/ui/policies/{plain['id']}")
+
+
+async def test_forward_auth_applies_blocks_and_request_rates(db_dsn: str, aiohttp_client: Any,
+                                                             aiohttp_server: Any) -> None:
+    limits = {"tenants": {"100": {"block": {"writes": {"status": 503, "message": "maintenance",
+                                                       "retry_after": 60}}}}}
+    async with _env(db_dsn, aiohttp_client, aiohttp_server, tenant_limits=limits, trusted_proxies=["127.0.0.1/32"]
+                    ) as env:
+        _, tok = await policy_token(env, ["metrics:read", "metrics:write"],
+                                    {"gatewayLimits": {"requestsPerSecond": 1, "burst": 1, "concurrentQueries": 1}})
+        push = {**basic("100", tok), "X-Forwarded-Method": "POST", "X-Forwarded-Uri": "/api/v1/push"}
+        r = await env.gw.client.get("/forward-auth/traefik", headers=push)
+        assert r.status == 503 and r.headers["Retry-After"] == "60" and (await r.json())["error"] == "maintenance"
+        r = await env.gw.client.get("/forward-auth/nginx", headers={**basic("100", tok), "X-Original-Method": "POST",
+                                                                   "X-Original-URI": "/api/v1/push"})
+        assert r.status == 403  # (nginx's auth_request takes 401 and 403 only)
+        read = {**basic("100", tok), "X-Forwarded-Method": "GET", "X-Forwarded-Uri": QUERY}
+        statuses = [(await env.gw.client.get("/forward-auth/traefik", headers=read)).status for _ in range(3)]
+        assert statuses[0] == 200 and 429 in statuses  # one a second; concurrency is not counted here

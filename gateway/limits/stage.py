@@ -159,9 +159,11 @@ def _refuse(limit: str, by: str, name: str, status: int, message: str, entry: di
     return ProxyError(status, message, reason, {"Retry-After": retry_after} if retry_after else None)
 
 
-def admit(cfg: Config, route: Route, decision: Decision, content_length: int | None, entry: dict[str, object]
-          ) -> PolicyLimits | None:
-    """Apply the limits; refusals raise. Returns the policy's limits (for the Loki query policy) or None."""
+def admit(cfg: Config, route: Route, decision: Decision, content_length: int | None, entry: dict[str, object],
+          forward_auth: bool = False) -> PolicyLimits | None:
+    """Apply the limits; refusals raise. Returns the policy's limits (for the Loki query policy) or None.
+    For ``forward_auth`` (another proxy forwards the request: the gateway sees neither its body nor its end)
+    only blocks and request rates apply."""
     tl = cfg.tenant_limits
     policy = decision.ident.policy
     pl = policy_limits(policy.attributes_json)
@@ -192,7 +194,7 @@ def admit(cfg: Config, route: Route, decision: Decision, content_length: int | N
     held: list[str] = []
     try:
         for rates, by, name, key in checks:
-            if rates.concurrent_queries and role is Role.READ:
+            if rates.concurrent_queries and role is Role.READ and not forward_auth:
                 if not t.enter(key, rates.concurrent_queries):
                     raise _refuse("concurrent_queries", by, name, limited_status,
                                   f"concurrent_queries limit reached for {by} {name!r}: "
@@ -206,7 +208,7 @@ def admit(cfg: Config, route: Route, decision: Decision, content_length: int | N
                                   f"requests_per_second limit exceeded for {by} {name!r}: "
                                   f"{rates.requests_per_second:g} requests per second, burst "
                                   f"{rates.request_burst():g}", entry, _retry_after(wait))
-            if rates.write_bytes_per_second and writes:
+            if rates.write_bytes_per_second and writes and not forward_auth:
                 if content_length is None:
                     raise ProxyError(411, f"a write under a byte-rate limit ({by} {name!r}) must send "
                                      "Content-Length", "length_required")
