@@ -248,6 +248,28 @@ async def test_the_page_shows_a_policys_limits(gw: Any) -> None:
         assert want in text, text
     assert "none of its own" in await b.get(f"/ui/policies/{plain['id']}")
 
+    # the form edits them: typed values saved, an emptied one removed, Cloud's other attributes kept
+    from tests.test_page import policy_form
+    await gw.api("POST", f"/api/v1/accesspolicies/{p['id']}", {"attributes": {
+        **attrs, "pdcConfiguration": {"limitedHosts": ["db:5432"]}}})
+    form = await b.get(f"/ui/policies/{p['id']}/edit")
+    assert 'name="limit:lokiQueryPolicy.maxQueryLookback" value="7d"' in form
+    base = policy_form("limited", ["logs:read"], realm="org:1")
+    fields = [("limit:gatewayLimits.requestsPerSecond", "2.5"), ("limit:gatewayLimits.concurrentQueries", ""),
+              ("limit:lokiQueryPolicy.maxQueryLookback", "30d"), ("limit:lokiQueryPolicy.requiredLabels", "a, b")]
+    _, text = await b.post(f"/ui/policies/{p['id']}/edit", base + [("limit:lokiQueryPolicy.maxQueryLength",
+                                                                     "a week")] + fields, status=400)
+    assert "must be a duration such as 30d" in text
+    await b.post(f"/ui/policies/{p['id']}/edit", base + fields)
+    got = (await gw.api("GET", f"/api/v1/accesspolicies/{p['id']}"))["attributes"]
+    assert got == {"gatewayLimits": {"requestsPerSecond": 2.5},
+                   "lokiQueryPolicy": {"maxQueryLookback": "30d", "requiredLabels": ["a", "b"]},
+                   "pdcConfiguration": {"limitedHosts": ["db:5432"]}}
+    await b.post("/ui/policies/new", policy_form("fresh", ["logs:read"]) + [
+        ("limit:lokiQueryPolicy.maxEntriesLimitPerQuery", "500")])
+    fresh = [x for x in (await gw.api("GET", "/api/v1/accesspolicies"))["items"] if x["name"] == "fresh"]
+    assert fresh[0]["attributes"] == {"lokiQueryPolicy": {"maxEntriesLimitPerQuery": 500}}
+
 
 async def test_forward_auth_applies_blocks_and_request_rates(db_dsn: str, aiohttp_client: Any,
                                                              aiohttp_server: Any) -> None:
