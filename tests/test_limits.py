@@ -211,6 +211,14 @@ def test_shared_table_buckets_and_lanes() -> None:
         os._exit(0 if t.enter("d", 5) and t.in_flight("d") == 1 else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    # a worker killed while holding the lock: the others wait for it once, then go on without it
+    pid = os.fork()
+    if pid == 0:
+        t._sem.acquire()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert t.take("e", 1.0, 1.0, 1.0, debt=False) == 0.0 and t._unlocked
+    assert t.take("e", 1.0, 1.0, 1.0, debt=False) > 0 and t.enter("e", 1)
 
 
 async def test_access_log_names_the_limit(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> None:
