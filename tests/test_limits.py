@@ -147,9 +147,6 @@ async def test_tenant_defaults_and_write_bytes(db_dsn: str, aiohttp_client: Any,
         body = await r.json()
         assert r.status == 503 and body["error"].startswith(
             "write_bytes_per_second limit exceeded for tenant '100'") and int(r.headers["Retry-After"]) >= 1
-        # a body bigger than a second's worth passes once the bucket is full, then owes it
-        other = await env.gw.client.post("/api/v1/push", data=b"x" * 5000, headers=basic("101", tok))
-        assert other.status in (200, 403)  # (stack 101 is outside this token's realm: refused before limits)
 
         async def chunked() -> Any:
             yield b"x" * 10
