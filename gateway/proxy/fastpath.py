@@ -29,6 +29,9 @@ from gateway.lbac.limits_context import HEADER as LIMITS_CONTEXT
 from gateway.lbac.limits_context import limits_context
 from gateway.lbac.pool import _LOGQL, _MATCHES, _PROMQL, check_nesting, weigh
 from gateway.lbac.probe import effective_mode, probe_of
+from gateway.limits.stage import fast_plan as limits_plan
+from gateway.limits.stage import fast_refund as limits_refund
+from gateway.limits.stage import fast_take as limits_take
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, IPAddress
 from gateway.proxy.decision_cache import Decision
@@ -57,12 +60,13 @@ _MAX_MEMO: Final = 16  # facts kept per connection and header set (one per metho
 class Prepared:
     """The upstream request of a prepared request, and what the access log and metrics need of it."""
 
-    __slots__ = ("m", "decision", "lbac", "url", "fast", "headers", "head", "upstream_base")
+    __slots__ = ("m", "decision", "lbac", "url", "fast", "headers", "head", "upstream_base", "limits")
 
     def __init__(self, m: RouteMatch, decision: Decision, lbac_mode: str | None, url: URL, fast: FastClient,
                  headers: CIMultiDict[str], head: bytes, upstream_base: str):
         self.m, self.decision, self.lbac, self.url, self.fast = m, decision, lbac_mode, url, fast
         self.headers, self.head, self.upstream_base = headers, head, upstream_base
+        self.limits: tuple[tuple[str, float, float], ...] = ()  # request-rate buckets (gateway.limits.stage)
 
 
 def _enforce_inline(kind: Kind, path: str, method: str, raw_query: str,
@@ -85,7 +89,8 @@ class _Facts:
     rule; the token's expiry is checked per request), and for a label-restricted read while the LBAC probe
     keeps the verdict its mode came from, so a keep-alive client's next request reuses it."""
 
-    __slots__ = ("cfg", "gen", "decision", "upstream", "fast", "base", "mode", "verdict", "block", "queries")
+    __slots__ = ("cfg", "gen", "decision", "upstream", "fast", "base", "mode", "verdict", "block", "queries",
+                 "limits")
 
     def __init__(self, cfg: object, gen: int, decision: Decision, upstream: Upstream, fast: FastClient, base: str,
                  mode: str | None, verdict: object):
@@ -95,6 +100,7 @@ class _Facts:
         self.block: tuple[CIMultiDict[str], bytes] | None = None
         # (upstream path, query) -> the query sent upstream under ``mode``, or None: declined
         self.queries: dict[tuple[str, str], str | None] = {}
+        self.limits: tuple[tuple[str, float, float], ...] = ()  # request-rate buckets (gateway.limits.stage)
 
 
 def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams) -> _Facts | None:
@@ -116,7 +122,7 @@ def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams)
     _, ip, auth, org = facts
     gen = st.cache.generation
     decision = st.decisions.get((auth, org, route.backend, route.scope, ip), gen, cfg, time.time())
-    if decision is None:
+    if decision is None or (limits := limits_plan(cfg, route, decision)) is None:  # None: the handler's stage
         return None
     reads = route.kind in lbac.RESTRICTED_KINDS
     mode: str | None = None
@@ -139,7 +145,9 @@ def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams)
     fast = _FAST.get(upstreams.session(upstream))
     if fast is None or fast.closed:
         return None
-    return _Facts(cfg, gen, decision, upstream, fast, upstream.url_for(route.role.value), mode, verdict)
+    f = _Facts(cfg, gen, decision, upstream, fast, upstream.url_for(route.role.value), mode, verdict)
+    f.limits = limits
+    return f
 
 
 def _restricted_query(f: _Facts, m: RouteMatch, method: str, raw_query: str) -> str | None:
@@ -227,4 +235,17 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
         if "\r" in line or "\n" in line or "\x00" in line:  # (as request_head refuses them)
             return None
         head = line.encode("utf-8") + block
-    return Prepared(m, decision, mode, url, fast, out, head, f.base)
+    p = Prepared(m, decision, mode, url, fast, out, head, f.base)
+    p.limits = f.limits  # taken by the exchange (take_limits), given back if it leaves it to the handler
+    return p
+
+
+def take_limits(p: Prepared) -> bool:
+    """Take the request's tokens (False: a limit is reached; the handler then refuses it and counts it)."""
+    return not p.limits or limits_take(p.limits)
+
+
+def refund_limits(p: Prepared) -> None:
+    """Give them back: the request goes to the handler after all (which takes them again)."""
+    if p.limits:
+        limits_refund(p.limits)

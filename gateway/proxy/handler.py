@@ -21,6 +21,8 @@ from gateway.lbac.limits_context import limits_context
 from gateway.lbac.pool import check_nesting, enforce_bounded, plan_bounded
 from gateway.lbac.probe import effective_mode
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
+from gateway.limits import lokiquery
+from gateway.limits.stage import admit, release
 from gateway.policy.datasource import user_policies
 from gateway.proxy.decide import decide
 from gateway.proxy.errors import ProxyError, error_response
@@ -88,6 +90,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         entry["error"] = exc.message
         return error_response(exc.status, exc.message, exc.headers)
     finally:
+        release(entry)  # the limit stage's in-flight counts
         TALLY.in_flight -= 1
         st.request_done()
         TALLY.request(backend, scope, status)
@@ -105,6 +108,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
         raise ProxyError(404, f"no {route.backend} upstream is configured on this gateway", "no_upstream")
     ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
     decision, policies = await decide(st, cfg, route, request.headers, ip, entry)
+    limits = admit(cfg, route, decision, request.content_length, entry)  # blocks, rates, concurrency
     ident, tenant = decision.ident, decision.tenant
     reads = route.kind in lbac.RESTRICTED_KINDS
 
@@ -169,11 +173,18 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
             else:
                 rewritten = True
 
+    loki = limits.loki if limits is not None and route.backend == "logs" else None
+    if loki is not None:  # the policy's lokiQueryPolicy: checked here, and sent for Loki to apply too
+        raw_query, empty = lokiquery.apply(loki, m.upstream_path, raw_query)
+        if empty is not None:
+            return web.json_response(empty), 200
     base = upstream.url_for(route.role.value)
     url = f"{base}{m.upstream_path}" + (f"?{raw_query}" if raw_query else "")
     headers = upstream_headers(request.headers, tenant, request.remote or "unknown", label_headers,
                                drop_body_headers=rewritten, limits_context=limits_context(
                                    request.headers.getall(LIMITS_CONTEXT, ()), route.backend, route.kind, policies))
+    if loki is not None:
+        headers[lokiquery.HEADER] = loki.header
     if rewritten and body:
         headers["Content-Type"] = content_type
     limit = cfg.limits.max_request_body

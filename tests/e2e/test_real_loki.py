@@ -658,3 +658,24 @@ def test_metric_queries_under_several_selectors(loki_lbac: LokiProcess, loki_pla
                     nonempty += bool(expected["data"]["result"])
     assert not problems, "\n".join(problems)
     assert compared == 80 and nonempty >= 50, (compared, nonempty)
+
+
+def test_loki_applies_the_query_limits_header_as_the_fake_does(loki_plain: LokiProcess) -> None:
+    """The premise of tests/fake_loki_limits.py (and of the gateway's own lokiQueryPolicy checks, issue 28):
+    Loki reads a policy's lokiQueryPolicy from X-Loki-Query-Limits and answers with the same status and text."""
+
+    from tests.fake_loki_limits import FakeLokiLimits  # noqa: F401  (the texts compared are the fake's)
+    limits = json.dumps({"maxEntriesLimitPerQuery": 100, "maxQueryLength": "24h", "maxQueryLookback": "7d"})
+    h = {"X-Scope-OrgID": "100", "X-Loki-Query-Limits": limits}
+    now = time.time()
+
+    def ask(params: dict[str, str]) -> tuple[int, Any]:
+        return http("GET", f"{loki_plain.url}/loki/api/v1/query_range?{urllib.parse.urlencode(params)}", h)
+    status, body = ask({"query": '{app=~".+"}', "limit": "500"})
+    assert status == 400 and str(body).strip() == (
+        "max entries limit per query exceeded, limit > max_entries_limit_per_query (500 > 100)"), (status, body)
+    status, body = ask({"query": '{app=~".+"}', "start": str(int(now - 2 * 86400)), "end": str(int(now))})
+    assert status == 400 and str(body).strip() == (
+        "the query time range exceeds the limit (query length: 48h0m0s, limit: 1d)"), (status, body)
+    status, body = ask({"query": '{app=~".+"}', "start": str(int(now - 9 * 86400)), "end": str(int(now - 8 * 86400))})
+    assert status == 200 and body["data"]["result"] == [], (status, body)
