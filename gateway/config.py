@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from gateway.policy.model import Network
+from gateway.tenant_limits import TenantLimits
+from gateway.tenant_limits import parse as parse_tenant_limits
 
 log = logging.getLogger("gateway.config")
 SIGNALS: Final = ("metrics", "logs", "traces", "profiles")
@@ -160,6 +162,7 @@ class Config:
     shutdown: Shutdown = field(default_factory=Shutdown)
     source: str | None = None
     forward_auth: ForwardAuth = field(default_factory=ForwardAuth)
+    tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # gateway.tenant_limits
     # Derived indexes, built once in __post_init__ for O(1) lookups on the hot path.
     orgs_by_id: Mapping[str, Org] = field(init=False, repr=False)
     stacks_by_id: Mapping[str, Stack] = field(init=False, repr=False)
@@ -405,7 +408,7 @@ _DB_DEFAULTS: Final = DatabaseConfig()
 _LIMIT_DEFAULTS: Final = Limits()
 TOP_KEYS: Final = ("listen", "metrics_listen", "data_dir", "database", "region", "log_level", "orgs",
                    "upstreams", "trusted_proxies", "limits", "grafana_user_header", "shutdown", "data_path",
-                   "forward_auth")
+                   "forward_auth", "tenant_limits")
 #: Signals whose backends can enforce label policies (and be probed for it): Loki, and Mimir/GEM.
 LABEL_POLICY_SIGNALS: Final = ("metrics", "logs")
 
@@ -484,6 +487,7 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
     upstreams = _upstreams(c, top.get("upstreams"))
     trusted = _networks(c, top.get("trusted_proxies"), "trusted_proxies")
     forward_auth = _forward_auth(c, top.get("forward_auth"), upstreams)
+    tenant_limits = parse_tenant_limits(c, top.get("tenant_limits"))
     if c.problems:
         raise ConfigError(c.problems)
     return Config(
@@ -491,7 +495,7 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
         database=DatabaseConfig(db_url, pool_min, pool_max, **{k: float(v) for k, v in num.items()}),
         region=region, log_level=log_level, orgs=orgs, upstreams=MappingProxyType(upstreams),
         trusted_proxies=trusted, limits=limits, grafana_user_header=user_header, shutdown=shutdown,
-        source=source, forward_auth=forward_auth,
+        source=source, forward_auth=forward_auth, tenant_limits=tenant_limits,
     )
 
 

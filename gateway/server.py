@@ -24,6 +24,7 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.dataplane import DataPlane, Settings
 from gateway.edge import GuardedAppRunner
 from gateway.lbac.probe import probe_of
+from gateway.limits import shared as limits_table
 from gateway.metrics import RELOAD_OK, RELOAD_TIME, forget_process
 from gateway.state import State
 
@@ -216,6 +217,7 @@ def serve(cfg: Config, config_path: str | None = None, workers: int = 1) -> int:
     if config_path:
         runfile.write(config_path, cfg, database)
     n = workers if workers > 0 else (os.cpu_count() or 1)
+    limits_table.init()  # before the fork: every worker counts against the same limits
     if n == 1:
         _use_uvloop()
         return asyncio.run(run(cfg, config_path))

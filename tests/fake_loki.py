@@ -2,6 +2,16 @@
 
 Written from Loki's source (grafana/loki), for what the fan-out tests depend on:
 
+* reading parameters: Go's ``r.ParseForm`` (tests/goform.py): a form body (POST) first, then the URL;
+  every handler reads ``r.Form.Get`` (the first value; empty is the same as absent), series ``match``
+  and ``match[]`` as lists; a form that does not parse is a 400 (``pkg/util/server/middleware.go``);
+* ``lbac=True``: ``X-Prom-Label-Policy`` as Loki main's ``pkg/labelaccess`` applies it (parsed by
+  tests/loki_lbac.py, 400 when malformed): a read sees only the streams some policy of the queried
+  tenant matches, except ``detected_labels`` without a query, which ``pkg/querier/querier.go``
+  ``DetectedLabels`` answers from the index without the policy (seen on a real Loki main:
+  tests/e2e/test_real_loki.py), and label names, which ``Label`` reads from the index with the query's
+  matchers only (``store.LabelNamesForMetricName``: ``labelaccess.StoreWrapper`` wraps label values, not
+  names; the ingesters filter, but only hold recent data, so this fake answers as the store does);
 * parameters (``pkg/loghttp/params.go``): ``limit`` defaults to 100 and must be positive;
   ``direction`` is ``FORWARD``/``BACKWARD`` in any case, default backward; a timestamp with a ``.``
   is float seconds, an integer of at most 10 digits is seconds, a longer one nanoseconds, else
@@ -54,7 +64,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests import fake_loki_metrics
+from tests import fake_loki_metrics, goform
+from tests.loki_lbac import PolicyHeaderError, extract
 
 SEC = 10**9
 
@@ -324,6 +335,13 @@ class FakeLoki:
     streams: list[Stream]
     now_ns: int = 0
     seen: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
+    lbac: bool = False  # enforce X-Prom-Label-Policy as Loki with -lbac.enabled does
+
+    def _under(self, policies: list[list[tuple[str, str, str]]]) -> FakeLoki:
+        """The streams Loki's LBAC lets a read see: those some policy (its matchers AND-ed) matches."""
+        tests = [[_matcher(*m) for m in pol] for pol in policies]
+        return FakeLoki([s for s in self.streams if any(all(t(s.labels) for t in pol) for pol in tests)],
+                        now_ns=self.now_ns)
 
     def visible_only(self, selectors: tuple[Any, ...]) -> FakeLoki:
         """The ground truth of a label policy: a Loki holding only the streams some selector matches."""
@@ -395,8 +413,13 @@ class FakeLoki:
         return {"status": "success", "data": sorted(out)}
 
     def series(self, matches: list[str], p: dict[str, str]) -> dict[str, Any]:
-        sels = [parse_selector(m)[0] for m in matches]
-        found = self._in_range(p, lambda ls: any(sel(ls) for sel in sels))
+        # ParseSeriesQuery: the union of `match` and `match[]`; a lone `{}` (spaces removed) is no match at
+        # all, and no match is every stream
+        distinct = sorted(set(matches))
+        if len(distinct) == 1 and distinct[0].replace(" ", "") == "{}":
+            distinct = []
+        sels = [parse_selector(m)[0] for m in distinct]
+        found = self._in_range(p, lambda ls: not sels or any(sel(ls) for sel in sels))
         return {"status": "success", "data": [s.labels for s in sorted(found, key=lambda s: label_string(s.labels))]}
 
     def detected_labels(self, p: dict[str, str]) -> dict[str, Any]:
@@ -517,38 +540,56 @@ class FakeLoki:
     # ------------------------------------------------------------------ HTTP
 
     async def _params(self, request: web.Request) -> tuple[dict[str, str], list[tuple[str, str]]]:
-        pairs = list(request.rel_url.query.items())
-        if request.method == "POST":
-            pairs += list((await request.post()).items())  # type: ignore[arg-type]
-        self.seen.append((request.path, [(k, str(v)) for k, v in pairs]))
-        return {k: str(v) for k, v in pairs}, [(k, str(v)) for k, v in pairs]
+        body = await request.read() if request.method in ("POST", "PUT", "PATCH") else b""
+        form = goform.Form(request.method, request.headers.get("Content-Type", ""),
+                           request.rel_url.raw_query_string, body)
+        self.seen.append((request.path, form.pairs))
+        if form.error:
+            raise LokiError(form.error)
+        first: dict[str, str] = {}
+        for k, v in form.pairs:
+            first.setdefault(k, v)  # r.Form.Get
+        return first, form.pairs
+
+    def _view(self, request: web.Request, p: dict[str, str]) -> FakeLoki:
+        if not self.lbac:
+            return self
+        policies = extract(request.headers.getall("X-Prom-Label-Policy", [])).get(
+            request.headers.get("X-Scope-OrgID", ""))
+        if not policies or (request.path.endswith("/detected_labels") and not p.get("query")) \
+                or request.path.endswith(("/labels", "/label")):
+            return self
+        return self._under(policies)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._tail(request)
-        p, pairs = await self._params(request)
         path = request.path
         try:
+            p, pairs = await self._params(request)
+            loki = self._view(request, p)
             if path.endswith(("/query_range", "/query")) and is_metric(p.get("query", "")):
-                doc = self.metric(p, instant=path.endswith("/query"))
+                doc = loki.metric(p, instant=path.endswith("/query"))
             elif path.endswith("/query_range"):
-                doc = self.query_range(p)
+                doc = loki.query_range(p)
             elif path.endswith(("/labels", "/label")):
-                doc = self.labels(p)
+                doc = loki.labels(p)
             elif m := re.search(r"/label/([^/]+)/values$", path):
-                doc = self.labels(p, m.group(1))
+                doc = loki.labels(p, m.group(1))
             elif path.endswith("/series"):
-                doc = self.series([v for k, v in pairs if k in ("match", "match[]")], p)
+                doc = loki.series([v for k, v in pairs if k in ("match", "match[]")], p)
             elif path.endswith("/detected_labels"):
-                doc = self.detected_labels(p)
+                doc = loki.detected_labels(p)
             elif path.endswith("/index/stats"):
-                doc = self.index_stats(p)
+                doc = loki.index_stats(p)
             elif path.endswith(("/index/volume", "/index/volume_range")):
-                doc = self.volume(p, ranged=path.endswith("_range"))
+                doc = loki.volume(p, ranged=path.endswith("_range"))
             elif path.endswith("/patterns"):
-                doc = self.patterns(p)
+                doc = loki.patterns(p)
             else:
                 return web.Response(status=404, text="404 page not found\n")
+        except PolicyHeaderError as exc:
+            return web.json_response({"status": "error", "error": str(exc)}, status=400)
         except (LokiError, re.error) as exc:
             return web.Response(status=400, text=str(exc), content_type="text/plain")
         return web.json_response(doc)

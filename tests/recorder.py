@@ -22,6 +22,7 @@ class Seen:
     body_len: int
     body_sha256: str
     body: bytes  # kept only when small
+    raw_query: str = ""  # the query string as received, still percent-encoded
 
 
 @dataclass
@@ -53,12 +54,12 @@ class Recorder:
                 small += chunk
         self.seen.append(Seen(request.method, request.path, request.rel_url.raw_path,
                               list(request.rel_url.query.items()), CIMultiDict(request.headers), n, h.hexdigest(),
-                              bytes(small)))
+                              bytes(small), request.rel_url.raw_query_string))
         return web.Response(status=self.status, body=self.reply, headers=self.reply_headers)
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         self.seen.append(Seen("WS", request.path, request.rel_url.raw_path, list(request.rel_url.query.items()),
-                              CIMultiDict(request.headers), 0, "", b""))
+                              CIMultiDict(request.headers), 0, "", b"", request.rel_url.raw_query_string))
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         await ws.send_str('{"streams":[{"stream":{"app":"x"},"values":[["1","hello"]]}]}')

@@ -12,6 +12,7 @@ from gateway.errors import ProxyError
 from gateway.lbac import RewriteError
 from gateway.lbac import remote_read as rr
 from gateway.lbac.fanout import MAX_FANOUT, Merge, disjoint, plan, plan_header_mode, plan_remote_read
+from gateway.lbac.logql import restrict_logql
 from gateway.lbac.overlap import TooManyTerms, disjoint_pieces
 from gateway.policy.selector import parse_selector
 from gateway.proxy.fanout import merge_matrix, merge_metadata, merge_stats, merge_streams
@@ -209,7 +210,17 @@ def test_header_mode_sends_the_policy_as_the_query_of_query_less_detected_endpoi
     assert one is not None and one.merge is Merge.SINGLE and dict(parse_qsl(one.legs[0].query))["query"] == str(ONE[0])
     # A query of its own, another endpoint, or no policies: forwarded as sent (the backend filters).
     assert plan_header_mode(Kind.LOGQL, path, "GET", q(query='{app="a"}'), None, TWO) is None
-    assert plan_header_mode(Kind.LOGQL_OPTIONAL, "/loki/api/v1/labels", "GET", q(), None, TWO) is None
+    assert plan_header_mode(Kind.LOGQL_OPTIONAL, "/loki/api/v1/label/app/values", "GET", q(), None, TWO) is None
+    # Label names come from Loki's index without the policy: the selectors are the query (values merged);
+    # an empty query is none (tests/test_lbac_params.py)
+    names = plan_header_mode(Kind.LOGQL_OPTIONAL, "/loki/api/v1/labels", "GET", q(query=""), None, TWO)
+    assert names is not None and names.merge is Merge.VALUES
+    assert [dict(parse_qsl(leg.query))["query"] for leg in names.legs] == [str(s) for s in TWO]
+    # ... and a query of the client's own is restricted as in enforce mode
+    own = plan_header_mode(Kind.LOGQL_OPTIONAL, "/loki/api/v1/labels", "GET", q(query='{a="b"}'), None, TWO)
+    assert own is not None and own.merge is Merge.VALUES
+    assert sorted(dict(parse_qsl(leg.query))["query"] for leg in own.legs) == sorted(
+        restrict_logql('{a="b"}', (s,)) for s in TWO)
     assert plan_header_mode(Kind.LOGQL, path, "GET", q(), None, ()) is None
 
 

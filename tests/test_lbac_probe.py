@@ -190,9 +190,9 @@ async def test_header_mode_merges_url_and_body_into_the_url(
         # the same parameter in URL and body: which one would run? refused
         await expect_refusal(await env.gw.client.post('/loki/api/v1/query_range?query={app="x"}',
                                                       data='query={app="y"}', headers=form), 400, "more than once")
-        # match[] may repeat
+        # match[] may repeat (in r.Form's order: body, then URL)
         r = await env.gw.client.post("/prometheus/api/v1/series?match[]=a", data="match[]=b", headers=form)
-        assert r.status == 200 and [v for k, v in env.rec.last.query if k == "match[]"] == ["a", "b"]
+        assert r.status == 200 and [v for k, v in env.rec.last.query if k == "match[]"] == ["b", "a"]
 
 
 async def test_rule_groups_cannot_federate_from_tenants_with_label_policies(
@@ -312,9 +312,9 @@ def test_header_mode_normalisation_is_a_pure_function() -> None:
     from gateway.lbac.headermode import normalize
     from gateway.proxy.errors import ProxyError
     r = normalize("limit=5", b"query=%7Ba%3D%22b%22%7D")
-    assert (r.query, r.body) == ("limit=5&query=%7Ba%3D%22b%22%7D", b"")
+    assert (r.query, r.body) == ("query=%7Ba%3D%22b%22%7D&limit=5", b"")  # r.Form's order: body, then URL
     assert normalize("query=up", None).body is None
-    assert normalize("match[]=a&match[]=b", b"match=c").query == "match%5B%5D=a&match%5B%5D=b&match=c"
+    assert normalize("match[]=a&match[]=b", b"match=c").query == "match=c&match%5B%5D=a&match%5B%5D=b"
     with pytest.raises(ProxyError) as exc:
         normalize("query=a", b"query=b")
     assert exc.value.status == 400

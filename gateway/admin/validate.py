@@ -10,6 +10,7 @@ from typing import Any, Final
 
 from gateway.admin.errors import ApiError, bad_request
 from gateway.config import Config
+from gateway.limits import lokiquery
 from gateway.policy.model import Network, Realm
 from gateway.policy.scopes import ALL_SCOPES
 from gateway.policy.selector import SelectorError, parse_selector
@@ -162,10 +163,13 @@ def subnets_text(value: Any, field: str) -> Subnets:
 
 #: Cloud's ``attributes`` (``postAccessPolicies_request_attributes``): per key, per field, the JSON type.
 _ATTRIBUTE_FIELDS: Final[dict[str, dict[str, str]]] = {
-    "lokiQueryPolicy": {"maxEntriesLimitPerQuery": "int", "maxQueryBytesRead": "str", "maxQueryInterval": "str",
-                        "maxQueryLength": "str", "maxQueryLookback": "str", "maxQueryTime": "str",
-                        "minimumLabelsNumber": "int", "requiredLabels": "strs", "queryTimeout": "str"},
+    "lokiQueryPolicy": {"maxEntriesLimitPerQuery": "int", "maxQueryBytesRead": "bytes", "maxQueryInterval": "dur",
+                        "maxQueryLength": "dur", "maxQueryLookback": "dur", "maxQueryTime": "dur",
+                        "minimumLabelsNumber": "int", "requiredLabels": "strs", "queryTimeout": "dur"},
     "pdcConfiguration": {"limitedHosts": "strs"},
+    # Our extension (gateway.limits): per-policy rates, shared by the policy's tokens, per replica.
+    "gatewayLimits": {"requestsPerSecond": "num", "burst": "int", "writeBytesPerSecond": "int",
+                      "concurrentQueries": "int"},
 }
 _MAX_ATTRIBUTE_TEXT: Final = 1024
 
@@ -175,8 +179,14 @@ def _attribute_ok(kind: str, v: Any) -> bool:
         return True
     if kind == "int":
         return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
+    if kind == "num":
+        return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 2**31
     if kind == "str":
         return isinstance(v, str) and len(v) <= _MAX_ATTRIBUTE_TEXT
+    if kind == "dur":  # Loki reads these as Prometheus durations (X-Loki-Query-Limits): a bad one fails queries
+        return isinstance(v, str) and (v == "" or lokiquery.parse_duration_ms(v.strip()) is not None)
+    if kind == "bytes":
+        return isinstance(v, str) and (v == "" or lokiquery.valid_bytes(v))
     return (isinstance(v, list) and len(v) <= MAX_LIST
             and all(isinstance(x, str) and len(x) <= _MAX_ATTRIBUTE_TEXT for x in v))
 
@@ -200,7 +210,8 @@ def attributes(value: Any) -> dict[str, Any] | None:
             if kind is None:
                 raise bad_request(f"unknown field {name!r}", f"attributes.{key}.{name}")
             if not _attribute_ok(kind, v):
-                want = {"int": "an integer", "str": "a string", "strs": "a list of strings"}[kind]
+                want = {"int": "an integer", "num": "a number >= 0", "str": "a string", "strs": "a list of strings",
+                        "dur": "a duration such as 30d, 12h or 1h30m", "bytes": "a size such as 500MB or 1GiB"}[kind]
                 raise bad_request(f"must be {want}", f"attributes.{key}.{name}")
     return value
 

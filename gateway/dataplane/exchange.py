@@ -27,7 +27,7 @@ from gateway.logfmt import ACCESS_JSON as _ACCESS_JSON
 from gateway.logfmt import json_string as _str
 from gateway.proxy.errors import ProxyError, error_response, internal_error
 from gateway.proxy.fastclient import IDEMPOTENT, FastClientError, FastResponse, _Conn
-from gateway.proxy.fastpath import Prepared, prepare
+from gateway.proxy.fastpath import Prepared, prepare, refund_limits, take_limits
 from gateway.proxy.forward import Outcome, _failure, _forward_fast, answer_fast, whole_body
 from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS, upstream_error
 from gateway.state import STATE, State
@@ -63,14 +63,18 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
         return False
     if p is None:
         return False
+    if not take_limits(p):  # request rates (gateway.limits): the handler refuses it
+        return False
     conn = p.fast.idle(p.url)
     if conn is None:
+        refund_limits(p)
         return False
     sent_at = conn.pool.loop.time()
     try:
         waiter = conn.start(p.head, req.method == "HEAD")
     except FastClientError:
         conn.close()
+        refund_limits(p)
         return False
     ex = Exchange(proto, req, st, p, conn, started, sent_at, access_log)
     proto._task = ex  # it answers done() and cancel() like the task

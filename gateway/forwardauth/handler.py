@@ -28,6 +28,7 @@ from gateway.forwardauth.callers import CALLERS, ENVOY_PREFIX, Caller, Original
 from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import headermode
 from gateway.lbac import restrict as lbac
+from gateway.limits.stage import admit
 from gateway.metrics import FORWARD_AUTH
 from gateway.policy.selector import Selector
 from gateway.proxy.decide import decide
@@ -147,6 +148,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         m = _route(orig)
         ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
         decision, policies = await decide(st, cfg, m.route, request.headers, ip, entry)
+        admit(cfg, m.route, decision, None, entry, forward_auth=True)  # tenant blocks, request rates
         resp = _answer(caller, cfg, decision.tenant, _label_policies(st, cfg, m, orig, decision, policies))
         outcome, status = "allowed", 200
     except ProxyError as exc:

@@ -49,7 +49,7 @@ from gateway.lbac.remote_read import (
     read_policy,
     restrict_read_request,
 )
-from gateway.policy.selector import LabelMatcher, Selector
+from gateway.policy.selector import LabelMatcher, Selector, SelectorError, parse_selector
 from gateway.routes import Kind
 
 #: Most selectors one request is fanned out to; beyond, the request is refused.
@@ -122,6 +122,7 @@ _PLANNED: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL, Kind.LOGQL_TAIL, K
 #: Planned even under a single selector (or a union rewrite): volumes must group as the original query.
 _SINGLE_PLANNED: Final = _QUERY_OPTIONAL | {Merge.VOLUME}
 _METADATA: Final = re.compile(r"/api/v1/metadata\Z")
+_LABEL_NAMES: Final = re.compile(r"/(?:loki/api/v1|api/prom)/labels?\Z")
 _PROM_QUERY: Final = re.compile(r"/api/v1/query(?:_range)?\Z")
 _LITERALS: Final = re.compile(r"[A-Za-z0-9_\-]+(?:\|[A-Za-z0-9_\-]+)*\Z")
 
@@ -262,24 +263,44 @@ def plan(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
 
 def plan_header_mode(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
                      policies: tuple[Selector, ...]) -> Plan | None:
-    """Header mode's one fan-out: Loki ``detected_labels`` / ``detected_field/{name}/values`` without a query.
+    """Header mode's one fan-out: Loki ``detected_labels`` / ``detected_field/{name}/values`` and label names
+    without a query (absent or empty: Loki reads both as none).
 
     Seen on a real Loki main with ``-lbac.enabled``: ``detected_labels`` without ``query`` answers with the
     labels of every stream of the tenant whatever X-Prom-Label-Policy says, and with a query it filters.
-    So, as in enforce mode, each policy selector becomes the query (the header still travels with each leg).
+    Label names come from the index without the policy too (``pkg/querier/querier.go`` ``Label`` calls
+    ``store.LabelNamesForMetricName``, which ``labelaccess.StoreWrapper`` does not wrap), once older than
+    the ingesters' window, whatever the query. So, as in enforce mode, each policy selector becomes the
+    query, and a label-names query of the client's own is restricted (the header still travels with each leg).
     """
     if not policies or kind not in (Kind.LOGQL, Kind.LOGQL_OPTIONAL):
         return None
     merge = _loki_merge(path)
-    if merge not in _QUERY_OPTIONAL:
+    names = merge is Merge.VALUES and _LABEL_NAMES.search(path) is not None
+    if merge is None or (merge not in _QUERY_OPTIONAL and not names):
         return None
     pairs = lbac._pairs(raw_query, body)
-    if lbac._one(pairs, "query", required=False) is not None:
-        return None
+    query = lbac._one(pairs, "query", required=False)
     pols = policies if len(policies) == 1 else _selectors(policies, False)
+    if query is not None:
+        return _names_of(method, pairs, query, pols) if names else None  # else the backend filters
     if merge is Merge.DETECTED_LABELS and len(pols) > 1:
         return _detected_from_series(path, pairs, None, pols)
     return _policy_as_query(method, pairs, pols, merge)
+
+
+def _names_of(method: str, pairs: list[tuple[str, str]], query: str, pols: tuple[Selector, ...]) -> Plan:
+    """Label names of a query of the client's own, in header mode: each policy selector AND-ed to it.
+
+    Loki reads that query as matchers only (``querier.Label``: ``syntax.ParseMatchers``), so anything but
+    a plain selector is refused here, by the bounded selector parser, before any LogQL parser sees it.
+    """
+    try:
+        own = parse_selector(query)
+    except SelectorError as exc:
+        raise ProxyError(400, f"label names take a stream selector as their query: {exc}", "bad_query") from None
+    rest = [(k, v) for k, v in pairs if k != "query"]
+    return _policy_as_query(method, rest, lbac.intersect((own,), pols), Merge.VALUES)
 
 
 def _detected_from_series(path: str, pairs: list[tuple[str, str]], query: str | None,

@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
-from urllib.parse import parse_qsl, quote, unquote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 from gateway.errors import ProxyError
-from gateway.lbac import RewriteError
+from gateway.lbac import RewriteError, params
 from gateway.lbac.bounds import SizedLRU
 from gateway.lbac.logql import restrict_logql, restrict_logql_matchers, simplify
 from gateway.lbac.promql import restrict_match, restrict_promql
@@ -22,7 +22,6 @@ from gateway.routes import Kind
 
 FORM: Final = "application/x-www-form-urlencoded"
 MAX_FORM_BODY: Final = 1024 * 1024
-MAX_PARAMS: Final = 1000  # parameters of one restricted read, URL and form body together
 # Go's url.PathEscape (encodePathSegment) leaves letters, digits, "-_.~" and these alone; it escapes
 # "/ ; , ?" and everything else. Python's quote never escapes letters, digits and "-_.~".
 _PATH_SAFE: Final = "$&+:=@"
@@ -100,32 +99,13 @@ def intersect(a: tuple[Selector, ...], b: tuple[Selector, ...]) -> tuple[Selecto
 
 
 def _pairs(raw_query: str, body: bytes | None) -> list[tuple[str, str]]:
-    try:  # past MAX_PARAMS parse_qsl raises ValueError: a 400, never a 500
-        pairs = parse_qsl(raw_query, keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_PARAMS)
-    except ValueError:
-        raise ProxyError(400, f"more than {MAX_PARAMS} query parameters", "bad_query") from None
-    if body:
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProxyError(400, "form body is not valid UTF-8 form data", "bad_form") from None
-        try:
-            pairs += parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_PARAMS - len(pairs))
-        except ValueError:
-            raise ProxyError(400, f"more than {MAX_PARAMS} parameters in the URL and form body", "bad_form"
-                             ) from None
-    return pairs
+    """The request's parameters as the backend reads them (:func:`gateway.lbac.params.pairs`)."""
+    return params.pairs(raw_query, body)
 
 
 def _one(pairs: list[tuple[str, str]], name: str, required: bool) -> str | None:
-    values = [v for k, v in pairs if k == name]
-    if len(values) > 1:
-        raise ProxyError(400, f"parameter {name!r} given more than once (URL and body are merged)", "bad_query")
-    if not values:
-        if required:
-            raise ProxyError(400, f"parameter {name!r} is required", "bad_query")
-        return None
-    return values[0]
+    """A single-valued parameter of :func:`_pairs`: None when absent or empty, as the backend reads it."""
+    return params.one(pairs, name, required)
 
 
 def _rewrite(fn: Callable[[], object]) -> object:
@@ -168,15 +148,12 @@ def _enforce_cached(kind: Kind, method: str, raw_query: str, body: bytes | None,
 def _enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, policies: tuple[Selector, ...]
              ) -> Restriction:
     pairs = _pairs(raw_query, body)
-    names: tuple[str, ...]
     if kind is Kind.PROMQL:
         q = _one(pairs, "query", required=True)
         new = [("query", str(_rewrite(lambda: restrict_promql(q or "", policies))))]
-        names = ("query",)
     elif kind is Kind.MATCH:
         matches = [v for k, v in pairs if k == "match[]"]
         new = [("match[]", m) for m in _rewrite(lambda: restrict_match(matches, policies))]  # type: ignore[attr-defined]
-        names = ("match[]",)
     elif kind in (Kind.LOGQL, Kind.LOGQL_TAIL, Kind.LOGQL_DELETE):
         q = _one(pairs, "query", required=kind is not Kind.LOGQL_DELETE or method in ("POST", "PUT"))
         if q is None:
@@ -184,7 +161,6 @@ def _enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, polici
                              "lbac_unfilterable")
         lq: str = q
         new = [("query", str(_rewrite(lambda: restrict_logql(lq, policies))))]
-        names = ("query",)
     elif kind is Kind.LOGQL_OPTIONAL:
         q = _one(pairs, "query", required=False)
         if q is not None:
@@ -196,14 +172,13 @@ def _enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, polici
                 raise ProxyError(400, "label names and values need a query when several label policies apply; "
                                  "add ?query={...}", "lbac_refused")
             new = [("query", str(merged[0]))]
-        names = ("query",)
     elif kind is Kind.LOGQL_SERIES:
-        matches = [v for k, v in pairs if k in ("match", "match[]")]
+        matches = params.loki_series_matches(pairs)
         new = [("match[]", m) for m in _rewrite(lambda: restrict_logql_matchers(matches, policies))]  # type: ignore[attr-defined]
-        names = ("match", "match[]")
     else:
         raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
                          "lbac_unfilterable")
+    names = params.SELECTORS[kind]  # every copy of what selects data is replaced by the rewrite
     rest = [(k, v) for k, v in pairs if k not in names] + new
     encoded = urlencode(rest)
     # Loki's delete handler reads only the URL (r.URL.Query()); every other reader merges URL and form.

@@ -6,7 +6,9 @@ It decides nothing itself: on a miss it asks the decision cache (``decide.decide
 (``plan.plan``) exactly as ``handler._serve`` does, and keeps their answer while what they were computed from
 holds: the config object, the policy cache's generation, the LBAC probe's verdict for the upstream (when the
 plan depends on it), the lean client, and per request the snapshot's freshness and the token's expiry
-(``decide.holds``). Any plan but a bodiless :class:`~gateway.proxy.plan.Forward` on a plain-http upstream
+(``decide.holds``). The limit stage's request rates are taken by the exchange (``take_limits``); anything
+else of that stage (a block, a concurrency limit, the Loki query policy) leaves the request to the handler.
+Any plan but a bodiless :class:`~gateway.proxy.plan.Forward` on a plain-http upstream
 (a refusal, a fan-out, a body to read, an offloaded rewrite, a WebSocket) returns None: the connection's
 task serves the request through ``handler.handle``, which decides and plans again from scratch. So
 ``prepare`` has no side effect, and a request it declines behaves exactly as before.
@@ -30,6 +32,7 @@ from gateway.errors import ProxyError
 from gateway.lbac import RewriteError
 from gateway.lbac import restrict as lbac
 from gateway.lbac.probe import probe_of
+from gateway.limits.stage import Buckets, fast_plan, fast_refund, fast_take
 from gateway.policy.decision import IPAddress
 from gateway.proxy.decide import Policies, decided, holds
 from gateway.proxy.fastclient import FastClient, request_head
@@ -54,12 +57,13 @@ _MAX_MEMO: Final = 16  # facts kept per connection and header set (one per metho
 class Prepared:
     """The upstream request of a prepared request, and what the access log and metrics need of it."""
 
-    __slots__ = ("m", "decision", "lbac", "url", "fast", "headers", "head", "upstream_base")
+    __slots__ = ("m", "decision", "lbac", "url", "fast", "headers", "head", "upstream_base", "limits")
 
     def __init__(self, m: RouteMatch, decision: Decision, lbac_mode: str | None, url: URL, fast: FastClient,
-                 headers: CIMultiDict[str], head: bytes, upstream_base: str):
+                 headers: CIMultiDict[str], head: bytes, upstream_base: str, limits: Buckets = ()):
         self.m, self.decision, self.lbac, self.url, self.fast = m, decision, lbac_mode, url, fast
         self.headers, self.head, self.upstream_base = headers, head, upstream_base
+        self.limits = limits  # request-rate buckets (gateway.limits.stage), taken by the exchange
 
 
 class _Sent:
@@ -75,12 +79,12 @@ class _Facts:
     """*decide*'s answer for one header set, one method and one route, and the plans made under it (by
     upstream path and query)."""
 
-    __slots__ = ("cfg", "gen", "decision", "policies", "upstream", "fast", "verdict", "plans")
+    __slots__ = ("cfg", "gen", "decision", "policies", "upstream", "fast", "verdict", "limits", "plans")
 
     def __init__(self, cfg: Config, gen: int, decision: Decision, policies: Policies, upstream: Upstream,
-                 fast: FastClient, verdict: object):
+                 fast: FastClient, verdict: object, limits: Buckets):
         self.cfg, self.gen, self.decision, self.policies = cfg, gen, decision, policies
-        self.upstream, self.fast, self.verdict = upstream, fast, verdict
+        self.upstream, self.fast, self.verdict, self.limits = upstream, fast, verdict, limits
         self.plans: dict[tuple[str, str], _Sent | None] = {}
 
 
@@ -113,11 +117,14 @@ def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams)
     if got is None:
         return None
     decision, policies = got
+    limits = fast_plan(cfg, route, decision)  # the limit stage's part the exchange may take: request rates
+    if limits is None:
+        return None  # (a block, a concurrency limit, the Loki query policy: the handler's stage)
     fast = _FAST.get(upstreams.session(upstream))
     if fast is None or fast.closed:
         return None
     verdict = _verdict(st, upstream) if policies and route.kind in lbac.RESTRICTED_KINDS else _NO_VERDICT
-    return _Facts(cfg, gen, decision, policies, upstream, fast, verdict)
+    return _Facts(cfg, gen, decision, policies, upstream, fast, verdict, limits)
 
 
 def _sent(request: DataRequest, st: State, m: RouteMatch, f: _Facts) -> _Sent | None:
@@ -163,4 +170,15 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
     s = cast(_Sent | None, got)
     if s is None:
         return None
-    return Prepared(m, decision, s.lbac, s.url, f.fast, s.headers, s.head, s.base)
+    return Prepared(m, decision, s.lbac, s.url, f.fast, s.headers, s.head, s.base, f.limits)
+
+
+def take_limits(p: Prepared) -> bool:
+    """Take the request's tokens (False: a limit is reached; the handler then refuses it and counts it)."""
+    return not p.limits or fast_take(p.limits)
+
+
+def refund_limits(p: Prepared) -> None:
+    """Give them back: the request goes to the handler after all (which takes them again)."""
+    if p.limits:
+        fast_refund(p.limits)

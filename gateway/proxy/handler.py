@@ -17,11 +17,12 @@ from gateway.accesslog import AccessLog
 from gateway.clientip import client_ip
 from gateway.errors import check_body_length
 from gateway.lbac.pool import Rewritten, rewrite_off_loop
+from gateway.limits.stage import admit, release
 from gateway.proxy.decide import decide
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.fanout import execute as execute_fanout
 from gateway.proxy.forward import Upstreams, forward, relay_websocket
-from gateway.proxy.plan import FanOut, Forward, NeedsBody, Offload, Refuse, Stream, plan, upstream_of
+from gateway.proxy.plan import FanOut, Forward, NeedsBody, Offload, Refuse, Respond, Stream, plan, upstream_of
 from gateway.routes import RouteMatch, allowed_methods, match, not_found
 from gateway.state import State, get_state
 from gateway.tally import TALLY
@@ -69,6 +70,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         entry["error"] = exc.message
         return error_response(exc.status, exc.message, exc.headers)
     finally:
+        release(entry)  # the limit stage's in-flight counts
         TALLY.in_flight -= 1
         st.request_done()
         TALLY.request(backend, scope, status)
@@ -79,11 +81,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str, object], started: float
                  ) -> tuple[web.StreamResponse, int]:
-    """decide → plan (→ read the body or rewrite off the loop, plan again) → execute."""
+    """decide → limits → plan (→ read the body or rewrite off the loop, plan again) → execute."""
     cfg = st.config
     upstream = upstream_of(cfg, m.route)
     ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), cfg.trusted_proxies)
     decision, policies = await decide(st, cfg, m.route, request.headers, ip, entry)
+    admit(cfg, m.route, decision, request.content_length, entry)  # limits: blocks, rates, concurrency
     body: bytes | None = None
     rewritten: Rewritten | None = None
     p = plan(st, cfg, m, upstream, decision, policies, request)
@@ -103,6 +106,8 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
         raise p.error()
     if isinstance(p, NeedsBody | Offload):  # (a plan asks for each once: never reached)
         raise ProxyError(500, "the request could not be planned", "internal")
+    if isinstance(p, Respond):
+        return web.json_response(p.doc), 200
     TALLY.added(m.route.backend, time.perf_counter() - started)
     return await execute(request, request.app[UPSTREAMS].session(upstream), p, m, entry)
 

@@ -9,12 +9,14 @@ once a plan asked for it) and the policy and probe snapshots; gives one of
 * :class:`Stream` — a WebSocket relay (Loki tail),
 * :class:`NeedsBody` — read the body (at most ``limit`` bytes), then plan again with it,
 * :class:`Offload` — a rewrite too heavy for the event loop: run it in the rewrite pool, then plan again,
-* :class:`Refuse` — the status, reason and message to answer instead.
+* :class:`Refuse` — the status, reason and message to answer instead,
+* :class:`Respond` — the backend's own answer without asking it (an empty Loki result).
 
 Pure and synchronous: no I/O, no await, nothing kept (the per-connection memo ``gateway.proxy.fastpath``
-keeps plans). Every data-path decision after *decide* is taken here (LBAC mode, header or rewrite, fan-out,
-rule writes, the request body limit) so the transports (``forward``, ``fanout.execute``, ``relay_websocket``,
-the callback exchange) only carry the plan out::
+keeps plans). Every data-path decision after *decide* (and the limit stage, ``gateway.limits.stage.admit``)
+is taken here (LBAC mode, header or rewrite, fan-out, rule writes, the Loki query policy, the request body
+limit) so the transports (``forward``, ``fanout.execute``, ``relay_websocket``, the callback exchange) only
+carry the plan out::
 
     p = plan(st, cfg, m, upstream, decision, policies, request)
     while isinstance(p, NeedsBody | Offload): ...  # read, or rewrite off the loop, then plan again
@@ -23,7 +25,7 @@ the callback exchange) only carry the plan out::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -38,6 +40,8 @@ from gateway.lbac.limits_context import limits_context
 from gateway.lbac.pool import RewriteArgs, Rewritten, check_nesting, rewrite_inline
 from gateway.lbac.probe import effective_mode
 from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
+from gateway.limits import lokiquery
+from gateway.limits.stage import policy_limits
 from gateway.policy.datasource import user_policies
 from gateway.policy.selector import Selector
 from gateway.proxy.headers import upstream_headers
@@ -137,7 +141,16 @@ class Refuse:
         return ProxyError(self.status, self.message, self.reason, self.headers)
 
 
-Plan = Forward | FanOut | Stream | NeedsBody | Offload | Refuse
+@dataclass(frozen=True, slots=True)
+class Respond:
+    """The backend's own answer, given without asking it (Loki's empty result for a query the policy's
+    lokiQueryPolicy leaves nothing of)."""
+
+    doc: dict[str, Any] = field(compare=False)
+    lbac: str | None = None
+
+
+Plan = Forward | FanOut | Stream | NeedsBody | Offload | Refuse | Respond
 
 _NO_HEADERS: Final[tuple[str, ...]] = ()
 
@@ -248,11 +261,18 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
                 else:
                     rewritten = True
 
+        loki = policy_limits(d.ident.policy.attributes_json).loki if route.backend == "logs" else None
+        if loki is not None:  # the policy's lokiQueryPolicy: checked here, and sent for Loki to apply too
+            raw_query, empty = lokiquery.apply(loki, path, raw_query)
+            if empty is not None:
+                return Respond(empty, mode)
         base = upstream.url_for(route.role.value)
         headers = req.headers
         out = upstream_headers(headers, d.tenant, req.remote or "unknown", label_headers, drop_body_headers=rewritten,
                                limits_context=limits_context(headers.getall(LIMITS_CONTEXT, ()), route.backend, kind,
                                                              policies))
+        if loki is not None:
+            out[lokiquery.HEADER] = loki.header
         if rewritten and sent:
             out["Content-Type"] = content_type
         limit = cfg.limits.max_request_body

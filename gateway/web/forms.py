@@ -18,6 +18,7 @@ from gateway.admin.errors import ApiError
 from gateway.config import Config
 from gateway.policy.model import AccessPolicy, Network, Realm
 from gateway.store import AdminScope
+from gateway.web.limitsform import form_texts
 
 T = TypeVar("T")
 _REALM_INDEX = re.compile(r"^realms\[(\d+)\]")
@@ -75,6 +76,7 @@ class PolicyForm:
     unticked: dict[str, str] = field(default_factory=dict)  # selectors typed for a realm left unticked
     subnets: str = ""
     status: str = "active"
+    limits: dict[str, str] = field(default_factory=dict)  # gateway.web.limitsform: "<attribute>.<field>" -> text
     errors: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
@@ -82,7 +84,8 @@ class PolicyForm:
         return cls(name=p.name, display_name=p.display_name, scopes=set(p.scopes),
                    realms={f"{r.type}:{r.identifier}": "\n".join(_line(s.text, str(s)) for s in r.label_policies)
                            for r in p.realms},
-                   subnets="\n".join(_line(t, t.strip()) for t in p.subnet_text()), status=p.status)
+                   subnets="\n".join(_line(t, t.strip()) for t in p.subnet_text()), status=p.status,
+                   limits=form_texts(p.attributes_json))
 
     @classmethod
     def from_post(cls, form: MultiDictProxy[Any], name: str | None = None) -> PolicyForm:
@@ -96,7 +99,8 @@ class PolicyForm:
         return cls(name=name if name is not None else text("name").strip(),
                    display_name=text("displayName").strip(),
                    scopes={s for s in form.getall("scope", []) if isinstance(s, str)},
-                   realms=ticked, unticked=typed, subnets=text("subnets"), status=text("status") or "active")
+                   realms=ticked, unticked=typed, subnets=text("subnets"), status=text("status") or "active",
+                   limits={k.removeprefix("limit:"): text(k) for k in form if k.startswith("limit:")})
 
     def error(self, key: str, message: str) -> None:
         self.errors.setdefault(key, []).append(message)

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, cast
 from urllib.parse import urlencode
 
 import aiohttp_jinja2
@@ -23,12 +23,15 @@ from gateway.admin.api import check_datasource_policy
 from gateway.admin.auditfilter import RESOURCE_TYPES
 from gateway.admin.errors import ApiError
 from gateway.admin.serialize import policy_json, token_json
+from gateway.limits.stage import describe as describe_limits
 from gateway.policy import tokens as tokfmt
 from gateway.policy.model import AccessPolicy, Realm, Token
 from gateway.policy.scopes import SCOPE_GROUPS, SERVED_SCOPES
 from gateway.store import BadCursor, Conflict, NotFound, browse
 from gateway.web import session as sess
 from gateway.web.forms import PolicyForm, realm_choices, validate
+from gateway.web.limitsform import FIELDS as LIMIT_FIELDS
+from gateway.web.limitsform import merged
 from gateway.web.session import READ, Admin, PageError, SignInRequired, state_of
 
 WRITE = "accesspolicies:write"
@@ -229,7 +232,22 @@ async def _policy_form(request: web.Request, admin: Admin, f: PolicyForm, policy
     for key in [k for k in f.errors if k.startswith("realm:") and k not in shown]:  # a realm the form never offered
         f.errors.setdefault("realms", []).extend(f.errors.pop(key))
     return await render(request, "policy_form.html", {
-        "nav": "policies", "f": f, "policy": policy, "groups": SCOPE_GROUPS, "choices": choices}, status)
+        "nav": "policies", "f": f, "policy": policy, "groups": SCOPE_GROUPS, "choices": choices,
+        "limit_fields": LIMIT_FIELDS}, status)
+
+
+_INVALID: Final = object()
+
+
+def _limits(f: PolicyForm, policy: AccessPolicy | None) -> str | None | object:
+    """The policy's attributes text with the form's limit fields (gateway.web.limitsform), or _INVALID with
+    the problems in ``f.errors``."""
+    attrs, problems = merged(policy.attributes_json if policy else None, f.limits)
+    for key, message in problems.items():
+        f.error(f"limit:{key}", message)
+    if problems:
+        return _INVALID
+    return None if attrs is None else json.dumps(attrs, separators=(",", ":"), sort_keys=True)
 
 
 @page(WRITE)
@@ -242,11 +260,13 @@ async def create_policy(request: web.Request, admin: Admin) -> web.StreamRespons
     st = state_of(request)
     f = PolicyForm.from_post(await request.post())
     values = validate(f, st.config, admin.scope)
-    if values is None:
+    attrs = _limits(f, None)
+    if values is None or attrs is _INVALID:
         return await _policy_form(request, admin, f, None, 400)
     policy = AccessPolicy(id=str(uuid.uuid4()), org_id=admin.scope.org_id, name=values.name,
                           display_name=values.display_name, scopes=values.scopes, realms=values.realms,
-                          allowed_subnets=values.subnets, status="active" if values.status == "active" else "inactive")
+                          allowed_subnets=values.subnets, status="active" if values.status == "active" else "inactive",
+                          attributes_json=cast(str | None, attrs))
     try:
         created = await st.store.create_policy(policy, admin.token.id, policy_json)
     except Conflict as exc:
@@ -269,12 +289,14 @@ async def update_policy(request: web.Request, admin: Admin) -> web.StreamRespons
     policy = await _policy(request, admin)
     f = PolicyForm.from_post(await request.post(), name=policy.name)
     values = validate(f, st.config, admin.scope)
-    if values is None:
+    attrs = _limits(f, policy)
+    if values is None or attrs is _INVALID:
         return await _policy_form(request, admin, f, policy, 400)
     # Cloud catalogue scopes the page has no checkbox for (metrics:import, stacks:read, ...) are kept.
     scopes = frozenset(values.scopes) | (policy.scopes - SERVED_SCOPES)
     changes: dict[str, Any] = {"display_name": values.display_name, "scopes": scopes,
-                               "realms": values.realms, "allowed_subnets": values.subnets, "status": values.status}
+                               "realms": values.realms, "allowed_subnets": values.subnets, "status": values.status,
+                               "attributes_json": attrs}
     try:
         check_datasource_policy(st, dataclasses.replace(policy, **changes))
     except ApiError as exc:
@@ -336,7 +358,8 @@ async def _policy_page(request: web.Request, admin: Admin, policy: AccessPolicy,
         "next_url": next_url, "first_url": f"/ui/policies/{policy.id}" if cursor else None,
         "can_write": admin.can(WRITE), "can_delete": admin.can(DELETE),
         "min_expiry": _min_expiry(),
-        "form": {"name": "", "expires": ""}, "errors": {}, "new_token": None, "secret": None, **extra}, status)
+        "form": {"name": "", "expires": ""}, "errors": {}, "new_token": None, "secret": None,
+        "limits": describe_limits(policy.attributes_json), **extra}, status)
 
 
 _SHOW_ONCE = "show_once"

@@ -14,9 +14,10 @@ streams visible under it are also pushed into a tenant of their own. A token who
 carry the policy set reads through the gateway (``lbac: header``, ``enforce`` and ``auto``),
 and every answer must equal what Loki itself answers for the visible-only tenant: log queries
 (``query_range``), ``labels``, ``label/{name}/values``, ``series`` and ``detected_labels``
-without a query. Loki without LBAC must make header mode refuse (503) and auto fall back to
-enforce. In enforce mode, ``index/stats``, ``index/volume`` and ``index/volume_range`` (counted by
-inclusion-exclusion over the selectors) must equal the visible-only tenant's answers exactly:
+without a query (and with an empty one, which Loki reads as none). Loki without LBAC must make
+header mode refuse (503) and auto fall back to enforce. In enforce mode, ``index/stats``,
+``index/volume`` and ``index/volume_range`` (counted by inclusion-exclusion over the selectors)
+must equal the visible-only tenant's answers exactly:
 same names, values, order and result type.
 """
 
@@ -336,14 +337,16 @@ def _detected(ans: Any) -> Any:
 
 def reads(detected: bool = False) -> list[tuple[str, str, dict[str, str], Normalizer]]:
     """The reads compared; ``detected``: only ``detected_labels`` without a query (its own test)."""
-    if detected:
-        return [("detected_labels", "/loki/api/v1/detected_labels", dict(RANGE), _detected)]
+    if detected:  # without a query, and with an empty one (Loki reads `query=` as none: Logs Drilldown sends it)
+        return [("detected_labels", "/loki/api/v1/detected_labels", dict(RANGE), _detected),
+                ("detected_labels query=", "/loki/api/v1/detected_labels", {**RANGE, "query": ""}, _detected)]
     out: list[tuple[str, str, dict[str, str], Normalizer]] = []
     for q in QUERIES:
         for direction in ("forward", "backward"):
             out.append((f"query_range {q} {direction}", "/loki/api/v1/query_range",
                         {"query": q, "limit": "1000", "direction": direction, **RANGE}, _streams))
     out.append(("labels", "/loki/api/v1/labels", dict(RANGE), _sorted))
+    out.append(("labels query=", "/loki/api/v1/labels", {**RANGE, "query": ""}, _sorted))
     for name in VALUE_NAMES:
         out.append((f"label/{name}/values", f"/loki/api/v1/label/{name}/values", dict(RANGE), _sorted))
     out.append(("series", "/loki/api/v1/series", {"match[]": '{app=~".+"}', **RANGE}, _series))
@@ -655,3 +658,24 @@ def test_metric_queries_under_several_selectors(loki_lbac: LokiProcess, loki_pla
                     nonempty += bool(expected["data"]["result"])
     assert not problems, "\n".join(problems)
     assert compared == 80 and nonempty >= 50, (compared, nonempty)
+
+
+def test_loki_applies_the_query_limits_header_as_the_fake_does(loki_plain: LokiProcess) -> None:
+    """The premise of tests/fake_loki_limits.py (and of the gateway's own lokiQueryPolicy checks, issue 28):
+    Loki reads a policy's lokiQueryPolicy from X-Loki-Query-Limits and answers with the same status and text."""
+
+    from tests.fake_loki_limits import FakeLokiLimits  # noqa: F401  (the texts compared are the fake's)
+    limits = json.dumps({"maxEntriesLimitPerQuery": 100, "maxQueryLength": "24h", "maxQueryLookback": "7d"})
+    h = {"X-Scope-OrgID": "100", "X-Loki-Query-Limits": limits}
+    now = time.time()
+
+    def ask(params: dict[str, str]) -> tuple[int, Any]:
+        return http("GET", f"{loki_plain.url}/loki/api/v1/query_range?{urllib.parse.urlencode(params)}", h)
+    status, body = ask({"query": '{app=~".+"}', "limit": "500"})
+    assert status == 400 and str(body).strip() == (
+        "max entries limit per query exceeded, limit > max_entries_limit_per_query (500 > 100)"), (status, body)
+    status, body = ask({"query": '{app=~".+"}', "start": str(int(now - 2 * 86400)), "end": str(int(now))})
+    assert status == 400 and str(body).strip() == (
+        "the query time range exceeds the limit (query length: 48h0m0s, limit: 1d)"), (status, body)
+    status, body = ask({"query": '{app=~".+"}', "start": str(int(now - 9 * 86400)), "end": str(int(now - 8 * 86400))})
+    assert status == 200 and body["data"]["result"] == [], (status, body)
