@@ -155,7 +155,7 @@ async def test_every_forward_plan_is_the_same_through_the_handler_task_and_the_c
             ("enforce", narrow, "GET", "/prometheus/api/v1/series?match%5B%5D=up", {}),
             ("enforce", free, "GET", "/prometheus/api/v1/query?query=up", {"X-Prom-Label-Policy": client_policy}),
             ("header", narrow, "GET", "/prometheus/api/v1/query?query=up", {}),  # the label-policy header
-            ("header", narrow, "GET", f"/loki/api/v1/labels?{LOKI}", {}),
+            ("header", narrow, "GET", f"/loki/api/v1/query_range?{LOKI}", {}),
         ]
         for mode, tok, method, target, extra in cases:
             # header mode as if the probe had verified it (a real probe would send its own requests upstream);
