@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from gateway.admin import text
 from gateway.admin import validate as v
 from gateway.admin.errors import ApiError, bad_request, is_cloud_path
 from gateway.admin.serialize import audit_json, policy_json, token_json
@@ -56,6 +57,7 @@ def authenticate(request: web.Request, scope: str, *extra: str) -> tuple[Identit
     if not policy.ip_allowed(ip):
         raise ApiError(403, "permission_denied", f"client address {ip} is outside the allowed ranges")
     _check_org_param(request, policy.org_id)
+    text.check_params(request.query, request.match_info)  # filters and ids reach the store as text
     st.cache.record_use(ident.token.id)
     return ident, admin_scope(policy)
 
@@ -80,9 +82,11 @@ async def read_json(request: web.Request) -> Any:
     if len(data) > limit:
         raise ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
     try:
-        return json.loads(data)
+        body = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise bad_request("request body is not valid JSON") from None
+    text.check_tree(body)
+    return body
 
 
 def _check_region(request: web.Request) -> None:

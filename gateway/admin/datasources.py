@@ -32,6 +32,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from gateway.admin import text
 from gateway.admin import validate as v
 from gateway.admin.api import _actor, _page_params, _paged, authenticate, read_json
 from gateway.admin.errors import ApiError, bad_request
@@ -57,7 +58,7 @@ from gateway.store.datasources import FieldConflict, Rules
 READ: Final = "datasources:read"
 WRITE: Final = "datasources:write"
 PERMISSIONS: Final = "datasources.permissions:write"
-UID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,40}$")  # Grafana's uid rule
+UID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,40}")  # Grafana's uid rule
 MAX_NAME: Final = 190
 MAX_MEMBERS: Final = 10_000
 MAX_TEAMS_PER_SOURCE: Final = 1_000
@@ -111,11 +112,11 @@ def grafana_rules_json(rules: Rules, uids: dict[int, str]) -> list[dict[str, Any
 def valid_name(value: Any, field: str = "name") -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
         raise bad_request(f"{field} must be a non-empty string of at most {MAX_NAME} characters", field)
-    return value.strip()
+    return text.check(value.strip(), field)
 
 
 def valid_uid(value: Any, field: str = "uid") -> str:
-    if not isinstance(value, str) or not UID_RE.match(value):
+    if not isinstance(value, str) or not UID_RE.fullmatch(value):
         raise bad_request(f"{field} must be 1-40 characters of letters, digits, '-' and '_'", field)
     return value
 

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from gateway.admin import text
 from gateway.admin.errors import ApiError, bad_request
 from gateway.config import Config
 from gateway.policy.model import Network, Realm
@@ -15,7 +16,7 @@ from gateway.policy.scopes import ALL_SCOPES
 from gateway.policy.selector import SelectorError, parse_selector
 from gateway.store import AdminScope
 
-NAME_RE: Final = re.compile(r"^[a-z0-9_-]{1,255}$")
+NAME_RE: Final = re.compile(r"[a-z0-9_-]{1,255}")  # matched whole (fullmatch): no trailing newline
 MAX_DISPLAY: Final = 255
 MAX_LIST: Final = 100
 
@@ -33,7 +34,7 @@ def obj(body: Any, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> 
 
 
 def name(value: Any, field: str = "name") -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise bad_request(f"{field} must be 1-255 characters of lowercase letters, digits, '-' and '_'", field)
     return value
 
@@ -44,7 +45,7 @@ def display_name(value: Any, default: str, field: str = "displayName") -> str:
         return default
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_DISPLAY:
         raise bad_request(f"{field} must be a non-empty string of at most {MAX_DISPLAY} characters", field)
-    return value
+    return text.check(value, field)
 
 
 def scopes(value: Any) -> frozenset[str]:
@@ -105,6 +106,8 @@ def label_policies(value: Any, field: str) -> tuple[Any, ...]:
         f = f"{field}[{j}]"
         if not isinstance(lp, dict) or set(lp) != {"selector"}:
             raise bad_request("must be an object with exactly one field, selector", f)
+        if isinstance(lp["selector"], str):
+            text.check(lp["selector"], f"{f}.selector")
         try:
             sel = parse_selector(lp["selector"])
         except SelectorError as exc:

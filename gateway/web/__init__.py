@@ -15,6 +15,8 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from gateway.admin import text
+from gateway.admin.errors import ApiError
 from gateway.state import STATE
 from gateway.web import datasources, pages
 from gateway.web import session as sess
@@ -32,7 +34,7 @@ async def _guard(request: web.Request,
                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """HTML for every failure, the session cookie saved, and headers that keep pages private and unframed."""
     try:
-        resp = await handler(request)
+        resp = await _unstorable(request) or await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -52,6 +54,17 @@ async def _guard(request: web.Request,
         resp.headers["X-Frame-Options"] = "DENY"
         resp.headers["Cache-Control"] = "no-store"  # pages show admin data, and once a token's secret
     return resp
+
+
+async def _unstorable(request: web.Request) -> web.StreamResponse | None:
+    """A 400 page for a query or path parameter the store cannot hold (NUL, a lone surrogate), before any
+    handler reads it: the API's check (:mod:`gateway.admin.text`). Form fields are the validators' (which
+    use the same check), so the error shows beside its field."""
+    try:
+        text.check_params(request.query, request.match_info)
+    except ApiError as exc:
+        return await pages.render_error(request, PageError(400, "Bad request", exc.message))
+    return None
 
 
 def _when(value: datetime | None) -> str:
