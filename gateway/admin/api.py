@@ -373,8 +373,9 @@ async def list_audit(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    from gateway.admin import cloud  # it builds on this module
+    from gateway.admin import cloud, openapi  # it builds on this module
 
+    app.router.add_get("/api/openapi.json", openapi.serve)
     cloud.add_routes(app)  # first: /accesspolicies/config must win over /accesspolicies/{id}
     for prefix in ("/api/v1", "/v1"):  # Cloud clients use both /api/v1/... and /v1/...
         app.router.add_post(f"{prefix}/accesspolicies", create_policy)

@@ -126,7 +126,7 @@ def new_uid() -> str:
 
 
 def valid_type(value: Any) -> str:
-    if value not in BACKEND_OF_TYPE:
+    if not isinstance(value, str) or value not in BACKEND_OF_TYPE:
         raise bad_request(f"type must be one of {', '.join(BACKEND_OF_TYPE)}", "type")
     return str(value)
 
