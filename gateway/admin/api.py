@@ -163,6 +163,7 @@ async def list_policies(request: web.Request) -> web.Response:
         raise bad_request("realmType must be 'org' or 'stack'", "realmType")
     if "realmIdentifier" in filters and "realmType" not in filters:
         raise bad_request("realmIdentifier needs realmType", "realmIdentifier")
+    _org_by_slug(request, scope, filters, "realmType", "realmIdentifier")
     if "status" in filters:
         v.status(filters["status"])
     try:
@@ -300,6 +301,7 @@ async def list_tokens(request: web.Request) -> web.Response:
         raise bad_request("accessPolicyRealmType must be 'org' or 'stack'", "accessPolicyRealmType")
     if "accessPolicyRealmIdentifier" in filters and "accessPolicyRealmType" not in filters:
         raise bad_request("accessPolicyRealmIdentifier needs accessPolicyRealmType", "accessPolicyRealmIdentifier")
+    _org_by_slug(request, scope, filters, "accessPolicyRealmType", "accessPolicyRealmIdentifier")
     if "accessPolicyStatus" in filters:
         v.status(filters["accessPolicyStatus"])
     try:
@@ -307,6 +309,14 @@ async def list_tokens(request: web.Request) -> web.Response:
     except BadCursor as exc:
         raise bad_request(str(exc), "pageCursor") from None
     return _paged(request, [token_json(t) for t in page.items], size, page.next_cursor)
+
+
+def _org_by_slug(request: web.Request, scope: AdminScope, filters: dict[str, Any], type_key: str,
+                 ident_key: str) -> None:
+    """An org realm filter may name the token's org by slug, as realms may: realms are stored by org id."""
+    org = _state(request).config.orgs_by_id.get(scope.org_id)
+    if filters.get(type_key) == "org" and org is not None and filters.get(ident_key) == org.name:
+        filters[ident_key] = org.id
 
 
 def _flag(request: web.Request, key: str) -> bool:

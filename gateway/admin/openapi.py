@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.admin.errors import is_cloud_path
 from gateway.policy.datasource import BACKEND_OF_TYPE
+from gateway.policy.scopes import MAX_SCOPE_LEN, SCOPE_PATTERN, SERVED_SCOPES
 
 JSON: Final = "application/json"
 Schema = dict[str, Any]
@@ -34,6 +35,7 @@ def _nullable(schema: Schema) -> Schema:
 _STR: Final[Schema] = {"type": "string"}
 _TIME: Final[Schema] = {"type": "string", "format": "date-time"}
 _INT: Final[Schema] = {"type": "integer"}
+_UPDATED: Final[Schema] = {**_TIME, "description": "absent until the first update"}
 #: An id that is a JSON number when the YAML's is all digits, a string otherwise (Cloud's are numbers).
 _NUM_OR_STR: Final[Schema] = {"anyOf": [{"type": "integer"}, {"type": "string"}]}
 
@@ -66,7 +68,8 @@ def _cloud_list(item: str) -> Schema:
 
 _REALM_IN: Final = _obj({
     "type": {"type": "string", "enum": ["org", "stack"]},
-    "identifier": {"anyOf": [_STR, _INT], "description": "the id of an org or stack of the gateway's config"},
+    "identifier": {"anyOf": [_STR, _INT], "description": "a stack's id, or an org's id or slug (read back as "
+                                                        "written), of the gateway's config"},
     "labelPolicies": _nullable(_array(_obj({"selector": _STR}, ("selector",), closed=True))),
 }, ("type", "identifier"), closed=True)
 _ATTRIBUTES: Final = _nullable(_obj({
@@ -85,10 +88,14 @@ _TEAM_ID: Final[Schema] = {"anyOf": [_INT, _STR]}
 _RULE: Final = _obj({"header": {"type": "string", "example": "X-Prom-Label-Policy"},
                      "value": {"type": "string", "example": '100:{env="dev"}'}}, closed=True)
 _CONDITIONS: Final = _nullable(_obj({"allowedSubnets": _nullable(_array(_STR))}, closed=True))
-_NAME: Final = {"type": "string", "pattern": "^[a-z0-9_-]{1,255}$",
-                "description": "lowercase letters, digits, '-' and '_'"}
+_NAME: Final = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^\S(.*\S)?$",
+                "description": "any printable text, nothing to trim at either end (e.g. MyToken-1767225600)"}
+_SCOPE: Final = {"type": "string", "pattern": f"^{SCOPE_PATTERN}$", "maxLength": MAX_SCOPE_LEN,
+                 "description": "service:permission, as on Grafana Cloud; the gateway enforces "
+                                + ", ".join(sorted(SERVED_SCOPES)) + "; any other grants nothing here"}
 _POLICY_FIELDS: Final[dict[str, Schema]] = {
-    "displayName": _STR, "scopes": _array(_STR, minItems=1), "realms": _array(_REALM_IN, minItems=1),
+    "displayName": _STR, "scopes": _array(_SCOPE, minItems=1, maxItems=100),
+    "realms": _array(_REALM_IN, minItems=1),
     "conditions": _CONDITIONS, "attributes": _ATTRIBUTES}
 
 
@@ -97,7 +104,7 @@ def _schemas(scopes: list[str]) -> dict[str, Schema]:
                       "labelPolicies": _array(_obj({"selector": _STR}, ("selector",)))}, ("type", "identifier"))
     token_fields = {"id": _STR, "accessPolicyId": _STR, "orgId": _STR, "name": _STR, "displayName": _STR,
                     "expiresAt": _nullable(_TIME), "firstUsedAt": _nullable(_TIME), "lastUsedAt": _nullable(_TIME),
-                    "createdAt": _TIME, "updatedAt": _nullable(_TIME)}
+                    "createdAt": _TIME, "updatedAt": _UPDATED}
     team_fields = {"id": _INT, "uid": _STR, "orgId": _NUM_OR_STR, "name": _STR, "email": _STR, "avatarUrl": _STR,
                    "memberCount": _INT, "permission": _INT, "members": _array(_STR), "createdAt": _nullable(_TIME),
                    "updatedAt": _nullable(_TIME)}
@@ -113,7 +120,7 @@ def _schemas(scopes: list[str]) -> dict[str, Schema]:
             "conditions": _obj({"allowedSubnets": _array(_STR)}), "attributes": _ATTRIBUTES,
             "status": {"type": "string", "enum": ["active", "inactive"]},
             "source": {"type": "string", "enum": ["user", "cloud"]},
-            "createdAt": _TIME, "updatedAt": _nullable(_TIME),
+            "createdAt": _TIME, "updatedAt": _UPDATED,
         }, ("id", "orgId", "name", "displayName", "scopes", "realms", "status", "createdAt")),
         "postAccessPolicies_request": _obj({"name": _NAME, **_POLICY_FIELDS}, ("name", "scopes", "realms"),
                                            closed=True),
@@ -325,6 +332,9 @@ def _paths() -> dict[str, dict[str, Schema]]:
         "/instances": {"get": _op("/instances", "getInstances", "instances", "The stacks in the token's reach",
                                   _ref("Instances"), params=tuple(_param(k) for k in (
                                       "orgSlug", "orgId", "slug", "name")))},
+        "/orgs/{orgSlug}/instances": {"get": _op(
+            "/orgs/{orgSlug}/instances", "getOrgInstances", "orgs", "The stacks of the token's org in its reach",
+            _ref("Instances"), params=(_param("orgSlug", "path"), *(_param(k) for k in ("slug", "name", "id"))))},
         "/instances/{slugOrId}": {"get": _op("/instances/{slugOrId}", "getInstance", "instances",
                                              "A stack in the token's reach, by slug or id",
                                              _ref("FormattedApiInstance"), params=(_param("slugOrId", "path"),))},

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.admin import text
 from gateway.admin.errors import ApiError
+from gateway.policy.scopes import enforced
 from gateway.state import STATE
 from gateway.web import datasources, pages
 from gateway.web import session as sess
@@ -80,8 +81,9 @@ def setup(app: web.Application) -> None:
     ui = web.Application(middlewares=[_guard])
     ui[WEB] = WebState()
     ui[STATE] = app[STATE]  # the same object: reloads swap its config in place
-    aiohttp_jinja2.setup(ui, loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
-                         undefined=jinja2.StrictUndefined, filters={"when": _when})
+    env = aiohttp_jinja2.setup(ui, loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
+                               undefined=jinja2.StrictUndefined, filters={"when": _when})
+    env.tests["enforced"] = enforced  # {% if s is enforced %}: a scope the gateway grants something for
     datasources.add_routes(ui)  # before the page's catch-all route
     pages.add_routes(ui, _HERE / "static")
     ui.on_startup.append(_load_key)
