@@ -26,6 +26,10 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 _CONFIG = """
 [phases.stateful]
 link-calibration = false
+max-steps = 10
+
+[phases.stateful.generation]
+max-examples = 40
 
 [phases.stateful.inference]
 algorithms = []
@@ -71,16 +75,18 @@ async def test_schemathesis_finds_no_5xx_and_nothing_outside_the_document(gw: Ga
     report = tmp_path / "junit.xml"
     config = tmp_path / "schemathesis.toml"
     config.write_text(_CONFIG)
+    longer = ["--max-time", os.environ["GATEWAY_FUZZ_SECONDS"]] if os.environ.get("GATEWAY_FUZZ_SECONDS") else []
     proc = await asyncio.create_subprocess_exec(
         exe, "--config-file", str(config), "run", url, "--checks", CHECKS, "--max-examples",
         os.environ.get("GATEWAY_FUZZ_EXAMPLES", str(MAX_EXAMPLES)),
-        "--seed", os.environ.get("GATEWAY_FUZZ_SEED", "20261205"),
-        "--phases", "examples,coverage,fuzzing,stateful", "--workers", "1", "--no-shrink", "--max-time",
-        os.environ.get("GATEWAY_FUZZ_SECONDS", "35"),
+        "--seed", os.environ.get("GATEWAY_FUZZ_SEED", "20261205"), *longer,
+        "--phases", "examples,coverage,fuzzing,stateful", "--workers", "1", "--no-shrink",
         "--header", f"Authorization: Bearer {gw.admin_token}", "--report", "junit",
         "--report-junit-path", str(report), "--suppress-health-check", "all", "--request-timeout", "10",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}, cwd=tmp_path)
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "NO_COLOR": "1",  # see that module
+             "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])},
+        cwd=tmp_path)
     out, _ = await proc.communicate()
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-20000:]

@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.admin.errors import is_cloud_path
 from gateway.policy.datasource import BACKEND_OF_TYPE
 from gateway.policy.scopes import MAX_SCOPE_LEN, SCOPE_PATTERN, SERVED_SCOPES
+from gateway.state import get_state
 
 JSON: Final = "application/json"
 Schema = dict[str, Any]
@@ -253,14 +254,19 @@ def _link(op_id: str, **params: str) -> Schema:
     return {"operationId": op_id, "parameters": params}
 
 
-_CLOUD_Q: Final = (_param("region", description="this gateway's region (optional here)"),
-                   _param("orgId", description="the token's own org (optional)"))
+def _cloud_q(region: str) -> tuple[Schema, ...]:
+    return (_param("region", schema={"type": "string", "enum": [region]},
+                   description="this gateway's region (optional here; required on the Cloud)"),
+            _param("orgId", description="the token's own org (optional)"))
+
+
 _ID: Final = _param("id", "path")
 _PAGE: Final = (_param("pageSize", schema={"type": "integer", "minimum": 1, "maximum": 500}),
                 _param("pageCursor"))
 
 
-def _paths() -> dict[str, dict[str, Schema]]:
+def _paths(region: str) -> dict[str, dict[str, Schema]]:
+    cloud_q = _cloud_q(region)
     policy, token = _ref("AuthAccessPolicy"), _ref("AuthToken")
     policy_id = "$response.body#/id"
     policy_links = {"GetPolicy": _link("getAccessPolicy", id=policy_id),
@@ -291,37 +297,37 @@ def _paths() -> dict[str, dict[str, Schema]]:
     paths: dict[str, dict[str, Schema]] = {
         ap: {
             "get": _op(ap, "getAccessPolicies", "accesspolicies", "Get a list of access policies",
-                       _ref("getAccessPolicies_200_response"), params=(*_CLOUD_Q, *_PAGE, _param("name"),
+                       _ref("getAccessPolicies_200_response"), params=(*cloud_q, *_PAGE, _param("name"),
                        _param("realmType", schema={"type": "string", "enum": ["org", "stack"]}),
                        _param("realmIdentifier"), _param("status", schema={"type": "string",
                                                                             "enum": ["active", "inactive"]}))),
             "post": _op(ap, "postAccessPolicies", "accesspolicies", "Create a new access policy", policy,
-                        params=_CLOUD_Q, body="postAccessPolicies_request", links=policy_links,
+                        params=cloud_q, body="postAccessPolicies_request", links=policy_links,
                         example=policy_example)},
         f"{ap}/config": {"get": _op(f"{ap}/config", "getConfig", "accesspolicies",
                                     "The scope catalogue; scopes the gateway does not enforce grant nothing",
                                     _ref("AccessPoliciesConfig"), public=True)},
         f"{ap}/{{id}}": {
             "get": _op(f"{ap}/{{id}}", "getAccessPolicy", "accesspolicies", "Get an access policy", policy,
-                       params=(_ID, *_CLOUD_Q)),
+                       params=(_ID, *cloud_q)),
             "post": _op(f"{ap}/{{id}}", "postAccessPolicy", "accesspolicies", "Update an access policy", policy,
-                        params=(_ID, *_CLOUD_Q), body="postAccessPolicy_request"),
+                        params=(_ID, *cloud_q), body="postAccessPolicy_request"),
             "delete": _op(f"{ap}/{{id}}", "deleteAccessPolicy", "accesspolicies",
-                          "Delete an access policy and its tokens", _ref("Empty"), params=(_ID, *_CLOUD_Q))},
+                          "Delete an access policy and its tokens", _ref("Empty"), params=(_ID, *cloud_q))},
         tk: {
             "get": _op(tk, "getTokens", "tokens", "Get a list of tokens", _ref("AccessPolicyListResponse"),
-                       params=(*_CLOUD_Q, *_PAGE, *(_param(k) for k in (
+                       params=(*cloud_q, *_PAGE, *(_param(k) for k in (
                            "accessPolicyId", "accessPolicyIds", "accessPolicyName", "accessPolicyRealmType",
                            "accessPolicyRealmIdentifier", "accessPolicyStatus", "name", "expiresBefore",
                            "expiresAfter")), _param("includeExpired", schema={"type": "boolean"}))),
             "post": _op(tk, "postTokens", "tokens", "Create a new token (the secret is shown once)",
-                        _ref("AuthTokenWithSecret"), params=_CLOUD_Q, body="postTokens_request", links=token_links)},
+                        _ref("AuthTokenWithSecret"), params=cloud_q, body="postTokens_request", links=token_links)},
         f"{tk}/{{id}}": {
-            "get": _op(f"{tk}/{{id}}", "getToken", "tokens", "Get a token", token, params=(_ID, *_CLOUD_Q)),
-            "post": _op(f"{tk}/{{id}}", "postToken", "tokens", "Update a token", token, params=(_ID, *_CLOUD_Q),
+            "get": _op(f"{tk}/{{id}}", "getToken", "tokens", "Get a token", token, params=(_ID, *cloud_q)),
+            "post": _op(f"{tk}/{{id}}", "postToken", "tokens", "Update a token", token, params=(_ID, *cloud_q),
                         body="postToken_request"),
             "delete": _op(f"{tk}/{{id}}", "deleteToken", "tokens", "Delete (revoke) a token", _ref("Empty"),
-                          params=(_ID, *_CLOUD_Q))},
+                          params=(_ID, *cloud_q))},
         "/v1/auditlog": {"get": _op("/v1/auditlog", "getAuditLog", "audit", "The org's audit log (whole-org tokens)",
                                     _ref("AuditPage"), params=(*_PAGE, *(_param(k) for k in (
                                         "actor", "resourceType", "resource", "since", "until"))))},
@@ -384,8 +390,8 @@ def _paths() -> dict[str, dict[str, Schema]]:
     return paths
 
 
-def document(scopes: list[str]) -> Schema:
-    """The whole document; ``scopes`` is the catalogue the config endpoint lists."""
+def document(scopes: list[str], region: str) -> Schema:
+    """The whole document; ``scopes`` is the catalogue the config endpoint lists, ``region`` the gateway's."""
     return {
         "openapi": "3.0.3",
         "info": {"title": "Access-policy gateway admin API", "version": "1",
@@ -396,18 +402,18 @@ def document(scopes: list[str]) -> Schema:
         "security": [{"BearerAuth": []}],
         "tags": [{"name": t} for t in ("accesspolicies", "tokens", "audit", "stack-regions", "orgs", "instances",
                                        "datasources", "lbac", "teams")],
-        "paths": _paths(),
+        "paths": _paths(region),
         "components": {"securitySchemes": {"BearerAuth": {"type": "http", "scheme": "bearer"}},
                        "schemas": _schemas(scopes)},
     }
 
 
-@functools.cache
-def _body() -> bytes:
+@functools.lru_cache(maxsize=4)
+def _body(region: str) -> bytes:
     from gateway.policy.scopes import ALL_SCOPES
-    return json.dumps(document(sorted(ALL_SCOPES)), separators=(",", ":")).encode()
+    return json.dumps(document(sorted(ALL_SCOPES), region), separators=(",", ":")).encode()
 
 
 async def serve(request: web.Request) -> web.Response:
-    """``GET /api/openapi.json``: no token needed (the shapes of the API, nothing of any org)."""
-    return web.Response(body=_body(), content_type=JSON)
+    """``GET /api/openapi.json``: no token needed (the shapes of the API and the region, nothing of any org)."""
+    return web.Response(body=_body(get_state(request).config.region), content_type=JSON)
