@@ -5,6 +5,7 @@ surrogate is a 401 like any malformed token, on the data path and on the admin A
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import uuid
 from typing import Any
@@ -128,3 +129,16 @@ async def test_the_page_refuses_unstorable_text(gw: Gateway) -> None:
     assert "name must not contain a NUL character" in text
     assert (await gw.api("GET", f"{P}?name=x"))["items"] == []
     assert (await gw.api("GET", "/api/teams"))["items"] == []
+
+
+def test_a_tenant_id_with_a_trailing_newline_is_refused() -> None:
+    """Tenant IDs of the YAML are matched whole too: ``100\\n`` would reach the X-Scope-OrgID header."""
+    from gateway.config import ConfigError, parse_config
+    from tests.conftest import TEST_CONFIG
+
+    raw = copy.deepcopy(TEST_CONFIG)
+    raw["database"] = {"url": "postgresql://localhost/x"}
+    raw["orgs"][0]["stacks"][0]["tenants"]["metrics"] = "100\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, env={})
+    assert any("tenant" in p for p in info.value.problems), info.value.problems
