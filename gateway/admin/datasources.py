@@ -35,7 +35,7 @@ from aiohttp import web
 from gateway.admin import text
 from gateway.admin import validate as v
 from gateway.admin.api import _actor, _page_params, _paged, authenticate, read_json
-from gateway.admin.errors import ApiError, bad_request
+from gateway.admin.errors import ApiError, bad_request, refuse_other_methods
 from gateway.admin.serialize import rfc3339
 from gateway.config import Config
 from gateway.policy.datasource import (
@@ -631,6 +631,7 @@ async def remove_member(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """Register the data-source, rules and team routes on ``app``."""
     r = app.router
+    first = len(r.resources())
     r.add_post("/api/datasources", create_datasource)
     r.add_get("/api/datasources", list_datasources)
     r.add_get("/api/datasources/uid/{uid}", get_datasource)
@@ -649,4 +650,5 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/teams/{id}/members", get_members)
     r.add_put("/api/teams/{id}/members", put_members)
     r.add_delete("/api/teams/{id}/members/{login}", remove_member)
+    refuse_other_methods(app, first)
 
