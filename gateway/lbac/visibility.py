@@ -112,12 +112,30 @@ def _group_visible(group: Any, query_key: str, language: str, policies: Policies
     return all(isinstance(r, dict) and query_visible(r.get(query_key), language, policies) for r in rules)
 
 
-def filter_rule_groups(doc: Any, language: str, policies: Policies) -> Any:
-    """A Prometheus-format ``/api/v1/rules`` answer with only the visible groups (``query`` per rule)."""
+#: ``/api/v1/rules`` parameters that drop rules from a group (Prometheus, Mimir): with any of them the answer
+#: does not show every rule of a group, so the groups are judged on a second answer without them.
+NARROWING_PARAMS: Final = frozenset({"type", "rule_name[]", "match[]", "group_limit", "group_next_token"})
+
+
+def _groups(doc: Any) -> list[Any]:
     groups = doc["data"]["groups"]
     if not isinstance(groups, list):
         raise ValueError("data.groups is not a list")
-    doc["data"]["groups"] = [g for g in groups if _group_visible(g, "query", language, policies)]
+    return groups
+
+
+def visible_group_keys(doc: Any, language: str, policies: Policies) -> set[tuple[str, str]]:
+    """(file, name) of the visible groups of a Prometheus-format ``/api/v1/rules`` answer."""
+    return {(str(g.get("file")), str(g.get("name"))) for g in _groups(doc)
+            if _group_visible(g, "query", language, policies)}
+
+
+def filter_rule_groups(doc: Any, language: str, policies: Policies,
+                       judged: set[tuple[str, str]] | None = None) -> Any:
+    """A Prometheus-format ``/api/v1/rules`` answer with only the visible groups (``query`` per rule), or
+    only those of ``judged`` (see :data:`NARROWING_PARAMS`)."""
+    keys = visible_group_keys(doc, language, policies) if judged is None else judged
+    doc["data"]["groups"] = [g for g in _groups(doc) if (str(g.get("file")), str(g.get("name"))) in keys]
     return doc
 
 

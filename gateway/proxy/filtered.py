@@ -21,6 +21,7 @@ import re
 import zlib
 from collections.abc import Callable
 from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode
 
 import aiohttp
 import yaml
@@ -165,13 +166,34 @@ async def serve(request: web.Request, session: aiohttp.ClientSession, base: str,
         raise _unfilterable("this endpoint")
     filt: Callable[[bytes], tuple[bytes, str]]
     if kind is Kind.RULE_STATE:
-        filt = _prometheus(lambda d: vis.filter_rule_groups(d, language, policies))
+        judged = await _judge_groups(session, base, path, query, headers, language, policies)
+        filt = _prometheus(lambda d: vis.filter_rule_groups(d, language, policies, judged))
     elif kind is Kind.ALERT_STATE:
         filt = _prometheus(lambda d: vis.filter_alert_list(d, policies))
     else:
         filt = _yaml_filter(language, policies, m.path_params)
     answer, seconds = await _fetch(session, "GET", url, headers)
     return _respond(answer, seconds, filt)
+
+
+async def _judge_groups(session: aiohttp.ClientSession, base: str, path: str, query: str,
+                        headers: CIMultiDict[str], language: str, policies: Policies) -> set[tuple[str, str]] | None:
+    """With parameters that drop rules from groups, the visible groups judged on every rule of each group
+    (the same request without them); None when the answer itself shows whole groups."""
+    pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=1000)
+    if not any(k in vis.NARROWING_PARAMS for k, _ in pairs):
+        return None
+    whole = urlencode([(k, v) for k, v in pairs if k not in vis.NARROWING_PARAMS])
+    answer, _ = await _fetch(session, "GET", f"{base}{path}" + (f"?{whole}" if whole else ""), headers)
+    if answer.status != 200:
+        raise ProxyError(502, f"the ruler answered {answer.status} to the request judging rule groups",
+                         "upstream_unfilterable")
+    try:
+        doc = json.loads(answer.body)
+        return vis.visible_group_keys(doc, language, policies)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise ProxyError(502, f"the upstream's answer could not be filtered: {exc.__class__.__name__}",
+                         "upstream_unfilterable") from None
 
 
 _AM_READS: Final[dict[str, Callable[[Any, Policies], Any]]] = {
@@ -186,6 +208,8 @@ async def _alertmanager(request: web.Request, session: aiohttp.ClientSession, ba
                         ) -> tuple[web.StreamResponse, Outcome]:
     rest = path.removeprefix("/alertmanager") if path.startswith("/alertmanager/") else ""
     method = request.method
+    if method in ("GET", "HEAD") and rest == "/api/v1/status/buildinfo":  # Grafana's probe: no tenant data
+        return await forward(request, session, url, headers, None, body_limit)
     if method in ("GET", "HEAD") and rest in _AM_READS:
         answer, seconds = await _fetch(session, "GET", url, headers)
         return _respond(answer, seconds, _json_filter(_AM_READS[rest], policies))
