@@ -26,6 +26,7 @@ from typing import Any, Final
 import promql_parser as pp
 
 from gateway.lbac import RewriteError
+from gateway.lbac.bounds import SizedLRU
 from gateway.lbac.logql import _lex
 from gateway.lbac.promql import _normalize, _parse, _triples
 from gateway.policy.selector import LabelMatcher, MatchOpStr, Selector
@@ -91,10 +92,23 @@ def _logql_selectors(query: str) -> list[list[LabelMatcher]]:
 _SELECTORS: Final = {"promql": _promql_selectors, "logql": _logql_selectors}
 
 
+#: Verdicts by (query, language, policies): the ruler answers the same rules at every poll.
+_VERDICTS: Final[SizedLRU[tuple[str, str, Policies], bool]] = SizedLRU(16384)
+
+
 def query_visible(query: Any, language: str, policies: Policies) -> bool:
     """Whether every selector of ``query`` is covered (see the module docstring); False when unsure."""
     if not isinstance(query, str) or len(query) > MAX_RULE_QUERY:
         return False
+    key = (query, language, policies)
+    hit = _VERDICTS.get(key)
+    if hit is None:
+        hit = _query_visible(query, language, policies)
+        _VERDICTS.put(key, hit, len(query))
+    return hit
+
+
+def _query_visible(query: str, language: str, policies: Policies) -> bool:
     try:
         return all(covered(ms, policies) for ms in _SELECTORS[language](query))
     except RewriteError:

@@ -20,6 +20,7 @@ import json
 import re
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
@@ -28,6 +29,7 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.lbac import pool
 from gateway.lbac import visibility as vis
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward
@@ -38,6 +40,8 @@ Policies = vis.Policies
 KINDS: Final = frozenset({Kind.RULE_STATE, Kind.ALERT_STATE, Kind.RULE_CONFIG, Kind.ALERTMANAGER})
 #: Largest upstream answer read for filtering (after decompression).
 MAX_ANSWER: Final = 64 * 1024 * 1024
+#: Larger answers are filtered in the LBAC pool's process, not on the event loop.
+INLINE_ANSWER: Final = 64 * 1024
 #: Largest silence or alert list a restricted token may post.
 MAX_WRITE_BODY: Final = 1024 * 1024
 _JSON: Final = "application/json"
@@ -103,53 +107,65 @@ async def _read_body(request: web.Request) -> bytes:
     return bytes(buf)
 
 
-def _respond(answer: _Answer, seconds: float, filt: Callable[[bytes], tuple[bytes, str]] | None
-             ) -> tuple[web.StreamResponse, Outcome]:
-    """The filtered answer; an upstream error (not 200) is passed on as it came."""
-    if answer.status == 200 and filt is not None:
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """What to keep of an answer (picklable, so a large answer is filtered in the LBAC pool's process)."""
+
+    what: str  # "rules", "alerts", "config", or an Alertmanager path of _AM_READS
+    language: str
+    policies: Policies
+    judged: frozenset[tuple[str, str]] | None = None  # rule groups judged on a whole answer
+    single: bool = False  # the configuration API's one-group form
+    namespace: bool = False  # the configuration API's one-namespace form
+
+
+@dataclass(frozen=True, slots=True)
+class Filtered:
+    body: bytes
+    content_type: str
+
+
+def apply(f: Filter, raw: bytes) -> Filtered:
+    """The filtered answer (pure; raises ValueError and the like for an answer it cannot read)."""
+    if f.what == "config":
+        out = vis.filter_rule_config(yaml.safe_load(raw), f.language, f.policies, f.single)
+        if out is None or (not out and f.namespace):
+            what = "group" if f.single else "namespace"
+            raise ProxyError(404, f"{what} does not exist, or is not visible under your label policies",
+                             "lbac_hidden")
+        return Filtered(yaml.safe_dump(out, sort_keys=False, allow_unicode=True).encode(), "application/yaml")
+    doc = json.loads(raw)
+    if f.what in _AM_READS:
+        return _json(_AM_READS[f.what](doc, f.policies))
+    if not isinstance(doc, dict) or doc.get("status") != "success":
+        raise ValueError("not a success answer")
+    if f.what == "rules":
+        judged = None if f.judged is None else set(f.judged)
+        return _json(vis.filter_rule_groups(doc, f.language, f.policies, judged))
+    return _json(vis.filter_alert_list(doc, f.policies))
+
+
+async def _respond(answer: _Answer, seconds: float, f: Filter | None) -> tuple[web.StreamResponse, Outcome]:
+    """The filtered answer; an upstream error (not 200) is passed on as it came. A large answer is filtered
+    off the event loop (parsing thousands of rule queries takes a second), within the pool's time limit."""
+    if answer.status == 200 and f is not None:
         try:
-            body, ctype = filt(answer.body)
+            out = apply(f, answer.body) if len(answer.body) <= INLINE_ANSWER else \
+                await pool._off_loop(apply, f, answer.body)
         except ProxyError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError, RecursionError) as exc:
             raise ProxyError(502, f"the upstream's answer could not be filtered: {exc.__class__.__name__}",
                              "upstream_unfilterable") from None
+        body, ctype = out.body, out.content_type
     else:
         body, ctype = answer.body, answer.content_type or _JSON
     return web.Response(status=answer.status, body=body, headers={"Content-Type": ctype}), \
         Outcome(answer.status, len(body), seconds)
 
 
-def _json(out: Any) -> tuple[bytes, str]:
-    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode(), _JSON
-
-
-def _prometheus(fn: Callable[[Any], Any]) -> Callable[[bytes], tuple[bytes, str]]:
-    def filt(raw: bytes) -> tuple[bytes, str]:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("status") != "success":
-            raise ValueError("not a success answer")
-        return _json(fn(doc))
-    return filt
-
-
-def _yaml_filter(language: str, policies: Policies, params: dict[str, str]) -> Callable[[bytes], tuple[bytes, str]]:
-    """The configuration API's answer filtered; a hidden group, or a namespace with none visible, is a 404
-    (as the ruler answers for one that does not exist)."""
-    single = "groupName" in params
-
-    def filt(raw: bytes) -> tuple[bytes, str]:
-        out = vis.filter_rule_config(yaml.safe_load(raw), language, policies, single)
-        if out is None or (not out and "namespace" in params):
-            what = "group" if single else "namespace"
-            raise ProxyError(404, f"{what} does not exist, or is not visible under your label policies",
-                             "lbac_hidden")
-        return yaml.safe_dump(out, sort_keys=False, allow_unicode=True).encode(), "application/yaml"
-    return filt
-
-
-def _json_filter(fn: Callable[[Any, Policies], Any], policies: Policies) -> Callable[[bytes], tuple[bytes, str]]:
-    return lambda raw: _json(fn(json.loads(raw), policies))
+def _json(out: Any) -> Filtered:
+    return Filtered(json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode(), _JSON)
 
 
 async def serve(request: web.Request, session: aiohttp.ClientSession, base: str, m: RouteMatch,
@@ -164,16 +180,16 @@ async def serve(request: web.Request, session: aiohttp.ClientSession, base: str,
     language = _LANGUAGE.get(m.route.backend)
     if language is None:  # pragma: no cover - the route tables give these kinds to metrics and logs only
         raise _unfilterable("this endpoint")
-    filt: Callable[[bytes], tuple[bytes, str]]
     if kind is Kind.RULE_STATE:
         judged = await _judge_groups(session, base, path, query, headers, language, policies)
-        filt = _prometheus(lambda d: vis.filter_rule_groups(d, language, policies, judged))
+        f = Filter("rules", language, policies, None if judged is None else frozenset(judged))
     elif kind is Kind.ALERT_STATE:
-        filt = _prometheus(lambda d: vis.filter_alert_list(d, policies))
+        f = Filter("alerts", language, policies)
     else:
-        filt = _yaml_filter(language, policies, m.path_params)
+        f = Filter("config", language, policies, single="groupName" in m.path_params,
+                   namespace="namespace" in m.path_params)
     answer, seconds = await _fetch(session, "GET", url, headers)
-    return _respond(answer, seconds, filt)
+    return await _respond(answer, seconds, f)
 
 
 async def _judge_groups(session: aiohttp.ClientSession, base: str, path: str, query: str,
@@ -212,7 +228,7 @@ async def _alertmanager(request: web.Request, session: aiohttp.ClientSession, ba
         return await forward(request, session, url, headers, None, body_limit)
     if method in ("GET", "HEAD") and rest in _AM_READS:
         answer, seconds = await _fetch(session, "GET", url, headers)
-        return _respond(answer, seconds, _json_filter(_AM_READS[rest], policies))
+        return await _respond(answer, seconds, Filter(rest, "", policies))
     if rest.startswith("/api/v2/silence/") and method in ("GET", "HEAD", "DELETE"):
         sid = rest.removeprefix("/api/v2/silence/")
         answer, seconds = await _fetch(session, "GET", f"{base}/alertmanager/api/v2/silence/{_checked_id(sid)}",
@@ -221,7 +237,7 @@ async def _alertmanager(request: web.Request, session: aiohttp.ClientSession, ba
             _check_silence(answer.body, policies, "this silence")
         if method == "DELETE" and answer.status == 200:
             return await forward(request, session, url, headers, None, body_limit)
-        return _respond(answer, seconds, None)
+        return await _respond(answer, seconds, None)
     if method == "POST" and rest == "/api/v2/silences":
         body = await _read_body(request)
         try:
