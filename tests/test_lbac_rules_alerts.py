@@ -246,3 +246,21 @@ async def test_a_large_answer_is_filtered_off_the_event_loop_alike(world: World)
     assert len(await r.read()) > 64 * 1024  # past INLINE_ANSWER: the LBAC pool's process filters it
     doc = await get_json(world, "/prometheus/api/v1/rules", world.dev)
     assert group_names(doc) == VISIBLE_GROUPS | {f"big-{i}" for i in range(1, 600, 2)}
+
+
+async def test_the_protocol_data_path_filters_cached_decisions_too(db_dsn: str, aiohttp_client: Any,
+                                                                   aiohttp_server: Any) -> None:
+    """On the production data path a repeated request takes the callback fast path (a cached decision):
+    it must decline rule reads, so the second answer is filtered like the first, HEAD included."""
+    from tests.test_dataplane import _dp
+
+    fake = FakeRuler(json.loads(json.dumps(PROMQL_GROUPS)), alerts=[dict(a) for a in ALERTS])
+    async with _dp(db_dsn, aiohttp_client, aiohttp_server, upstream=fake.app()) as dp:
+        realm = [{"type": "stack", "identifier": "100", "labelPolicies": [{"selector": '{env="dev"}'}]}]
+        p = await dp.gw.policy("dev-rules", ["rules:read"], realm)
+        dev = basic("100", str((await dp.gw.token(p["id"], "dev-rules"))["token"]))
+        for _ in range(3):
+            r = await dp.gw.client.get("/prometheus/api/v1/rules", headers=dev)
+            assert r.status == 200 and group_names(await r.json()) == VISIBLE_GROUPS
+        r = await dp.gw.client.head("/prometheus/api/v1/alerts", headers=dev)
+        assert r.status == 200 and await r.read() == b""
