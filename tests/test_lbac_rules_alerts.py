@@ -264,3 +264,22 @@ async def test_the_protocol_data_path_filters_cached_decisions_too(db_dsn: str, 
             assert r.status == 200 and group_names(await r.json()) == VISIBLE_GROUPS
         r = await dp.gw.client.head("/prometheus/api/v1/alerts", headers=dev)
         assert r.status == 200 and await r.read() == b""
+
+
+async def test_forward_auth_refuses_rule_and_alert_reads_under_label_policies(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> None:
+    """Another proxy forwards the ruler's answer whole: only the data path can filter it, so forward-auth
+    refuses a restricted token there (and still admits an unrestricted one)."""
+    from tests.test_forward_auth import fa_env
+
+    async with fa_env(db_dsn, aiohttp_client, aiohttp_server) as env:
+        realm = [{"type": "stack", "identifier": "100", "labelPolicies": [{"selector": '{env="dev"}'}]}]
+        scopes = ["rules:read", "alerts:read"]
+        dev, full = await env.token(scopes, realm), await env.token(scopes)
+        for uri in ("/prometheus/api/v1/rules", "/prometheus/api/v1/alerts", "/prometheus/config/v1/rules",
+                    "/alertmanager/api/v2/silences"):
+            h = {"X-Original-Method": "GET", "X-Original-URI": uri}
+            r = await env.gw.client.get("/forward-auth/nginx", headers={**h, **basic("100", dev)})
+            assert r.status == 403 and "gateway's own data path" in (await r.json())["error"], uri
+            r = await env.gw.client.get("/forward-auth/nginx", headers={**h, **basic("100", full)})
+            assert r.status == 200 and r.headers["X-Scope-OrgID"] == "100", uri
