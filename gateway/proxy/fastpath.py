@@ -47,8 +47,9 @@ if TYPE_CHECKING:
     from gateway.policy.selector import Selector
     from gateway.state import State
 
-#: Route kinds whose requests ``prepare`` never takes: a body to read or a WebSocket.
-_DECLINED_KINDS: Final = frozenset({Kind.REMOTE_READ, Kind.LOGQL_DELETE, Kind.LOGQL_TAIL, Kind.TENANT_WIDE})
+#: Route kinds whose requests ``prepare`` never takes: a body to read, a WebSocket, an answer to filter.
+_DECLINED_KINDS: Final = frozenset({Kind.REMOTE_READ, Kind.LOGQL_DELETE, Kind.LOGQL_TAIL, Kind.TENANT_WIDE,
+                                    Kind.RULE_STATE, Kind.ALERT_STATE, Kind.RULE_CONFIG, Kind.ALERTMANAGER})
 _POOLED_KINDS: Final = _PROMQL | _LOGQL | frozenset(_MATCHES)
 _FANOUT_KINDS: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL})  # plan_header_mode may fan these out
 #: Header mode's query normalization (a pure function of the query string) for kinds that never fan out.

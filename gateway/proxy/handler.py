@@ -24,6 +24,7 @@ from gateway.lbac.remote_read import MAX_READ_BODY, restrict_read_request
 from gateway.limits import lokiquery
 from gateway.limits.stage import admit, release
 from gateway.policy.datasource import user_policies
+from gateway.proxy import filtered
 from gateway.proxy.decide import decide
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.fanout import execute as execute_fanout
@@ -111,6 +112,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     limits = admit(cfg, route, decision, request.content_length, entry)  # blocks, rates, concurrency
     ident, tenant = decision.ident, decision.tenant
     reads = route.kind in lbac.RESTRICTED_KINDS
+    filter_answer = bool(policies) and route.kind in filtered.KINDS  # rules, alerts, silences: filtered
 
     raw_query = request.rel_url.raw_query_string
     body: bytes | None = None
@@ -128,7 +130,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
             user = request.headers.get(cfg.grafana_user_header)
             check_source_tenants(body, cfg, ident, lambda t: user_policies(st.cache, ident.policy.id, "metrics",
                                                                            t, user))
-    if policies and reads:
+    if policies and reads and not filter_answer:
         if route.kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(
                 route.kind, m.upstream_path, request.method, raw_query, None, policies)) is None:
             raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
@@ -194,7 +196,10 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     TALLY.added(route.backend, time.perf_counter() - started)
     resp: web.StreamResponse
     try:
-        if fan is not None:
+        if filter_answer:
+            entry["lbac"] = "filtered"
+            resp, outcome = await filtered.serve(request, session, base, m, headers, policies, limit)
+        elif fan is not None:
             entry["fanout"] = len(fan.legs)
             resp, outcome = await execute_fanout(request, session, base, m.upstream_path, headers, fan, limit,
                                                   cfg.limits.fanout_memory)
