@@ -402,9 +402,9 @@ def summarize(runs: list[WrkResult]) -> dict[str, Any]:
         "p90_ms": med(lambda r: r.latency_ms["p90"]), "p99_ms": med(lambda r: r.latency_ms["p99"]),
         "cpu_s_per_10k": med(lambda r: r.extra["cpu_s_per_10k"]), "errors": sum(r.failed for r in runs),
     }
-    for kind in ("user", "system"):
-        if all(f"{kind}_s_per_10k" in r.extra for r in runs):
-            out[f"{kind}_s_per_10k"] = med(lambda r, k=kind: r.extra[f"{k}_s_per_10k"])
+    for key in ("user_s_per_10k", "system_s_per_10k"):
+        if all(key in r.extra for r in runs):
+            out[key] = round(statistics.median(r.extra[key] for r in runs), 3)
     if all("mb_per_s" in r.extra for r in runs):
         out["mb_per_s"] = med(lambda r: r.extra["mb_per_s"])
     return out
