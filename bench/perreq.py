@@ -107,18 +107,51 @@ def profiled_calls(srv: Any, url: str, script: Path, seconds: float, conns: int)
     for p in pids:
         os.kill(p, signal.SIGUSR1)
     calls: dict[str, int] = {}
+    own: dict[str, float] = {}
     deadline = time.monotonic() + 10
     for p in pids:
         f = srv.probe_dir / f"{p}.calls.json"
         while not f.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         with contextlib.suppress(OSError, ValueError):
-            for k, v in json.loads(f.read_text()).items():
-                calls[k] = calls.get(k, 0) + v
+            for k, (c, t) in json.loads(f.read_text()).items():
+                calls[k] = calls.get(k, 0) + c
+                own[k] = own.get(k, 0.0) + t
     n = max(1, r.requests)
     per = {k: round(v / n, 3) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])}
+    us = {k: round(v / n * 1e6, 3) for k, v in sorted(own.items(), key=lambda kv: -kv[1])}
     return {"requests": r.requests, "calls_per_req": round(sum(calls.values()) / n, 2),
-            "top": dict(list(per.items())[:100])}
+            "profiled_us_per_req": round(sum(own.values()) / n * 1e6, 2),
+            "top": dict(list(per.items())[:100]), "top_own_us": dict(list(us.items())[:60])}
+
+
+def opcodes(srv: Any, url: str, script: Path, seconds: float, conns: int) -> dict[str, Any]:
+    """Bytecode instructions per request, by Python function (``sys.settrace`` in every worker of a probed
+    server during one wrk run: slow, so few requests, but exact counts)."""
+    pids = srv.workers()
+    for p in pids:
+        (srv.probe_dir / f"{p}.ops.json").unlink(missing_ok=True)
+        os.kill(p, signal.SIGWINCH)
+    time.sleep(0.3)
+    r = loadgen.run_wrk(url, script, seconds, conns)
+    for p in pids:
+        os.kill(p, signal.SIGWINCH)
+    ops: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 10
+    for p in pids:
+        f = srv.probe_dir / f"{p}.ops.json"
+        while not f.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(OSError, ValueError):
+            for k, (c, o) in json.loads(f.read_text()).items():
+                row = ops.setdefault(k, [0, 0])
+                row[0] += c
+                row[1] += o
+    n = max(1, r.requests)
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1][1])
+    return {"requests": r.requests, "ops_per_req": round(sum(o for _, o in ops.values()) / n, 1),
+            "py_calls_per_req": round(sum(c for c, _ in ops.values()) / n, 2),
+            "top": {k: [round(c / n, 3), round(o / n, 1)] for k, (c, o) in ranked[:80]}}
 
 
 class ProbedFloor(_Probed, FloorProxy):
@@ -260,6 +293,10 @@ def table(res: dict[str, Any]) -> str:
     if calls:
         lines.append("function calls per request (cProfile, Python and C functions): "
                      + ", ".join(f"{p} {c['calls_per_req']}" for p, c in calls.items()))
+    ops = res.get("opcodes") or {}
+    if ops:
+        lines.append("bytecode instructions per request (sys.settrace): " + ", ".join(
+            f"{p} {o['ops_per_req']} in {o['py_calls_per_req']} Python calls" for p, o in ops.items()))
     if res.get("strace"):
         names = sorted({n for d in res["strace"].values() for n in d["per_req"]},
                        key=lambda n: -max(d["per_req"].get(n, 0) for d in res["strace"].values()))
@@ -334,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             res["median"] = {p: median_rows(rows[p]) for p in PATHS}
             res["calls"] = {p: profiled_calls(srv[p], srv[p].url, script, 2, w.connections)
                             for p in ("floor", "gateway")}
+            # traced, a worker serves a few dozen requests a second: 4 connections, so that few are a
+            # connection's first request (per-connection work), and long enough for some hundreds
+            res["opcodes"] = {p: opcodes(srv[p], srv[p].url, script, 8, 4) for p in ("floor", "gateway")}
             if a.strace and shutil.which("strace"):
                 res["strace"] = {}
                 for p in PATHS:
