@@ -38,7 +38,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         cpu = round(a["gateway"]["cpu_s_per_10k"] / max(a["nginx"]["cpu_s_per_10k"], 1e-9), 2)
         add("CPU per request on (a), gateway / nginx proxy", cpu, "<= 3", cpu <= 3)
         fl = round(a["gateway"]["cpu_s_per_10k"] / max(a["floor"]["cpu_s_per_10k"], 1e-9), 2)
-        add("CPU per request on (a), gateway / floor (no target: the machine-independent cost)", fl, "-", None)
+        add("CPU per request on (a), gateway / floor (same interpreter, uvloop and httptools; no target)", fl, "-",
+            None)
         for name in ("b", "c_cached"):
             other = _get(wls, name, "summary", "gateway", "rps")
             if other is not None:
