@@ -257,7 +257,8 @@ def median_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(res: dict[str, Any]) -> str:
     med = res["median"]
-    lines = [f"Per request, workload (a), {res['workers']} workers per path, {res['reps']} reps of "
+    lines = [f"Per request, workload {res.get('workload', '(a)')}, {res['workers']} workers per path, "
+             f"{res['reps']} reps of "
              f"{res['duration_s']} s, medians; {res['machine']}; a fixed Python function {res['python_us']} µs; "
              "TCP counters "
              f"{'of a network namespace of its own' if res['netns'] else 'of the whole machine (noisy)'}"]
@@ -315,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="workers per path (default: one per core)")
     ap.add_argument("--strace", action="store_true", help="also one strace -c -f run per path")
+    ap.add_argument("--workload", default="a", choices=("a", "b", "d", "e"),
+                    help="the workload of python -m bench to count (default a)")
     ap.add_argument("--no-netns", action="store_true", help="do not re-run in a network namespace of its own")
     ap.add_argument("--out", type=Path, default=HERE / "perreq.json")
     a = ap.parse_args(argv)
@@ -348,9 +351,10 @@ def main(argv: list[str] | None = None) -> int:
             gw.start()
             gw.wait_all_listening()
             toks = run.create_tokens(gw)
-            w = next(x for x in run.build_workloads(workdir, toks) if x.name == "a")
+            w = next(x for x in run.build_workloads(workdir, toks) if x.name == a.workload)
+            res["workload"] = w.title
             run.check_through(gw, w)
-            script = workdir / "a.lua"
+            script = workdir / f"{w.name}.lua"
             script.write_text(loadgen.script(w))
             srv: dict[str, Server] = {"direct": up, "nginx": px, "floor": fl, "gateway": gw}
             for p in PATHS:  # warm-up
