@@ -27,19 +27,22 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of issues 7 and 17 with the measured value and whether it holds (None: not measured)."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: Any, limit: str, ok: bool | None) -> None:
-        out.append({"target": name, "value": value, "limit": limit, "holds": ok})
+    def add(name: str, value: Any, limit: str, ok: bool | None, spread: list[float] | None = None) -> None:
+        out.append({"target": name, "value": value, "limit": limit, "holds": ok, **({"spread": spread} if spread
+                                                                                    else {})})
 
     wls = results.get("workloads") or {}
     a = _get(results, "workloads", "a", "summary")
     if a:
         ratio = a["gateway"].get("x_nginx")
-        add("throughput gateway/nginx on (a), same workers", ratio, ">= 0.40", ratio is not None and ratio >= 0.40)
+        spread = a["gateway"].get("spread") or {}
+        add("throughput gateway/nginx on (a), same workers", ratio, ">= 0.40", ratio is not None and ratio >= 0.40,
+            spread.get("x_nginx"))
         cpu = round(a["gateway"]["cpu_s_per_10k"] / max(a["nginx"]["cpu_s_per_10k"], 1e-9), 2)
-        add("CPU per request on (a), gateway / nginx proxy", cpu, "<= 3", cpu <= 3)
+        add("CPU per request on (a), gateway / nginx proxy", cpu, "<= 3", cpu <= 3, spread.get("cpu_x_nginx"))
         fl = round(a["gateway"]["cpu_s_per_10k"] / max(a["floor"]["cpu_s_per_10k"], 1e-9), 2)
         add("CPU per request on (a), gateway / floor (same interpreter, uvloop and httptools; no target)", fl, "-",
-            None)
+            None, spread.get("cpu_x_floor"))
         for name in ("b", "c_cached"):
             other = _get(wls, name, "summary", "gateway", "rps")
             if other is not None:
@@ -194,7 +197,8 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"Targets {tag}:")
         for x in t:
             mark = "info" if x["limit"] == "-" else {True: "HOLDS", False: "MISSES", None: "n/a"}[x["holds"]]
-            lines.append(f"  [{mark:^6}] {x['target']}: {_fmt(x['value'], 3)} (target {x['limit']})")
+            runs = f" (runs {x['spread'][0]:.3f}-{x['spread'][1]:.3f})" if x.get("spread") else ""
+            lines.append(f"  [{mark:^6}] {x['target']}: {_fmt(x['value'], 3)}{runs} (target {x['limit']})")
     lines.append(f"\nelapsed {results.get('elapsed_s')} s")
     return "\n".join(lines)
 

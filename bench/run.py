@@ -252,7 +252,14 @@ class Bench:
         summary["gateway"]["max_rps"] = max(r.rps for r in runs["gateway"])
         summary["floor"]["x_nginx"] = round(statistics.median(
             f.rps / n.rps for f, n in zip(runs["floor"], runs["nginx"], strict=True) if n.rps), 3)
-        # the gateway's cost per request against both references, each pair from the same repetition
+        # the gateway's cost per request against both references, each pair from the same repetition; the
+        # spread of the per-repetition ratios goes beside their medians
+        spread = summary["gateway"]["spread"] = {}
+        for ref in ("floor", "nginx"):
+            for key, get in ((f"x_{ref}", lambda r: r.rps), (f"cpu_x_{ref}", lambda r: r.extra["cpu_s_per_10k"])):
+                vals = [get(g) / get(r) for g, r in zip(runs["gateway"], runs[ref], strict=True) if get(r)]
+                if vals:
+                    spread[key] = [round(min(vals), 3), round(max(vals), 3)]
         for ref in ("floor", "nginx"):
             summary["gateway"][f"x_{ref}_rps"] = round(statistics.median(
                 g.rps / r.rps for g, r in zip(runs["gateway"], runs[ref], strict=True) if r.rps), 3)

@@ -64,7 +64,8 @@ def test_machine_and_calibration_beside_the_figures() -> None:
     assert _is_number(run.python_speed_us(batches=1, n=10))
     s = {p: _summary(c, r) for p, c, r in (("direct", 0.07, 9e4), ("nginx", 0.15, 5e4), ("floor", 0.2, 5e4),
                                            ("gateway", 0.4, 3e4))}
-    s["gateway"].update(x_nginx=0.6, cpu_x_floor=2.0, cpu_x_nginx=2.67)
+    s["gateway"].update(x_nginx=0.6, cpu_x_floor=2.0, cpu_x_nginx=2.67,
+                        spread={"x_nginx": [0.55, 0.62], "cpu_x_nginx": [2.5, 2.8], "cpu_x_floor": [1.9, 2.1]})
     results = {"machine": m, "python_us": 1.5, "workloads": {"a": {
         "title": "(a) t", "summary": s, "gateway_memory": {"peak_rss_mb": 1.0}, "nginx_memory": {"peak_rss_mb": 1.0}}}}
     results["calibration"] = run.calibration(results)
@@ -76,6 +77,7 @@ def test_machine_and_calibration_beside_the_figures() -> None:
     assert "2.00" in text and "2.67" in text  # the gateway's CPU over the floor's and over nginx's
     floor_ratio = next(t for t in results["targets"] if "gateway / floor" in t["target"])
     assert floor_ratio["value"] == 2.0 and floor_ratio["holds"] is None
+    assert "0.600 (runs 0.550-0.620) (target >= 0.40)" in text  # the spread of the repetitions beside the median
     assert "no calibration" not in report.table({}) and "machine not recorded" in report.table({})
 
 
