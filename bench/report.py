@@ -27,16 +27,22 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of issues 7 and 17 with the measured value and whether it holds (None: not measured)."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: Any, limit: str, ok: bool | None) -> None:
-        out.append({"target": name, "value": value, "limit": limit, "holds": ok})
+    def add(name: str, value: Any, limit: str, ok: bool | None, spread: list[float] | None = None) -> None:
+        out.append({"target": name, "value": value, "limit": limit, "holds": ok, **({"spread": spread} if spread
+                                                                                    else {})})
 
     wls = results.get("workloads") or {}
     a = _get(results, "workloads", "a", "summary")
     if a:
         ratio = a["gateway"].get("x_nginx")
-        add("throughput gateway/nginx on (a), same workers", ratio, ">= 0.40", ratio is not None and ratio >= 0.40)
+        spread = a["gateway"].get("spread") or {}
+        add("throughput gateway/nginx on (a), same workers", ratio, ">= 0.40", ratio is not None and ratio >= 0.40,
+            spread.get("x_nginx"))
         cpu = round(a["gateway"]["cpu_s_per_10k"] / max(a["nginx"]["cpu_s_per_10k"], 1e-9), 2)
-        add("CPU per request on (a), gateway / nginx proxy", cpu, "<= 3", cpu <= 3)
+        add("CPU per request on (a), gateway / nginx proxy", cpu, "<= 3", cpu <= 3, spread.get("cpu_x_nginx"))
+        fl = round(a["gateway"]["cpu_s_per_10k"] / max(a["floor"]["cpu_s_per_10k"], 1e-9), 2)
+        add("CPU per request on (a), gateway / floor (same interpreter, uvloop and httptools; no target)", fl, "-",
+            None, spread.get("cpu_x_floor"))
         for name in ("b", "c_cached"):
             other = _get(wls, name, "summary", "gateway", "rps")
             if other is not None:
@@ -97,16 +103,38 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
+def calibration_tag(results: dict[str, Any]) -> str:
+    """The machine and its calibration (the floor's CPU per request on (a)), printed beside each block of
+    figures: a figure without the machine it was taken on does not travel."""
+    m = results.get("machine") or {}
+    c = results.get("calibration") or {}
+    who = (f"{m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, kernel {m.get('kernel', '?')}" if m
+           else "machine not recorded")
+    if m.get("load_before"):
+        who += f", load {m['load_before'][0]:.2f} before"
+    cal = (f"floor {c['floor_cpu_us_per_req']:.1f} / nginx {c['nginx_cpu_us_per_req']:.1f} CPU µs per (a) request"
+           if "floor_cpu_us_per_req" in c else "workload (a) not run")
+    if "floor_user_us_per_req" in c:
+        cal += f" (floor user {c['floor_user_us_per_req']:.1f} + system {c['floor_system_us_per_req']:.1f})"
+    if "python_us" in c:
+        cal += f", a fixed Python function {c['python_us']:.2f} µs"
+    return f"[{who}; calibration: {cal}]"
+
+
 def table(results: dict[str, Any]) -> str:
     lines: list[str] = []
     w = results.get("workloads") or {}
+    tag = calibration_tag(results)
     lines.append("")
     lines.append(f"Benchmark: {results.get('cores')} cores, {results.get('workers')} workers each for nginx and "
                  f"the gateway, {results.get('duration_s')} s runs x {results.get('reps')} interleaved reps, "
                  f"{results.get('nginx')}, Python {results.get('python')}; medians")
+    lines.append(tag)
+    lines.append("x nginx = throughput / nginx's; CPU x fl, CPU x ng = the gateway's CPU per request / the floor's, "
+                 "/ nginx's (medians of the ratios within each repetition)")
     lines.append("")
     head = (f"{'workload':<52} {'path':<8} {'req/s':>9} {'MB/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
-            f"{'CPU µs/req':>10} {'x nginx':>8} {'peak RSS MB':>11}")
+            f"{'CPU µs/req':>10} {'x nginx':>8} {'CPU x fl':>8} {'CPU x ng':>8} {'peak RSS MB':>11}")
     lines.append(head)
     lines.append("-" * len(head))
     for wl in w.values():
@@ -114,6 +142,8 @@ def table(results: dict[str, Any]) -> str:
         for p in PATHS:
             r = s[p]
             ratio = _fmt(r.get("x_nginx"), 3) if p in ("gateway", "floor") else ""
+            cpu_fl = _fmt(r.get("cpu_x_floor"), 2) if p == "gateway" else ""
+            cpu_ng = _fmt(r.get("cpu_x_nginx"), 2) if p == "gateway" else ""
             rss = ""
             if p == "gateway":
                 rss = _fmt(wl["gateway_memory"]["peak_rss_mb"], 0)
@@ -122,12 +152,13 @@ def table(results: dict[str, Any]) -> str:
             err = f"  ({r['errors']} errors)" if r["errors"] else ""
             lines.append(f"{wl['title'] if p == 'direct' else '':<52.52} {p:<8} {r['rps']:>9,.0f} "
                          f"{_fmt(r.get('mb_per_s'), 0):>7} {r['p50_ms']:>7.2f} {r['p90_ms']:>7.2f} "
-                         f"{r['p99_ms']:>7.2f} {r['cpu_s_per_10k'] * 100:>10.1f} {ratio:>8} {rss:>11}{err}")
+                         f"{r['p99_ms']:>7.2f} {r['cpu_s_per_10k'] * 100:>10.1f} {ratio:>8} {cpu_fl:>8} {cpu_ng:>8} "
+                         f"{rss:>11}{err}")
     sweep = results.get("sweep")
     if sweep:
         lines.append("")
         lines.append(f"Latency at a fixed offered load (workload a, {sweep['connections']} connections with a "
-                     "think time; added = minus direct):")
+                     f"think time; added = minus direct) {tag}:")
         head = (f"{'offered':>14} {'path':<8} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
                 f"{'added p50':>9} {'added p99':>9}")
         lines.append(head)
@@ -146,7 +177,7 @@ def table(results: dict[str, Any]) -> str:
     if m:
         lines.append("")
         lines.append(f"Micro-benchmarks (µs per call, best batch; snapshot {m['snapshot_tokens']} tokens, "
-                     f"{m['snapshot_policies']} policies):")
+                     f"{m['snapshot_policies']} policies) {tag}:")
         items = [(k.removesuffix("_us"), v) for k, v in m.items() if k.endswith("_us")]
         for i in range(0, len(items), 3):
             lines.append("  " + "  ".join(f"{k:<26} {v:>8.2f}" for k, v in items[i:i + 3]))
@@ -174,10 +205,11 @@ def table(results: dict[str, Any]) -> str:
     t = results.get("targets") or []
     if t:
         lines.append("")
-        lines.append("Targets:")
+        lines.append(f"Targets {tag}:")
         for x in t:
-            mark = {True: "HOLDS", False: "MISSES", None: "n/a"}[x["holds"]]
-            lines.append(f"  [{mark:^6}] {x['target']}: {_fmt(x['value'], 3)} (target {x['limit']})")
+            mark = "info" if x["limit"] == "-" else {True: "HOLDS", False: "MISSES", None: "n/a"}[x["holds"]]
+            runs = f" (runs {x['spread'][0]:.3f}-{x['spread'][1]:.3f})" if x.get("spread") else ""
+            lines.append(f"  [{mark:^6}] {x['target']}: {_fmt(x['value'], 3)}{runs} (target {x['limit']})")
     lines.append(f"\nelapsed {results.get('elapsed_s')} s")
     return "\n".join(lines)
 

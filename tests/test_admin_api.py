@@ -196,9 +196,9 @@ async def test_usage_is_tracked_in_batches(gw: Gateway) -> None:
 BAD_POLICY_BODIES: list[tuple[Any, int, str | None]] = [
     ({"scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}]}, 409, "name"),
     ({"name": "x" * 256, "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}]}, 409, "name"),
-    ({"name": "Bad Name", "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}]}, 409, "name"),
+    ({"name": "bad\tname", "scopes": ["metrics:read"], "realms": [{"type": "org", "identifier": "1"}]}, 409, "name"),
     ({"name": "x", "scopes": [], "realms": [{"type": "org", "identifier": "1"}]}, 409, "scopes"),
-    ({"name": "x", "scopes": ["metrics:fly"], "realms": [{"type": "org", "identifier": "1"}]}, 409, "scopes[0]"),
+    ({"name": "x", "scopes": ["Metrics:Read"], "realms": [{"type": "org", "identifier": "1"}]}, 409, "scopes[0]"),
     ({"name": "x", "scopes": "metrics:read", "realms": [{"type": "org", "identifier": "1"}]}, 409, "scopes"),
     ({"name": "x", "scopes": ["metrics:read"], "realms": []}, 409, "realms"),
     ({"name": "x", "scopes": ["metrics:read"], "realms": [{"type": "galaxy", "identifier": "1"}]}, 409,

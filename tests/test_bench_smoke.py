@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where bench/ lives
 
-from bench import loadgen, micro, payloads, report  # noqa: E402
+from bench import loadgen, micro, payloads, perreq, report, run  # noqa: E402
 
 
 def _is_number(v: object) -> bool:
@@ -51,3 +51,39 @@ def test_profile_folding_and_targets() -> None:
     assert prof["parts"]["handler (handle)"] == 100.0
     assert prof["parts"]["forward (client + response)"] == 75.0
     assert report.targets({}) == []
+
+
+def _summary(cpu: float, rps: float) -> dict[str, float]:
+    return {"rps": rps, "p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "cpu_s_per_10k": cpu, "errors": 0,
+            "user_s_per_10k": cpu * 0.4, "system_s_per_10k": cpu * 0.6}
+
+
+def test_machine_and_calibration_beside_the_figures() -> None:
+    m = run.machine()
+    assert m["cpu_model"] and m["kernel"] and m["cores"] >= 1 and len(m["load_before"]) == 3
+    assert _is_number(run.python_speed_us(batches=1, n=10))
+    s = {p: _summary(c, r) for p, c, r in (("direct", 0.07, 9e4), ("nginx", 0.15, 5e4), ("floor", 0.2, 5e4),
+                                           ("gateway", 0.4, 3e4))}
+    s["gateway"].update(x_nginx=0.6, cpu_x_floor=2.0, cpu_x_nginx=2.67,
+                        spread={"x_nginx": [0.55, 0.62], "cpu_x_nginx": [2.5, 2.8], "cpu_x_floor": [1.9, 2.1]})
+    results = {"machine": m, "python_us": 1.5, "workloads": {"a": {
+        "title": "(a) t", "summary": s, "gateway_memory": {"peak_rss_mb": 1.0}, "nginx_memory": {"peak_rss_mb": 1.0}}}}
+    results["calibration"] = run.calibration(results)
+    assert results["calibration"]["floor_cpu_us_per_req"] == 20.0
+    assert results["calibration"]["floor_user_us_per_req"] == 8.0
+    results["targets"] = report.targets(results)
+    text = report.table(results)
+    assert m["kernel"] in text and "floor 20.0 / nginx 15.0 CPU µs per (a) request" in text
+    assert "2.00" in text and "2.67" in text  # the gateway's CPU over the floor's and over nginx's
+    floor_ratio = next(t for t in results["targets"] if "gateway / floor" in t["target"])
+    assert floor_ratio["value"] == 2.0 and floor_ratio["holds"] is None
+    assert "0.600 (runs 0.550-0.620) (target >= 0.40)" in text  # the spread of the repetitions beside the median
+    assert "no calibration" not in report.table({}) and "machine not recorded" in report.table({})
+
+
+def test_perreq_counter_readers(tmp_path: Path) -> None:
+    assert set(perreq.tcp_counters()) == {k for k in perreq.TCP_KEYS}
+    out = tmp_path / "perf.txt"
+    out.write_text("# started\n\n1234,,raw_syscalls:sys_enter,100,100.00,,\n"
+                   "600,,syscalls:sys_enter_write,100,100.00,,\n<not counted>,,syscalls:sys_enter_futex,0,0,,\n")
+    assert perreq.read_perf(out) == {"syscalls": 1234.0, "write": 600.0}

@@ -76,7 +76,8 @@ class Provider:
                            "label_policy": {lp["selector"] for lp in r.get("labelPolicies") or []}}
                           for r in p["realms"]],
                 "allowed_subnets": set(subnets),
-                "created_at": _go_rfc3339(p["createdAt"]), "updated_at": _go_rfc3339(p["updatedAt"])}
+                "created_at": _go_rfc3339(p["createdAt"]),
+                "updated_at": _go_rfc3339(p["updatedAt"]) if p.get("updatedAt") else ""}  # set when not nil
 
     # ---- resource grafana_cloud_access_policy_token ----------------------------------------------
 
@@ -272,7 +273,7 @@ async def test_subnets_are_as_lenient_as_gos_parsecidr(gw: Gateway) -> None:
 
 async def test_errors_carry_the_specs_codes_and_statuses(gw: Gateway) -> None:
     tf = Provider(gw)
-    bad = await tf.call("POST", "/v1/accesspolicies", {"name": "x", "scopes": ["nope:read"],
+    bad = await tf.call("POST", "/v1/accesspolicies", {"name": "x", "scopes": ["nope"],
                                                        "realms": [{"type": "org", "identifier": "1"}]}, expect=409)
     assert bad["code"] == "Conflict" and bad["field"] == "scopes[0]" and bad["message"]
     await tf.call("POST", "/v1/accesspolicies", Provider.policy_body(PLAN, create=True))
@@ -465,8 +466,9 @@ async def test_negative_only_label_policy_is_enforced_in_both_modes(db_dsn: str,
 
 
 async def test_a_page_edit_keeps_what_terraform_wrote(gw: Gateway) -> None:
-    """The page shows selectors and subnets as written and keeps the Cloud scopes it has no checkbox
-    for, so changing only the display name there leaves no diff for the next ``terraform plan``."""
+    """The page shows selectors and subnets as written and every scope (those it does not enforce ticked
+    among "other Grafana Cloud scopes"), so changing only the display name there leaves no diff for the
+    next ``terraform plan``."""
     from tests.test_page import Browser
 
     tf = Provider(gw)
@@ -484,11 +486,13 @@ async def test_a_page_edit_keeps_what_terraform_wrote(gw: Gateway) -> None:
         return html.unescape(m.group(1))
 
     assert area("selectors:stack:100") == '{ env != "dev" }' and area("subnets") == "10.1.2.3/8"
+    assert '<input type="checkbox" name="scope" value="metrics:import" checked>' in edit
     await b.post(f"/ui/policies/{p['id']}/edit", [
         ("displayName", "Edited in the page"), ("status", "active"), ("scope", "metrics:read"),
+        ("scope", "metrics:import"),
         ("realm", "stack:100"), ("selectors:stack:100", area("selectors:stack:100")),
         ("subnets", area("subnets"))])
     state = Provider.policy_state(REGION, await tf.call("GET", f"/v1/accesspolicies/{p['id']}"))
     assert state["display_name"] == "Edited in the page"
     assert state["realm"] == _plan_state(plan)["realm"] and state["allowed_subnets"] == {"10.1.2.3/8"}
-    assert state["scopes"] == set(plan["scopes"])  # the page has no metrics:import box; it is kept
+    assert state["scopes"] == set(plan["scopes"])

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import gzip
 import os
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -831,3 +833,39 @@ async def test_an_early_answer_stops_a_streamed_body_and_the_connection_is_not_r
         assert bytes(got) == b"x" * 10
     finally:
         server.close()
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    """tcpi_data_segs_in of struct tcp_info (Linux >= 4.6): segments with data this socket received."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("I", info, 152)[0])
+
+
+async def test_a_streamed_body_goes_out_with_its_head_in_one_segment(fc: FastClient) -> None:
+    """The head waits for the body's first piece: one write, one segment for a small body (issue 25:
+    the floor's and a client's count), two when the body comes in two pieces a moment apart."""
+    segments: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        while True:
+            before = _data_segments_in(sock)
+            if not await read_request(reader):
+                break
+            segments.append(_data_segments_in(sock) - before)
+            writer.write(ok())
+            await writer.drain()
+
+    async with raw_server(handler) as raw:
+        body = b"b" * 5000
+        r = await fc.request("POST", URL(raw.url + "/push"), CIMultiDict({"Content-Length": "5000"}),
+                             stream=_gen([body]))
+        assert (r.status, r.body) == (200, SMALL)
+        r.release()
+        gate = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.1, gate.set)
+        r = await fc.request("POST", URL(raw.url + "/push"), CIMultiDict({"Content-Length": "5000"}),
+                             stream=_gen([body[:2500], body[2500:]], gate))
+        assert (r.status, r.body) == (200, SMALL)
+        r.release()
+    assert segments == [1, 2]

@@ -7,7 +7,8 @@ database, and the plan is checked against what the mode and the token allow:
 * no token: 401 with the challenge, from *decide*;
 * whatever passes: the stack's tenant in X-Scope-OrgID, no credential, no client-chosen label policy upstream;
 * unrestricted (and the client's header on a route that reads nothing): the request as sent;
-* narrowed reads: in header mode the query as sent with the label-policy header, in enforce mode every
+* narrowed reads of rules, alerts and silences: the answer filtered by the policies, in every mode;
+* other narrowed reads: in header mode the query as sent with the label-policy header, in enforce mode every
   query sent upstream restricted to the policy and no header; remote read needs its body in enforce mode;
   tenant-wide endpoints are fanned out or refused; header mode without a verdict is refused (503);
 * rule writes by a narrowed token: refused (rule results would bypass the label policies).
@@ -39,7 +40,8 @@ from gateway.policy.model import AccessPolicy, Realm, Token
 from gateway.policy.scopes import ALL_SCOPES
 from gateway.policy.selector import parse_selector
 from gateway.proxy.decide import decide
-from gateway.proxy.plan import FanOut, Forward, NeedsBody, Plan, Refuse, Stream, plan, upstream_of
+from gateway.proxy.filtered import KINDS as FILTERED_KINDS
+from gateway.proxy.plan import FanOut, Filter, Forward, NeedsBody, Plan, Refuse, Stream, plan, upstream_of
 from gateway.routes import ALL_ROUTES, Kind, Route, match
 from gateway.state import State
 from gateway.store import Snapshot
@@ -202,6 +204,10 @@ def _expect(route: Route, token: str, mode: str, req: _Request, p: Plan) -> None
         assert p.url == f"{base}{req.upstream_path}" + (f"?{query}" if query else "")
         _check_headers(p.headers, False)
         assert isinstance(p, Stream) or p.body is None
+        return
+    if kind in FILTERED_KINDS:  # rules, alerts, silences: the answer is filtered, in every mode
+        assert isinstance(p, Filter) and p.policies == (SELECTOR,) and p.lbac == "filtered", p
+        _check_headers(p.headers, False)
         return
     unverified = isinstance(p, Refuse) and (p.status, p.reason) == (503, "lbac_unverified")
     if kind is Kind.TENANT_WIDE:

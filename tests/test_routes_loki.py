@@ -46,17 +46,17 @@ CASES: list[tuple[str, str, str, Kind, Role, bool]] = [
     ("GET", f"{L}/delete", "logs:delete", Kind.TENANT_WIDE, Role.READ, False),
     ("DELETE", f"{L}/delete", "logs:delete", Kind.TENANT_WIDE, Role.READ, False),
     # ruler
-    ("GET", f"{L}/rules", "rules:read", NONE, Role.RULES, False),
-    ("GET", f"{L}/rules/ns1", "rules:read", NONE, Role.RULES, False),
+    ("GET", f"{L}/rules", "rules:read", Kind.RULE_CONFIG, Role.RULES, False),
+    ("GET", f"{L}/rules/ns1", "rules:read", Kind.RULE_CONFIG, Role.RULES, False),
     ("POST", f"{L}/rules/ns1", "rules:write", NONE, Role.RULES, False),
     ("DELETE", f"{L}/rules/ns1", "rules:write", NONE, Role.RULES, False),
-    ("GET", f"{L}/rules/ns1/g", "rules:read", NONE, Role.RULES, False),
+    ("GET", f"{L}/rules/ns1/g", "rules:read", Kind.RULE_CONFIG, Role.RULES, False),
     ("DELETE", f"{L}/rules/ns1/g", "rules:write", NONE, Role.RULES, False),
-    ("GET", "/api/prom/rules", "rules:read", NONE, Role.RULES, False),
-    ("GET", "/api/prom/rules/ns1", "rules:read", NONE, Role.RULES, False),
+    ("GET", "/api/prom/rules", "rules:read", Kind.RULE_CONFIG, Role.RULES, False),
+    ("GET", "/api/prom/rules/ns1", "rules:read", Kind.RULE_CONFIG, Role.RULES, False),
     ("POST", "/api/prom/rules/ns1", "rules:write", NONE, Role.RULES, False),
     ("DELETE", "/api/prom/rules/ns1", "rules:write", NONE, Role.RULES, False),
-    ("GET", "/api/prom/rules/ns1/g", "rules:read", NONE, Role.RULES, False),
+    ("GET", "/api/prom/rules/ns1/g", "rules:read", Kind.RULE_CONFIG, Role.RULES, False),
     ("DELETE", "/api/prom/rules/ns1/g", "rules:write", NONE, Role.RULES, False),
 ]
 

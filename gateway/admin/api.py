@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from gateway.admin import text
 from gateway.admin import validate as v
 from gateway.admin.errors import ApiError, bad_request, is_cloud_path
 from gateway.admin.serialize import audit_json, policy_json, token_json
@@ -56,6 +57,7 @@ def authenticate(request: web.Request, scope: str, *extra: str) -> tuple[Identit
     if not policy.ip_allowed(ip):
         raise ApiError(403, "permission_denied", f"client address {ip} is outside the allowed ranges")
     _check_org_param(request, policy.org_id)
+    text.check_params(request.query, request.match_info)  # filters and ids reach the store as text
     st.cache.record_use(ident.token.id)
     return ident, admin_scope(policy)
 
@@ -80,9 +82,11 @@ async def read_json(request: web.Request) -> Any:
     if len(data) > limit:
         raise ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
     try:
-        return json.loads(data)
+        body = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise bad_request("request body is not valid JSON") from None
+    text.check_tree(body)
+    return body
 
 
 def _check_region(request: web.Request) -> None:
@@ -159,6 +163,7 @@ async def list_policies(request: web.Request) -> web.Response:
         raise bad_request("realmType must be 'org' or 'stack'", "realmType")
     if "realmIdentifier" in filters and "realmType" not in filters:
         raise bad_request("realmIdentifier needs realmType", "realmIdentifier")
+    _org_by_slug(request, scope, filters, "realmType", "realmIdentifier")
     if "status" in filters:
         v.status(filters["status"])
     try:
@@ -296,6 +301,7 @@ async def list_tokens(request: web.Request) -> web.Response:
         raise bad_request("accessPolicyRealmType must be 'org' or 'stack'", "accessPolicyRealmType")
     if "accessPolicyRealmIdentifier" in filters and "accessPolicyRealmType" not in filters:
         raise bad_request("accessPolicyRealmIdentifier needs accessPolicyRealmType", "accessPolicyRealmIdentifier")
+    _org_by_slug(request, scope, filters, "accessPolicyRealmType", "accessPolicyRealmIdentifier")
     if "accessPolicyStatus" in filters:
         v.status(filters["accessPolicyStatus"])
     try:
@@ -303,6 +309,14 @@ async def list_tokens(request: web.Request) -> web.Response:
     except BadCursor as exc:
         raise bad_request(str(exc), "pageCursor") from None
     return _paged(request, [token_json(t) for t in page.items], size, page.next_cursor)
+
+
+def _org_by_slug(request: web.Request, scope: AdminScope, filters: dict[str, Any], type_key: str,
+                 ident_key: str) -> None:
+    """An org realm filter may name the token's org by slug, as realms may: realms are stored by org id."""
+    org = _state(request).config.orgs_by_id.get(scope.org_id)
+    if filters.get(type_key) == "org" and org is not None and filters.get(ident_key) == org.name:
+        filters[ident_key] = org.id
 
 
 def _flag(request: web.Request, key: str) -> bool:

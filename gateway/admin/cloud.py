@@ -7,10 +7,11 @@ of Cloud's OpenAPI spec (``grafana-com-public-clients``, ``go/gcom/api/openapi.y
   the provider's ``grafana_cloud_access_policies`` data source and its lister walk it.
 * ``GET /api/orgs/{slugOrId}``: the org of the YAML (``FormattedApiOrgPublic``); ``slug`` is the
   org's name, ``id`` its id (a number when the id is one: the provider reads it as ``int32``).
-* ``GET /api/instances`` and ``/api/instances/{slugOrId}``: the stacks (``FormattedApiInstance``), with
-  their per-signal tenant IDs and this gateway's URL for each signal. Ids and tenant IDs that are
-  numbers in the YAML are JSON numbers, as on the Cloud; others stay strings (the Go client, which
-  decodes them as numbers, then fails: give stacks numeric ids and tenants for Go clients).
+* ``GET /api/instances``, ``/api/instances/{slugOrId}`` and ``/api/orgs/{orgSlug}/instances``: the
+  stacks (``FormattedApiInstance``), with their per-signal tenant IDs and this gateway's URL for each
+  signal. Ids and tenant IDs that are numbers in the YAML are JSON numbers, as on the Cloud; others stay
+  strings (the Go client, which decodes them as numbers, then fails: give stacks numeric ids and tenants
+  for Go clients).
 
 These views need a token that can read access policies (``accesspolicies:read``) and show only its
 org, and of that org only the stacks within the token's realm.
@@ -151,6 +152,29 @@ async def list_instances(request: web.Request) -> web.Response:
     return web.json_response(_list([_stack_json(request, org, s) for s in stacks], "id"))
 
 
+async def list_org_instances(request: web.Request) -> web.Response:
+    """``GET /api/orgs/{orgSlug}/instances`` (``getOrgInstances``, where Cloud's docs send users for stack
+    ids): the stacks of the token's org in its reach, in ``getInstances_200_response``; filters ``slug``,
+    ``name``, ``id``. Another org is a 404, as for ``/api/orgs/{slugOrId}``."""
+    _, scope = authenticate(request, READ)
+    org, stacks = _visible_stacks(request, scope)
+    if request.match_info["slug"] not in (org.name, org.id):
+        raise ApiError(404, "not_found", "no such org")
+    q = request.query
+    for key, of in (("slug", _stack_name), ("name", _stack_name), ("id", _stack_id)):
+        if key in q:
+            stacks = [s for s in stacks if of(s) == q[key]]
+    return web.json_response(_list([_stack_json(request, org, s) for s in stacks], "id"))
+
+
+def _stack_name(stack: Stack) -> str:
+    return stack.name
+
+
+def _stack_id(stack: Stack) -> str:
+    return stack.id
+
+
 async def get_instance(request: web.Request) -> web.Response:
     _, scope = authenticate(request, READ)
     org, stacks = _visible_stacks(request, scope)
@@ -168,5 +192,6 @@ def add_routes(app: web.Application) -> None:
         r.add_get(f"{prefix}/accesspolicies/config", get_config)
     r.add_get("/api/stack-regions", get_stack_regions)
     r.add_get("/api/orgs/{slug}", get_org)
+    r.add_get("/api/orgs/{slug}/instances", list_org_instances)
     r.add_get("/api/instances", list_instances)
     r.add_get("/api/instances/{slug}", get_instance)

@@ -32,9 +32,10 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from gateway.admin import text
 from gateway.admin import validate as v
 from gateway.admin.api import _actor, _page_params, _paged, authenticate, read_json
-from gateway.admin.errors import ApiError, bad_request
+from gateway.admin.errors import ApiError, bad_request, refuse_other_methods
 from gateway.admin.serialize import rfc3339
 from gateway.config import Config
 from gateway.policy.datasource import (
@@ -57,7 +58,7 @@ from gateway.store.datasources import FieldConflict, Rules
 READ: Final = "datasources:read"
 WRITE: Final = "datasources:write"
 PERMISSIONS: Final = "datasources.permissions:write"
-UID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,40}$")  # Grafana's uid rule
+UID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,40}")  # Grafana's uid rule
 MAX_NAME: Final = 190
 MAX_MEMBERS: Final = 10_000
 MAX_TEAMS_PER_SOURCE: Final = 1_000
@@ -111,11 +112,11 @@ def grafana_rules_json(rules: Rules, uids: dict[int, str]) -> list[dict[str, Any
 def valid_name(value: Any, field: str = "name") -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
         raise bad_request(f"{field} must be a non-empty string of at most {MAX_NAME} characters", field)
-    return value.strip()
+    return text.check(value.strip(), field)
 
 
 def valid_uid(value: Any, field: str = "uid") -> str:
-    if not isinstance(value, str) or not UID_RE.match(value):
+    if not isinstance(value, str) or not UID_RE.fullmatch(value):
         raise bad_request(f"{field} must be 1-40 characters of letters, digits, '-' and '_'", field)
     return value
 
@@ -125,7 +126,7 @@ def new_uid() -> str:
 
 
 def valid_type(value: Any) -> str:
-    if value not in BACKEND_OF_TYPE:
+    if not isinstance(value, str) or value not in BACKEND_OF_TYPE:
         raise bad_request(f"type must be one of {', '.join(BACKEND_OF_TYPE)}", "type")
     return str(value)
 
@@ -630,6 +631,7 @@ async def remove_member(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """Register the data-source, rules and team routes on ``app``."""
     r = app.router
+    first = len(r.resources())
     r.add_post("/api/datasources", create_datasource)
     r.add_get("/api/datasources", list_datasources)
     r.add_get("/api/datasources/uid/{uid}", get_datasource)
@@ -648,4 +650,5 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/teams/{id}/members", get_members)
     r.add_put("/api/teams/{id}/members", put_members)
     r.add_delete("/api/teams/{id}/members/{login}", remove_member)
+    refuse_other_methods(app, first)
 

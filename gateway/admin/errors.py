@@ -83,4 +83,18 @@ async def error_middleware(request: web.Request,
         status, code = cloud_dialect(request.path, exc.status, _STATUS_CODES.get(exc.status, "error"))
         message = exc.reason if exc.status != 413 else "request body too large"
         log.info("admin %s %s -> %d %s", request.method, request.path, status, code)
-        return json_error(status, code, message)
+        allow = exc.headers.get("Allow")
+        return json_error(status, code, message, headers={"Allow": allow} if allow is not None else None)
+
+
+def refuse_other_methods(app: web.Application, first: int) -> None:
+    """Every other method on the admin paths registered from resource number ``first`` on is a JSON 405
+    with ``Allow``, not a request for the data path's catch-all route."""
+    for resource in list(app.router.resources())[first:]:
+        if isinstance(resource, web.Resource):
+            allowed = frozenset(r.method for r in resource)
+
+            async def not_allowed(request: web.Request, allowed: frozenset[str] = allowed) -> web.StreamResponse:
+                raise web.HTTPMethodNotAllowed(request.method, allowed)
+
+            resource.add_route("*", not_allowed)

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.admin import api, cloud
+from gateway.admin import api, cloud, openapi
+from gateway.admin.errors import refuse_other_methods
 
 
 def add_routes(app: web.Application) -> None:
+    first = len(app.router.resources())
+    app.router.add_get("/api/openapi.json", openapi.serve)
     cloud.add_routes(app)  # first: /accesspolicies/config must win over /accesspolicies/{id}
     api.add_routes(app)
+    refuse_other_methods(app, first)

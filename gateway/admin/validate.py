@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from gateway.admin import text
 from gateway.admin.errors import ApiError, bad_request
 from gateway.config import Config
 from gateway.limits import lokiquery
 from gateway.policy.model import Network, Realm
-from gateway.policy.scopes import ALL_SCOPES
+from gateway.policy.scopes import is_valid_scope
 from gateway.policy.selector import SelectorError, parse_selector
 from gateway.store import AdminScope
 
-NAME_RE: Final = re.compile(r"^[a-z0-9_-]{1,255}$")
+MAX_NAME: Final = 255
 MAX_DISPLAY: Final = 255
 MAX_LIST: Final = 100
 
@@ -34,8 +34,12 @@ def obj(body: Any, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> 
 
 
 def name(value: Any, field: str = "name") -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
-        raise bad_request(f"{field} must be 1-255 characters of lowercase letters, digits, '-' and '_'", field)
+    """A policy or token name: the spec gives no pattern and Cloud takes e.g. ``MyToken-1767225600`` (the
+    provider's rotating tokens are ``<name_prefix>-<unix expiry>``): any printable text, no control
+    characters or lone surrogates, nothing to trim at either end."""
+    if (not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME or not value.isprintable()
+            or value != value.strip()):
+        raise bad_request(f"{field} must be 1-{MAX_NAME} printable characters, without spaces at either end", field)
     return value
 
 
@@ -45,15 +49,17 @@ def display_name(value: Any, default: str, field: str = "displayName") -> str:
         return default
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_DISPLAY:
         raise bad_request(f"{field} must be a non-empty string of at most {MAX_DISPLAY} characters", field)
-    return value
+    return text.check(value, field)
 
 
 def scopes(value: Any) -> frozenset[str]:
-    if not isinstance(value, list) or not value:
-        raise bad_request("scopes must be a non-empty list such as [\"metrics:read\"]", "scopes")
+    """Any ``service:permission`` of Cloud's syntax; the gateway enforces those it serves, the rest grant nothing."""
+    if not isinstance(value, list) or not value or len(value) > MAX_LIST:
+        raise bad_request(f"scopes must be a non-empty list of at most {MAX_LIST} such as [\"metrics:read\"]",
+                          "scopes")
     for i, s in enumerate(value):
-        if not isinstance(s, str) or s not in ALL_SCOPES:
-            raise bad_request(f"unknown scope {s!r}; known scopes: {', '.join(sorted(ALL_SCOPES))}",
+        if not is_valid_scope(s):
+            raise bad_request(f"scope {s!r} is not of the form service:permission (lowercase, e.g. metrics:read)",
                               f"scopes[{i}]")
     return frozenset(value)
 
@@ -80,7 +86,13 @@ def realms(value: Any, cfg: Config, admin: AdminScope) -> tuple[Realm, ...]:
         if isinstance(ident, int) and not isinstance(ident, bool):
             ident = str(ident)
         if not isinstance(ident, str) or not ident:
-            raise bad_request("identifier must be the id of an org or stack", f"{f}.identifier")
+            raise bad_request("identifier must be the id of a stack, or the id or slug of an org", f"{f}.identifier")
+        written = None
+        if rtype == "org" and ident not in cfg.orgs_by_id:  # an org by its slug: enforced by its id
+            named = sorted((o for o in cfg.orgs if o.name == ident), key=lambda o: o.id != admin.org_id)
+            by_slug = named[0] if named else None  # the caller's own org first: org names need not be unique
+            if by_slug is not None:
+                written, ident = ident, by_slug.id
         org = cfg.realm_org(rtype, ident)
         if org is None:
             raise bad_request(f"no {rtype} with id {ident!r} is configured", f"{f}.identifier")
@@ -92,7 +104,7 @@ def realms(value: Any, cfg: Config, admin: AdminScope) -> tuple[Realm, ...]:
         if (rtype, ident) in seen:
             raise bad_request(f"{rtype} {ident} is listed twice", f)
         seen.add((rtype, ident))
-        out.append(Realm(rtype, ident, label_policies(r.get("labelPolicies"), f"{f}.labelPolicies")))
+        out.append(Realm(rtype, ident, label_policies(r.get("labelPolicies"), f"{f}.labelPolicies"), written))
     return tuple(out)
 
 
@@ -106,6 +118,8 @@ def label_policies(value: Any, field: str) -> tuple[Any, ...]:
         f = f"{field}[{j}]"
         if not isinstance(lp, dict) or set(lp) != {"selector"}:
             raise bad_request("must be an object with exactly one field, selector", f)
+        if isinstance(lp["selector"], str):
+            text.check(lp["selector"], f"{f}.selector")
         try:
             sel = parse_selector(lp["selector"])
         except SelectorError as exc:

@@ -50,7 +50,9 @@ GRPC_ROUTES: Final = Router([
           "traces:write"),
 ])
 #: Kinds whose label-restricted requests the data path rewrites or fans out in every mode: a proxy cannot.
-_REWRITTEN: Final = frozenset({Kind.TENANT_WIDE, Kind.LOGQL_DELETE})
+# (rules, alerts and silences: only the data path filters their answers)
+_REWRITTEN: Final = frozenset({Kind.TENANT_WIDE, Kind.LOGQL_DELETE, Kind.RULE_STATE, Kind.ALERT_STATE,
+                               Kind.RULE_CONFIG, Kind.ALERTMANAGER})
 _FORM_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # Go's ParseForm reads these bodies
 LABEL_POLICY: Final = "X-Prom-Label-Policy"
 _COUNTED: dict[tuple[str, str], Any] = {}  # the counter's children by (caller, outcome): labels() costs a lock

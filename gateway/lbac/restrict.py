@@ -29,9 +29,11 @@ MAX_CLIENT_POLICIES: Final = 16  # selectors a client (Grafana team rules) may s
 MAX_CLIENT_HEADER: Final = 16 * 1024  # bytes of X-Prom-Label-Policy values, before any parsing
 _TENANT_START: Final = re.compile(r",\s*(?=[A-Za-z0-9!\-_.*'()]+:)")
 
-#: Kinds that read label-filterable data; everything else passes untouched (writes, traces, rules).
+#: Kinds that read label-filterable data; everything else passes untouched (writes, traces). Rules, alerts
+#: and silences are restricted by filtering the answer (gateway.proxy.filtered), not by ``enforce``.
 RESTRICTED_KINDS: Final = frozenset({Kind.PROMQL, Kind.MATCH, Kind.REMOTE_READ, Kind.TENANT_WIDE, Kind.LOGQL,
-                                     Kind.LOGQL_OPTIONAL, Kind.LOGQL_SERIES, Kind.LOGQL_TAIL, Kind.LOGQL_DELETE})
+                                     Kind.LOGQL_OPTIONAL, Kind.LOGQL_SERIES, Kind.LOGQL_TAIL, Kind.LOGQL_DELETE,
+                                     Kind.RULE_STATE, Kind.ALERT_STATE, Kind.RULE_CONFIG, Kind.ALERTMANAGER})
 
 
 @dataclass(frozen=True, slots=True)

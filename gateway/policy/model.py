@@ -22,6 +22,9 @@ class Realm:
     type: RealmType
     identifier: str
     label_policies: tuple[Selector, ...] = ()
+    #: The identifier as the client wrote it, when that was an org's slug (Terraform's schema text asks for
+    #: it): read back as written, enforced by ``identifier``, the org's id, fixed when the policy was written.
+    written: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

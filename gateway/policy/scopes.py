@@ -1,7 +1,13 @@
-"""The scope vocabulary: `service:action`, exactly one colon (REFERENCE.md section 3)."""
+"""The scope vocabulary: `service:action`, exactly one colon (REFERENCE.md section 3).
+
+Grafana Cloud adds scopes at any time (``datadog:validate``, ``fleet-management:read``,
+``pdc-signing:write``, ...) and the Terraform provider checks only the syntax (one colon), so a policy
+may hold any scope of that syntax: those the gateway has no route for grant nothing here.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 Scope = str
@@ -40,8 +46,14 @@ CLOUD_SCOPES: Final[frozenset[Scope]] = frozenset({
     "stack-users:read", "stacks:read", "stacks:write", "stacks:delete", "staff-org-members:write",
 })
 
-#: Every scope a policy may hold: the served ones and the Cloud catalogue.
+#: The scopes the gateway knows by name: the served ones and the Cloud catalogue (the config endpoint's list).
 ALL_SCOPES: Final[frozenset[Scope]] = SERVED_SCOPES | CLOUD_SCOPES
+
+#: Cloud's scope syntax: a service and a permission, each lowercase letters, digits, '-', '_' and '.',
+#: starting with a letter (``stacks:read``, ``fleet-management:read``, ``datasources.permissions:write``).
+MAX_SCOPE_LEN: Final = 128
+SCOPE_PATTERN: Final = r"[a-z][a-z0-9._-]*:[a-z][a-z0-9._-]*"
+_SCOPE_RE: Final = re.compile(SCOPE_PATTERN)
 
 #: One-line descriptions for ``GET /api/v1/accesspolicies/config``, by service.
 SERVICE_DESCRIPTIONS: Final[dict[str, str]] = {
@@ -61,4 +73,10 @@ def scope(service: str, action: str) -> Scope:
 
 
 def is_valid_scope(value: object) -> bool:
-    return isinstance(value, str) and value in ALL_SCOPES
+    """Any scope of Cloud's syntax, served or not (matched whole: no trailing newline)."""
+    return isinstance(value, str) and len(value) <= MAX_SCOPE_LEN and _SCOPE_RE.fullmatch(value) is not None
+
+
+def enforced(scope_: Scope) -> bool:
+    """Whether the gateway grants anything for ``scope_`` (a route or admin call asks for it)."""
+    return scope_ in SERVED_SCOPES

@@ -25,7 +25,7 @@ _OP_FROM_PARSER: Final[dict[str, MatchOpStr]] = {
     "MatchOp.Re": "=~",
     "MatchOp.NotRe": "!~",
 }
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 MAX_SELECTOR_LEN: Final = 4096
 
 
@@ -44,7 +44,7 @@ def quote(value: str) -> str:
 
 def quote_name(name: str) -> str:
     """Label names outside the classic charset are written quoted (Prometheus 3 UTF-8 names)."""
-    return name if _LABEL_NAME.match(name) else quote(name)
+    return name if _LABEL_NAME.fullmatch(name) else quote(name)
 
 
 @dataclass(frozen=True, slots=True)

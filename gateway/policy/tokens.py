@@ -121,7 +121,11 @@ def _decode(token: str) -> DecodedToken:
     # exactly ``body`` (same keys in the same order, compact, the same escapes).
     if _COMPACT(data).encode() != body:
         raise TokenFormatError(MALFORMED)
-    return DecodedToken(org, tid, hash_secret(secret))
+    try:  # JSON's "\ud800" is a lone surrogate: no UTF-8 for the hash, the logs or the store
+        org.encode(), tid.encode(), meta["r"].encode()
+        return DecodedToken(org, tid, hash_secret(secret))
+    except UnicodeEncodeError:
+        raise TokenFormatError(MALFORMED) from None
 
 
 def well_formed_id(token_id: str) -> bool:

@@ -177,7 +177,9 @@ class _Conn(BaseProtocol):
 
     # ---- the request ----------------------------------------------------------------------------
 
-    def start(self, data: bytes, head: bool) -> asyncio.Future[None]:
+    def start(self, data: bytes, head: bool, send: bool = True) -> asyncio.Future[None]:
+        """Ready for a response and send ``data`` (the request head, maybe its body); ``send=False``: the
+        caller sends it with ``send()`` (with the body's first piece)."""
         if head:
             if self.head_parser is None:
                 self.head_parser = self._new_parser(False)
@@ -199,10 +201,11 @@ class _Conn(BaseProtocol):
         self.last_io = self._loop.time()
         if self.timer is None and self.read_timeout:
             self.timer = self._loop.call_at(self.last_io + self.read_timeout, self._on_timer)
-        try:
-            tr.write(data)
-        except Exception as exc:
-            raise ServerDisconnected(f"cannot write to the upstream: {exc!r}") from exc
+        if send:
+            try:
+                tr.write(data)
+            except Exception as exc:
+                raise ServerDisconnected(f"cannot write to the upstream: {exc!r}") from exc
         return waiter
 
     def send(self, data: bytes) -> None:
@@ -581,19 +584,26 @@ class FastClient:
         conn = conn or await pool.connect()
         started = pool.loop.time()
         waiter: asyncio.Future[None] | None = None
+        # The head goes out with the body's first piece, in one write (one segment for a small body, as a
+        # client sends it), or alone when the body is empty: a write and a segment fewer per request.
+        pending = head
         try:
-            waiter = conn.start(head, is_head)
+            waiter = conn.start(head, is_head, send=False)
             async for chunk in stream:
                 if waiter.done():  # answered early (a refusal): stop sending; the connection is spent
                     conn.broken = True
                     break
                 if not chunk:
                     continue
-                conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+                if pending:
+                    data, pending = pending + data, b""
+                conn.send(data)
                 await conn.drain()
             else:
-                if chunked:
-                    conn.send(b"0\r\n\r\n")
+                end = pending + b"0\r\n\r\n" if chunked else pending
+                if end:
+                    conn.send(end)
             await waiter
         except BaseException:
             if waiter is not None and waiter.done() and not waiter.cancelled():

@@ -18,11 +18,12 @@ from gateway.clientip import client_ip
 from gateway.errors import check_body_length
 from gateway.lbac.pool import Rewritten, rewrite_off_loop
 from gateway.limits.stage import admit, release
+from gateway.proxy import filtered
 from gateway.proxy.decide import decide
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.fanout import execute as execute_fanout
 from gateway.proxy.forward import Upstreams, forward, relay_websocket
-from gateway.proxy.plan import FanOut, Forward, NeedsBody, Offload, Refuse, Respond, Stream, plan, upstream_of
+from gateway.proxy.plan import FanOut, Filter, Forward, NeedsBody, Offload, Refuse, Respond, Stream, plan, upstream_of
 from gateway.routes import RouteMatch, allowed_methods, match, not_found
 from gateway.state import State, get_state
 from gateway.tally import TALLY
@@ -112,7 +113,7 @@ async def _serve(request: web.Request, st: State, m: RouteMatch, entry: dict[str
     return await execute(request, request.app[UPSTREAMS].session(upstream), p, m, entry)
 
 
-async def execute(request: web.Request, session: aiohttp.ClientSession, p: Forward | FanOut | Stream,
+async def execute(request: web.Request, session: aiohttp.ClientSession, p: Forward | FanOut | Filter | Stream,
                   m: RouteMatch, entry: dict[str, object]) -> tuple[web.StreamResponse, int]:
     """Carry the plan out on a transport; the answer and its status (the transports decide nothing)."""
     route = m.route
@@ -122,6 +123,8 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, p: Forwa
             entry["fanout"] = len(p.legs.legs)
             resp, outcome = await execute_fanout(request, session, p.base, p.path, p.headers, p.legs, p.body_limit,
                                                   p.memory)
+        elif isinstance(p, Filter):
+            resp, outcome = await filtered.serve(request, session, p.base, m, p.headers, p.policies, p.body_limit)
         elif isinstance(p, Stream):
             resp, outcome = await relay_websocket(request, session, p.url, p.headers)
         else:

@@ -6,6 +6,7 @@ once a plan asked for it) and the policy and probe snapshots; gives one of
 
 * :class:`Forward` — one upstream request (URL, headers, and a body, or the client's streamed through),
 * :class:`FanOut` — several restricted requests (``gateway.lbac.fanout.Plan``) and the merge of their answers,
+* :class:`Filter` — one upstream request whose answer is filtered by the policies (rules, alerts, silences),
 * :class:`Stream` — a WebSocket relay (Loki tail),
 * :class:`NeedsBody` — read the body (at most ``limit`` bytes), then plan again with it,
 * :class:`Offload` — a rewrite too heavy for the event loop: run it in the rewrite pool, then plan again,
@@ -44,6 +45,7 @@ from gateway.limits import lokiquery
 from gateway.limits.stage import policy_limits
 from gateway.policy.datasource import user_policies
 from gateway.policy.selector import Selector
+from gateway.proxy.filtered import KINDS as FILTERED_KINDS
 from gateway.proxy.headers import upstream_headers
 from gateway.proxy.rules import MAX_RULE_BODY, check_source_tenants
 from gateway.routes import Kind, Route, RouteMatch
@@ -101,6 +103,18 @@ class FanOut:
 
 
 @dataclass(frozen=True, slots=True)
+class Filter:
+    """One upstream request whose answer is read whole and filtered to what the policies let the token see
+    (rules, alerts, silences: ``gateway.proxy.filtered``; the ruler and the Alertmanager apply no policies)."""
+
+    base: str
+    headers: CIMultiDict[str] = field(compare=False)
+    policies: Policies
+    body_limit: int
+    lbac: str | None = "filtered"
+
+
+@dataclass(frozen=True, slots=True)
 class Stream:
     """A WebSocket relayed both ways (Loki tail)."""
 
@@ -150,7 +164,7 @@ class Respond:
     lbac: str | None = None
 
 
-Plan = Forward | FanOut | Stream | NeedsBody | Offload | Refuse | Respond
+Plan = Forward | FanOut | Filter | Stream | NeedsBody | Offload | Refuse | Respond
 
 _NO_HEADERS: Final[tuple[str, ...]] = ()
 
@@ -210,8 +224,9 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
             check_source_tenants(body, cfg, ident, lambda t: user_policies(st.cache, ident.policy.id, "metrics",
                                                                            t, user))
             sent = body
+    filter_answer = bool(policies) and kind in FILTERED_KINDS  # rules, alerts, silences: filtered
     try:
-        if policies and kind in lbac.RESTRICTED_KINDS:
+        if policies and kind in lbac.RESTRICTED_KINDS and not filter_answer:
             if kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(kind, path, method, raw_query, None, policies)
                                              ) is None:
                 raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
@@ -277,6 +292,8 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
             out["Content-Type"] = content_type
         limit = cfg.limits.max_request_body
         check_body_length(req.content_length, limit)
+        if filter_answer:
+            return Filter(base, out, policies, limit)
         if fan is not None:
             return FanOut(base, path, out, fan, limit, cfg.limits.fanout_memory, mode)
         url = f"{base}{path}" + (f"?{raw_query}" if raw_query else "")

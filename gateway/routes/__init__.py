@@ -27,7 +27,7 @@ from gateway.policy.scopes import ALL_SCOPES
 class Kind(enum.Enum):
     """How a request carries what label policies must restrict (the ``lbac`` part acts on it)."""
 
-    NONE = "none"  # nothing to restrict (writes, traces, rules, alerts, build info)
+    NONE = "none"  # nothing to restrict (writes, traces, build info)
     PROMQL = "promql"  # PromQL in `query` (URL or form body): query, query_range, query_exemplars
     MATCH = "match"  # PromQL selectors in `match[]`: series, labels, label values, federate
     REMOTE_READ = "remote_read"  # snappy protobuf ReadRequest body
@@ -37,6 +37,11 @@ class Kind(enum.Enum):
     LOGQL_SERIES = "logql_series"  # Loki series: `match` AND `match[]` (OR-ed)
     LOGQL_TAIL = "logql_tail"  # WebSocket tail, `query` in the URL
     LOGQL_DELETE = "logql_delete"  # Loki delete requests: `query` is LogQL
+    # Answers the gateway filters (gateway.lbac.visibility, gateway.proxy.filtered): never rewritten requests.
+    RULE_STATE = "rule_state"  # Prometheus-format /api/v1/rules: groups whose queries are visible
+    ALERT_STATE = "alert_state"  # Prometheus-format /api/v1/alerts: alerts whose labels are visible
+    RULE_CONFIG = "rule_config"  # the ruler's configuration API (YAML): visible groups
+    ALERTMANAGER = "alertmanager"  # Alertmanager API v2: alerts, groups, silences; silence writes checked
 
 
 class Role(enum.Enum):

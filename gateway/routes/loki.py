@@ -52,17 +52,18 @@ DELETION: tuple[Route, ...] = (
 )
 
 RULER: tuple[Route, ...] = (
-    Route(L, GET, "/loki/api/v1/rules", "rules:read", role=Role.RULES),
-    Route(L, GET, "/loki/api/v1/rules/{namespace}", "rules:read", role=Role.RULES),
+    Route(L, GET, "/loki/api/v1/rules", "rules:read", Kind.RULE_CONFIG, role=Role.RULES),
+    Route(L, GET, "/loki/api/v1/rules/{namespace}", "rules:read", Kind.RULE_CONFIG, role=Role.RULES),
     Route(L, POST_DELETE, "/loki/api/v1/rules/{namespace}", "rules:write", role=Role.RULES),
-    Route(L, GET, "/loki/api/v1/rules/{namespace}/{groupName}", "rules:read", role=Role.RULES),
+    Route(L, GET, "/loki/api/v1/rules/{namespace}/{groupName}", "rules:read", Kind.RULE_CONFIG, role=Role.RULES),
     Route(L, DELETE, "/loki/api/v1/rules/{namespace}/{groupName}", "rules:write", role=Role.RULES),
     # Grafana's Loki data source manages rules at <url>/api/prom/rules (lotex_ruler.go: lokiPrefix);
     # Mimir no longer serves this path, so it is Loki's.
-    Route(L, GET, "/api/prom/rules", "rules:read", role=Role.RULES, note="Grafana's path for Loki rules"),
-    Route(L, GET, "/api/prom/rules/{namespace}", "rules:read", role=Role.RULES),
+    Route(L, GET, "/api/prom/rules", "rules:read", Kind.RULE_CONFIG, role=Role.RULES,
+          note="Grafana's path for Loki rules"),
+    Route(L, GET, "/api/prom/rules/{namespace}", "rules:read", Kind.RULE_CONFIG, role=Role.RULES),
     Route(L, POST_DELETE, "/api/prom/rules/{namespace}", "rules:write", role=Role.RULES),
-    Route(L, GET, "/api/prom/rules/{namespace}/{groupName}", "rules:read", role=Role.RULES),
+    Route(L, GET, "/api/prom/rules/{namespace}/{groupName}", "rules:read", Kind.RULE_CONFIG, role=Role.RULES),
     Route(L, DELETE, "/api/prom/rules/{namespace}/{groupName}", "rules:write", role=Role.RULES),
 )
 
@@ -72,7 +73,9 @@ ROUTES: tuple[Route, ...] = WRITE + QUERY + DELETION + RULER
 # Loki-pinned base URL (`pinned.py`) they are Loki's. Grafana asks a Loki data source for rule state
 # at <url>/prometheus/api/v1/rules|alerts (grafana pkg/services/ngalert/api/lotex_prom.go).
 PINNED_ONLY: tuple[Route, ...] = (
-    Route(L, GET, "/prometheus/api/v1/rules", "rules:read", role=Role.RULES, note="Grafana's Loki rule state"),
-    Route(L, GET, "/prometheus/api/v1/alerts", "rules:read", role=Role.RULES, note="Grafana's Loki alert state"),
+    Route(L, GET, "/prometheus/api/v1/rules", "rules:read", Kind.RULE_STATE, role=Role.RULES,
+          note="Grafana's Loki rule state"),
+    Route(L, GET, "/prometheus/api/v1/alerts", "rules:read", Kind.ALERT_STATE, role=Role.RULES,
+          note="Grafana's Loki alert state"),
     Route(L, POST, "/api/prom/push", "logs:write", role=Role.WRITE, note=_DEPRECATED),
 )

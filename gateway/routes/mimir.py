@@ -80,12 +80,13 @@ QUERY: tuple[Route, ...] = (
 # Mimir's RegisterRulerAPI. Rule namespaces are single path segments here: one containing `/`
 # arrives as %2F, which the matcher refuses (see `_UNCLEAN` in gateway.routes).
 _RULER_API: tuple[Route, ...] = (
-    Route(M, GET, "/prometheus/api/v1/rules", "rules:read", role=Role.RULES),
-    Route(M, GET, "/prometheus/api/v1/alerts", "rules:read", role=Role.RULES),
-    Route(M, GET, "/prometheus/config/v1/rules", "rules:read", role=Role.RULES),
-    Route(M, GET, "/prometheus/config/v1/rules/{namespace}", "rules:read", role=Role.RULES),
+    Route(M, GET, "/prometheus/api/v1/rules", "rules:read", Kind.RULE_STATE, role=Role.RULES),
+    Route(M, GET, "/prometheus/api/v1/alerts", "rules:read", Kind.ALERT_STATE, role=Role.RULES),
+    Route(M, GET, "/prometheus/config/v1/rules", "rules:read", Kind.RULE_CONFIG, role=Role.RULES),
+    Route(M, GET, "/prometheus/config/v1/rules/{namespace}", "rules:read", Kind.RULE_CONFIG, role=Role.RULES),
     Route(M, POST_DELETE, "/prometheus/config/v1/rules/{namespace}", "rules:write", role=Role.RULES),
-    Route(M, GET, "/prometheus/config/v1/rules/{namespace}/{groupName}", "rules:read", role=Role.RULES),
+    Route(M, GET, "/prometheus/config/v1/rules/{namespace}/{groupName}", "rules:read", Kind.RULE_CONFIG,
+          role=Role.RULES),
     Route(M, DELETE, "/prometheus/config/v1/rules/{namespace}/{groupName}", "rules:write", role=Role.RULES),
 )
 _CONFIG = "/prometheus/config/v1/rules"
@@ -104,13 +105,13 @@ RULER: tuple[Route, ...] = (
 
 ALERTMANAGER: tuple[Route, ...] = (
     # Mimir serves its Alertmanager API and UI under a path prefix.
-    Route(M, GET, "/alertmanager", "alerts:read", role=Role.ALERTMANAGER),
-    Route(M, POST_PUT_DELETE, "/alertmanager", "alerts:write", role=Role.ALERTMANAGER),
-    Route(M, GET, "/alertmanager/{rest:.*}", "alerts:read", role=Role.ALERTMANAGER),
-    Route(M, POST_PUT_DELETE, "/alertmanager/{rest:.*}", "alerts:write", role=Role.ALERTMANAGER),
+    Route(M, GET, "/alertmanager", "alerts:read", Kind.ALERTMANAGER, role=Role.ALERTMANAGER),
+    Route(M, POST_PUT_DELETE, "/alertmanager", "alerts:write", Kind.ALERTMANAGER, role=Role.ALERTMANAGER),
+    Route(M, GET, "/alertmanager/{rest:.*}", "alerts:read", Kind.ALERTMANAGER, role=Role.ALERTMANAGER),
+    Route(M, POST_PUT_DELETE, "/alertmanager/{rest:.*}", "alerts:write", Kind.ALERTMANAGER, role=Role.ALERTMANAGER),
     # Not Prometheus's alert list: in Mimir this is the tenant's Alertmanager configuration.
-    Route(M, GET, "/api/v1/alerts", "alerts:read", role=Role.ALERTMANAGER, note=_AM_CONFIG),
-    Route(M, POST_DELETE, "/api/v1/alerts", "alerts:write", role=Role.ALERTMANAGER, note=_AM_CONFIG),
+    Route(M, GET, "/api/v1/alerts", "alerts:read", Kind.ALERTMANAGER, role=Role.ALERTMANAGER, note=_AM_CONFIG),
+    Route(M, POST_DELETE, "/api/v1/alerts", "alerts:write", Kind.ALERTMANAGER, role=Role.ALERTMANAGER, note=_AM_CONFIG),
     # Grafana's Alertmanager data source asks <url>/api/v1/status/buildinfo to tell Mimir from
     # Prometheus's Alertmanager (public/app/features/alerting/unified/api/buildInfo.ts); no tenant data.
     Route(M, GET, "/api/v1/status/buildinfo", "alerts:read", role=Role.ALERTMANAGER, note="no tenant data"),

@@ -88,7 +88,7 @@ def policy_from_row(row: asyncpg.Record) -> AccessPolicy:
     """Selectors and subnets are stored as written (migration 005) and parsed here for enforcement."""
     realms = tuple(
         Realm(r["type"], str(r["identifier"]),
-              tuple(parse_selector(lp["selector"]) for lp in r.get("labelPolicies") or ()))
+              tuple(parse_selector(lp["selector"]) for lp in r.get("labelPolicies") or ()), r.get("written"))
         for r in row["realms"]
     )
     texts = tuple(row["allowed_subnets"])
@@ -117,8 +117,10 @@ def token_from_row(row: asyncpg.Record) -> Token:
 
 
 def realms_to_json(realms: Sequence[Realm]) -> list[dict[str, Any]]:
+    """The stored form; an org realm given by slug also keeps the slug (``written``)."""
     return [{"type": r.type, "identifier": r.identifier,
-             "labelPolicies": [{"selector": s.text} for s in r.label_policies]} for r in realms]
+             "labelPolicies": [{"selector": s.text} for s in r.label_policies],
+             **({"written": r.written} if r.written is not None else {})} for r in realms]
 
 
 def _like(text: str) -> str:

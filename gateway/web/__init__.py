@@ -15,6 +15,9 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from gateway.admin import text
+from gateway.admin.errors import ApiError
+from gateway.policy.scopes import enforced
 from gateway.state import STATE
 from gateway.web import datasources, pages
 from gateway.web import session as sess
@@ -32,7 +35,7 @@ async def _guard(request: web.Request,
                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """HTML for every failure, the session cookie saved, and headers that keep pages private and unframed."""
     try:
-        resp = await handler(request)
+        resp = await _unstorable(request) or await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -54,6 +57,17 @@ async def _guard(request: web.Request,
     return resp
 
 
+async def _unstorable(request: web.Request) -> web.StreamResponse | None:
+    """A 400 page for a query or path parameter the store cannot hold (NUL, a lone surrogate), before any
+    handler reads it: the API's check (:mod:`gateway.admin.text`). Form fields are the validators' (which
+    use the same check), so the error shows beside its field."""
+    try:
+        text.check_params(request.query, request.match_info)
+    except ApiError as exc:
+        return await pages.render_error(request, PageError(400, "Bad request", exc.message))
+    return None
+
+
 def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else "—"
 
@@ -67,8 +81,9 @@ def setup(app: web.Application) -> None:
     ui = web.Application(middlewares=[_guard])
     ui[WEB] = WebState()
     ui[STATE] = app[STATE]  # the same object: reloads swap its config in place
-    aiohttp_jinja2.setup(ui, loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
-                         undefined=jinja2.StrictUndefined, filters={"when": _when})
+    env = aiohttp_jinja2.setup(ui, loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
+                               undefined=jinja2.StrictUndefined, filters={"when": _when})
+    env.tests["enforced"] = enforced  # {% if s is enforced %}: a scope the gateway grants something for
     datasources.add_routes(ui)  # before the page's catch-all route
     pages.add_routes(ui, _HERE / "static")
     ui.on_startup.append(_load_key)

@@ -93,12 +93,13 @@ class PolicyForm:
             val = form.get(key, "")
             return val if isinstance(val, str) else ""
         ticked = {k: text(f"selectors:{k}") for k in form.getall("realm", []) if isinstance(k, str)}
+        ticks = {s for s in form.getall("scope", []) if isinstance(s, str)}
         typed = {k.removeprefix("selectors:"): val for k, val in form.items()
                  if k.startswith("selectors:") and k.removeprefix("selectors:") not in ticked
                  and isinstance(val, str) and val.strip()}
         return cls(name=name if name is not None else text("name").strip(),
                    display_name=text("displayName").strip(),
-                   scopes={s for s in form.getall("scope", []) if isinstance(s, str)},
+                   scopes=ticks | set(text("moreScopes").split()),  # ticked, and any typed in (Cloud's)
                    realms=ticked, unticked=typed, subnets=text("subnets"), status=text("status") or "active",
                    limits={k.removeprefix("limit:"): text(k) for k in form if k.startswith("limit:")})
 

@@ -26,7 +26,7 @@ from gateway.admin.serialize import policy_json, token_json
 from gateway.limits.stage import describe as describe_limits
 from gateway.policy import tokens as tokfmt
 from gateway.policy.model import AccessPolicy, Realm, Token
-from gateway.policy.scopes import SCOPE_GROUPS, SERVED_SCOPES
+from gateway.policy.scopes import SCOPE_GROUPS, enforced
 from gateway.store import BadCursor, Conflict, NotFound, browse
 from gateway.web import session as sess
 from gateway.web.forms import PolicyForm, realm_choices, validate
@@ -233,7 +233,8 @@ async def _policy_form(request: web.Request, admin: Admin, f: PolicyForm, policy
         f.errors.setdefault("realms", []).extend(f.errors.pop(key))
     return await render(request, "policy_form.html", {
         "nav": "policies", "f": f, "policy": policy, "groups": SCOPE_GROUPS, "choices": choices,
-        "limit_fields": LIMIT_FIELDS}, status)
+        "limit_fields": LIMIT_FIELDS,
+        "unenforced": sorted(s for s in f.scopes if not enforced(s))}, status)
 
 
 _INVALID: Final = object()
@@ -292,10 +293,12 @@ async def update_policy(request: web.Request, admin: Admin) -> web.StreamRespons
     attrs = _limits(f, policy)
     if values is None or attrs is _INVALID:
         return await _policy_form(request, admin, f, policy, 400)
-    # Cloud catalogue scopes the page has no checkbox for (metrics:import, stacks:read, ...) are kept.
-    scopes = frozenset(values.scopes) | (policy.scopes - SERVED_SCOPES)
-    changes: dict[str, Any] = {"display_name": values.display_name, "scopes": scopes,
-                               "realms": values.realms, "allowed_subnets": values.subnets, "status": values.status,
+    # Every scope the policy has is on the form (those the gateway does not enforce too): the form is the whole
+    # set. An org realm Terraform gave by slug keeps reading back as that slug.
+    slugs = {(r.type, r.identifier): r.written for r in policy.realms if r.written is not None}
+    realms = tuple(dataclasses.replace(r, written=slugs.get((r.type, r.identifier))) for r in values.realms)
+    changes: dict[str, Any] = {"display_name": values.display_name, "scopes": values.scopes,
+                               "realms": realms, "allowed_subnets": values.subnets, "status": values.status,
                                "attributes_json": attrs}
     try:
         check_datasource_policy(st, dataclasses.replace(policy, **changes))
