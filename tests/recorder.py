@@ -35,6 +35,8 @@ class Recorder:
     status: int = 200
     ws_messages: list[str] = field(default_factory=list)
     lbac: bool = False  # parse X-Prom-Label-Policy like Loki with lbac.enabled (400 on a bad value)
+    #: Answers by path suffix, in the shape the real backend gives there (the gateway parses some to filter them)
+    shaped: tuple[tuple[str, bytes, str], ...] = ()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self.lbac:
@@ -55,6 +57,9 @@ class Recorder:
         self.seen.append(Seen(request.method, request.path, request.rel_url.raw_path,
                               list(request.rel_url.query.items()), CIMultiDict(request.headers), n, h.hexdigest(),
                               bytes(small), request.rel_url.raw_query_string))
+        for suffix, body, ctype in self.shaped:
+            if request.path.rstrip("/").endswith(suffix):
+                return web.Response(status=self.status, body=body, headers={"Content-Type": ctype})
         return web.Response(status=self.status, body=self.reply, headers=self.reply_headers)
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:

@@ -203,3 +203,40 @@ async def test_a_websocket_upgrade_pipelined_behind_a_data_path_request_gets_the
         writer.close()
         assert _statuses(out) == [b"200", b"101"], out
         assert [s.method for s in dp.rec.seen] == ["GET", "WS"]
+
+
+async def _one_by_one(port: int, requests: list[bytes]) -> list[bytes]:
+    """Each request sent after the previous answer (a keep-alive client such as requests): each answer, or
+    b"" when the connection closed, or b"<hang>" when nothing came within 5 s."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    outs = []
+    try:
+        for data in requests:
+            writer.write(data)
+            try:
+                async with asyncio.timeout(5):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                    outs.append(head + await reader.readexactly(length))
+            except TimeoutError:
+                outs.append(b"<hang>")
+            except asyncio.IncompleteReadError:
+                outs.append(b"")
+    finally:
+        writer.close()
+    return outs
+
+
+async def test_after_a_hand_over_every_request_is_answered_in_turn_never_left_hanging(
+        db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> None:
+    """A keep-alive client whose connection was handed to aiohttp: TRACE gets aiohttp's JSON 405 (it echoes
+    nothing), a request that does not parse gets a 400 and the close (on the first cut both hung: the client
+    waited for an answer that never came)."""
+    async with _dp(db_dsn, aiohttp_client, aiohttp_server) as dp:
+        health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        outs = await _one_by_one(dp.port, [health, b"TRACE /api/instances HTTP/1.1\r\nHost: x\r\n\r\n", health])
+        assert _statuses(outs[0]) == [b"200"] and _statuses(outs[2]) == [b"200"], outs
+        assert _statuses(outs[1]) == [b"405"] and b"application/json" in outs[1], outs
+        outs = await _one_by_one(dp.port, [health, b"GET /health HTTP/1.1\r\nHost: a/b\r\n\r\n", health])
+        assert _statuses(outs[0]) == [b"200"] and outs[1].startswith(b"HTTP/1.0 400 ") and outs[2] == b"", outs
+        assert dp.rec.seen == []

@@ -152,6 +152,8 @@ _FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding"})
 _HOST: Final = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=%-]+(:[0-9]*)?|\[[0-9A-Fa-f:.]+\](:[0-9]*)?")
 #: A tab before a framing field's value (llhttp strips it, nginx does not): refused, for one reading of them.
 _LEADING_TAB: Final = re.compile(rb"\n(?i:content-length|transfer-encoding):[ \t]*\t")
+#: What aiohttp is fed in place of a request that did not parse after a hand-over: a request line it refuses.
+_UNPARSABLE: Final = b"\x00 / HTTP/1.1\r\n\r\n"
 _REFUSED_METHODS: Final = {b"CONNECT": "CONNECT (this gateway is no forward proxy)",
                            b"TRACE": "TRACE (it would echo credentials)"}
 
@@ -368,7 +370,8 @@ class HttpProtocol(asyncio.Protocol):
             raise _Bad(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
         if (facts.chunked or facts.length is not None) and self._tab_before_framing():
             raise _Bad(400, "a tab in Content-Length or Transfer-Encoding is read differently by different servers")
-        refused = _REFUSED_METHODS.get(p.get_method())
+        # (after a hand-over aiohttp answers them: 405, and it echoes nothing)
+        refused = None if self._relaying else _REFUSED_METHODS.get(p.get_method())
         if refused is not None:
             raise _Bad(405, f"this gateway does not serve {refused}")
         if raw_url == b"*" or b"#" in raw_url:
@@ -515,11 +518,12 @@ class HttpProtocol(asyncio.Protocol):
                 handler.data_received(tail)
 
     def _end_relay(self) -> None:
-        """A request behind those fed to aiohttp did not parse: aiohttp answers those, then closes."""
+        """A request behind those fed to aiohttp did not parse: aiohttp answers those, then this one with its
+        own 400 and closes (it is fed a request line it refuses, so the answers stay in order)."""
         if self._relay_in_body:
             self._relay.force_close()  # (its request's body will never be whole)
         else:
-            self._relay.close()
+            self._relay.data_received(_UNPARSABLE)
 
     def _switch_protocol(self, tail: bytes) -> None:
         """llhttp stopped after a protocol switch's head (a WebSocket upgrade): the rest is not HTTP."""
