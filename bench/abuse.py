@@ -240,10 +240,10 @@ class Phase:
 
 
 def run(workdir: Path, dsn: str, workers: int, duration: float, reps: int, log: Any = print,
-        data_path: str = "protocol", attacks: tuple[str, ...] = tuple(PHASES)) -> dict[str, Any]:
+        attacks: tuple[str, ...] = tuple(PHASES)) -> dict[str, Any]:
     path, leg_bytes = streams_file(workdir, BUDGET_BYTES)
     up = Upstream(workdir, workers, streams_file=path).configure().start()
-    gw = GatewayServer(workdir, "gateway-abuse", dsn, up.url, "enforce", workers, data_path,
+    gw = GatewayServer(workdir, "gateway-abuse", dsn, up.url, "enforce", workers,
                        limits={"fanout_memory": BUDGET_BYTES})
     try:
         gw.start()

@@ -15,11 +15,11 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlencode
 
+from gateway.errors import ProxyError
 from gateway.lbac import RewriteError
 from gateway.lbac import restrict as lbac
 from gateway.lbac.remote_read import ReadRequest, restrict_read_request, snappy_encode
 from gateway.policy.selector import Selector, parse_selector
-from gateway.proxy.errors import ProxyError
 from gateway.routes import Kind, match
 
 POLICY_SETS: dict[str, tuple[str, ...]] = {

@@ -21,6 +21,7 @@ from bench.payloads import LOGQL, PROMQL, query_path
 from bench.servers import BENCH_ORGS
 from gateway.clientip import client_ip
 from gateway.config import Config, parse_config
+from gateway.decision_cache import Decision, DecisionCache
 from gateway.lbac import restrict as lbac
 from gateway.lbac.logql import restrict_logql
 from gateway.lbac.promql import restrict_promql
@@ -28,7 +29,6 @@ from gateway.policy import tokens as tokfmt
 from gateway.policy.decision import authorize, identify
 from gateway.policy.model import AccessPolicy, Realm, Token
 from gateway.policy.selector import Selector, parse_selector
-from gateway.proxy.decision_cache import Decision, DecisionCache
 from gateway.proxy.headers import upstream_headers
 from gateway.proxy.identify import credentials
 from gateway.routes import Kind, match

@@ -51,8 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--forward-auth", action="store_true", help="also nginx + auth_request to the gateway on (a)")
     p.add_argument("--profile", action="store_true",
                    help="also record py-spy profiles of a gateway worker under workloads a and c_uncached")
-    p.add_argument("--data-path", choices=("aiohttp", "protocol"), default="protocol",
-                   help="the gateway's data_path setting (default protocol)")
     p.add_argument("--quick", action="store_true", help="2 s runs, 1 rep, 10k tokens: a smoke run")
     p.add_argument("--out", type=Path, default=HERE, help="where results.json and results.png go")
     args = p.parse_args(argv)
@@ -450,7 +448,7 @@ def run_workloads(args: argparse.Namespace, workdir: Path, dsn: str, workers: in
     servers.append(px)
     fl = FloorProxy(workdir, workers, up.port).start()
     servers.append(fl)
-    gws = {mode: GatewayServer(workdir, f"gateway-{mode}", dsn, up.url, mode, workers, args.data_path)
+    gws = {mode: GatewayServer(workdir, f"gateway-{mode}", dsn, up.url, mode, workers)
            for mode in ("header", "enforce")}
     for g in gws.values():
         servers.append(g)
@@ -500,7 +498,6 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(), "workers": workers,
         "python": sys.version.split()[0], "duration_s": args.duration, "reps": args.reps,
-        "data_path": args.data_path,
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False).stderr.strip(),
         "machine": machine(),
     }
@@ -522,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             up = run_workloads(args, workdir, dsn, workers, servers, results) if not args.abuse_only else None
             if not args.no_abuse and (not args.only or "abuse" in args.only.split(",")):
                 log("abuse: another tenant's latency and the workers' memory while two attackers push at the bounds")
-                results["abuse"] = abuse.run(workdir, dsn, workers, args.duration, args.reps, log, args.data_path,
+                results["abuse"] = abuse.run(workdir, dsn, workers, args.duration, args.reps, log,
                                              tuple(args.abuse_attacks.split(",")))
                 log("\n".join(abuse.table(results["abuse"])))
             if not args.no_scale and up is not None:

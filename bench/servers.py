@@ -335,13 +335,12 @@ class FloorProxy(Server):
 
 
 def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: Path,
-                   data_path: str = "protocol", limits: dict[str, Any] | None = None) -> dict[str, Any]:
+                   limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """The gateway's config for a run: every signal to the bench upstream; production defaults otherwise
     (log level info, so the JSON access log line is written for every request, to a file)."""
     return {
         **({"limits": limits} if limits else {}),
         "listen": f"127.0.0.1:{port}", "region": "local", "data_dir": str(data_dir), "log_level": "info",
-        "data_path": data_path,
         "database": {"url": dsn, "resync_interval": 60, "usage_flush_interval": 10},
         "orgs": BENCH_ORGS,
         "upstreams": {"metrics": {"url": upstream_url, "lbac": lbac}, "logs": {"url": upstream_url, "lbac": lbac},
@@ -353,13 +352,13 @@ class GatewayServer(Server):
     """`python -m gateway serve -c FILE --workers N`."""
 
     def __init__(self, workdir: Path, name: str, dsn: str, upstream_url: str, lbac: str, workers: int,
-                 data_path: str = "protocol", limits: dict[str, Any] | None = None):
+                 limits: dict[str, Any] | None = None):
         self.name = name
         super().__init__(workdir)
         self.gw_workers = workers
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(
-            gateway_config(self.port, dsn, upstream_url, lbac, workdir / f"{name}-data", data_path, limits)))
+            gateway_config(self.port, dsn, upstream_url, lbac, workdir / f"{name}-data", limits)))
         self.started_at = 0.0
 
     def start(self, timeout: float = 60.0) -> float:

@@ -11,8 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import runtime
 from gateway.accesslog import AccessLog
-from gateway.admin import api as admin_api
 from gateway.admin import datasources as datasources_api
+from gateway.admin import routes as admin_routes
 from gateway.admin.errors import error_middleware
 from gateway.cache import PolicyCache
 from gateway.config import Config
@@ -120,7 +120,7 @@ def build_app(state: State) -> web.Application:
     app.router.add_get("/favicon.ico", favicon)
     if state.config.metrics_listen is None:
         app.router.add_get("/metrics", metrics)
-    admin_api.add_routes(app)
+    admin_routes.add_routes(app)
     datasources_api.add_routes(app)
     setup_page(app)
     app.router.add_get("/", root)

@@ -8,6 +8,7 @@ Unknown keys are errors: a typo must never silently drop a setting.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -19,16 +20,19 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.limits.settings import TenantLimits
-from gateway.limits.settings import parse as parse_tenant_limits
 from gateway.policy.model import Network
+from gateway.tenant_limits import TenantLimits
+from gateway.tenant_limits import parse as parse_tenant_limits
 
+log = logging.getLogger("gateway.config")
 SIGNALS: Final = ("metrics", "logs", "traces", "profiles")
 LBAC_MODES: Final = ("enforce", "header", "auto")
 ROLES: Final = ("write", "read", "rules", "alertmanager")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-DATA_PATHS: Final = ("protocol", "aiohttp")  # the data path's server: gateway/dataplane, or aiohttp's
-DEFAULT_DATA_PATH: Final = "protocol"
+#: ``data_path`` chose aiohttp's server for the data path until issue 24 left the protocol server the only one.
+REMOVED_DATA_PATH: Final = ("the aiohttp data path was removed: the data path is always the protocol server "
+                            "(uvloop + httptools; the admin API, the page and WebSockets stay on aiohttp, same port); "
+                            "delete the key")
 _TENANT_RE: Final = re.compile(r"[A-Za-z0-9!\-_.*'()]{1,150}")  # Mimir's tenant ID charset, minus '|'
 _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,254}")  # both matched whole (fullmatch)
 
@@ -157,9 +161,8 @@ class Config:
     grafana_user_header: str = "X-Grafana-User"
     shutdown: Shutdown = field(default_factory=Shutdown)
     source: str | None = None
-    data_path: str = DEFAULT_DATA_PATH
     forward_auth: ForwardAuth = field(default_factory=ForwardAuth)
-    tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # gateway.limits.settings
+    tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # gateway.tenant_limits
     # Derived indexes, built once in __post_init__ for O(1) lookups on the hot path.
     orgs_by_id: Mapping[str, Org] = field(init=False, repr=False)
     stacks_by_id: Mapping[str, Stack] = field(init=False, repr=False)
@@ -475,8 +478,11 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
                       "must be a number of seconds >= 0", 0.0)),
         float(c.typed(sm.get("drain_timeout"), "shutdown.drain_timeout", _is_pos_number,
                       "must be a positive number of seconds", 30.0)))
-    data_path = c.typed(top.get("data_path"), "data_path", lambda v: v in DATA_PATHS,
-                        f"must be one of {', '.join(DATA_PATHS)}", DEFAULT_DATA_PATH)
+    if "data_path" in top:  # accepted as `protocol` (the only data path now), refused as `aiohttp`
+        if top["data_path"] != "protocol":
+            c.add("data_path", REMOVED_DATA_PATH)
+        else:
+            log.warning("config: data_path is deprecated and ignored: the protocol server is the only data path")
     orgs = _orgs(c, top.get("orgs"))
     upstreams = _upstreams(c, top.get("upstreams"))
     trusted = _networks(c, top.get("trusted_proxies"), "trusted_proxies")
@@ -489,7 +495,7 @@ def parse_config(raw: Any, source: str | None = None, env: Mapping[str, str] | N
         database=DatabaseConfig(db_url, pool_min, pool_max, **{k: float(v) for k, v in num.items()}),
         region=region, log_level=log_level, orgs=orgs, upstreams=MappingProxyType(upstreams),
         trusted_proxies=trusted, limits=limits, grafana_user_header=user_header, shutdown=shutdown,
-        source=source, data_path=data_path, forward_auth=forward_auth, tenant_limits=tenant_limits,
+        source=source, forward_auth=forward_auth, tenant_limits=tenant_limits,
     )
 
 

@@ -99,16 +99,11 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
                               shutdown_timeout=cfg.shutdown.drain_timeout)  # read deadlines, connection cap
     await runner.setup()
     host, port = cfg.listen
-    site: web.TCPSite | DataPlane
-    if cfg.data_path == "protocol":  # gateway/dataplane; it hands the rest of the traffic to `runner`
-        lim = cfg.limits  # the same `limits:` as the aiohttp server's GuardedAppRunner
-        site = DataPlane(app, runner.server, Settings(head_timeout=lim.head_timeout,
-                                                      body_timeout=lim.body_idle_timeout,
-                                                      max_connections=lim.max_connections))
-        await site.start(host, port, reuse_port=reuse_port)
-    else:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-        await site.start()
+    lim = cfg.limits  # the same `limits:` as the aiohttp server's GuardedAppRunner
+    # gateway/dataplane serves the data path; it hands the rest of the traffic to `runner`
+    site = DataPlane(app, runner.server, Settings(head_timeout=lim.head_timeout, body_timeout=lim.body_idle_timeout,
+                                                  max_connections=lim.max_connections))
+    await site.start(host, port, reuse_port=reuse_port)
     metrics_runner = None
     if cfg.metrics_listen:
         metrics_runner = web.AppRunner(build_metrics_app(state), access_log=None, handle_signals=False)
@@ -124,7 +119,7 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
         await asyncio.sleep(delay)
     # Close the listener ourselves and wait for in-flight requests: aiohttp's own shutdown stops
     # reading request bodies at once, which would cut a streamed push or a tail short.
-    await (site.stop_listening() if isinstance(site, DataPlane) else site.stop())
+    await site.stop_listening()
     log.info("stopping: listener closed; draining %d in-flight requests (up to %.0fs)", state.in_flight, drain)
     if state.in_flight:
         with contextlib.suppress(TimeoutError):
@@ -133,8 +128,7 @@ async def run(cfg: Config, config_path: str | None = None, reuse_port: bool = Fa
         log.warning("drain timeout: cutting %d requests still in flight", state.in_flight)
     for t in tasks:
         t.cancel()
-    if isinstance(site, DataPlane):
-        await site.close()
+    await site.close()
     await runner.cleanup()
     if metrics_runner:
         await metrics_runner.cleanup()

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.cache import PolicyCache
 from gateway.config import Config
-from gateway.proxy.decision_cache import DecisionCache
+from gateway.decision_cache import DecisionCache
 from gateway.store import Store
 
 

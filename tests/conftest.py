@@ -15,13 +15,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.config import DEFAULT_DATA_PATH, Config, parse_config
+from gateway.config import Config, parse_config
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-# The data path the suite runs on: the default (gateway/dataplane, "protocol"), or GATEWAY_TEST_DATA_PATH=aiohttp.
-# Configs say `data_path: ...`, and on "protocol" every gateway application given to aiohttp_client is served
-# by the protocol server (which hands the admin API and the page to aiohttp on the same port).
-DATA_PATH = os.environ.get("GATEWAY_TEST_DATA_PATH", "") or DEFAULT_DATA_PATH
+# The one data path (gateway/dataplane): every gateway application given to aiohttp_client is served by the
+# protocol server, which hands the admin API and the page to aiohttp on the same port.
 
 
 def require(condition: bool, what: str) -> None:
@@ -100,8 +98,6 @@ TEST_CONFIG: dict[str, Any] = {
 
 def make_config(dsn: str, **overrides: Any) -> Config:
     raw = {**TEST_CONFIG, **overrides}
-    if DATA_PATH:
-        raw.setdefault("data_path", DATA_PATH)
     raw["database"] = {**raw.get("database", {}), "url": dsn, "resync_interval": 30, "usage_flush_interval": 0.2}
     return parse_config(raw, env={})
 
@@ -217,19 +213,18 @@ async def bootstrap_token(state: Any, org: str = "1") -> str:
     return tokfmt.encode(org, tok.id, secret, "local")
 
 
-if DATA_PATH == "protocol":
-    @pytest.fixture
-    def aiohttp_client(aiohttp_client: Any) -> Any:
-        from aiohttp import web
+@pytest.fixture
+def aiohttp_client(aiohttp_client: Any) -> Any:
+    from aiohttp import web
 
-        from gateway.state import STATE
-        from tests.dataplane_server import ProtocolTestServer
+    from gateway.state import STATE
+    from tests.dataplane_server import ProtocolTestServer
 
-        async def make(app: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(app, web.Application) and STATE in app:
-                app = ProtocolTestServer(app)
-            return await aiohttp_client(app, *args, **kwargs)
-        return make
+    async def make(app: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(app, web.Application) and STATE in app:
+            app = ProtocolTestServer(app)
+        return await aiohttp_client(app, *args, **kwargs)
+    return make
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """A pytest-aiohttp test server that serves a gateway application on the protocol data path
-(gateway.dataplane), handing the rest to aiohttp on the same port, as ``data_path: protocol`` does."""
+(gateway.dataplane), handing the rest to aiohttp on the same port, as ``gateway serve`` does."""
 
 from __future__ import annotations
 

@@ -106,3 +106,16 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "absent.yaml")
     assert "cannot read" in info.value.problems[0]
+
+
+def test_the_removed_aiohttp_data_path_is_refused_and_protocol_is_accepted_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``data_path: aiohttp`` was removed (issue 24): a config naming it fails to load with the reason, so no
+    deployment silently changes server; ``protocol`` (the only one) still loads, with a deprecation line."""
+    found = problems({"data_path": "aiohttp"})
+    assert found == ["data_path: the aiohttp data path was removed: the data path is always the protocol server "
+                     "(uvloop + httptools; the admin API, the page and WebSockets stay on aiohttp, same port); "
+                     "delete the key"]
+    with caplog.at_level("WARNING", logger="gateway.config"):
+        parse_config({"data_path": "protocol"}, env={})
+    assert "data_path is deprecated and ignored" in caplog.text

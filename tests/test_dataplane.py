@@ -1,7 +1,6 @@
 """The protocol data path (gateway/dataplane) over real sockets: framing, keep-alive and pipelining,
 Expect: 100-continue, streaming both ways, disconnects, deadlines, the connection cap, and the hand-over
-of everything else to aiohttp on the same port. (The whole suite also runs on it with
-GATEWAY_TEST_DATA_PATH=protocol.)"""
+of everything else to aiohttp on the same port. (The whole suite runs on it: it is the only data path.)"""
 
 from __future__ import annotations
 

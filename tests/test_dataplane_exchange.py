@@ -171,7 +171,7 @@ def test_prepare_declines_without_a_cached_decision() -> None:
 
     from gateway.app import build_app
     from gateway.dataplane.request import RelURL
-    from gateway.proxy.decision_cache import DecisionCache
+    from gateway.decision_cache import DecisionCache
     from gateway.proxy.forward import Upstreams
     from gateway.routes import match
     from tests.conftest import make_config
@@ -192,8 +192,8 @@ def test_prepare_declines_without_a_cached_decision() -> None:
     assert m is not None
     st.decisions = DecisionCache()
     assert fastpath.prepare(Req(), st, m, Upstreams()) is None  # type: ignore[arg-type]
-    facts = cast(tuple[object, ...], Req.memo["facts"])
-    assert len(st.decisions) == 0 and facts[1:] == (ipaddress.ip_address("127.0.0.1"), "Basic eDp5", None)
+    facts = cast(tuple[object, ...], Req.memo["ip"])  # the client address, resolved once per header set
+    assert len(st.decisions) == 0 and facts[1:] == (ipaddress.ip_address("127.0.0.1"),)
 
 
 # ---- a scripted raw upstream ---------------------------------------------------------------------------

@@ -16,11 +16,11 @@ import pytest
 from gateway.admin.serialize import policy_json, token_json
 from gateway.cache import PolicyCache
 from gateway.config import Config
+from gateway.decision_cache import Decision, DecisionCache, Key
 from gateway.lbac.restrict import headers_for
 from gateway.policy.decision import Identity
 from gateway.policy.model import AccessPolicy, Realm, Token
 from gateway.policy.selector import parse_selector
-from gateway.proxy.decision_cache import Decision, DecisionCache, Key
 from gateway.store import AdminScope, Snapshot
 from tests.conftest import make_config
 from tests.test_proxy import Env, _env

@@ -8,13 +8,13 @@ from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
+from gateway.errors import ProxyError
 from gateway.lbac import RewriteError
 from gateway.lbac import remote_read as rr
 from gateway.lbac.fanout import MAX_FANOUT, Merge, disjoint, plan, plan_header_mode, plan_remote_read
 from gateway.lbac.logql import restrict_logql
 from gateway.lbac.overlap import TooManyTerms, disjoint_pieces
 from gateway.policy.selector import parse_selector
-from gateway.proxy.errors import ProxyError
 from gateway.proxy.fanout import merge_matrix, merge_metadata, merge_stats, merge_streams
 from gateway.routes import Kind
 

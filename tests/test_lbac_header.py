@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.errors import ProxyError
 from gateway.lbac.restrict import headers_for, label_policy_header, parse_client_policies, path_escape
 from gateway.policy.selector import parse_selector
-from gateway.proxy.errors import ProxyError
 from tests.loki_lbac import PolicyHeaderError, extract, path_unescape
 
 # Go's url.PathEscape (encodePathSegment in net/url's shouldEscape): unreserved stays,

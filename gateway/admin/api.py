@@ -12,7 +12,7 @@ from aiohttp import web
 
 from gateway.admin import text
 from gateway.admin import validate as v
-from gateway.admin.errors import ApiError, bad_request, is_cloud_path, refuse_other_methods
+from gateway.admin.errors import ApiError, bad_request, is_cloud_path
 from gateway.admin.serialize import audit_json, policy_json, token_json
 from gateway.clientip import client_ip
 from gateway.policy import tokens as tokfmt
@@ -383,11 +383,7 @@ async def list_audit(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    from gateway.admin import cloud, openapi  # it builds on this module
-
-    first = len(app.router.resources())
-    app.router.add_get("/api/openapi.json", openapi.serve)
-    cloud.add_routes(app)  # first: /accesspolicies/config must win over /accesspolicies/{id}
+    """The Access Policies / Tokens API; :func:`gateway.admin.routes.add_routes` adds the Cloud routes first."""
     for prefix in ("/api/v1", "/v1"):  # Cloud clients use both /api/v1/... and /v1/...
         app.router.add_post(f"{prefix}/accesspolicies", create_policy)
         app.router.add_get(f"{prefix}/accesspolicies", list_policies)
@@ -400,5 +396,4 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(f"{prefix}/tokens/{{id}}", update_token)
         app.router.add_delete(f"{prefix}/tokens/{{id}}", delete_token)
     app.router.add_get("/api/v1/auditlog", list_audit)
-    refuse_other_methods(app, first)
 

@@ -25,11 +25,11 @@ from aiohttp import web
 from gateway.accesslog import AccessLog
 from gateway.logfmt import ACCESS_JSON as _ACCESS_JSON
 from gateway.logfmt import json_string as _str
-from gateway.proxy.errors import ProxyError, error_response
+from gateway.proxy.errors import ProxyError, error_response, internal_error
 from gateway.proxy.fastclient import IDEMPOTENT, FastClientError, FastResponse, _Conn
 from gateway.proxy.fastpath import Prepared, prepare, refund_limits, take_limits
 from gateway.proxy.forward import Outcome, _failure, _forward_fast, answer_fast, whole_body
-from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS
+from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS, upstream_error
 from gateway.state import STATE, State
 from gateway.tally import TALLY
 
@@ -282,12 +282,8 @@ class Exchange:
             self._crashed()
 
     def _upstream_error(self, exc: ProxyError) -> ProxyError:
-        """``handler._serve``'s mapping: name the backend; the URL stays in the log."""
-        if exc.status in (502, 504):
-            backend = self.p.m.route.backend
-            log.warning("%s upstream %s: %s", backend, self.p.upstream_base, exc.message)
-            return ProxyError(exc.status, f"{backend} {exc.message}", exc.reason)
-        return exc
+        """``handler.execute``'s mapping: name the backend; the URL stays in the log."""
+        return upstream_error(exc, self.p.m.route.backend, self.p.upstream_base)
 
     def _end(self, status: int, bytes_out: int, upstream_seconds: float) -> None:
         """An answer written by callbacks: its books, then the connection's next request."""
@@ -322,8 +318,6 @@ class Exchange:
         self._after()
 
     def _crashed(self) -> None:
-        from gateway.dataplane.server import _internal_error
-
         log.exception("data path: unhandled error for %s %s", self.req.method, self.req.rel_url.raw_path)
         if not self._done:
             self._done = True
@@ -331,7 +325,7 @@ class Exchange:
         req, proto = self.req, self.proto
         if not req.started and not proto.closed:
             req.keep_alive = False
-            req.write_whole(_internal_error())
+            req.write_whole(internal_error())
         proto._close()
         self._after()
 

@@ -43,6 +43,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.dataplane import exchange
 from gateway.dataplane.body import Body, BodyError
 from gateway.dataplane.request import DataRequest, RelURL
+from gateway.proxy.errors import internal_error as _internal_error
 from gateway.proxy.handler import handle
 from gateway.routes import RouteMatch, match
 
@@ -732,11 +733,6 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
         elif self._task is None:
             self._close()  # idle keep-alive
-
-
-def _internal_error() -> web.Response:
-    body = json.dumps({"status": "error", "errorType": "internal", "error": "internal gateway error"})
-    return web.Response(status=500, text=body, content_type="application/json")
 
 
 class DataPlane:

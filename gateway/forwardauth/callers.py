@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway.proxy.errors import ProxyError
+from gateway.errors import ProxyError
 
 MAX_BODY: Final = 4096  # db-auth-gateway's JSON is three short strings
 ENVOY_PREFIX: Final = "/forward-auth/envoy"

@@ -20,9 +20,9 @@ from typing import Any, Final
 import aiohttp
 
 from gateway.config import Config, EnforcingBackend, Upstream
+from gateway.errors import ProxyError
 from gateway.lbac.probe import Verdict, _some_tenant, probe_upstream
 from gateway.metrics import FORWARD_AUTH_ENFORCES
-from gateway.proxy.errors import ProxyError
 
 log = logging.getLogger("gateway.forwardauth")
 _EXTRAS_KEY: Final = "forward_auth_probe"

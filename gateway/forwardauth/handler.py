@@ -22,6 +22,7 @@ from aiohttp import web
 
 from gateway.clientip import client_ip
 from gateway.config import Config
+from gateway.decision_cache import Decision
 from gateway.forwardauth import enforcement
 from gateway.forwardauth.callers import CALLERS, ENVOY_PREFIX, Caller, Original
 from gateway.lbac import fanout as lbac_fanout
@@ -31,7 +32,6 @@ from gateway.limits.stage import admit
 from gateway.metrics import FORWARD_AUTH
 from gateway.policy.selector import Selector
 from gateway.proxy.decide import decide
-from gateway.proxy.decision_cache import Decision
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.handler import ACCESS_LOG
 from gateway.routes import Kind, Route, RouteMatch, Router, match

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway.lbac import restrict
+from gateway.merging import Unmergeable, success
 from gateway.policy.selector import LabelMatcher, Selector, SelectorError, parse_selector
-from gateway.proxy.merging import Unmergeable, success
 
 __all__ = ["VOLUME_LEG_LIMIT", "Counts", "Inexact", "Unmergeable", "merge_index_stats", "merge_volumes",
            "volume_params", "with_leg_limit"]

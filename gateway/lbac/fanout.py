@@ -35,6 +35,7 @@ from urllib.parse import urlencode
 
 import promql_parser as pp
 
+from gateway.errors import ProxyError
 from gateway.lbac import RewriteError, metric_fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.counts import Counts, volume_params, with_leg_limit
@@ -49,7 +50,6 @@ from gateway.lbac.remote_read import (
     restrict_read_request,
 )
 from gateway.policy.selector import LabelMatcher, Selector, SelectorError, parse_selector
-from gateway.proxy.errors import ProxyError
 from gateway.routes import Kind
 
 #: Most selectors one request is fanned out to; beyond, the request is refused.

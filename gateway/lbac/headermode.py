@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Final
 from urllib.parse import urlencode
 
+from gateway.errors import ProxyError
 from gateway.lbac.restrict import Restriction, _pairs
-from gateway.proxy.errors import ProxyError
 
 MAX_URL_QUERY: Final = 64 * 1024  # Loki's and Mimir's HTTP servers refuse far longer request lines
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl
 
-from gateway.proxy.errors import ProxyError
+from gateway.errors import ProxyError
 from gateway.routes import Kind
 
 MAX_FIELDS: Final = 1000  # parameters in the URL and a form body together; past it a 400

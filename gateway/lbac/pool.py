@@ -5,7 +5,7 @@ process (one per gateway worker, started on first need) does not. Each pooled re
 a time limit; past it the pool's process is killed and the request refused, so one query
 can never hold up other tenants' requests by more than the bounded inline budget.
 
-    r = await enforce_bounded(kind, method, raw_query, body, policies)
+    r = pool.rewrite_inline(args) or await pool.rewrite_off_loop(args)
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Final, TypeVar
 
+from gateway.errors import ProxyError
 from gateway.lbac import RewriteError, bounds, fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.fanout import Plan
 from gateway.lbac.restrict import Restriction
 from gateway.policy.selector import Selector
-from gateway.proxy.errors import ProxyError
 from gateway.routes import Kind
 
 log = logging.getLogger("gateway.lbac")
@@ -35,8 +35,11 @@ _LOGQL: Final = frozenset({Kind.LOGQL, Kind.LOGQL_OPTIONAL, Kind.LOGQL_TAIL, Kin
 _MATCHES: Final[dict[Kind, tuple[str, ...]]] = {Kind.MATCH: ("match[]",), Kind.LOGQL_SERIES: ("match", "match[]")}
 _INLINE_MATCH_PRODUCT: Final = 64
 
-_Key = tuple[Kind, str, str, bytes | None, tuple[Selector, ...]]
-_HEAVY: Final[bounds.SizedLRU[_Key, Restriction]] = bounds.SizedLRU(512)
+POOLED_KINDS: Final = _PROMQL | _LOGQL | frozenset(_MATCHES)  # rewrites that may be heavy: weighed first
+#: ``rewrite``'s arguments: kind, upstream path, method, raw query, form body, policies, fan out or not.
+RewriteArgs = tuple[Kind, str, str, str, bytes | None, tuple[Selector, ...], bool]
+Rewritten = Plan | Restriction
+_HEAVY: Final[bounds.SizedLRU[RewriteArgs, Rewritten]] = bounds.SizedLRU(512)
 _pool: ProcessPoolExecutor | None = None
 _T = TypeVar("_T")
 
@@ -146,32 +149,35 @@ async def warm_up() -> None:
                                (Selector(()),))
 
 
-async def enforce_bounded(kind: Kind, method: str, raw_query: str, body: bytes | None,
-                          policies: tuple[Selector, ...]) -> Restriction:
-    """:func:`gateway.lbac.restrict.enforce`, refused past the bounds and moved off the loop when heavy."""
-    if kind not in _PROMQL and kind not in _LOGQL and kind not in _MATCHES:
-        return lbac.enforce(kind, method, raw_query, body, policies)  # refusals for other kinds
-    if bounds.INLINE_WEIGHT >= weigh(kind, raw_query, body, len(policies)):
-        return lbac.enforce(kind, method, raw_query, body, policies)
-    key: _Key = (kind, method, raw_query, body, policies)
-    cacheable = len(raw_query) + len(body or b"") <= bounds.MAX_CACHED_RESULT
-    hit = _HEAVY.get(key) if cacheable else None
-    if hit is not None:
-        return hit
-    out = await _off_loop(lbac.enforce, kind, method, raw_query, body, policies)
-    if cacheable:
-        _HEAVY.put(key, out, len(out.query or "") + len(out.body or b""))
+def rewrite(kind: Kind, path: str, method: str, raw_query: str, form: bytes | None, policies: tuple[Selector, ...],
+            fan_out: bool) -> Rewritten:
+    """The enforce-mode rewrite of a query: a fan-out plan (when ``fan_out`` and one is needed), else the one
+    restricted request (:func:`gateway.lbac.restrict.enforce`). Pure: the pool's process runs it as is."""
+    if fan_out:
+        fan = fanout.plan(kind, path, method, raw_query, form, policies)
+        if fan is not None:
+            return fan
+    return lbac.enforce(kind, method, raw_query, form, policies)
+
+
+def rewrite_inline(args: RewriteArgs) -> Rewritten | None:
+    """``rewrite(*args)`` when it may run on the event loop (light, or its heavy result is kept), else None:
+    run :func:`rewrite_off_loop`. Refuses (400) past the bounds before any parsing."""
+    kind, _, _, raw_query, form, policies, _ = args
+    if kind in POOLED_KINDS and bounds.INLINE_WEIGHT < weigh(kind, raw_query, form, len(policies)):
+        return _HEAVY.get(args)
+    return rewrite(*args)
+
+
+async def rewrite_off_loop(args: RewriteArgs) -> Rewritten:
+    """``rewrite(*args)`` in the pool's process, within the time limit; the result is kept for the next time."""
+    out = await _off_loop(rewrite, *args)
+    raw_query, form = args[3], args[4]
+    if len(raw_query) + len(form or b"") <= bounds.MAX_CACHED_RESULT:
+        size = sum(len(leg.query) + len(leg.body or b"") for leg in out.legs) if isinstance(out, Plan) \
+            else len(out.query or "") + len(out.body or b"")
+        _HEAVY.put(args, out, size)
     return out
-
-
-async def plan_bounded(kind: Kind, path: str, method: str, raw_query: str, body: bytes | None,
-                       policies: tuple[Selector, ...]) -> Plan | None:
-    """:func:`gateway.lbac.fanout.plan` under the same bounds: each leg is a rewrite of its own."""
-    if kind not in _PROMQL and kind not in _LOGQL and kind not in _MATCHES:
-        return fanout.plan(kind, path, method, raw_query, body, policies)
-    if bounds.INLINE_WEIGHT >= weigh(kind, raw_query, body, len(policies)):
-        return fanout.plan(kind, path, method, raw_query, body, policies)
-    return await _off_loop(fanout.plan, kind, path, method, raw_query, body, policies)
 
 
 async def _off_loop(fn: Callable[..., _T], *args: Any) -> _T:

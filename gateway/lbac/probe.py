@@ -29,9 +29,9 @@ from typing import Any, Final
 import aiohttp
 
 from gateway.config import Config, Upstream
+from gateway.errors import ProxyError
 from gateway.lbac.restrict import path_escape
 from gateway.metrics import LBAC_ENFORCES, LBAC_HEADER_MODE
-from gateway.proxy.errors import ProxyError
 
 log = logging.getLogger("gateway.lbac")
 

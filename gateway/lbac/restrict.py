@@ -12,12 +12,12 @@ from functools import lru_cache
 from typing import Final
 from urllib.parse import quote, unquote, urlencode
 
+from gateway.errors import ProxyError
 from gateway.lbac import RewriteError, params
 from gateway.lbac.bounds import SizedLRU
 from gateway.lbac.logql import restrict_logql, restrict_logql_matchers, simplify
 from gateway.lbac.promql import restrict_match, restrict_promql
 from gateway.policy.selector import Selector, SelectorError, parse_selector
-from gateway.proxy.errors import ProxyError
 from gateway.routes import Kind
 
 FORM: Final = "application/x-www-form-urlencoded"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, quote
 
-from gateway.proxy.errors import ProxyError
+from gateway.errors import ProxyError
 
 HEADER: Final = "X-Loki-Query-Limits"
 _DURATION: Final = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")

@@ -26,13 +26,13 @@ from typing import Any, Final
 from prometheus_client import Counter
 
 from gateway.config import Config
+from gateway.decision_cache import Decision
+from gateway.errors import ProxyError
 from gateway.limits import lokiquery
-from gateway.limits.settings import Rates
 from gateway.limits.shared import table
 from gateway.metrics import REGISTRY
-from gateway.proxy.decision_cache import Decision
-from gateway.proxy.errors import ProxyError
 from gateway.routes import Role, Route
+from gateway.tenant_limits import Rates
 
 LIMITED: Final = Counter(
     "gateway_limited_requests_total",

@@ -10,7 +10,7 @@ Takes: the state (policy snapshot, decision cache), the config snapshot the requ
 matched route (its backend, scope and kind), the request's headers (``Authorization``, ``X-Scope-OrgID``,
 the Grafana user header and, for reads, ``X-Prom-Label-Policy``), and the client address already resolved
 (``gateway.clientip``: X-Forwarded-For only from trusted proxies). Gives: the cached or new
-:class:`~gateway.proxy.decision_cache.Decision` (token, policy, stack, tenant, the token's label policies)
+:class:`~gateway.decision_cache.Decision` (token, policy, stack, tenant, the token's label policies)
 and the effective label policies of this request (the token's, or else the Grafana team rules and the
 client's own ``X-Prom-Label-Policy``, intersected). Raises the refusal as a :class:`ProxyError` (401 with the
 challenge, 403, 400, 404, 503 for a stale snapshot).
@@ -27,12 +27,12 @@ from datetime import UTC, datetime
 from typing import Protocol, overload
 
 from gateway.config import Config, Stack
+from gateway.decision_cache import Decision
 from gateway.lbac import RewriteError, bounds
 from gateway.lbac import restrict as lbac
 from gateway.policy.datasource import user_policies
 from gateway.policy.decision import Denied, Identity, IPAddress, covering_realms
 from gateway.policy.selector import Selector
-from gateway.proxy.decision_cache import Decision
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.identify import CHALLENGE, credentials
 from gateway.routes import Route
@@ -100,12 +100,40 @@ async def _decide(st: State, cfg: Config, backend: str, scope: str, presented: s
     return Decision(ident, stack, tenant, policies, ip)
 
 
+def fresh(st: State) -> bool:
+    """Whether the policy snapshot may be trusted (loaded, and not too old while the database is down)."""
+    return not st.cache.stale
+
+
+def check_fresh(st: State) -> None:
+    """Refuse (503) while the policy snapshot is missing or too old: never trust a stale one."""
+    if not fresh(st):
+        raise ProxyError(503, "policy snapshot unavailable or too old; refusing rather than trusting it",
+                         "stale_snapshot")
+
+
+def holds(st: State, decision: Decision, now: float) -> bool:
+    """Whether a decision kept by a cache in front of this stage may still be used (``now``: ``time.time()``):
+    the snapshot is fresh and the token has not expired."""
+    return fresh(st) and not decision.expired(now)
+
+
+def decided(st: State, cfg: Config, route: Route, headers: Headers, ip: IPAddress | None
+            ) -> tuple[Decision, Policies] | None:
+    """:func:`decide`'s answer when the decision cache holds it, else None; synchronous, records nothing
+    (the per-connection memo ``gateway.proxy.fastpath`` calls it). Refusals raise."""
+    check_fresh(st)
+    key = (headers.get("Authorization"), headers.get("X-Scope-OrgID"), route.backend, route.scope, ip)
+    decision = st.decisions.get(key, st.cache.generation, cfg, time.time())
+    if decision is None:
+        return None
+    return decision, effective_policies(st, cfg, route, decision, headers)
+
+
 async def decide(st: State, cfg: Config, route: Route, headers: Headers, ip: IPAddress | None,
                  entry: dict[str, object]) -> tuple[Decision, Policies]:
     """The request's decision and effective label policies (see the module docstring); refusals raise."""
-    if st.cache.stale:
-        raise ProxyError(503, "policy snapshot unavailable or too old; refusing rather than trusting it",
-                         "stale_snapshot")
+    check_fresh(st)
     auth = headers.get("Authorization")
     org_header = headers.get("X-Scope-OrgID")
     generation = st.cache.generation  # read before any await: a change meanwhile voids what is decided
@@ -117,15 +145,23 @@ async def decide(st: State, cfg: Config, route: Route, headers: Headers, ip: IPA
                                  entry)
         if st.cache.generation == generation:
             st.decisions.put(key, generation, cfg, decision)
-    ident, tenant, policies = decision.ident, decision.tenant, decision.policies
-    entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=tenant, client_ip=decision.client_ip())
+    ident = decision.ident
+    entry.update(token_id=ident.token.id, policy=ident.policy.name, tenant=decision.tenant,
+                 client_ip=decision.client_ip())
     st.cache.record_use(ident.token.id)
+    return decision, effective_policies(st, cfg, route, decision, headers)
 
+
+def effective_policies(st: State, cfg: Config, route: Route, decision: Decision, headers: Headers) -> Policies:
+    """The token's label policies, or else the Grafana team rules and the client's X-Prom-Label-Policy,
+    intersected."""
+    policies = decision.policies
     reads = route.kind in lbac.RESTRICTED_KINDS
     if not policies and (reads or route.scope == "rules:write"):
         # A token without label policies may be narrowed by Grafana team rules: those the gateway holds
         # for the data source using this policy, and (for reads) those Grafana sends as X-Prom-Label-Policy.
-        # A rule write by a narrowed user is refused by the caller, like any label-restricted one.
+        # A rule write by a narrowed user is refused by the plan, like any label-restricted one.
+        ident, tenant = decision.ident, decision.tenant
         try:
             team = user_policies(st.cache, ident.policy.id, route.backend, tenant,
                                  headers.get(cfg.grafana_user_header))
@@ -138,4 +174,4 @@ async def decide(st: State, cfg: Config, route: Route, headers: Headers, ip: IPA
             bounds.check_policies(len(policies))
         except RewriteError as exc:
             raise ProxyError(400, f"query refused by label-based access control: {exc}", "lbac_refused") from None
-    return decision, policies
+    return policies

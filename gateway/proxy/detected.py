@@ -16,7 +16,7 @@ import re
 from typing import Any, Final
 
 from gateway.lbac.fanout import Plan
-from gateway.proxy.merging import Unmergeable, success
+from gateway.merging import Unmergeable, success
 
 __all__ = ["detected_labels", "merge_detected_from_series", "should_reject"]
 

@@ -1,4 +1,7 @@
-"""Data-path errors in the Prometheus shape, so Grafana shows them: ``{"status":"error",...}``."""
+"""Data-path errors in the Prometheus shape, so Grafana shows them: ``{"status":"error",...}``.
+
+The error type itself lives in :mod:`gateway.errors` (every stage raises it); this is the edge that answers it.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +9,17 @@ import json
 
 from aiohttp import web
 
-_ERROR_TYPES = {400: "bad_data", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "bad_request",
-                413: "bad_data", 429: "too_many_requests", 502: "unavailable", 503: "unavailable",
-                504: "timeout"}
+from gateway.errors import ERROR_TYPES, ProxyError
 
-
-class ProxyError(Exception):
-    """A refusal or failure with its status; ``reason`` labels the refusal metric."""
-
-    def __init__(self, status: int, message: str, reason: str = "", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.reason = status, message, reason or _ERROR_TYPES.get(status, "error")
-        self.headers = headers or {}
+__all__ = ["ProxyError", "error_response", "internal_error"]
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps({"status": "error", "errorType": _ERROR_TYPES.get(status, "error"), "error": message})
+    body = json.dumps({"status": "error", "errorType": ERROR_TYPES.get(status, "error"), "error": message})
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+def internal_error() -> web.Response:
+    """The answer to a request whose handling crashed (the log has the traceback)."""
+    body = json.dumps({"status": "error", "errorType": "internal", "error": "internal gateway error"})
+    return web.Response(status=500, text=body, content_type="application/json")

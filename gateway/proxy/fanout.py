@@ -56,6 +56,7 @@ from gateway.lbac.counts import Counts, Inexact, merge_index_stats, merge_volume
 from gateway.lbac.fanout import Leg, Merge, Plan
 from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE, merge_samples, merge_streamed
 from gateway.lbac.restrict import FORM
+from gateway.merging import Unmergeable, merge_stats, success
 from gateway.proxy.budget import (
     BUDGET,
     DEFAULT_FANOUT_MEMORY,
@@ -70,7 +71,6 @@ from gateway.proxy.budget import (
 from gateway.proxy.detected import merge_detected_from_series
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, _unfiltered, describe, forward, relay_websockets
-from gateway.proxy.merging import Unmergeable, merge_stats, success
 from gateway.proxy.metric_merge import merge_absent, merge_extreme, merge_signed
 
 #: Largest answer read from one leg (the worker's fan-out budget usually refuses sooner: 503).

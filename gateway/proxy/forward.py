@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import Upstream
-from gateway.proxy.errors import ProxyError
+from gateway.errors import ProxyError, body_too_large, check_body_length
 from gateway.proxy.fastclient import FastClient, FastResponse
 from gateway.proxy.headers import response_headers
 
@@ -100,7 +100,7 @@ class _LimitedBody:
             seen += len(chunk)
             if seen > self.limit:
                 self.exceeded = True
-                raise ProxyError(413, f"request body exceeds {self.limit} bytes", "body_too_large")
+            check_body_length(seen, self.limit)
             yield chunk
 
 
@@ -162,7 +162,7 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
         raise
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         if limited.exceeded:
-            raise ProxyError(413, f"request body exceeds {body_limit} bytes", "body_too_large") from None
+            raise body_too_large(body_limit) from None
         raise _failure(exc) from None
     upstream_seconds = loop.time() - started
     try:

@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from gateway.lbac.fanout import Merge, Plan
-from gateway.proxy.merging import Unmergeable, merge_stats, success
+from gateway.merging import Unmergeable, merge_stats, success
 
 __all__ = ["go_float", "merge_absent", "merge_extreme", "merge_signed"]
 

@@ -16,9 +16,9 @@ from multidict import MultiDictProxy
 from gateway.admin import validate as v
 from gateway.admin.errors import ApiError
 from gateway.config import Config
-from gateway.limits.pageform import form_texts
 from gateway.policy.model import AccessPolicy, Network, Realm
 from gateway.store import AdminScope
+from gateway.web.limitsform import form_texts
 
 T = TypeVar("T")
 _REALM_INDEX = re.compile(r"^realms\[(\d+)\]")
@@ -76,7 +76,7 @@ class PolicyForm:
     unticked: dict[str, str] = field(default_factory=dict)  # selectors typed for a realm left unticked
     subnets: str = ""
     status: str = "active"
-    limits: dict[str, str] = field(default_factory=dict)  # gateway.limits.pageform: "<attribute>.<field>" -> text
+    limits: dict[str, str] = field(default_factory=dict)  # gateway.web.limitsform: "<attribute>.<field>" -> text
     errors: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod

@@ -23,8 +23,6 @@ from gateway.admin.api import check_datasource_policy
 from gateway.admin.auditfilter import RESOURCE_TYPES
 from gateway.admin.errors import ApiError
 from gateway.admin.serialize import policy_json, token_json
-from gateway.limits.pageform import FIELDS as LIMIT_FIELDS
-from gateway.limits.pageform import merged
 from gateway.limits.stage import describe as describe_limits
 from gateway.policy import tokens as tokfmt
 from gateway.policy.model import AccessPolicy, Realm, Token
@@ -32,6 +30,8 @@ from gateway.policy.scopes import SCOPE_GROUPS, enforced
 from gateway.store import BadCursor, Conflict, NotFound, browse
 from gateway.web import session as sess
 from gateway.web.forms import PolicyForm, realm_choices, validate
+from gateway.web.limitsform import FIELDS as LIMIT_FIELDS
+from gateway.web.limitsform import merged
 from gateway.web.session import READ, Admin, PageError, SignInRequired, state_of
 
 WRITE = "accesspolicies:write"
@@ -241,7 +241,7 @@ _INVALID: Final = object()
 
 
 def _limits(f: PolicyForm, policy: AccessPolicy | None) -> str | None | object:
-    """The policy's attributes text with the form's limit fields (gateway.limits.pageform), or _INVALID with
+    """The policy's attributes text with the form's limit fields (gateway.web.limitsform), or _INVALID with
     the problems in ``f.errors``."""
     attrs, problems = merged(policy.attributes_json if policy else None, f.limits)
     for key, message in problems.items():

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import DATA_PATH, TEST_CONFIG, free_port
+from tests.conftest import TEST_CONFIG, free_port
 
 
 class GatewayProcess:
@@ -23,8 +23,6 @@ class GatewayProcess:
         self.port = free_port()
         database = {"resync_interval": 30, "usage_flush_interval": 1, **overrides.pop("database", {}), "url": dsn}
         raw = {**TEST_CONFIG, **overrides, "listen": f"127.0.0.1:{self.port}", "database": database}
-        if DATA_PATH:
-            raw.setdefault("data_path", DATA_PATH)
         self.config_path = tmp / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(raw))
         self.log_path = tmp / f"{name}.log"

@@ -105,7 +105,7 @@ def oracle(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Or
     nginx = Nginx(tmp, upstream.port).start()
     database = f"t_{uuid.uuid4().hex[:12]}"
     dsn, admin = asyncio.run(_database(pg_dsn, database))
-    gw = GatewayProcess(tmp, dsn, "oracle", data_path="protocol", log_level="warning", shutdown={"delay": 0},
+    gw = GatewayProcess(tmp, dsn, "oracle", log_level="warning", shutdown={"delay": 0},
                         upstreams={"metrics": {"url": url}, "logs": {"url": url}, "traces": {"url": url}})
     try:
         gw.start()

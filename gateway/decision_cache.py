@@ -60,6 +60,11 @@ class Decision:
         self._ip_text: str | None = None
         self._log: str | None = None
 
+    def expired(self, now: float) -> bool:
+        """Whether the token has expired at ``now`` (``time.time()``); identify refuses at expires_at <= now,
+        so does every cache of this decision."""
+        return now >= self.expires
+
     def label_headers(self) -> tuple[str, ...]:
         """``headers_for(tenant, policies)``, computed once per decision."""
         if self._headers is None:
@@ -105,7 +110,7 @@ class DecisionCache:
         d = self._entries.get(key)
         if d is None:
             return None
-        if now >= d.expires:  # identify refuses at expires_at <= now: so does the cache
+        if d.expired(now):
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
