@@ -519,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
             up = run_workloads(args, workdir, dsn, workers, servers, results) if not args.abuse_only else None
             if not args.no_abuse and (not args.only or "abuse" in args.only.split(",")):
                 log("abuse: another tenant's latency and the workers' memory while two attackers push at the bounds")
-                results["abuse"] = abuse.run(workdir, dsn, workers, args.duration, args.reps, log,
+                own = workdir / "abuse"  # its own upstream's files and sink socket: the workloads' upstream still runs
+                own.mkdir(mode=0o755)
+                results["abuse"] = abuse.run(own, dsn, workers, args.duration, args.reps, log,
                                              tuple(args.abuse_attacks.split(",")))
                 log("\n".join(abuse.table(results["abuse"])))
             if not args.no_scale and up is not None:
