@@ -30,7 +30,8 @@ def path_for(config_path: str | os.PathLike[str]) -> Path:
     return Path(tempfile.gettempdir()) / f"gateway-run-{os.getuid()}" / f"{key}.json"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid exists (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,6 +68,6 @@ def running(config_path: str) -> dict[str, Any] | None:
         data = json.loads(path_for(config_path).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("pid"), int) or not _alive(data["pid"]):
+    if not isinstance(data, dict) or not isinstance(data.get("pid"), int) or not pid_alive(data["pid"]):
         return None
     return data

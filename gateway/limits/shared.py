@@ -29,6 +29,8 @@ import os
 import time
 from typing import Final
 
+from gateway.runfile import pid_alive
+
 log = logging.getLogger("gateway.limits")
 _monotonic = time.monotonic  # CLOCK_MONOTONIC: one clock for every process of the machine
 
@@ -154,7 +156,7 @@ class Table:
                 if owner == pid:
                     chosen = lane
                     break
-                if chosen < 0 and (owner == 0 or not _alive(owner)):
+                if chosen < 0 and (owner == 0 or not pid_alive(owner)):
                     chosen = lane
             if chosen < 0:
                 chosen = pid % self.lanes  # more workers than lanes: share one (counts stay right, only
@@ -197,16 +199,6 @@ class Table:
         slot = self._slot(key)
         row = slot * self.lanes
         return sum(self._inflight[row:row + self.lanes])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _TABLE: Table | None = None
