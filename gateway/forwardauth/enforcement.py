@@ -11,7 +11,6 @@ Until a probe has passed, and whenever one fails, :func:`check` refuses label-re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from types import MappingProxyType
@@ -21,7 +20,7 @@ import aiohttp
 
 from gateway.config import Config, EnforcingBackend, Upstream
 from gateway.errors import ProxyError
-from gateway.lbac.probe import Verdict, _some_tenant, probe_upstream
+from gateway.lbac.probe import ProbeTask, Verdict, _some_tenant, probe_upstream
 from gateway.metrics import FORWARD_AUTH_ENFORCES
 
 log = logging.getLogger("gateway.forwardauth")
@@ -34,12 +33,11 @@ def _as_upstream(b: EnforcingBackend) -> Upstream:
     return Upstream(b.signal, MappingProxyType({"read": b.url}), "header", lbac_probe_interval=b.probe_interval)
 
 
-class EnforcementProbe:
+class EnforcementProbe(ProbeTask):
     """Probe verdicts per signal for the configured enforcing backends, and the task that renews them."""
 
     def __init__(self) -> None:
         self.verdicts: dict[str, Verdict] = {}
-        self._task: asyncio.Task[None] | None = None
 
     def verified(self, cfg: Config, signal: str) -> bool:
         """True while the configured backend for ``signal`` has passed its latest probe."""
@@ -101,16 +99,6 @@ class EnforcementProbe:
                 every = min((b.probe_interval for b in cfg.forward_auth.enforcing.values()), default=300.0)
                 due = loop.time() + every
 
-    def start(self, get_config: Callable[[], Config]) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run(get_config))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
 
 def probe_of(extras: dict[str, Any]) -> EnforcementProbe:

@@ -53,13 +53,32 @@ class Verdict:
     checked_at: float
 
 
-class LbacProbe:
+class ProbeTask:
+    """A prober's background task: ``start`` runs ``run(get_config)`` once per process, ``stop`` cancels it."""
+
+    _task: asyncio.Task[None] | None = None
+
+    async def run(self, get_config: Any) -> None:
+        raise NotImplementedError
+
+    def start(self, get_config: Any) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(get_config))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class LbacProbe(ProbeTask):
     """Probe results per signal, the periodic task, and the mode each upstream runs in."""
 
     def __init__(self) -> None:
         self.verdicts: dict[str, Verdict] = {}
         self.wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def verdict(self, up: Upstream) -> Verdict | None:
         v = self.verdicts.get(up.signal)
@@ -146,16 +165,6 @@ class LbacProbe:
     def kick(self) -> None:
         self.wake.set()
 
-    def start(self, get_config: Any) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run(get_config))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
 
 def probe_of(extras: dict[str, Any]) -> LbacProbe:
