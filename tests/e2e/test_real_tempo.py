@@ -350,9 +350,11 @@ class TempoProcess:
             "live_store": {"wal": {"path": str(d / "live-store" / "traces")},
                            "shutdown_marker_dir": str(d / "live-store" / "shutdown-marker"),
                            "ring": ring, "partition_ring": {"kvstore": {"store": "inmemory"}},
-                           "flush_check_period": "1s", "max_trace_idle": "1s", "max_trace_live": "2s"},
-            "metrics_generator": {"ring": ring, "storage": {"path": str(d / "generator" / "wal")},
-                                  "traces_storage": {"path": str(d / "generator" / "traces")}},
+                           "flush_check_period": "1s", "max_trace_idle": "1s", "max_trace_live": "2s",
+                           "max_block_duration": "2s"},
+            # Metrics read data at once (the default leaves out the last 30 s as possibly incomplete).
+            "query_frontend": {"query_end_cutoff": "1s"},
+            "metrics_generator": {"ring": ring, "storage": {"path": str(d / "generator" / "wal")}},
             "backend_scheduler": {"local_work_path": str(d / "work")},
             "backend_worker": {"ring": ring},
             "storage": {"trace": {"backend": "local", "wal": {"path": str(d / "wal")},
@@ -406,21 +408,24 @@ def search_ids(answer: Any) -> set[str]:
     return {_id(t["traceID"].rjust(32, "0")) for t in answer.get("traces") or []}
 
 
-def _wait_searchable(tempo: TempoProcess) -> None:
-    """Every pushed trace found by search and by ID in both tenants (the live store cuts traces after
-    ``max_trace_idle``)."""
-    want = {ALL: set(TRACE_IDS.values()),
-            DEV: {TRACE_IDS[k] for k, spans in TRACES.items() if any(visible(s) for s in spans)}}
+def _wait_readable(tempo: TempoProcess) -> None:
+    """Every pushed trace found by search, and every span counted by TraceQL metrics, in both tenants (the
+    live store cuts traces after ``max_trace_idle`` and blocks after ``max_block_duration``)."""
+    want = {ALL: (set(TRACE_IDS.values()), sum(len(spans) for spans in TRACES.values())),
+            DEV: ({TRACE_IDS[k] for k, spans in TRACES.items() if any(map(visible, spans))},
+                  sum(visible(s) for spans in TRACES.values() for s in spans))}
     deadline = time.monotonic() + 30
-    seen: dict[str, set[str]] = {}
+    seen: dict[str, tuple[set[str], float]] = {}
     while time.monotonic() < deadline:
         for tenant in want:
             status, ans, _ = tempo.get(tenant, "/api/search", {"q": "{}", "limit": "100", **window()})
-            seen[tenant] = search_ids(ans) if status == 200 else set()
+            mstatus, mans, _ = tempo.get(tenant, "/api/metrics/query_range", metrics_params("{ } | count_over_time()"))
+            seen[tenant] = (search_ids(ans) if status == 200 else set(),
+                            sum(v for _, samples in series(mans) for _, v in samples) if mstatus == 200 else -1)
         if seen == want:
             return
         time.sleep(0.5)
-    raise AssertionError(f"pushed traces not searchable: seen {seen} want {want}")
+    raise AssertionError(f"pushed spans not readable: seen {seen} want {want}")
 
 
 def window() -> dict[str, str]:
@@ -437,7 +442,7 @@ def tempo() -> Iterator[TempoProcess]:
     try:
         t.push(ALL, otlp_body(only_visible=False))
         t.push(DEV, otlp_body(only_visible=True))
-        _wait_searchable(t)
+        _wait_readable(t)
         yield t
     finally:
         t.stop()
@@ -446,18 +451,25 @@ def tempo() -> Iterator[TempoProcess]:
 
 # ---------------------------------------------------------------------------------------------- reads compared
 
+# (query, the same with every spanset filter conjoined with the policy by hand, structural?)
+P = 'resource.env="dev"'
 SEARCHES = (
-    "{}",
-    '{resource.service.name="dev-db"}',
-    '{resource.service.name="prod-api"}',
-    '{span.http.route=~"/cart.*"}',
-    "{ } >> { }",
-    '{resource.service.name="dev-api"} > {kind=client}',
-    "{ } | count() > 1",
-    '{span.db.system="postgresql"} && {kind=server}',
-    '{name="charge"} || {name="VACUUM"}',
-    "{ } | select(span.db.system)",
+    ("{}", f"{{{P}}}", False),
+    ('{resource.service.name="dev-db"}', f'{{(resource.service.name="dev-db") && ({P})}}', False),
+    ('{resource.service.name="prod-api"}', f'{{(resource.service.name="prod-api") && ({P})}}', False),
+    ('{span.http.route=~"/cart.*"}', f'{{(span.http.route=~"/cart.*") && ({P})}}', False),
+    ("{ } >> { }", f"{{{P}}} >> {{{P}}}", True),
+    ('{resource.service.name="dev-api"} > {kind=client}',
+     f'{{(resource.service.name="dev-api") && ({P})}} > {{(kind=client) && ({P})}}', True),
+    ("{ } | count() > 1", f"{{{P}}} | count() > 1", False),
+    ('{span.db.system="postgresql"} && {kind=server}',
+     f'{{(span.db.system="postgresql") && ({P})}} && {{(kind=server) && ({P})}}', False),
+    ('{name="charge"} || {name="VACUUM"}', f'{{(name="charge") && ({P})}} || {{(name="VACUUM") && ({P})}}', False),
+    ("{ } | select(span.db.system)", f"{{{P}}} | select(span.db.system)", False),
 )
+# Tempo relates spans (`>>`, `>`) through the trace's root: a trace whose root is hidden has no structure in
+# t-dev, so there the expected structural answer is Tempo's own for the conjoined query on t-all.
+ROOTLESS = {TRACE_IDS[k] for k, spans in TRACES.items() if not visible(spans[0]) and any(map(visible, spans))}
 TAGS = (
     ("/api/v2/search/tags", {}),
     ("/api/v2/search/tags", {"scope": "resource"}),
@@ -476,15 +488,18 @@ METRICS = (
 )
 
 
-def spansets(answer: Any) -> dict[str, Any]:
-    """trace ID -> its span sets, each (matched, attributes, spans) with every span's fields."""
+def spansets(answer: Any, drop: tuple[str, ...] = ("env",)) -> dict[str, Any]:
+    """trace ID -> its span sets, each (matched, attributes, spans) with every span's fields. A span's
+    ``drop`` attributes are left out: the conjoined query names the policy's attribute, so Tempo returns it
+    with every span (the span's own, visible attribute; t-dev's answer to a query without it lacks it)."""
     out: dict[str, Any] = {}
     for t in answer.get("traces") or []:
         sets = t.get("spanSets") or ([t["spanSet"]] if t.get("spanSet") else [])
         out[_id(t["traceID"].rjust(32, "0"))] = sorted(
             (s.get("matched", 0), _kv(s.get("attributes")),
              tuple(sorted((x["spanID"].rjust(16, "0"), x.get("name", ""), x.get("startTimeUnixNano"),
-                           x.get("durationNanos"), _kv(x.get("attributes"))) for x in s.get("spans") or [])))
+                           x.get("durationNanos"), tuple(a for a in _kv(x.get("attributes")) if a[0] not in drop))
+                          for x in s.get("spans") or [])))
             for s in sets)
     return out
 
@@ -499,8 +514,9 @@ def tags(answer: Any) -> Any:
 
 
 def series(answer: Any) -> Any:
-    return sorted((_kv(s.get("labels")), tuple((int(p.get("timestampMs", 0)), round(float(p.get("value", 0)), 9))
-                                               for p in s.get("samples") or []))
+    """Series as (labels, non-zero samples): how many empty buckets trail depends on when it is asked."""
+    return sorted((_kv(s.get("labels")), tuple((int(p["timestampMs"]), round(float(p["value"]), 9))
+                                               for p in s.get("samples") or [] if p.get("value")))
                   for s in answer.get("series") or [])
 
 
@@ -517,15 +533,26 @@ def search_params(q: str) -> dict[str, str]:
 
 def test_tempo_search_ground_truth(tempo: TempoProcess) -> None:
     """Tempo's own answers make t-dev the ground truth: its traces are exactly those with a dev span, and
-    `{resource.env="dev"}` on t-all finds the same traces and spans as `{}` on t-dev."""
+    each query conjoined with the policy by hand finds on t-all the traces and spans the query finds on
+    t-dev, but for structural queries on a trace whose root is hidden (see ROOTLESS)."""
     status, all_, _ = tempo.get(ALL, "/api/search", search_params("{}"))
     assert status == 200 and search_ids(all_) == set(TRACE_IDS.values()), all_
     status, dev, _ = tempo.get(DEV, "/api/search", search_params("{}"))
     assert status == 200 and search_ids(dev) == set(TRACE_IDS.values()) - {TRACE_IDS["prod-only"]}, dev
-    status, filtered, _ = tempo.get(ALL, "/api/search", search_params(SELECTOR))
-    assert status == 200 and spansets(filtered) == spansets(dev), (filtered, dev)
     visible_ids = {SPAN_IDS[(t, s.key)] for t, spans in TRACES.items() for s in spans if visible(s)}
     assert {x[0] for sets in spansets(dev).values() for _, _, spans in sets for x in spans} == visible_ids
+    problems = []
+    for q, conjoined, structural in SEARCHES:
+        status, dev, _ = tempo.get(DEV, "/api/search", search_params(q))
+        cstatus, filtered, _ = tempo.get(ALL, "/api/search", search_params(conjoined))
+        assert status == cstatus == 200, (q, dev, filtered)
+        got, want = spansets(filtered), spansets(dev)
+        if structural:
+            assert ROOTLESS & set(got) and not ROOTLESS & set(want), (q, got, want)  # why ROOTLESS exists
+            got = {t: v for t, v in got.items() if t not in ROOTLESS}
+        if got != want:
+            problems.append(f"{q}: conjoined on t-all {got}\n    on t-dev {want}")
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
@@ -537,8 +564,9 @@ def test_tempo_trace_by_id_ground_truth(tempo: TempoProcess, v2: bool) -> None:
         tid = TRACE_IDS[key]
         for tenant, want in ((ALL, spans), (DEV, [s for s in spans if visible(s)])):
             status, ans, _ = tempo.get(tenant, path + tid)
-            if not want:
-                assert status == 404, (tenant, key, status, ans)
+            if not want:  # v2 answers a trace it does not hold with an empty one (combiner/trace_by_id_v2.go)
+                assert (status, ans) == ((200, {"trace": {}, "metrics": {}}) if v2 else (404, None)), (
+                    tenant, key, status, ans)
                 continue
             assert status == 200, (tenant, key, status, ans)
             got = trace_spans(ans)
@@ -663,15 +691,22 @@ def test_unrestricted_token_sees_everything(tempo: TempoProcess, gw: Gw) -> None
 
 
 def test_restricted_search_equals_the_dev_tenant(tempo: TempoProcess, gw: Gw) -> None:
+    """Trace IDs and every span set's spans (ID, name, start, duration, attributes, matched count and the
+    set's own attributes such as `count()`) as t-dev's; structural queries on a hidden-root trace as Tempo
+    answers the conjoined query on t-all."""
     problems = []
-    for q in SEARCHES:
+    for q, conjoined, structural in SEARCHES:
         status, got, _ = gw.get("dev", "/api/search", search_params(q))
         estatus, expected, _ = tempo.get(DEV, "/api/search", search_params(q))
         assert estatus == 200, (q, expected)
+        want = spansets(expected)
+        if structural:
+            _, conj, _ = tempo.get(ALL, "/api/search", search_params(conjoined))
+            want.update({t: v for t, v in spansets(conj).items() if t in ROOTLESS})
         if status != 200:
             problems.append(f"{q}: {status} {str(got)[:300]}")
-        elif spansets(got) != spansets(expected):
-            problems.append(f"{q}: got {spansets(got)}\n    expected {spansets(expected)}")
+        elif spansets(got) != want:
+            problems.append(f"{q}: got {spansets(got)}\n    expected {want}")
     assert not problems, "\n".join(problems)
 
 
@@ -679,7 +714,7 @@ def test_restricted_search_leaks_no_hidden_service(gw: Gw) -> None:
     """Trace-level fields of a search answer (root service and span name, service stats) come from every
     span of a trace: none may name a hidden service or carry its attributes."""
     leaks = []
-    for q in SEARCHES:
+    for q, _, _ in SEARCHES:
         status, got, _ = gw.get("dev", "/api/search", search_params(q))
         text = json.dumps(got)
         found = sorted(n for n in (*HIDDEN, "s3cr3t", "4242", "1111", "acme-pay", "GET /checkout", "GET /cart\"")
@@ -693,7 +728,8 @@ def test_restricted_search_leaks_no_hidden_service(gw: Gw) -> None:
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 def test_restricted_trace_by_id(tempo: TempoProcess, gw: Gw, v2: bool, fmt: str) -> None:
     """Visible spans whole, as t-dev holds them; other spans of a mixed trace with only their intrinsic
-    fields (IDs, parent, name, kind, start, end, status); a trace with no visible span 404."""
+    fields (IDs, parent, name, kind, start, end, status); a trace with no visible span 404 (v2: or Tempo's
+    own answer for a trace it does not hold, 200 with an empty trace)."""
     path = "/api/v2/traces/" if v2 else "/api/traces/"
     headers = {"Accept": "application/protobuf"} if fmt == "protobuf" else {}
     problems = []
@@ -701,7 +737,8 @@ def test_restricted_trace_by_id(tempo: TempoProcess, gw: Gw, v2: bool, fmt: str)
         tid = TRACE_IDS[key]
         status, got, h = gw.get("dev", path + tid, headers=headers)
         if not any(visible(s) for s in spans):
-            if status != 404:
+            empty = status == 200 and v2 and not trace_spans(decode_trace(got, v2) if fmt == "protobuf" else got)
+            if status != 404 and not empty:
                 problems.append(f"{key}: {status}, not 404: {str(got)[:300]}")
             continue
         if status != 200:
