@@ -386,10 +386,12 @@ class TempoProcess:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s: a graceful stop waits about 20 s for the backend worker's job
+        timeout, and the data is thrown away."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(20)
+                self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
