@@ -34,8 +34,8 @@ def test_route(method: str, path: str, scope: str, role: Role) -> None:
     m = match(method, path)
     assert m is not None, f"{method} {path} is not routed"
     assert any(r is m.route for r in tempo.ROUTES)
-    # No label-based filtering exists for traces: nothing to restrict.
-    assert (m.route.backend, m.route.scope, m.route.kind, m.route.role) == ("traces", scope, Kind.NONE, role)
+    kind = Kind.TRACE_BY_ID if path.startswith(("/api/traces/", "/api/v2/traces/")) else Kind.NONE
+    assert (m.route.backend, m.route.scope, m.route.kind, m.route.role) == ("traces", scope, kind, role)
     assert m.upstream_path == path
 
 

@@ -10,11 +10,12 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Final, Protocol
 
 from gateway.policy import tokens
 from gateway.policy.model import AccessPolicy, Realm, Token
 from gateway.policy.selector import Selector
+from gateway.policy.trace_selector import TraceSelector
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -82,6 +83,30 @@ def label_policies(realms: tuple[Realm, ...]) -> tuple[Selector, ...]:
         for s in r.label_policies:
             seen.setdefault(s, None)
     return tuple(seen)
+
+
+#: Scopes that only ingest: label policies restrict no write, whatever signal they are for.
+INGEST_SCOPES: Final = frozenset({"metrics:write", "logs:write", "traces:write", "profiles:write"})
+#: The backend whose requests trace selectors restrict; every other backend takes the Prometheus-style ones.
+TRACES: Final = "traces"
+
+
+def for_signal(policies: tuple[Selector, ...], backend: str, scope: str) -> tuple[Selector, ...]:
+    """The label policies that apply to a request for ``backend``: trace selectors for traces, the
+    Prometheus-style selectors for metrics, logs and profiles. Fails closed: a token restricted by
+    selectors of the other kind only would otherwise read this signal whole, so anything but an
+    ingest is refused (Denied 403, ``lbac_unfilterable``).
+    """
+    if not policies:
+        return ()
+    traces = backend == TRACES
+    mine = tuple(p for p in policies if isinstance(p, TraceSelector) is traces)
+    if not mine and scope not in INGEST_SCOPES:
+        have, need = ("label selectors ({env=\"dev\"})", "trace selectors ({resource.env=\"dev\"})") if traces \
+            else ("trace selectors ({resource.env=\"dev\"})", "label selectors ({env=\"dev\"})")
+        raise Denied(403, "lbac_unfilterable", f"your label policies hold only {have}, which cannot restrict "
+                     f"{backend}; {backend} need {need}")
+    return mine
 
 
 def authorize(identity: Identity, scope: str, stack: StackLike, client_ip: IPAddress | None

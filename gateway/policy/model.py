@@ -17,7 +17,10 @@ Status = Literal["active", "inactive"]
 
 @dataclass(frozen=True, slots=True)
 class Realm:
-    """Where a policy applies: one org (all its stacks) or one stack, with its label policies."""
+    """Where a policy applies: one org (all its stacks) or one stack, with its label policies.
+
+    ``label_policies`` holds Prometheus-style selectors (metrics, logs) and trace selectors
+    (:class:`~gateway.policy.trace_selector.TraceSelector`, traces) alike: see ``decision.for_signal``."""
 
     type: RealmType
     identifier: str

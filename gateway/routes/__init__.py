@@ -42,6 +42,8 @@ class Kind(enum.Enum):
     ALERT_STATE = "alert_state"  # Prometheus-format /api/v1/alerts: alerts whose labels are visible
     RULE_CONFIG = "rule_config"  # the ruler's configuration API (YAML): visible groups
     ALERTMANAGER = "alertmanager"  # Alertmanager API v2: alerts, groups, silences; silence writes checked
+    # Tempo (issue 27): answers filtered by trace selectors (gateway.lbac.traces, gateway.proxy.filtered).
+    TRACE_BY_ID = "trace_by_id"  # /api/traces/{id}, /api/v2/traces/{id}: spans outside the policy keep intrinsics
 
 
 class Role(enum.Enum):

@@ -1,12 +1,13 @@
 """Tempo's allowlist (REFERENCE.md section 4), checked against grafana/tempo pkg/api/http.go paths.
 
-Label policies do not apply to traces, so every route is Kind.NONE. OTLP/HTTP `/v1/traces` is
+Trace selectors (``{resource.env="dev"}``) restrict reads: trace by ID is answered filtered
+(Kind.TRACE_BY_ID, gateway.lbac.traces). OTLP/HTTP `/v1/traces` is
 what Tempo's distributor receives; `/otlp/v1/traces`, the unified form, is in `otlp.py`.
 """
 
 from __future__ import annotations
 
-from gateway.routes import GET, POST, Role, Route
+from gateway.routes import GET, POST, Kind, Role, Route
 
 T = "traces"
 READ = "traces:read"
@@ -16,8 +17,8 @@ WRITE: tuple[Route, ...] = (
 )
 
 QUERY: tuple[Route, ...] = (
-    Route(T, GET, "/api/traces/{traceID}", READ),
-    Route(T, GET, "/api/v2/traces/{traceID}", READ),
+    Route(T, GET, "/api/traces/{traceID}", READ, kind=Kind.TRACE_BY_ID),
+    Route(T, GET, "/api/v2/traces/{traceID}", READ, kind=Kind.TRACE_BY_ID),
     Route(T, GET, "/api/search", READ),
     Route(T, GET, "/api/search/tags", READ),
     Route(T, GET, "/api/v2/search/tags", READ),
