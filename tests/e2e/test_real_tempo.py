@@ -476,12 +476,15 @@ TAGS = (
     ("/api/v2/search/tags", {}),
     ("/api/v2/search/tags", {"scope": "resource"}),
     ("/api/v2/search/tags", {"scope": "span"}),
-    ("/api/search/tags", {}),
+    ("/api/v2/search/tags", {"scope": "event"}),
+    ("/api/v2/search/tags", {"scope": "link"}),
     ("/api/v2/search/tag/resource.service.name/values", {}),
     ("/api/v2/search/tag/span.http.route/values", {}),
+    ("/api/v2/search/tag/event.event.detail/values", {}),
     ("/api/v2/search/tag/resource.service.name/values", {"q": '{resource.team="a"}'}),
-    ("/api/search/tag/service.name/values", {}),
 )
+# The v1 forms take no query filter in Tempo: answered as t-dev's, or refused (403) with the reason.
+TAGS_V1 = (("/api/search/tags", {}), ("/api/search/tag/service.name/values", {}))
 METRICS = (
     "{ } | count_over_time()",
     "{ } | count_over_time() by (resource.service.name)",
@@ -713,14 +716,14 @@ def test_restricted_search_equals_the_dev_tenant(tempo: TempoProcess, gw: Gw) ->
 
 
 def test_restricted_search_leaks_no_hidden_service(gw: Gw) -> None:
-    """Trace-level fields of a search answer (root service and span name, service stats) come from every
-    span of a trace: none may name a hidden service or carry its attributes."""
+    """Trace-level fields of a search answer (root service, service stats) come from every span of a trace:
+    none may name a hidden service or carry a hidden span's attribute values (span names are intrinsic, as
+    in trace by ID, so a hidden root's name may stay)."""
     leaks = []
     for q, _, _ in SEARCHES:
         status, got, _ = gw.get("dev", "/api/search", search_params(q))
         text = json.dumps(got)
-        found = sorted(n for n in (*HIDDEN, "s3cr3t", "4242", "1111", "acme-pay", "GET /checkout", "GET /cart\"")
-                       if n in text)
+        found = sorted(n for n in (*HIDDEN, "s3cr3t", "4242", "1111", "acme-pay") if n in text)
         if status != 200 or found:
             leaks.append(f"{q}: {status} {found} {text[:400]}")
     assert not leaks, "\n".join(leaks)
@@ -766,17 +769,20 @@ def test_restricted_trace_by_id(tempo: TempoProcess, gw: Gw, v2: bool, fmt: str)
 
 def test_restricted_tags_equal_the_dev_tenant(tempo: TempoProcess, gw: Gw) -> None:
     problems = []
-    for path, params in TAGS:
+    for path, params in (*TAGS, *TAGS_V1):
         p = {**params, **window()}
         status, got, _ = gw.get("dev", path, p)
         estatus, expected, _ = tempo.get(DEV, path, p)
         assert estatus == 200, (path, expected)
-        if status != 200:
+        if any(n in json.dumps(got) for n in (*HIDDEN, "prod.secret", "card.last4", "payment.provider", "queue",
+                                              "job.id", "/checkout")):
+            problems.append(f"{path} {params}: names a hidden service or attribute: {got}")
+        elif (path, params) in TAGS_V1 and status == 403 and "cannot be restricted" in str(got):
+            continue
+        elif status != 200:
             problems.append(f"{path} {params}: {status} {str(got)[:300]}")
         elif tags(got) != tags(expected):
             problems.append(f"{path} {params}: got {tags(got)}\n    expected {tags(expected)}")
-        elif any(n in json.dumps(got) for n in (*HIDDEN, "prod.secret", "card.last4", "payment.provider")):
-            problems.append(f"{path} {params}: names a hidden service or attribute: {got}")
     assert not problems, "\n".join(problems)
 
 
