@@ -472,7 +472,7 @@ SEARCHES = (
 # Tempo relates spans (`>>`, `>`) through the trace's root: a trace whose root is hidden has no structure in
 # t-dev, so there the expected structural answer is Tempo's own for the conjoined query on t-all.
 ROOTLESS = {TRACE_IDS[k] for k, spans in TRACES.items() if not visible(spans[0]) and any(map(visible, spans))}
-TAGS = (
+TAGS: tuple[tuple[str, dict[str, str]], ...] = (
     ("/api/v2/search/tags", {}),
     ("/api/v2/search/tags", {"scope": "resource"}),
     ("/api/v2/search/tags", {"scope": "span"}),
@@ -484,7 +484,8 @@ TAGS = (
     ("/api/v2/search/tag/resource.service.name/values", {"q": '{resource.team="a"}'}),
 )
 # The v1 forms take no query filter in Tempo: answered as t-dev's, or refused (403) with the reason.
-TAGS_V1 = (("/api/search/tags", {}), ("/api/search/tag/service.name/values", {}))
+TAGS_V1: tuple[tuple[str, dict[str, str]], ...] = (("/api/search/tags", {}),
+                                                   ("/api/search/tag/service.name/values", {}))
 METRICS = (
     "{ } | count_over_time()",
     "{ } | count_over_time() by (resource.service.name)",
