@@ -6,24 +6,25 @@ Runs only when ``GATEWAY_TEMPO_BIN`` names a Tempo binary; otherwise the tests a
     GOFLAGS=-mod=vendor GOPROXY=off CGO_ENABLED=0 go build -o /tmp/tempo ./cmd/tempo
     GATEWAY_TEMPO_BIN=/tmp/tempo .venv/bin/pytest -q tests/e2e/test_real_tempo.py
 
-One Tempo (``target: all``, ``multitenancy_enabled``, local storage in a temporary directory,
-memberlist and every listener on 127.0.0.1 free ports) receives OTLP/HTTP JSON spans: tenant
-``t-all`` every span (services in ``env=dev``, ``env=prod`` and one without ``env``), tenant
-``t-dev`` only the ``resource.env="dev"`` spans, with the same trace and span IDs. ``t-dev`` is the
-ground truth for a token whose realm carries the trace selector ``{resource.env="dev"}``: through
-the gateway (stack 100, traces tenant ``t-all``) TraceQL search, trace by ID (v1 and v2, JSON and
-protobuf), tag names and values and TraceQL metrics must answer what Tempo answers for ``t-dev``
+One Tempo (``target: all``, ``multitenancy_enabled``, local storage in a temporary directory)
+receives OTLP/HTTP JSON spans: tenant ``t-all`` every span (services in ``env=dev``, ``env=prod`` and
+one without ``env``), and for each policy (``{resource.env="dev"}``; that or
+``{resource.service.name="batch"}``) a tenant with only the spans it shows (``t-dev``, ``t-two``), with
+the same trace and span IDs. That tenant is the ground truth for a token whose realm carries the
+policy: through the gateway (stack 100, traces tenant ``t-all``) TraceQL search, trace by ID (v1 and
+v2, JSON and protobuf), tag names and values and TraceQL metrics must answer what Tempo answers for it
 (trace by ID: a mixed trace's other spans kept with their intrinsic fields only; a trace with no
 visible span 404). The first tests ask Tempo alone, proving the ground truth; an unrestricted token
 must see ``t-all`` whole.
 
-Where t-dev cannot judge, the test says so: no visible span descends from a visible one through a
-hidden one (t-dev lacks the link); Tempo gives a trace without its root no structure, so structural
-queries (``>>``, ``>``) on a trace whose root is hidden are compared with Tempo's own answer to the
-query conjoined with the policy by hand on t-all (the first test shows this is the only difference);
-the policy's attribute, which Tempo returns with the spans of a query that names it, is left out of
-span-set comparisons; trace-level fields of a search answer (root service, start, duration) are not
-compared, since t-dev lacks the root of a mixed trace: they are checked for leaks instead.
+Where such a tenant cannot judge, the test says so: no visible span descends from a visible one
+through a hidden one (the tenant lacks the link); Tempo gives a trace without its root no structure,
+so structural queries (``>>``, ``>``) on a trace whose root is hidden are compared with Tempo's own
+answer to the query conjoined with the policy by hand on t-all (the first test shows this is the only
+difference); the policy's attributes, which Tempo returns with the spans of a query that names them,
+are left out of span-set comparisons; trace-level fields of a search answer (root service, start,
+duration) are not compared, since the tenant lacks the root of a mixed trace: they are checked for
+leaks instead.
 Tempo's configuration: only its HTTP, gRPC and OTLP/HTTP listeners on 127.0.0.1 (rings in memory),
 the live store cutting traces and blocks within seconds and ``query_end_cutoff: 1s``, so every pushed
 span is searchable, fetchable and counted by metrics within a few seconds of the push.
@@ -61,9 +62,8 @@ pytestmark = pytest.mark.real_tempo
 
 TEMPO_BIN = os.environ.get("GATEWAY_TEMPO_BIN", "")
 ROOT = Path(__file__).resolve().parents[2]
-ALL, DEV = "t-all", "t-dev"
+ALL = "t-all"
 STACK = "100"
-SELECTOR = '{resource.env="dev"}'
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -75,8 +75,36 @@ SERVICES: dict[str, dict[str, str]] = {
     "prod-api": {"env": "prod", "team": "b"},
     "batch": {"team": "c"},
 }
-VISIBLE = {name for name, attrs in SERVICES.items() if attrs.get("env") == "dev"}
-HIDDEN = set(SERVICES) - VISIBLE
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A realm's trace selectors and the tenant holding exactly the spans they show (the ground truth)."""
+
+    name: str
+    tenant: str
+    selectors: tuple[str, ...]
+    services: frozenset[str]  # whose spans the selectors show (the test's own reading of them)
+    attrs: tuple[str, ...]  # the attributes the selectors name, as Tempo returns them with matching spans
+    hidden_values: tuple[str, ...]  # strings only hidden spans and resources carry
+    hidden_tags: tuple[str, ...]  # attribute names only hidden spans and resources carry
+
+    @property
+    def condition(self) -> str:
+        """The selectors as one TraceQL condition, as the gateway conjoins it (OR-ed when several)."""
+        parts = [f"({sel.strip()[1:-1]})" for sel in self.selectors]
+        return parts[0] if len(parts) == 1 else f"({' || '.join(parts)})"
+
+
+_PROD_VALUES = ("prod-web", "prod-api", "s3cr3t", "x4242", "x1111", "acme-pay", "prod-queue")
+_PROD_TAGS = ("prod.secret", "card.last4", "payment.provider", "queue")
+POLICIES = {
+    "dev": Policy("dev", "t-dev", ('{resource.env="dev"}',), frozenset({"dev-api", "dev-db"}), ("env",),
+                  (*_PROD_VALUES, "batch", "job started"), (*_PROD_TAGS, "job.id")),
+    # Two selectors OR-ed: batch has no env, so only the second shows it.
+    "two": Policy("two", "t-two", ('{resource.env="dev"}', '{resource.service.name="batch"}'),
+                  frozenset({"dev-api", "dev-db", "batch"}), ("env", "service.name"), _PROD_VALUES, _PROD_TAGS),
+}
 
 
 @dataclass(frozen=True)
@@ -91,9 +119,11 @@ class SpanDef:
     attrs: dict[str, Any] = field(default_factory=dict)
     event: str | None = None
     link_to: str | None = None  # a trace key
+    error: bool = False
 
 
-# trace key -> spans (parents first). No visible span descends from a visible one through a hidden one.
+# trace key -> spans (root first). Under either policy no visible span descends from a visible one through a
+# hidden one.
 TRACES: dict[str, list[SpanDef]] = {
     "dev-only": [
         SpanDef("a", None, "dev-api", "GET /orders", 2, 0, 120, {"http.route": "/orders", "http.status_code": 200},
@@ -102,16 +132,16 @@ TRACES: dict[str, list[SpanDef]] = {
         SpanDef("c", "a", "dev-db", "SELECT items", 3, 95, 20, {"db.system": "postgresql"}),
     ],
     "prod-only": [
-        SpanDef("a", None, "prod-web", "GET /checkout", 2, 0, 300, {"http.route": "/checkout", "card.last4": "4242"},
+        SpanDef("a", None, "prod-web", "GET /checkout", 2, 0, 300, {"http.route": "/checkout", "card.last4": "x4242"},
                 event="payment"),
         SpanDef("b", "a", "prod-api", "charge", 3, 20, 200, {"payment.provider": "acme-pay"}),
     ],
     "mixed-prod-root": [
-        SpanDef("a", None, "prod-web", "GET /cart", 2, 0, 400, {"http.route": "/cart", "card.last4": "1111"},
+        SpanDef("a", None, "prod-web", "GET /cart", 2, 0, 400, {"http.route": "/cart", "card.last4": "x1111"},
                 event="prod event", link_to="prod-only"),
         SpanDef("b", "a", "dev-api", "GET /cart/items", 3, 30, 200, {"http.route": "/cart/items"}),
         SpanDef("c", "b", "dev-db", "SELECT cart", 3, 40, 100, {"db.system": "postgresql"}, event="slow query"),
-        SpanDef("d", "a", "prod-api", "price", 3, 250, 100, {"payment.provider": "acme-pay"}),
+        SpanDef("d", "a", "prod-api", "price", 3, 250, 100, {"payment.provider": "acme-pay"}, error=True),
     ],
     "mixed-dev-root": [
         SpanDef("a", None, "dev-api", "POST /jobs", 2, 0, 500, {"http.route": "/jobs"}, link_to="dev-only"),
@@ -129,8 +159,15 @@ SPAN_IDS: dict[tuple[str, str], str] = {(t, s.key): os.urandom(8).hex() for t, s
 BASE_NS = (time.time_ns() // 10**9 - 30) * 10**9  # whole seconds: metrics buckets line up
 
 
-def visible(span: SpanDef) -> bool:
-    return span.service in VISIBLE
+def visible(span: SpanDef, policy: Policy | None) -> bool:
+    return policy is None or span.service in policy.services
+
+
+def rootless(policy: Policy) -> set[str]:
+    """Traces with visible spans whose root is hidden: Tempo gives them no structure in the policy's tenant
+    (vparquet's nested set model starts at a root span)."""
+    return {TRACE_IDS[k] for k, spans in TRACES.items()
+            if not visible(spans[0], policy) and any(visible(s, policy) for s in spans)}
 
 
 def _value(v: Any) -> dict[str, Any]:
@@ -145,13 +182,14 @@ def _attrs(d: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"key": k, "value": _value(v)} for k, v in d.items()]
 
 
-def otlp_body(only_visible: bool) -> dict[str, Any]:
-    """ExportTraceServiceRequest in OTLP/JSON (hex IDs, as the OTLP/JSON spec has them)."""
+def otlp_body(policy: Policy | None) -> dict[str, Any]:
+    """ExportTraceServiceRequest in OTLP/JSON (hex IDs, as the OTLP/JSON spec has them): every span, or
+    those the policy shows."""
     by_service: dict[str, list[dict[str, Any]]] = {}
     for tkey, spans in TRACES.items():
         start = BASE_NS + list(TRACES).index(tkey) * 10**9
         for s in spans:
-            if only_visible and not visible(s):
+            if not visible(s, policy):
                 continue
             span: dict[str, Any] = {
                 "traceId": TRACE_IDS[tkey], "spanId": SPAN_IDS[(tkey, s.key)],
@@ -160,7 +198,7 @@ def otlp_body(only_visible: bool) -> dict[str, Any]:
                 "startTimeUnixNano": str(start + s.offset_ms * 10**6),
                 "endTimeUnixNano": str(start + (s.offset_ms + s.duration_ms) * 10**6),
                 "attributes": _attrs(s.attrs),
-                "status": {"code": 2 if s.attrs.get("http.status_code") == 500 else 1},
+                "status": {"code": 2, "message": "declined"} if s.error else {"code": 1},
             }
             if s.event:
                 span["events"] = [{"timeUnixNano": str(start + (s.offset_ms + 1) * 10**6), "name": s.event,
@@ -417,11 +455,12 @@ def search_ids(answer: Any) -> set[str]:
 
 
 def _wait_readable(tempo: TempoProcess) -> None:
-    """Every pushed trace found by search, and every span counted by TraceQL metrics, in both tenants (the
+    """Every pushed trace found by search, and every span counted by TraceQL metrics, in every tenant (the
     live store cuts traces after ``max_trace_idle`` and blocks after ``max_block_duration``)."""
-    want = {ALL: (set(TRACE_IDS.values()), sum(len(spans) for spans in TRACES.values())),
-            DEV: ({TRACE_IDS[k] for k, spans in TRACES.items() if any(map(visible, spans))},
-                  sum(visible(s) for spans in TRACES.values() for s in spans))}
+    want = {policy.tenant if policy else ALL: (
+        {TRACE_IDS[k] for k, spans in TRACES.items() if any(visible(s, policy) for s in spans)},
+        sum(visible(s, policy) for spans in TRACES.values() for s in spans))
+        for policy in (None, *POLICIES.values())}
     deadline = time.monotonic() + 30
     seen: dict[str, tuple[set[str], float]] = {}
     while time.monotonic() < deadline:
@@ -448,8 +487,9 @@ def tempo() -> Iterator[TempoProcess]:
     tmp = Path(tempfile.mkdtemp(prefix="gateway-real-tempo-"))
     t = TempoProcess(tmp).start()
     try:
-        t.push(ALL, otlp_body(only_visible=False))
-        t.push(DEV, otlp_body(only_visible=True))
+        t.push(ALL, otlp_body(None))
+        for policy in POLICIES.values():
+            t.push(policy.tenant, otlp_body(policy))
         _wait_readable(t)
         yield t
     finally:
@@ -459,25 +499,28 @@ def tempo() -> Iterator[TempoProcess]:
 
 # ---------------------------------------------------------------------------------------------- reads compared
 
-# (query, the same with every spanset filter conjoined with the policy by hand, structural?)
-P = 'resource.env="dev"'
+# (query, the same with every spanset filter conjoined by hand with the policy's condition at `@`, structural?)
 SEARCHES = (
-    ("{}", f"{{{P}}}", False),
-    ('{resource.service.name="dev-db"}', f'{{(resource.service.name="dev-db") && ({P})}}', False),
-    ('{resource.service.name="prod-api"}', f'{{(resource.service.name="prod-api") && ({P})}}', False),
-    ('{span.http.route=~"/cart.*"}', f'{{(span.http.route=~"/cart.*") && ({P})}}', False),
-    ("{ } >> { }", f"{{{P}}} >> {{{P}}}", True),
+    ("{}", "{@}", False),
+    ('{resource.service.name="dev-db"}', '{(resource.service.name="dev-db") && @}', False),
+    ('{resource.service.name="prod-api"}', '{(resource.service.name="prod-api") && @}', False),
+    ('{span.http.route=~"/cart.*"}', '{(span.http.route=~"/cart.*") && @}', False),
+    ("{ } >> { }", "{@} >> {@}", True),
     ('{resource.service.name="dev-api"} > {kind=client}',
-     f'{{(resource.service.name="dev-api") && ({P})}} > {{(kind=client) && ({P})}}', True),
-    ("{ } | count() > 1", f"{{{P}}} | count() > 1", False),
-    ('{span.db.system="postgresql"} && {kind=server}',
-     f'{{(span.db.system="postgresql") && ({P})}} && {{(kind=server) && ({P})}}', False),
-    ('{name="charge"} || {name="VACUUM"}', f'{{(name="charge") && ({P})}} || {{(name="VACUUM") && ({P})}}', False),
-    ("{ } | select(span.db.system)", f"{{{P}}} | select(span.db.system)", False),
+     '{(resource.service.name="dev-api") && @} > {(kind=client) && @}', True),
+    ("{ } | count() > 1", "{@} | count() > 1", False),
+    ('{span.db.system="postgresql"} && {kind=server}', '{(span.db.system="postgresql") && @} && {(kind=server) && @}',
+     False),
+    ('{name="charge"} || {name="VACUUM"}', '{(name="charge") && @} || {(name="VACUUM") && @}', False),
+    ("{ } | select(span.db.system)", "{@} | select(span.db.system)", False),
+    ("{status=error}", "{(status=error) && @}", False),
 )
-# Tempo relates spans (`>>`, `>`) through the trace's root: a trace whose root is hidden has no structure in
-# t-dev, so there the expected structural answer is Tempo's own for the conjoined query on t-all.
-ROOTLESS = {TRACE_IDS[k] for k, spans in TRACES.items() if not visible(spans[0]) and any(map(visible, spans))}
+
+
+def conjoined(template: str, policy: Policy) -> str:
+    return template.replace("@", policy.condition)
+
+
 TAGS: tuple[tuple[str, dict[str, str]], ...] = (
     ("/api/v2/search/tags", {}),
     ("/api/v2/search/tags", {"scope": "resource"}),
@@ -487,6 +530,7 @@ TAGS: tuple[tuple[str, dict[str, str]], ...] = (
     ("/api/v2/search/tag/resource.service.name/values", {}),
     ("/api/v2/search/tag/span.http.route/values", {}),
     ("/api/v2/search/tag/event.event.detail/values", {}),
+    ("/api/v2/search/tag/span.job.id/values", {}),
     ("/api/v2/search/tag/resource.service.name/values", {"q": '{resource.team="a"}'}),
 )
 # The v1 forms take no query filter in Tempo: answered as t-dev's, or refused (403) with the reason.
@@ -500,10 +544,10 @@ METRICS = (
 )
 
 
-def spansets(answer: Any, drop: tuple[str, ...] = ("env",)) -> dict[str, Any]:
+def spansets(answer: Any, drop: tuple[str, ...]) -> dict[str, Any]:
     """trace ID -> its span sets, each (matched, attributes, spans) with every span's fields. A span's
-    ``drop`` attributes are left out: the conjoined query names the policy's attribute, so Tempo returns it
-    with every span (the span's own, visible attribute; t-dev's answer to a query without it lacks it)."""
+    ``drop`` attributes (the policy's) are left out: the conjoined query names them, so Tempo returns them
+    with every span (the span's own, visible attributes; t-dev's answer to a query without them lacks them)."""
     out: dict[str, Any] = {}
     for t in answer.get("traces") or []:
         sets = t.get("spanSets") or ([t["spanSet"]] if t.get("spanSet") else [])
@@ -542,28 +586,32 @@ def search_params(q: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- Tempo alone
 
+EACH = pytest.mark.parametrize("policy", list(POLICIES.values()), ids=list(POLICIES))
 
-def test_tempo_search_ground_truth(tempo: TempoProcess) -> None:
-    """Tempo's own answers make t-dev the ground truth: its traces are exactly those with a dev span, and
-    each query conjoined with the policy by hand finds on t-all the traces and spans the query finds on
-    t-dev, but for structural queries on a trace whose root is hidden (see ROOTLESS)."""
+
+@EACH
+def test_tempo_search_ground_truth(tempo: TempoProcess, policy: Policy) -> None:
+    """Tempo's own answers make the policy's tenant the ground truth: it holds exactly the traces with a
+    visible span, and each query conjoined with the policy by hand finds on t-all the traces and spans the
+    query finds there, but for structural queries on a trace whose root is hidden (see rootless)."""
+    drop = policy.attrs
     status, all_, _ = tempo.get(ALL, "/api/search", search_params("{}"))
     assert status == 200 and search_ids(all_) == set(TRACE_IDS.values()), all_
-    status, dev, _ = tempo.get(DEV, "/api/search", search_params("{}"))
-    assert status == 200 and search_ids(dev) == set(TRACE_IDS.values()) - {TRACE_IDS["prod-only"]}, dev
-    visible_ids = {SPAN_IDS[(t, s.key)] for t, spans in TRACES.items() for s in spans if visible(s)}
-    assert {x[0] for sets in spansets(dev).values() for _, _, spans in sets for x in spans} == visible_ids
+    status, vis, _ = tempo.get(policy.tenant, "/api/search", search_params("{}"))
+    assert status == 200 and search_ids(vis) == set(TRACE_IDS.values()) - {TRACE_IDS["prod-only"]}, vis
+    visible_ids = {SPAN_IDS[(t, s.key)] for t, spans in TRACES.items() for s in spans if visible(s, policy)}
+    assert {x[0] for sets in spansets(vis, drop).values() for _, _, spans in sets for x in spans} == visible_ids
     problems = []
-    for q, conjoined, structural in SEARCHES:
-        status, dev, _ = tempo.get(DEV, "/api/search", search_params(q))
-        cstatus, filtered, _ = tempo.get(ALL, "/api/search", search_params(conjoined))
-        assert status == cstatus == 200, (q, dev, filtered)
-        got, want = spansets(filtered), spansets(dev)
+    for q, template, structural in SEARCHES:
+        status, vis, _ = tempo.get(policy.tenant, "/api/search", search_params(q))
+        cstatus, filtered, _ = tempo.get(ALL, "/api/search", search_params(conjoined(template, policy)))
+        assert status == cstatus == 200, (q, vis, filtered)
+        got, want = spansets(filtered, drop), spansets(vis, drop)
         if structural:
-            assert ROOTLESS & set(got) and not ROOTLESS & set(want), (q, got, want)  # why ROOTLESS exists
-            got = {t: v for t, v in got.items() if t not in ROOTLESS}
+            assert rootless(policy) & set(got) and not rootless(policy) & set(want), (q, got, want)  # why
+            got = {t: v for t, v in got.items() if t not in rootless(policy)}
         if got != want:
-            problems.append(f"{q}: conjoined on t-all {got}\n    on t-dev {want}")
+            problems.append(f"{q}: conjoined on t-all {got}\n    on {policy.tenant} {want}")
     assert not problems, "\n".join(problems)
 
 
@@ -574,7 +622,8 @@ def test_tempo_trace_by_id_ground_truth(tempo: TempoProcess, v2: bool) -> None:
     path = "/api/v2/traces/" if v2 else "/api/traces/"
     for key, spans in TRACES.items():
         tid = TRACE_IDS[key]
-        for tenant, want in ((ALL, spans), (DEV, [s for s in spans if visible(s)])):
+        for policy in (None, *POLICIES.values()):
+            tenant, want = policy.tenant if policy else ALL, [s for s in spans if visible(s, policy)]
             status, ans, _ = tempo.get(tenant, path + tid)
             if not want:  # v2 answers a trace it does not hold with an empty one (combiner/trace_by_id_v2.go)
                 assert (status, ans) == ((200, {"trace": {}, "metrics": {}}) if v2 else (404, None)), (
@@ -591,29 +640,30 @@ def test_tempo_trace_by_id_ground_truth(tempo: TempoProcess, v2: bool) -> None:
     assert ("env", ("stringValue", "dev")) in dev_span.resource and dev_span.links and dev_span.attributes
 
 
-def test_tempo_tags_ground_truth(tempo: TempoProcess) -> None:
+@EACH
+def test_tempo_tags_ground_truth(tempo: TempoProcess, policy: Policy) -> None:
     status, all_, _ = tempo.get(ALL, "/api/v2/search/tag/resource.service.name/values", window())
     assert status == 200 and {v["value"] for v in all_["tagValues"]} == set(SERVICES), all_
-    status, dev, _ = tempo.get(DEV, "/api/v2/search/tag/resource.service.name/values", window())
-    assert status == 200 and {v["value"] for v in dev["tagValues"]} == VISIBLE, dev
-    status, dev_tags, _ = tempo.get(DEV, "/api/v2/search/tags", {"scope": "resource", **window()})
-    assert status == 200 and "prod.secret" not in json.dumps(dev_tags), dev_tags
-    status, all_tags, _ = tempo.get(ALL, "/api/v2/search/tags", {"scope": "resource", **window()})
-    assert status == 200 and "prod.secret" in json.dumps(all_tags), all_tags
+    status, vis, _ = tempo.get(policy.tenant, "/api/v2/search/tag/resource.service.name/values", window())
+    assert status == 200 and {v["value"] for v in vis["tagValues"]} == policy.services, vis
+    status, vis_tags, _ = tempo.get(policy.tenant, "/api/v2/search/tags", window())
+    assert status == 200 and not any(n in json.dumps(vis_tags) for n in policy.hidden_tags), vis_tags
+    status, all_tags, _ = tempo.get(ALL, "/api/v2/search/tags", window())
+    assert status == 200 and all(n in json.dumps(all_tags) for n in policy.hidden_tags), all_tags
 
 
-def test_tempo_metrics_ground_truth(tempo: TempoProcess) -> None:
-    status, all_, _ = tempo.get(ALL, "/api/metrics/query_range",
-                                metrics_params("{ } | count_over_time() by (resource.service.name)"))
+@EACH
+def test_tempo_metrics_ground_truth(tempo: TempoProcess, policy: Policy) -> None:
+    q = metrics_params("{ } | count_over_time() by (resource.service.name)")
+    status, all_, _ = tempo.get(ALL, "/api/metrics/query_range", q)
     assert status == 200, all_
     names = {dict(labels).get("resource.service.name") for labels, _ in series(all_)}
     assert names == {("stringValue", s) for s in SERVICES}, all_
-    status, dev, _ = tempo.get(DEV, "/api/metrics/query_range",
-                               metrics_params("{ } | count_over_time() by (resource.service.name)"))
-    assert status == 200 and {dict(labels).get("resource.service.name") for labels, _ in series(dev)} == {
-        ("stringValue", s) for s in VISIBLE}, dev
-    total = sum(v for _, samples in series(dev) for _, v in samples)
-    assert total == sum(visible(s) for spans in TRACES.values() for s in spans), dev
+    status, vis, _ = tempo.get(policy.tenant, "/api/metrics/query_range", q)
+    assert status == 200 and {dict(labels).get("resource.service.name") for labels, _ in series(vis)} == {
+        ("stringValue", s) for s in policy.services}, vis
+    total = sum(v for _, samples in series(vis) for _, v in samples)
+    assert total == sum(visible(s, policy) for spans in TRACES.values() for s in spans), vis
 
 
 # ---------------------------------------------------------------------------------------------- gateway
@@ -658,6 +708,7 @@ def module_dsn(pg_dsn: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def gw(tempo: TempoProcess, module_dsn: str) -> Iterator[Gw]:
+    """The gateway with a token per policy (created through the admin API) and one without label policies."""
     tmp = Path(tempfile.mkdtemp(prefix="gateway-real-tempo-gw-"))
     orgs = [{"id": 1, "name": "acme", "stacks": [
         {"id": int(STACK), "name": "acme-prod", "tenants": {"metrics": "100", "logs": "100", "traces": ALL}}]}]
@@ -672,8 +723,8 @@ def gw(tempo: TempoProcess, module_dsn: str) -> Iterator[Gw]:
     try:
         tokens: dict[str, str] = {}
         refused: dict[str, Any] = {}
-        for who, policies in (("all", []), ("dev", [{"selector": SELECTOR}])):
-            realm = {"type": "stack", "identifier": STACK, "labelPolicies": policies}
+        for who, selectors in (("all", ()), *((p.name, p.selectors) for p in POLICIES.values())):
+            realm = {"type": "stack", "identifier": STACK, "labelPolicies": [{"selector": s} for s in selectors]}
             status, pol, _ = http("POST", f"{proc.url}/api/v1/accesspolicies", admin,
                                   {"name": f"traces-{who}", "scopes": ["traces:read"], "realms": [realm]})
             if status != 200:
@@ -691,10 +742,10 @@ def gw(tempo: TempoProcess, module_dsn: str) -> Iterator[Gw]:
 
 
 def test_unrestricted_token_sees_everything(tempo: TempoProcess, gw: Gw) -> None:
-    """Sanity: the comparison below can fail, since the same reads without a policy show t-all whole."""
+    """Sanity: the comparisons below can fail, since the same reads without a policy show t-all whole."""
     status, got, _ = gw.get("all", "/api/search", search_params("{}"))
     _, want, _ = tempo.get(ALL, "/api/search", search_params("{}"))
-    assert status == 200 and spansets(got) == spansets(want) and len(spansets(got)) == len(TRACES), got
+    assert status == 200 and spansets(got, ()) == spansets(want, ()) and len(spansets(got, ())) == len(TRACES), got
     status, got, _ = gw.get("all", "/api/v2/traces/" + TRACE_IDS["prod-only"])
     _, want, _ = tempo.get(ALL, "/api/v2/traces/" + TRACE_IDS["prod-only"])
     assert status == 200 and trace_spans(got) == trace_spans(want), got
@@ -702,53 +753,56 @@ def test_unrestricted_token_sees_everything(tempo: TempoProcess, gw: Gw) -> None
     assert status == 200 and {v["value"] for v in got["tagValues"]} == set(SERVICES), got
 
 
-def test_restricted_search_equals_the_dev_tenant(tempo: TempoProcess, gw: Gw) -> None:
+@EACH
+def test_restricted_search_equals_the_policy_tenant(tempo: TempoProcess, gw: Gw, policy: Policy) -> None:
     """Trace IDs and every span set's spans (ID, name, start, duration, attributes, matched count and the
-    set's own attributes such as `count()`) as t-dev's; structural queries on a hidden-root trace as Tempo
-    answers the conjoined query on t-all."""
+    set's own attributes such as `count()`) as the policy's tenant answers; structural queries on a
+    hidden-root trace as Tempo answers the conjoined query on t-all."""
     problems = []
-    for q, conjoined, structural in SEARCHES:
-        status, got, _ = gw.get("dev", "/api/search", search_params(q))
-        estatus, expected, _ = tempo.get(DEV, "/api/search", search_params(q))
+    for q, template, structural in SEARCHES:
+        status, got, _ = gw.get(policy.name, "/api/search", search_params(q))
+        estatus, expected, _ = tempo.get(policy.tenant, "/api/search", search_params(q))
         assert estatus == 200, (q, expected)
-        want = spansets(expected)
+        want = spansets(expected, policy.attrs)
         if structural:
-            _, conj, _ = tempo.get(ALL, "/api/search", search_params(conjoined))
-            want.update({t: v for t, v in spansets(conj).items() if t in ROOTLESS})
+            _, conj, _ = tempo.get(ALL, "/api/search", search_params(conjoined(template, policy)))
+            want.update({t: v for t, v in spansets(conj, policy.attrs).items() if t in rootless(policy)})
         if status != 200:
             problems.append(f"{q}: {status} {str(got)[:300]}")
-        elif spansets(got) != want:
-            problems.append(f"{q}: got {spansets(got)}\n    expected {want}")
+        elif spansets(got, policy.attrs) != want:
+            problems.append(f"{q}: got {spansets(got, policy.attrs)}\n    expected {want}")
     assert not problems, "\n".join(problems)
 
 
-def test_restricted_search_leaks_no_hidden_service(gw: Gw) -> None:
+@EACH
+def test_restricted_search_leaks_no_hidden_service(gw: Gw, policy: Policy) -> None:
     """Trace-level fields of a search answer (root service, service stats) come from every span of a trace:
     none may name a hidden service or carry a hidden span's attribute values (span names are intrinsic, as
     in trace by ID, so a hidden root's name may stay)."""
     leaks = []
     for q, _, _ in SEARCHES:
-        status, got, _ = gw.get("dev", "/api/search", search_params(q))
+        status, got, _ = gw.get(policy.name, "/api/search", search_params(q))
         text = json.dumps(got)
-        found = sorted(n for n in (*HIDDEN, "s3cr3t", "4242", "1111", "acme-pay") if n in text)
+        found = sorted(n for n in policy.hidden_values if n in text)
         if status != 200 or found:
             leaks.append(f"{q}: {status} {found} {text[:400]}")
     assert not leaks, "\n".join(leaks)
 
 
+@EACH
 @pytest.mark.parametrize("fmt", ["json", "protobuf"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-def test_restricted_trace_by_id(tempo: TempoProcess, gw: Gw, v2: bool, fmt: str) -> None:
-    """Visible spans whole, as t-dev holds them; other spans of a mixed trace with only their intrinsic
-    fields (IDs, parent, name, kind, start, end, status); a trace with no visible span 404 (v2: or Tempo's
-    own answer for a trace it does not hold, 200 with an empty trace)."""
+def test_restricted_trace_by_id(tempo: TempoProcess, gw: Gw, v2: bool, fmt: str, policy: Policy) -> None:
+    """Visible spans whole, as the policy's tenant holds them; other spans of a mixed trace with only their
+    intrinsic fields (IDs, parent, name, kind, start, end, status code); a trace with no visible span 404
+    (v2: or Tempo's own answer for a trace it does not hold, 200 with an empty trace)."""
     path = "/api/v2/traces/" if v2 else "/api/traces/"
     headers = {"Accept": "application/protobuf"} if fmt == "protobuf" else {}
     problems = []
     for key, spans in TRACES.items():
         tid = TRACE_IDS[key]
-        status, got, h = gw.get("dev", path + tid, headers=headers)
-        if not any(visible(s) for s in spans):
+        status, got, h = gw.get(policy.name, path + tid, headers=headers)
+        if not any(visible(s, policy) for s in spans):
             empty = status == 200 and v2 and not trace_spans(decode_trace(got, v2) if fmt == "protobuf" else got)
             if status != 404 and not empty:
                 problems.append(f"{key}: {status}, not 404: {str(got)[:300]}")
@@ -761,28 +815,28 @@ def test_restricted_trace_by_id(tempo: TempoProcess, gw: Gw, v2: bool, fmt: str)
             got = decode_trace(got, v2)
         got_spans = trace_spans(got)
         whole = trace_spans(tempo.get(ALL, path + tid)[1])
-        dev = trace_spans(tempo.get(DEV, path + tid)[1])
+        vis = trace_spans(tempo.get(policy.tenant, path + tid)[1])
         if set(got_spans) != set(whole):
             problems.append(f"{key}: spans {sorted(got_spans)} expected {sorted(whole)}")
             continue
         for sid, span in got_spans.items():
-            if sid in dev:
-                if span != dev[sid]:
-                    problems.append(f"{key}: visible span {sid} {span} expected {dev[sid]}")
+            if sid in vis:
+                if span != vis[sid]:
+                    problems.append(f"{key}: visible span {sid} {span} expected {vis[sid]}")
             elif span != SpanView(sid, whole[sid].intrinsic, (), (), (), ()):
                 problems.append(f"{key}: hidden span {sid} keeps more than its intrinsic fields: {span}")
     assert not problems, "\n".join(problems)
 
 
-def test_restricted_tags_equal_the_dev_tenant(tempo: TempoProcess, gw: Gw) -> None:
+@EACH
+def test_restricted_tags_equal_the_policy_tenant(tempo: TempoProcess, gw: Gw, policy: Policy) -> None:
     problems = []
     for path, params in (*TAGS, *TAGS_V1):
         p = {**params, **window()}
-        status, got, _ = gw.get("dev", path, p)
-        estatus, expected, _ = tempo.get(DEV, path, p)
+        status, got, _ = gw.get(policy.name, path, p)
+        estatus, expected, _ = tempo.get(policy.tenant, path, p)
         assert estatus == 200, (path, expected)
-        if any(n in json.dumps(got) for n in (*HIDDEN, "prod.secret", "card.last4", "payment.provider", "queue",
-                                              "job.id", "/checkout")):
+        if any(n in json.dumps(got) for n in (*policy.hidden_tags, *policy.hidden_values, "/checkout")):
             problems.append(f"{path} {params}: names a hidden service or attribute: {got}")
         elif (path, params) in TAGS_V1 and status == 403 and "cannot be restricted" in str(got):
             continue
@@ -793,11 +847,12 @@ def test_restricted_tags_equal_the_dev_tenant(tempo: TempoProcess, gw: Gw) -> No
     assert not problems, "\n".join(problems)
 
 
-def test_restricted_metrics_equal_the_dev_tenant(tempo: TempoProcess, gw: Gw) -> None:
+@EACH
+def test_restricted_metrics_equal_the_policy_tenant(tempo: TempoProcess, gw: Gw, policy: Policy) -> None:
     problems = []
     for q in METRICS:
-        status, got, _ = gw.get("dev", "/api/metrics/query_range", metrics_params(q))
-        estatus, expected, _ = tempo.get(DEV, "/api/metrics/query_range", metrics_params(q))
+        status, got, _ = gw.get(policy.name, "/api/metrics/query_range", metrics_params(q))
+        estatus, expected, _ = tempo.get(policy.tenant, "/api/metrics/query_range", metrics_params(q))
         assert estatus == 200 and series(expected), (q, expected)
         if status != 200:
             problems.append(f"{q}: {status} {str(got)[:300]}")
