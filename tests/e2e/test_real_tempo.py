@@ -46,6 +46,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -688,9 +689,9 @@ class Gw:
         return http("GET", f"{self.proc.url}/tempo{path}{query}", {**basic(ALL, self.tokens[who]), **(headers or {})})
 
 
-@pytest.fixture(scope="module")
-def module_dsn(pg_dsn: str) -> Iterator[str]:
-    """One migrated database for this module's gateway (as tests/conftest.py's db_dsn makes them)."""
+@contextmanager
+def _database(pg_dsn: str) -> Iterator[str]:
+    """A migrated database of its own (as tests/conftest.py's db_dsn makes them)."""
     import asyncio
     import uuid
 
@@ -707,43 +708,55 @@ def module_dsn(pg_dsn: str) -> Iterator[str]:
         finally:
             await conn.close()
     asyncio.run(run(f'CREATE DATABASE "{name}" TEMPLATE gw_template'))
-    yield _with_db(pg_dsn, name)
-    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    try:
+        yield _with_db(pg_dsn, name)
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-@pytest.fixture(scope="module")
-def gw(tempo: TempoProcess, module_dsn: str) -> Iterator[Gw]:
-    """The gateway with a token per policy (created through the admin API) and one without label policies."""
+@contextmanager
+def _gateway(tempo: TempoProcess, pg_dsn: str, lbac: str | None = None) -> Iterator[Gw]:
+    """A gateway in front of Tempo (``lbac`` of the traces upstream: the default, or the mode named) with a
+    token per policy, created through the admin API, and one without label policies."""
     tmp = Path(tempfile.mkdtemp(prefix="gateway-real-tempo-gw-"))
     orgs = [{"id": 1, "name": "acme", "stacks": [
         {"id": int(STACK), "name": "acme-prod", "tenants": {"metrics": "100", "logs": "100", "traces": ALL}}]}]
-    proc = GatewayProcess(tmp, module_dsn, data_dir=str(tmp / "data"), orgs=orgs,
-                          upstreams={**TEST_CONFIG["upstreams"], "traces": {"url": tempo.url}})
-    r = subprocess.run([sys.executable, "-m", "gateway", "token", "bootstrap", "-c", str(proc.config_path),
-                        "--org", "1"], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr
-    admin = {"Authorization": f"Bearer {r.stdout.strip()}"}
-    proc.start(timeout=30)
-    try:
-        tokens: dict[str, str] = {}
-        refused: dict[str, Any] = {}
-        for who, selectors in (("all", ()), *((p.name, p.selectors) for p in POLICIES.values())):
-            realm = {"type": "stack", "identifier": STACK, "labelPolicies": [{"selector": s} for s in selectors]}
-            status, pol, _ = http("POST", f"{proc.url}/api/v1/accesspolicies", admin,
-                                  {"name": f"traces-{who}", "scopes": ["traces:read"], "realms": [realm]})
-            if status != 200:
-                refused[who] = (status, pol)
-                continue
-            status, tok, _ = http("POST", f"{proc.url}/api/v1/tokens", admin,
-                                  {"accessPolicyId": pol["id"], "name": f"tok-{who}"})
-            assert status == 200, tok
-            tokens[who] = tok["token"]
-        assert "all" in tokens, refused
-        yield Gw(proc, tokens, refused)
-    finally:
-        proc.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    traces = {"url": tempo.url, **({"lbac": lbac} if lbac else {})}
+    with _database(pg_dsn) as dsn:
+        proc = GatewayProcess(tmp, dsn, data_dir=str(tmp / "data"), orgs=orgs,
+                              upstreams={**TEST_CONFIG["upstreams"], "traces": traces})
+        r = subprocess.run([sys.executable, "-m", "gateway", "token", "bootstrap", "-c", str(proc.config_path),
+                            "--org", "1"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, r.stderr
+        admin = {"Authorization": f"Bearer {r.stdout.strip()}"}
+        proc.start(timeout=30)
+        try:
+            tokens: dict[str, str] = {}
+            refused: dict[str, Any] = {}
+            for who, selectors in (("all", ()), *((p.name, p.selectors) for p in POLICIES.values())):
+                realm = {"type": "stack", "identifier": STACK,
+                         "labelPolicies": [{"selector": s} for s in selectors]}
+                status, pol, _ = http("POST", f"{proc.url}/api/v1/accesspolicies", admin,
+                                      {"name": f"traces-{who}", "scopes": ["traces:read"], "realms": [realm]})
+                if status != 200:
+                    refused[who] = (status, pol)
+                    continue
+                status, tok, _ = http("POST", f"{proc.url}/api/v1/tokens", admin,
+                                      {"accessPolicyId": pol["id"], "name": f"tok-{who}"})
+                assert status == 200, tok
+                tokens[who] = tok["token"]
+            assert "all" in tokens, refused
+            yield Gw(proc, tokens, refused)
+        finally:
+            proc.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def gw(tempo: TempoProcess, pg_dsn: str) -> Iterator[Gw]:
+    with _gateway(tempo, pg_dsn) as g:
+        yield g
 
 
 def test_unrestricted_token_sees_everything(tempo: TempoProcess, gw: Gw) -> None:
@@ -884,3 +897,33 @@ def test_restricted_search_by_tags_is_filtered_or_refused(tempo: TempoProcess, g
             assert search_ids(got) == search_ids(expected), (tags_param, got, expected)
         else:
             assert 400 <= status < 500 and got.get("errorType") and got.get("error"), (tags_param, status, got)
+
+
+def test_auto_mode_enforces_and_header_mode_refuses(tempo: TempoProcess, pg_dsn: str) -> None:
+    """No probe can show that a Tempo applies label policies (it has none): ``lbac: auto`` on the traces
+    upstream restricts as enforce does; ``lbac: header`` refuses restricted TraceQL and tag reads (503), and
+    trace by ID is refused too or filtered by the gateway as in enforce mode (never passed whole); the
+    unrestricted token is served."""
+    policy = POLICIES["dev"]
+    params = search_params("{ } | count() > 1")
+    _, expected, _ = tempo.get(policy.tenant, "/api/search", params)
+    mixed = TRACE_IDS["mixed-prod-root"]
+    hidden_root = SPAN_IDS[("mixed-prod-root", "a")]
+    with _gateway(tempo, pg_dsn, "auto") as g:
+        status, got, _ = g.get(policy.name, "/api/search", params)
+        assert status == 200 and spansets(got, policy.attrs) == spansets(expected, policy.attrs), got
+        status, got, _ = g.get(policy.name, "/api/v2/traces/" + mixed)
+        assert status == 200 and set(trace_spans(got)) == {SPAN_IDS[("mixed-prod-root", k)] for k in "abcd"}, got
+        assert not trace_spans(got)[hidden_root].resource, got
+    with _gateway(tempo, pg_dsn, "header") as g:
+        for path, p in (("/api/search", params), ("/api/metrics/query_range", metrics_params("{ } | rate()")),
+                        ("/api/v2/search/tags", window()), ("/api/v2/search/tag/resource.service.name/values", {})):
+            status, got, _ = g.get(policy.name, path, p)
+            assert status == 503 and got["errorType"] == "unavailable", (path, status, got)
+        status, got, _ = g.get(policy.name, "/api/v2/traces/" + mixed)
+        if status != 503:
+            assert status == 200 and trace_spans(got)[hidden_root] == SpanView(
+                hidden_root, trace_spans(tempo.get(ALL, "/api/v2/traces/" + mixed)[1])[hidden_root].intrinsic,
+                (), (), (), ()), (status, got)
+        status, got, _ = g.get("all", "/api/search", search_params("{}"))
+        assert status == 200 and len(spansets(got, ())) == len(TRACES), got
