@@ -386,7 +386,7 @@ def valid_rule(raw: Any, field: str, tenants: list[str], signal: str, policy: Ac
         raise bad_request(f"{tenant.strip()!r} is not a {signal} tenant of a stack in access policy "
                           f"{policy.name!r}'s realm (its tenants: {', '.join(tenants) or 'none'})", field)
     try:
-        return parse_rule(text)
+        return parse_rule(text, signal)
     except SelectorError as exc:
         raise bad_request(f"selector {exc}", field) from None
     except ValueError as exc:  # pragma: no cover - the checks above cover parse_rule's own

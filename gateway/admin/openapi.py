@@ -67,11 +67,14 @@ def _cloud_list(item: str) -> Schema:
                  "pageSize": _INT, "page": _INT}, ("items",))
 
 
+_SELECTOR: Final[Schema] = {**_STR, "description": 'a label selector ({env="dev"}: restricts metrics, logs, '
+                             'profiles) or a trace selector ({resource.env="dev"}: restricts traces), read back as '
+                             'written; a realm whose selectors are all of one kind cannot read the other signals'}
 _REALM_IN: Final = _obj({
     "type": {"type": "string", "enum": ["org", "stack"]},
     "identifier": {"anyOf": [_STR, _INT], "description": "a stack's id, or an org's id or slug (read back as "
                                                         "written), of the gateway's config"},
-    "labelPolicies": _nullable(_array(_obj({"selector": _STR}, ("selector",), closed=True))),
+    "labelPolicies": _nullable(_array(_obj({"selector": _SELECTOR}, ("selector",), closed=True))),
 }, ("type", "identifier"), closed=True)
 _ATTRIBUTES: Final = _nullable(_obj({
     "lokiQueryPolicy": _nullable(_obj({
@@ -102,7 +105,7 @@ _POLICY_FIELDS: Final[dict[str, Schema]] = {
 
 def _schemas(scopes: list[str]) -> dict[str, Schema]:
     realm_out = _obj({"type": {"type": "string", "enum": ["org", "stack"]}, "identifier": _STR,
-                      "labelPolicies": _array(_obj({"selector": _STR}, ("selector",)))}, ("type", "identifier"))
+                      "labelPolicies": _array(_obj({"selector": _SELECTOR}, ("selector",)))}, ("type", "identifier"))
     token_fields = {"id": _STR, "accessPolicyId": _STR, "orgId": _STR, "name": _STR, "displayName": _STR,
                     "expiresAt": _nullable(_TIME), "firstUsedAt": _nullable(_TIME), "lastUsedAt": _nullable(_TIME),
                     "createdAt": _TIME, "updatedAt": _UPDATED}

@@ -13,7 +13,8 @@ from gateway.config import Config
 from gateway.limits import lokiquery
 from gateway.policy.model import Network, Realm
 from gateway.policy.scopes import is_valid_scope
-from gateway.policy.selector import SelectorError, parse_selector
+from gateway.policy.selector import SelectorError
+from gateway.policy.trace_selector import parse_label_policy
 from gateway.store import AdminScope
 
 MAX_NAME: Final = 255
@@ -121,7 +122,7 @@ def label_policies(value: Any, field: str) -> tuple[Any, ...]:
         if isinstance(lp["selector"], str):
             text.check(lp["selector"], f"{f}.selector")
         try:
-            sel = parse_selector(lp["selector"])
+            sel = parse_label_policy(lp["selector"])
         except SelectorError as exc:
             raise bad_request(f"selector {exc}", f"{f}.selector") from None
         out.setdefault(sel.text, sel)

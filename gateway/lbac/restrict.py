@@ -17,7 +17,8 @@ from gateway.lbac import RewriteError, params
 from gateway.lbac.bounds import SizedLRU
 from gateway.lbac.logql import restrict_logql, restrict_logql_matchers, simplify
 from gateway.lbac.promql import restrict_match, restrict_promql
-from gateway.policy.selector import Selector, SelectorError, parse_selector
+from gateway.policy.selector import Selector, SelectorError
+from gateway.policy.trace_selector import parse_label_policy
 from gateway.routes import Kind
 
 FORM: Final = "application/x-www-form-urlencoded"
@@ -33,7 +34,8 @@ _TENANT_START: Final = re.compile(r",\s*(?=[A-Za-z0-9!\-_.*'()]+:)")
 #: and silences are restricted by filtering the answer (gateway.proxy.filtered), not by ``enforce``.
 RESTRICTED_KINDS: Final = frozenset({Kind.PROMQL, Kind.MATCH, Kind.REMOTE_READ, Kind.TENANT_WIDE, Kind.LOGQL,
                                      Kind.LOGQL_OPTIONAL, Kind.LOGQL_SERIES, Kind.LOGQL_TAIL, Kind.LOGQL_DELETE,
-                                     Kind.RULE_STATE, Kind.ALERT_STATE, Kind.RULE_CONFIG, Kind.ALERTMANAGER})
+                                     Kind.RULE_STATE, Kind.ALERT_STATE, Kind.RULE_CONFIG, Kind.ALERTMANAGER,
+                                     Kind.TRACE_BY_ID})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +82,7 @@ def parse_client_policies(values: Sequence[str], tenant: str) -> tuple[Selector,
                 raise ProxyError(400, f"X-Prom-Label-Policy names tenant {who!r}, but the query is for {tenant!r}",
                                  "bad_label_policy")
             try:
-                sel = parse_selector(unquote(encoded))
+                sel = parse_label_policy(unquote(encoded))
             except SelectorError as exc:
                 raise ProxyError(400, f"X-Prom-Label-Policy selector {exc}", "bad_label_policy") from None
             if sel not in out:
@@ -96,7 +98,7 @@ def intersect(a: tuple[Selector, ...], b: tuple[Selector, ...]) -> tuple[Selecto
     out: dict[Selector, None] = {}
     for x in a:
         for y in b:
-            out.setdefault(Selector(tuple(dict.fromkeys(x.matchers + y.matchers))), None)
+            out.setdefault(type(x)(tuple(dict.fromkeys(x.matchers + y.matchers))), None)  # (one kind: for_signal)
     return tuple(out)
 
 

@@ -15,13 +15,15 @@ from typing import Any, Final
 from urllib.parse import unquote
 
 from gateway.policy.decision import Denied
-from gateway.policy.selector import Selector, parse_selector
+from gateway.policy.selector import Selector, SelectorError
+from gateway.policy.trace_selector import TraceSelector, parse_label_policy
 
 HEADER: Final = "X-Prom-Label-Policy"
 #: Grafana data-source type → the gateway backend (signal) its queries go to.
-BACKEND_OF_TYPE: Final[Mapping[str, str]] = {"prometheus": "metrics", "loki": "logs"}
+BACKEND_OF_TYPE: Final[Mapping[str, str]] = {"prometheus": "metrics", "loki": "logs", "tempo": "traces"}
 #: The scope a data source's access policy needs to read its signal.
-READ_SCOPE_OF_TYPE: Final[Mapping[str, str]] = {"prometheus": "metrics:read", "loki": "logs:read"}
+READ_SCOPE_OF_TYPE: Final[Mapping[str, str]] = {"prometheus": "metrics:read", "loki": "logs:read",
+                                                "tempo": "traces:read"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +78,23 @@ def fold_login(login: str) -> str:
     return login.strip().casefold()
 
 
-def parse_rule(text: str) -> TeamRule:
-    """``<tenant>:<selector>`` (selector plain or PathEscape-d) → TeamRule; ValueError/SelectorError."""
+def parse_rule(text: str, backend: str | None = None) -> TeamRule:
+    """``<tenant>:<selector>`` (selector plain or PathEscape-d) → TeamRule; ValueError/SelectorError.
+
+    A Tempo data source's rules are trace selectors (``18042:{ resource.env="dev" }``, Grafana Cloud's
+    team LBAC for traces); Prometheus' and Loki's are label selectors: with ``backend`` the kind is checked."""
     tenant, sep, sel = text.partition(":")
     tenant, sel = tenant.strip(), sel.strip()
     if not sep or not tenant or not sel:
         raise ValueError("must be <tenant>:<selector>, e.g. 18042:{env=\"dev\"}")
     if sel[:3].upper() == "%7B":
         sel = unquote(sel)
-    return TeamRule(tenant, parse_selector(sel), text)
+    selector = parse_label_policy(sel)
+    if backend is not None and isinstance(selector, TraceSelector) != (backend == "traces"):
+        raise SelectorError('a Tempo data source takes trace selectors such as {resource.env="dev"}'
+                            if backend == "traces" else
+                            f'a {backend} data source takes label selectors such as {{env="dev"}}, not trace selectors')
+    return TeamRule(tenant, selector, text)
 
 
 def rules_from_json(raw: Any) -> tuple[tuple[int, tuple[TeamRule, ...]], ...]:

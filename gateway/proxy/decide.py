@@ -31,7 +31,7 @@ from gateway.decision_cache import Decision
 from gateway.lbac import RewriteError, bounds
 from gateway.lbac import restrict as lbac
 from gateway.policy.datasource import user_policies
-from gateway.policy.decision import Denied, Identity, IPAddress, covering_realms
+from gateway.policy.decision import Denied, Identity, IPAddress, covering_realms, for_signal
 from gateway.policy.selector import Selector
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.identify import CHALLENGE, credentials
@@ -95,6 +95,7 @@ async def _decide(st: State, cfg: Config, backend: str, scope: str, presented: s
     entry["tenant"] = tenant
     try:
         ident, policies = await st.cache.authorize(ident, scope, stack, ip)
+        policies = for_signal(policies, backend, scope)  # trace selectors for traces, the others elsewhere
     except Denied as exc:
         raise refused(exc) from None
     return Decision(ident, stack, tenant, policies, ip)
@@ -169,6 +170,10 @@ def effective_policies(st: State, cfg: Config, route: Route, decision: Decision,
             raise refused(exc) from None
         client_policies = headers.getall("X-Prom-Label-Policy", []) if reads else []
         sent = lbac.parse_client_policies(client_policies, tenant) if client_policies else ()
+        try:  # Grafana sends trace selectors for Tempo in the same header: each signal takes its own kind
+            team, sent = for_signal(team, route.backend, route.scope), for_signal(sent, route.backend, route.scope)
+        except Denied as exc:
+            raise refused(exc) from None
         policies = lbac.intersect(team, sent) if team and sent else (team or sent)
         try:  # client-sent selectors count against the bounds of a token's own
             bounds.check_policies(len(policies))

@@ -11,6 +11,11 @@ Alertmanager (API v2, Mimir's ``/alertmanager`` prefix): alert and alert-group l
 single silences are filtered; a silence write is forwarded only when its matchers are covered by the
 policies (and, for an update or an expiry, the existing silence too); posted alerts only when every alert's
 labels are visible. Every other Alertmanager path (status, receivers, configuration, the UI) is refused.
+
+Tempo's trace by ID (v1 and v2, JSON or protobuf as the client asks): spans outside the trace selectors
+keep only their intrinsic fields (:mod:`gateway.lbac.traces`); a trace with no visible span is answered as
+Tempo answers a trace it does not have (404, empty body). Only the time-range parameters pass: ``q`` and
+span pruning would judge or summarise hidden spans, so they are refused.
 """
 
 from __future__ import annotations
@@ -29,15 +34,17 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.lbac import pool, trace_search
+from gateway.lbac import pool, trace_search, traces
 from gateway.lbac import visibility as vis
+from gateway.policy.trace_selector import TraceSelector
 from gateway.proxy.errors import ProxyError
 from gateway.proxy.forward import Outcome, _failure, describe, forward
 from gateway.routes import Kind, RouteMatch
 
 Policies = vis.Policies
 #: Route kinds whose answers this module filters (the handler sends restricted requests of these here).
-KINDS: Final = frozenset({Kind.RULE_STATE, Kind.ALERT_STATE, Kind.RULE_CONFIG, Kind.ALERTMANAGER})
+KINDS: Final = frozenset({Kind.RULE_STATE, Kind.ALERT_STATE, Kind.RULE_CONFIG, Kind.ALERTMANAGER,
+                          Kind.TRACE_BY_ID})
 #: Largest upstream answer read for filtering (after decompression).
 MAX_ANSWER: Final = 64 * 1024 * 1024
 #: Larger answers are filtered in the LBAC pool's process, not on the event loop.
@@ -47,6 +54,9 @@ MAX_WRITE_BODY: Final = 1024 * 1024
 _JSON: Final = "application/json"
 _LANGUAGE: Final = {"metrics": "promql", "logs": "logql"}
 _SILENCE_ID: Final = re.compile(r"[A-Za-z0-9-]{1,64}")
+_PROTOBUF: Final = "application/protobuf"
+#: Trace-by-ID parameters a restricted token may send (Tempo's pkg/api: the time range and the query mode).
+_TRACE_PARAMS: Final = frozenset({"start", "end", "mode", "blockStart", "blockEnd"})
 
 
 class _Answer:
@@ -111,18 +121,20 @@ async def _read_body(request: web.Request) -> bytes:
 class Filter:
     """What to keep of an answer (picklable, so a large answer is filtered in the LBAC pool's process)."""
 
-    what: str  # "rules", "alerts", "config", or an Alertmanager path of _AM_READS
+    what: str  # "rules", "alerts", "config", "trace", "trace_v2", or an Alertmanager path of _AM_READS
     language: str
     policies: Policies
     judged: frozenset[tuple[str, str]] | None = None  # rule groups judged on a whole answer
     single: bool = False  # the configuration API's one-group form
     namespace: bool = False  # the configuration API's one-namespace form
+    protobuf: bool = False  # a trace answer in protobuf
 
 
 @dataclass(frozen=True, slots=True)
 class Filtered:
     body: bytes
     content_type: str
+    status: int = 200
 
 
 def apply(f: Filter, raw: bytes) -> Filtered:
@@ -134,6 +146,12 @@ def apply(f: Filter, raw: bytes) -> Filtered:
             raise ProxyError(404, f"{what} does not exist, or is not visible under your label policies",
                              "lbac_hidden")
         return Filtered(yaml.safe_dump(out, sort_keys=False, allow_unicode=True).encode(), "application/yaml")
+    if f.what in ("trace", "trace_v2"):
+        selectors = tuple(p for p in f.policies if isinstance(p, TraceSelector))
+        body = traces.filter_answer(raw, selectors, f.what == "trace_v2", f.protobuf)
+        if body is None:  # as Tempo answers a trace it does not have, or one its redactor hides
+            return Filtered(b"", "", 404)
+        return Filtered(body, _PROTOBUF if f.protobuf else _JSON)
     doc = json.loads(raw)
     if f.what in _AM_READS:
         return _json(_AM_READS[f.what](doc, f.policies))
@@ -150,8 +168,11 @@ def apply(f: Filter, raw: bytes) -> Filtered:
 async def _respond(answer: _Answer, seconds: float, f: Filter | None) -> tuple[web.StreamResponse, Outcome]:
     """The filtered answer; an upstream error (not 200) is passed on as it came. A large answer is filtered
     off the event loop (parsing thousands of rule queries takes a second), within the pool's time limit."""
-    if answer.status == 200 and f is not None:
+    status = answer.status
+    if status == 200 and f is not None:
         try:
+            if f.protobuf and not answer.content_type.startswith(_PROTOBUF):
+                raise ValueError("asked for protobuf, answered otherwise")
             out = apply(f, answer.body) if len(answer.body) <= INLINE_ANSWER else \
                 await pool._off_loop(apply, f, answer.body)
         except ProxyError:
@@ -159,11 +180,11 @@ async def _respond(answer: _Answer, seconds: float, f: Filter | None) -> tuple[w
         except (ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError, RecursionError) as exc:
             raise ProxyError(502, f"the upstream's answer could not be filtered: {exc.__class__.__name__}",
                              "upstream_unfilterable") from None
-        body, ctype = out.body, out.content_type
+        body, ctype, status = out.body, out.content_type, out.status
     else:
         body, ctype = answer.body, answer.content_type or _JSON
-    return web.Response(status=answer.status, body=body, headers={"Content-Type": ctype}), \
-        Outcome(answer.status, len(body), seconds)
+    return web.Response(status=status, body=body, headers={"Content-Type": ctype} if ctype else None), \
+        Outcome(status, len(body), seconds)
 
 
 def _json(out: Any) -> Filtered:
@@ -183,6 +204,8 @@ async def serve(request: web.Request, session: aiohttp.ClientSession, base: str,
         return await _respond(answer, seconds, Filter("trace_search", "", policies))
     if kind is Kind.ALERTMANAGER:
         return await _alertmanager(request, session, base, url, path, headers, policies, body_limit)
+    if kind is Kind.TRACE_BY_ID:
+        return await _trace_by_id(request, session, url, path, query, headers, policies)
     language = _LANGUAGE.get(m.route.backend)
     if language is None:  # pragma: no cover - the route tables give these kinds to metrics and logs only
         raise _unfilterable("this endpoint")
@@ -195,6 +218,24 @@ async def serve(request: web.Request, session: aiohttp.ClientSession, base: str,
         f = Filter("config", language, policies, single="groupName" in m.path_params,
                    namespace="namespace" in m.path_params)
     answer, seconds = await _fetch(session, "GET", url, headers)
+    return await _respond(answer, seconds, f)
+
+
+async def _trace_by_id(request: web.Request, session: aiohttp.ClientSession, url: str, path: str, query: str,
+                       headers: CIMultiDict[str], policies: Policies) -> tuple[web.StreamResponse, Outcome]:
+    """Tempo's trace by ID, filtered (see the module docstring)."""
+    if not policies or not all(isinstance(p, TraceSelector) for p in policies):  # pragma: no cover - for_signal
+        raise _unfilterable("a trace")
+    names = {k for k, _ in parse_qsl(query, keep_blank_values=True, max_num_fields=100)}
+    if names - _TRACE_PARAMS:
+        raise ProxyError(403, f"trace-by-ID parameters {', '.join(sorted(names - _TRACE_PARAMS))[:200]} cannot be "
+                         "used under trace selectors (they would judge hidden spans); only "
+                         f"{', '.join(sorted(_TRACE_PARAMS))} can", "lbac_refused")
+    protobuf = _PROTOBUF in request.headers.get("Accept", "")
+    h = headers.copy()
+    h["Accept"] = _PROTOBUF if protobuf else _JSON  # only what the filter reads (not Tempo's LLM format)
+    answer, seconds = await _fetch(session, "GET", url, h)
+    f = Filter("trace_v2" if "/v2/traces/" in path else "trace", "", policies, protobuf=protobuf)
     return await _respond(answer, seconds, f)
 
 

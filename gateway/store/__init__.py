@@ -18,7 +18,7 @@ import asyncpg
 
 from gateway.config import DatabaseConfig
 from gateway.policy.model import AccessPolicy, Realm, Token
-from gateway.policy.selector import parse_selector
+from gateway.policy.trace_selector import parse_label_policy
 from gateway.store import migrate
 
 log = logging.getLogger("gateway.store")
@@ -88,7 +88,7 @@ def policy_from_row(row: asyncpg.Record) -> AccessPolicy:
     """Selectors and subnets are stored as written (migration 005) and parsed here for enforcement."""
     realms = tuple(
         Realm(r["type"], str(r["identifier"]),
-              tuple(parse_selector(lp["selector"]) for lp in r.get("labelPolicies") or ()), r.get("written"))
+              tuple(parse_label_policy(lp["selector"]) for lp in r.get("labelPolicies") or ()), r.get("written"))
         for r in row["realms"]
     )
     texts = tuple(row["allowed_subnets"])

@@ -37,7 +37,7 @@ PERMS = api.PERMISSIONS
 _ALL_CAP = 5_000  # the most teams, policies or data sources a single page loads
 _RULES_FIELD = re.compile(r"^rules\[(\d+)\]")
 _MEMBER_FIELD = re.compile(r"^members\[(\d+)\]")
-TYPE_LABELS = {"prometheus": "Prometheus", "loki": "Loki"}
+TYPE_LABELS = {"prometheus": "Prometheus", "loki": "Loki", "tempo": "Tempo"}
 
 
 # ---- loading -------------------------------------------------------------------------------------------

@@ -1,0 +1,247 @@
+"""Trace by ID under trace selectors: spans outside the policy keep only their intrinsic fields.
+
+Tempo applies no label policies, so the gateway filters its answer to ``/api/traces/{id}`` (a
+``tempopb.Trace``) and ``/api/v2/traces/{id}`` (a ``tempopb.TraceByIDResponse`` wrapping one), in JSON
+(gogo ``jsonpb``, lowerCamelCase names, IDs in base64; v1 names the list ``batches``: Tempo's
+``tempopb.MarshalToJSONV1``) or protobuf. Trace selectors match resource attributes, so visibility is
+decided per ``ResourceSpans``: a visible one passes unchanged; a hidden one loses its resource attributes,
+schema URL and instrumentation scopes, and each of its spans keeps only an allowlist of intrinsic fields
+(trace, span and parent IDs, name, kind, start and end time, the status *code*; the status message is
+free text and goes with the attributes, events and links). A trace with no visible span is answered
+like one Tempo does not have (404, empty body, Tempo's own answer when its redactor hides a trace).
+
+Everything is an allowlist: a field this module does not know (a future Tempo's, a deprecated OTLP one)
+is dropped from hidden spans, and an answer whose shape it does not know raises ``ValueError``
+(the caller answers 502, never the unfiltered answer).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Final
+
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from gateway.policy.trace_selector import TraceSelector, visible
+
+#: Span fields a hidden span keeps (OTLP JSON names, as jsonpb writes them).
+INTRINSIC_JSON: Final = ("traceId", "spanId", "parentSpanId", "name", "kind", "startTimeUnixNano",
+                         "endTimeUnixNano")
+#: The same fields by their proto names (opentelemetry-proto ``Span``; tempopb's is the same message).
+INTRINSIC_PROTO: Final = ("trace_id", "span_id", "parent_span_id", "name", "kind", "start_time_unix_nano",
+                          "end_time_unix_nano")
+#: Top-level keys of Tempo's JSON answers: v1 is a Trace, v2 a TraceByIDResponse.
+_V1_KEYS: Final = frozenset({"batches", "resourceSpans"})
+_V2_KEYS: Final = frozenset({"trace", "metrics", "status", "message"})
+
+
+def resource_strings(attributes: Any) -> dict[str, str]:
+    """The string-valued resource attributes (all a trace selector can match, as in Tempo); a key given
+    twice with different values is dropped, so no selector can match it (fail closed)."""
+    out: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for kv in attributes or ():
+        if not isinstance(kv, dict) or not isinstance(kv.get("key"), str):
+            raise ValueError("a resource attribute is not a key-value object")
+        value = kv.get("value")
+        s = value.get("stringValue") if isinstance(value, dict) else None
+        key = kv["key"]
+        if not isinstance(s, str) or (key in out and out[key] != s):
+            ambiguous.add(key)
+            continue
+        out[key] = s
+    for key in ambiguous:
+        out.pop(key, None)
+    return out
+
+
+def _hidden_span_json(span: Any) -> dict[str, Any]:
+    if not isinstance(span, dict):
+        raise ValueError("a span is not an object")
+    kept = {k: span[k] for k in INTRINSIC_JSON if k in span}
+    status = span.get("status")
+    if isinstance(status, dict) and "code" in status:
+        kept["status"] = {"code": status["code"]}
+    return kept
+
+
+def _filter_batches(batches: Any, selectors: Sequence[TraceSelector]) -> tuple[list[Any], bool]:
+    """The ResourceSpans list filtered, and whether any span stayed visible."""
+    if not isinstance(batches, list):
+        raise ValueError("resourceSpans is not a list")
+    out: list[Any] = []
+    seen = False
+    for rs in batches:
+        if not isinstance(rs, dict):
+            raise ValueError("a resourceSpans entry is not an object")
+        resource = rs.get("resource") or {}
+        if not isinstance(resource, dict):
+            raise ValueError("a resource is not an object")
+        scope_spans = rs.get("scopeSpans") or []
+        if not isinstance(scope_spans, list):
+            raise ValueError("scopeSpans is not a list")
+        if visible(selectors, resource_strings(resource.get("attributes"))):
+            seen = seen or any(isinstance(ss, dict) and ss.get("spans") for ss in scope_spans)
+            out.append(rs)
+            continue
+        hidden = []
+        for ss in scope_spans:
+            if not isinstance(ss, dict) or not isinstance(ss.get("spans", []), list):
+                raise ValueError("a scopeSpans entry is not an object with a span list")
+            hidden.append({"scope": {}, "spans": [_hidden_span_json(s) for s in ss.get("spans", [])]})
+        out.append({"resource": {}, "scopeSpans": hidden})
+    return out, seen
+
+
+def filter_json(raw: bytes, selectors: Sequence[TraceSelector], v2: bool) -> dict[str, Any] | None:
+    """Tempo's JSON trace-by-ID answer filtered; None when no span is visible (answer 404)."""
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("the answer is not a JSON object")
+    if v2:
+        if not set(doc) <= _V2_KEYS:
+            raise ValueError(f"unknown fields in a TraceByIDResponse: {sorted(set(doc) - _V2_KEYS)[:5]}")
+        trace = doc.get("trace") or {}
+        if not isinstance(trace, dict) or not set(trace) <= {"resourceSpans"}:
+            raise ValueError("the trace is not a Trace object")
+        batches, seen = _filter_batches(trace.get("resourceSpans", []), selectors)
+        if not seen:
+            return None
+        return {**doc, "trace": {"resourceSpans": batches}}
+    if not set(doc) <= _V1_KEYS or len(doc) > 1:
+        raise ValueError("the answer is not a Trace object")
+    key = next(iter(doc), "batches")
+    batches, seen = _filter_batches(doc.get(key, []), selectors)
+    return {key: batches} if seen else None
+
+
+def _hidden_span_proto(span: trace_pb2.Span) -> trace_pb2.Span:
+    """A new span with only the intrinsic fields (so no unknown field of the original survives)."""
+    kept = trace_pb2.Span(**{f: getattr(span, f) for f in INTRINSIC_PROTO})
+    if span.HasField("status"):
+        kept.status.code = span.status.code
+    return kept
+
+
+def filter_trace_proto(raw: bytes, selectors: Sequence[TraceSelector]) -> bytes | None:
+    """A protobuf ``tempopb.Trace`` (wire-compatible with OTLP ``TracesData``: field 1, repeated
+    ``ResourceSpans``; Tempo generates tempopb from opentelemetry-proto with the package renamed)
+    filtered; None when no span is visible."""
+    try:
+        data = trace_pb2.TracesData.FromString(raw)
+    except DecodeError as exc:
+        raise ValueError(f"the trace does not decode: {exc}") from None
+    out = trace_pb2.TracesData()  # built anew: no unknown field of the answer's top level survives
+    seen = False
+    for rs in data.resource_spans:
+        if visible(selectors, _proto_strings(rs)):
+            seen = seen or any(ss.spans for ss in rs.scope_spans)
+            out.resource_spans.append(rs)
+            continue
+        hidden = out.resource_spans.add()
+        hidden.resource.SetInParent()
+        for ss in rs.scope_spans:
+            hs = hidden.scope_spans.add()
+            hs.scope.SetInParent()
+            hs.spans.extend(_hidden_span_proto(s) for s in ss.spans)
+    return out.SerializeToString() if seen else None
+
+
+def _proto_strings(rs: trace_pb2.ResourceSpans) -> dict[str, str]:
+    """:func:`resource_strings` of a protobuf resource."""
+    out: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for kv in rs.resource.attributes:
+        s = kv.value.string_value if kv.value.WhichOneof("value") == "string_value" else None
+        if s is None or (kv.key in out and out[kv.key] != s):
+            ambiguous.add(kv.key)
+            continue
+        out[kv.key] = s
+    for key in ambiguous:
+        out.pop(key, None)
+    return out
+
+
+def filter_response_proto(raw: bytes, selectors: Sequence[TraceSelector]) -> bytes | None:
+    """A protobuf ``tempopb.TraceByIDResponse`` (1: trace, 2: metrics, 3: status, 4: message) with its
+    trace filtered; the other fields are copied as they came. None when no span is visible."""
+    fields = _wire_fields(raw)
+    traces = [v for n, _, v in fields if n == 1]
+    unknown = sorted({n for n, _, _ in fields} - {1, 2, 3, 4})
+    if unknown:
+        raise ValueError(f"unknown fields in a TraceByIDResponse: {unknown[:5]}")
+    filtered = filter_trace_proto(b"".join(traces), selectors)  # (repeated embedded messages merge)
+    if filtered is None:
+        return None
+    out = bytearray(_key(1, 2) + _varint(len(filtered)) + filtered)
+    for n, chunk, _ in fields:
+        if n != 1:
+            out += chunk
+    return bytes(out)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _key(number: int, wire: int) -> bytes:
+    return _varint(number << 3 | wire)
+
+
+def _read_varint(raw: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if i >= len(raw) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        b = raw[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, i
+
+
+def _wire_fields(raw: bytes) -> list[tuple[int, bytes, bytes]]:
+    """(field number, the field's bytes as they came, its payload) of a message's top-level fields."""
+    out: list[tuple[int, bytes, bytes]] = []
+    i = 0
+    while i < len(raw):
+        start = i
+        key, i = _read_varint(raw, i)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        if wire == 0:
+            _, i = _read_varint(raw, i)
+            payload = b""
+        elif wire == 2:
+            length, i = _read_varint(raw, i)
+            if i + length > len(raw):
+                raise ValueError("truncated field")
+            payload, i = raw[i:i + length], i + length
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+            if i > len(raw):
+                raise ValueError("truncated field")
+            payload = b""
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        out.append((number, raw[start:i], payload))
+    return out
+
+
+def filter_answer(raw: bytes, selectors: Sequence[TraceSelector], v2: bool, protobuf: bool) -> bytes | None:
+    """The filtered body in the answer's own encoding; None for a trace with no visible span."""
+    if protobuf:
+        return filter_response_proto(raw, selectors) if v2 else filter_trace_proto(raw, selectors)
+    doc = filter_json(raw, selectors, v2)
+    return None if doc is None else json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
