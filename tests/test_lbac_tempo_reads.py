@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import pytest
 
 from tests.fake_tempo import FakeTempo, attrs, resource_spans, span
+from tests.test_forward_auth import fa_env
 from tests.test_proxy import Env, _env, basic, expect_refusal
 
 DEV = '(resource.env = "dev")'
@@ -97,6 +98,10 @@ async def test_tempo_receives_the_restricted_query(world: World) -> None:
     sent, doc = await _sent(world, _url("/api/search", q="{ .a }"), world.full)  # no policy: as sent
     assert sent == {"q": "{ .a }"}
     assert {t["rootServiceName"] for t in doc["traces"]} == {"checkout", "payments"}
+    # Grafana's team LBAC for Tempo: the rules arrive as X-Prom-Label-Policy on an unrestricted token
+    team = {**world.full, "X-Prom-Label-Policy": "100:" + quote('{resource.env="dev"}', safe="")}
+    sent, _ = await _sent(world, _url("/api/search", q="{ .a }"), team)
+    assert sent == {"q": f"{{ (.a) && {DEV} }}"}
     q = "{ .a = 1 } && " * 100 + "{}"  # long: rewritten in the rewrite pool, alike
     sent, _ = await _sent(world, _url("/api/search", q=q), world.dev)
     assert sent["q"].count(DEV) == 101
@@ -135,3 +140,15 @@ async def test_header_mode_for_traces_is_refused(db_dsn: str, aiohttp_client: An
         await expect_refusal(await w.env.gw.client.get("/api/search?q=%7B%7D", headers=w.dev), 503,
                              "does not (verifiably) enforce trace label policies")
         assert w.tempo.seen == []
+
+
+async def test_forward_auth_refuses_restricted_tempo_reads(db_dsn: str, aiohttp_client: Any,
+                                                           aiohttp_server: Any) -> None:
+    """Tempo applies no label policies, so only the data path's rewrite can restrict a TraceQL read."""
+    async with fa_env(db_dsn, aiohttp_client, aiohttp_server) as env:
+        realm = [{"type": "stack", "identifier": "100", "labelPolicies": [{"selector": '{resource.env="dev"}'}]}]
+        dev = basic("100", await env.token(["traces:read"], realm))
+        for uri in ("/api/search?q=%7B%7D", "/api/metrics/query_range?q=%7B%7D%7Crate()", "/api/v2/search/tags"):
+            r = await env.gw.client.get("/forward-auth/nginx", headers={**dev, "X-Original-Method": "GET",
+                                                                         "X-Original-URI": uri})
+            assert r.status == 403, (uri, r.status, await r.text())

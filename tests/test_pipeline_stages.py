@@ -196,6 +196,12 @@ def _expect(route: Route, token: str, mode: str, req: _Request, p: Plan) -> None
     if route.scope == "rules:write" and narrowed:
         assert isinstance(p, Refuse) and (p.status, p.reason) == (403, "lbac_unfilterable")
         return
+    if route.backend == "traces" and narrowed and route.scope != "traces:write" and (
+            token == "restricted" or kind in lbac.RESTRICTED_KINDS):
+        # SELECTOR ({env="dev"}) cannot restrict traces (decision.for_signal); trace selectors' plans are walked
+        # in tests/test_lbac_tempo_reads.py and tests/test_trace_selector.py
+        assert isinstance(p, Refuse) and (p.status, p.reason) == (403, "lbac_unfilterable"), p
+        return
     transport = Stream if route.websocket else Forward
     if not narrowed or kind not in lbac.RESTRICTED_KINDS:  # the request as sent
         assert isinstance(p, transport), p

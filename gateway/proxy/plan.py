@@ -247,7 +247,7 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
                 raise ProxyError(500, "the trace query could not be restricted", "internal")
             raw_query, search_answer = r.query, path == tracereads.SEARCH_PATH
             sent, rewritten = (b"", True) if req.body_exists else (None, False)  # (Tempo reads no body: none sent)
-        if policies and kind in lbac.RESTRICTED_KINDS and not filter_answer:
+        elif policies and kind in lbac.RESTRICTED_KINDS and not filter_answer:
             if kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(kind, path, method, raw_query, None, policies)
                                              ) is None:
                 raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
