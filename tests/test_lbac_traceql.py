@@ -151,8 +151,9 @@ TAGS = [
     ("{ }", '{ (resource.env = "dev") }'),
     ("{ true }", '{ (resource.env = "dev") }'),
     ('{ span.http.method = "GET" }', '{ span.http.method = "GET" && (resource.env = "dev") }'),
-    ('{ .a = "x" && status = error && span:kind = server && duration > 1s }',
-     '{ .a = "x" && status = error && span:kind = server && duration > 1s && (resource.env = "dev") }'),
+    ('{ .a = "x" && status = error && span:kind = server && duration > 1s && resource.b =~ "c|d" && .n >= 2 }',
+     '{ .a = "x" && status = error && span:kind = server && duration > 1s && resource.b =~ "c|d" && .n >= 2 && '
+     '(resource.env = "dev") }'),
 ]
 
 
@@ -163,7 +164,8 @@ def test_tags_query(q: str | None, expected: str) -> None:
 
 @pytest.mark.parametrize("q", ['{ .a = "x" || .b = "y" }', "{ .a }", "{ .a } | count() > 1", "{ .a } && { .b }",
                                '{ (.a = "x") }', '{ !(.a = "x") }', "{ .a = .b }", '{ parent.resource.a = "x" }',
-                               '{ .a = "x" } // c', "x"])
+                               '{ .a = "x" } // c', "x", "{ .a =~ 1 }", "{ status = 1 }", '{ duration > "x" }',
+                               "{ name = error }", "{ kind =~ server }", '{ span:childCount = 1 }', "{ .a = nil }"])
 def test_tags_query_refuses_what_tempo_would_not_extract_exactly(q: str) -> None:
     with pytest.raises(RewriteError):
         tags_query(q, C)

@@ -397,24 +397,39 @@ def _closes_at(texts: list[str], i: int) -> int:
 
 
 #: What Tempo's tag endpoints extract from ``q`` (``traceql.ExtractConditionGroups``; before 3.0
-#: ``ExtractFetchRequest``): comparisons of a field with a literal, AND-ed, in one spanset filter.
-_TAG_OPS: Final = frozenset({"=", "!=", "=~", "!~", "<", "<=", ">", ">="})
-_LITERAL_WORDS: Final = frozenset({"true", "false", "ok", "error", "unset", "unspecified", "internal", "server",
-                                   "client", "producer", "consumer"})
-_INTRINSICS: Final = frozenset({"duration", "name", "status", "statusMessage", "kind", "rootName",
-                                "traceDuration", "childCount"})
+#: ``ExtractFetchRequest``): comparisons of a field with a literal, AND-ed, in one spanset filter. A ``q`` that
+#: does not parse *and validate* is read as match-all, so each field takes only literals of its own type.
+_ORDER: Final = frozenset({"=", "!=", "<", "<=", ">", ">="})
+_EQUALITY: Final = frozenset({"=", "!="})
+_REGEX: Final = frozenset({"=~", "!~"})
+_STRING_OPS: Final = _EQUALITY | _REGEX
+_KINDS: Final = frozenset({"unspecified", "internal", "server", "client", "producer", "consumer"})
+#: intrinsic -> (operators, literal kinds, literal words) it is compared with
+_TYPED: Final[dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]]] = {
+    "name": (_STRING_OPS, frozenset({STRING}), frozenset()),
+    "statusMessage": (_STRING_OPS, frozenset({STRING}), frozenset()),
+    "rootName": (_STRING_OPS, frozenset({STRING}), frozenset()),
+    "status": (_EQUALITY, frozenset(), frozenset({"ok", "error", "unset"})),
+    "kind": (_EQUALITY, frozenset(), _KINDS),
+    "duration": (_ORDER, frozenset({NUMBER}), frozenset()),
+    "traceDuration": (_ORDER, frozenset({NUMBER}), frozenset()),
+}
+_ATTRIBUTE: Final = (_ORDER | _REGEX, frozenset({STRING, NUMBER}), frozenset[str]())
 _MATCH_ALL: Final = frozenset({"", "{}", "{true}"})
 
 
-def _field_len(body: list[Token], i: int) -> int:
-    """How many tokens the field at ``body[i]`` takes (0: not a field Tempo extracts as a condition)."""
+def _field(body: list[Token], i: int) -> tuple[int, tuple[frozenset[str], frozenset[str], frozenset[str]]] | None:
+    """How many tokens the field at ``body[i]`` takes and what it may be compared with (None: not a field
+    Tempo extracts as a condition)."""
     t = body[i]
     nxt = body[i + 1] if i + 1 < len(body) else None
     if (t.kind == OP and t.text == "." or t.kind == SCOPE and t.text.endswith(".")) and nxt and nxt.kind == ATTR:
-        return 2
-    if t.kind == SCOPE and t.text.endswith(":") and nxt and nxt.kind == WORD:
-        return 2
-    return 1 if t.kind == WORD and t.text in _INTRINSICS else 0
+        return 2, _ATTRIBUTE
+    if t.kind == SCOPE and t.text in ("span:", "trace:") and nxt and nxt.kind == WORD:
+        name = {"rootName": "rootName", "duration": "traceDuration"}.get(nxt.text) if t.text == "trace:" \
+            else nxt.text if nxt.text in ("name", "status", "statusMessage", "kind", "duration") else None
+        return (2, _TYPED[name]) if name else None
+    return (1, _TYPED[t.text]) if t.kind == WORD and t.text in _TYPED else None
 
 
 def tags_query(q: str | None, condition: str) -> str:
@@ -423,7 +438,8 @@ def tags_query(q: str | None, condition: str) -> str:
     Tempo narrows tag names and values to spans matching ``q`` only as far as it can extract conditions
     from it, and treats anything else (a parse failure, a pipeline, a bare attribute) as match-all, so the
     client's ``q`` must be one filter of ``field op literal`` comparisons joined by ``&&`` (what Grafana
-    sends), else it is refused. Several selectors (an OR) are refused too: only Tempo 3.0 splits an OR into
+    sends), each literal of its field's type (a ``q`` that fails Tempo's validation would be match-all),
+    else it is refused. Several selectors (an OR) are refused too: only Tempo 3.0 splits an OR into
     condition groups, and the gateway cannot tell which Tempo it talks to.
     """
     _check_bounds(q or "")
@@ -444,13 +460,15 @@ def tags_query(q: str | None, condition: str) -> str:
     body = tokens[1:-1]
     i = 0
     while True:
-        width = _field_len(body, i) if i < len(body) else 0
-        if not width or i + width + 1 >= len(body):
+        field = _field(body, i) if i < len(body) else None
+        if field is None or i + field[0] + 1 >= len(body):
             raise refused
+        width, (ops, literals, words) = field
         op, lit = body[i + width], body[i + width + 1]
-        if op.kind != OP or op.text not in _TAG_OPS:
+        if op.kind != OP or op.text not in ops:
             raise refused
-        if not (lit.kind in (STRING, NUMBER) or lit.kind == WORD and lit.text in _LITERAL_WORDS):
+        if not (lit.kind in literals and (op.text not in _REGEX or lit.kind == STRING)
+                or lit.kind == WORD and lit.text in words):
             raise refused
         i += width + 2
         if i == len(body):
