@@ -30,6 +30,7 @@ class World:
     dev: dict[str, str]
     checkout: dict[str, str]
     full: dict[str, str]
+    two: dict[str, str]  # {resource.env="dev"} or {resource.service.name="checkout"}
 
 
 def _trace(n: int, env: str, service: str) -> list[dict[str, Any]]:
@@ -41,12 +42,14 @@ async def _world(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any, lbac: st
     tempo = FakeTempo({DEV_TRACE: _trace(1, "dev", "checkout"), PROD_TRACE: _trace(2, "prod", "payments")})
     url = str((await aiohttp_server(tempo.app())).make_url("")).rstrip("/")
     async with _env(db_dsn, aiohttp_client, aiohttp_server, upstreams={"traces": {"url": url, "lbac": lbac}}) as e:
-        def realm(selector: str) -> list[dict[str, Any]]:
-            return [{"type": "stack", "identifier": "100", "labelPolicies": [{"selector": selector}]}]
+        def realm(*selectors: str) -> list[dict[str, Any]]:
+            return [{"type": "stack", "identifier": "100", "labelPolicies": [{"selector": s} for s in selectors]}]
         dev = basic("100", await e.token(["traces:read"], realm('{resource.env="dev"}')))
         checkout = basic("100", await e.token(["traces:read"], realm('{resource.service.name="checkout"}')))
         full = basic("100", await e.token(["traces:read"]))
-        yield World(e, tempo, dev, checkout, full)
+        two = basic("100", await e.token(["traces:read"], realm('{resource.env="dev"}',
+                                                                  '{resource.service.name="checkout"}')))
+        yield World(e, tempo, dev, checkout, full, two)
 
 
 @pytest.fixture
@@ -102,6 +105,14 @@ async def test_tempo_receives_the_restricted_query(world: World) -> None:
     team = {**world.full, "X-Prom-Label-Policy": "100:" + quote('{resource.env="dev"}', safe="")}
     sent, _ = await _sent(world, _url("/api/search", q="{ .a }"), team)
     assert sent == {"q": f"{{ (.a) && {DEV} }}"}
+    # tag values under two selectors: one look-up each, the answers' union
+    world.tempo.tag_values["resource.service.name"] = ["checkout", "payments"]
+    world.tempo.seen.clear()
+    r = await world.env.gw.client.get("/api/v2/search/tag/resource.service.name/values", headers=world.two)
+    assert r.status == 200, await r.text()
+    assert sorted(dict(parse_qsl(urlsplit(p).query))["q"] for _, p, _ in world.tempo.seen) == [
+        '{ (resource.env = "dev") }', '{ (resource.service.name = "checkout") }']
+    assert [v["value"] for v in (await r.json())["tagValues"]] == ["checkout", "payments"]
     q = "{ .a = 1 } && " * 100 + "{}"  # long: rewritten in the rewrite pool, alike
     sent, _ = await _sent(world, _url("/api/search", q=q), world.dev)
     assert sent["q"].count(DEV) == 101

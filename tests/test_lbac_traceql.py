@@ -16,9 +16,10 @@ import pytest
 
 from gateway.errors import ProxyError
 from gateway.lbac import RewriteError
+from gateway.lbac.fanout import Merge, Plan
 from gateway.lbac.trace_search import filter_answer
 from gateway.lbac.traceql import COMMENT, LBRACE, MAX_QUERY, restrict, tags_query, tokenize, verify
-from gateway.lbac.tracereads import restrict_url
+from gateway.lbac.tracereads import merge_tag_values, merge_tags, restrict_url
 from gateway.policy.selector import parse_selector
 from gateway.policy.trace_selector import parse_trace_selector, traceql_condition
 from gateway.routes import Kind
@@ -145,6 +146,11 @@ def test_condition_must_be_a_plain_expression() -> None:
             restrict("{}", bad)
 
 
+def _q(raw: str | Plan) -> dict[str, str]:
+    assert isinstance(raw, str)
+    return dict(parse_qsl(raw, keep_blank_values=True))
+
+
 TAGS = [
     (None, '{ (resource.env = "dev") }'),
     ("", '{ (resource.env = "dev") }'),
@@ -171,14 +177,29 @@ def test_tags_query_refuses_what_tempo_would_not_extract_exactly(q: str) -> None
         tags_query(q, C)
 
 
-def test_tags_query_under_several_selectors_is_refused() -> None:
-    cond = traceql_condition((DEV[0], parse_trace_selector('{resource.env="qa"}')))
-    with pytest.raises(RewriteError, match="several trace selectors"):
-        tags_query(None, cond)
+def test_tag_look_ups_under_several_selectors_are_one_request_each_merged() -> None:
+    qa = parse_trace_selector('{resource.env="qa"}')
+    with pytest.raises(RewriteError, match="one trace selector"):  # Tempo before 3.0 would widen an OR
+        tags_query(None, traceql_condition((DEV[0], qa)))
+    plan = restrict_url(Kind.TRACE_TAGS, "/api/v2/search/tag/span.x/values", "q=%7B.a%3D1%7D&limit=2", (DEV[0], qa))
+    assert isinstance(plan, Plan) and plan.merge is Merge.TEMPO_TAG_VALUES and plan.limit == 2
+    assert [_q(leg.query) for leg in plan.legs] == [
+        {"q": '{ .a=1 && (resource.env = "dev") }', "limit": "2"}, {"q": '{ .a=1 && (resource.env = "qa") }',
+                                                                    "limit": "2"}]
+    docs = [{"tagValues": [{"type": "string", "value": "a"}, {"type": "string", "value": "b"}], "metrics": {}},
+            {"tagValues": [{"type": "string", "value": "b"}, {"type": "int", "value": "1"}]}]
+    assert merge_tag_values(docs, plan)["tagValues"] == [{"type": "string", "value": "a"},
+                                                         {"type": "string", "value": "b"}]
+    tags = restrict_url(Kind.TRACE_TAGS, "/api/v2/search/tags", "scope=span", (DEV[0], qa))
+    assert isinstance(tags, Plan) and tags.merge is Merge.TEMPO_TAGS and len(tags.legs) == 2
+    docs = [{"scopes": [{"name": "span", "tags": ["b", "a"]}]}, {"scopes": [{"name": "span", "tags": ["c", "a"]},
+                                                                           {"name": "resource", "tags": ["x"]}]}]
+    assert merge_tags(docs, tags)["scopes"] == [{"name": "span", "tags": ["a", "b", "c"]},
+                                                {"name": "resource", "tags": ["x"]}]
+    with pytest.raises(ValueError):
+        merge_tags([{"scopes": [{"name": "span", "tags": [1]}]}], tags)
 
 
-def _q(raw: str) -> dict[str, str]:
-    return dict(parse_qsl(raw, keep_blank_values=True))
 
 
 def test_request_rewrites_read_the_url_as_tempo_does() -> None:

@@ -153,8 +153,9 @@ def rewrite(kind: Kind, path: str, method: str, raw_query: str, form: bytes | No
             fan_out: bool) -> Rewritten:
     """The enforce-mode rewrite of a query: a fan-out plan (when ``fan_out`` and one is needed), else the one
     restricted request (:func:`gateway.lbac.restrict.enforce`). Pure: the pool's process runs it as is."""
-    if kind in tracereads.KINDS:  # Tempo: one rewritten URL (gateway.lbac.tracereads)
-        return Restriction(query=tracereads.restrict_url(kind, path, raw_query, policies))
+    if kind in tracereads.KINDS:  # Tempo: one rewritten URL, or tag look-ups per selector (gateway.lbac.tracereads)
+        url = tracereads.restrict_url(kind, path, raw_query, policies)
+        return url if isinstance(url, Plan) else Restriction(query=url)
     if fan_out:
         fan = fanout.plan(kind, path, method, raw_query, form, policies)
         if fan is not None:

@@ -439,14 +439,14 @@ def tags_query(q: str | None, condition: str) -> str:
     from it, and treats anything else (a parse failure, a pipeline, a bare attribute) as match-all, so the
     client's ``q`` must be one filter of ``field op literal`` comparisons joined by ``&&`` (what Grafana
     sends), each literal of its field's type (a ``q`` that fails Tempo's validation would be match-all),
-    else it is refused. Several selectors (an OR) are refused too: only Tempo 3.0 splits an OR into
-    condition groups, and the gateway cannot tell which Tempo it talks to.
+    else it is refused. A condition of several selectors (an OR) is refused too: only Tempo 3.0 splits an
+    OR into condition groups, and the gateway cannot tell which Tempo it talks to (the caller sends one
+    look-up per selector instead: ``gateway.lbac.tracereads``).
     """
     _check_bounds(q or "")
     cond = _condition_text(condition)
     if any(t.kind == OP and t.text == "||" for t in tokenize(cond)):
-        raise RewriteError("tag names and values cannot be restricted under several trace selectors yet; "
-                           "use a token or team rule with one selector")
+        raise RewriteError("a tag look-up's q takes one trace selector's condition")
     text = (q or "").strip()
     if "".join(text.split()) in _MATCH_ALL:
         return "{ " + cond + " }"

@@ -11,8 +11,8 @@ re-encoded, so Tempo reads back exactly what was checked:
 ==============================  ====================================================================
 ``/api/search``                 ``q`` restricted (absent: ``{ C }``); legacy ``tags=`` search refused
 ``/api/metrics/query[_range]``  ``q``, else ``query`` (Tempo's order), restricted and sent as ``q``
-``/api/v2/search/tags``,        ``q`` (optional) AND-ed with the policy (``traceql.tags_query``)
-``/api/v2/search/tag/…/values``
+``/api/v2/search/tags``,        ``q`` (optional) AND-ed with the policy (``traceql.tags_query``); under
+``/api/v2/search/tag/…/values``  several selectors one request per selector, the answers' union
 ``/api/search/tags``, v1 tag    403: Tempo's v1 tag handlers ignore ``q`` (the live store's
 values, ``/api/metrics/summary``  ``SearchTags`` calls ``SearchTagsV2`` with the scope only)
 ==============================  ====================================================================
@@ -21,11 +21,12 @@ values, ``/api/metrics/summary``  ``SearchTags`` calls ``SearchTagsV2`` with the
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
 from gateway.errors import ProxyError
 from gateway.lbac import RewriteError, traceql
+from gateway.lbac.fanout import MAX_FANOUT, Leg, Merge, Plan
 from gateway.policy.selector import Selector
 from gateway.policy.trace_selector import TraceSelector, traceql_condition
 from gateway.routes import Kind
@@ -75,17 +76,22 @@ def _params(raw_query: str, allowed: frozenset[str]) -> dict[str, str]:
 
 
 @lru_cache(maxsize=1024)  # (dashboards repeat their queries; a refusal is not kept)
-def restrict_url(kind: Kind, path: str, raw_query: str, policies: tuple[Selector, ...]) -> str:
-    """The raw query string to send Tempo for a restricted read (see the module docstring)."""
+def restrict_url(kind: Kind, path: str, raw_query: str, policies: tuple[Selector, ...]) -> str | Plan:
+    """The raw query string to send Tempo for a restricted read, or for tag look-ups under several selectors
+    the fan-out plan (see the module docstring)."""
     if kind is Kind.TRACE_UNFILTERABLE:
         hint = " (use /api/metrics/query_range)" if "summary" in path else \
             " (use the v2 form, /api/v2/search/tags or /api/v2/search/tag/{name}/values, as Grafana does)"
         raise ProxyError(403, "this endpoint cannot be restricted by trace selectors: Tempo ignores its query "
                          "filter" + hint, "lbac_unfilterable")
-    condition = traceql_condition(selectors_of(policies))
+    selectors = selectors_of(policies)
+    condition = traceql_condition(selectors)
     try:
         if kind is Kind.TRACE_TAGS:
-            ps = _params(raw_query, _TAG_VALUES if path.endswith("/values") else _TAGS)
+            values = path.endswith("/values")
+            ps = _params(raw_query, _TAG_VALUES if values else _TAGS)
+            if len(selectors) > 1:
+                return _tags_fanout(ps, selectors, values)
             ps["q"] = traceql.tags_query(ps.get("q"), condition)
         elif path == SEARCH_PATH:
             ps = _params(raw_query, _SEARCH)
@@ -103,3 +109,47 @@ def restrict_url(kind: Kind, path: str, raw_query: str, policies: tuple[Selector
     except RewriteError as exc:
         raise _refused(exc) from None
     return urlencode(ps)
+
+
+def _tags_fanout(ps: dict[str, str], selectors: tuple[TraceSelector, ...], values: bool) -> Plan:
+    """One tag look-up per selector (each ``q`` a plain conjunction every Tempo extracts exactly), merged: the
+    tags of spans visible under any selector are the union of each selector's."""
+    if len(selectors) > MAX_FANOUT:
+        raise RewriteError(f"tag look-ups are fanned out to at most {MAX_FANOUT} trace selectors")
+    legs = tuple(Leg(urlencode({**ps, "q": traceql.tags_query(ps.get("q"), s.condition())})) for s in selectors)
+    try:
+        limit = int(ps.get("limit", "0"))
+    except ValueError:
+        raise ProxyError(400, "invalid limit", "bad_query") from None
+    return Plan(Merge.TEMPO_TAG_VALUES if values else Merge.TEMPO_TAGS, legs, limit=limit if limit > 0 else -1)
+
+
+def _answer(doc: Any, key: str) -> list[Any]:
+    if not isinstance(doc, dict) or not isinstance(doc.get(key, []), list):
+        raise ValueError(f"not a Tempo tag answer ({key})")
+    return list(doc.get(key, []))
+
+
+def merge_tags(docs: list[Any], _plan: Plan) -> dict[str, Any]:
+    """Tempo v2 tag names (``{"scopes": [{"name", "tags"}]}``): the union per scope, sorted; the first leg's
+    ``metrics``."""
+    scopes: dict[str, set[str]] = {}
+    for doc in docs:
+        for scope in _answer(doc, "scopes"):
+            tags = scope.get("tags") or []
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise ValueError("tags is not a list of names")
+            scopes.setdefault(str(scope["name"]), set()).update(tags)
+    return {"scopes": [{"name": n, "tags": sorted(t)} for n, t in scopes.items()],
+            "metrics": docs[0].get("metrics", {})}
+
+
+def merge_tag_values(docs: list[Any], plan: Plan) -> dict[str, Any]:
+    """Tempo v2 tag values (``{"tagValues": [{"type", "value"}]}``): the union, in first-seen order, at most
+    ``limit`` (each leg honoured it: any ``limit`` of the union is an answer Tempo could give)."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for doc in docs:
+        for v in _answer(doc, "tagValues"):
+            seen.setdefault((str(v.get("type", "")), str(v.get("value", ""))), v)
+    out = list(seen.values())
+    return {"tagValues": out[:plan.limit] if plan.limit > 0 else out, "metrics": docs[0].get("metrics", {})}

@@ -243,10 +243,13 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
             r = done if done is not None else rewrite_inline(targs)
             if r is None:
                 return Offload(targs, mode)
-            if not isinstance(r, lbac.Restriction) or r.query is None:  # pragma: no cover - rewrite's contract
+            if isinstance(r, lbac_fanout.Plan):  # tag look-ups under several selectors
+                fan, rewritten = r, True
+            elif r.query is None:  # pragma: no cover - rewrite's contract
                 raise ProxyError(500, "the trace query could not be restricted", "internal")
-            raw_query, search_answer = r.query, path == tracereads.SEARCH_PATH
-            sent, rewritten = (b"", True) if req.body_exists else (None, False)  # (Tempo reads no body: none sent)
+            else:
+                raw_query, search_answer = r.query, path == tracereads.SEARCH_PATH
+                sent, rewritten = (b"", True) if req.body_exists else (None, False)  # (Tempo reads no body)
         elif policies and kind in lbac.RESTRICTED_KINDS and not filter_answer:
             if kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(kind, path, method, raw_query, None, policies)
                                              ) is None:
