@@ -136,6 +136,8 @@ REFUSALS = [
     ("/api/search?q=" + "(" * 80 + "%7B%7D" + ")" * 80, 400, "nests deeper"),
     ("/api/v2/search/tags?q=%7B.a%20%3D%201%20%7C%7C%20.b%20%3D%202%7D", 400, "one spanset filter"),
     ("/api/metrics/query_range?step=5", 400, "needs q"),
+    ("/api/v2/search/tag/parent.resource.env/values", 400, "parent. attributes"),
+    ("/api/v2/search/tag/rootServiceName/values", 400, "rootServiceName"),
 ]
 
 

@@ -225,6 +225,9 @@ def test_request_rewrites_read_the_url_as_tempo_does() -> None:
     (Kind.TRACEQL, "/api/metrics/query_range", "step=5", 400, "needs q"),
     (Kind.TRACEQL, "/api/metrics/query_range", "q=%7Bparent.a%3D1%7D", 400, "parent."),
     (Kind.TRACE_TAGS, "/api/v2/search/tags", "q=%7B.a%7D", 400, "one spanset filter"),
+    (Kind.TRACE_TAGS, "/api/v2/search/tag/parent.resource.env/values", "", 400, "parent. attributes"),
+    (Kind.TRACE_TAGS, "/api/v2/search/tag/rootServiceName/values", "", 400, "rootServiceName"),
+    (Kind.TRACE_TAGS, "/api/v2/search/tag/trace%253ArootService/values", "", 400, "trace:rootService"),
     (Kind.TRACE_UNFILTERABLE, "/api/search/tags", "", 403, "use the v2 form"),
     (Kind.TRACE_UNFILTERABLE, "/api/metrics/summary", "q=%7B%7D", 403, "query_range"),
 ])

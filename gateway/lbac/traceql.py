@@ -477,3 +477,10 @@ def tags_query(q: str | None, condition: str) -> str:
             raise refused
         i += 1
     return "{ " + text[body[0].start:body[-1].end] + " && " + cond + " }"
+
+
+def check_tag_name(name: str) -> None:
+    """Refuse a tag name whose values would describe hidden spans (``parent.…``, ``rootServiceName``,
+    ``trace:rootService``): Tempo reads the name of ``/api/v2/search/tag/{name}/values`` as ``{name}``
+    (``traceql.ParseIdentifier``)."""
+    _structure(tokenize("{" + name + "}"))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from gateway.errors import ProxyError
 from gateway.lbac import RewriteError, traceql
@@ -42,6 +42,8 @@ _TAG_VALUES: Final = frozenset({"q", "start", "end", "limit", "maxStaleValues"})
 #: Kinds this module plans (gateway.routes.tempo marks the routes).
 KINDS: Final = frozenset({Kind.TRACEQL, Kind.TRACE_TAGS, Kind.TRACE_UNFILTERABLE})
 SEARCH_PATH: Final = "/api/search"
+_TAG_VALUES_PREFIX: Final = "/api/v2/search/tag/"
+_DECODINGS: Final = 3  # as gateway.routes accepts the name: encoded at most three times
 
 
 def _refused(exc: RewriteError) -> ProxyError:
@@ -75,6 +77,17 @@ def _params(raw_query: str, allowed: frozenset[str]) -> dict[str, str]:
     return out
 
 
+def _check_tag_name(raw: str) -> None:
+    """The tag name as sent and as every decoding the router allows leaves it (Grafana encodes it once or twice;
+    Tempo's router decodes once, older Tempo twice): none may name what hidden spans hold."""
+    for _ in range(_DECODINGS + 1):
+        traceql.check_tag_name(raw)
+        decoded = unquote(raw)
+        if decoded == raw:
+            return
+        raw = decoded
+
+
 @lru_cache(maxsize=1024)  # (dashboards repeat their queries; a refusal is not kept)
 def restrict_url(kind: Kind, path: str, raw_query: str, policies: tuple[Selector, ...]) -> str | Plan:
     """The raw query string to send Tempo for a restricted read, or for tag look-ups under several selectors
@@ -89,6 +102,8 @@ def restrict_url(kind: Kind, path: str, raw_query: str, policies: tuple[Selector
     try:
         if kind is Kind.TRACE_TAGS:
             values = path.endswith("/values")
+            if values:
+                _check_tag_name(path.removeprefix(_TAG_VALUES_PREFIX).removesuffix("/values"))
             ps = _params(raw_query, _TAG_VALUES if values else _TAGS)
             if len(selectors) > 1:
                 return _tags_fanout(ps, selectors, values)
