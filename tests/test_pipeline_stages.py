@@ -36,6 +36,7 @@ from gateway.lbac.probe import Verdict, probe_of
 from gateway.lbac.remote_read import MAX_READ_BODY
 from gateway.policy import tokens as tokfmt
 from gateway.policy.datasource import fold_login
+from gateway.policy.decision import INGEST_SCOPES
 from gateway.policy.model import AccessPolicy, Realm, Token
 from gateway.policy.scopes import ALL_SCOPES
 from gateway.policy.selector import parse_selector
@@ -196,10 +197,9 @@ def _expect(route: Route, token: str, mode: str, req: _Request, p: Plan) -> None
     if route.scope == "rules:write" and narrowed:
         assert isinstance(p, Refuse) and (p.status, p.reason) == (403, "lbac_unfilterable")
         return
-    if route.backend == "traces" and narrowed and route.scope != "traces:write" and (
-            token == "restricted" or kind in lbac.RESTRICTED_KINDS):
-        # SELECTOR ({env="dev"}) cannot restrict traces (decision.for_signal); trace selectors' plans are walked
-        # in tests/test_lbac_tempo_reads.py and tests/test_trace_selector.py
+    if route.backend == "traces" and route.scope not in INGEST_SCOPES and (
+            token == "restricted" or (narrowed and kind in lbac.RESTRICTED_KINDS)):
+        # SELECTOR is a label selector: it cannot restrict traces, so they are not read whole (issue 27)
         assert isinstance(p, Refuse) and (p.status, p.reason) == (403, "lbac_unfilterable"), p
         return
     transport = Stream if route.websocket else Forward
