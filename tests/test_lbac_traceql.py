@@ -250,13 +250,14 @@ def test_search_answer_keeps_root_service_only_when_provably_visible() -> None:
          "spanSets": [{"spans": [{"spanID": "a"}], "matched": 1}]},
         {"traceID": "2", "rootServiceName": "payments", "rootTraceName": "POST /pay",
          "serviceStats": {"payments": {"spanCount": 3}}},
-    ], "metrics": {"inspectedTraces": 2}}
+    ], "metrics": {"inspectedTraces": 2, "inspectedBytes": "100", "completedJobs": 1}}
     by_service = (parse_trace_selector('{resource.service.name=~"check.*"}'),)
     out = filter_answer(doc, by_service)
     assert out["traces"][0]["rootServiceName"] == "checkout"
     assert out["traces"][0]["serviceStats"] == {"checkout": {"spanCount": 2}}
     assert "rootServiceName" not in out["traces"][1] and "serviceStats" not in out["traces"][1]
     assert out["traces"][1]["rootTraceName"] == "POST /pay"  # an intrinsic: kept, as trace by ID keeps it
+    assert out["metrics"] == {"completedJobs": 1}  # the scan's totals count hidden spans: removed
     # a selector on another attribute proves nothing about the root span
     doc2 = {"traces": [{"traceID": "1", "rootServiceName": "checkout", "serviceStats": {"checkout": {}}}]}
     assert filter_answer(doc2, DEV) == {"traces": [{"traceID": "1"}]}

@@ -11,6 +11,10 @@ Both are kept only where provably visible: a service is visible when some select
 visible spans only). Anything else is removed, as Tempo omits an empty field. ``rootTraceName`` (the root
 span's name), ``startTimeUnixNano`` and ``durationMs`` stay: a trace fetched by ID keeps those intrinsic
 fields of hidden spans too (issue 27's rule, ``gateway.lbac.traces``).
+
+The answer's ``metrics`` count what Tempo scanned, hidden spans included (``inspectedTraces``,
+``inspectedSpans``, ``inspectedBytes``, ``totalBlockBytes``: the tenant's volume, not the result's): removed;
+the job and block counts (progress) stay.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from gateway.policy.selector import Selector
 from gateway.policy.trace_selector import TraceSelector
 
 SERVICE: Final = "service.name"
+_SCAN_TOTALS: Final = ("inspectedTraces", "inspectedSpans", "inspectedBytes", "totalBlockBytes")
 
 
 def service_visible(selectors: Sequence[Selector], service: object) -> bool:
@@ -52,4 +57,8 @@ def filter_answer(doc: Any, selectors: Sequence[Selector]) -> Any:
                 t["serviceStats"] = kept
             else:
                 del t["serviceStats"]
+    metrics = doc.get("metrics")
+    if isinstance(metrics, dict):
+        for k in _SCAN_TOTALS:
+            metrics.pop(k, None)
     return doc
