@@ -196,6 +196,8 @@ def test_tag_look_ups_under_several_selectors_are_one_request_each_merged() -> N
                                                                            {"name": "resource", "tags": ["x"]}]}]
     assert merge_tags(docs, tags)["scopes"] == [{"name": "span", "tags": ["a", "b", "c"]},
                                                 {"name": "resource", "tags": ["x"]}]
+    limited = restrict_url(Kind.TRACE_TAGS, "/api/v2/search/tags", "limit=2", (DEV[0], qa))
+    assert isinstance(limited, Plan) and merge_tags(docs, limited)["scopes"][0] == {"name": "span", "tags": ["a", "b"]}
     with pytest.raises(ValueError):
         merge_tags([{"scopes": [{"name": "span", "tags": [1]}]}], tags)
 

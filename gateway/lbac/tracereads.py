@@ -145,9 +145,9 @@ def _answer(doc: Any, key: str) -> list[Any]:
     return list(doc.get(key, []))
 
 
-def merge_tags(docs: list[Any], _plan: Plan) -> dict[str, Any]:
-    """Tempo v2 tag names (``{"scopes": [{"name", "tags"}]}``): the union per scope, sorted; the first leg's
-    ``metrics``."""
+def merge_tags(docs: list[Any], plan: Plan) -> dict[str, Any]:
+    """Tempo v2 tag names (``{"scopes": [{"name", "tags"}]}``): the union per scope, sorted, at most ``limit``
+    per scope (Tempo's ``maxTagsPerScope``); the first leg's ``metrics``."""
     scopes: dict[str, set[str]] = {}
     for doc in docs:
         for scope in _answer(doc, "scopes"):
@@ -155,7 +155,8 @@ def merge_tags(docs: list[Any], _plan: Plan) -> dict[str, Any]:
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
                 raise ValueError("tags is not a list of names")
             scopes.setdefault(str(scope["name"]), set()).update(tags)
-    return {"scopes": [{"name": n, "tags": sorted(t)} for n, t in scopes.items()],
+    cut = plan.limit if plan.limit > 0 else None
+    return {"scopes": [{"name": n, "tags": sorted(t)[:cut]} for n, t in scopes.items()],
             "metrics": docs[0].get("metrics", {})}
 
 
