@@ -165,3 +165,23 @@ async def test_forward_auth_refuses_restricted_tempo_reads(db_dsn: str, aiohttp_
             r = await env.gw.client.get("/forward-auth/nginx", headers={**dev, "X-Original-Method": "GET",
                                                                          "X-Original-URI": uri})
             assert r.status == 403, (uri, r.status, await r.text())
+
+
+async def test_the_protocol_data_path_restricts_cached_decisions_too(db_dsn: str, aiohttp_client: Any,
+                                                                      aiohttp_server: Any) -> None:
+    """On the production data path a repeated request takes the callback fast path (a cached decision and
+    plan): Tempo must get the restricted query every time, and the search answer stay filtered."""
+    from tests.test_dataplane import _dp
+
+    tempo = FakeTempo({DEV_TRACE: _trace(1, "dev", "checkout"), PROD_TRACE: _trace(2, "prod", "payments")})
+    async with _dp(db_dsn, aiohttp_client, aiohttp_server, upstream=tempo.app()) as dp:
+        realm = [{"type": "stack", "identifier": "100", "labelPolicies": [{"selector": '{resource.env="dev"}'}]}]
+        p = await dp.gw.policy("dev-traces", ["traces:read"], realm)
+        dev = basic("100", str((await dp.gw.token(p["id"], "dev-traces"))["token"]))
+        for _ in range(3):
+            tempo.seen.clear()
+            r = await dp.gw.client.get(_url("/api/metrics/query_range", q="{} | rate()", step="60s"), headers=dev)
+            assert r.status == 200, await r.text()
+            assert [dict(parse_qsl(urlsplit(s[1]).query))["q"] for s in tempo.seen] == [f"{{ {DEV} }} | rate()"]
+            r = await dp.gw.client.get("/api/search?q=%7B%7D", headers=dev)
+            assert r.status == 200 and all("rootServiceName" not in t for t in (await r.json())["traces"])
