@@ -107,6 +107,7 @@ REFUSED = [
     ("{ .a } )", "unbalanced ')'"),
     ('{ .a = "x }', "unterminated or invalid string"),
     ('{ .a = "\\q" }', "unterminated or invalid string"),
+    ("{ .a = \"\\'\" }", "unterminated or invalid string"),  # text/scanner: only \\" escapes the quote
     ("{ .a /* }", "unterminated comment"),
     ("{ .a = `x }", "unterminated raw string"),
     ('{ ."a }', "unterminated quoted attribute"),

@@ -63,7 +63,7 @@ _NUMBER: Final = re.compile(
     r"(?:[eE][+-]?[0-9_]+)?")
 _DURATION_TAIL: Final = re.compile(r"[0-9.nsumhµdwy]*")
 _DURATION: Final = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ns|us|µs|ms|s|m|h|d|w|y))+")
-_STRING: Final = re.compile(r'"(?:[^"\\\n]|\\(?:[abfnrtv\\"\']|[0-7]{3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|'
+_STRING: Final = re.compile(r'"(?:[^"\\\n]|\\(?:[abfnrtv\\"]|[0-7]{3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|'
                             r'U[0-9a-fA-F]{8}))*"')
 
 
