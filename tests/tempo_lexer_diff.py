@@ -8,8 +8,8 @@ structural tokens) and a small command, builds it offline (``-mod=vendor``, ``GO
 Tempo's ``test_examples.yaml``, mutations of it and ``N`` random strings of tricky pieces (quotes of every kind,
 comments, braces, scopes, control and Unicode spaces). It reports a mismatch when, for a query both lexers
 read, the sequence of ``{ } ( ) |`` differs; when Tempo parses a query the gateway rewrote but not the
-rewrite; or when a filter of the parsed rewrite lacks the condition. 2026-12-05, Tempo ``ad33aa8f``, seeds 1
-and 2, ~70,000 inputs: no mismatch; every refusal of a query Tempo parses was one of the deliberate ones
+rewrite; or when a filter of the parsed rewrite lacks the condition. 2026-12-05/06, Tempo ``ad33aa8f``, seeds 1
+to 4, ~130,000 inputs: no mismatch; every refusal of a query Tempo parses was one of the deliberate ones
 (``parent.``, ``rootServiceName``, ``trace:rootService``).
 """
 
