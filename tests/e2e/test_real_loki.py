@@ -19,6 +19,12 @@ header mode refuse (503) and auto fall back to enforce. In enforce mode, ``index
 ``index/volume`` and ``index/volume_range`` (counted by inclusion-exclusion over the selectors)
 must equal the visible-only tenant's answers exactly:
 same names, values, order and result type.
+
+The Loki without LBAC reads ``X-Loki-Query-Limits`` (``querier.per_request_limits_enabled``, as
+Grafana Cloud's Loki does): for each lokiQueryPolicy field a token's reads through the gateway get the
+status, text and result Loki itself gives with the policy's header, the unit tests' fake Loki
+(``tests/fake_loki_limits.py``) the same status and text, and what the gateway checks itself the same
+answer in front of the LBAC Loki, which ignores the header.
 """
 
 from __future__ import annotations
