@@ -84,6 +84,8 @@ async def _both(env: Env, fake: FakeLokiLimits, url: str, tok: str, params: dict
     path = "/loki/api/v1/query_range?" + urlencode(params)
     r = await env.gw.client.get(path, headers=basic("100", tok))
     text = (await r.json()).get("error", "") if r.status != 200 else ""
+    if r.status != 200:  # Grafana's Loki data source shows `message` (a plain-text body whole, as Loki's)
+        assert (await r.json())["message"] == text
     p = parse(POLICY)
     assert p is not None
     async with aiohttp.ClientSession() as s, s.get(url + path, headers={

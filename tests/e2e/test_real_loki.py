@@ -698,8 +698,9 @@ def _direct(loki: LokiProcess, tenant: str, path: str, params: dict[str, str], h
 
 
 def _text(body: Any) -> str:
-    """An error's text: the gateway's JSON ``error``, or Loki's plain-text body."""
-    return str(body["error"] if isinstance(body, dict) and "error" in body else body).strip()
+    """An error's text as Grafana's Loki data source shows it (pkg/tsdb/loki/api.go ``makeLokiError``): a
+    JSON body's ``message`` (the gateway's own refusals), or the whole body (Loki's are plain text)."""
+    return str(body["message"] if isinstance(body, dict) and body.get("message") else body).strip()
 
 
 def _result(body: Any) -> Any:
