@@ -723,7 +723,12 @@ def _field_cases(now: float) -> list[tuple[str, dict[str, Any], str, dict[str, s
     before = {"start": str(t - 3 * 3600), "end": str(t - 2 * 3600)}
     qr, instant = "/loki/api/v1/query_range", "/loki/api/v1/query"
     entries, length, interval = {"maxEntriesLimitPerQuery": 50}, {"maxQueryLength": "1h"}, {"maxQueryInterval": "1m"}
-    return [
+    return [  # (the lookback first: its boundary, 30 s from NOW_NS, moves with the clock; 10 s either side)
+        ("maxQueryLookback", lookback, qr, {"query": LOG, "limit": "1000", **two_hours}, 200, True),
+        ("maxQueryLookback", lookback, qr, {"query": LOG, "since": "2h"}, 200, True),
+        ("maxQueryLookback", lookback, qr, {"query": LOG, **before}, 200, True),
+        ("maxQueryLookback", lookback, qr, {"query": SLOW, "step": "60", **before}, 200, True),
+        ("maxQueryLookback", lookback, "/loki/api/v1/labels", before, 200, False),
         ("maxEntriesLimitPerQuery", entries, qr, {"query": LOG, "limit": "500", **last_hour}, 400, True),
         ("maxEntriesLimitPerQuery", entries, qr, {"query": LOG, **last_hour}, 400, True),  # Loki's default 100
         ("maxEntriesLimitPerQuery", entries, qr, {"query": LOG, "limit": "20", **last_hour}, 200, True),
@@ -735,11 +740,6 @@ def _field_cases(now: float) -> list[tuple[str, dict[str, Any], str, dict[str, s
         ("maxQueryLength", length, qr, {"query": LOG, "start": str(t - 1800), "end": str(t)}, 200, True),
         ("maxQueryLength", length, "/loki/api/v1/labels", two_hours, 400, False),
         ("maxQueryLength", length, "/loki/api/v1/series", {"match[]": LOG, **two_hours}, 400, False),
-        ("maxQueryLookback", lookback, qr, {"query": LOG, "limit": "1000", **two_hours}, 200, True),
-        ("maxQueryLookback", lookback, qr, {"query": LOG, "since": "2h"}, 200, True),
-        ("maxQueryLookback", lookback, qr, {"query": LOG, **before}, 200, True),
-        ("maxQueryLookback", lookback, qr, {"query": SLOW, "step": "60", **before}, 200, True),
-        ("maxQueryLookback", lookback, "/loki/api/v1/labels", before, 200, False),
         ("maxQueryInterval", interval, qr, {"query": SLOW.replace("1m", "5m"), "step": "60", **last_hour}, 400,
          False),
         ("maxQueryInterval", interval, instant, {"query": SLOW.replace("1m", "5m"), "time": str(t)}, 400, False),
