@@ -64,6 +64,13 @@ def test_values_and_ranges_are_read_as_loki_reads_them() -> None:
         apply(lp, "/loki/api/v1/query_range", urlencode({"query": "sum(rate(" + LOG + "[1m]))", "since": "2h"}))
     raw = urlencode({"query": LOG, "limit": "500"})
     assert apply(lp, "/loki/api/v1/query", raw) == (raw, None)  # Loki: no instant log queries at all
+    for path in ("/loki/api/v1/labels", "/loki/api/v1/label/app/values", "/loki/api/v1/series"):  # (no limit)
+        with pytest.raises(ProxyError, match=r"query length: 2h0m0s, limit: 1h"):
+            apply(lp, path, urlencode({"match[]": LOG, "since": "2h", "limit": "500"}))
+    back = parse({"maxQueryLookback": "1h"})
+    assert back is not None
+    assert apply(back, "/loki/api/v1/labels", "start=1&end=2") == ("start=1&end=2", {"status": "success"})
+    assert apply(back, "/loki/api/v1/detected_labels", "start=1&end=2") == ("start=1&end=2", None)
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ header and the client sees the same answer either way:
 
 * ``maxEntriesLimitPerQuery``: a log ``query_range`` whose ``limit`` (Loki's default: 100) exceeds it:
   400 ``max entries limit per query exceeded, limit > max_entries_limit_per_query (N > M)``;
-* ``maxQueryLookback``: a ``query_range`` starting earlier than now - lookback starts at now - lookback;
-  one ending before it gets Loki's empty answer;
-* ``maxQueryLength``: a ``query_range`` longer than it: 400 ``the query time range exceeds the limit
+* ``maxQueryLookback``: a ``query_range``, ``labels``, ``label/<name>/values`` or ``series`` read starting
+  earlier than now - lookback starts at now - lookback; one ending before it gets Loki's empty answer;
+* ``maxQueryLength``: such a read longer than it: 400 ``the query time range exceeds the limit
   (query length: 721h0m0s, limit: 30d)``.
 
 The range is read as Loki reads it (``pkg/loghttp/params.go`` ``determineBounds``: ``end`` defaults to now,
@@ -49,6 +49,9 @@ _BYTES: Final = re.compile(r"^(\d+)\s*(|b|byte|k|kb|kilo|kilobytes?|m|mb|mega|me
 _LEGACY_BYTES: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
 _DEFAULT_LIMIT: Final = 100  # pkg/loghttp/params.go defaultQueryLimit, defaultSince
 _DEFAULT_SINCE_MS: Final = 3600_000
+_RANGE_PATHS: Final = ("/query_range", "/api/prom/query")
+_META_PATHS: Final = ("/labels", "/label", "/series")
+_LABEL_VALUES: Final = re.compile(r"/label/[^/]+/values$")
 _POWERS: Final = {"": 0, "b": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
 _MAX_INT64: Final = 2**63 - 1
 
@@ -181,8 +184,10 @@ def _loki_time_ns(value: str | None, default_ns: int) -> int:
     return int(dt.timestamp() * 1e9)
 
 
-def _empty(log_query: bool) -> dict[str, Any]:
-    """Loki's answer to a range wholly before the lookback (``NewEmptyResponse``)."""
+def _empty(is_range: bool, log_query: bool) -> dict[str, Any]:
+    """Loki's answer to a range wholly before the lookback (``NewEmptyResponse``; labels and series: no data)."""
+    if not is_range:
+        return {"status": "success"}
     return {"status": "success", "data": {"resultType": "streams" if log_query else "matrix", "result": [],
                                           "stats": {}}}
 
@@ -192,14 +197,16 @@ def apply(lp: LokiPolicy, upstream_path: str, raw_query: str, now: float | None 
     """The query string to send (``start`` clamped), and Loki's own empty answer when nothing is left to
     ask; refusals raise ProxyError with Loki's status and text. Only the URL's parameters are read: a
     form body is left to Loki, which reads the header."""
-    # Only range queries: an instant log query is refused by Loki whatever its limit ("log queries are not
-    # supported as an instant query type"), and an instant metric query has no range of its own.
-    if not (upstream_path.endswith("/query_range") or upstream_path.endswith("/api/prom/query")):
+    # Range queries, labels and series (Loki's limitsMiddleware); not an instant query: a log one is refused by
+    # Loki whatever its limit ("log queries are not supported as an instant query type"), a metric one has
+    # no range of its own.
+    is_range = upstream_path.endswith(_RANGE_PATHS)
+    if not (is_range or upstream_path.endswith(_META_PATHS) or _LABEL_VALUES.search(upstream_path)):
         return raw_query, None
     params = parse_qsl(raw_query, keep_blank_values=True)
     got = dict(params)
     log_query = got.get("query", "").lstrip().startswith("{")
-    if lp.max_entries and log_query:
+    if lp.max_entries and log_query and is_range:
         try:
             n = int(got.get("limit") or _DEFAULT_LIMIT)
         except ValueError:
@@ -219,7 +226,7 @@ def apply(lp: LokiPolicy, upstream_path: str, raw_query: str, now: float | None 
     if lp.lookback_ms:
         min_start = now_ns - lp.lookback_ms * 1_000_000
         if end < min_start:
-            return raw_query, _empty(log_query)
+            return raw_query, _empty(is_range, log_query)
         if start < min_start:
             start, changed = min_start, True
     if lp.length_ms:

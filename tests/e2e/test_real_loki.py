@@ -171,6 +171,11 @@ class LokiProcess:
         }
         if per_request_limits:  # X-Loki-Query-Limits read (as Grafana Cloud's Loki does)
             cfg["querier"] = {"per_request_limits_enabled": True}
+            # No results cache: a request is asked twice (through the gateway, then directly), and splits a
+            # timed-out first one finished would answer the second without running into the timeout.
+            cfg["query_range"] = {k: False for k in ("cache_results", "cache_index_stats_results",
+                                                     "cache_volume_results", "cache_series_results",
+                                                     "cache_label_results")}
         self.config_path = tmp / "loki.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.log_path = tmp / "loki.log"
@@ -728,7 +733,8 @@ def _field_cases(now: float) -> list[tuple[str, dict[str, Any], str, dict[str, s
         ("maxQueryLookback", lookback, qr, {"query": LOG, "since": "2h"}, 200, True),
         ("maxQueryLookback", lookback, qr, {"query": LOG, **before}, 200, True),
         ("maxQueryLookback", lookback, qr, {"query": SLOW, "step": "60", **before}, 200, True),
-        ("maxQueryLookback", lookback, "/loki/api/v1/labels", before, 200, False),
+        ("maxQueryLookback", lookback, "/loki/api/v1/labels", before, 200, True),
+        ("maxQueryLookback", lookback, "/loki/api/v1/series", {"match[]": LOG, **two_hours}, 200, True),
         ("maxEntriesLimitPerQuery", entries, qr, {"query": LOG, "limit": "500", **last_hour}, 400, True),
         ("maxEntriesLimitPerQuery", entries, qr, {"query": LOG, **last_hour}, 400, True),  # Loki's default 100
         ("maxEntriesLimitPerQuery", entries, qr, {"query": LOG, "limit": "20", **last_hour}, 200, True),
@@ -738,8 +744,9 @@ def _field_cases(now: float) -> list[tuple[str, dict[str, Any], str, dict[str, s
         ("maxQueryLength", length, qr, {"query": LOG, **two_hours}, 400, True),
         ("maxQueryLength", length, qr, {"query": LOG, "since": "2h"}, 400, True),
         ("maxQueryLength", length, qr, {"query": LOG, "start": str(t - 1800), "end": str(t)}, 200, True),
-        ("maxQueryLength", length, "/loki/api/v1/labels", two_hours, 400, False),
-        ("maxQueryLength", length, "/loki/api/v1/series", {"match[]": LOG, **two_hours}, 400, False),
+        ("maxQueryLength", length, "/loki/api/v1/labels", two_hours, 400, True),
+        ("maxQueryLength", length, "/loki/api/v1/label/app/values", {"since": "2h"}, 400, True),
+        ("maxQueryLength", length, "/loki/api/v1/series", {"match[]": LOG, **two_hours}, 400, True),
         ("maxQueryInterval", interval, qr, {"query": SLOW.replace("1m", "5m"), "step": "60", **last_hour}, 400,
          False),
         ("maxQueryInterval", interval, instant, {"query": SLOW.replace("1m", "5m"), "time": str(t)}, 400, False),
