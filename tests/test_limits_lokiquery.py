@@ -13,7 +13,16 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
-from gateway.limits.lokiquery import go_duration, model_duration, parse, parse_duration_ms
+from gateway.errors import ProxyError
+from gateway.limits.lokiquery import (
+    apply,
+    go_duration,
+    model_duration,
+    parse,
+    parse_duration_ms,
+    size_bytes,
+    valid_bytes,
+)
 from tests.fake_loki_limits import FakeLokiLimits
 from tests.test_limits import policy_token
 from tests.test_proxy import Env, _env, basic
@@ -36,6 +45,34 @@ def test_durations_are_formatted_like_go() -> None:
     assert parse({"maxQueryLength": "bogus"}) is None and parse({}) is None
 
 
+def test_values_and_ranges_are_read_as_loki_reads_them() -> None:
+    """Loki drops the whole header when one value fails to parse (a real Loki shows it:
+    tests/e2e/test_real_loki.py), so only sizes and durations Loki reads are sent; a range is Loki's
+    (``since``, a default ``limit`` of 100), and an instant query is left to Loki."""
+    assert [valid_bytes(v) for v in ("500MB", "1 gb", "2kilobytes", "1024", "1GiB", "1.5GB", "9999999999EB")] == [
+        True, True, True, True, False, False, False]
+    assert [size_bytes(v) for v in ("1KB", "1 gb", "7")] == [1024, 2**30, 7]
+    sent = [json.loads(p.header)["maxQueryBytesRead"] for p in (
+        parse({"maxQueryBytesRead": v}) for v in ("500MB", "1GiB", "1.5 GB", "512 KiB")) if p is not None]
+    assert sent == ["500MB", str(2**30), str(3 * 2**29), str(2**19)]  # legacy forms as a byte count
+    assert parse({"maxQueryBytesRead": "0"}) is None and parse_duration_ms("999999y") is None
+    lp = parse({"maxEntriesLimitPerQuery": 50, "maxQueryLength": "1h"})
+    assert lp is not None
+    with pytest.raises(ProxyError, match=r"\(100 > 50\)"):
+        apply(lp, "/loki/api/v1/query_range", urlencode({"query": LOG}))
+    with pytest.raises(ProxyError, match=r"query length: 2h0m0s, limit: 1h"):
+        apply(lp, "/loki/api/v1/query_range", urlencode({"query": "sum(rate(" + LOG + "[1m]))", "since": "2h"}))
+    raw = urlencode({"query": LOG, "limit": "500"})
+    assert apply(lp, "/loki/api/v1/query", raw) == (raw, None)  # Loki: no instant log queries at all
+    for path in ("/loki/api/v1/labels", "/loki/api/v1/label/app/values", "/loki/api/v1/series"):  # (no limit)
+        with pytest.raises(ProxyError, match=r"query length: 2h0m0s, limit: 1h"):
+            apply(lp, path, urlencode({"match[]": LOG, "since": "2h", "limit": "500"}))
+    back = parse({"maxQueryLookback": "1h"})
+    assert back is not None
+    assert apply(back, "/loki/api/v1/labels", "start=1&end=2") == ("start=1&end=2", {"status": "success"})
+    assert apply(back, "/loki/api/v1/detected_labels", "start=1&end=2") == ("start=1&end=2", None)
+
+
 @pytest.fixture
 async def loki(db_dsn: str, aiohttp_client: Any, aiohttp_server: Any) -> AsyncIterator[tuple[Env, FakeLokiLimits,
                                                                                           str]]:
@@ -54,6 +91,8 @@ async def _both(env: Env, fake: FakeLokiLimits, url: str, tok: str, params: dict
     path = "/loki/api/v1/query_range?" + urlencode(params)
     r = await env.gw.client.get(path, headers=basic("100", tok))
     text = (await r.json()).get("error", "") if r.status != 200 else ""
+    if r.status != 200:  # Grafana's Loki data source shows `message` (a plain-text body whole, as Loki's)
+        assert (await r.json())["message"] == text
     p = parse(POLICY)
     assert p is not None
     async with aiohttp.ClientSession() as s, s.get(url + path, headers={
@@ -117,7 +156,8 @@ async def test_each_field(loki: tuple[Env, FakeLokiLimits, str]) -> None:
 async def test_the_api_refuses_what_loki_could_not_read(loki: tuple[Env, FakeLokiLimits, str]) -> None:
     env, _, _ = loki
     for bad, field in (({"maxQueryLength": "7 days"}, "maxQueryLength"), ({"maxQueryBytesRead": "lots"},
-                                                                          "maxQueryBytesRead")):
+                                                                          "maxQueryBytesRead"),
+                       ({"maxQueryBytesRead": "1GiB"}, "maxQueryBytesRead")):
         body = {"name": "bad", "scopes": ["logs:read"], "realms": [{"type": "org", "identifier": "1"}],
                 "attributes": {"lokiQueryPolicy": bad}}
         err = await env.gw.api("POST", "/api/v1/accesspolicies", body, expect=409)

@@ -226,7 +226,8 @@ def attributes(value: Any) -> dict[str, Any] | None:
                 raise bad_request(f"unknown field {name!r}", f"attributes.{key}.{name}")
             if not _attribute_ok(kind, v):
                 want = {"int": "an integer", "num": "a number >= 0", "str": "a string", "strs": "a list of strings",
-                        "dur": "a duration such as 30d, 12h or 1h30m", "bytes": "a size such as 500MB or 1GiB"}[kind]
+                        "dur": "a duration such as 30d, 12h or 1h30m",
+                        "bytes": "a size Loki reads: 500MB, 1GB or 1024 (no GiB, no decimals)"}[kind]
                 raise bad_request(f"must be {want}", f"attributes.{key}.{name}")
     return value
 

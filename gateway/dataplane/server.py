@@ -77,7 +77,7 @@ _ERROR_TYPES: Final = {408: "timeout", 500: "internal", 503: "unavailable"}
 def _error_bytes(status: int, message: str) -> bytes:
     """The Prometheus-shaped error of a request the handler never saw; the connection closes after it."""
     kind = _ERROR_TYPES.get(status, "bad_data")
-    body = json.dumps({"status": "error", "errorType": kind, "error": message}).encode()
+    body = json.dumps({"status": "error", "errorType": kind, "error": message, "message": message}).encode()
     phrase = HTTPStatus(status).phrase
     retry = "Retry-After: 1\r\n" if status == 503 else ""
     return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"

@@ -11,12 +11,17 @@ The checks Loki makes from the request alone the gateway also makes itself, with
 (``pkg/querier/queryrange/limits.go``, ``pkg/validation``), so they hold against a Loki that ignores the
 header and the client sees the same answer either way:
 
-* ``maxEntriesLimitPerQuery``: a log query whose ``limit`` exceeds it: 400 ``max entries limit per query
-  exceeded, limit > max_entries_limit_per_query (N > M)``;
-* ``maxQueryLookback``: a ``query_range`` starting earlier than now - lookback starts at now - lookback;
-  one ending before it gets Loki's empty answer;
-* ``maxQueryLength``: a ``query_range`` longer than it: 400 ``the query time range exceeds the limit
+* ``maxEntriesLimitPerQuery``: a log ``query_range`` whose ``limit`` (Loki's default: 100) exceeds it:
+  400 ``max entries limit per query exceeded, limit > max_entries_limit_per_query (N > M)``;
+* ``maxQueryLookback``: a ``query_range``, ``labels``, ``label/<name>/values`` or ``series`` read starting
+  earlier than now - lookback starts at now - lookback; one ending before it gets Loki's empty answer;
+* ``maxQueryLength``: such a read longer than it: 400 ``the query time range exceeds the limit
   (query length: 721h0m0s, limit: 30d)``.
+
+The range is read as Loki reads it (``pkg/loghttp/params.go`` ``determineBounds``: ``end`` defaults to now,
+``start`` to min(end, now) - ``since``, ``since`` to 1h). Loki reads the header only with
+``querier.per_request_limits_enabled: true``, and drops the whole header when one value fails to parse, so
+every value sent is one Loki's JSON decoding reads (checked against a real Loki, tests/e2e/test_real_loki.py).
 """
 
 from __future__ import annotations
@@ -36,7 +41,19 @@ _DURATION: Final = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:
 _UNITS_MS: Final = (365 * 86400_000, 7 * 86400_000, 86400_000, 3600_000, 60_000, 1000, 1)
 #: Loki's JSON tags (pkg/util/querylimits QueryLimits); older Lokis read the timeout as ``queryTimeout``.
 _DURATION_FIELDS: Final = ("maxQueryLength", "maxQueryInterval", "maxQueryLookback", "maxQueryTime", "queryTimeout")
-_BYTES: Final = re.compile(r"^\s*\d+(?:\.\d+)?\s*(?:[kKmMgGtTpPeE]i?[bB]?|[bB])?\s*$")
+#: What Loki's ``flagext.ByteSize`` reads (c2h5oh/datasize ``UnmarshalText`` of the upper-cased text): digits,
+#: then a unit; K, M, G, ... are powers of 1024. ``1GiB`` or ``1.5GB`` fail, and with them the whole header.
+_BYTES: Final = re.compile(r"^(\d+)\s*(|b|byte|k|kb|kilo|kilobytes?|m|mb|mega|megabytes?|g|gb|giga|gigabytes?|t|tb|"
+                           r"tera|terabytes?|p|pb|peta|petabytes?|e|eb)\s*$", re.IGNORECASE)
+#: Sizes stored before the admin API checked Loki's grammar (``1GiB``, ``1.5 GB``): sent as a byte count.
+_LEGACY_BYTES: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
+_DEFAULT_LIMIT: Final = 100  # pkg/loghttp/params.go defaultQueryLimit, defaultSince
+_DEFAULT_SINCE_MS: Final = 3600_000
+_RANGE_PATHS: Final = ("/query_range", "/api/prom/query")
+_META_PATHS: Final = ("/labels", "/label", "/series")
+_LABEL_VALUES: Final = re.compile(r"/label/[^/]+/values$")
+_POWERS: Final = {"": 0, "b": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
+_MAX_INT64: Final = 2**63 - 1
 
 
 def parse_duration_ms(text: str) -> int | None:
@@ -46,12 +63,34 @@ def parse_duration_ms(text: str) -> int | None:
     m = _DURATION.match(text)
     if not text or m is None:
         return None
-    return sum(int(g) * unit for g, unit in zip(m.groups(), _UNITS_MS, strict=True) if g)
+    ms = sum(int(g) * unit for g, unit in zip(m.groups(), _UNITS_MS, strict=True) if g)
+    return ms if ms * 1_000_000 <= _MAX_INT64 else None  # Loki refuses what overflows a Go duration
+
+
+def size_bytes(text: str) -> int | None:
+    """The byte count Loki's ``flagext.ByteSize`` reads from ``text`` (``500MB``, ``1gb``, ``1024``);
+    None if Loki cannot read it."""
+    m = _BYTES.match(text)
+    if m is None:
+        return None
+    n = int(m.group(1)) << 10 * _POWERS[m.group(2)[:1].lower()]
+    return n if n <= _MAX_INT64 else None  # (a larger one is read, as a negative int: no limit)
 
 
 def valid_bytes(text: str) -> bool:
-    """The sizes Loki's ``flagext.ByteSize`` (go-humanize ParseBytes) reads: ``500MB``, ``1GiB``, ``1024``."""
-    return _BYTES.match(text) is not None
+    """A size Loki reads: ``500MB``, ``1GB`` (GiB), ``1024``."""
+    return size_bytes(text) is not None
+
+
+def _sendable_bytes(text: str) -> str | None:
+    """The size as sent in the header: as given when Loki reads it, a stored legacy form as a byte count."""
+    if size_bytes(text) is not None:
+        return text
+    m = _LEGACY_BYTES.match(text)
+    if m is None:
+        return None
+    n = int(float(m.group(1)) * (1 << 10 * _POWERS[m.group(2).lower()]))
+    return str(n) if 0 <= n <= _MAX_INT64 else None
 
 
 def model_duration(ms: int) -> str:
@@ -115,8 +154,8 @@ def parse(obj: Any) -> LokiPolicy | None:
     if isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels):
         sent["requiredLabels"] = labels
     size = obj.get("maxQueryBytesRead")
-    if isinstance(size, str) and size.strip() and valid_bytes(size) and size.strip() not in ("0", "0B"):
-        sent["maxQueryBytesRead"] = size.strip()
+    if isinstance(size, str) and (b := _sendable_bytes(size.strip())) is not None and size_bytes(b):
+        sent["maxQueryBytesRead"] = b
     if not sent:
         return None
     return LokiPolicy(json.dumps(sent, separators=(",", ":"), sort_keys=True), sent.get("maxEntriesLimitPerQuery", 0),
@@ -145,8 +184,10 @@ def _loki_time_ns(value: str | None, default_ns: int) -> int:
     return int(dt.timestamp() * 1e9)
 
 
-def _empty(log_query: bool) -> dict[str, Any]:
-    """Loki's answer to a range wholly before the lookback (``NewEmptyResponse``)."""
+def _empty(is_range: bool, log_query: bool) -> dict[str, Any]:
+    """Loki's answer to a range wholly before the lookback (``NewEmptyResponse``; labels and series: no data)."""
+    if not is_range:
+        return {"status": "success"}
     return {"status": "success", "data": {"resultType": "streams" if log_query else "matrix", "result": [],
                                           "stats": {}}}
 
@@ -156,30 +197,36 @@ def apply(lp: LokiPolicy, upstream_path: str, raw_query: str, now: float | None 
     """The query string to send (``start`` clamped), and Loki's own empty answer when nothing is left to
     ask; refusals raise ProxyError with Loki's status and text. Only the URL's parameters are read: a
     form body is left to Loki, which reads the header."""
-    is_range = upstream_path.endswith("/query_range") or upstream_path.endswith("/api/prom/query")
-    if not (is_range or upstream_path.endswith("/query")):
+    # Range queries, labels and series (Loki's limitsMiddleware); not an instant query: a log one is refused by
+    # Loki whatever its limit ("log queries are not supported as an instant query type"), a metric one has
+    # no range of its own.
+    is_range = upstream_path.endswith(_RANGE_PATHS)
+    if not (is_range or upstream_path.endswith(_META_PATHS) or _LABEL_VALUES.search(upstream_path)):
         return raw_query, None
     params = parse_qsl(raw_query, keep_blank_values=True)
     got = dict(params)
     log_query = got.get("query", "").lstrip().startswith("{")
-    if lp.max_entries and log_query and (limit := got.get("limit")) not in (None, ""):
+    if lp.max_entries and log_query and is_range:
         try:
-            n = int(limit)
+            n = int(got.get("limit") or _DEFAULT_LIMIT)
         except ValueError:
             n = 0  # Loki refuses it itself
         if n > lp.max_entries:
             raise ProxyError(400, "max entries limit per query exceeded, limit > max_entries_limit_per_query "
                              f"({n} > {lp.max_entries})", "loki_query_policy")
-    if not is_range or not (lp.lookback_ms or lp.length_ms):
+    if not (lp.lookback_ms or lp.length_ms):
         return raw_query, None
+    since_ms = parse_duration_ms(got["since"]) if got.get("since") else _DEFAULT_SINCE_MS
+    if since_ms is None:
+        return raw_query, None  # Loki refuses it: "could not parse 'since' parameter"
     now_ns = int((time.time() if now is None else now) * 1e9)
     end = _loki_time_ns(got.get("end"), now_ns)
-    start = _loki_time_ns(got.get("start"), end - 3600 * 1_000_000_000)  # Loki's default: the last hour
+    start = _loki_time_ns(got.get("start"), min(end, now_ns) - since_ms * 1_000_000)
     changed = False
     if lp.lookback_ms:
         min_start = now_ns - lp.lookback_ms * 1_000_000
         if end < min_start:
-            return raw_query, _empty(log_query)
+            return raw_query, _empty(is_range, log_query)
         if start < min_start:
             start, changed = min_start, True
     if lp.length_ms:

@@ -19,6 +19,12 @@ header mode refuse (503) and auto fall back to enforce. In enforce mode, ``index
 ``index/volume`` and ``index/volume_range`` (counted by inclusion-exclusion over the selectors)
 must equal the visible-only tenant's answers exactly:
 same names, values, order and result type.
+
+The Loki without LBAC reads ``X-Loki-Query-Limits`` (``querier.per_request_limits_enabled``, as
+Grafana Cloud's Loki does): for each lokiQueryPolicy field a token's reads through the gateway get the
+status, text and result Loki itself gives with the policy's header, the unit tests' fake Loki
+(``tests/fake_loki_limits.py``) the same status and text, and what the gateway checks itself the same
+answer in front of the LBAC Loki, which ignores the header.
 """
 
 from __future__ import annotations
@@ -142,7 +148,7 @@ def basic(user: str, password: str) -> dict[str, str]:
 class LokiProcess:
     """A single-binary Loki on free ports, filesystem storage under ``tmp``."""
 
-    def __init__(self, tmp: Path, lbac: bool):
+    def __init__(self, tmp: Path, lbac: bool, per_request_limits: bool = False):
         self.tmp, self.lbac = tmp, lbac
         self.port, self.grpc = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -158,10 +164,18 @@ class LokiProcess:
             "ingester": {"lifecycler": {"min_ready_duration": "0s", "final_sleep": "0s"}},
             "schema_config": {"configs": [{"from": "2020-10-24", "store": "tsdb", "object_store": "filesystem",
                                            "schema": "v13", "index": {"prefix": "index_", "period": "24h"}}]},
-            "frontend": {"encoding": "protobuf"},
+            # (the frontend looks for the scheduler every 10 s by default: Loki was ready after 10 s, not 1 s)
+            "frontend": {"encoding": "protobuf", "scheduler_dns_lookup_period": "200ms"},
             "limits_config": {"discover_log_levels": False},
             "analytics": {"reporting_enabled": False},
         }
+        if per_request_limits:  # X-Loki-Query-Limits read (as Grafana Cloud's Loki does)
+            cfg["querier"] = {"per_request_limits_enabled": True}
+            # No results cache: a request is asked twice (through the gateway, then directly), and splits a
+            # timed-out first one finished would answer the second without running into the timeout.
+            cfg["query_range"] = {k: False for k in ("cache_results", "cache_index_stats_results",
+                                                     "cache_volume_results", "cache_series_results",
+                                                     "cache_label_results")}
         self.config_path = tmp / "loki.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.log_path = tmp / "loki.log"
@@ -239,7 +253,7 @@ def _loki(base: Path, lbac: bool) -> Iterator[LokiProcess]:
         pytest.fail(f"GATEWAY_LOKI_BIN={LOKI_BIN!r} is not an executable Loki binary")
     tmp = base / ("lbac" if lbac else "plain")
     tmp.mkdir()
-    loki = LokiProcess(tmp, lbac).start()
+    loki = LokiProcess(tmp, lbac, per_request_limits=not lbac).start()
     try:
         _load(loki)
         yield loki
@@ -263,8 +277,8 @@ def loki_plain(loki_dirs: Path) -> Iterator[LokiProcess]:
 class Gw:
     """A `gateway serve` process in front of one Loki, with tokens per policy set."""
 
-    def __init__(self, proc: GatewayProcess, tokens: dict[str, str]):
-        self.proc, self.tokens = proc, tokens
+    def __init__(self, proc: GatewayProcess, tokens: dict[str, str], admin: str):
+        self.proc, self.tokens, self.admin = proc, tokens, admin
 
     def get(self, token: str, tenant: str, path: str, params: dict[str, str]) -> tuple[int, Any]:
         return http("GET", f"{self.proc.url}{path}?{urllib.parse.urlencode(params)}", basic(tenant, token))
@@ -275,7 +289,7 @@ class Gw:
         return body  # type: ignore[no-any-return]
 
 
-def _gateway(tmp: Path, dsn: str, loki: LokiProcess, mode: str) -> Iterator[Gw]:
+def _gateway(tmp: Path, dsn: str, loki: LokiProcess, mode: str, policies: bool = True) -> Iterator[Gw]:
     proc = GatewayProcess(tmp, dsn, data_dir=str(tmp / "data"),
                           upstreams={**TEST_CONFIG["upstreams"], "logs": {"url": loki.url, "lbac": mode}})
     r = subprocess.run([sys.executable, "-m", "gateway", "token", "bootstrap", "-c", str(proc.config_path),
@@ -286,7 +300,7 @@ def _gateway(tmp: Path, dsn: str, loki: LokiProcess, mode: str) -> Iterator[Gw]:
     proc.start(timeout=30)
     try:
         tokens: dict[str, str] = {}
-        for name, selectors in {"all": (), **POLICY_SETS}.items():
+        for name, selectors in {"all": (), **POLICY_SETS}.items() if policies else ():
             realms = [{"type": "stack", "identifier": stack,
                        "labelPolicies": [{"selector": s} for s in selectors]} for stack in TENANTS]
             status, pol = http("POST", f"{proc.url}/api/v1/accesspolicies", {"Authorization": f"Bearer {admin}"},
@@ -296,7 +310,7 @@ def _gateway(tmp: Path, dsn: str, loki: LokiProcess, mode: str) -> Iterator[Gw]:
                                {"accessPolicyId": pol["id"], "name": f"tok-{name}"})
             assert status == 200, tok
             tokens[name] = tok["token"]
-        yield Gw(proc, tokens)
+        yield Gw(proc, tokens, admin)
     finally:
         proc.stop()
 
@@ -305,7 +319,8 @@ def _wait_probe(gw: Gw, want: str) -> dict[str, Any]:
     deadline = time.monotonic() + 15
     while True:
         st = gw.ready()["lbac"]["logs"]
-        if st["checkedAt"] is not None or time.monotonic() > deadline:
+        # (enforce mode never probes: its checkedAt stays null, so waiting for it only cost 15 s a test)
+        if st["checkedAt"] is not None or st["configured"] == "enforce" or time.monotonic() > deadline:
             assert st["effective"] == want, st
             return st  # type: ignore[no-any-return]
         time.sleep(0.2)
@@ -382,8 +397,10 @@ def compare(gw: Gw, loki: LokiProcess, name: str, detected: bool = False) -> lis
 def gw_factory(tmp_path: Path, db_dsn: str) -> Iterator[Callable[[LokiProcess, str], Gw]]:
     gens: list[Iterator[Gw]] = []
 
-    def make(loki: LokiProcess, mode: str) -> Gw:
-        gen = _gateway(tmp_path, db_dsn, loki, mode)
+    def make(loki: LokiProcess, mode: str, policies: bool = True) -> Gw:
+        tmp = tmp_path / f"gw{len(gens)}"
+        tmp.mkdir()
+        gen = _gateway(tmp, db_dsn, loki, mode, policies)
         gens.append(gen)
         return next(gen)
     yield make
@@ -513,7 +530,8 @@ def loki_counts(loki_dirs: Path) -> Iterator[LokiProcess]:
     tmp.mkdir()
     loki = LokiProcess(tmp, lbac=False)
     cfg = yaml.safe_load(loki.config_path.read_text())
-    cfg["pattern_ingester"] = {"enabled": True}
+    cfg["pattern_ingester"] = {"enabled": True,  # (ready at once, not 15 s after start)
+                               "lifecycler": {"min_ready_duration": "0s", "final_sleep": "0s"}}
     loki.config_path.write_text(yaml.safe_dump(cfg))
     loki.start()
     try:
@@ -660,22 +678,195 @@ def test_metric_queries_under_several_selectors(loki_lbac: LokiProcess, loki_pla
     assert compared == 80 and nonempty >= 50, (compared, nonempty)
 
 
-def test_loki_applies_the_query_limits_header_as_the_fake_does(loki_plain: LokiProcess) -> None:
-    """The premise of tests/fake_loki_limits.py (and of the gateway's own lokiQueryPolicy checks, issue 28):
-    Loki reads a policy's lokiQueryPolicy from X-Loki-Query-Limits and answers with the same status and text."""
+# ---------------------------------------------------------------------------------------------- lokiQueryPolicy
 
-    from tests.fake_loki_limits import FakeLokiLimits  # noqa: F401  (the texts compared are the fake's)
-    limits = json.dumps({"maxEntriesLimitPerQuery": 100, "maxQueryLength": "24h", "maxQueryLookback": "7d"})
-    h = {"X-Scope-OrgID": "100", "X-Loki-Query-Limits": limits}
-    now = time.time()
+LOG = '{app=~".+"}'
+SLOW = 'sum(count_over_time({app=~".+"}[1m]))'  # 3600 steps: far longer than 1ms
 
-    def ask(params: dict[str, str]) -> tuple[int, Any]:
-        return http("GET", f"{loki_plain.url}/loki/api/v1/query_range?{urllib.parse.urlencode(params)}", h)
-    status, body = ask({"query": '{app=~".+"}', "limit": "500"})
-    assert status == 400 and str(body).strip() == (
-        "max entries limit per query exceeded, limit > max_entries_limit_per_query (500 > 100)"), (status, body)
-    status, body = ask({"query": '{app=~".+"}', "start": str(int(now - 2 * 86400)), "end": str(int(now))})
-    assert status == 400 and str(body).strip() == (
-        "the query time range exceeds the limit (query length: 48h0m0s, limit: 1d)"), (status, body)
-    status, body = ask({"query": '{app=~".+"}', "start": str(int(now - 9 * 86400)), "end": str(int(now - 8 * 86400))})
-    assert status == 200 and body["data"]["result"] == [], (status, body)
+
+def _policy_token(gw: Gw, name: str, loki_query_policy: dict[str, Any], stack: str = "100",
+                  admin: str | None = None) -> str:
+    auth = {"Authorization": f"Bearer {admin or gw.admin}"}
+    status, pol = http("POST", f"{gw.proc.url}/api/v1/accesspolicies", auth, {
+        "name": f"limits-{name}", "scopes": ["logs:read"], "realms": [{"type": "stack", "identifier": stack}],
+        "attributes": {"lokiQueryPolicy": loki_query_policy}})
+    assert status == 200, pol
+    status, tok = http("POST", f"{gw.proc.url}/api/v1/tokens", auth, {"accessPolicyId": pol["id"], "name": name})
+    assert status == 200, tok
+    return tok["token"]  # type: ignore[no-any-return]
+
+
+def _direct(loki: LokiProcess, tenant: str, path: str, params: dict[str, str], header: str) -> tuple[int, Any]:
+    """Loki's own answer with the policy's header: what Grafana Cloud's Loki (which reads it) answers."""
+    return http("GET", f"{loki.url}{path}?{urllib.parse.urlencode(params)}",
+                {"X-Scope-OrgID": tenant, "X-Loki-Query-Limits": header})
+
+
+def _text(body: Any) -> str:
+    """An error's text as Grafana's Loki data source shows it (pkg/tsdb/loki/api.go ``makeLokiError``): a
+    JSON body's ``message`` (the gateway's own refusals), or the whole body (Loki's are plain text)."""
+    return str(body["message"] if isinstance(body, dict) and body.get("message") else body).strip()
+
+
+def _result(body: Any) -> Any:
+    """An answer without its statistics: streams, a matrix or vector, or a list."""
+    data = body.get("data") or []  # (Loki's empty answer to labels or series has none)
+    if isinstance(data, list):
+        return sorted(json.dumps(d, sort_keys=True) for d in data)
+    if data["resultType"] == "streams":
+        return data["resultType"], _streams(body)
+    return _numbers(body)
+
+
+def _field_cases(now: float) -> list[tuple[str, dict[str, Any], str, dict[str, str], int, bool]]:
+    """(field, lokiQueryPolicy, path, parameters, Loki's status, whether the gateway checks it itself)."""
+    t = int(now)
+    last_hour = {"start": str(t - 3600), "end": str(t)}
+    two_hours = {"start": str(t - 7200), "end": str(t)}
+    # A lookback ending 30 s before the first pushed lines (60, 40 and 20 s before NOW_NS): only `line 2`.
+    lookback = {"maxQueryLookback": f"{int(now - NOW_NS / 1e9) + 30}s"}
+    before = {"start": str(t - 3 * 3600), "end": str(t - 2 * 3600)}
+    qr, instant = "/loki/api/v1/query_range", "/loki/api/v1/query"
+    entries, length, interval = {"maxEntriesLimitPerQuery": 50}, {"maxQueryLength": "1h"}, {"maxQueryInterval": "1m"}
+    return [  # (the lookback first: its boundary, 30 s from NOW_NS, moves with the clock; 10 s either side)
+        ("maxQueryLookback", lookback, qr, {"query": LOG, "limit": "1000", **two_hours}, 200, True),
+        ("maxQueryLookback", lookback, qr, {"query": LOG, "since": "2h"}, 200, True),
+        ("maxQueryLookback", lookback, qr, {"query": LOG, **before}, 200, True),
+        ("maxQueryLookback", lookback, qr, {"query": SLOW, "step": "60", **before}, 200, True),
+        ("maxQueryLookback", lookback, "/loki/api/v1/labels", before, 200, True),
+        ("maxQueryLookback", lookback, "/loki/api/v1/series", {"match[]": LOG, **two_hours}, 200, True),
+        ("maxEntriesLimitPerQuery", entries, qr, {"query": LOG, "limit": "500", **last_hour}, 400, True),
+        ("maxEntriesLimitPerQuery", entries, qr, {"query": LOG, **last_hour}, 400, True),  # Loki's default 100
+        ("maxEntriesLimitPerQuery", entries, qr, {"query": LOG, "limit": "20", **last_hour}, 200, True),
+        ("maxEntriesLimitPerQuery", entries, qr, {"query": SLOW, "limit": "500", "step": "60", **last_hour}, 200,
+         True),
+        ("maxEntriesLimitPerQuery", entries, instant, {"query": LOG, "limit": "500"}, 400, True),  # instant log
+        ("maxQueryLength", length, qr, {"query": LOG, **two_hours}, 400, True),
+        ("maxQueryLength", length, qr, {"query": LOG, "since": "2h"}, 400, True),
+        ("maxQueryLength", length, qr, {"query": LOG, "start": str(t - 1800), "end": str(t)}, 200, True),
+        ("maxQueryLength", length, "/loki/api/v1/labels", two_hours, 400, True),
+        ("maxQueryLength", length, "/loki/api/v1/label/app/values", {"since": "2h"}, 400, True),
+        ("maxQueryLength", length, "/loki/api/v1/series", {"match[]": LOG, **two_hours}, 400, True),
+        ("maxQueryInterval", interval, qr, {"query": SLOW.replace("1m", "5m"), "step": "60", **last_hour}, 400,
+         False),
+        ("maxQueryInterval", interval, instant, {"query": SLOW.replace("1m", "5m"), "time": str(t)}, 400, False),
+        ("maxQueryInterval", interval, qr, {"query": SLOW, "step": "60", **last_hour}, 200, False),
+        ("requiredLabels", {"requiredLabels": ["env"]}, qr, {"query": LOG, **last_hour}, 400, False),
+        ("requiredLabels", {"requiredLabels": ["env"]}, qr, {"query": SLOW, "step": "60", **last_hour}, 400, False),
+        ("requiredLabels", {"requiredLabels": ["env"]}, qr, {"query": '{env="dev"}', **last_hour}, 200, False),
+        ("minimumLabelsNumber", {"minimumLabelsNumber": 2}, qr, {"query": LOG, **last_hour}, 400, False),
+        ("minimumLabelsNumber", {"minimumLabelsNumber": 2}, qr, {"query": '{app=~".+", env="dev"}', **last_hour},
+         200, False),
+        ("maxQueryTime", {"maxQueryTime": "1ms"}, qr, {"query": SLOW, "step": "1", **last_hour}, 504, False),
+        ("queryTimeout", {"queryTimeout": "1ms"}, qr, {"query": SLOW, "step": "1", **last_hour}, 504, False),
+    ]
+
+
+def test_each_loki_query_policy_field_as_loki_applies_it(loki_plain: LokiProcess, loki_lbac: LokiProcess,
+                                                         gw_factory: Any) -> None:
+    """Issue 28: a token's lokiQueryPolicy through the gateway gets, field by field, the status, text and
+    result Loki itself gives with the policy's header (Grafana Cloud's Loki reads it), and the fake Loki of
+    the unit tests (tests/fake_loki_limits.py) gives the same status and text. What the gateway checks
+    itself holds the same in front of a Loki that ignores the header (here the LBAC one)."""
+    from gateway.limits.lokiquery import parse
+    from tests.fake_loki_limits import FakeLokiLimits
+
+    # (the second gateway shares the first one's database, and so its tokens)
+    gw, gw_ignoring = gw_factory(loki_plain, "enforce"), gw_factory(loki_lbac, "enforce", policies=False)
+    fake = FakeLokiLimits()
+    now, qr = time.time(), "/loki/api/v1/query_range"
+    cases = _field_cases(now)
+    problems: list[str] = []
+    tokens: dict[str, str] = {}
+    for n, (name, policy, path, params, want, checked) in enumerate(cases):
+        key = json.dumps(policy, sort_keys=True)
+        if key not in tokens:
+            tokens[key] = _policy_token(gw, f"{name}-{n}", policy)
+        lp = parse(policy)
+        assert lp is not None
+        what = f"{name} {path} {params}"
+        status, body = gw.get(tokens[key], "100", path, params)
+        d_status, d_body = _direct(loki_plain, "100", path, params, lp.header)
+        if (status, d_status) != (want, want):
+            problems.append(f"{what}: gateway {status} {str(body)[:200]}, Loki {d_status} {str(d_body)[:200]}")
+            continue
+        if want != 200:
+            if _text(body) != _text(d_body):
+                problems.append(f"{what}: gateway says {_text(body)!r}, Loki {_text(d_body)!r}")
+        elif _result(body) != _result(d_body):
+            problems.append(f"{what}: gateway answers {_result(body)}, Loki {_result(d_body)}")
+        if name not in ("maxQueryTime", "queryTimeout"):  # the fake does not run queries
+            f_status, f_body = fake.answer(path, params, lp.header)
+            if (f_status, _text(f_body) if f_status != 200 else "") != (want, _text(d_body) if want != 200 else ""):
+                problems.append(f"{what}: the fake says {f_status} {_text(f_body)!r}, Loki {_text(d_body)!r}")
+        if checked:  # the gateway's own check: the same answer from a Loki that ignores the header
+            i_status, i_body = gw_ignoring.get(tokens[key], "100", path, params)
+            if i_status != want or (_text(i_body) if want != 200 else _result(i_body)) != (
+                    _text(d_body) if want != 200 else _result(d_body)):
+                problems.append(f"{what}: in front of a Loki ignoring the header {i_status} {str(i_body)[:300]}")
+        if name == "maxQueryLookback" and path == qr and status == 200 and body["data"]["resultType"] == "streams":
+            lines = {re.search(r"line \d", v[1]).group() for r in body["data"]["result"]  # type: ignore[union-attr]
+                     for v in r["values"]}
+            wholly_before = int(params.get("end", now)) < now - 3600
+            assert lines == (set() if wholly_before else {"line 2"}), (what, lines)  # not vacuous: clamped
+    assert not problems, "\n".join(problems)
+
+
+def test_loki_reads_every_size_the_api_accepts(loki_plain: LokiProcess) -> None:
+    """Loki drops the whole X-Loki-Query-Limits header when one value does not parse (querylimits
+    middleware), so a size Loki's ByteSize cannot read (``1GiB``, ``1.5GB``) would lift every limit of
+    the policy: the admin API accepts only sizes Loki reads, and a stored legacy one is sent as bytes."""
+    from gateway.admin.errors import ApiError
+    from gateway.admin.validate import attributes
+    from gateway.limits.lokiquery import parse
+
+    params = {"query": LOG}
+    for size in ("500MB", "1gb", "1 GB", "1024", "2kilobytes", "1GiB", "1.5GB", "512 KiB"):
+        lp = parse({"requiredLabels": ["env"], "maxQueryBytesRead": size})
+        assert lp is not None
+        status, body = _direct(loki_plain, "100", "/loki/api/v1/query_range", params, lp.header)
+        assert status == 400 and "missing required matchers [env]" in str(body), (size, lp.header, status, body)
+        try:
+            attributes({"lokiQueryPolicy": {"maxQueryBytesRead": size}})
+            accepted = True
+        except ApiError:
+            accepted = False
+        raw = json.dumps({"requiredLabels": ["env"], "maxQueryBytesRead": size})
+        status, body = _direct(loki_plain, "100", "/loki/api/v1/query_range", params, raw)
+        assert accepted == (status == 400), (size, accepted, status, str(body)[:200])  # Loki read it as given
+
+
+def test_max_query_bytes_read_is_loki_s(loki_plain: LokiProcess, gw_factory: Any, tmp_path: Path) -> None:
+    """maxQueryBytesRead needs Loki's index statistics (chunk sizes, known once flushed): the gateway only
+    sends it, and a token's query past it gets Loki's 400 and text, as from Loki itself."""
+    from gateway.limits.lokiquery import parse
+
+    gw = gw_factory(loki_plain, "enforce")
+    r = subprocess.run([sys.executable, "-m", "gateway", "token", "bootstrap", "-c", str(gw.proc.config_path),
+                        "--org", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    policy = {"maxQueryBytesRead": "2KB"}
+    token = _policy_token(gw, "bytes", policy, stack="200", admin=r.stdout.strip())
+    now = time.time_ns()  # tenant 200: 8 KiB in one stream, its own tenant so the other tests' data is untouched
+    body = {"streams": [{"stream": {"app": "big"}, "values": [[str(now - (300 - i) * 10**9), f"line {i} " + "x" * 200]
+                                                             for i in range(40)]}]}
+    assert http("POST", f"{loki_plain.url}/loki/api/v1/push", {"X-Scope-OrgID": "200"}, body)[0] == 204
+    assert http("POST", f"{loki_plain.url}/flush")[0] == 204
+    rng = {"start": str(now - 3600 * 10**9), "end": str(now + 10**9)}
+    deadline = time.monotonic() + 30
+    while (stats := loki_plain.get("200", "/loki/api/v1/index/stats", {"query": '{app="big"}', **rng})[1])[
+            "bytes"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert stats["bytes"] > 2048, stats
+    lp = parse(policy)
+    assert lp is not None
+    for query, want in (('{app="big"} |= "line"', 400), ('sum(count_over_time({app="big"} |= "x" [5m]))', 400),
+                        ('{app="big"}', 200)):  # (Loki does not check a log query without a filter)
+        params = {"query": query, "step": "60", **rng}
+        status, got = gw.get(token, "200", "/loki/api/v1/query_range", params)
+        d_status, d_body = _direct(loki_plain, "200", "/loki/api/v1/query_range", params, lp.header)
+        assert status == d_status == want, (query, status, got, d_status, d_body)
+        if want == 400:
+            assert _text(got) == _text(d_body) and _text(got).startswith(
+                "the query would read too many bytes (query: ") and "limit: 2.0 KiB)" in _text(got), (got, d_body)
