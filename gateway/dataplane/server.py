@@ -544,8 +544,8 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _start(self, req: DataRequest) -> None:
-        if not req.body_exists and exchange.start(self, req):
-            return  # served by callbacks: self._task is the exchange
+        if exchange.start(self, req):
+            return  # served by callbacks: self._task is the exchange (a body goes to it as it arrives)
         self._task = self.loop.create_task(self._run(req))
 
     async def _run(self, req: DataRequest) -> None:
