@@ -223,7 +223,8 @@ class Exchange:
         # handler.handle's bookkeeping, in its order (its access-log entry is made at the end: ``_entry``)
         TALLY.in_flight += 1
         st.in_flight += 1
-        st.idle.clear()
+        if st.in_flight == 1:  # (set only when it dropped to 0)
+            st.idle.clear()
         st.cache.record_use(p.decision.ident.token.id)
         TALLY.added(p.m.route.backend, time.perf_counter() - started)
 

@@ -320,7 +320,8 @@ class HttpProtocol(asyncio.Protocol):
         self._url.clear()
         self._headers = []
         self._head_bytes = 0
-        self._disarm()  # the head deadline is armed after this read if the head is still incomplete
+        if self._timer is not None or self._idle_until is not None:  # (a call saved per request when not)
+            self._disarm()  # the head deadline is armed after this read if the head is still incomplete
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -339,7 +340,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._disarm()
+        if self._timer is not None or self._idle_until is not None:
+            self._disarm()
         p = self.parser
         raw_url = bytes(self._url)
         if not raw_url.startswith(b"/") or raw_url.translate(None, _VISIBLE):
@@ -421,7 +423,8 @@ class HttpProtocol(asyncio.Protocol):
         if self._undecided:
             self._decide(False)
         cur, self._cur = self._cur, None
-        self._disarm()
+        if self._timer is not None or self._idle_until is not None:
+            self._disarm()
         if cur is not None:
             if cur.content_length is not None and cur.content.received != cur.content_length:
                 raise _Bad(400, "the request body does not match its Content-Length")
