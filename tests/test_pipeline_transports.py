@@ -52,6 +52,7 @@ class RawUpstream:
     cut_after: int | None = None
     ended: int = 0
     heads: int = 0
+    early: bytes | None = None  # answered as soon as a head with a body is read (then the body is read)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
@@ -67,6 +68,14 @@ class RawUpstream:
                 if self.cut_after is not None and n > self.cut_after:
                     await reader.readexactly(self.cut_after)
                     break
+                if self.early is not None and n:
+                    writer.write(self.early)
+                    try:
+                        await reader.readexactly(n)
+                    except asyncio.IncompleteReadError:
+                        self.ended += 1  # the gateway closed the connection mid-body
+                        raise
+                    continue
                 if n > 1 << 20:  # a large body waits a moment: the gateway's socket buffer fills up
                     await asyncio.sleep(0.2)
                 try:
@@ -364,3 +373,30 @@ async def test_a_body_under_a_write_byte_rate_is_left_to_the_handler(
         again = await _send(gw, up, port, [(0, push)], True, monkeypatch)  # decided, a pooled connection idle
         assert first.answer.startswith(b"HTTP/1.1 204 ") and not again.by_callbacks
         assert again.answer.startswith(b"HTTP/1.1 503 ") and b"write_bytes_per_second" in again.answer
+
+
+async def test_an_answer_before_the_whole_body_ends_the_exchange_and_spends_the_connection(
+        db_dsn: str, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream answers a push before its body is all there (as Mimir does to a refusal): the callback
+    path relays the answer at once with ``Connection: close``, stops sending the body, and closes the upstream
+    connection instead of pooling it (its request was never finished)."""
+    async with _gateway(db_dsn, aiohttp_client, Settings(linger=0.3)) as (gw, up, port):
+        log = gw.client.server.app[ACCESS_LOG]
+        log.stream, log.enabled = io.StringIO(), True
+        pol = await gw.policy(f"push{os.urandom(3).hex()}", ["metrics:write"], [{"type": "stack", "identifier": "100"}])
+        tok = str((await gw.token(pol["id"], "push"))["token"])
+        ok = _request("POST", "/api/v1/push", tok, {"Content-Length": "5"})
+        await _send(gw, up, port, [(0, ok + b"12345")], False, monkeypatch)  # (the decision kept, a pooled conn)
+        refusal = b'{"status":"error","error":"too many series"}'
+        up.early = (b"HTTP/1.1 429 Too Many Requests\r\nDate: Sat, 05 Dec 2026 10:00:00 GMT\r\nContent-Type: "
+                    b"application/json\r\nContent-Length: " + str(len(refusal)).encode() + b"\r\n\r\n" + refusal)
+        ended = up.ended
+        head = _request("POST", "/api/v1/push", tok, {"Content-Length": "6000"})
+        run = await _send(gw, up, port, [(0, head + bytes(1000)), (0.2, bytes(5000))], True, monkeypatch)
+        assert run.by_callbacks and run.answer.startswith(b"HTTP/1.1 429 ") and run.answer.endswith(refusal)
+        assert b"\r\nConnection: close\r\n" in run.answer and json.loads(run.log)["status"] == 429
+        for _ in range(100):
+            if up.ended > ended:
+                break
+            await asyncio.sleep(0.01)
+        assert up.ended == ended + 1  # not pooled
