@@ -312,8 +312,9 @@ async def test_request_bodies_are_the_same_through_the_handler_task_and_the_call
 async def test_a_request_body_that_breaks_ends_the_same_on_both_transports(
         db_dsn: str, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The client hangs up mid-body (500 in the log, the upstream connection closed, not reused), the body
-    stops arriving (its deadline: 502), the upstream closes mid-body (502 JSON, Connection: close), a body
-    over ``limits.max_request_body`` (413, nothing sent): the same answer, log line and metrics either way."""
+    stops arriving (its deadline: 502; a body that keeps trickling in is served), the upstream closes
+    mid-body (502 JSON, Connection: close), a body over ``limits.max_request_body`` (413, nothing sent): the
+    same answer, log line and metrics either way."""
     settings = Settings(body_timeout=0.3, linger=0.6)
     async with _gateway(db_dsn, aiohttp_client, settings, limits={"max_request_body": 100_000}) as (gw, up, port):
         log = gw.client.server.app[ACCESS_LOG]
@@ -322,7 +323,7 @@ async def test_a_request_body_that_breaks_ends_the_same_on_both_transports(
         tok = str((await gw.token(pol["id"], "push"))["token"])
         body = os.urandom(6000)  # (the rest after 5000 bytes arrives in one read)
         head = _request("POST", "/api/v1/push", tok, {"Content-Length": str(len(body))})
-        for case in ("hang_up", "stalls", "upstream_cuts", "too_large"):
+        for case in ("hang_up", "stalls", "trickles", "upstream_cuts", "too_large"):
             runs = []
             for callbacks in (False, True):
                 # a push that ends well first: the token's decision is kept and an idle pooled connection is
@@ -342,6 +343,10 @@ async def test_a_request_body_that_breaks_ends_the_same_on_both_transports(
                 elif case == "stalls":
                     run = await _send(gw, up, port, [(0, head + body[:5000])], callbacks, monkeypatch)
                     assert run.answer == b"" and json.loads(run.log)["refusal"] == "upstream_unavailable"
+                elif case == "trickles":  # slower than the deadline in all, never silent for as long: served
+                    parts = [(0.0, head + body[:1000])] + [(0.2, body[i:i + 1000]) for i in range(1000, 6000, 1000)]
+                    run = await _send(gw, up, port, parts, callbacks, monkeypatch)
+                    assert run.answer.startswith(b"HTTP/1.1 204 ") and run.upstream.endswith(body)
                 elif case == "upstream_cuts":
                     run = await _send(gw, up, port, [(0, head + body[:5000]), (0.1, body[5000:])], callbacks,
                                       monkeypatch)
