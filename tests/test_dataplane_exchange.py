@@ -186,6 +186,7 @@ def test_prepare_declines_without_a_cached_decision() -> None:
         headers = CIMultiDictProxy(CIMultiDict({"Authorization": "Basic eDp5"}))
         rel_url = RelURL("/prometheus/api/v1/query", "query=up")
         remote = "127.0.0.1"
+        body_exists = False
         memo: dict[object, object] = {}
 
     m = match("GET", "/prometheus/api/v1/query")

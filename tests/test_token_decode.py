@@ -39,3 +39,28 @@ def _spell(body: bytes, pad: bool = False) -> str:
 def test_other_spellings_are_refused(spelling: str) -> None:
     with pytest.raises(tokens.TokenFormatError, match="^malformed token$"):
         tokens._decode(spelling)
+
+
+def test_the_last_character_check_is_exactly_the_re_encoding_check() -> None:
+    """``_decode`` refuses a body whose last character has unused bits set instead of re-encoding the bytes:
+    for every body of the URL-safe alphabet (each length mod 4, every last character) the two agree."""
+    import os
+    for n in range(1, 13):
+        raw = base64.urlsafe_b64encode(os.urandom(n)).decode().rstrip("=")
+        rest = len(raw) % 4
+        for last in tokens._ALPHABET:
+            spelling = raw[:-1] + last
+            data = base64.urlsafe_b64decode(spelling + "=" * (-len(spelling) % 4))
+            same = base64.urlsafe_b64encode(data).decode().rstrip("=") == spelling
+            assert same == (not rest or not tokens._LOW_BITS[rest][last]), (spelling, rest)
+
+
+def test_the_verified_token_cache_is_bounded_and_drops_its_oldest_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokens, "_VERIFIED", {})
+    monkeypatch.setattr(tokens, "MAX_VERIFIED", 32)
+    decoded = tokens.DecodedToken("1", "a", b"x")
+    for i in range(40):
+        tokens.remember(f"t{i}", decoded)
+    assert len(tokens._VERIFIED) <= 32
+    assert "t39" in tokens._VERIFIED and "t0" not in tokens._VERIFIED  # the newest kept, the oldest gone
+    assert list(tokens._VERIFIED) == sorted(tokens._VERIFIED, key=lambda k: int(k[1:]))

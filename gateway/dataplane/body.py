@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Final
+from typing import Final, Protocol
 
 HIGH_WATER: Final = 256 * 1024
 
@@ -15,16 +15,25 @@ class BodyError(ConnectionResetError):
     """The client's body did not arrive whole: the connection closed or went silent past its deadline."""
 
 
+class Sink(Protocol):
+    """Where a body's bytes go instead of the buffer while it is set (the callback exchange sends them
+    upstream as they arrive)."""
+
+    def piece(self, data: bytes) -> None: ...
+    def failed(self, exc: BaseException) -> None: ...
+
+
 class Body:
     """The subset of aiohttp's ``StreamReader`` the data path reads: ``read(n)``, ``readany()``,
     ``iter_chunked(n)``, ``at_eof()``.
 
     ``on_first_read`` runs once before the handler first waits for bytes (it sends ``100 Continue``);
-    ``pause``/``resume`` stop and restart the transport's reading.
+    ``pause``/``resume`` stop and restart the transport's reading. While ``sink`` is set, each piece goes to
+    it as it arrives (nothing is buffered; the sink does its own flow control) and so does the body's error.
     """
 
     __slots__ = ("_chunks", "_size", "_eof", "_exc", "_waiter", "_pause", "_resume", "_paused", "_high",
-                 "on_first_read", "received", "discard")
+                 "on_first_read", "received", "discard", "sink")
 
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None], high: int = HIGH_WATER):
         self._chunks: deque[bytes] = deque()
@@ -36,6 +45,7 @@ class Body:
         self.on_first_read: Callable[[], None] | None = None
         self.received = 0
         self.discard = False  # the answer is out: drop what still arrives
+        self.sink: Sink | None = None
 
     # ---- the connection's side --------------------------------------------------------------------
 
@@ -44,6 +54,9 @@ class Body:
             raise RuntimeError("request body bytes after the end of the body")
         self.received += len(data)
         if self.discard:
+            return
+        if self.sink is not None:
+            self.sink.piece(data)
             return
         self._chunks.append(data)
         self._size += len(data)
@@ -60,6 +73,8 @@ class Body:
         if not self._eof:
             self._exc = exc
             self._wake()
+            if self.sink is not None:
+                self.sink.failed(exc)
 
     def _wake(self) -> None:
         w = self._waiter

@@ -1,6 +1,11 @@
-"""The common case on the protocol data path without a coroutine: a bodiless request whose decision is
-cached (``gateway.proxy.fastpath.prepare``) goes out on an idle pooled upstream connection from the
-parser's callback, and a small whole answer is written from the upstream connection's callback.
+"""The common case on the protocol data path without a coroutine: a request whose decision is cached
+(``gateway.proxy.fastpath.prepare``) goes out on an idle pooled upstream connection from the parser's
+callback, and a small whole answer (or a push's 204) is written from the upstream connection's callback.
+A body with a Content-Length (a push) goes upstream piece by piece as the parser reads it, the head with
+the first piece; while the upstream's socket buffer is full the client's connection stops reading. A
+body that breaks (the client leaves, its deadline passes, the upstream closes) ends as ``forward`` ends
+it, and an upstream connection whose request body was not all sent is never reused. Chunked bodies,
+``Expect: 100-continue`` and a body read ahead of its turn (pipelining) take the task.
 
 Everything else takes the ordinary path: a request ``prepare`` declines, or with no idle connection, is
 served by the connection's handler task (``handler.handle``) as before; once the request is out, an answer
@@ -39,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.proxy")
 _LBAC_FIELD: dict[str | None, str] = {mode: f',"lbac":{_str(mode)}' for mode in ("header", "enforce")}
-_NO_BODY = (204, 304)
 _MAX_FIELD = 8190  # aiohttp's max_field_size and max_line_size, which the lean client's parser applies
 _MAX_HEAD = 64 * 1024  # a response head the relay waits for, at most; past it the lean client's parser reads it
 
@@ -55,6 +59,10 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
     st, upstreams, access_log = refs
     if st is None or upstreams is None or access_log is None or m is None:
         return False
+    body = req.body_exists
+    if body and (req.content_length is None or req.expect_continue or req.content.received
+                 or req.method == "HEAD"):
+        return False  # chunked, Expect: 100-continue, a queued request's body already read: the task's
     started = time.perf_counter()
     try:
         p = prepare(req, st, m, upstreams)
@@ -65,13 +73,13 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
         return False
     if not take_limits(p):  # request rates (gateway.limits): the handler refuses it
         return False
-    conn = p.fast.idle(p.url)
+    conn = p.fast.idle(p.url, body)
     if conn is None:
         refund_limits(p)
         return False
     sent_at = conn.pool.loop.time()
     try:
-        waiter = conn.start(p.head, req.method == "HEAD")
+        waiter = conn.start(p.head, req.method == "HEAD", not body)
     except FastClientError:
         conn.close()
         refund_limits(p)
@@ -79,6 +87,9 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
     ex = Exchange(proto, req, st, p, conn, started, sent_at, access_log)
     proto._task = ex  # it answers done() and cancel() like the task
     waiter.add_done_callback(ex._answered)
+    if body:  # the head goes out with the body's first piece (Exchange.piece)
+        ex.pending = p.head
+        req.content.sink = ex
     if req.method != "HEAD":
         relay = conn.relay_state
         if isinstance(relay, _Relay):  # the one that read this connection's last answer, whole
@@ -140,7 +151,7 @@ class _Relay:
     def on_headers_complete(self) -> None:
         p = self.parser
         status = p.get_status_code()
-        if status < 200 or status in _NO_BODY or p.get_http_version() not in ("1.1", "1.0"):
+        if status < 200 or status == 304 or p.get_http_version() not in ("1.1", "1.0"):
             raise _GiveUp
         length: bytes | None = None
         for name, value in self.fields:
@@ -151,7 +162,11 @@ class _Relay:
                 length = value
             elif low == b"transfer-encoding":
                 raise _GiveUp
-        if length is None or int(length) > self.ex.p.fast.small_body:
+        if status == 204:  # (a push's answer) no body, and no framing field to read otherwise
+            if length is not None:
+                raise _GiveUp
+            length = b"0"
+        elif length is None or int(length) > self.ex.p.fast.small_body:
             raise _GiveUp
         self.length = int(length)
         self.head_done = True
@@ -196,17 +211,20 @@ class _Relay:
 class Exchange:
     """One request served by callbacks (see the module docstring)."""
 
-    __slots__ = ("proto", "req", "st", "p", "conn", "started", "sent_at", "log", "_done")
+    __slots__ = ("proto", "req", "st", "p", "conn", "started", "sent_at", "log", "_done", "pending", "paused")
 
     def __init__(self, proto: HttpProtocol, req: DataRequest, st: State, p: Prepared, conn: _Conn,
                  started: float, sent_at: float, access_log: AccessLog):
         self.proto, self.req, self.st, self.p, self.conn = proto, req, st, p, conn
         self.started, self.sent_at, self.log = started, sent_at, access_log
         self._done = False
+        self.pending = b""  # a streamed body's request head, until its first piece
+        self.paused = False  # the client's reading is paused while the upstream's write buffer drains
         # handler.handle's bookkeeping, in its order (its access-log entry is made at the end: ``_entry``)
         TALLY.in_flight += 1
         st.in_flight += 1
-        st.idle.clear()
+        if st.in_flight == 1:  # (set only when it dropped to 0)
+            st.idle.clear()
         st.cache.record_use(p.decision.ident.token.id)
         TALLY.added(p.m.route.backend, time.perf_counter() - started)
 
@@ -221,6 +239,55 @@ class Exchange:
             entry["lbac"] = p.lbac
         return entry
 
+    # ---- a streamed request body (the body's sink: gateway.dataplane.body) ---------------------------
+
+    def piece(self, data: bytes) -> None:
+        """A piece of the client's body, as it arrives: upstream at once, the head with the first piece.
+        Answered (or failed) before the body is all sent: the rest is not sent (``forward`` stops reading it
+        then), and the connection is not reused. Called from the client's parser: nothing is answered here
+        (a failed write fails the upstream connection; its callback answers, outside the parser)."""
+        conn = self.conn
+        if self._done or conn.waiter is None:
+            self.req.content.sink = None
+            return
+        if self.pending:
+            data, self.pending = self.pending + data, b""
+        try:
+            conn.send(data)
+        except Exception as exc:  # (a closed upstream connection: ServerDisconnected)
+            self.req.content.sink = None
+            conn._fail(exc if isinstance(exc, FastClientError) else FastClientError(repr(exc)))
+            return
+        if conn.writing_paused and not self.paused:  # flow control: wait for the upstream to take it
+            self.paused = True
+            conn.on_writable = self._writable
+            self.proto._pause()
+
+    def _writable(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.proto._resume()
+
+    def failed(self, exc: BaseException) -> None:
+        """The client's body broke (its deadline, a parse error) while the client is still connected: the
+        upstream connection is failed with it, and answered as ``forward`` answers (502). A client that went
+        away cancels the exchange instead (``cancel``)."""
+        self.req.content.sink = None
+        if not self._done and not self.proto.closed and self.conn.waiter is not None:
+            self.conn._fail(exc)
+
+    def _unhook(self) -> None:
+        """The answer is here (or the exchange ends): stop sending the body; a body not all sent spends the
+        upstream connection."""
+        req = self.req
+        req.content.sink = None
+        self.conn.on_writable = None
+        if not req.content.is_eof():
+            self.conn.broken = True
+        if self.paused:
+            self.paused = False
+            self.proto._resume()
+
     # ---- what the connection asks of its handler task ----------------------------------------------
 
     def done(self) -> bool:
@@ -231,6 +298,8 @@ class Exchange:
         if self._done:
             return False
         self._done = True
+        if self.req.body_exists:
+            self._unhook()
         self.conn.close()
         self._books(500, None)
         self.proto._task = None
@@ -243,6 +312,8 @@ class Exchange:
         """A whole small answer read by the relay: the connection back to the pool, the answer written."""
         if self._done:
             return
+        if self.req.body_exists:
+            self._unhook()
         conn = self.conn
         conn.headers_at = conn.pool.loop.time()
         conn.relayed = keep
@@ -259,10 +330,13 @@ class Exchange:
         if self._done:
             return
         req = self.req
+        if req.body_exists:
+            self._unhook()
         try:
             if exc is not None:
                 self.conn.close()
-                if isinstance(exc, FastClientError) and req.method in IDEMPOTENT and self.conn.got == 0:
+                if (isinstance(exc, FastClientError) and req.method in IDEMPOTENT and self.conn.got == 0
+                        and not req.body_exists):  # (a body cannot be sent twice)
                     # The upstream had closed the pooled connection: once more, as the lean client does.
                     p = self.p
                     self._continue(_forward_fast(cast(web.Request, req), p.fast, p.url, p.headers, None))
@@ -313,8 +387,11 @@ class Exchange:
     def _refused(self, exc: ProxyError) -> None:
         self._done = True
         self._books(exc.status, exc)
-        if not self.req.started:
-            self.req.write_whole(error_response(exc.status, exc.message, exc.headers))
+        req, proto = self.req, self.proto
+        if not req.started and proto._refusal is not None and req.content.exception() is not None:
+            proto._close_with_refusal()  # its own body did not parse: that is the answer (as HttpProtocol._run)
+        elif not req.started:
+            req.write_whole(error_response(exc.status, exc.message, exc.headers))
         self._after()
 
     def _crashed(self) -> None:

@@ -207,6 +207,7 @@ class HttpProtocol(asyncio.Protocol):
         self._idle_until: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._in_head = False
+        self._body_seen = 0.0  # when the current body's last piece arrived (its deadline counts from it)
         self._fresh = True  # no byte received yet: a silent connection gets the head deadline, not keep-alive's
         # After a hand-over: aiohttp's handler, fed the requests this parser reads (re-written, see the module
         # docstring); ``_relay_out`` holds what it is fed until the data-path answers before it are out.
@@ -320,7 +321,8 @@ class HttpProtocol(asyncio.Protocol):
         self._url.clear()
         self._headers = []
         self._head_bytes = 0
-        self._disarm()  # the head deadline is armed after this read if the head is still incomplete
+        if self._timer is not None or self._idle_until is not None:  # (a call saved per request when not)
+            self._disarm()  # the head deadline is armed after this read if the head is still incomplete
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -339,7 +341,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._disarm()
+        if self._timer is not None or self._idle_until is not None:
+            self._disarm()
         p = self.parser
         raw_url = bytes(self._url)
         if not raw_url.startswith(b"/") or raw_url.translate(None, _VISIBLE):
@@ -409,10 +412,10 @@ class HttpProtocol(asyncio.Protocol):
         if self._undecided:
             self._decide(True)
         cur.content.feed(data)
+        # The body deadline counts from the last piece: kept lazily (see _on_deadline), no timer per piece.
+        self._body_seen = self.loop.time()
         if not cur.content.discard and self._timer is None:
             self._arm(self.plane.settings.body_timeout)
-        elif self._timer is not None:
-            self._rearm_body()
 
     def on_message_complete(self) -> None:
         if self._relaying:
@@ -421,7 +424,8 @@ class HttpProtocol(asyncio.Protocol):
         if self._undecided:
             self._decide(False)
         cur, self._cur = self._cur, None
-        self._disarm()
+        if self._timer is not None or self._idle_until is not None:
+            self._disarm()
         if cur is not None:
             if cur.content_length is not None and cur.content.received != cur.content_length:
                 raise _Bad(400, "the request body does not match its Content-Length")
@@ -441,6 +445,7 @@ class HttpProtocol(asyncio.Protocol):
                             "whether it has a body")
         req.body_exists = has_body
         if has_body:
+            self._body_seen = self.loop.time()
             self._arm(self.plane.settings.body_timeout)
             if facts.expect is not None:
                 req.expect_continue = True
@@ -544,8 +549,8 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _start(self, req: DataRequest) -> None:
-        if not req.body_exists and exchange.start(self, req):
-            return  # served by callbacks: self._task is the exchange
+        if exchange.start(self, req):
+            return  # served by callbacks: self._task is the exchange (a body goes to it as it arrives)
         self._task = self.loop.create_task(self._run(req))
 
     async def _run(self, req: DataRequest) -> None:
@@ -715,10 +720,6 @@ class HttpProtocol(asyncio.Protocol):
         elif self._task is None and self._timer is None:
             self._close()  # idle keep-alive
 
-    def _rearm_body(self) -> None:
-        self._disarm()
-        self._arm(self.plane.settings.body_timeout)
-
     def _on_deadline(self) -> None:
         self._timer = None
         if self.closed:
@@ -726,8 +727,12 @@ class HttpProtocol(asyncio.Protocol):
         if self._in_head or self._fresh:
             self._refuse(408, f"request head not received within {self.plane.settings.head_timeout:g}s")
         elif self._cur is not None and not self._cur.content.is_eof():
+            seconds = self.plane.settings.body_timeout
             if self._pauses:  # the handler is slow, not the client
-                self._arm(self.plane.settings.body_timeout)
+                self._arm(seconds)
+                return
+            if self.loop.time() < self._body_seen + seconds:  # a piece came since the timer was armed
+                self._timer = self.loop.call_at(self._body_seen + seconds, self._on_deadline)
                 return
             self._cur.content.set_exception(BodyError("the request body stopped arriving"))
             self._close()

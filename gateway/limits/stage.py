@@ -103,10 +103,11 @@ def describe(attributes_json: str | None) -> list[tuple[str, str]]:
 Buckets = tuple[tuple[str, float, float], ...]
 
 
-def fast_plan(cfg: Config, route: Route, decision: Decision) -> Buckets | None:
-    """For the callback path (``gateway.proxy.fastpath``, bodiless requests, decided once per connection):
+def fast_plan(cfg: Config, route: Route, decision: Decision, body: bool = False) -> Buckets | None:
+    """For the callback path (``gateway.proxy.fastpath``, decided once per connection and header set):
     the request-rate buckets to take from, ``()`` when nothing applies, or None when only the handler's
-    stage can serve it (a block, a concurrency limit on a read, the Loki query policy)."""
+    stage can serve it (a block, a concurrency limit on a read, the Loki query policy, a ``body`` under a
+    write-byte rate)."""
     tl = cfg.tenant_limits
     pl = policy_limits(decision.ident.policy.attributes_json)
     if not tl.active and pl is _NONE:
@@ -124,6 +125,8 @@ def fast_plan(cfg: Config, route: Route, decision: Decision) -> Buckets | None:
     for rates, key in ((pl.rates, f"p{decision.ident.policy.id}"),
                        (tenant_rates, f"t{route.backend}|{decision.tenant}")):
         if rates.concurrent_queries and reads:
+            return None
+        if body and rates.write_bytes_per_second and route.role is Role.WRITE:
             return None
         if rates.requests_per_second:
             out.append((key, rates.requests_per_second, rates.request_burst()))

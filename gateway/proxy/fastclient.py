@@ -170,6 +170,9 @@ class _Conn(BaseProtocol):
         self.relay: Callable[[bytes], bytes | None] | None = None
         self.relayed: bool | None = None  # a relayed response ended: whether the connection may be reused
         self.relay_state: object = None  # kept for the relay's owner across responses
+        # Called once when the upstream's write buffer has drained after ``send`` filled it (the callback
+        # exchange pauses the client's reading meanwhile; ``drain`` is the awaiting callers' way).
+        self.on_writable: Callable[[], None] | None = None
 
     def _new_parser(self, with_body: bool) -> Any:
         return HttpResponseParser(self, self._loop, self.limit, payload_exception=BadResponse,
@@ -320,6 +323,13 @@ class _Conn(BaseProtocol):
             self._fail(BadResponse(f"malformed upstream response body: {current.exception()!r}"))
         elif self.waiter is not None and self.msg is not None and (self.want_stream or self.complete):
             self._wake()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        cb = self.on_writable
+        if cb is not None:
+            self.on_writable = None
+            cb()
 
     def pause_reading(self) -> None:
         super().pause_reading()
@@ -519,13 +529,19 @@ class FastClient:
         """Plain http with a host and no credentials in the URL (aiohttp turns those into Basic auth)."""
         return url.scheme == "http" and bool(url.raw_host) and url.raw_user is None and url.raw_password is None
 
-    def idle(self, url: URL) -> _Conn | None:
+    def idle(self, url: URL, streamed: bool = False) -> _Conn | None:
         """A pooled idle connection to ``url``'s host, taken out of the pool, or None (for callers that send
-        a prepared head with ``_Conn.start`` and read ``FastResponse`` themselves, without awaiting)."""
+        a prepared head with ``_Conn.start`` and read ``FastResponse`` themselves, without awaiting).
+        ``streamed``: for a streamed body, which cannot be sent twice: a connection idle for longer than
+        ``STREAM_IDLE_MAX`` is closed and None returned, as ``request`` does before it connects anew."""
         if self.closed:
             return None
         pool = self._pools.get((url.raw_host or "", url.port or 0))
-        return pool.acquire() if pool is not None else None
+        conn = pool.acquire() if pool is not None else None
+        if streamed and conn is not None and pool is not None and pool.loop.time() - conn.idle_since > STREAM_IDLE_MAX:
+            conn.close()
+            return None
+        return conn
 
     async def request(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None = None,
                       stream: AsyncIterator[bytes] | None = None) -> FastResponse:
@@ -606,8 +622,12 @@ class FastClient:
                     conn.send(end)
             await waiter
         except BaseException:
-            if waiter is not None and waiter.done() and not waiter.cancelled():
-                waiter.exception()  # retrieved: the error that matters is the one raised here
+            if waiter is not None:
+                if waiter.done():
+                    if not waiter.cancelled():
+                        waiter.exception()  # retrieved: the error that matters is the one raised here
+                else:
+                    waiter.cancel()  # (no one awaits it now: the connection's loss must not set an error on it)
             conn.close()
             raise
         return FastResponse(conn, started)

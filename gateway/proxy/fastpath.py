@@ -1,6 +1,6 @@
 """The per-connection memo in front of *decide* and *plan*, for the callback exchange
-(``gateway.dataplane.exchange``): a bodiless request whose decision is cached gets the upstream request its
-plan (``gateway.proxy.plan``) says, without awaiting anything.
+(``gateway.dataplane.exchange``): a request whose decision is cached gets the upstream request its plan
+(``gateway.proxy.plan``) says, without awaiting anything (its body, if any, is the client's, streamed).
 
 It decides nothing itself: on a miss it asks the decision cache (``decide.decided``) and the plan stage
 (``plan.plan``) exactly as ``handler._serve`` does, and keeps their answer while what they were computed from
@@ -8,7 +8,7 @@ holds: the config object, the policy cache's generation, the LBAC probe's verdic
 plan depends on it), the lean client, and per request the snapshot's freshness and the token's expiry
 (``decide.holds``). The limit stage's request rates are taken by the exchange (``take_limits``); anything
 else of that stage (a block, a concurrency limit, the Loki query policy) leaves the request to the handler.
-Any plan but a bodiless :class:`~gateway.proxy.plan.Forward` on a plain-http upstream
+Any plan but a :class:`~gateway.proxy.plan.Forward` of the client's request on a plain-http upstream
 (a refusal, a fan-out, a body to read, an offloaded rewrite, a WebSocket) returns None: the connection's
 task serves the request through ``handler.handle``, which decides and plans again from scratch. So
 ``prepare`` has no side effect, and a request it declines behaves exactly as before.
@@ -117,7 +117,8 @@ def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams)
     if got is None:
         return None
     decision, policies = got
-    limits = fast_plan(cfg, route, decision)  # the limit stage's part the exchange may take: request rates
+    # the limit stage's part the exchange may take: request rates (a body under a write-byte rate: the handler)
+    limits = fast_plan(cfg, route, decision, request.body_exists)
     if limits is None:
         return None  # (a block, a concurrency limit, the Loki query policy: the handler's stage)
     fast = _FAST.get(upstreams.session(upstream))
@@ -128,27 +129,33 @@ def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams)
 
 
 def _sent(request: DataRequest, st: State, m: RouteMatch, f: _Facts) -> _Sent | None:
-    """*plan* for this request; None unless it is a bodiless forward the lean client can send."""
+    """*plan* for this request; None unless it is a forward the lean client can send: bodiless, or the
+    client's body streamed as it is with its Content-Length (a chunked one stays with the handler)."""
     try:
         p = plan(st, f.cfg, m, f.upstream, f.decision, f.policies, request)
     except RewriteError:  # (the planners turn theirs into refusals; a stray one leaves it to the handler)
         return None
     if not isinstance(p, Forward) or p.body is not None:
         return None
+    streamed = request.body_exists
+    if streamed and "Content-Length" not in p.headers:
+        return None
     try:
         url = URL(p.url)
         if not f.fast.accepts(url):
             return None
-        head = request_head(request.method, url, p.headers, None)
+        head = request_head(request.method, url, p.headers, None, streamed)
     except ValueError:
         return None
     return _Sent(url, p.headers, head, p.lbac, p.base)
 
 
 def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams) -> Prepared | None:
-    """The upstream request ``handler._serve`` would send for ``request``, if it is a bodiless forward."""
+    """The upstream request ``handler._serve`` would send for ``request``, if it is a plain forward (the
+    client's body, if any, streamed after ``head``: see ``_sent``)."""
     memo = request.memo
-    key = (request.method, id(m.route))  # (routes are module-level objects: their ids are stable)
+    # (routes are module-level objects: their ids are stable; a body changes the limits and the head)
+    key = (request.method, id(m.route), request.body_exists)
     f = cast(_Facts | None, memo.get(key))
     if f is None or f.cfg is not st.config or f.gen != st.cache.generation or f.fast.closed or (
             f.verdict is not _NO_VERDICT and _verdict(st, f.upstream) is not f.verdict):

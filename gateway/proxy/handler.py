@@ -51,7 +51,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     backend, scope = "none", "none"
     TALLY.in_flight += 1
     st.in_flight += 1
-    st.idle.clear()
+    if st.in_flight == 1:  # (set only when it dropped to 0)
+        st.idle.clear()
     try:
         m = match(request.method, request.rel_url.raw_path)
         if m is None:
