@@ -190,6 +190,11 @@ async def test_header_mode_for_traces_is_refused(db_dsn: str, aiohttp_client: An
         await expect_refusal(await w.env.gw.client.get("/api/search?q=%7B%7D", headers=w.dev), 503,
                              "does not (verifiably) enforce trace label policies")
         assert w.tempo.seen == []
+        # trace by ID: the gateway filters the answer itself, so it is served (filtered) in every mode
+        r = await w.env.gw.client.get(f"/api/v2/traces/{DEV_TRACE}", headers=w.dev)
+        assert r.status == 200, await r.text()
+        r = await w.env.gw.client.get(f"/api/v2/traces/{PROD_TRACE}", headers=w.dev)
+        assert r.status == 404 and not await r.read()
 
 
 async def test_forward_auth_refuses_restricted_tempo_reads(db_dsn: str, aiohttp_client: Any,
