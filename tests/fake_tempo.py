@@ -20,13 +20,15 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from google.protobuf import json_format
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 PROTOBUF = "application/protobuf"
+#: ``metrics`` as jsonpb writes ``MetadataMetrics`` and ``SearchMetrics`` (64-bit counts as strings).
+_SCANNED: Final = {"inspectedBytes": "14463", "totalBlockBytes": "90000", "completedJobs": 1, "totalJobs": 1}
 
 
 def span(trace_id: bytes, span_id: bytes, name: str, parent: bytes = b"", **extra: Any) -> dict[str, Any]:
@@ -142,9 +144,15 @@ class FakeTempo:
         return web.json_response({"tagNames": names, "metrics": {"completedJobs": 1, "totalJobs": 1}})
 
     async def tags_v2(self, request: web.Request) -> web.Response:
+        """``ParseSearchTagsRequest``: a scope ``AttributeScopeFromString`` knows or ``intrinsic``, else 400;
+        the frontend lists the intrinsics for ``""``, ``none`` and ``intrinsic`` (``tag_handlers.go``)."""
         scope = request.query.get("scope", "")
-        scopes = [{"name": s, "tags": t} for s, t in self.tag_names.items() if scope in ("", "all", s)]
-        return web.json_response({"scopes": scopes, "metrics": {"completedJobs": 1, "totalJobs": 1}})
+        if scope not in ("", "none", "intrinsic", "trace", "resource", "span", "event", "link", "instrumentation"):
+            return web.Response(status=400, text=f"invalid scope: {scope}")
+        scopes = [{"name": s, "tags": t} for s, t in self.tag_names.items() if scope in ("", "none", s)]
+        if scope in ("", "none", "intrinsic"):
+            scopes.append({"name": "intrinsic", "tags": ["duration", "name", "status"]})
+        return web.json_response({"scopes": scopes, "metrics": _SCANNED})
 
     async def values_v1(self, request: web.Request) -> web.Response:
         values = self.tag_values.get(request.match_info["name"], [])
@@ -153,10 +161,10 @@ class FakeTempo:
     async def values_v2(self, request: web.Request) -> web.Response:
         values = self.tag_values.get(request.match_info["name"], [])
         return web.json_response({"tagValues": [{"type": "string", "value": v} for v in values],
-                                  "metrics": {"completedJobs": 1, "totalJobs": 1}})
+                                  "metrics": _SCANNED})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.json_response({"series": [], "metrics": {"completedJobs": 1, "totalJobs": 1}})
+        return web.json_response({"series": [], "metrics": {**_SCANNED, "inspectedTraces": 7, "inspectedSpans": "70"}})
 
     async def echo(self, request: web.Request) -> web.Response:
         return web.Response(text="echo")

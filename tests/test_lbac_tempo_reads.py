@@ -110,8 +110,8 @@ async def test_tempo_receives_the_restricted_query(world: World) -> None:
     world.tempo.seen.clear()
     r = await world.env.gw.client.get("/api/v2/search/tag/resource.service.name/values", headers=world.two)
     assert r.status == 200, await r.text()
-    assert sorted(dict(parse_qsl(urlsplit(p).query))["q"] for _, p, _ in world.tempo.seen) == [
-        '{ (resource.env = "dev") }', '{ (resource.service.name = "checkout") }']
+    assert sorted(dict(parse_qsl(urlsplit(p).query)).get("q", "") for _, p, _ in world.tempo.seen) == [
+        "", '{ (resource.env = "dev") }']  # (the policy's matcher on the tag itself: checked on the answer)
     assert [v["value"] for v in (await r.json())["tagValues"]] == ["checkout", "payments"]
     q = "{ .a = 1 } && " * 100 + "{}"  # long: rewritten in the rewrite pool, alike
     sent, _ = await _sent(world, _url("/api/search", q=q), world.dev)
@@ -125,6 +125,42 @@ async def test_tempo_receives_the_restricted_query(world: World) -> None:
     assert {t.get("rootServiceName") for t in doc["traces"]} == {"checkout", None}
 
 
+async def test_tag_names_of_all_scopes_are_asked_scope_by_scope(world: World) -> None:
+    """Without scope (or q's own conditions) one look-up per scope Tempo's unfiltered search reads, and the
+    intrinsics: Tempo leaves event and link attributes out of a filtered all-scopes look-up."""
+    world.tempo.tag_names["event"] = ["event.detail"]
+    for query in ("", "?scope=none&q=%7B%7D"):
+        world.tempo.seen.clear()
+        r = await world.env.gw.client.get("/api/v2/search/tags" + query, headers=world.dev)
+        assert r.status == 200, await r.text()
+        sent = sorted((d.get("scope"), d["q"]) for d in (dict(parse_qsl(urlsplit(p).query)) for _, p, _ in
+                                                         world.tempo.seen))
+        assert sent == [(sc, f"{{ {DEV} }}") for sc in ("event", "instrumentation", "intrinsic", "link", "resource",
+                                                          "span")]
+        assert {a for _, _, a in world.tempo.seen} == {"application/json"}
+        doc = await r.json()
+        assert {s["name"]: s["tags"] for s in doc["scopes"]} == {
+            "resource": ["env", "service.name"], "span": ["http.method"], "event": ["event.detail"],
+            "intrinsic": ["duration", "name", "status"]}
+        assert doc["metrics"] == {"completedJobs": 6, "totalJobs": 6}
+    world.tempo.seen.clear()  # the client's own condition: one look-up, as Tempo answers it for the ground truth
+    r = await world.env.gw.client.get(_url("/api/v2/search/tags", q='{ span.a = "x" }'), headers=world.dev)
+    assert r.status == 200 and len(world.tempo.seen) == 1 and "scope" not in world.tempo.seen[0][1]
+
+
+async def test_tag_and_metrics_answers_keep_no_scan_totals(world: World) -> None:
+    """``inspectedBytes`` and the like count hidden spans: a restricted token gets the job counts only."""
+    world.tempo.tag_values["resource.env"] = ["dev"]
+    for path in ("/api/v2/search/tags?scope=span", "/api/v2/search/tag/resource.env/values",
+                 _url("/api/metrics/query_range", q="{} | rate()", step="60s"),
+                 _url("/api/metrics/query", q="{} | rate()")):
+        r = await world.env.gw.client.get(path, headers=world.dev)
+        assert r.status == 200, (path, await r.text())
+        assert (await r.json())["metrics"] == {"completedJobs": 1, "totalJobs": 1}, path
+        r = await world.env.gw.client.get(path, headers=world.full)  # unrestricted: Tempo's answer as it is
+        assert (await r.json())["metrics"]["inspectedBytes"] == "14463", path
+
+
 REFUSALS = [
     ("/api/search/tags", 403, "use the v2 form"),
     ("/api/search/tag/service.name/values", 403, "use the v2 form"),
@@ -135,6 +171,7 @@ REFUSALS = [
     ("/api/search?q=%7B%7D&dc=%5B%5D", 400, "'dc' cannot be used"),
     ("/api/search?q=" + "(" * 80 + "%7B%7D" + ")" * 80, 400, "nests deeper"),
     ("/api/v2/search/tags?q=%7B.a%20%3D%201%20%7C%7C%20.b%20%3D%202%7D", 400, "one spanset filter"),
+    ("/api/v2/search/tag/resource.env/values?q=%7B.a%20%3D%20%22x%22%7D", 400, "unscoped attributes"),
     ("/api/metrics/query_range?step=5", 400, "needs q"),
     ("/api/v2/search/tag/parent.resource.env/values", 400, "parent. attributes"),
     ("/api/v2/search/tag/rootServiceName/values", 400, "rootServiceName"),
@@ -153,6 +190,11 @@ async def test_header_mode_for_traces_is_refused(db_dsn: str, aiohttp_client: An
         await expect_refusal(await w.env.gw.client.get("/api/search?q=%7B%7D", headers=w.dev), 503,
                              "does not (verifiably) enforce trace label policies")
         assert w.tempo.seen == []
+        # trace by ID: the gateway filters the answer itself, so it is served (filtered) in every mode
+        r = await w.env.gw.client.get(f"/api/v2/traces/{DEV_TRACE}", headers=w.dev)
+        assert r.status == 200, await r.text()
+        r = await w.env.gw.client.get(f"/api/v2/traces/{PROD_TRACE}", headers=w.dev)
+        assert r.status == 404 and not await r.read()
 
 
 async def test_forward_auth_refuses_restricted_tempo_reads(db_dsn: str, aiohttp_client: Any,

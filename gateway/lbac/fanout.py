@@ -102,6 +102,7 @@ class Plan:
     forward: bool = False  # Loki direction
     labels: tuple[tuple[str, str], ...] = ()  # Merge.ABSENT: the result's labels
     counts: Counts | None = None  # Merge.SIGNED, INDEX_STATS, VOLUME: signs (and limits for volumes)
+    checks: tuple[tuple[LabelMatcher, ...], ...] = ()  # Merge.TEMPO_TAG_VALUES: per leg, what values must match
 
 
 # Loki endpoint (the upstream path's tail) -> merge; endpoints missing here are never fanned out.

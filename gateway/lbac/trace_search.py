@@ -13,8 +13,10 @@ span's name), ``startTimeUnixNano`` and ``durationMs`` stay: a trace fetched by 
 fields of hidden spans too (issue 27's rule, ``gateway.lbac.traces``).
 
 The answer's ``metrics`` count what Tempo scanned, hidden spans included (``inspectedTraces``,
-``inspectedSpans``, ``inspectedBytes``, ``totalBlockBytes``: the tenant's volume, not the result's): removed;
-the job and block counts (progress) stay.
+``inspectedSpans``, ``inspectedBytes``, ``totalBlockBytes``, ``backendBytes``, ``backendReads``, the open-ended
+``additionalMetrics``: the tenant's volume, not the result's): only the job and block counts (progress)
+stay. TraceQL metrics answers (``/api/metrics/query[_range]``: ``series`` and the same ``metrics``,
+``QueryRangeResponse`` in ``tempo.proto``) pass through the same filter: they have no ``traces``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from gateway.policy.selector import Selector
 from gateway.policy.trace_selector import TraceSelector
 
 SERVICE: Final = "service.name"
-_SCAN_TOTALS: Final = ("inspectedTraces", "inspectedSpans", "inspectedBytes", "totalBlockBytes")
+_PROGRESS: Final = frozenset({"totalJobs", "completedJobs", "totalBlocks"})  # what `metrics` keeps
 
 
 def service_visible(selectors: Sequence[Selector], service: object) -> bool:
@@ -38,8 +40,8 @@ def service_visible(selectors: Sequence[Selector], service: object) -> bool:
 
 
 def filter_answer(doc: Any, selectors: Sequence[Selector]) -> Any:
-    """The search answer with each trace's hidden root service and service stats removed (ValueError if
-    ``doc`` is not a search answer)."""
+    """The search (or TraceQL metrics) answer with each trace's hidden root service and service stats and
+    the scan totals removed (ValueError if ``doc`` is not such an answer)."""
     if not isinstance(doc, dict):
         raise ValueError("not a search answer")
     traces = doc.get("traces", [])
@@ -59,6 +61,6 @@ def filter_answer(doc: Any, selectors: Sequence[Selector]) -> Any:
                 del t["serviceStats"]
     metrics = doc.get("metrics")
     if isinstance(metrics, dict):
-        for k in _SCAN_TOTALS:
-            metrics.pop(k, None)
+        for k in [k for k in metrics if k not in _PROGRESS]:
+            del metrics[k]
     return doc

@@ -432,24 +432,33 @@ def _field(body: list[Token], i: int) -> tuple[int, tuple[frozenset[str], frozen
     return (1, _TYPED[t.text]) if t.kind == WORD and t.text in _TYPED else None
 
 
-def tags_query(q: str | None, condition: str) -> str:
+def matches_all(q: str | None) -> bool:
+    """Whether a tag request's ``q`` gives Tempo no condition (absent, ``{}``, ``{ true }``)."""
+    return "".join((q or "").split()) in _MATCH_ALL
+
+
+def tags_query(q: str | None, condition: str | None) -> str:
     """The ``q`` for Tempo's v2 tag endpoints: the client's conditions AND-ed with the policy.
 
     Tempo narrows tag names and values to spans matching ``q`` only as far as it can extract conditions
     from it, and treats anything else (a parse failure, a pipeline, a bare attribute) as match-all, so the
     client's ``q`` must be one filter of ``field op literal`` comparisons joined by ``&&`` (what Grafana
     sends), each literal of its field's type (a ``q`` that fails Tempo's validation would be match-all),
-    else it is refused. A condition of several selectors (an OR) is refused too: only Tempo 3.0 splits an
-    OR into condition groups, and the gateway cannot tell which Tempo it talks to (the caller sends one
-    look-up per selector instead: ``gateway.lbac.tracereads``).
+    else it is refused. An unscoped attribute (``.a``) is refused too: a condition group holding one is
+    "mingled", and every vParquet block then answers tag names and values unfiltered (``FetchTagNames``,
+    ``FetchTagValues`` in ``block_autocomplete.go`` and ``wal_block.go``), the policy's condition ignored.
+    A condition of several selectors (an OR) is refused too: only Tempo 3.0 splits an OR into condition
+    groups, and the gateway cannot tell which Tempo it talks to (the caller sends one look-up per selector
+    instead: ``gateway.lbac.tracereads``). Without a ``condition``, the client's ``q`` checked alone (``""``
+    when it has no condition).
     """
     _check_bounds(q or "")
-    cond = _condition_text(condition)
-    if any(t.kind == OP and t.text == "||" for t in tokenize(cond)):
+    cond = _condition_text(condition) if condition is not None else None
+    if cond is not None and any(t.kind == OP and t.text == "||" for t in tokenize(cond)):
         raise RewriteError("a tag look-up's q takes one trace selector's condition")
     text = (q or "").strip()
-    if "".join(text.split()) in _MATCH_ALL:
-        return "{ " + cond + " }"
+    if matches_all(text):
+        return "" if cond is None else "{ " + cond + " }"
     tokens = tokenize(text)
     refused = RewriteError("under label-based access control, q of tag requests must be one spanset filter of "
                            'comparisons joined by &&, e.g. { span.http.method = "GET" && status = error }')
@@ -476,7 +485,11 @@ def tags_query(q: str | None, condition: str) -> str:
         if body[i].kind != OP or body[i].text != "&&":
             raise refused
         i += 1
-    return "{ " + text[body[0].start:body[-1].end] + " && " + cond + " }"
+    if any(t.kind == OP and t.text == "." for t in body):
+        raise RewriteError("under label-based access control, q of tag requests cannot hold unscoped attributes "
+                           "(.name): Tempo then ignores all of q's conditions (vparquet categorizeConditions: "
+                           "'mingled'), the policy's too; write span.name or resource.name")
+    return "{ " + text[body[0].start:body[-1].end] + ("" if cond is None else " && " + cond) + " }"
 
 
 def check_tag_name(name: str) -> None:

@@ -235,7 +235,8 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
                                                                            t, user))
             sent = body
     filter_answer = bool(policies) and kind in FILTERED_KINDS  # rules, alerts, silences: filtered
-    search_answer = False  # a restricted Tempo search: rewritten, and its answer's root fields filtered
+    search_answer = False  # a restricted TraceQL search or metrics query: rewritten, and its answer filtered
+    tempo_json = False  # a restricted Tempo read whose answer the gateway reads (JSON, not Tempo's protobuf)
     try:
         if policies and kind in tracereads.KINDS:  # Tempo: TraceQL rewritten (enforce), never header mode
             mode = _trace_mode(upstream)
@@ -243,12 +244,13 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
             r = done if done is not None else rewrite_inline(targs)
             if r is None:
                 return Offload(targs, mode)
-            if isinstance(r, lbac_fanout.Plan):  # tag look-ups under several selectors
+            tempo_json = True
+            if isinstance(r, lbac_fanout.Plan):  # tag look-ups: merged (scan totals dropped)
                 fan, rewritten = r, True
             elif r.query is None:  # pragma: no cover - rewrite's contract
                 raise ProxyError(500, "the trace query could not be restricted", "internal")
             else:
-                raw_query, search_answer = r.query, path == tracereads.SEARCH_PATH
+                raw_query, search_answer = r.query, True
                 sent, rewritten = (b"", True) if req.body_exists else (None, False)  # (Tempo reads no body)
         elif policies and kind in lbac.RESTRICTED_KINDS and not filter_answer:
             if kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(kind, path, method, raw_query, None, policies)
@@ -318,8 +320,9 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
         check_body_length(req.content_length, limit)
         if filter_answer:
             return Filter(base, out, policies, limit)
+        if tempo_json:
+            out["Accept"] = "application/json"  # (the answer filter and the merge read JSON)
         if search_answer:
-            out["Accept"] = "application/json"  # (the answer filter reads JSON, not Tempo's protobuf)
             return Filter(base, out, policies, limit, mode, raw_query)
         if fan is not None:
             return FanOut(base, path, out, fan, limit, cfg.limits.fanout_memory, mode)
