@@ -43,11 +43,11 @@ def resource_strings(attributes: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     ambiguous: set[str] = set()
     for kv in attributes or ():
-        if not isinstance(kv, dict) or not isinstance(kv.get("key"), str):
+        key = kv.get("key", "") if isinstance(kv, dict) else None  # (jsonpb leaves out an empty key)
+        value = kv.get("value") if isinstance(kv, dict) else None  # (and a value that is not set)
+        if not isinstance(key, str) or not isinstance(value, dict | None):
             raise ValueError("a resource attribute is not a key-value object")
-        value = kv.get("value")
-        s = value.get("stringValue") if isinstance(value, dict) else None
-        key = kv["key"]
+        s = value.get("stringValue") if value is not None else None
         if not isinstance(s, str) or (key in out and out[key] != s):
             ambiguous.add(key)
             continue

@@ -7,10 +7,16 @@ Tempo's own, read from grafana/tempo ``pkg/traceql``:
 * values are TraceQL strings: Go ``text/scanner`` string literals read with ``strconv.Unquote``
   (``lexer.go``); attribute names are runs of attribute runes or ``"..."`` parts with ``\\"`` and
   ``\\\\`` escapes (``parseAttribute``);
-* ``=~`` and ``!~`` use Prometheus' ``FastRegexMatcher`` (``pkg/regexp``), fully anchored like PromQL;
+* ``=~`` and ``!~`` use Prometheus' ``FastRegexMatcher`` (``pkg/regexp``), fully anchored like PromQL, in
+  Go's RE2 syntax. Python's ``re`` reads many patterns otherwise (``\\d``, ``\\w``, ``\\s``, ``\\b`` are
+  Unicode-wide, ``[[:alpha:]]`` and ``a{,3}`` mean other things, look-around and possessive repeats are
+  accepted) and backtracks exponentially on some, so these regexes are compiled and matched by RE2 itself
+  (``google-re2``, the C++ library Go's ``regexp`` was written from: same syntax and matches, in linear
+  time); ``\\C`` (any byte), the one escape Go refuses and RE2 takes, is refused;
 * a span whose resource lacks the attribute, or holds a non-string value, satisfies *no* comparison,
   not even ``!=`` or ``!~`` (``ast_execute.go``: operands of different types give false); so
-  :meth:`TraceSelector.matches` sees only string-valued attributes and fails closed on the rest.
+  :meth:`TraceSelector.matches` sees only string-valued attributes and fails closed on the rest (string
+  *arrays*, which Tempo compares element by element, included: stricter than Tempo, never laxer).
 
 A :class:`TraceSelector` is a :class:`~gateway.policy.selector.Selector` (same ``matchers`` and
 ``source``) so that realms, decisions, caches and plans carry either kind unchanged; it never equals a
@@ -20,11 +26,12 @@ Prometheus selector, and which kind applies to which signal is decided once, by
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Final
+from typing import Any, Final
+
+import re2
 
 from gateway.policy.selector import (
     _MATCH_ALL,
@@ -33,7 +40,6 @@ from gateway.policy.selector import (
     MatchOpStr,
     Selector,
     SelectorError,
-    _compiled,
     parse_selector,
     quote,
 )
@@ -47,8 +53,8 @@ _NOT_ATTRIBUTE: Final = frozenset('{}()=~!<>&|^,"')
 _OPS: Final[tuple[MatchOpStr, ...]] = ("=~", "!~", "!=", "=")  # longest first
 _SIMPLE_ESCAPES: Final = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
                           "\\": "\\", '"': '"'}
-#: Python ``re`` constructs Go's RE2 (Tempo) refuses: look-around and back-references.
-_NOT_RE2: Final = re.compile(r"\(\?(?:[=!]|<[=!]|P=)|\\[1-9]")
+_RE2_OPTIONS: Final = re2.Options()
+_RE2_OPTIONS.log_errors = False  # (a refused pattern is the caller's 409, not a line on stderr)
 _OTHER_SCOPES: Final = ("span.", "event.", "link.", "instrumentation.", "parent.", "trace:", "span:", "event:",
                         "link:", "instrumentation:", ".")
 
@@ -91,7 +97,7 @@ class TraceSelector(Selector):
             elif m.op == "!=":
                 ok = v != m.value
             else:
-                ok = (_compiled(m.value).fullmatch(v) is not None) == (m.op == "=~")
+                ok = (_anchored(m.value).fullmatch(v) is not None) == (m.op == "=~")
             if not ok:
                 return False
         return True
@@ -246,13 +252,7 @@ def _parse_cached(text: str) -> TraceSelector:
         r.skip_space()
         value = _string(r)
         if op in ("=~", "!~"):
-            if _NOT_RE2.search(value):
-                raise SelectorError(f"invalid regular expression {value!r}: look-around and back-references "
-                                    "are not supported by Tempo (RE2)")
-            try:
-                _compiled(value)
-            except re.error as exc:
-                raise SelectorError(f"invalid regular expression {value!r}: {exc}") from None
+            _check_regex(value)
         matchers.append(LabelMatcher(name, op, value))
         if len(matchers) > MAX_MATCHERS:
             raise SelectorError(f"must have at most {MAX_MATCHERS} matchers")
@@ -270,6 +270,34 @@ def _parse_cached(text: str) -> TraceSelector:
     if all(m.op == "=~" and m.value in _MATCH_ALL for m in matchers):
         raise SelectorError("matches every span with those attributes; a label policy must restrict something")
     return TraceSelector(tuple(matchers), text)
+
+
+def _any_byte_escape(pattern: str) -> bool:
+    """Whether ``pattern`` holds ``\\C`` (an escaped backslash before a ``C`` is not one)."""
+    i = pattern.find("\\")
+    while i >= 0:
+        if pattern[i + 1:i + 2] == "C":
+            return True
+        i = pattern.find("\\", i + 2)
+    return False
+
+
+def _check_regex(value: str) -> None:
+    """Refuse a regex Tempo (Go's ``regexp/syntax``, Perl flags) would not compile: SelectorError says why."""
+    if _any_byte_escape(value):
+        raise SelectorError(f"invalid regular expression {value!r}: \\C (any byte) is not supported by Tempo")
+    try:
+        re2.compile(value, _RE2_OPTIONS)  # alone first: a pattern that parses alone cannot escape the group below
+    except re2.error as exc:
+        detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise SelectorError(f"invalid regular expression {value!r}, not supported by Tempo (RE2 syntax): "
+                            f"{detail}") from None
+
+
+@lru_cache(maxsize=4096)
+def _anchored(value: str) -> Any:
+    """The regex as Prometheus' FastRegexMatcher runs it: ``^(?s:value)$`` (fullmatch does the anchoring)."""
+    return re2.compile(f"(?s:{value})", _RE2_OPTIONS)
 
 
 def parse_label_policy(text: str) -> Selector:
