@@ -78,6 +78,8 @@ class FakeTempo:
     #: ``span_pruning_enabled_by_default`` (modules/frontend/config.go): v2 prunes unless ``span_pruning`` says false
     prune_by_default: bool = False
     gzip: bool = False  # answer gzip-compressed when the request accepts it (as a compressing proxy would)
+    #: byte replacements in protobuf answers: Tempo (gogo) keeps whatever bytes a writer sent, UTF-8 or not
+    proto_bytes: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._record])
@@ -105,6 +107,12 @@ class FakeTempo:
             resp.headers["Content-Encoding"] = "gzip"
         return resp
 
+    def _proto(self, batches: list[dict[str, Any]]) -> bytes:
+        raw = to_proto(batches)
+        for old, new in self.proto_bytes:
+            raw = raw.replace(old, new)
+        return raw
+
     def _find(self, request: web.Request) -> list[dict[str, Any]] | None:
         tid = request.match_info["id"].lower().rjust(32, "0")
         return self.traces.get(tid)
@@ -118,7 +126,7 @@ class FakeTempo:
         if found is None:
             return web.Response(status=404)  # combiner: every job 404 -> 404, no body
         if self._protobuf(request):
-            return web.Response(body=to_proto(found), headers={"Content-Type": PROTOBUF})
+            return web.Response(body=self._proto(found), headers={"Content-Type": PROTOBUF})
         return web.Response(body=json.dumps({"batches": found}).encode(), headers={"Content-Type": "application/json"})
 
     async def trace_v2(self, request: web.Request) -> web.Response:
@@ -129,7 +137,7 @@ class FakeTempo:
             found = _pruned(found)
         inspected = 1000 + len(found)
         if self._protobuf(request):
-            trace = to_proto(found)
+            trace = self._proto(found)
             metrics = b"\x08" + _varint(inspected)  # TraceByIDMetrics.inspectedBytes = 1
             body = b"\x0a" + _varint(len(trace)) + trace + b"\x12" + _varint(len(metrics)) + metrics
             return web.Response(body=body, headers={"Content-Type": PROTOBUF})

@@ -61,6 +61,22 @@ async def test_an_attribute_with_an_empty_key_does_not_make_the_trace_unreadable
         assert status == 200 and b"dev-secret" in body and b"prod-secret" not in body, body[:200]
 
 
+async def test_bytes_that_are_not_utf8_do_not_make_the_trace_unreadable(world: World) -> None:
+    """Tempo stores and answers whatever bytes were written (gogo protobuf never checks UTF-8); protobuf
+    readers that do (upb) refuse the whole answer. A resource value that is not UTF-8 matches no selector (read
+    leniently, ``dev\\xff\\xff\\xff\\xff`` would be "dev")."""
+    tid = bytes.fromhex(MIXED)
+    world.tempo.traces[MIXED].append(resource_spans(attrs(env="dev-BAD"), span(tid, b"\x09" * 8, "odd-op",
+                                                                              attributes=attrs(token="odd-secret"))))
+    world.tempo.proto_bytes = [(b"dev-secret", b"dev-secr\xfft"), (b"prod-secret-owner", b"prod-secr\xfft-owner"),
+                               (b"dev-BAD", b"dev\xff\xff\xff\xff"), (b"odd-secret", b"odd-secr\xfft")]
+    for v2 in (False, True):
+        status, body, _ = await _get(world, f"/api/{'v2/' if v2 else ''}traces/{MIXED}", world.dev, PROTOBUF)
+        assert status == 200 and b"dev-secr\xfft" in body, body[:200]  # the visible span as it came
+        assert b"prod-secr" not in body and b"odd-secr" not in body and b"dev\xff" not in body
+        assert b"odd-op" in body and b"prod-op" in body  # (hidden: intrinsic fields only)
+
+
 async def test_what_held(world: World) -> None:
     """Accept variants, a gzip answer, HEAD, ID and path spellings, query-string tricks: filtered or refused."""
     c, tempo = world.env.gw.client, world.tempo
