@@ -12,7 +12,8 @@ Tempo's own, read from grafana/tempo ``pkg/traceql``:
   Unicode-wide, ``[[:alpha:]]`` and ``a{,3}`` mean other things, look-around and possessive repeats are
   accepted) and backtracks exponentially on some, so these regexes are compiled and matched by RE2 itself
   (``google-re2``, the C++ library Go's ``regexp`` was written from: same syntax and matches, in linear
-  time); ``\\C`` (any byte), the one escape Go refuses and RE2 takes, is refused;
+  time: ``gateway.policy.selector._compiled``); ``\\C`` (any byte), the one escape Go refuses and RE2
+  takes, is refused;
 * a span whose resource lacks the attribute, or holds a non-string value, satisfies *no* comparison,
   not even ``!=`` or ``!~`` (``ast_execute.go``: operands of different types give false); so
   :meth:`TraceSelector.matches` sees only string-valued attributes and fails closed on the rest (string
@@ -29,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any, Final
+from typing import Final
 
 import re2
 
@@ -40,8 +41,10 @@ from gateway.policy.selector import (
     MatchOpStr,
     Selector,
     SelectorError,
+    _compiled,
     parse_selector,
     quote,
+    regex_error,
 )
 
 #: The only scope a trace selector may name (Grafana: "LBAC is restricted to only contain resource
@@ -53,8 +56,6 @@ _NOT_ATTRIBUTE: Final = frozenset('{}()=~!<>&|^,"')
 _OPS: Final[tuple[MatchOpStr, ...]] = ("=~", "!~", "!=", "=")  # longest first
 _SIMPLE_ESCAPES: Final = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
                           "\\": "\\", '"': '"'}
-_RE2_OPTIONS: Final = re2.Options()
-_RE2_OPTIONS.log_errors = False  # (a refused pattern is the caller's 409, not a line on stderr)
 _OTHER_SCOPES: Final = ("span.", "event.", "link.", "instrumentation.", "parent.", "trace:", "span:", "event:",
                         "link:", "instrumentation:", ".")
 
@@ -97,7 +98,7 @@ class TraceSelector(Selector):
             elif m.op == "!=":
                 ok = v != m.value
             else:
-                ok = (_anchored(m.value).fullmatch(v) is not None) == (m.op == "=~")
+                ok = (_compiled(m.value).fullmatch(v) is not None) == (m.op == "=~")
             if not ok:
                 return False
         return True
@@ -287,17 +288,10 @@ def _check_regex(value: str) -> None:
     if _any_byte_escape(value):
         raise SelectorError(f"invalid regular expression {value!r}: \\C (any byte) is not supported by Tempo")
     try:
-        re2.compile(value, _RE2_OPTIONS)  # alone first: a pattern that parses alone cannot escape the group below
+        _compiled(value)
     except re2.error as exc:
-        detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise SelectorError(f"invalid regular expression {value!r}, not supported by Tempo (RE2 syntax): "
-                            f"{detail}") from None
-
-
-@lru_cache(maxsize=4096)
-def _anchored(value: str) -> Any:
-    """The regex as Prometheus' FastRegexMatcher runs it: ``^(?s:value)$`` (fullmatch does the anchoring)."""
-    return re2.compile(f"(?s:{value})", _RE2_OPTIONS)
+                            f"{regex_error(exc)}") from None
 
 
 def parse_label_policy(text: str) -> Selector:
