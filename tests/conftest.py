@@ -31,15 +31,19 @@ def require(condition: bool, what: str) -> None:
     pytest.skip(f"missing component: {what}")
 
 
+# Opt-in suites against real backends built from source: marker -> the variable naming the binary.
+OPT_IN = {"real_loki": "GATEWAY_LOKI_BIN", "real_tempo": "GATEWAY_TEMPO_BIN"}
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    """Tests marked ``real_loki`` need a Loki binary built from grafana/loki main: without
-    GATEWAY_LOKI_BIN they are deselected (not skipped, so CI's no-skip rule is unaffected)."""
-    if os.environ.get("GATEWAY_LOKI_BIN"):
-        return
-    deselected = [item for item in items if item.get_closest_marker("real_loki")]
+    """Tests marked ``real_loki`` (``real_tempo``) need a Loki (Tempo) binary built from its main branch:
+    without GATEWAY_LOKI_BIN (GATEWAY_TEMPO_BIN) they are deselected (not skipped, so CI's no-skip rule is
+    unaffected)."""
+    off = {marker for marker, variable in OPT_IN.items() if not os.environ.get(variable)}
+    deselected = [item for item in items if any(item.get_closest_marker(m) for m in off)]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if not item.get_closest_marker("real_loki")]
+        items[:] = [item for item in items if not any(item.get_closest_marker(m) for m in off)]
 
 
 # A skipped end-to-end test's reason names what is missing; these map it to the Debian package.

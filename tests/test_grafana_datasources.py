@@ -36,6 +36,7 @@ S0, S1 = "1790871720", "1790875320"
 POLICY = '{env="dev"}'
 TRACE_POLICY = '{resource.env="dev"}'
 ENFORCED = 'env="dev"'
+TRACE_ENFORCED = '(resource.env = "dev")'
 
 # The stack whose per-signal tenant IDs all differ, so a request sent to the wrong backend is refused.
 STACK = "101"
@@ -59,7 +60,8 @@ class Call:
     # What a label-restricted token gets: "filter" (label-policy header, or a query rewritten to hold
     # the policy), "filter-noselector" (a query that reads no series: forwarded, nothing to rewrite),
     # "pass" (holds no label data: forwarded untouched), "refuse" (403: cannot be filtered, or a rule
-    # write whose results would bypass the policy).
+    # write whose results would bypass the policy), "traceql" (Tempo: `q` rewritten to hold the trace policy in
+    # every mode), "refuse-400" (a query the gateway cannot restrict exactly: 400, nothing forwarded).
     lbac: str = "pass"
     headers: dict[str, str] = field(default_factory=dict)
     body: str | None = None
@@ -201,32 +203,33 @@ TEMPO = DataSource("tempo", "traces", ("/tempo", ""), (
     Call("Trace by ID (v1)", "GET", f"/api/traces/{TRACE}", "traces", f"/api/traces/{TRACE}", "traces:read",
          pending=TRACE_FILTERED),
     Call("TraceQL search", "GET", "/api/search" + q(q='{resource.service.name="api"}', limit="20", spss="3",
-         start=S0, end=S1), "traces", "/api/search", "traces:read"),
+         start=S0, end=S1), "traces", "/api/search", "traces:read", "traceql"),
     Call("Tag names", "GET", "/api/v2/search/tags" + q(scope="resource", start=S0, end=S1), "traces",
-         "/api/v2/search/tags", "traces:read"),
-    Call("Tag names (v1)", "GET", "/api/search/tags", "traces", "/api/search/tags", "traces:read"),
+         "/api/v2/search/tags", "traces:read", "traceql"),
+    Call("Tag names (v1)", "GET", "/api/search/tags", "traces", "/api/search/tags", "traces:read", "refuse"),
     Call("Tag values", "GET", "/api/v2/search/tag/resource.service.name/values" + q(q="{}"), "traces",
-         "/api/v2/search/tag/resource.service.name/values", "traces:read"),
+         "/api/v2/search/tag/resource.service.name/values", "traces:read", "traceql"),
     Call("Tag values of a name with a slash (encodeURIComponent)", "GET",
          "/api/v2/search/tag/resource.k8s.io%2Fname/values" + q(q="{}", start=S0), "traces",
-         "/api/v2/search/tag/resource.k8s.io%2Fname/values", "traces:read"),
+         "/api/v2/search/tag/resource.k8s.io%2Fname/values", "traces:read", "traceql"),
     Call("Tag values (v1) of a name with a slash", "GET", "/api/search/tag/k8s.io%2Fname/values", "traces",
-         "/api/search/tag/k8s.io%2Fname/values", "traces:read"),
+         "/api/search/tag/k8s.io%2Fname/values", "traces:read", "refuse"),
     Call("Tag values of a name with a slash, Grafana 11.0-12.2 (encodeTag: encoded twice)", "GET",
          "/api/v2/search/tag/resource.k8s.io%252Fname/values" + q(q="{}", start=S0), "traces",
-         "/api/v2/search/tag/resource.k8s.io%252Fname/values", "traces:read"),
+         "/api/v2/search/tag/resource.k8s.io%252Fname/values", "traces:read", "traceql"),
     Call("Tag values filtered by a TraceQL value holding %, \\ and /", "GET",
          "/api/v2/search/tag/resource.service.name/values" + q(q='{span.path="/a/100% \\ b"}', limit="1000"),
-         "traces", "/api/v2/search/tag/resource.service.name/values", "traces:read"),
+         "traces", "/api/v2/search/tag/resource.service.name/values", "traces:read",
+         "refuse-400"),  # (`\ ` is no Go escape: Tempo would read q as match-all)
     Call("Tag values of names with % and \\, Grafana 12.3+ (encoded once)", "GET",
          "/api/v2/search/tag/span.attr%25percent%5Cback/values" + q(q="{}"), "traces",
-         "/api/v2/search/tag/span.attr%25percent%5Cback/values", "traces:read"),
+         "/api/v2/search/tag/span.attr%25percent%5Cback/values", "traces:read", "traceql"),
     Call("TraceQL metrics: range", "GET", "/api/metrics/query_range" + q(q="{} | rate()", start=S0, end=S1,
-         step="60s"), "traces", "/api/metrics/query_range", "traces:read"),
+         step="60s"), "traces", "/api/metrics/query_range", "traces:read", "traceql"),
     Call("TraceQL metrics: instant", "GET", "/api/metrics/query" + q(q="{} | rate()", start=S0, end=S1), "traces",
-         "/api/metrics/query", "traces:read"),
+         "/api/metrics/query", "traces:read", "traceql"),
     Call("Span metrics summary (older Grafana)", "GET", "/api/metrics/summary" + q(q="{}"), "traces",
-         "/api/metrics/summary", "traces:read"),
+         "/api/metrics/summary", "traces:read", "refuse"),
     # gRPC goes to the URL's host and port whatever the URL's path: the refusal says what to do.
     Call("Streaming search (gRPC): a clear 404", "POST", "/tempopb.StreamingQuerier/Search", "404", "",
          "traces:read", headers={"Content-Type": "application/grpc"}, bases=("",)),
@@ -351,6 +354,10 @@ async def _check(b: Bench, ds: DataSource, base: str, call: Call, mode: str) -> 
             problems.append(f"{where}: the 404 must say to turn streaming off: {text}")
         return problems
     restricted = mode != "unrestricted"
+    if restricted and call.lbac == "refuse-400":
+        if r.status != 400 or got or json.loads(text).get("status") != "error":
+            return [f"{where}: a restricted token must get a 400 and nothing forwarded, got {r.status} {list(got)}"]
+        return []
     if restricted and call.lbac == "refuse":
         if r.status != 403 or got or json.loads(text).get("status") != "error":
             return [f"{where}: a restricted token must get a 403 and nothing forwarded, got {r.status} {list(got)}"]
@@ -368,6 +375,11 @@ async def _check(b: Bench, ds: DataSource, base: str, call: Call, mode: str) -> 
         if name.lower() != "content-type" and seen.headers.get(name) != value:
             problems.append(f"{where}: header {name} was not passed through")
     label_headers = seen.headers.getall("X-Prom-Label-Policy", [])
+    if restricted and call.lbac == "traceql":  # Tempo filters nothing: the gateway rewrites in every mode
+        q_sent = dict(seen.query).get("q", "")
+        if TRACE_ENFORCED not in q_sent or label_headers:
+            problems.append(f"{where}: q must hold {TRACE_ENFORCED} and no label-policy header go: {seen.query}")
+        return problems
     forwarded = unquote_plus(seen.body.decode() + "&" + "&".join(f"{k}={v}" for k, v in seen.query))
     filtered = restricted and call.lbac.startswith("filter")
     if filtered and mode.endswith("header"):
@@ -415,7 +427,7 @@ async def test_every_request_of_the_data_source_lands_where_it_must(
 
 def test_the_table_covers_every_kind_of_handling() -> None:
     calls = [c for ds in DATA_SOURCES for c in ds.calls]
-    assert {c.lbac for c in calls} == {"filter", "filter-noselector", "pass", "refuse"}
+    assert {c.lbac for c in calls} == {"filter", "filter-noselector", "pass", "refuse", "traceql", "refuse-400"}
     assert {c.lands for c in calls} == {*UPSTREAMS, "404"}
     assert {ds.bases[0] for ds in DATA_SOURCES} == {"/mimir/prometheus", "/mimir/api/prom", "/loki", "/tempo",
                                                    "/mimir"}

@@ -29,12 +29,24 @@ CASES: list[tuple[str, str, str, Role]] = [
 ]
 
 
+def _traceql_kind(path: str) -> Kind | None:
+    """TraceQL reads (rewritten), v2 tag look-ups (policy as q), and what Tempo cannot filter (refused)."""
+    if path in ("/api/search", "/api/metrics/query", "/api/metrics/query_range"):
+        return Kind.TRACEQL
+    if path.startswith("/api/v2/search/tag"):
+        return Kind.TRACE_TAGS
+    if path.startswith("/api/search/tag") or path == "/api/metrics/summary":
+        return Kind.TRACE_UNFILTERABLE
+    return None
+
+
 @pytest.mark.parametrize(("method", "path", "scope", "role"), CASES)
 def test_route(method: str, path: str, scope: str, role: Role) -> None:
     m = match(method, path)
     assert m is not None, f"{method} {path} is not routed"
     assert any(r is m.route for r in tempo.ROUTES)
     kind = Kind.TRACE_BY_ID if path.startswith(("/api/traces/", "/api/v2/traces/")) else Kind.NONE
+    kind = _traceql_kind(path) or kind
     assert (m.route.backend, m.route.scope, m.route.kind, m.route.role) == ("traces", scope, kind, role)
     assert m.upstream_path == path
 

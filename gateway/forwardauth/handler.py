@@ -53,6 +53,8 @@ GRPC_ROUTES: Final = Router([
 # (rules, alerts and silences: only the data path filters their answers)
 _REWRITTEN: Final = frozenset({Kind.TENANT_WIDE, Kind.LOGQL_DELETE, Kind.RULE_STATE, Kind.ALERT_STATE,
                                Kind.RULE_CONFIG, Kind.ALERTMANAGER})
+#: Tempo applies no label policies: only the data path's rewrite (gateway.lbac.tracereads) restricts these.
+_REWRITTEN_TRACES: Final = frozenset({Kind.TRACEQL, Kind.TRACE_TAGS, Kind.TRACE_UNFILTERABLE})
 _FORM_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # Go's ParseForm reads these bodies
 _TRACES_READ: Final = "traces:read"
 #: Tempo reads that hold no tenant data (Grafana's connection test, the version probe): any token may pass.
@@ -102,7 +104,7 @@ def _label_policies(st: State, cfg: Config, m: RouteMatch, orig: Original, decis
     if not policies or route.kind not in lbac.RESTRICTED_KINDS:
         return ()
     enforcement.check(st.extras, cfg, route.backend)
-    if route.kind in _REWRITTEN:
+    if route.kind in _REWRITTEN or route.kind in _REWRITTEN_TRACES:
         raise ProxyError(403, "this endpoint cannot be filtered by the backend's label policies; with a "
                          "label-restricted token use the gateway's own data path", "lbac_unfilterable")
     if orig.method in _FORM_METHODS and route.kind is not Kind.REMOTE_READ:

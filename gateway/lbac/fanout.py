@@ -79,6 +79,8 @@ class Merge(enum.Enum):
     ABSENT = "absent"  # Loki absent_over_time: the steps every leg answers, labelled with Plan.labels
     MAX = "max"  # Loki max_over_time (in max aggregations): the largest of the legs per series and step
     MIN = "min"  # the same for min_over_time
+    TEMPO_TAGS = "tempo_tags"  # Tempo v2 tag names, one leg per trace selector: union per scope
+    TEMPO_TAG_VALUES = "tempo_tag_values"  # Tempo v2 tag values: union by (type, value), cut to `limit`
 
 
 @dataclass(frozen=True, slots=True)

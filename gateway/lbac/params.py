@@ -21,7 +21,7 @@ ONE parameter is dropped, so no rewrite can take ``""`` for a given value: it me
 and so it does here (a query-optional read then gets the policy as its query, in both modes). The
 gateway re-encodes what it read (``urlencode``), so the backend reads back exactly these pairs.
 
-Tempo has no entry: label policies do not apply to traces (``gateway.routes.tempo``, all ``Kind.NONE``).
+Tempo has no entry: its handlers read ``r.URL.Query()`` only (``gateway.lbac.tracereads`` reads it so).
 """
 
 from __future__ import annotations

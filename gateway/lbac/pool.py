@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Final, TypeVar
 
 from gateway.errors import ProxyError
-from gateway.lbac import RewriteError, bounds, fanout
+from gateway.lbac import RewriteError, bounds, fanout, tracereads
 from gateway.lbac import restrict as lbac
 from gateway.lbac.fanout import Plan
 from gateway.lbac.restrict import Restriction
@@ -153,6 +153,9 @@ def rewrite(kind: Kind, path: str, method: str, raw_query: str, form: bytes | No
             fan_out: bool) -> Rewritten:
     """The enforce-mode rewrite of a query: a fan-out plan (when ``fan_out`` and one is needed), else the one
     restricted request (:func:`gateway.lbac.restrict.enforce`). Pure: the pool's process runs it as is."""
+    if kind in tracereads.KINDS:  # Tempo: one rewritten URL, or tag look-ups per selector (gateway.lbac.tracereads)
+        url = tracereads.restrict_url(kind, path, raw_query, policies)
+        return url if isinstance(url, Plan) else Restriction(query=url)
     if fan_out:
         fan = fanout.plan(kind, path, method, raw_query, form, policies)
         if fan is not None:
@@ -165,6 +168,8 @@ def rewrite_inline(args: RewriteArgs) -> Rewritten | None:
     run :func:`rewrite_off_loop`. Refuses (400) past the bounds before any parsing."""
     kind, _, _, raw_query, form, policies, _ = args
     if kind in POOLED_KINDS and bounds.INLINE_WEIGHT < weigh(kind, raw_query, form, len(policies)):
+        return _HEAVY.get(args)
+    if kind in tracereads.KINDS and len(raw_query) > tracereads.INLINE_CHARS:
         return _HEAVY.get(args)
     return rewrite(*args)
 

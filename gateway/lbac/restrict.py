@@ -35,7 +35,7 @@ _TENANT_START: Final = re.compile(r",\s*(?=[A-Za-z0-9!\-_.*'()]+:)")
 RESTRICTED_KINDS: Final = frozenset({Kind.PROMQL, Kind.MATCH, Kind.REMOTE_READ, Kind.TENANT_WIDE, Kind.LOGQL,
                                      Kind.LOGQL_OPTIONAL, Kind.LOGQL_SERIES, Kind.LOGQL_TAIL, Kind.LOGQL_DELETE,
                                      Kind.RULE_STATE, Kind.ALERT_STATE, Kind.RULE_CONFIG, Kind.ALERTMANAGER,
-                                     Kind.TRACE_BY_ID})
+                                     Kind.TRACE_BY_ID, Kind.TRACEQL, Kind.TRACE_TAGS, Kind.TRACE_UNFILTERABLE})
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.lbac import RewriteError
+from gateway.lbac import RewriteError, tracereads
 from gateway.lbac.counts import Counts, Inexact, merge_index_stats, merge_volumes
 from gateway.lbac.fanout import Leg, Merge, Plan
 from gateway.lbac.remote_read import SAMPLES_CONTENT_TYPE, STREAMED_CONTENT_TYPE, merge_samples, merge_streamed
@@ -417,6 +417,8 @@ _JSON_MERGES: Final[dict[Merge, Callable[[list[Any], Plan], dict[str, Any]]]] = 
     Merge.ABSENT: merge_absent,
     Merge.MAX: merge_extreme,
     Merge.MIN: merge_extreme,
+    Merge.TEMPO_TAGS: tracereads.merge_tags,
+    Merge.TEMPO_TAG_VALUES: tracereads.merge_tag_values,
     Merge.DETECTED_FROM_SERIES: merge_detected_from_series,
 }
 

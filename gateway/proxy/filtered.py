@@ -35,7 +35,7 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.lbac import pool, traces
+from gateway.lbac import pool, trace_search, traces
 from gateway.lbac import visibility as vis
 from gateway.policy.trace_selector import TraceSelector
 from gateway.proxy.errors import ProxyError
@@ -157,6 +157,8 @@ def apply(f: Filter, raw: bytes) -> Filtered:
     doc = json.loads(raw)
     if f.what in _AM_READS:
         return _json(_AM_READS[f.what](doc, f.policies))
+    if f.what == "trace_search":
+        return _json(trace_search.filter_answer(doc, f.policies))
     if not isinstance(doc, dict) or doc.get("status") != "success":
         raise ValueError("not a success answer")
     if f.what == "rules":
@@ -192,12 +194,16 @@ def _json(out: Any) -> Filtered:
 
 
 async def serve(request: web.Request, session: aiohttp.ClientSession, base: str, m: RouteMatch,
-                headers: CIMultiDict[str], policies: Policies, body_limit: int
+                headers: CIMultiDict[str], policies: Policies, body_limit: int, rewritten: str | None = None
                 ) -> tuple[web.StreamResponse, Outcome]:
-    """Serve a label-restricted request of a route in :data:`KINDS` (see the module docstring)."""
+    """Serve a label-restricted request of a route in :data:`KINDS`, or a rewritten Tempo search (its query
+    ``rewritten``; see the module docstring and gateway.lbac.trace_search)."""
     kind, path = m.route.kind, m.upstream_path
-    query = request.rel_url.raw_query_string
+    query = request.rel_url.raw_query_string if rewritten is None else rewritten
     url = f"{base}{path}" + (f"?{query}" if query else "")
+    if kind is Kind.TRACEQL:
+        answer, seconds = await _fetch(session, "GET", url, headers)
+        return await _respond(answer, seconds, Filter("trace_search", "", policies))
     if kind is Kind.ALERTMANAGER:
         return await _alertmanager(request, session, base, url, path, headers, policies, body_limit)
     if kind is Kind.TRACE_BY_ID:

@@ -124,7 +124,8 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, p: Forwa
             resp, outcome = await execute_fanout(request, session, p.base, p.path, p.headers, p.legs, p.body_limit,
                                                   p.memory)
         elif isinstance(p, Filter):
-            resp, outcome = await filtered.serve(request, session, p.base, m, p.headers, p.policies, p.body_limit)
+            resp, outcome = await filtered.serve(request, session, p.base, m, p.headers, p.policies, p.body_limit,
+                                                 p.query)
         elif isinstance(p, Stream):
             resp, outcome = await relay_websocket(request, session, p.url, p.headers)
         else:

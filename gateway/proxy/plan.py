@@ -33,7 +33,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.config import Config, Upstream
 from gateway.decision_cache import Decision
 from gateway.errors import ProxyError, check_body_length
-from gateway.lbac import RewriteError, headermode
+from gateway.lbac import RewriteError, headermode, tracereads
 from gateway.lbac import fanout as lbac_fanout
 from gateway.lbac import restrict as lbac
 from gateway.lbac.limits_context import HEADER as LIMITS_CONTEXT
@@ -112,6 +112,7 @@ class Filter:
     policies: Policies
     body_limit: int
     lbac: str | None = "filtered"
+    query: str | None = None  # the raw query string sent instead of the client's (a rewritten Tempo search)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +192,15 @@ def _form(req: Facts, body: bytes | None, mode: str | None) -> bytes | None | Ne
     return NeedsBody(lbac.MAX_FORM_BODY, mode)
 
 
+def _trace_mode(upstream: Upstream) -> str:
+    """Enforce, always: no probe shows that a Tempo applies label policies itself, so header mode is refused."""
+    if upstream.lbac == "header":
+        raise ProxyError(503, "the traces backend does not (verifiably) enforce trace label policies, so "
+                         "label-restricted trace reads are refused in header mode; set upstreams.traces.lbac to "
+                         "enforce (or auto) in the gateway config", "lbac_unverified")
+    return "enforce"
+
+
 def plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, decision: Decision, policies: Policies,
          req: Facts, body: bytes | None = None, rewritten: Rewritten | None = None) -> Plan:
     """The request's plan (see the module docstring); ``body`` once read, ``rewritten`` once offloaded."""
@@ -225,8 +235,22 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
                                                                            t, user))
             sent = body
     filter_answer = bool(policies) and kind in FILTERED_KINDS  # rules, alerts, silences: filtered
+    search_answer = False  # a restricted Tempo search: rewritten, and its answer's root fields filtered
     try:
-        if policies and kind in lbac.RESTRICTED_KINDS and not filter_answer:
+        if policies and kind in tracereads.KINDS:  # Tempo: TraceQL rewritten (enforce), never header mode
+            mode = _trace_mode(upstream)
+            targs: RewriteArgs = (kind, path, method, raw_query, None, policies, False)
+            r = done if done is not None else rewrite_inline(targs)
+            if r is None:
+                return Offload(targs, mode)
+            if isinstance(r, lbac_fanout.Plan):  # tag look-ups under several selectors
+                fan, rewritten = r, True
+            elif r.query is None:  # pragma: no cover - rewrite's contract
+                raise ProxyError(500, "the trace query could not be restricted", "internal")
+            else:
+                raw_query, search_answer = r.query, path == tracereads.SEARCH_PATH
+                sent, rewritten = (b"", True) if req.body_exists else (None, False)  # (Tempo reads no body)
+        elif policies and kind in lbac.RESTRICTED_KINDS and not filter_answer:
             if kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(kind, path, method, raw_query, None, policies)
                                              ) is None:
                 raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
@@ -294,6 +318,9 @@ def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision
         check_body_length(req.content_length, limit)
         if filter_answer:
             return Filter(base, out, policies, limit)
+        if search_answer:
+            out["Accept"] = "application/json"  # (the answer filter reads JSON, not Tempo's protobuf)
+            return Filter(base, out, policies, limit, mode, raw_query)
         if fan is not None:
             return FanOut(base, path, out, fan, limit, cfg.limits.fanout_memory, mode)
         url = f"{base}{path}" + (f"?{raw_query}" if raw_query else "")

@@ -44,6 +44,10 @@ class Kind(enum.Enum):
     ALERTMANAGER = "alertmanager"  # Alertmanager API v2: alerts, groups, silences; silence writes checked
     # Tempo (issue 27): answers filtered by trace selectors (gateway.lbac.traces, gateway.proxy.filtered).
     TRACE_BY_ID = "trace_by_id"  # /api/traces/{id}, /api/v2/traces/{id}: spans outside the policy keep intrinsics
+    # Tempo reads rewritten under trace selectors (gateway.lbac.tracereads, gateway.lbac.traceql).
+    TRACEQL = "traceql"  # TraceQL in `q`: search (answer's root fields filtered too), metrics query/query_range
+    TRACE_TAGS = "trace_tags"  # v2 tag names and values: `q` AND-ed with the policy
+    TRACE_UNFILTERABLE = "trace_unfilterable"  # v1 tag endpoints, metrics summary: Tempo ignores their `q`
 
 
 class Role(enum.Enum):
