@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from yarl import URL
@@ -109,6 +110,17 @@ async def test_what_held(world: World) -> None:
     status, body, _ = await _get(world, f"/api/traces/{MIXED}", {**world.dev, "X-Prom-Label-Policy":
                                                                   '100:{resource.env="prod"}'})
     assert status == 200 and b"prod-secret" not in body
+    # one token, one keep-alive connection, two signals: each request gets its own signal's selectors
+    await c.get("/prometheus/api/v1/query?query=up", headers=world.dev)  # (the fake answers it 404)
+    assert tempo.seen[-1][1] == "/prometheus/api/v1/query?query=up%7Benv%3D%22dev%22%7D"
+    status, body, _ = await _get(world, f"/api/traces/{MIXED}", world.dev)
+    assert status == 200 and b"dev-secret" in body and b"prod-secret" not in body
+    # a trace selector sent for a metrics read restricts nothing there: refused, not read whole
+    n = len(tempo.seen)
+    r = await c.get("/prometheus/api/v1/query?query=up", headers={**world.full, "X-Prom-Label-Policy": "100:" + quote(
+        DEV_SEL, safe="")})
+    await expect_refusal(r, 403, "only trace selectors")
+    assert len(tempo.seen) == n
 
 
 async def test_forward_auth_passes_no_restricted_trace_read(db_dsn: str, aiohttp_client: Any,
