@@ -11,7 +11,9 @@ from urllib.parse import quote
 import pytest
 from yarl import URL
 
+from tests import dbauth_client as dag
 from tests.fake_tempo import PROTOBUF, attrs, resource_spans, span
+from tests.test_forward_auth import _ask as dag_ask
 from tests.test_forward_auth import fa_env
 from tests.test_lbac_traces import DEV_SEL, MIXED, World, _get, _names_json, _names_proto, tempo_world
 from tests.test_proxy import basic, expect_refusal
@@ -136,6 +138,9 @@ async def test_forward_auth_passes_no_restricted_trace_read(db_dsn: str, aiohttp
             r = await env.gw.client.get("/forward-auth/nginx", headers={
                 **tok, "X-Original-Method": "GET", "X-Original-URI": uri})
             await expect_refusal(r, 403, "gateway's own data path")
+        for name in ("Search", "SearchTagValuesV2", "MetricsQueryRange"):  # Tempo streaming, via db-auth-gateway
+            with pytest.raises(dag.Forbidden):
+                await dag_ask(env, "POST", f"/tempopb.StreamingQuerier/{name}", "traces:read", tok)
         for method, uri in (("GET", "/api/echo"), ("GET", "/tempo/api/status/buildinfo"), ("POST", "/v1/traces")):
             r = await env.gw.client.get("/forward-auth/nginx", headers={
                 **tok, "X-Original-Method": method, "X-Original-URI": uri})
