@@ -18,6 +18,8 @@ records every request (method, path and query string, ``Accept``) so tests can c
 from __future__ import annotations
 
 import base64
+import copy
+import gzip
 import json
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -75,6 +77,11 @@ class FakeTempo:
                                                                       "span": ["http.method"]})
     tag_values: dict[str, list[str]] = field(default_factory=dict)
     seen: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path?query, Accept)
+    #: ``span_pruning_enabled_by_default`` (modules/frontend/config.go): v2 prunes unless ``span_pruning`` says false
+    prune_by_default: bool = False
+    gzip: bool = False  # answer gzip-compressed when the request accepts it (as a compressing proxy would)
+    #: byte replacements in protobuf answers: Tempo (gogo) keeps whatever bytes a writer sent, UTF-8 or not
+    proto_bytes: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._record])
@@ -94,7 +101,19 @@ class FakeTempo:
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.seen.append((request.method, request.path_qs, request.headers.get("Accept", "")))
-        return await handler(request)
+        resp = await handler(request)
+        if self.gzip and "gzip" in request.headers.get("Accept-Encoding", "") and isinstance(resp, web.Response) \
+                and resp.body:
+            assert isinstance(resp.body, bytes)
+            resp.body = gzip.compress(resp.body)
+            resp.headers["Content-Encoding"] = "gzip"
+        return resp
+
+    def _proto(self, batches: list[dict[str, Any]]) -> bytes:
+        raw = to_proto(batches)
+        for old, new in self.proto_bytes:
+            raw = raw.replace(old, new)
+        return raw
 
     def _find(self, request: web.Request) -> list[dict[str, Any]] | None:
         tid = request.match_info["id"].lower().rjust(32, "0")
@@ -109,21 +128,23 @@ class FakeTempo:
         if found is None:
             return web.Response(status=404)  # combiner: every job 404 -> 404, no body
         if self._protobuf(request):
-            return web.Response(body=to_proto(found), headers={"Content-Type": PROTOBUF})
-        return web.Response(body=json.dumps({"batches": found}), headers={"Content-Type": "application/json"})
+            return web.Response(body=self._proto(found), headers={"Content-Type": PROTOBUF})
+        return web.Response(body=json.dumps({"batches": found}).encode(), headers={"Content-Type": "application/json"})
 
     async def trace_v2(self, request: web.Request) -> web.Response:
         found = self._find(request)
         if found is None:
             return web.Response(status=404)
+        if self.prune_by_default and request.query.get("span_pruning", "") not in _FALSE:
+            found = _pruned(found)
         inspected = 1000 + len(found)
         if self._protobuf(request):
-            trace = to_proto(found)
+            trace = self._proto(found)
             metrics = b"\x08" + _varint(inspected)  # TraceByIDMetrics.inspectedBytes = 1
             body = b"\x0a" + _varint(len(trace)) + trace + b"\x12" + _varint(len(metrics)) + metrics
             return web.Response(body=body, headers={"Content-Type": PROTOBUF})
         doc = {"trace": {"resourceSpans": found}, "metrics": {"inspectedBytes": str(inspected)}}
-        return web.Response(body=json.dumps(doc), headers={"Content-Type": "application/json"})
+        return web.Response(body=json.dumps(doc).encode(), headers={"Content-Type": "application/json"})
 
     async def search(self, request: web.Request) -> web.Response:
         traces = []
@@ -168,3 +189,31 @@ class FakeTempo:
 
     async def echo(self, request: web.Request) -> web.Response:
         return web.Response(text="echo")
+
+
+_FALSE = frozenset({"0", "f", "F", "false", "FALSE", "False"})  # Go's strconv.ParseBool
+
+
+def _pruned(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tempo's span pruning (pkg/spanpruning, the collector's spanpruningprocessor) in short: leaf spans of one
+    trace with the same parent name, name, kind and status, whatever their resource, are replaced by one summary
+    span put in the scope of the longest of them (its template), with its attributes and the group's statistics."""
+    out = copy.deepcopy(batches)
+    spans = [(s, ss) for rs in out for ss in rs["scopeSpans"] for s in ss["spans"]]
+    by_id = {s["spanId"]: s for s, _ in spans}
+    parents = {s.get("parentSpanId") for s, _ in spans}
+    groups: dict[tuple[str, ...], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for s, ss in spans:
+        if s["spanId"] not in parents:
+            parent = by_id.get(s.get("parentSpanId", ""), {}).get("name", "")
+            key = (parent, s["name"], s.get("kind", ""), s.get("status", {}).get("code", ""))
+            groups.setdefault(key, []).append((s, ss))
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        template, home = max(group, key=lambda g: int(g[0]["endTimeUnixNano"]) - int(g[0]["startTimeUnixNano"]))
+        for s, ss in group:
+            ss["spans"].remove(s)
+        home["spans"].append({**template, "attributes": [*template.get("attributes", []), *attrs(
+            aggregation__is_summary="true", aggregation__span_count=len(group))]})
+    return out

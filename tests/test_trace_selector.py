@@ -74,6 +74,49 @@ REFUSED: list[tuple[str, str]] = [
 ]
 
 
+# Ground truth from Go (1.27): regexp/syntax.Parse(p, Perl|DotNL), then regexp.Compile("^(?s:" + parsed + ")$"), as
+# Prometheus' FastRegexMatcher does for Tempo (pkg/regexp); None: Go refuses the pattern. Python's `re` disagrees
+# on every one above the blank line (matches, or refuses what Go takes, or takes what Go refuses).
+GO_REGEXES: list[tuple[str, str, bool | None]] = [
+    (r"\d", "\u0663", False), (r"[\d]", "\u0663", False), (r"\D", "\u0663", True), (r"\w+", "\u00e9", False),
+    (r"\W", "\u00e9", True), (r"\s", "\v", False), (r"\s", "\x1c", False), (r"\S", "\v", True), (r"\B", "", True),
+    (r"[[:alpha:]]+", "abc", True), (r"[[:^alpha:]]", "1", True), (r"[[:word:]]", "_", True), (r"a{,3}", "aa", False),
+    (r"a{,3}", "a{,3}", True), (r"dev$\n", "dev\n", False), ("(?i)\u0130", "i", False), (r"(?<n>a)", "a", True),
+    (r"\Qa.b\E", "a.b", True), (r"(?U)a+", "aa", True), (r"\pL+", "abc", True), (r"\p{Greek}", "\u03b1", True),
+    (r"\x{41}", "A", True), (r"\z", "", True), (r"(?P<n>a)(?P<n>b)", "ab", True), (r"\Z", "", None),
+    (r"\u00e9", "\u00e9", None), (r"(a{1000}){1000}", "a", None), (r"\C", "a", None), (r"a*+", "a", None),
+    (r"(?>a)", "a", None), (r"(?x) a", "a", None), (r"(?#c)a", "a", None), (r"(?=a)a", "a", None),
+    (r"(a)\1", "aa", None),
+
+    (r"(?i)k", "\u212a", True), ("(?i)\u017f", "s", True), (r"\bdev", "dev", True), (r"(?-s:.)", "\n", False),
+    (r"[a-b-c]", "-", True), (r"[]a]", "]", True), (r"\012", "\n", True), (r"\xff", "\u00ff", True), (r"\e", "", None),
+]
+
+
+@pytest.mark.parametrize(("pattern", "value", "go"), GO_REGEXES)
+def test_regexes_mean_what_they_mean_to_tempo(pattern: str, value: str, go: bool | None) -> None:
+    """What the gateway accepts, Tempo accepts and matches alike (the trace-by-ID filter and a TraceQL rewrite
+    must agree); the rest is refused."""
+    for op, expect in (("=~", go), ("!~", None if go is None else not go)):
+        text = f"{{resource.env{op}{json.dumps(pattern, ensure_ascii=False)}}}"
+        if expect is None:
+            with pytest.raises(SelectorError, match="not supported by Tempo"):
+                parse_trace_selector(text)
+        else:
+            assert parse_trace_selector(text).matches({"env": value}) is expect, text
+
+
+def test_regexes_run_in_linear_time() -> None:
+    """The regexes run on span attributes and alert labels (anyone's writes) and may come from a client's
+    X-Prom-Label-Policy (any read token): patterns Python's backtracking `re` takes exponential time on (minutes
+    for 18 characters, the event loop stalled) answer at once, in label selectors too, with Go's meaning."""
+    assert not parse_trace_selector('{resource.env=~"(a*)*b"}').matches({"env": "a" * 64})
+    assert not parse_selector('{alertname=~"(.*.*)*#"}').matches({"alertname": "HighRequestLatency" * 4})
+    assert not parse_selector('{env=~"\\\\d"}').matches({"env": "\u0663"})  # RE2's \d is ASCII
+    with pytest.raises(SelectorError, match="regex"):
+        parse_selector('{env=~"a(?=b)"}')
+
+
 @pytest.mark.parametrize(("text", "error"), REFUSED)
 def test_refused(text: str, error: str) -> None:
     with pytest.raises(SelectorError, match=None) as info:

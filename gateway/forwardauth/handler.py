@@ -56,6 +56,9 @@ _REWRITTEN: Final = frozenset({Kind.TENANT_WIDE, Kind.LOGQL_DELETE, Kind.RULE_ST
 #: Tempo applies no label policies: only the data path's rewrite (gateway.lbac.tracereads) restricts these.
 _REWRITTEN_TRACES: Final = frozenset({Kind.TRACEQL, Kind.TRACE_TAGS, Kind.TRACE_UNFILTERABLE})
 _FORM_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # Go's ParseForm reads these bodies
+_TRACES_READ: Final = "traces:read"
+#: Tempo reads that hold no tenant data (Grafana's connection test, the version probe): any token may pass.
+_NO_TENANT_DATA: Final = frozenset({"/api/echo", "/api/status/buildinfo"})
 LABEL_POLICY: Final = "X-Prom-Label-Policy"
 _COUNTED: dict[tuple[str, str], Any] = {}  # the counter's children by (caller, outcome): labels() costs a lock
 
@@ -92,6 +95,12 @@ def _label_policies(st: State, cfg: Config, m: RouteMatch, orig: Original, decis
                              "the group's source_tenants; write rules through the gateway's data path, or set "
                              "forward_auth.ruler_tenant_federation: false if the Mimir ruler runs without tenant "
                              "federation", "source_tenants_unchecked")
+    if policies and route.scope == _TRACES_READ and m.upstream_path not in _NO_TENANT_DATA:
+        # Tempo applies no label policies, whatever header it gets: only the data path filters traces
+        # (trace by ID's answer, and search, tags and metrics once rewritten), and none of it is a header.
+        raise ProxyError(403, "trace reads under trace selectors are filtered by the gateway's own data path only "
+                         "(Tempo applies no label policies): point the Tempo data source at the gateway",
+                         "lbac_unfilterable")
     if not policies or route.kind not in lbac.RESTRICTED_KINDS:
         return ()
     enforcement.check(st.extras, cfg, route.backend)

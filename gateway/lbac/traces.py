@@ -21,7 +21,10 @@ import json
 from collections.abc import Sequence
 from typing import Any, Final
 
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from gateway.policy.trace_selector import TraceSelector, visible
@@ -43,11 +46,11 @@ def resource_strings(attributes: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     ambiguous: set[str] = set()
     for kv in attributes or ():
-        if not isinstance(kv, dict) or not isinstance(kv.get("key"), str):
+        key = kv.get("key", "") if isinstance(kv, dict) else None  # (jsonpb leaves out an empty key)
+        value = kv.get("value") if isinstance(kv, dict) else None  # (and a value that is not set)
+        if not isinstance(key, str) or not isinstance(value, dict | None):
             raise ValueError("a resource attribute is not a key-value object")
-        value = kv.get("value")
-        s = value.get("stringValue") if isinstance(value, dict) else None
-        key = kv["key"]
+        s = value.get("stringValue") if value is not None else None
         if not isinstance(s, str) or (key in out and out[key] != s):
             ambiguous.add(key)
             continue
@@ -117,9 +120,37 @@ def filter_json(raw: bytes, selectors: Sequence[TraceSelector], v2: bool) -> dic
     return {key: batches} if seen else None
 
 
-def _hidden_span_proto(span: trace_pb2.Span) -> trace_pb2.Span:
+def _raw_classes() -> tuple[Any, Any]:
+    """OTLP's ``TracesData`` and ``Span`` with every ``string`` field read as ``bytes`` (the same wire format).
+
+    Tempo (gogo protobuf) never checks that strings are UTF-8, so whoever writes spans may store any bytes
+    in a name or an attribute; upb refuses such a message whole, which would make every trace holding one
+    unreadable to a restricted token. Bytes fields are read as they came; only the resource attributes a
+    selector compares are decoded (invalid UTF-8 matches nothing)."""
+    pool = descriptor_pool.DescriptorPool()  # (a pool of its own: the real OTLP types keep their names)
+
+    def as_bytes(messages: Any) -> None:
+        for m in messages:
+            for f in m.field:
+                if f.type == f.TYPE_STRING:
+                    f.type = f.TYPE_BYTES
+            as_bytes(m.nested_type)
+
+    for module in (common_pb2, resource_pb2, trace_pb2):
+        fdp = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(fdp)
+        as_bytes(fdp.message_type)
+        pool.Add(fdp)
+    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"opentelemetry.proto.trace.v1.{name}"))
+                 for name in ("TracesData", "Span"))
+
+
+_TracesData, _Span = _raw_classes()
+
+
+def _hidden_span_proto(span: Any) -> Any:
     """A new span with only the intrinsic fields (so no unknown field of the original survives)."""
-    kept = trace_pb2.Span(**{f: getattr(span, f) for f in INTRINSIC_PROTO})
+    kept = _Span(**{f: getattr(span, f) for f in INTRINSIC_PROTO})
     if span.HasField("status"):
         kept.status.code = span.status.code
     return kept
@@ -130,10 +161,10 @@ def filter_trace_proto(raw: bytes, selectors: Sequence[TraceSelector]) -> bytes 
     ``ResourceSpans``; Tempo generates tempopb from opentelemetry-proto with the package renamed)
     filtered; None when no span is visible."""
     try:
-        data = trace_pb2.TracesData.FromString(raw)
+        data = _TracesData.FromString(raw)
     except DecodeError as exc:
         raise ValueError(f"the trace does not decode: {exc}") from None
-    out = trace_pb2.TracesData()  # built anew: no unknown field of the answer's top level survives
+    out = _TracesData()  # built anew: no unknown field of the answer's top level survives
     seen = False
     for rs in data.resource_spans:
         if visible(selectors, _proto_strings(rs)):
@@ -149,16 +180,26 @@ def filter_trace_proto(raw: bytes, selectors: Sequence[TraceSelector]) -> bytes 
     return out.SerializeToString() if seen else None
 
 
-def _proto_strings(rs: trace_pb2.ResourceSpans) -> dict[str, str]:
-    """:func:`resource_strings` of a protobuf resource."""
+def _utf8(raw: bytes) -> str | None:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _proto_strings(rs: Any) -> dict[str, str]:
+    """:func:`resource_strings` of a protobuf resource (a key or value that is not UTF-8 matches nothing)."""
     out: dict[str, str] = {}
     ambiguous: set[str] = set()
     for kv in rs.resource.attributes:
-        s = kv.value.string_value if kv.value.WhichOneof("value") == "string_value" else None
-        if s is None or (kv.key in out and out[kv.key] != s):
-            ambiguous.add(kv.key)
+        key = _utf8(kv.key)
+        if key is None:
             continue
-        out[kv.key] = s
+        s = _utf8(kv.value.string_value) if kv.value.WhichOneof("value") == "string_value" else None
+        if s is None or (key in out and out[key] != s):
+            ambiguous.add(key)
+            continue
+        out[key] = s
     for key in ambiguous:
         out.pop(key, None)
     return out

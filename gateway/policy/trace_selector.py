@@ -7,10 +7,17 @@ Tempo's own, read from grafana/tempo ``pkg/traceql``:
 * values are TraceQL strings: Go ``text/scanner`` string literals read with ``strconv.Unquote``
   (``lexer.go``); attribute names are runs of attribute runes or ``"..."`` parts with ``\\"`` and
   ``\\\\`` escapes (``parseAttribute``);
-* ``=~`` and ``!~`` use Prometheus' ``FastRegexMatcher`` (``pkg/regexp``), fully anchored like PromQL;
+* ``=~`` and ``!~`` use Prometheus' ``FastRegexMatcher`` (``pkg/regexp``), fully anchored like PromQL, in
+  Go's RE2 syntax. Python's ``re`` reads many patterns otherwise (``\\d``, ``\\w``, ``\\s``, ``\\b`` are
+  Unicode-wide, ``[[:alpha:]]`` and ``a{,3}`` mean other things, look-around and possessive repeats are
+  accepted) and backtracks exponentially on some, so these regexes are compiled and matched by RE2 itself
+  (``google-re2``, the C++ library Go's ``regexp`` was written from: same syntax and matches, in linear
+  time: ``gateway.policy.selector._compiled``); ``\\C`` (any byte), the one escape Go refuses and RE2
+  takes, is refused;
 * a span whose resource lacks the attribute, or holds a non-string value, satisfies *no* comparison,
   not even ``!=`` or ``!~`` (``ast_execute.go``: operands of different types give false); so
-  :meth:`TraceSelector.matches` sees only string-valued attributes and fails closed on the rest.
+  :meth:`TraceSelector.matches` sees only string-valued attributes and fails closed on the rest (string
+  *arrays*, which Tempo compares element by element, included: stricter than Tempo, never laxer).
 
 A :class:`TraceSelector` is a :class:`~gateway.policy.selector.Selector` (same ``matchers`` and
 ``source``) so that realms, decisions, caches and plans carry either kind unchanged; it never equals a
@@ -20,11 +27,12 @@ Prometheus selector, and which kind applies to which signal is decided once, by
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Final
+
+import re2
 
 from gateway.policy.selector import (
     _MATCH_ALL,
@@ -36,6 +44,7 @@ from gateway.policy.selector import (
     _compiled,
     parse_selector,
     quote,
+    regex_error,
 )
 
 #: The only scope a trace selector may name (Grafana: "LBAC is restricted to only contain resource
@@ -47,8 +56,6 @@ _NOT_ATTRIBUTE: Final = frozenset('{}()=~!<>&|^,"')
 _OPS: Final[tuple[MatchOpStr, ...]] = ("=~", "!~", "!=", "=")  # longest first
 _SIMPLE_ESCAPES: Final = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
                           "\\": "\\", '"': '"'}
-#: Python ``re`` constructs Go's RE2 (Tempo) refuses: look-around and back-references.
-_NOT_RE2: Final = re.compile(r"\(\?(?:[=!]|<[=!]|P=)|\\[1-9]")
 _OTHER_SCOPES: Final = ("span.", "event.", "link.", "instrumentation.", "parent.", "trace:", "span:", "event:",
                         "link:", "instrumentation:", ".")
 
@@ -246,13 +253,7 @@ def _parse_cached(text: str) -> TraceSelector:
         r.skip_space()
         value = _string(r)
         if op in ("=~", "!~"):
-            if _NOT_RE2.search(value):
-                raise SelectorError(f"invalid regular expression {value!r}: look-around and back-references "
-                                    "are not supported by Tempo (RE2)")
-            try:
-                _compiled(value)
-            except re.error as exc:
-                raise SelectorError(f"invalid regular expression {value!r}: {exc}") from None
+            _check_regex(value)
         matchers.append(LabelMatcher(name, op, value))
         if len(matchers) > MAX_MATCHERS:
             raise SelectorError(f"must have at most {MAX_MATCHERS} matchers")
@@ -270,6 +271,27 @@ def _parse_cached(text: str) -> TraceSelector:
     if all(m.op == "=~" and m.value in _MATCH_ALL for m in matchers):
         raise SelectorError("matches every span with those attributes; a label policy must restrict something")
     return TraceSelector(tuple(matchers), text)
+
+
+def _any_byte_escape(pattern: str) -> bool:
+    """Whether ``pattern`` holds ``\\C`` (an escaped backslash before a ``C`` is not one)."""
+    i = pattern.find("\\")
+    while i >= 0:
+        if pattern[i + 1:i + 2] == "C":
+            return True
+        i = pattern.find("\\", i + 2)
+    return False
+
+
+def _check_regex(value: str) -> None:
+    """Refuse a regex Tempo (Go's ``regexp/syntax``, Perl flags) would not compile: SelectorError says why."""
+    if _any_byte_escape(value):
+        raise SelectorError(f"invalid regular expression {value!r}: \\C (any byte) is not supported by Tempo")
+    try:
+        _compiled(value)
+    except re2.error as exc:
+        raise SelectorError(f"invalid regular expression {value!r}, not supported by Tempo (RE2 syntax): "
+                            f"{regex_error(exc)}") from None
 
 
 def parse_label_policy(text: str) -> Selector:

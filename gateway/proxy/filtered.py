@@ -15,7 +15,8 @@ labels are visible. Every other Alertmanager path (status, receivers, configurat
 Tempo's trace by ID (v1 and v2, JSON or protobuf as the client asks): spans outside the trace selectors
 keep only their intrinsic fields (:mod:`gateway.lbac.traces`); a trace with no visible span is answered as
 Tempo answers a trace it does not have (404, empty body). Only the time-range parameters pass: ``q`` and
-span pruning would judge or summarise hidden spans, so they are refused.
+span pruning would judge or summarise hidden spans, so they are refused, and a v2 request says
+``span_pruning=false`` (Tempo may prune by default).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ _SILENCE_ID: Final = re.compile(r"[A-Za-z0-9-]{1,64}")
 _PROTOBUF: Final = "application/protobuf"
 #: Trace-by-ID parameters a restricted token may send (Tempo's pkg/api: the time range and the query mode).
 _TRACE_PARAMS: Final = frozenset({"start", "end", "mode", "blockStart", "blockEnd"})
+_MAX_TRACE_PARAMS: Final = 100
 
 
 class _Answer:
@@ -226,7 +228,10 @@ async def _trace_by_id(request: web.Request, session: aiohttp.ClientSession, url
     """Tempo's trace by ID, filtered (see the module docstring)."""
     if not policies or not all(isinstance(p, TraceSelector) for p in policies):  # pragma: no cover - for_signal
         raise _unfilterable("a trace")
-    names = {k for k, _ in parse_qsl(query, keep_blank_values=True, max_num_fields=100)}
+    try:
+        names = {k for k, _ in parse_qsl(query, keep_blank_values=True, max_num_fields=_MAX_TRACE_PARAMS)}
+    except ValueError:  # (more fields than that: parse_qsl refuses to count on)
+        raise ProxyError(400, f"a trace by ID takes at most {_MAX_TRACE_PARAMS} parameters", "bad_data") from None
     if names - _TRACE_PARAMS:
         raise ProxyError(403, f"trace-by-ID parameters {', '.join(sorted(names - _TRACE_PARAMS))[:200]} cannot be "
                          "used under trace selectors (they would judge hidden spans); only "
@@ -234,8 +239,12 @@ async def _trace_by_id(request: web.Request, session: aiohttp.ClientSession, url
     protobuf = _PROTOBUF in request.headers.get("Accept", "")
     h = headers.copy()
     h["Accept"] = _PROTOBUF if protobuf else _JSON  # only what the filter reads (not Tempo's LLM format)
+    v2 = "/v2/traces/" in path
+    if v2:  # Tempo may prune by default (span_pruning_enabled_by_default): its summary spans merge spans of
+        # several resources into one, hidden ones with visible ones; an explicit false always wins
+        url += ("&" if query else "?") + "span_pruning=false"
     answer, seconds = await _fetch(session, "GET", url, h)
-    f = Filter("trace_v2" if "/v2/traces/" in path else "trace", "", policies, protobuf=protobuf)
+    f = Filter("trace_v2" if v2 else "trace", "", policies, protobuf=protobuf)
     return await _respond(answer, seconds, f)
 
 
