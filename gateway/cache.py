@@ -70,6 +70,7 @@ class PolicyCache:
         self.reconnect_max_backoff = reconnect_max_backoff
         self._was_stale = False  # what the last staleness log line said (one line per change, not per request)
         self._usage: dict[str, tuple[float, float]] = {}
+        self._flushing = asyncio.Lock()  # one usage write at a time: a flush returns once what it saw is written
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
@@ -462,17 +463,20 @@ class PolicyCache:
         self._usage[token_id] = (seen[0] if seen else now, now)
 
     async def flush_usage(self) -> None:
-        if not self._usage:
-            return
-        batch, self._usage = self._usage, {}
-        try:
-            await self.store.flush_usage({k: (datetime.fromtimestamp(f, UTC), datetime.fromtimestamp(la, UTC))
-                                          for k, (f, la) in batch.items()})
-        except Exception:
-            for k, (f, la) in batch.items():  # put back, merged, for the next try
-                cur = self._usage.get(k)
-                self._usage[k] = (min(f, cur[0]), max(la, cur[1])) if cur else (f, la)
-            raise
+        """Write the uses seen so far. Waits for a write already under way (the periodic one), so when it
+        returns every use recorded before the call is in the database (shutdown and tests rely on it)."""
+        async with self._flushing:
+            if not self._usage:
+                return
+            batch, self._usage = self._usage, {}
+            try:
+                await self.store.flush_usage({k: (datetime.fromtimestamp(f, UTC), datetime.fromtimestamp(la, UTC))
+                                              for k, (f, la) in batch.items()})
+            except Exception:
+                for k, (f, la) in batch.items():  # put back, merged, for the next try
+                    cur = self._usage.get(k)
+                    self._usage[k] = (min(f, cur[0]), max(la, cur[1])) if cur else (f, la)
+                raise
 
     async def _flush_loop(self) -> None:
         while True:
