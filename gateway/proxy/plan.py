@@ -16,9 +16,9 @@ once a plan asked for it) and the policy and probe snapshots; gives one of
 Pure and synchronous: no I/O, no await, nothing kept (the per-connection memo ``gateway.proxy.fastpath``
 keeps plans). Every data-path decision after *decide* (and the limit stage, ``gateway.limits.stage.admit``)
 is taken here (LBAC mode, header or rewrite, fan-out, rule writes, the Loki query policy, the request body
-limit) by small
+limit; what a filtered answer's transport sends and refuses: ``gateway.proxy.filterplan``), by small
 planners run in order over one draft (``_PLANNERS``; a narrowed request's by route kind: ``_RESTRICTERS``;
-the plan's shape last: ``_SHAPES``), so the transports (``forward``, ``fanout.execute``,
+the plan's shape last: ``_SHAPES``), so the transports (``forward``, ``fanout.execute``, ``filtered.serve``,
 ``relay_websocket``, the callback exchange) only carry the plan out::
 
     p = plan(st, cfg, m, upstream, decision, policies, request)
@@ -48,7 +48,8 @@ from gateway.limits import lokiquery
 from gateway.limits.stage import policy_limits
 from gateway.policy.datasource import user_policies
 from gateway.policy.selector import Selector
-from gateway.proxy.filtered import KINDS as FILTERED_KINDS
+from gateway.proxy.filterplan import KINDS as FILTERED_KINDS
+from gateway.proxy.filterplan import Task, body_limit, plan_task
 from gateway.proxy.headers import upstream_headers
 from gateway.proxy.rules import MAX_RULE_BODY, check_source_tenants
 from gateway.routes import Kind, Route, RouteMatch
@@ -114,8 +115,8 @@ class Filter:
     headers: CIMultiDict[str] = field(compare=False)
     policies: Policies
     body_limit: int
+    task: Task  # what the transport sends, keeps and checks (``gateway.proxy.filterplan``)
     lbac: str | None = "filtered"
-    query: str | None = None  # the raw query string sent instead of the client's (a rewritten Tempo search)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,12 +431,25 @@ def _loki_policy(x: _Draft) -> Plan | None:
     return Respond(empty, x.mode) if empty is not None else None
 
 
+def _task(x: _Draft, base: str, out: CIMultiDict[str], query: str) -> Task:
+    req, m = x.req, x.m
+    return plan_task(m.route.kind, m.route.backend, base, m.upstream_path, req.method, query, out,
+                     req.headers.get("Accept", ""), m.path_params, x.policies, x.body)
+
+
 def _filter(x: _Draft, base: str, out: CIMultiDict[str], limit: int) -> Plan:
-    return Filter(base, out, x.policies, limit)
+    """Rules, alerts, silences, trace by ID: what the filter does, from the request as sent (a write: its body)."""
+    x.mode = "filtered"  # (a refusal here is logged as the filter's, as the answer would be)
+    m, req = x.m, x.req
+    need = body_limit(m.route.kind, m.upstream_path, req.method)
+    if need is not None and x.body is None:
+        return NeedsBody(need, x.mode)
+    return Filter(base, out, x.policies, limit, _task(x, base, out, req.rel_url.raw_query_string))
 
 
 def _search(x: _Draft, base: str, out: CIMultiDict[str], limit: int) -> Plan:
-    return Filter(base, out, x.policies, limit, x.mode, x.raw_query)
+    """A rewritten TraceQL search or metrics query: its answer filtered too."""
+    return Filter(base, out, x.policies, limit, _task(x, base, out, x.raw_query), x.mode)
 
 
 def _fanout(x: _Draft, base: str, out: CIMultiDict[str], limit: int) -> Plan:
