@@ -42,6 +42,7 @@ from gateway.policy.scopes import ALL_SCOPES
 from gateway.policy.selector import parse_selector
 from gateway.proxy.decide import decide
 from gateway.proxy.filtered import KINDS as FILTERED_KINDS
+from gateway.proxy.filterplan import MAX_WRITE_BODY
 from gateway.proxy.plan import FanOut, Filter, Forward, NeedsBody, Plan, Refuse, Stream, plan, upstream_of
 from gateway.routes import ALL_ROUTES, Kind, Route, match
 from gateway.state import State
@@ -211,6 +212,9 @@ def _expect(route: Route, token: str, mode: str, req: _Request, p: Plan) -> None
         _check_headers(p.headers, False)
         assert isinstance(p, Stream) or p.body is None
         return
+    if kind is Kind.ALERTMANAGER:  # (the table's paths are none the filter reads or checks: the plan refuses)
+        assert isinstance(p, Refuse) and (p.status, p.reason, p.lbac) == (403, "lbac_unfilterable", "filtered"), p
+        return
     if kind in FILTERED_KINDS:  # rules, alerts, silences: the answer is filtered, in every mode
         assert isinstance(p, Filter) and p.policies == (SELECTOR,) and p.lbac == "filtered", p
         _check_headers(p.headers, False)
@@ -303,3 +307,50 @@ def test_a_body_past_the_limit_and_another_form_type_are_refused_by_the_plan() -
     free = dict(_request(route, "unrestricted", w).headers)
     big = asyncio.run(run(free, w.cfg.limits.max_request_body + 1))
     assert isinstance(big, Refuse) and (big.status, big.reason) == (413, "body_too_large")
+
+
+def _plan_restricted(method: str, path: str, body: bytes | None = None, ctype: str = "") -> Plan:
+    """A restricted token's request through decide and plan (enforce mode), with its body if given."""
+    w = _WORLDS.get("enforce") or _WORLDS.setdefault("enforce", _world("enforce"))
+    m = match(method, path)
+    assert m is not None
+    headers = CIMultiDict(_request(m.route, "restricted", w).headers)
+    if ctype:
+        headers["Content-Type"] = ctype
+    req = _Request(method, CIMultiDictProxy(headers), _URL(path, ""), body_exists=body is not None,
+                   content_length=None if body is None else len(body))
+
+    async def run() -> Plan:
+        decision, policies = await decide(w.st, w.cfg, m.route, req.headers, None, {})
+        return plan(w.st, w.cfg, m, upstream_of(w.cfg, m.route), decision, policies, req, body)
+
+    return asyncio.run(run())
+
+
+def test_alertmanager_requests_are_planned_from_the_request_alone() -> None:
+    """The filter's decisions that need no upstream answer are the plan's: what is read and kept, what passes,
+    which silence is checked, a write's body checked (read first), and every other path refused."""
+    am = "/alertmanager/api/v2"
+    lists = _plan_restricted("GET", f"{am}/alerts/groups")
+    assert isinstance(lists, Filter) and lists.task.op == "read" and lists.task.keep is not None
+    assert lists.task.keep.what == "/api/v2/alerts/groups" and lists.task.url.endswith(f"{am}/alerts/groups")
+    probe = _plan_restricted("GET", "/alertmanager/api/v1/status/buildinfo")
+    assert isinstance(probe, Filter) and probe.task.op == "pass" and probe.task.keep is None
+    delete = _plan_restricted("DELETE", f"{am}/silence/0d1e-2f")
+    assert isinstance(delete, Filter) and delete.task.op == "delete"
+    assert delete.task.silence == "http://metrics.test:80/alertmanager/api/v2/silence/0d1e-2f"
+    bad_id = _plan_restricted("GET", f"{am}/silence/a_b")
+    assert isinstance(bad_id, Refuse) and (bad_id.status, bad_id.reason, bad_id.lbac) == (400, "bad_data", "filtered")
+    status = _plan_restricted("GET", f"{am}/status")
+    assert isinstance(status, Refuse) and (status.status, status.reason) == (403, "lbac_unfilterable")
+
+    assert _plan_restricted("POST", f"{am}/silences") == NeedsBody(MAX_WRITE_BODY, "filtered")
+    covered = b'{"id":"ab-1","matchers":[{"name":"env","value":"dev","isRegex":false,"isEqual":true}]}'
+    write = _plan_restricted("POST", f"{am}/silences", covered, "text/plain")
+    assert isinstance(write, Filter) and write.task.op == "write" and write.task.body == covered
+    assert write.task.silence == "http://metrics.test:80/alertmanager/api/v2/silence/ab-1"  # (an update's)
+    assert write.headers["Content-Type"] == "application/json" and "Content-Length" not in write.headers
+    wide = _plan_restricted("POST", f"{am}/silences", b'{"matchers":[{"name":"a","value":"b","isRegex":false}]}')
+    assert isinstance(wide, Refuse) and (wide.status, wide.reason, wide.lbac) == (403, "lbac_refused", "filtered")
+    alerts = _plan_restricted("POST", f"{am}/alerts", b"[{")
+    assert isinstance(alerts, Refuse) and (alerts.status, alerts.reason) == (400, "bad_data")

@@ -34,6 +34,7 @@ from gateway.policy.selector import Selector
 from gateway.proxy.decide import decide
 from gateway.proxy.errors import ProxyError, error_response
 from gateway.proxy.handler import ACCESS_LOG
+from gateway.proxy.plan import NEVER_HEADER_MODE, check_rule_write, label_headers
 from gateway.routes import Kind, Route, RouteMatch, Router, match
 from gateway.state import State, get_state
 
@@ -49,12 +50,6 @@ GRPC_ROUTES: Final = Router([
     Route("traces", frozenset({"POST"}), "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
           "traces:write"),
 ])
-#: Kinds whose label-restricted requests the data path rewrites or fans out in every mode: a proxy cannot.
-# (rules, alerts and silences: only the data path filters their answers)
-_REWRITTEN: Final = frozenset({Kind.TENANT_WIDE, Kind.LOGQL_DELETE, Kind.RULE_STATE, Kind.ALERT_STATE,
-                               Kind.RULE_CONFIG, Kind.ALERTMANAGER})
-#: Tempo applies no label policies: only the data path's rewrite (gateway.lbac.tracereads) restricts these.
-_REWRITTEN_TRACES: Final = frozenset({Kind.TRACEQL, Kind.TRACE_TAGS, Kind.TRACE_UNFILTERABLE})
 _FORM_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # Go's ParseForm reads these bodies
 _TRACES_READ: Final = "traces:read"
 #: Tempo reads that hold no tenant data (Grafana's connection test, the version probe): any token may pass.
@@ -86,10 +81,8 @@ def _label_policies(st: State, cfg: Config, m: RouteMatch, orig: Original, decis
                     policies: tuple[Selector, ...]) -> tuple[str, ...]:
     """The X-Prom-Label-Policy values to return, or the refusal for what only the data path could do."""
     route = m.route
+    check_rule_write(route, policies)  # the data path's refusal: a rule's results would bypass the policies
     if route.scope == "rules:write":
-        if policies:  # as on the data path: a rule's results would bypass the label policies
-            raise ProxyError(403, "label-restricted tokens cannot write rules: rule results would bypass the "
-                             "label policies", "lbac_unfilterable")
         if route.backend == "metrics" and orig.method in ("POST", "PUT") and cfg.forward_auth.ruler_tenant_federation:
             raise ProxyError(403, "rule-group writes through forward-auth are refused: the auth service cannot see "
                              "the group's source_tenants; write rules through the gateway's data path, or set "
@@ -104,7 +97,7 @@ def _label_policies(st: State, cfg: Config, m: RouteMatch, orig: Original, decis
     if not policies or route.kind not in lbac.RESTRICTED_KINDS:
         return ()
     enforcement.check(st.extras, cfg, route.backend)
-    if route.kind in _REWRITTEN or route.kind in _REWRITTEN_TRACES:
+    if route.kind in NEVER_HEADER_MODE:  # the plan rewrites, fans out or filters these in every mode
         raise ProxyError(403, "this endpoint cannot be filtered by the backend's label policies; with a "
                          "label-restricted token use the gateway's own data path", "lbac_unfilterable")
     if orig.method in _FORM_METHODS and route.kind is not Kind.REMOTE_READ:
@@ -118,7 +111,7 @@ def _label_policies(st: State, cfg: Config, m: RouteMatch, orig: Original, decis
                          "lbac_unfilterable")
     if orig.query:
         headermode.normalize(orig.query, None)  # a parameter given twice: 400, as on the data path
-    return decision.label_headers() if policies is decision.policies else lbac.headers_for(decision.tenant, policies)
+    return label_headers(decision, policies)
 
 
 def _answer(caller: Caller, cfg: Config, tenant: str, label_headers: tuple[str, ...]) -> web.Response:

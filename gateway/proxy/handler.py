@@ -125,8 +125,7 @@ async def execute(request: web.Request, session: aiohttp.ClientSession, p: Forwa
             resp, outcome = await execute_fanout(request, session, p.base, p.path, p.headers, p.legs, p.body_limit,
                                                   p.memory)
         elif isinstance(p, Filter):
-            resp, outcome = await filtered.serve(request, session, p.base, m, p.headers, p.policies, p.body_limit,
-                                                 p.query)
+            resp, outcome = await filtered.serve(request, session, p.task, p.headers, p.policies, p.body_limit)
         elif isinstance(p, Stream):
             resp, outcome = await relay_websocket(request, session, p.url, p.headers)
         else:

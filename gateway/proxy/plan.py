@@ -16,8 +16,10 @@ once a plan asked for it) and the policy and probe snapshots; gives one of
 Pure and synchronous: no I/O, no await, nothing kept (the per-connection memo ``gateway.proxy.fastpath``
 keeps plans). Every data-path decision after *decide* (and the limit stage, ``gateway.limits.stage.admit``)
 is taken here (LBAC mode, header or rewrite, fan-out, rule writes, the Loki query policy, the request body
-limit) so the transports (``forward``, ``fanout.execute``, ``relay_websocket``, the callback exchange) only
-carry the plan out::
+limit; what a filtered answer's transport sends and refuses: ``gateway.proxy.filterplan``), by small
+planners run in order over one draft (``_PLANNERS``; a narrowed request's by route kind: ``_RESTRICTERS``;
+the plan's shape last: ``_SHAPES``), so the transports (``forward``, ``fanout.execute``, ``filtered.serve``,
+``relay_websocket``, the callback exchange) only carry the plan out::
 
     p = plan(st, cfg, m, upstream, decision, policies, request)
     while isinstance(p, NeedsBody | Offload): ...  # read, or rewrite off the loop, then plan again
@@ -25,6 +27,7 @@ carry the plan out::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -45,7 +48,8 @@ from gateway.limits import lokiquery
 from gateway.limits.stage import policy_limits
 from gateway.policy.datasource import user_policies
 from gateway.policy.selector import Selector
-from gateway.proxy.filtered import KINDS as FILTERED_KINDS
+from gateway.proxy.filterplan import KINDS as FILTERED_KINDS
+from gateway.proxy.filterplan import Task, body_limit, plan_task
 from gateway.proxy.headers import upstream_headers
 from gateway.proxy.rules import MAX_RULE_BODY, check_source_tenants
 from gateway.routes import Kind, Route, RouteMatch
@@ -111,8 +115,8 @@ class Filter:
     headers: CIMultiDict[str] = field(compare=False)
     policies: Policies
     body_limit: int
+    task: Task  # what the transport sends, keeps and checks (``gateway.proxy.filterplan``)
     lbac: str | None = "filtered"
-    query: str | None = None  # the raw query string sent instead of the client's (a rewritten Tempo search)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,127 +214,295 @@ def plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, decision: De
         return Refuse(exc.status, exc.reason, exc.message, exc.headers or None, exc.lbac)
 
 
+@dataclass(slots=True)
+class _Draft:
+    """The request as the planners see it, and what they have decided so far (one per ``plan`` call)."""
+
+    st: State
+    cfg: Config
+    m: RouteMatch
+    upstream: Upstream
+    d: Decision
+    policies: Policies
+    req: Facts
+    body: bytes | None  # the client's body, once read
+    done: Rewritten | None  # the rewrite pool's result, once offloaded
+    raw_query: str
+    sent: bytes | None = None  # the body sent instead of the client's
+    label_headers: tuple[str, ...] = _NO_HEADERS
+    rewritten: bool = False  # True when the body was re-encoded (its length and type change)
+    content_type: str = ""
+    mode: str | None = None  # the LBAC mode of a narrowed read (the access log's "lbac")
+    fan: lbac_fanout.Plan | None = None  # several selectors: one restricted request each, answers merged
+    shape: str = "forward"  # the key of _SHAPES: what the plan is once every planner ran
+    tempo_json: bool = False  # a restricted Tempo read whose answer the gateway reads (JSON, not protobuf)
+    loki: Any = None  # the policy's lokiQueryPolicy (gateway.limits.lokiquery), on Loki routes
+
+    def fan_out(self, fan: lbac_fanout.Plan | None) -> None:
+        if fan is not None:
+            self.fan, self.shape = fan, "fanout"
+
+
+Planner = Callable[[_Draft], Plan | None]  # None: go on to the next planner; a plan: answer it
+
+
+def check_rule_write(route: Route, policies: Policies) -> None:
+    """A label-restricted token cannot write rules (the data path's and forward-auth's one refusal)."""
+    if route.scope == "rules:write" and policies:
+        # A recording rule evaluates without label policies and its results are queryable: refuse.
+        raise ProxyError(403, "label-restricted tokens cannot write rules: rule results would bypass the "
+                         "label policies", "lbac_unfilterable")
+
+
+def _rule_writes(x: _Draft) -> Plan | None:
+    """Rule writes: refused to narrowed tokens; a Mimir rule group's source tenants checked (its body read)."""
+    route, req = x.m.route, x.req
+    if route.scope != "rules:write":
+        return None
+    check_rule_write(route, x.policies)
+    if route.backend == "metrics" and req.method in ("POST", "PUT") and req.body_exists:
+        if x.body is None:
+            return NeedsBody(MAX_RULE_BODY)
+        user = req.headers.get(x.cfg.grafana_user_header)
+        ident, st = x.d.ident, x.st
+        check_source_tenants(x.body, x.cfg, ident, lambda t: user_policies(st.cache, ident.policy.id, "metrics",
+                                                                             t, user))
+        x.sent = x.body
+    return None
+
+
+def _restrict(x: _Draft) -> Plan | None:
+    """A narrowed request: the planner of its route kind (``_RESTRICTERS``); others go as sent."""
+    planner = _RESTRICTERS.get(x.m.route.kind) if x.policies else None
+    return planner(x) if planner is not None else None
+
+
+def _restrict_trace(x: _Draft) -> Plan | None:
+    """Tempo: TraceQL, tags and metrics rewritten (enforce), never header mode; tag look-ups fanned out."""
+    route, req = x.m.route, x.req
+    x.mode = _trace_mode(x.upstream)
+    targs: RewriteArgs = (route.kind, x.m.upstream_path, req.method, x.raw_query, None, x.policies, False)
+    r = x.done if x.done is not None else rewrite_inline(targs)
+    if r is None:
+        return Offload(targs, x.mode)
+    x.tempo_json = True
+    if isinstance(r, lbac_fanout.Plan):  # tag look-ups: merged (scan totals dropped)
+        x.fan_out(r)
+        x.rewritten = True
+    elif r.query is None:  # pragma: no cover - rewrite's contract
+        raise ProxyError(500, "the trace query could not be restricted", "internal")
+    else:
+        x.raw_query, x.shape = r.query, "search"
+        x.sent, x.rewritten = (b"", True) if req.body_exists else (None, False)  # (Tempo reads no body)
+    return None
+
+
+def _filter_answer(x: _Draft) -> Plan | None:
+    """Rules, alerts, silences and trace by ID: the answer filtered, in every mode (``gateway.proxy.filtered``)."""
+    x.shape = "filter"
+    return None
+
+
+def _narrow(x: _Draft) -> None:
+    """The LBAC mode (the probe's verdict: 503 for an unverified header mode) and the label-policy headers."""
+    x.mode = effective_mode(x.st.extras, x.upstream)
+    x.label_headers = label_headers(x.d, x.policies)
+
+
+def label_headers(d: Decision, policies: Policies) -> tuple[str, ...]:
+    """The X-Prom-Label-Policy values of the effective policies (the decision's own are kept encoded)."""
+    return d.label_headers() if policies is d.policies else lbac.headers_for(d.tenant, policies)
+
+
+def _enforced(x: _Draft) -> None:
+    """A restricted request goes without the label-policy header in enforce mode (it would filter twice)."""
+    x.rewritten = True
+    if x.mode == "enforce":
+        x.label_headers = _NO_HEADERS
+
+
+def _fan_tenant_wide(x: _Draft) -> Plan | None:
+    """A tenant-wide endpoint (metadata): fanned out over the visible names, or refused."""
+    route, req = x.m.route, x.req
+    fan = lbac_fanout.plan(route.kind, x.m.upstream_path, req.method, x.raw_query, None, x.policies)
+    if fan is None:
+        raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
+                         "lbac_unfilterable")
+    _narrow(x)
+    x.fan_out(fan)
+    _enforced(x)
+    return None
+
+
+def _restrict_remote_read(x: _Draft) -> Plan | None:
+    """Remote read: its protobuf body restricted (or fanned out) in enforce mode; sent as is in header mode."""
+    _narrow(x)
+    if x.mode != "enforce":
+        return None
+    if x.body is None:
+        return NeedsBody(MAX_READ_BODY, x.mode)
+    try:
+        x.fan_out(lbac_fanout.plan_remote_read(x.body, x.policies))
+        x.sent = restrict_read_request(x.body, x.policies) if x.fan is None else None
+    except RewriteError as exc:
+        raise ProxyError(400, f"remote read refused by label-based access control: {exc}",
+                         "lbac_refused") from None
+    x.content_type = x.req.headers.get("Content-Type", "application/x-protobuf")
+    _enforced(x)
+    return None
+
+
+def _rewrite(x: _Draft) -> Plan | None:
+    """PromQL and LogQL rewritten to the policies (inline, or in the rewrite pool when heavy)."""
+    route, req = x.m.route, x.req
+    form = _form(req, x.body, x.mode)
+    if isinstance(form, NeedsBody):
+        return form
+    args = (route.kind, x.m.upstream_path, req.method, x.raw_query, form, x.policies, x.mode == "enforce")
+    r = x.done if x.done is not None else rewrite_inline(args)
+    if r is None:
+        return Offload(args, x.mode)
+    if isinstance(r, lbac_fanout.Plan):
+        x.fan_out(r)
+    else:
+        x.raw_query = r.query if r.query is not None else x.raw_query
+        x.sent = r.body
+    x.content_type = lbac.FORM
+    _enforced(x)
+    return None
+
+
+def _header_mode(x: _Draft) -> Plan | None:
+    """Header mode: the backend filters what it runs; the query normalised, or fanned out when it needs one."""
+    route, req = x.m.route, x.req
+    form = _form(req, x.body, x.mode)
+    if isinstance(form, NeedsBody):
+        return form
+    check_nesting(route.kind, x.raw_query, form)  # the parse bound holds in both modes
+    fan = lbac_fanout.plan_header_mode(route.kind, x.m.upstream_path, req.method, x.raw_query, form, x.policies)
+    if fan is None:
+        n = headermode.normalize(x.raw_query, form)
+        x.raw_query, x.sent, x.rewritten = n.query or "", n.body, n.body is not None
+    else:
+        x.fan_out(fan)
+        x.rewritten = True
+    return None
+
+
+#: A narrowed query's planner by LBAC mode.
+_BY_MODE: Final[dict[str, Planner]] = {"enforce": _rewrite, "header": _header_mode}
+
+
+def _restrict_query(x: _Draft) -> Plan | None:
+    """A narrowed PromQL or LogQL read: rewritten in enforce mode, the header's in header mode."""
+    _narrow(x)
+    return _BY_MODE.get(x.mode or "", _header_mode)(x)  # (a mode but enforce: the backend filters)
+
+
+def _restrict_delete(x: _Draft) -> Plan | None:
+    """A Loki delete request: its query restricted in every mode (the compactor applies no header)."""
+    _narrow(x)
+    return _rewrite(x)
+
+
+#: The planner of a narrowed request by route kind (kinds not here go as sent).
+_RESTRICTERS: Final[dict[Kind, Planner]] = {
+    **dict.fromkeys(lbac.RESTRICTED_KINDS, _restrict_query),
+    **dict.fromkeys(tracereads.KINDS, _restrict_trace),
+    **dict.fromkeys(FILTERED_KINDS, _filter_answer),
+    Kind.TENANT_WIDE: _fan_tenant_wide,
+    Kind.REMOTE_READ: _restrict_remote_read,
+    Kind.LOGQL_DELETE: _restrict_delete,
+}
+#: Narrowed kinds the data path never sends as they came with the label-policy header, whatever the mode
+#: (rewritten, fanned out or filtered): forward-auth, which can only pass a header, refuses them.
+NEVER_HEADER_MODE: Final = frozenset(k for k, p in _RESTRICTERS.items() if p not in (_restrict_query,
+                                                                                       _restrict_remote_read))
+
+
+def _loki_policy(x: _Draft) -> Plan | None:
+    """The policy's lokiQueryPolicy: checked here, and sent for Loki to apply too (Loki routes only)."""
+    if x.m.route.backend != "logs":
+        return None
+    x.loki = policy_limits(x.d.ident.policy.attributes_json).loki
+    if x.loki is None:
+        return None
+    x.raw_query, empty = lokiquery.apply(x.loki, x.m.upstream_path, x.raw_query)
+    return Respond(empty, x.mode) if empty is not None else None
+
+
+def _task(x: _Draft, base: str, out: CIMultiDict[str], query: str) -> Task:
+    req, m = x.req, x.m
+    return plan_task(m.route.kind, m.route.backend, base, m.upstream_path, req.method, query, out,
+                     req.headers.get("Accept", ""), m.path_params, x.policies, x.body)
+
+
+def _filter(x: _Draft, base: str, out: CIMultiDict[str], limit: int) -> Plan:
+    """Rules, alerts, silences, trace by ID: what the filter does, from the request as sent (a write: its body)."""
+    x.mode = "filtered"  # (a refusal here is logged as the filter's, as the answer would be)
+    m, req = x.m, x.req
+    need = body_limit(m.route.kind, m.upstream_path, req.method)
+    if need is not None and x.body is None:
+        return NeedsBody(need, x.mode)
+    return Filter(base, out, x.policies, limit, _task(x, base, out, req.rel_url.raw_query_string))
+
+
+def _search(x: _Draft, base: str, out: CIMultiDict[str], limit: int) -> Plan:
+    """A rewritten TraceQL search or metrics query: its answer filtered too."""
+    return Filter(base, out, x.policies, limit, _task(x, base, out, x.raw_query), x.mode)
+
+
+def _fanout(x: _Draft, base: str, out: CIMultiDict[str], limit: int) -> Plan:
+    assert x.fan is not None  # (set with the shape: _Draft.fan_out)
+    return FanOut(base, x.m.upstream_path, out, x.fan, limit, x.cfg.limits.fanout_memory, x.mode)
+
+
+def _forward(x: _Draft, base: str, out: CIMultiDict[str], limit: int) -> Plan:
+    url = f"{base}{x.m.upstream_path}" + (f"?{x.raw_query}" if x.raw_query else "")
+    if x.m.route.websocket and x.req.headers.get("Upgrade", "").lower() == "websocket":
+        return Stream(url, out, base, x.mode)
+    return Forward(url, out, x.sent, limit, base, x.mode)
+
+
+#: The plan each shape gives, from the upstream's base URL, the headers sent and the body limit.
+_SHAPES: Final[dict[str, Callable[[_Draft, str, CIMultiDict[str], int], Plan]]] = {
+    "filter": _filter, "search": _search, "fanout": _fanout, "forward": _forward,
+}
+
+
+def _shape(x: _Draft) -> Plan:
+    """The upstream request's headers and the body limit, then the plan of the shape the planners chose."""
+    route, req = x.m.route, x.req
+    headers = req.headers
+    out = upstream_headers(headers, x.d.tenant, req.remote or "unknown", x.label_headers,
+                           drop_body_headers=x.rewritten,
+                           limits_context=limits_context(headers.getall(LIMITS_CONTEXT, ()), route.backend,
+                                                         route.kind, x.policies))
+    if x.loki is not None:
+        out[lokiquery.HEADER] = x.loki.header
+    if x.rewritten and x.sent:
+        out["Content-Type"] = x.content_type
+    limit = x.cfg.limits.max_request_body
+    check_body_length(req.content_length, limit)
+    if x.tempo_json:
+        out["Accept"] = "application/json"  # (the answer filter and the merge read JSON)
+    return _SHAPES[x.shape](x, x.upstream.url_for(route.role.value), out, limit)
+
+
+#: The planners, in order: each reads the draft, adds to it, and may answer instead (a refusal is raised).
+_PLANNERS: Final[tuple[Planner, ...]] = (_restrict, _loki_policy)
+
+
 def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision, policies: Policies,
           req: Facts, body: bytes | None, done: Rewritten | None) -> Plan:
-    route, path, method = m.route, m.upstream_path, req.method
-    kind = route.kind
-    raw_query = req.rel_url.raw_query_string
-    sent: bytes | None = None  # the body sent instead of the client's
-    label_headers = _NO_HEADERS
-    rewritten = False  # True when the body was re-encoded (its length and type change)
-    content_type = ""
-    mode: str | None = None
-    fan: lbac_fanout.Plan | None = None  # several selectors: one restricted request each, answers merged
-    if route.scope == "rules:write":
-        if policies:
-            # A recording rule evaluates without label policies and its results are queryable: refuse.
-            raise ProxyError(403, "label-restricted tokens cannot write rules: rule results would bypass the "
-                             "label policies", "lbac_unfilterable")
-        if route.backend == "metrics" and method in ("POST", "PUT") and req.body_exists:
-            if body is None:
-                return NeedsBody(MAX_RULE_BODY)
-            user = req.headers.get(cfg.grafana_user_header)
-            ident = d.ident
-            check_source_tenants(body, cfg, ident, lambda t: user_policies(st.cache, ident.policy.id, "metrics",
-                                                                           t, user))
-            sent = body
-    filter_answer = bool(policies) and kind in FILTERED_KINDS  # rules, alerts, silences: filtered
-    search_answer = False  # a restricted TraceQL search or metrics query: rewritten, and its answer filtered
-    tempo_json = False  # a restricted Tempo read whose answer the gateway reads (JSON, not Tempo's protobuf)
+    x = _Draft(st, cfg, m, upstream, d, policies, req, body, done, req.rel_url.raw_query_string)
+    if (early := _rule_writes(x)) is not None:
+        return early
     try:
-        if policies and kind in tracereads.KINDS:  # Tempo: TraceQL rewritten (enforce), never header mode
-            mode = _trace_mode(upstream)
-            targs: RewriteArgs = (kind, path, method, raw_query, None, policies, False)
-            r = done if done is not None else rewrite_inline(targs)
-            if r is None:
-                return Offload(targs, mode)
-            tempo_json = True
-            if isinstance(r, lbac_fanout.Plan):  # tag look-ups: merged (scan totals dropped)
-                fan, rewritten = r, True
-            elif r.query is None:  # pragma: no cover - rewrite's contract
-                raise ProxyError(500, "the trace query could not be restricted", "internal")
-            else:
-                raw_query, search_answer = r.query, True
-                sent, rewritten = (b"", True) if req.body_exists else (None, False)  # (Tempo reads no body)
-        elif policies and kind in lbac.RESTRICTED_KINDS and not filter_answer:
-            if kind is Kind.TENANT_WIDE and (fan := lbac_fanout.plan(kind, path, method, raw_query, None, policies)
-                                             ) is None:
-                raise ProxyError(403, "this endpoint cannot be filtered by label policies, and your token has some",
-                                 "lbac_unfilterable")
-            mode = effective_mode(st.extras, upstream)  # the probe's verdict: 503 for an unverified header mode
-            label_headers = d.label_headers() if policies is d.policies else lbac.headers_for(d.tenant, policies)
-            if fan is not None:
-                rewritten = True
-                label_headers = _NO_HEADERS if mode == "enforce" else label_headers
-            elif mode == "enforce" or kind is Kind.LOGQL_DELETE:
-                if kind is Kind.REMOTE_READ:
-                    if body is None:
-                        return NeedsBody(MAX_READ_BODY, mode)
-                    try:
-                        fan = lbac_fanout.plan_remote_read(body, policies) if mode == "enforce" else None
-                        sent = restrict_read_request(body, policies) if fan is None else None
-                    except RewriteError as exc:
-                        raise ProxyError(400, f"remote read refused by label-based access control: {exc}",
-                                         "lbac_refused") from None
-                    content_type = req.headers.get("Content-Type", "application/x-protobuf")
-                else:
-                    form = _form(req, body, mode)
-                    if isinstance(form, NeedsBody):
-                        return form
-                    args = (kind, path, method, raw_query, form, policies, mode == "enforce")
-                    r = done if done is not None else rewrite_inline(args)
-                    if r is None:
-                        return Offload(args, mode)
-                    if isinstance(r, lbac_fanout.Plan):
-                        fan = r
-                    else:
-                        raw_query = r.query if r.query is not None else raw_query
-                        sent = r.body
-                    content_type = lbac.FORM
-                rewritten = True
-                if mode == "enforce":
-                    label_headers = _NO_HEADERS
-            elif kind is not Kind.REMOTE_READ:  # header mode: the backend filters what it runs
-                form = _form(req, body, mode)
-                if isinstance(form, NeedsBody):
-                    return form
-                check_nesting(kind, raw_query, form)  # the parse bound holds in both modes
-                fan = lbac_fanout.plan_header_mode(kind, path, method, raw_query, form, policies)
-                if fan is None:
-                    n = headermode.normalize(raw_query, form)
-                    raw_query, sent, rewritten = n.query or "", n.body, n.body is not None
-                else:
-                    rewritten = True
-
-        loki = policy_limits(d.ident.policy.attributes_json).loki if route.backend == "logs" else None
-        if loki is not None:  # the policy's lokiQueryPolicy: checked here, and sent for Loki to apply too
-            raw_query, empty = lokiquery.apply(loki, path, raw_query)
-            if empty is not None:
-                return Respond(empty, mode)
-        base = upstream.url_for(route.role.value)
-        headers = req.headers
-        out = upstream_headers(headers, d.tenant, req.remote or "unknown", label_headers, drop_body_headers=rewritten,
-                               limits_context=limits_context(headers.getall(LIMITS_CONTEXT, ()), route.backend, kind,
-                                                             policies))
-        if loki is not None:
-            out[lokiquery.HEADER] = loki.header
-        if rewritten and sent:
-            out["Content-Type"] = content_type
-        limit = cfg.limits.max_request_body
-        check_body_length(req.content_length, limit)
-        if filter_answer:
-            return Filter(base, out, policies, limit)
-        if tempo_json:
-            out["Accept"] = "application/json"  # (the answer filter and the merge read JSON)
-        if search_answer:
-            return Filter(base, out, policies, limit, mode, raw_query)
-        if fan is not None:
-            return FanOut(base, path, out, fan, limit, cfg.limits.fanout_memory, mode)
-        url = f"{base}{path}" + (f"?{raw_query}" if raw_query else "")
-        if route.websocket and headers.get("Upgrade", "").lower() == "websocket":
-            return Stream(url, out, base, mode)
-        return Forward(url, out, sent, limit, base, mode)
+        for planner in _PLANNERS:
+            if (p := planner(x)) is not None:
+                return p
+        return _shape(x)
     except ProxyError as exc:
-        exc.lbac = mode  # (the access log names the mode of a narrowed read however it ends)
+        exc.lbac = x.mode  # (the access log names the mode of a narrowed read however it ends)
         raise
-
