@@ -13,7 +13,9 @@ to stream (large, slow, HEAD), or a pooled connection the upstream had closed (r
 client does), continues in a task running the same code as ``forward`` does. An ``Exchange`` stands in
 for the handler task on its connection (``done``, ``cancel``), and keeps the books exactly as
 ``handler.handle`` does: in-flight counts, the request and refusal metrics, the access-log line, and the
-same 502/504 answers for an upstream that fails.
+same 502/504 answers for an upstream that fails. The limit stage's share (request rates, a read's concurrent
+queries: ``Prepared.limits``) is taken when it starts, all or none (none: the handler refuses the request);
+its in-flight counts are given back once, with the books, however the exchange ends.
 """
 
 from __future__ import annotations

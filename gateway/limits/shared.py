@@ -63,6 +63,7 @@ class Table:
         self._used = slots * _FIELDS + lanes  # the float holding how many lanes have been claimed
         self._lane_pid = 0  # set once this process has a lane; 0 again in a forked child (_TABLES)
         self._lane = 0
+        self._lane_shared = False  # (more workers than lanes: this one shares its lane with another)
         _TABLES.add(self)
 
     # ---- locking -------------------------------------------------------------------------------
@@ -166,6 +167,7 @@ class Table:
                     break
                 if chosen < 0 and (owner == 0 or not pid_alive(owner)):
                     chosen = lane
+            self._lane_shared = chosen < 0
             if chosen < 0:
                 chosen = pid % self.lanes  # more workers than lanes: share one (counts stay right, only
             elif int(f[reg + chosen]) != pid:  # a dead sharer's counts would linger)
@@ -253,18 +255,18 @@ class Table:
                 sem.release()
 
     def release(self, rows: tuple[tuple[int, int], ...]) -> None:
-        """One request fewer in flight on each row (what :meth:`acquire` counted)."""
+        """One request fewer in flight on each row (what :meth:`acquire` counted). Without the lock: only
+        this process writes its lane (an aligned 32-bit store; readers sum the lanes under the lock and see
+        the count before or after it), unless it shares its lane."""
         i = self._lane if self._lane_pid else self._my_lane()
         counts = self._inflight
-        sem = self._sem
-        locked = not self._unlocked and (sem.acquire(False) or self._wait())
+        locked = self._lane_shared and self._lock()
         try:
             for row, _ in rows:
                 if counts[row + i] > 0:
                     counts[row + i] -= 1
         finally:
-            if locked:
-                sem.release()
+            self._unlock(locked=locked)
 
     def refund_many(self, buckets: tuple[tuple[int, float, float], ...]) -> None:
         """Give back one request to each bucket (taken by :meth:`acquire` for a request then not served)."""
