@@ -284,3 +284,26 @@ def _spying(env: Env) -> Any:
 
 def _no_date(answer: bytes) -> bytes:
     return re.sub(rb"\r\nDate: [^\r]*", b"", answer)
+
+
+def test_the_tables_one_call_takes_all_or_nothing_and_counts_across_processes() -> None:
+    from gateway.limits.shared import Table
+
+    t = Table(slots=64, lanes=4)
+    rows = ((t.row("c"), 1),)
+    buckets = ((t.bucket("a"), 1.0, 2.0), (t.bucket("b"), 1.0, 1.0))
+    assert t.acquire(rows, buckets) and t.in_flight("c") == 1  # a: 1 token left, b: none
+    assert not t.acquire((), buckets)  # b is empty: nothing is taken from a either
+    assert t.take("a", 1.0, 2.0, 1.0, debt=False) == 0.0 and t.take("a", 1.0, 2.0, 1.0, debt=False) > 0.5
+    assert not t.acquire(rows, ())  # c is full
+    t.release(rows)
+    assert t.in_flight("c") == 0 and t.acquire(rows, ())
+    # a forked worker (its own lane) counts against the same rows, and sees this process's count
+    two = ((t.row("c"), 2),)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if t.acquire(two, ()) and t.in_flight("c") == 2 and not t.acquire(two, ()) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and t.in_flight("c") == 2
+    t.release(two)  # (this process's own count only)
+    assert t.in_flight("c") == 1
