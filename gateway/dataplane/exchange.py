@@ -433,8 +433,10 @@ class Exchange:
     def _count(self, status: int) -> None:
         """``handler.handle``'s ``finally``, but for the access-log line."""
         self._kept = True
-        if self.held is not None:
-            self._release()
+        held = self.held
+        if held is not None:  # (``_release``, inline: it runs per request under a concurrency limit)
+            self.held = None
+            held.release()
         route = self.p.m.route
         TALLY.in_flight -= 1
         self.st.request_done()

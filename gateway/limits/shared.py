@@ -266,7 +266,8 @@ class Table:
                 if counts[row + i] > 0:
                     counts[row + i] -= 1
         finally:
-            self._unlock(locked=locked)
+            if locked:
+                self._sem.release()
 
     def refund_many(self, buckets: tuple[tuple[int, float, float], ...]) -> None:
         """Give back one request to each bucket (taken by :meth:`acquire` for a request then not served)."""

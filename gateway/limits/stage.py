@@ -111,18 +111,15 @@ class FastLimits:
     acquired request, however it ends); ``give_back`` undoes an ``acquire`` for a request the callback path
     then leaves to the handler (which takes them again)."""
 
-    __slots__ = ("rows", "buckets", "keys", "acquire", "_table")
+    __slots__ = ("rows", "buckets", "keys", "acquire", "release", "_table")
 
     def __init__(self, rows: tuple[tuple[int, int], ...] = (), buckets: tuple[tuple[int, float, float], ...] = (),
                  keys: tuple[str, ...] = ()):
         self.rows, self.buckets, self.keys = rows, buckets, keys
         self._table = t = table() if rows or buckets else None
-        # (one call per request: the table's, its arguments bound)
+        # (one call per request each: the table's, its arguments bound)
         self.acquire: Callable[[], bool] = partial(t.acquire, rows, buckets) if t is not None else _admitted
-
-    def release(self) -> None:
-        if self.rows and self._table is not None:
-            self._table.release(self.rows)
+        self.release: Callable[[], None] = partial(t.release, rows) if t is not None and rows else _nothing
 
     def give_back(self) -> None:
         self.release()
@@ -132,6 +129,10 @@ class FastLimits:
 
 def _admitted() -> bool:
     return True
+
+
+def _nothing() -> None:
+    pass
 
 
 #: What :func:`fast_plan` answers when no limit applies (the callback path then takes nothing).
