@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strace", action="store_true", help="also one strace -c -f run per path")
     ap.add_argument("--workload", default="a", choices=("a", "b", "d", "e"),
                     help="the workload of python -m bench to count (default a)")
+    ap.add_argument("--limits", default="", choices=("all", "rates"),
+                    help="the gateway with limits configured but not hit, as python -m bench --limits sets them")
     ap.add_argument("--no-netns", action="store_true", help="do not re-run in a network namespace of its own")
     ap.add_argument("--out", type=Path, default=HERE / "perreq.json")
     a = ap.parse_args(argv)
@@ -345,12 +347,16 @@ def main(argv: list[str] | None = None) -> int:
             fl = ProbedFloor(workdir, workers, up.port)
             fl.probe_dir = probe_dir
             servers.append(fl.start())
-            gw = ProbedGateway(workdir, "gateway-header", dsn, up.url, "header", workers)
+            from bench.compare import limits_config
+            tenant_limits, attributes = limits_config(a.limits) if a.limits else ({}, None)
+            res["limits"] = a.limits or "none"
+            gw = ProbedGateway(workdir, "gateway-header", dsn, up.url, "header", workers,
+                               extra={"tenant_limits": tenant_limits} if a.limits else None)
             gw.probe_dir = probe_dir
             servers.append(gw)
             gw.start()
             gw.wait_all_listening()
-            toks = run.create_tokens(gw)
+            toks = run.create_tokens(gw, attributes)
             w = next(x for x in run.build_workloads(workdir, toks) if x.name == a.workload)
             res["workload"] = w.title
             run.check_through(gw, w)

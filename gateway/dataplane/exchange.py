@@ -13,7 +13,9 @@ to stream (large, slow, HEAD), or a pooled connection the upstream had closed (r
 client does), continues in a task running the same code as ``forward`` does. An ``Exchange`` stands in
 for the handler task on its connection (``done``, ``cancel``), and keeps the books exactly as
 ``handler.handle`` does: in-flight counts, the request and refusal metrics, the access-log line, and the
-same 502/504 answers for an upstream that fails.
+same 502/504 answers for an upstream that fails. The limit stage's share (request rates, a read's concurrent
+queries: ``Prepared.limits``) is taken when it starts, all or none (none: the handler refuses the request);
+its in-flight counts are given back once, with the books, however the exchange ends.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from gateway.logfmt import ACCESS_JSON as _ACCESS_JSON
 from gateway.logfmt import json_string as _str
 from gateway.proxy.errors import ProxyError, error_response, internal_error
 from gateway.proxy.fastclient import IDEMPOTENT, FastClientError, FastResponse, _Conn
-from gateway.proxy.fastpath import Prepared, prepare, refund_limits, take_limits
+from gateway.proxy.fastpath import Prepared, prepare
 from gateway.proxy.forward import Outcome, _failure, _forward_fast, answer_fast, whole_body
 from gateway.proxy.handler import ACCESS_LOG, UPSTREAMS, upstream_error
 from gateway.state import STATE, State
@@ -71,18 +73,21 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
         return False
     if p is None:
         return False
-    if not take_limits(p):  # request rates (gateway.limits): the handler refuses it
-        return False
+    lim = p.limits  # request rates, a read's concurrent queries (gateway.limits)
+    if lim is not None and not lim.acquire():
+        return False  # a limit is reached: the handler refuses it, and counts it, as any other
     conn = p.fast.idle(p.url, body)
     if conn is None:
-        refund_limits(p)
+        if lim is not None:
+            lim.give_back()
         return False
     sent_at = conn.pool.loop.time()
     try:
         waiter = conn.start(p.head, req.method == "HEAD", not body)
     except FastClientError:
         conn.close()
-        refund_limits(p)
+        if lim is not None:
+            lim.give_back()
         return False
     ex = Exchange(proto, req, st, p, conn, started, sent_at, access_log)
     proto._task = ex  # it answers done() and cancel() like the task
@@ -211,7 +216,8 @@ class _Relay:
 class Exchange:
     """One request served by callbacks (see the module docstring)."""
 
-    __slots__ = ("proto", "req", "st", "p", "conn", "started", "sent_at", "log", "_done", "pending", "paused")
+    __slots__ = ("proto", "req", "st", "p", "conn", "started", "sent_at", "log", "_done", "pending", "paused",
+                 "held", "_kept")
 
     def __init__(self, proto: HttpProtocol, req: DataRequest, st: State, p: Prepared, conn: _Conn,
                  started: float, sent_at: float, access_log: AccessLog):
@@ -220,6 +226,9 @@ class Exchange:
         self._done = False
         self.pending = b""  # a streamed body's request head, until its first piece
         self.paused = False  # the client's reading is paused while the upstream's write buffer drains
+        lim = p.limits
+        self.held = lim if lim is not None and lim.rows else None  # in-flight counts to give back, once
+        self._kept = False  # the books are kept (``_count``)
         # handler.handle's bookkeeping, in its order (its access-log entry is made at the end: ``_entry``)
         TALLY.in_flight += 1
         st.in_flight += 1
@@ -404,6 +413,7 @@ class Exchange:
             req.keep_alive = False
             req.write_whole(internal_error())
         proto._close()
+        self._release()  # (if the books broke off before it)
         self._after()
 
     def _after(self) -> None:
@@ -412,8 +422,21 @@ class Exchange:
             proto._task = None
         proto._after(self.req)
 
+    def _release(self) -> None:
+        """The limit stage's in-flight counts back (``handler.handle``'s ``release``), once however the
+        exchange ends."""
+        held = self.held
+        if held is not None:
+            self.held = None
+            held.release()
+
     def _count(self, status: int) -> None:
         """``handler.handle``'s ``finally``, but for the access-log line."""
+        self._kept = True
+        held = self.held
+        if held is not None:  # (``_release``, inline: it runs per request under a concurrency limit)
+            self.held = None
+            held.release()
         route = self.p.m.route
         TALLY.in_flight -= 1
         self.st.request_done()
@@ -437,7 +460,17 @@ class Exchange:
     def _continue(self, step: Coroutine[Any, Any, tuple[web.StreamResponse, Outcome]]) -> None:
         """Finish in a task that stands for the exchange on the connection from now on."""
         self._done = True  # cancel() now reaches the task
-        self.proto._task = self.proto.loop.create_task(self._rest(step))
+        self.proto._task = task = self.proto.loop.create_task(self._rest(step))
+        task.add_done_callback(self._rest_done)
+
+    def _rest_done(self, task: asyncio.Task[None]) -> None:
+        """A task cancelled before it ran (the client left in the same loop turn) never entered ``_rest``:
+        its books, and the limits' counts, are kept here."""
+        if not self._kept:
+            self._books(500, None)
+            if self.proto._task is task:
+                self.proto._task = None
+        self._release()
 
     async def _rest(self, step: Coroutine[Any, Any, tuple[web.StreamResponse, Outcome]]) -> None:
         req, proto = self.req, self.proto

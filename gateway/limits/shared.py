@@ -9,7 +9,12 @@ worker killed inside that window would leave it held: the others then wait for i
 go on without the lock, so limits stay approximately right instead of stopping the data path.
 
 In-flight counts are kept per worker (a lane per process id), so the counts of a worker that died
-mid-request are dropped when its replacement claims the lane, instead of leaking forever.
+mid-request are dropped when its replacement claims the lane, instead of leaking forever. A key's count is
+the sum over the lanes claimed so far (the table keeps how many: with N workers, about N).
+
+The protocol server's callback path resolves its keys once per connection and header set (``row``,
+``bucket``) and then takes a request's whole share in one call under one lock (``acquire``: all or
+nothing), and gives its in-flight counts back in one (``release``).
 
     t = table()
     wait = t.take("pabc", rate=10.0, burst=20.0, n=1.0, debt=False)  # 0.0: admitted; else seconds to wait
@@ -27,6 +32,7 @@ import mmap
 import multiprocessing
 import os
 import time
+import weakref
 from typing import Final
 
 from gateway.runfile import pid_alive
@@ -45,7 +51,7 @@ class Table:
 
     def __init__(self, slots: int = SLOTS, lanes: int = LANES):
         self.slots, self.lanes = slots, lanes
-        floats = slots * _FIELDS + lanes  # slot fields, then the lane registry (process ids)
+        floats = slots * _FIELDS + lanes + 1  # slot fields, the lane registry (process ids), lanes claimed
         size = floats * 8 + slots * lanes * 4
         size += -size % 8
         self._mm = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: forked workers write the same pages
@@ -54,8 +60,11 @@ class Table:
         self._f = memoryview(self._mm).cast("d")[:floats]
         self._inflight = (ctypes.c_int32 * (slots * lanes)).from_buffer(self._mm, floats * 8)
         self._index: dict[str, int] = {}  # key -> slot, per process
-        self._lane_pid = 0
+        self._used = slots * _FIELDS + lanes  # the float holding how many lanes have been claimed
+        self._lane_pid = 0  # set once this process has a lane; 0 again in a forked child (_TABLES)
         self._lane = 0
+        self._lane_shared = False  # (more workers than lanes: this one shares its lane with another)
+        _TABLES.add(self)
 
     # ---- locking -------------------------------------------------------------------------------
 
@@ -143,9 +152,9 @@ class Table:
     # ---- in-flight counts ----------------------------------------------------------------------
 
     def _my_lane(self) -> int:
-        pid = os.getpid()
-        if self._lane_pid == pid:
+        if self._lane_pid:  # (reset in a forked child: no getpid() per call, a syscall on Python 3.11)
             return self._lane
+        pid = os.getpid()
         reg = self.slots * _FIELDS
         f = self._f
         locked = self._lock()
@@ -158,12 +167,15 @@ class Table:
                     break
                 if chosen < 0 and (owner == 0 or not pid_alive(owner)):
                     chosen = lane
+            self._lane_shared = chosen < 0
             if chosen < 0:
                 chosen = pid % self.lanes  # more workers than lanes: share one (counts stay right, only
             elif int(f[reg + chosen]) != pid:  # a dead sharer's counts would linger)
                 for slot in range(self.slots):  # a dead worker's requests are no longer in flight
                     self._inflight[slot * self.lanes + chosen] = 0
                 f[reg + chosen] = float(pid)
+            if f[self._used] < chosen + 1:
+                f[self._used] = float(chosen + 1)
         finally:
             self._unlock(locked=locked)
         self._lane_pid, self._lane = pid, chosen
@@ -177,7 +189,7 @@ class Table:
         counts = self._inflight
         locked = self._lock()
         try:
-            total = sum(counts[row:row + self.lanes])
+            total = sum(counts[row:row + int(self._f[self._used])])
             if total >= limit:
                 return False
             counts[row + lane] += 1
@@ -195,6 +207,79 @@ class Table:
         finally:
             self._unlock(locked=locked)
 
+    # ---- the callback path: keys resolved once, a request's share in one call ---------------------
+
+    def row(self, key: str) -> int:
+        """The key's in-flight row, for :meth:`acquire` and :meth:`release`."""
+        return self._slot(key) * self.lanes
+
+    def bucket(self, key: str, kind: int = 0) -> int:
+        """The index of the key's bucket ``kind``, for :meth:`acquire`."""
+        return self._slot(key) * _FIELDS + 1 + 2 * kind
+
+    def acquire(self, rows: tuple[tuple[int, int], ...], buckets: tuple[tuple[int, float, float], ...]) -> bool:
+        """All or nothing, under one lock: one more request in flight on each ``(row, limit)`` unless
+        ``limit`` already are (all workers), and one request from each ``(bucket, rate, burst)`` unless it is
+        empty. False leaves every count and bucket as it was."""
+        lane = self._lane if self._lane_pid else self._my_lane()
+        counts = self._inflight
+        f = self._f
+        now = _monotonic()
+        sem = self._sem
+        locked = not self._unlocked and (sem.acquire(False) or self._wait())
+        try:
+            if rows:
+                used = int(f[self._used])
+                for row, limit in rows:
+                    if sum(counts[row:row + used]) >= limit:
+                        return False
+            for k, (i, rate, burst) in enumerate(buckets):
+                stamp = f[i + 1]
+                if stamp == 0.0:  # unused bucket: full
+                    tokens = burst
+                else:
+                    tokens = f[i] + (now - stamp) * rate if now > stamp else f[i]
+                    if tokens > burst:
+                        tokens = burst
+                if tokens < 1.0:
+                    for j, _, _ in buckets[:k]:  # (refilled to now and taken from: one more is as before)
+                        f[j] += 1.0
+                    return False
+                f[i] = tokens - 1.0
+                f[i + 1] = now
+            for row, _ in rows:
+                counts[row + lane] += 1
+            return True
+        finally:
+            if locked:
+                sem.release()
+
+    def release(self, rows: tuple[tuple[int, int], ...]) -> None:
+        """One request fewer in flight on each row (what :meth:`acquire` counted). Without the lock: only
+        this process writes its lane (an aligned 32-bit store; readers sum the lanes under the lock and see
+        the count before or after it), unless it shares its lane."""
+        i = self._lane if self._lane_pid else self._my_lane()
+        counts = self._inflight
+        locked = self._lane_shared and self._lock()
+        try:
+            for row, _ in rows:
+                if counts[row + i] > 0:
+                    counts[row + i] -= 1
+        finally:
+            if locked:
+                self._sem.release()
+
+    def refund_many(self, buckets: tuple[tuple[int, float, float], ...]) -> None:
+        """Give back one request to each bucket (taken by :meth:`acquire` for a request then not served)."""
+        locked = self._lock()
+        try:
+            f = self._f
+            for i, _, burst in buckets:
+                if f[i + 1] != 0.0:
+                    f[i] = min(burst, f[i] + 1.0)
+        finally:
+            self._unlock(locked=locked)
+
     def in_flight(self, key: str) -> int:
         slot = self._slot(key)
         row = slot * self.lanes
@@ -202,6 +287,15 @@ class Table:
 
 
 _TABLE: Table | None = None
+_TABLES: weakref.WeakSet[Table] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    for t in _TABLES:  # a forked worker claims a lane of its own on its first in-flight count
+        t._lane_pid = 0
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def init() -> Table:

@@ -12,15 +12,18 @@ Prometheus retries any 5xx, but a 429 only with ``retry_on_http_429``, storage/r
 
 A request of a policy without limits on a tenant without limits costs one attribute read and one dict lookup
 (the policy's parsed attributes are cached by their text). :func:`fast_plan` tells the protocol server's
-callback path (``gateway.proxy.fastpath``) which requests it may still serve (request rates only) and
-which it leaves to the handler.
+callback path (``gateway.proxy.fastpath``) which requests it may still serve (request rates, and the
+concurrent queries of a read, taken in one call per request) and which it leaves to the handler (a tenant
+block, the Loki query policy, a body under a write-byte rate).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 from prometheus_client import Counter
@@ -99,19 +102,51 @@ def describe(attributes_json: str | None) -> list[tuple[str, str]]:
     return out
 
 
-#: Request-rate buckets a bodiless request takes a token from: (key, rate, burst).
-Buckets = tuple[tuple[str, float, float], ...]
+class FastLimits:
+    """The limit stage's share of a request on the callback path (``gateway.proxy.fastpath``), resolved
+    once per connection, header set and route: the in-flight rows it counts (concurrent queries of a read:
+    (row, limit)) and the request-rate buckets it takes from ((bucket, rate, burst)), in the shared table.
+    ``acquire`` takes all of them or none (False: a limit is reached; the handler then refuses the request
+    and counts it exactly as it refuses any other); ``release`` gives the in-flight counts back (once per
+    acquired request, however it ends); ``give_back`` undoes an ``acquire`` for a request the callback path
+    then leaves to the handler (which takes them again)."""
+
+    __slots__ = ("rows", "buckets", "keys", "acquire", "release", "_table")
+
+    def __init__(self, rows: tuple[tuple[int, int], ...] = (), buckets: tuple[tuple[int, float, float], ...] = (),
+                 keys: tuple[str, ...] = ()):
+        self.rows, self.buckets, self.keys = rows, buckets, keys
+        self._table = t = table() if rows or buckets else None
+        # (one call per request each: the table's, its arguments bound)
+        self.acquire: Callable[[], bool] = partial(t.acquire, rows, buckets) if t is not None else _admitted
+        self.release: Callable[[], None] = partial(t.release, rows) if t is not None and rows else _nothing
+
+    def give_back(self) -> None:
+        self.release()
+        if self.buckets and self._table is not None:
+            self._table.refund_many(self.buckets)
 
 
-def fast_plan(cfg: Config, route: Route, decision: Decision, body: bool = False) -> Buckets | None:
-    """For the callback path (``gateway.proxy.fastpath``, decided once per connection and header set):
-    the request-rate buckets to take from, ``()`` when nothing applies, or None when only the handler's
-    stage can serve it (a block, a concurrency limit on a read, the Loki query policy, a ``body`` under a
-    write-byte rate)."""
+def _admitted() -> bool:
+    return True
+
+
+def _nothing() -> None:
+    pass
+
+
+#: What :func:`fast_plan` answers when no limit applies (the callback path then takes nothing).
+UNLIMITED: Final = FastLimits()
+
+
+def fast_plan(cfg: Config, route: Route, decision: Decision, body: bool = False) -> FastLimits | None:
+    """For the callback path (decided once per connection and header set): the limits it takes per request
+    (:data:`UNLIMITED` when none apply), or None when only the handler's stage can serve it (a tenant block,
+    the Loki query policy, a ``body`` under a write-byte rate)."""
     tl = cfg.tenant_limits
     pl = policy_limits(decision.ident.policy.attributes_json)
     if not tl.active and pl is _NONE:
-        return ()
+        return UNLIMITED
     reads = route.role is Role.READ
     if pl.loki is not None and route.backend == "logs" and reads:
         return None
@@ -121,37 +156,22 @@ def fast_plan(cfg: Config, route: Route, decision: Decision, body: bool = False)
         if o is not None and route.role.value in o.blocks:
             return None
         tenant_rates = tl.defaults if o is None else o.rates
-    out: list[tuple[str, float, float]] = []
+    t = table()
+    rows: list[tuple[int, int]] = []
+    buckets: list[tuple[int, float, float]] = []
+    keys: list[str] = []
     for rates, key in ((pl.rates, f"p{decision.ident.policy.id}"),
                        (tenant_rates, f"t{route.backend}|{decision.tenant}")):
-        if rates.concurrent_queries and reads:
-            return None
         if body and rates.write_bytes_per_second and route.role is Role.WRITE:
             return None
+        if rates.concurrent_queries and reads:
+            rows.append((t.row(key), rates.concurrent_queries))
+            keys.append(key)
         if rates.requests_per_second:
-            out.append((key, rates.requests_per_second, rates.request_burst()))
-    return tuple(out)
-
-
-def fast_take(buckets: Buckets) -> bool:
-    """Take one request from each bucket; False (the handler then refuses and counts it) if one is empty
-    (what was taken from the others is given back)."""
-    take = table().take
-    if len(buckets) == 1:  # (the common case, kept short: it runs per request on the callback path)
-        key, rate, burst = buckets[0]
-        return not take(key, rate, burst, 1.0, False)
-    for i, (key, rate, burst) in enumerate(buckets):
-        if take(key, rate, burst, 1.0, False):
-            fast_refund(buckets[:i])
-            return False
-    return True
-
-
-def fast_refund(buckets: Buckets) -> None:
-    """Give back what :func:`fast_take` took, for a request the callback path then leaves to the handler."""
-    t = table()
-    for key, _, burst in buckets:
-        t.refund(key, burst)
+            buckets.append((t.bucket(key), rates.requests_per_second, float(rates.request_burst())))
+    if not rows and not buckets:
+        return UNLIMITED
+    return FastLimits(tuple(rows), tuple(buckets), tuple(keys))
 
 
 def _retry_after(seconds: float) -> str:

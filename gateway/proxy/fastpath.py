@@ -6,8 +6,9 @@ It decides nothing itself: on a miss it asks the decision cache (``decide.decide
 (``plan.plan``) exactly as ``handler._serve`` does, and keeps their answer while what they were computed from
 holds: the config object, the policy cache's generation, the LBAC probe's verdict for the upstream (when the
 plan depends on it), the lean client, and per request the snapshot's freshness and the token's expiry
-(``decide.holds``). The limit stage's request rates are taken by the exchange (``take_limits``); anything
-else of that stage (a block, a concurrency limit, the Loki query policy) leaves the request to the handler.
+(``decide.holds``). The limit stage's request rates and a read's concurrent queries are taken by the exchange
+(``Prepared.limits``, resolved once per memo entry); anything else of that stage (a tenant block, the Loki
+query policy, a body under a write-byte rate) leaves the request to the handler.
 Any plan but a :class:`~gateway.proxy.plan.Forward` of the client's request on a plain-http upstream
 (a refusal, a fan-out, a body to read, an offloaded rewrite, a WebSocket) returns None: the connection's
 task serves the request through ``handler.handle``, which decides and plans again from scratch. So
@@ -32,7 +33,7 @@ from gateway.errors import ProxyError
 from gateway.lbac import RewriteError
 from gateway.lbac import restrict as lbac
 from gateway.lbac.probe import probe_of
-from gateway.limits.stage import Buckets, fast_plan, fast_refund, fast_take
+from gateway.limits.stage import UNLIMITED, FastLimits, fast_plan
 from gateway.policy.decision import IPAddress
 from gateway.proxy.decide import Policies, decided, holds
 from gateway.proxy.fastclient import FastClient, request_head
@@ -60,10 +61,10 @@ class Prepared:
     __slots__ = ("m", "decision", "lbac", "url", "fast", "headers", "head", "upstream_base", "limits")
 
     def __init__(self, m: RouteMatch, decision: Decision, lbac_mode: str | None, url: URL, fast: FastClient,
-                 headers: CIMultiDict[str], head: bytes, upstream_base: str, limits: Buckets = ()):
+                 headers: CIMultiDict[str], head: bytes, upstream_base: str, limits: FastLimits | None = None):
         self.m, self.decision, self.lbac, self.url, self.fast = m, decision, lbac_mode, url, fast
         self.headers, self.head, self.upstream_base = headers, head, upstream_base
-        self.limits = limits  # request-rate buckets (gateway.limits.stage), taken by the exchange
+        self.limits = limits  # the limit stage's share (gateway.limits.stage), taken by the exchange; None: none
 
 
 class _Sent:
@@ -82,7 +83,7 @@ class _Facts:
     __slots__ = ("cfg", "gen", "decision", "policies", "upstream", "fast", "verdict", "limits", "plans")
 
     def __init__(self, cfg: Config, gen: int, decision: Decision, policies: Policies, upstream: Upstream,
-                 fast: FastClient, verdict: object, limits: Buckets):
+                 fast: FastClient, verdict: object, limits: FastLimits | None):
         self.cfg, self.gen, self.decision, self.policies = cfg, gen, decision, policies
         self.upstream, self.fast, self.verdict, self.limits = upstream, fast, verdict, limits
         self.plans: dict[tuple[str, str], _Sent | None] = {}
@@ -117,15 +118,15 @@ def _facts(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams)
     if got is None:
         return None
     decision, policies = got
-    # the limit stage's part the exchange may take: request rates (a body under a write-byte rate: the handler)
+    # the limit stage's part the exchange takes: request rates, a read's concurrent queries
     limits = fast_plan(cfg, route, decision, request.body_exists)
     if limits is None:
-        return None  # (a block, a concurrency limit, the Loki query policy: the handler's stage)
+        return None  # (a tenant block, the Loki query policy, a body under a write-byte rate: the handler's)
     fast = _FAST.get(upstreams.session(upstream))
     if fast is None or fast.closed:
         return None
     verdict = _verdict(st, upstream) if policies and route.kind in lbac.RESTRICTED_KINDS else _NO_VERDICT
-    return _Facts(cfg, gen, decision, policies, upstream, fast, verdict, limits)
+    return _Facts(cfg, gen, decision, policies, upstream, fast, verdict, None if limits is UNLIMITED else limits)
 
 
 def _sent(request: DataRequest, st: State, m: RouteMatch, f: _Facts) -> _Sent | None:
@@ -179,13 +180,3 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
         return None
     return Prepared(m, decision, s.lbac, s.url, f.fast, s.headers, s.head, s.base, f.limits)
 
-
-def take_limits(p: Prepared) -> bool:
-    """Take the request's tokens (False: a limit is reached; the handler then refuses it and counts it)."""
-    return not p.limits or fast_take(p.limits)
-
-
-def refund_limits(p: Prepared) -> None:
-    """Give them back: the request goes to the handler after all (which takes them again)."""
-    if p.limits:
-        fast_refund(p.limits)
