@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 from typing import Final, Protocol
 
 from gateway.policy import tokens
@@ -117,9 +118,31 @@ def authorize(identity: Identity, scope: str, stack: StackLike, client_ip: IPAdd
         raise Denied(403, "inactive_policy", "access policy is inactive")
     if scope not in policy.scopes:
         raise Denied(403, "missing_scope", f"token lacks the {scope} scope")
-    realms = covering_realms(policy, stack)
-    if not realms:
+    hit = _COVERAGE.get((id(policy), id(stack)))
+    if hit is not None and hit[0] is policy and hit[1] is stack:
+        selectors = hit[2]
+    else:
+        selectors = _cover(policy, stack)
+    if selectors is None:
         raise Denied(403, "wrong_realm", f"token's access policy does not cover stack {stack.id}")
-    if not policy.ip_allowed(client_ip):
+    if policy.allowed_subnets and not policy.ip_allowed(client_ip):
         raise Denied(403, "ip_not_allowed", f"client address {client_ip} is outside the allowed ranges")
-    return label_policies(realms)
+    return selectors
+
+
+#: ``label_policies(covering_realms(policy, stack))`` (None: no covering realm) by the objects' identities.
+#: Policies, their realms and stacks are immutable snapshots: an edited policy or a reloaded config is a new
+#: object, never found here, so no entry needs invalidating. Each entry holds its policy and stack (an id is
+#: not reused while they live); bounded: full, the oldest sixteenth goes (as ``tokens.remember`` does).
+_COVERAGE: dict[tuple[int, int], tuple[AccessPolicy, StackLike, tuple[Selector, ...] | None]] = {}
+MAX_COVERAGE: Final = 16384
+
+
+def _cover(policy: AccessPolicy, stack: StackLike) -> tuple[Selector, ...] | None:
+    realms = covering_realms(policy, stack)
+    selectors = label_policies(realms) if realms else None
+    if len(_COVERAGE) >= MAX_COVERAGE:
+        for old in list(islice(_COVERAGE, MAX_COVERAGE // 16)):
+            del _COVERAGE[old]
+    _COVERAGE[(id(policy), id(stack))] = (policy, stack, selectors)
+    return selectors
