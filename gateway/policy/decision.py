@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from hmac import compare_digest as _compare_digest
 from itertools import islice
 from typing import Final, Protocol
 
@@ -52,13 +53,14 @@ def identify(presented: str, token_index: Mapping[str, Token], policy_index: Map
     except tokens.TokenFormatError as exc:
         raise Denied(401, "malformed_token", f"invalid token: {exc}") from None
     token = token_index.get(decoded.token_id)
-    if token is None or not tokens.secret_matches(decoded.secret_hash, token.secret_hash):
+    if token is None or not _compare_digest(decoded.secret_hash, token.secret_hash):  # (tokens.secret_matches)
         raise Denied(401, "unknown_token", "invalid token: unknown or revoked")
     tokens.remember(presented, decoded)
     policy = policy_index.get(token.access_policy_id)
     if policy is None or policy.org_id != decoded.org_id:
         raise Denied(401, "unknown_token", "invalid token: unknown or revoked")
-    if token.expired(now):
+    expires = token.expires_at  # (Token.expired)
+    if expires is not None and expires <= now:
         raise Denied(401, "expired_token", "token expired")
     return Identity(token, policy)
 

@@ -88,7 +88,7 @@ def remember(token: str, decoded: DecodedToken) -> None:
     """Cache a token whose secret matched; revocation is unaffected (the id is looked up every time).
     Full, the oldest sixteenth goes (insertion order): emptying all 65,536 at once stalled the worker
     for about 5 ms, a sixteenth takes under 1 ms, and the tokens in use stay."""
-    if len(_VERIFIED) >= MAX_VERIFIED:
+    if len(_VERIFIED) >= MAX_VERIFIED and token not in _VERIFIED:
         for old in list(islice(_VERIFIED, MAX_VERIFIED // 16)):
             del _VERIFIED[old]
     _VERIFIED[token] = decoded
