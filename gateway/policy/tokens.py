@@ -96,15 +96,21 @@ def remember(token: str, decoded: DecodedToken) -> None:
 
 _VERIFIED: dict[str, DecodedToken] = {}
 MAX_VERIFIED: Final = 65536
+# The cold decode's callables bound once (a token's first use: each global and attribute look-up counts).
+_SKIP: Final = len(PREFIX)
+_PADDING: Final = (b"", b"", b"==", b"=")  # by the body's length mod 4 (1 is refused before)
+_A2B: Final = binascii.a2b_base64
+_SHA256: Final = hashlib.sha256
+_NEW: Final = tuple.__new__  # DecodedToken(...) without the namedtuple's Python-level __new__
 
 
 def _decode(token: str) -> DecodedToken:
-    raw = token[len(PREFIX):]
+    raw = token[_SKIP:]
     rest = len(raw) % 4
     if not _BODY.fullmatch(raw) or rest == 1 or (rest and _LOW_BITS[rest][raw[-1]]):
         raise TokenFormatError(MALFORMED)  # (the last: another base64 spelling of the same bytes)
     try:
-        body = binascii.a2b_base64(raw.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-rest % 4))
+        body = _A2B(raw.encode("ascii").translate(_FROM_URLSAFE) + _PADDING[rest])
     except (binascii.Error, ValueError):
         raise TokenFormatError(MALFORMED) from None
     plain = _CANONICAL.fullmatch(body)
@@ -112,7 +118,7 @@ def _decode(token: str) -> DecodedToken:
         org, tid, secret, _region = plain.groups()
         if not secret:
             raise TokenFormatError(MALFORMED)
-        return DecodedToken(org.decode("ascii"), tid.decode("ascii"), hashlib.sha256(secret).digest())
+        return _NEW(DecodedToken, (org.decode("ascii"), tid.decode("ascii"), _SHA256(secret).digest()))
     try:
         data = _LOADS(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
