@@ -100,7 +100,7 @@ def upstream_headers(incoming: CIMultiDictProxy[str], tenant: str, forwarded_for
             keep.append(i)
         if not extra:
             _learn(_KEPT[drop_body_headers], names, keep)
-    prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    prior = ", ".join(incoming.getall("X-Forwarded-For")) if "X-Forwarded-For" in incoming else ""
     # (X-Forwarded-For, X-Scope-OrgID and X-Prom-Label-Policy are dropped above: adding them sets them)
     add("X-Forwarded-For", f"{prior}, {forwarded_for}" if prior else forwarded_for)
     add("X-Scope-OrgID", tenant)

@@ -14,14 +14,11 @@ def credentials(header: str | None) -> tuple[str, str | None]:
     if not header:
         raise ProxyError(401, "authentication required: use Basic auth (tenant ID, token) or a Bearer token",
                          "missing_credentials", CHALLENGE)
-    if header.startswith("Basic "):  # (what clients send: the general case below gives the same)
-        kind, value = "basic", header[6:].strip()
-    else:
-        kind, _, value = header.strip().partition(" ")
-        kind = kind.lower()
-        value = value.strip()
-        if kind == "bearer" and value:
-            return value, None
+    kind, _, value = header.strip().partition(" ")
+    kind = kind.lower()
+    value = value.strip()
+    if kind == "bearer" and value:
+        return value, None
     if kind == "basic" and value:
         try:  # (base64.b64decode(validate=True) is this; a non-ASCII value fails its encode)
             decoded = binascii.a2b_base64(value.encode("ascii"), strict_mode=True).decode("utf-8")
