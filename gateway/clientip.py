@@ -11,6 +11,40 @@ from gateway.policy.model import Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+class _IPv4(ipaddress.IPv4Address):
+    """An IPv4Address that hashes once: the address is in every decision-cache key, and the standard
+    class hashes in Python on each lookup (``hash(hex(int(ip)))``). Equal to, and hashing like, the
+    standard class's object for the same address."""
+
+    __slots__ = ("_hash",)
+
+    def __init__(self, address: object):
+        super().__init__(address)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"IPv4Address({str(self)!r})"
+
+
+class _IPv6(ipaddress.IPv6Address):
+    """IPv6's counterpart of :class:`_IPv4`."""
+
+    __slots__ = ("_hash",)
+
+    def __init__(self, address: object):
+        super().__init__(address)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"IPv6Address({str(self)!r})"
+
+
 @lru_cache(maxsize=4096)
 def _parse(value: str) -> IPAddress | None:
     value = value.strip()
@@ -18,13 +52,16 @@ def _parse(value: str) -> IPAddress | None:
         value = value[1:value.index("]")]
     elif value.count(":") == 1:  # v4:port
         value = value.split(":", 1)[0]
+    try:  # (ipaddress.ip_address's order: IPv4 first)
+        return _IPv4(value)
+    except ValueError:
+        pass
     try:
-        ip = ipaddress.ip_address(value)
+        ip = _IPv6(value)
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    mapped = ip.ipv4_mapped
+    return _IPv4(int(mapped)) if mapped is not None else ip
 
 
 def _trusted(ip: IPAddress, trusted: Sequence[Network]) -> bool:

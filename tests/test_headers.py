@@ -36,3 +36,23 @@ def test_the_forwarding_chain_body_headers_and_label_policies() -> None:
     assert out.getall("X-Forwarded-For") == ["1.1.1.1, 2.2.2.2, 3.3.3.3"]
     assert "Content-Type" not in out and "Content-Length" not in out
     assert out.getall("X-Prom-Label-Policy") == ["100:a", "100:b"] and out.getall("X-Scope-OrgID") == ["100"]
+
+
+def test_a_repeated_set_of_header_names_gives_the_same_headers_with_its_own_values() -> None:
+    """The second request with the same names takes the remembered selection: same names kept, this
+    request's values, per drop_body_headers; a Connection list still drops what it names."""
+    names = ("Accept", "Authorization", "X-Custom", "Content-Type", "X-Custom", "X-Grafana-User")
+    for body in (False, True):
+        first = upstream_headers(_h(*((n, f"a{i}") for i, n in enumerate(names))), "100", "h",
+                                 drop_body_headers=body)
+        again = upstream_headers(_h(*((n, f"b{i}") for i, n in enumerate(names))), "100", "h",
+                                 drop_body_headers=body)
+        kept = [("Accept", "0"), ("X-Custom", "2")] + ([] if body else [("Content-Type", "3")]) + [("X-Custom", "4")]
+        assert [(n, v[1:]) for n, v in list(first.items())[:-2]] == kept
+        assert list(again.items())[:-2] == [(n, "b" + v) for n, v in kept]
+    for name in ("X-Only", "Authorization"):  # one kept, none kept
+        for _ in range(2):
+            out = upstream_headers(_h((name, "v")), "100", "h")
+            assert list(out.items())[:-2] == ([("X-Only", "v")] if name == "X-Only" else [])
+    out = upstream_headers(_h(("Connection", "X-Custom"), ("Accept", "0"), ("X-Custom", "1")), "100", "h")
+    assert "X-Custom" not in out and out["Accept"] == "0"

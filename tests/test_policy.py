@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ipaddress
 import json
 from datetime import UTC, datetime, timedelta
@@ -135,6 +136,23 @@ def test_authorize_checks_scope_realm_ip_and_status() -> None:
     assert e.value.reason == "inactive_policy"
 
 
+def test_an_edited_policy_is_authorized_afresh_on_the_same_stack() -> None:
+    """authorize keeps a policy's covering realms per (policy, stack) object: an edit (a new policy object,
+    as every snapshot change makes one) must give the new answer at once, never the kept one."""
+    sel = parse_selector('{env="dev"}')
+    presented, toks, pols = _world()
+    stack = _Stack("100", "1")
+    assert authorize(identify(presented, toks, pols, NOW), "metrics:read", stack, None) == ()
+    pols["p1"] = dataclasses.replace(pols["p1"], realms=(Realm("stack", "100", (sel,)),))
+    assert authorize(identify(presented, toks, pols, NOW), "metrics:read", stack, None) == (sel,)
+    pols["p1"] = dataclasses.replace(pols["p1"], realms=(Realm("stack", "101"),))
+    with pytest.raises(Denied) as e:
+        authorize(identify(presented, toks, pols, NOW), "metrics:read", stack, None)
+    assert e.value.reason == "wrong_realm"
+    pols["p1"] = dataclasses.replace(pols["p1"], realms=(Realm("org", "1"),))
+    assert authorize(identify(presented, toks, pols, NOW), "metrics:read", stack, None) == ()
+
+
 def test_org_realm_covers_every_stack_of_the_org() -> None:
     presented, toks, pols = _world(realms=(Realm("org", "1"),))
     ident = identify(presented, toks, pols, NOW)
@@ -220,4 +238,7 @@ TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)
 ])
 def test_client_ip(peer: str, xff: list[str], expected: str | None) -> None:
     got = client_ip(peer, xff, TRUSTED)
+    if got is not None:  # (the resolved address hashes once; it must stay equal to, and hash like, ipaddress's)
+        std = ipaddress.ip_address(str(got))
+        assert got == std and hash(got) == hash(std) and {got: 1}.get(std) == 1
     assert (str(got) if got else None) == expected

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, Protocol
+from hmac import compare_digest as _compare_digest
+from itertools import islice
+from typing import Final, NamedTuple, Protocol
 
 from gateway.policy import tokens
 from gateway.policy.model import AccessPolicy, Realm, Token
@@ -18,6 +19,7 @@ from gateway.policy.selector import Selector
 from gateway.policy.trace_selector import TraceSelector
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NEW: Final = tuple.__new__
 
 
 class StackLike(Protocol):
@@ -37,8 +39,9 @@ class Denied(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(NamedTuple):
+    """Who asks: the token and its policy (a tuple: built on every token's first use, on the hot path)."""
+
     token: Token
     policy: AccessPolicy
 
@@ -51,15 +54,16 @@ def identify(presented: str, token_index: Mapping[str, Token], policy_index: Map
     except tokens.TokenFormatError as exc:
         raise Denied(401, "malformed_token", f"invalid token: {exc}") from None
     token = token_index.get(decoded.token_id)
-    if token is None or not tokens.secret_matches(decoded.secret_hash, token.secret_hash):
+    if token is None or not _compare_digest(decoded.secret_hash, token.secret_hash):  # (tokens.secret_matches)
         raise Denied(401, "unknown_token", "invalid token: unknown or revoked")
     tokens.remember(presented, decoded)
     policy = policy_index.get(token.access_policy_id)
     if policy is None or policy.org_id != decoded.org_id:
         raise Denied(401, "unknown_token", "invalid token: unknown or revoked")
-    if token.expired(now):
+    expires = token.expires_at  # (Token.expired)
+    if expires is not None and expires <= now:
         raise Denied(401, "expired_token", "token expired")
-    return Identity(token, policy)
+    return _NEW(Identity, (token, policy))  # (Identity(token, policy) without the Python-level __new__)
 
 
 def covering_realms(policy: AccessPolicy, stack: StackLike) -> tuple[Realm, ...]:
@@ -117,9 +121,31 @@ def authorize(identity: Identity, scope: str, stack: StackLike, client_ip: IPAdd
         raise Denied(403, "inactive_policy", "access policy is inactive")
     if scope not in policy.scopes:
         raise Denied(403, "missing_scope", f"token lacks the {scope} scope")
-    realms = covering_realms(policy, stack)
-    if not realms:
+    hit = _COVERAGE.get((id(policy), id(stack)))
+    if hit is not None and hit[0] is policy and hit[1] is stack:
+        selectors = hit[2]
+    else:
+        selectors = _cover(policy, stack)
+    if selectors is None:
         raise Denied(403, "wrong_realm", f"token's access policy does not cover stack {stack.id}")
-    if not policy.ip_allowed(client_ip):
+    if policy.allowed_subnets and not policy.ip_allowed(client_ip):
         raise Denied(403, "ip_not_allowed", f"client address {client_ip} is outside the allowed ranges")
-    return label_policies(realms)
+    return selectors
+
+
+#: ``label_policies(covering_realms(policy, stack))`` (None: no covering realm) by the objects' identities.
+#: Policies, their realms and stacks are immutable snapshots: an edited policy or a reloaded config is a new
+#: object, never found here, so no entry needs invalidating. Each entry holds its policy and stack (an id is
+#: not reused while they live); bounded: full, the oldest sixteenth goes (as ``tokens.remember`` does).
+_COVERAGE: dict[tuple[int, int], tuple[AccessPolicy, StackLike, tuple[Selector, ...] | None]] = {}
+MAX_COVERAGE: Final = 16384
+
+
+def _cover(policy: AccessPolicy, stack: StackLike) -> tuple[Selector, ...] | None:
+    realms = covering_realms(policy, stack)
+    selectors = label_policies(realms) if realms else None
+    if len(_COVERAGE) >= MAX_COVERAGE:
+        for old in list(islice(_COVERAGE, MAX_COVERAGE // 16)):
+            del _COVERAGE[old]
+    _COVERAGE[(id(policy), id(stack))] = (policy, stack, selectors)
+    return selectors

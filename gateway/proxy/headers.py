@@ -3,7 +3,8 @@ response headers scrubbed of hop-by-hop ones."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from operator import itemgetter
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -39,20 +40,67 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str] | set[s
     return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
 
 
+#: Whether a header name, spelled as the client sent it, is dropped (by the fixed rules above; the Connection
+#: header's own list is checked per request): by drop_body_headers. The same few names come on every
+#: request; the names are the client's, so the table is bounded (past it, names are judged each time).
+_VERDICTS: Final[dict[bool, dict[str, bool]]] = {False: {}, True: {}}
+MAX_VERDICTS: Final = 1024
+
+
+def _verdict(verdicts: dict[str, bool], name: str, drop_body_headers: bool) -> bool:
+    low = name.lower()
+    drop = low in (_DROPPED_WITH_BODY if drop_body_headers else _DROPPED) \
+        or (low.startswith(_DROPPED_PREFIXES) and low not in _PASSED)
+    if len(verdicts) < MAX_VERDICTS:
+        verdicts[name] = drop
+    return drop
+
+
+#: The header names of a request, as sent and in order -> what picks the kept (name, value) pairs out of its
+#: items (as a tuple). Clients send the same few sets; the names are theirs, so bounded like _VERDICTS.
+_KEPT: Final[dict[bool, dict[tuple[str, ...], Callable[[tuple[tuple[str, str], ...]], tuple[tuple[str, str], ...]]]]] \
+    = {False: {}, True: {}}
+
+
+def _learn(table: dict[tuple[str, ...], Callable[[tuple[tuple[str, str], ...]], tuple[tuple[str, str], ...]]],
+           names: tuple[str, ...], keep: list[int]) -> None:
+    if len(table) >= MAX_VERDICTS:
+        return
+    if len(keep) >= 2:
+        table[names] = itemgetter(*keep)
+    elif keep:
+        only = keep[0]
+        table[names] = lambda items: (items[only],)
+    else:
+        table[names] = lambda items: ()
+
+
 def upstream_headers(incoming: CIMultiDictProxy[str], tenant: str, forwarded_for: str,
                      label_policy_headers: Iterable[str] = (), drop_body_headers: bool = False,
                      limits_context: str | None = None) -> CIMultiDict[str]:
     """Copy the client's headers minus the dropped ones; set the tenant and the forwarding chain."""
     extra = _connection_tokens(incoming)
-    dropped = _DROPPED_WITH_BODY if drop_body_headers else _DROPPED
-    out: CIMultiDict[str] = CIMultiDict()
-    add = out.add
-    for name, value in incoming.items():
-        low = name.lower()
-        if low in dropped or low in extra or (low.startswith(_DROPPED_PREFIXES) and low not in _PASSED):
-            continue
-        add(name, value)
-    prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    verdicts = _VERDICTS[drop_body_headers]
+    names = tuple(incoming.keys())
+    kept = None if extra else _KEPT[drop_body_headers].get(names)
+    if kept is not None:  # the same header names as a request before: the same ones kept, in C
+        out: CIMultiDict[str] = CIMultiDict(kept(tuple(incoming.items())))
+        add = out.add
+    else:
+        out = CIMultiDict()
+        add = out.add
+        keep: list[int] = []
+        for i, (name, value) in enumerate(incoming.items()):
+            drop = verdicts.get(name)
+            if drop is None:
+                drop = _verdict(verdicts, name, drop_body_headers)
+            if drop or (extra and name.lower() in extra):
+                continue
+            add(name, value)
+            keep.append(i)
+        if not extra:
+            _learn(_KEPT[drop_body_headers], names, keep)
+    prior = ", ".join(incoming.getall("X-Forwarded-For")) if "X-Forwarded-For" in incoming else ""
     # (X-Forwarded-For, X-Scope-OrgID and X-Prom-Label-Policy are dropped above: adding them sets them)
     add("X-Forwarded-For", f"{prior}, {forwarded_for}" if prior else forwarded_for)
     add("X-Scope-OrgID", tenant)
