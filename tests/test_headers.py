@@ -56,3 +56,22 @@ def test_a_repeated_set_of_header_names_gives_the_same_headers_with_its_own_valu
             assert list(out.items())[:-2] == ([("X-Only", "v")] if name == "X-Only" else [])
     out = upstream_headers(_h(("Connection", "X-Custom"), ("Accept", "0"), ("X-Custom", "1")), "100", "h")
     assert "X-Custom" not in out and out["Accept"] == "0"
+
+
+def test_a_repeated_header_never_reuses_another_requests_positions() -> None:
+    """The positions kept are learnt per sequence of names, repeats included: a request that repeats a dropped
+    header after one that did not must not have the repeat copied (it would carry the client's tenant or label
+    policy upstream), nor fail on a shorter one."""
+    first = CIMultiDictProxy(CIMultiDict([("Host", "g"), ("X-Scope-OrgID", "evil"), ("User-Agent", "a")]))
+    assert "X-Scope-OrgID" in upstream_headers(first, "100", "1.2.3.4")  # (the gateway's own, set below)
+    again = CIMultiDictProxy(CIMultiDict([("Host", "g"), ("X-Scope-OrgID", "evil"), ("X-Scope-OrgID", "evil2"),
+                                          ("User-Agent", "a")]))
+    out = upstream_headers(again, "100", "1.2.3.4")
+    assert out.getall("X-Scope-OrgID") == ["100"] and out.getall("User-Agent") == ["a"]
+    policies = CIMultiDictProxy(CIMultiDict([("Host", "g"), ("X-Prom-Label-Policy", "100:%7Ba%3D%22b%22%7D"),
+                                             ("X-Prom-Label-Policy", "100:%7Bc%3D%22d%22%7D"), ("Accept", "x")]))
+    assert upstream_headers(policies, "100", "1.2.3.4").getall("Accept") == ["x"]
+    fewer = CIMultiDictProxy(CIMultiDict([("Host", "g"), ("X-Prom-Label-Policy", "100:%7Ba%3D%22b%22%7D"),
+                                          ("Accept", "y")]))
+    out = upstream_headers(fewer, "100", "1.2.3.4")
+    assert "X-Prom-Label-Policy" not in out and out.getall("Accept") == ["y"]

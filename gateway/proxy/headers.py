@@ -81,16 +81,19 @@ def upstream_headers(incoming: CIMultiDictProxy[str], tenant: str, forwarded_for
     """Copy the client's headers minus the dropped ones; set the tenant and the forwarding chain."""
     extra = _connection_tokens(incoming)
     verdicts = _VERDICTS[drop_body_headers]
-    names = tuple(incoming.keys())
+    items = tuple(incoming.items())
+    # Every name, repeats included, in order (multidict's keys() gives each name once: a request repeating a
+    # header would otherwise reuse another request's positions and forward a dropped header).
+    names = tuple([name for name, _ in items])
     kept = None if extra else _KEPT[drop_body_headers].get(names)
     if kept is not None:  # the same header names as a request before: the same ones kept, in C
-        out: CIMultiDict[str] = CIMultiDict(kept(tuple(incoming.items())))
+        out: CIMultiDict[str] = CIMultiDict(kept(items))
         add = out.add
     else:
         out = CIMultiDict()
         add = out.add
         keep: list[int] = []
-        for i, (name, value) in enumerate(incoming.items()):
+        for i, (name, value) in enumerate(items):
             drop = verdicts.get(name)
             if drop is None:
                 drop = _verdict(verdicts, name, drop_body_headers)
