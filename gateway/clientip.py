@@ -11,38 +11,31 @@ from gateway.policy.model import Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class _IPv4(ipaddress.IPv4Address):
-    """An IPv4Address that hashes once: the address is in every decision-cache key, and the standard
-    class hashes in Python on each lookup (``hash(hex(int(ip)))``). Equal to, and hashing like, the
-    standard class's object for the same address."""
+class _HashedOnce:
+    """An address that hashes once: the address is in every decision-cache key, and the standard classes
+    hash in Python on each lookup (``hash(hex(int(ip)))``). Equal to, and hashing like, the standard
+    class's object for the same address."""
 
-    __slots__ = ("_hash",)
+    __slots__ = ()
+    _hash: int
 
     def __init__(self, address: object):
-        super().__init__(address)
-        self._hash = super().__hash__()
+        super().__init__(address)  # type: ignore[call-arg]
+        self._hash = super().__hash__()  # type: ignore[misc]  # (the slot is each concrete class's: one layout per base)
 
     def __hash__(self) -> int:
         return self._hash
 
     def __repr__(self) -> str:
-        return f"IPv4Address({str(self)!r})"
+        return f"{type(self).__mro__[2].__name__}({str(self)!r})"
 
 
-class _IPv6(ipaddress.IPv6Address):
-    """IPv6's counterpart of :class:`_IPv4`."""
-
+class _IPv4(_HashedOnce, ipaddress.IPv4Address):
     __slots__ = ("_hash",)
 
-    def __init__(self, address: object):
-        super().__init__(address)
-        self._hash = super().__hash__()
 
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __repr__(self) -> str:
-        return f"IPv6Address({str(self)!r})"
+class _IPv6(_HashedOnce, ipaddress.IPv6Address):
+    __slots__ = ("_hash",)
 
 
 @lru_cache(maxsize=4096)

@@ -18,7 +18,7 @@ is dropped from hidden spans, and an answer whose shape it does not know raises 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -43,15 +43,25 @@ _V2_KEYS: Final = frozenset({"trace", "metrics", "status", "message"})
 def resource_strings(attributes: Any) -> dict[str, str]:
     """The string-valued resource attributes (all a trace selector can match, as in Tempo); a key given
     twice with different values is dropped, so no selector can match it (fail closed)."""
-    out: dict[str, str] = {}
-    ambiguous: set[str] = set()
+    return _unambiguous(_json_pairs(attributes))
+
+
+def _json_pairs(attributes: Any) -> Iterator[tuple[str, str | None]]:
     for kv in attributes or ():
         key = kv.get("key", "") if isinstance(kv, dict) else None  # (jsonpb leaves out an empty key)
         value = kv.get("value") if isinstance(kv, dict) else None  # (and a value that is not set)
         if not isinstance(key, str) or not isinstance(value, dict | None):
             raise ValueError("a resource attribute is not a key-value object")
         s = value.get("stringValue") if value is not None else None
-        if not isinstance(s, str) or (key in out and out[key] != s):
+        yield key, s if isinstance(s, str) else None
+
+
+def _unambiguous(pairs: Iterable[tuple[str, str | None]]) -> dict[str, str]:
+    """Keys with one string value; a key given without one, or twice with different ones, is dropped."""
+    out: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for key, s in pairs:
+        if s is None or (key in out and out[key] != s):
             ambiguous.add(key)
             continue
         out[key] = s
@@ -189,20 +199,8 @@ def _utf8(raw: bytes) -> str | None:
 
 def _proto_strings(rs: Any) -> dict[str, str]:
     """:func:`resource_strings` of a protobuf resource (a key or value that is not UTF-8 matches nothing)."""
-    out: dict[str, str] = {}
-    ambiguous: set[str] = set()
-    for kv in rs.resource.attributes:
-        key = _utf8(kv.key)
-        if key is None:
-            continue
-        s = _utf8(kv.value.string_value) if kv.value.WhichOneof("value") == "string_value" else None
-        if s is None or (key in out and out[key] != s):
-            ambiguous.add(key)
-            continue
-        out[key] = s
-    for key in ambiguous:
-        out.pop(key, None)
-    return out
+    return _unambiguous((key, _utf8(kv.value.string_value) if kv.value.WhichOneof("value") == "string_value"
+                         else None) for kv in rs.resource.attributes if (key := _utf8(kv.key)) is not None)
 
 
 def filter_response_proto(raw: bytes, selectors: Sequence[TraceSelector]) -> bytes | None:
