@@ -487,7 +487,8 @@ def _shape(x: _Draft) -> Plan:
     """The upstream request's headers and the body limit, then the plan of the shape the planners chose."""
     limit = x.cfg.limits.max_request_body
     check_body_length(x.req.content_length, limit)
-    shared = x.shared if x.shape == "forward" else None  # (a filter's task sets headers of its own)
+    # (only a forward's: a filter's task and a WebSocket relay set headers of their own)
+    shared = x.shared if x.shape == "forward" and not x.m.route.websocket else None
     if shared is None:
         out, base = _headers(x)
     else:  # what the headers depend on that the planners set (the rest is the same for every request here)
