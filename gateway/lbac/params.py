@@ -211,7 +211,8 @@ def _pairs(raw_query: str, body: bytes | None) -> list[tuple[str, str]]:
 
 _SAFE: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
 #: Each byte as ``urllib.parse.quote_plus`` writes it (safe=""): unreserved as is, space as '+', else %XX.
-_QUOTED: Final = tuple("+" if b == 0x20 else chr(b) if b in _SAFE else f"%{b:02X}" for b in range(256))
+#: (A list: map() calls list.__getitem__ directly, a tuple's through a slot wrapper, three times slower.)
+_QUOTED: Final = ["+" if b == 0x20 else chr(b) if b in _SAFE else f"%{b:02X}" for b in range(256)]
 
 
 def quote_plus(text: str) -> str:
