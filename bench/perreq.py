@@ -48,6 +48,20 @@ TCP_KEYS = ("Tcp:InSegs", "Tcp:OutSegs", "TcpExt:DelayedACKs", "TcpExt:TCPPureAc
 HERE = Path(__file__).resolve().parent
 
 
+_VARYING: dict[Path, Workload] = {}  # scripts of workloads with a counter in the path, by file
+_RUNS = [0]
+
+
+def wrk(url: str, script: Path, seconds: float, conns: int) -> loadgen.WrkResult:
+    """``loadgen.run_wrk``; a workload with a counter in its path (c_uncached) gets a fresh counter base each
+    run, as ``python -m bench`` gives it, so no run repeats the queries an earlier one left in the caches."""
+    w = _VARYING.get(script)
+    if w is not None:
+        _RUNS[0] += 1
+        script.write_text(loadgen.script(w, counter_base=_RUNS[0] * 10_000_000))
+    return loadgen.run_wrk(url, script, seconds, conns)
+
+
 def tcp_counters() -> dict[str, int]:
     """This network namespace's TCP counters (``nstat``'s sources)."""
     out: dict[str, int] = {}
@@ -103,7 +117,7 @@ def profiled_calls(srv: Any, url: str, script: Path, seconds: float, conns: int)
         (srv.probe_dir / f"{p}.calls.json").unlink(missing_ok=True)
         os.kill(p, signal.SIGUSR1)
     time.sleep(0.3)
-    r = loadgen.run_wrk(url, script, seconds, conns)
+    r = wrk(url, script, seconds, conns)
     for p in pids:
         os.kill(p, signal.SIGUSR1)
     calls: dict[str, int] = {}
@@ -122,7 +136,7 @@ def profiled_calls(srv: Any, url: str, script: Path, seconds: float, conns: int)
     us = {k: round(v / n * 1e6, 3) for k, v in sorted(own.items(), key=lambda kv: -kv[1])}
     return {"requests": r.requests, "calls_per_req": round(sum(calls.values()) / n, 2),
             "profiled_us_per_req": round(sum(own.values()) / n * 1e6, 2),
-            "top": dict(list(per.items())[:100]), "top_own_us": dict(list(us.items())[:60])}
+            "top": dict(list(per.items())[:300]), "top_own_us": dict(list(us.items())[:60])}
 
 
 def opcodes(srv: Any, url: str, script: Path, seconds: float, conns: int) -> dict[str, Any]:
@@ -133,7 +147,7 @@ def opcodes(srv: Any, url: str, script: Path, seconds: float, conns: int) -> dic
         (srv.probe_dir / f"{p}.ops.json").unlink(missing_ok=True)
         os.kill(p, signal.SIGWINCH)
     time.sleep(0.3)
-    r = loadgen.run_wrk(url, script, seconds, conns)
+    r = wrk(url, script, seconds, conns)
     for p in pids:
         os.kill(p, signal.SIGWINCH)
     ops: dict[str, list[int]] = {}
@@ -151,7 +165,7 @@ def opcodes(srv: Any, url: str, script: Path, seconds: float, conns: int) -> dic
     ranked = sorted(ops.items(), key=lambda kv: -kv[1][1])
     return {"requests": r.requests, "ops_per_req": round(sum(o for _, o in ops.values()) / n, 1),
             "py_calls_per_req": round(sum(c for c, _ in ops.values()) / n, 2),
-            "top": {k: [round(c / n, 3), round(o / n, 1)] for k, (c, o) in ranked[:80]}}
+            "top": {k: [round(c / n, 3), round(o / n, 1)] for k, (c, o) in ranked[:300]}}
 
 
 class ProbedFloor(_Probed, FloorProxy):
@@ -193,7 +207,7 @@ def strace_counts(pids: list[int], seconds: float, url: str, script: Path, conns
         argv += ["-p", str(p)]
     with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as st:
         time.sleep(0.5)
-        r = loadgen.run_wrk(url, script, seconds, conns)
+        r = wrk(url, script, seconds, conns)
         st.send_signal(signal.SIGINT)
         st.wait(30)
     calls: dict[str, int] = {}
@@ -213,7 +227,7 @@ def measure(srv: Server, pids: list[int], w: Workload, script: Path, seconds: fl
     perf = perf_counts(pids, perf_out) if with_perf else None
     if perf is not None:
         time.sleep(0.3)
-    r = loadgen.run_wrk(srv.url, script, seconds, w.connections)
+    r = wrk(srv.url, script, seconds, w.connections)
     if perf is not None:
         perf.send_signal(signal.SIGINT)
         perf.wait(30)
@@ -316,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="workers per path (default: one per core)")
     ap.add_argument("--strace", action="store_true", help="also one strace -c -f run per path")
-    ap.add_argument("--workload", default="a", choices=("a", "b", "d", "e"),
-                    help="the workload of python -m bench to count (default a)")
+    ap.add_argument("--workload", default="a", choices=("a", "b", "c_cached", "c_uncached", "d", "e"),
+                    help="the workload of python -m bench to count (default a; c_* through an lbac: enforce gateway)")
+    ap.add_argument("--tree", type=Path, default=None,
+                    help="run the gateway from this checkout (e.g. `git worktree add /tmp/base REF`), to count a "
+                         "baseline beside this tree")
     ap.add_argument("--limits", default="", choices=("all", "rates"),
                     help="the gateway with limits configured but not hit, as python -m bench --limits sets them")
     ap.add_argument("--no-netns", action="store_true", help="do not re-run in a network namespace of its own")
@@ -350,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench.compare import limits_config
             tenant_limits, attributes = limits_config(a.limits) if a.limits else ({}, None)
             res["limits"] = a.limits or "none"
-            gw = ProbedGateway(workdir, "gateway-header", dsn, up.url, "header", workers,
+            mode = run.gateway_mode(a.workload)
+            res["gateway_tree"] = str(a.tree or HERE.parent)
+            gw = ProbedGateway(workdir, f"gateway-{mode}", dsn, up.url, mode, workers,
+                               tree=a.tree.resolve() if a.tree else None,
                                extra={"tenant_limits": tenant_limits} if a.limits else None)
             gw.probe_dir = probe_dir
             servers.append(gw)
@@ -362,9 +382,11 @@ def main(argv: list[str] | None = None) -> int:
             run.check_through(gw, w)
             script = workdir / f"{w.name}.lua"
             script.write_text(loadgen.script(w))
+            if w.vary is not None:
+                _VARYING[script] = w
             srv: dict[str, Server] = {"direct": up, "nginx": px, "floor": fl, "gateway": gw}
             for p in PATHS:  # warm-up
-                loadgen.run_wrk(srv[p].url, script, 1, w.connections)
+                wrk(srv[p].url, script, 1, w.connections)
             rows: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
             perf_ok = shutil.which("perf") is not None
             for rep in range(a.reps):

@@ -329,7 +329,8 @@ def test_the_reader_agrees_with_go_parse_form(raw: str, where: str) -> None:
         names = [k for k, _ in parse_query(raw)[0]]
         assert any(names.count(k) > 1 and k not in params.LISTS for k in names) or go.error, raw
         return
-    back = Form("GET", "", urlencode(ours), b"")
+    assert params.urlencode(ours) == urlencode(ours)  # (the rewrite's encoder: urllib's, byte for byte)
+    back = Form("GET", "", params.urlencode(ours), b"")
     assert back.error is None
     for name in {k for k, _ in go.pairs} | {k for k, _ in ours}:
         if name in params.LISTS:
@@ -340,6 +341,26 @@ def test_the_reader_agrees_with_go_parse_form(raw: str, where: str) -> None:
             assert back.get(name) == (params.one(ours, name, required=False) or "")
             if go.error is None:
                 assert back.get(name) == go.get(name), (raw, name)
+
+
+def test_the_rewrite_encodes_as_urllib_does() -> None:
+    """params.urlencode (a byte table) writes what urllib.parse.urlencode writes, for every character class:
+    unreserved, space, reserved, controls, non-ASCII, astral."""
+    import random
+    rnd = random.Random(24)
+    chars = [chr(i) for i in range(0x250)] + ["\u20ac", "\U0001f600", " ", "%", "+", "&", "=", "~"]
+    for _ in range(2000):
+        ps = [("".join(rnd.choices(chars, k=rnd.randrange(8))), "".join(rnd.choices(chars, k=rnd.randrange(40))))
+              for _ in range(rnd.randrange(4))]
+        assert params.urlencode(ps) == urlencode(ps), ps
+
+
+def test_pairs_gives_each_caller_its_own_list() -> None:
+    """A query read again (weighed, then rewritten) gives the same pairs, in a list the caller may change."""
+    first = params.pairs("query=up&time=1", None)
+    first.append(("x", "y"))
+    assert params.pairs("query=up&time=1", None) == [("query", "up"), ("time", "1")]
+    assert params.pairs("query=up", b"time=2") == [("time", "2"), ("query", "up")]
 
 
 def test_more_than_a_thousand_parameters_is_a_400_not_a_500() -> None:

@@ -267,6 +267,59 @@ def test_every_route_and_token_through_decide_and_plan(token: str, mode: str) ->
         assert {"Forward", "Stream", "FanOut", "NeedsBody", "Refuse"} <= set(kinds)
 
 
+@pytest.mark.parametrize("mode", ["header", "enforce"])
+def test_the_fast_paths_shared_headers_change_no_plan(mode: str) -> None:
+    """Planned with the fast path's store of upstream headers (``shared``, one per memo entry: here per route
+    and token), twice, every route's plan and headers are those planned without it; only a forward keeps its
+    headers there (a filter's task sets its own), and a new query then gets the same headers object."""
+    async def run() -> None:
+        for token in ("unrestricted", "restricted", "team_rules", "client_header"):
+            for route in ALL_ROUTES:
+                req, alone = await _decide_and_plan(route, token, mode)
+                if isinstance(alone, Refuse | NeedsBody):
+                    continue
+                w = _WORLDS[mode]
+                m = match(req.method, req.rel_url.raw_path)
+                assert m is not None
+                decision, policies = await decide(w.st, w.cfg, route, req.headers, None, {})
+                store: dict[Any, Any] = {}
+                twice = [plan(w.st, w.cfg, m, upstream_of(w.cfg, route), decision, policies, req, shared=store)
+                         for _ in range(2)]
+                for p in twice:
+                    assert p == alone
+                    assert list(p.headers.items()) == list(alone.headers.items())  # type: ignore[union-attr]
+                kept = isinstance(alone, Forward) and not route.websocket
+                assert (twice[0].headers is twice[1].headers) == kept  # type: ignore[union-attr]
+                assert bool(store) == kept
+
+    asyncio.run(run())
+
+
+def test_a_new_query_on_shared_headers_is_rewritten_as_its_own() -> None:
+    """Two PromQL queries planned with one store: each URL carries its own rewritten query, the headers are
+    the same object, equal to those planned without the store."""
+    w = _WORLDS.get("enforce") or _WORLDS.setdefault("enforce", _world("enforce"))
+    route = next(r for r in ALL_ROUTES if r.pattern == "/prometheus/api/v1/query")
+    headers = _request(route, "restricted", w).headers
+    m = match("GET", "/prometheus/api/v1/query")
+    assert m is not None
+
+    async def run() -> list[Plan]:
+        decision, policies = await decide(w.st, w.cfg, route, headers, None, {})
+        store: dict[Any, Any] = {}
+        return [plan(w.st, w.cfg, m, upstream_of(w.cfg, route), decision, policies,
+                     _Request("GET", headers, _URL(m.upstream_path, f"query={name}")), shared=store)
+                for name in ("up", "down")] + [
+            plan(w.st, w.cfg, m, upstream_of(w.cfg, route), decision, policies,
+                 _Request("GET", headers, _URL(m.upstream_path, "query=down")))]
+
+    up, down, alone = asyncio.run(run())
+    assert isinstance(up, Forward) and isinstance(down, Forward) and isinstance(alone, Forward)
+    assert "up%7B" in up.url and "down%7B" in down.url and _restricted(down.url.split("?", 1)[1])
+    assert down == alone and up.headers is down.headers
+    assert list(down.headers.items()) == list(alone.headers.items())
+
+
 def test_a_narrowed_read_with_a_body_to_read_is_planned_again_with_it() -> None:
     """NeedsBody then a plan from the body: an enforce-mode form query is rewritten into a new form body."""
     w = _WORLDS.get("enforce") or _WORLDS.setdefault("enforce", _world("enforce"))

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
-from urllib.parse import quote, unquote, urlencode
+from urllib.parse import quote, unquote
 
 from gateway.errors import ProxyError
 from gateway.lbac import RewriteError, params
@@ -184,7 +184,7 @@ def _enforce(kind: Kind, method: str, raw_query: str, body: bytes | None, polici
                          "lbac_unfilterable")
     names = params.SELECTORS[kind]  # every copy of what selects data is replaced by the rewrite
     rest = [(k, v) for k, v in pairs if k not in names] + new
-    encoded = urlencode(rest)
+    encoded = params.urlencode(rest)
     # Loki's delete handler reads only the URL (r.URL.Query()); every other reader merges URL and form.
     if method == "POST" and kind is not Kind.LOGQL_DELETE:
         return Restriction(query="", body=encoded.encode())

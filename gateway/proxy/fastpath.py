@@ -38,7 +38,7 @@ from gateway.policy.decision import IPAddress
 from gateway.proxy.decide import Policies, decided, holds
 from gateway.proxy.fastclient import FastClient, request_head
 from gateway.proxy.forward import _FAST, Upstreams
-from gateway.proxy.plan import Facts, Forward, plan
+from gateway.proxy.plan import Facts, Forward, SharedHeaders, plan
 from gateway.routes import RouteMatch
 
 if TYPE_CHECKING:
@@ -80,13 +80,16 @@ class _Facts:
     """*decide*'s answer for one header set, one method and one route, and the plans made under it (by
     upstream path and query)."""
 
-    __slots__ = ("cfg", "gen", "decision", "policies", "upstream", "fast", "verdict", "limits", "plans")
+    __slots__ = ("cfg", "gen", "decision", "policies", "upstream", "fast", "verdict", "limits", "plans", "shared",
+                 "block")
 
     def __init__(self, cfg: Config, gen: int, decision: Decision, policies: Policies, upstream: Upstream,
                  fast: FastClient, verdict: object, limits: FastLimits | None):
         self.cfg, self.gen, self.decision, self.policies = cfg, gen, decision, policies
         self.upstream, self.fast, self.verdict, self.limits = upstream, fast, verdict, limits
         self.plans: dict[tuple[str, str], _Sent | None] = {}
+        self.shared: SharedHeaders = {}  # the upstream headers plan built for these facts (plan's ``shared``)
+        self.block: tuple[CIMultiDict[str], bytes] | None = None  # headers, and their head after the request line
 
 
 _UNSEEN: Final = object()
@@ -133,7 +136,7 @@ def _sent(request: DataRequest, st: State, m: RouteMatch, f: _Facts) -> _Sent | 
     """*plan* for this request; None unless it is a forward the lean client can send: bodiless, or the
     client's body streamed as it is with its Content-Length (a chunked one stays with the handler)."""
     try:
-        p = plan(st, f.cfg, m, f.upstream, f.decision, f.policies, request)
+        p = plan(st, f.cfg, m, f.upstream, f.decision, f.policies, request, shared=f.shared)
     except RewriteError:  # (the planners turn theirs into refusals; a stray one leaves it to the handler)
         return None
     if not isinstance(p, Forward) or p.body is not None:
@@ -145,7 +148,15 @@ def _sent(request: DataRequest, st: State, m: RouteMatch, f: _Facts) -> _Sent | 
         url = URL(p.url)
         if not f.fast.accepts(url):
             return None
-        head = request_head(request.method, url, p.headers, None, streamed)
+        block = f.block
+        if block is not None and block[0] is p.headers:  # (shared: a new query of these facts) the same head
+            line = f"{request.method} {url.raw_path_qs} HTTP/1.1"
+            if "\r" in line or "\n" in line or "\x00" in line:  # (as request_head refuses them)
+                return None
+            head = line.encode("utf-8") + block[1]
+        else:
+            head = request_head(request.method, url, p.headers, None, streamed)
+            f.block = (p.headers, head[head.index(b"\r\n"):])
     except ValueError:
         return None
     return _Sent(url, p.headers, head, p.lbac, p.base)

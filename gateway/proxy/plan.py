@@ -205,11 +205,23 @@ def _trace_mode(upstream: Upstream) -> str:
     return "enforce"
 
 
+#: A caller's store of the upstream headers (and base URL) :func:`plan` built, for requests that share all
+#: they are built from but the query: see ``plan``'s ``shared``.
+SharedHeaders = dict[tuple[object, ...], tuple[CIMultiDict[str], str]]
+_MAX_SHARED: Final = 8
+
+
 def plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, decision: Decision, policies: Policies,
-         req: Facts, body: bytes | None = None, rewritten: Rewritten | None = None) -> Plan:
-    """The request's plan (see the module docstring); ``body`` once read, ``rewritten`` once offloaded."""
+         req: Facts, body: bytes | None = None, rewritten: Rewritten | None = None,
+         shared: SharedHeaders | None = None) -> Plan:
+    """The request's plan (see the module docstring); ``body`` once read, ``rewritten`` once offloaded.
+
+    ``shared``: the caller's store for requests with the same header set, client address, method, route,
+    body or not, config, decision and policies (the fast path's memo entry, ``gateway.proxy.fastpath``):
+    their upstream headers differ only by what the planners set (kept by it), so a new query of a
+    dashboard's does not build them again; the headers of a plan made with it are shared: never changed."""
     try:
-        return _plan(st, cfg, m, upstream, decision, policies, req, body, rewritten)
+        return _plan(st, cfg, m, upstream, decision, policies, req, body, rewritten, shared)
     except ProxyError as exc:
         return Refuse(exc.status, exc.reason, exc.message, exc.headers or None, exc.lbac)
 
@@ -237,6 +249,7 @@ class _Draft:
     shape: str = "forward"  # the key of _SHAPES: what the plan is once every planner ran
     tempo_json: bool = False  # a restricted Tempo read whose answer the gateway reads (JSON, not protobuf)
     loki: Any = None  # the policy's lokiQueryPolicy (gateway.limits.lokiquery), on Loki routes
+    shared: SharedHeaders | None = None  # the caller's store of upstream headers (``plan``'s ``shared``)
 
     def fan_out(self, fan: lbac_fanout.Plan | None) -> None:
         if fan is not None:
@@ -472,6 +485,26 @@ _SHAPES: Final[dict[str, Callable[[_Draft, str, CIMultiDict[str], int], Plan]]] 
 
 def _shape(x: _Draft) -> Plan:
     """The upstream request's headers and the body limit, then the plan of the shape the planners chose."""
+    limit = x.cfg.limits.max_request_body
+    check_body_length(x.req.content_length, limit)
+    # (only a forward's: a filter's task and a WebSocket relay set headers of their own)
+    shared = x.shared if x.shape == "forward" and not x.m.route.websocket else None
+    if shared is None:
+        out, base = _headers(x)
+    else:  # what the headers depend on that the planners set (the rest is the same for every request here)
+        key = (x.label_headers, x.rewritten, x.content_type if x.rewritten and x.sent else None, x.tempo_json,
+               None if x.loki is None else x.loki.header)
+        got = shared.get(key)
+        if got is None:
+            got = _headers(x)
+            if len(shared) < _MAX_SHARED:
+                shared[key] = got
+        out, base = got
+    return _SHAPES[x.shape](x, base, out, limit)
+
+
+def _headers(x: _Draft) -> tuple[CIMultiDict[str], str]:
+    """The upstream request's headers, and the upstream's base URL."""
     route, req = x.m.route, x.req
     headers = req.headers
     out = upstream_headers(headers, x.d.tenant, req.remote or "unknown", x.label_headers,
@@ -482,11 +515,9 @@ def _shape(x: _Draft) -> Plan:
         out[lokiquery.HEADER] = x.loki.header
     if x.rewritten and x.sent:
         out["Content-Type"] = x.content_type
-    limit = x.cfg.limits.max_request_body
-    check_body_length(req.content_length, limit)
     if x.tempo_json:
         out["Accept"] = "application/json"  # (the answer filter and the merge read JSON)
-    return _SHAPES[x.shape](x, x.upstream.url_for(route.role.value), out, limit)
+    return out, x.upstream.url_for(route.role.value)
 
 
 #: The planners, in order: each reads the draft, adds to it, and may answer instead (a refusal is raised).
@@ -494,8 +525,8 @@ _PLANNERS: Final[tuple[Planner, ...]] = (_restrict, _loki_policy)
 
 
 def _plan(st: State, cfg: Config, m: RouteMatch, upstream: Upstream, d: Decision, policies: Policies,
-          req: Facts, body: bytes | None, done: Rewritten | None) -> Plan:
-    x = _Draft(st, cfg, m, upstream, d, policies, req, body, done, req.rel_url.raw_query_string)
+          req: Facts, body: bytes | None, done: Rewritten | None, shared: SharedHeaders | None) -> Plan:
+    x = _Draft(st, cfg, m, upstream, d, policies, req, body, done, req.rel_url.raw_query_string, shared=shared)
     if (early := _rule_writes(x)) is not None:
         return early
     try:
