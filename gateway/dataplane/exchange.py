@@ -97,9 +97,9 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
         req.content.sink = ex
     if req.method != "HEAD":
         relay = conn.relay_state
-        if isinstance(relay, _Relay):  # the one that read this connection's last answer, whole
+        if isinstance(relay, _Relay):  # the one that read this connection's last answer, whole (and so reset)
             conn.relay_state = None
-            relay.reset(ex)
+            relay.ex = ex
         else:
             relay = _Relay(ex)
         conn.relay = relay.feed
@@ -131,11 +131,13 @@ class _Relay:
 
     def __init__(self, ex: Exchange):
         self.parser = httptools.HttpResponseParser(self)
-        self.reset(ex)
-
-    def reset(self, ex: Exchange) -> None:
-        """Ready for the next answer on its connection (its parser is between two messages)."""
         self.ex = ex
+        self._clear()
+
+    def _clear(self) -> None:
+        """Ready for the next answer on its connection (its parser is between two messages). Done when an
+        answer is read whole, not when the next starts: an answer with a known head leaves all this as it
+        was, so reusing the relay for the next request only sets its ``ex``."""
         self.raw: list[bytes] = []
         self.size = 0
         self.fields: list[tuple[bytes, bytes]] = []
@@ -204,9 +206,10 @@ class _Relay:
                 self.ex.conn.relay_state = self  # the next answer on the connection may use it again
             if len(_KNOWN_HEADS) >= _MAX_KNOWN_HEADS:
                 _KNOWN_HEADS.clear()
-            _KNOWN_HEADS[whole[:len(whole) - self.length]] = (status, self.length, self.keep, self.fields)
-            self.ex._relayed(status, whole, self.fields, self.length, self.keep)
-            self.raw = []  # (an idle connection holds no answer)
+            fields, length, keep = self.fields, self.length, self.keep
+            _KNOWN_HEADS[whole[:len(whole) - length]] = (status, length, keep, fields)
+            self._clear()  # (an idle connection holds no answer)
+            self.ex._relayed(status, whole, fields, length, keep)
             return None
         if self.head_done or self.size > _MAX_HEAD:
             return b"".join(self.raw)
@@ -214,28 +217,30 @@ class _Relay:
 
 
 class Exchange:
-    """One request served by callbacks (see the module docstring)."""
+    """One request served by callbacks (see the module docstring).
 
-    __slots__ = ("proto", "req", "st", "p", "conn", "started", "sent_at", "log", "_done", "pending", "paused",
-                 "held", "_kept")
+    One is made per request: the state every exchange starts in is the class's (no ``__slots__``, for that).
+    """
+
+    _done = False
+    pending = b""  # a streamed body's request head, until its first piece
+    paused = False  # the client's reading is paused while the upstream's write buffer drains
+    held: Any = None  # the limit stage's in-flight counts to give back, once (``_release``)
+    _kept = False  # the books are kept (``_count``)
 
     def __init__(self, proto: HttpProtocol, req: DataRequest, st: State, p: Prepared, conn: _Conn,
                  started: float, sent_at: float, access_log: AccessLog):
         self.proto, self.req, self.st, self.p, self.conn = proto, req, st, p, conn
         self.started, self.sent_at, self.log = started, sent_at, access_log
-        self._done = False
-        self.pending = b""  # a streamed body's request head, until its first piece
-        self.paused = False  # the client's reading is paused while the upstream's write buffer drains
         lim = p.limits
-        self.held = lim if lim is not None and lim.rows else None  # in-flight counts to give back, once
-        self._kept = False  # the books are kept (``_count``)
+        if lim is not None and lim.rows:
+            self.held = lim
         # handler.handle's bookkeeping, in its order (its access-log entry is made at the end: ``_entry``)
-        TALLY.in_flight += 1
         st.in_flight += 1
         if st.in_flight == 1:  # (set only when it dropped to 0)
             st.idle.clear()
         st.cache.record_use(p.decision.ident.token.id)
-        TALLY.added(p.m.route.backend, time.perf_counter() - started)
+        TALLY.begun(p.m.route.backend, time.perf_counter() - started)  # (in flight, and the added latency)
 
     def _entry(self) -> dict[str, object]:
         """The access-log entry ``handler.handle`` and ``_serve`` make, up to the answer's fields."""
@@ -318,19 +323,46 @@ class Exchange:
 
     def _relayed(self, status: int, whole: bytes, fields: list[tuple[bytes, bytes]], length: int, keep: bool
                  ) -> None:
-        """A whole small answer read by the relay: the connection back to the pool, the answer written."""
+        """A whole small answer read by the relay: the connection back to the pool, the answer written.
+
+        The end of most requests, so ``_end``, ``_answered_books``, ``_count`` and ``_after`` are written
+        out here for the common case (a JSON access log, a decision that knows its client address): the
+        same books in the same order, in fewer calls (the interpreter is most of a request's cost)."""
         if self._done:
             return
-        if self.req.body_exists:
+        req = self.req
+        if req.body_exists:
             self._unhook()
         conn = self.conn
-        conn.headers_at = conn.pool.loop.time()
-        conn.relayed = keep
-        conn.pool.release(conn)
+        conn.relayed_done(keep)
         try:
             split = len(whole) - length
-            self.req.respond_raw(whole[:split], fields, whole[split:])
-            self._end(status, length, conn.headers_at - self.sent_at)
+            req.respond_raw(whole[:split], fields, whole[split:])
+            self._done = True  # (_end)
+            p = self.p
+            who = p.decision.log_fields()
+            access_log = self.log
+            if who is None or not access_log.templated():
+                self._answered_books(status, length, conn.headers_at - self.sent_at)
+            else:
+                upstream_seconds = conn.headers_at - self.sent_at
+                self._kept = True  # (_count)
+                held = self.held
+                if held is not None:
+                    self.held = None
+                    held.release()
+                route = p.m.route
+                TALLY.answered(route.backend, route.scope, status, upstream_seconds)
+                self.st.request_done()
+                access_log.write_json(
+                    f'{_ACCESS_JSON}"method":{_str(req.method)},"path":{_str(req.rel_url.raw_path)},'
+                    f'{who}{_LBAC_FIELD.get(p.lbac, "")},"upstream_ms":{round(upstream_seconds * 1000, 3)!r},'
+                    f'"bytes":{length},"status":{status},"duration_ms":'
+                    f'{round((time.perf_counter() - self.started) * 1000, 3)!r}')
+            proto = self.proto  # (_after)
+            if proto._task is self:
+                proto._task = None
+            proto._after(req)
         except Exception:
             self._crashed()
 
@@ -440,7 +472,7 @@ class Exchange:
         route = self.p.m.route
         TALLY.in_flight -= 1
         self.st.request_done()
-        TALLY.request(route.backend, route.scope, status)
+        TALLY.request(route.backend, route.scope, status)  # (see _relayed, which does this inline)
 
     def _books(self, status: int, refusal: ProxyError | None, entry: dict[str, object] | None = None) -> None:
         """``handler.handle``'s ``except ProxyError`` and ``finally``."""

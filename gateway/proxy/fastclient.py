@@ -153,7 +153,6 @@ class _Conn(BaseProtocol):
         self.closed = False
         self.busy = False
         self.broken = False  # do not reuse: extra bytes, a parse error after the response, ...
-        self.uses = 0
         self.got = 0  # response bytes received for the current request
         self.waiter: asyncio.Future[None] | None = None
         self.msg: Any = None
@@ -196,7 +195,6 @@ class _Conn(BaseProtocol):
             raise ServerDisconnected("the upstream closed the connection")
         self.busy = True
         self.relay = self.relayed = None
-        self.uses += 1
         self.got = 0
         self.msg = self.payload = None
         self.want_stream = False
@@ -210,6 +208,24 @@ class _Conn(BaseProtocol):
             except Exception as exc:
                 raise ServerDisconnected(f"cannot write to the upstream: {exc!r}") from exc
         return waiter
+
+    def relayed_done(self, keep: bool) -> None:
+        """The caller's relay read the response whole (``keep``: the upstream lets the connection be reused):
+        back to the pool, or closed. ``_Pool.release`` with ``reusable``, written out for the end of most
+        requests; the response's head came with the read that ended it (``last_io``: the loop's time)."""
+        self.headers_at = self.idle_since = self.last_io
+        self.busy = False
+        self.waiter = None
+        self.relayed = keep
+        pool = self.pool
+        tr = self.transport
+        if (not keep or self.broken or self.closed or tr is None or tr.is_closing() or pool.client.closed
+                or len(pool.idle) >= MAX_IDLE):
+            self.close()
+            return
+        pool.idle.append(self)  # (msg and payload are None: this connection's parser read nothing)
+        if pool.sweeper is None:
+            pool.sweeper = pool.loop.call_later(KEEPALIVE, pool._sweep)
 
     def send(self, data: bytes) -> None:
         """More of a streamed request body."""
