@@ -53,17 +53,20 @@ _MAX_HEAD = 64 * 1024  # a response head the relay waits for, at most; past it t
 def start(proto: HttpProtocol, req: DataRequest) -> bool:
     """Serve ``req`` by callbacks if it is the common case (then the connection's ``_task`` is the
     exchange); False leaves it, untouched, to the handler task."""
-    m = req.route
     refs = proto.plane.refs
-    if refs is None:
+    if refs is None:  # (kept once the application has all three)
         app = req.app
-        refs = proto.plane.refs = (app.get(STATE), app.get(UPSTREAMS), app.get(ACCESS_LOG))
-    st, upstreams, access_log = refs
-    if st is None or upstreams is None or access_log is None or m is None:
+        refs = (app.get(STATE), app.get(UPSTREAMS), app.get(ACCESS_LOG))
+        if refs[0] is None or refs[1] is None or refs[2] is None:
+            return False
+        proto.plane.refs = refs
+    m = req.route
+    if m is None:
         return False
+    st, upstreams, access_log = refs
     body = req.body_exists
-    if body and (req.content_length is None or req.expect_continue or req.content.received
-                 or req.method == "HEAD"):
+    head = req.method == "HEAD"
+    if body and (req.content_length is None or req.expect_continue or req.content.received or head):
         return False  # chunked, Expect: 100-continue, a queued request's body already read: the task's
     started = time.perf_counter()
     try:
@@ -81,21 +84,20 @@ def start(proto: HttpProtocol, req: DataRequest) -> bool:
         if lim is not None:
             lim.give_back()
         return False
-    sent_at = conn.pool.loop.time()
     try:
-        waiter = conn.start(p.head, req.method == "HEAD", not body)
+        waiter = conn.start(p.head, head, not body)
     except FastClientError:
         conn.close()
         if lim is not None:
             lim.give_back()
         return False
-    ex = Exchange(proto, req, st, p, conn, started, sent_at, access_log)
+    ex = Exchange(proto, req, st, p, conn, started, conn.last_io, access_log)  # (last_io: the loop's time, sent)
     proto._task = ex  # it answers done() and cancel() like the task
     waiter.add_done_callback(ex._answered)
     if body:  # the head goes out with the body's first piece (Exchange.piece)
         ex.pending = p.head
         req.content.sink = ex
-    if req.method != "HEAD":
+    if not head:
         relay = conn.relay_state
         if isinstance(relay, _Relay):  # the one that read this connection's last answer, whole (and so reset)
             conn.relay_state = None
@@ -186,12 +188,17 @@ class _Relay:
         """None: taken (the head is still incomplete, or the answer is written); else all bytes so far."""
         if not self.raw:
             end = data.find(b"\r\n\r\n") + 4
-            known = _KNOWN_HEADS.get(data[:end]) if end > 3 else None
-            if known is not None and len(data) - end == known[1] <= self.ex.p.fast.small_body:
-                if known[2]:
-                    self.ex.conn.relay_state = self
-                self.ex._relayed(known[0], data, known[3], known[1], known[2])
-                return None
+            if end > 3:
+                head = data[:end]
+                known = _KNOWN_HEADS.get(head)
+                if known is not None:
+                    status, length, keep, fields = known
+                    ex = self.ex
+                    if len(data) - end == length <= ex.p.fast.small_body:
+                        if keep:
+                            ex.conn.relay_state = self
+                        ex._relayed(status, head, data[end:], fields, keep)
+                        return None
         self.raw.append(data)
         self.size += len(data)
         try:
@@ -207,9 +214,11 @@ class _Relay:
             if len(_KNOWN_HEADS) >= _MAX_KNOWN_HEADS:
                 _KNOWN_HEADS.clear()
             fields, length, keep = self.fields, self.length, self.keep
-            _KNOWN_HEADS[whole[:len(whole) - length]] = (status, length, keep, fields)
+            split = len(whole) - length
+            head = whole[:split]
+            _KNOWN_HEADS[head] = (status, length, keep, fields)
             self._clear()  # (an idle connection holds no answer)
-            self.ex._relayed(status, whole, fields, length, keep)
+            self.ex._relayed(status, head, whole[split:], fields, keep)
             return None
         if self.head_done or self.size > _MAX_HEAD:
             return b"".join(self.raw)
@@ -321,9 +330,10 @@ class Exchange:
 
     # ---- the answer --------------------------------------------------------------------------------
 
-    def _relayed(self, status: int, whole: bytes, fields: list[tuple[bytes, bytes]], length: int, keep: bool
+    def _relayed(self, status: int, head: bytes, body: bytes, fields: list[tuple[bytes, bytes]], keep: bool
                  ) -> None:
-        """A whole small answer read by the relay: the connection back to the pool, the answer written.
+        """A whole small answer read by the relay (its raw head and its body): the connection back to the
+        pool, the answer written.
 
         The end of most requests, so ``_end``, ``_answered_books``, ``_count`` and ``_after`` are written
         out here for the common case (a JSON access log, a decision that knows its client address): the
@@ -336,13 +346,21 @@ class Exchange:
         conn = self.conn
         conn.relayed_done(keep)
         try:
-            split = len(whole) - length
-            req.respond_raw(whole[:split], fields, whole[split:])
+            req.respond_raw(head, fields, body)
+            length = len(body)
             self._done = True  # (_end)
             p = self.p
-            who = p.decision.log_fields()
+            # The access-log line up to its answer's fields, kept on ``p`` (one decision, plan and method)
+            # for the path it was made for: a connection that repeats its request formats only the rest.
+            method, path = req.method, req.rel_url.raw_path
+            line = p.log_head
+            if line is None or line[1] != path or line[0] != method:
+                who = p.decision.log_fields()
+                line = p.log_head = None if who is None else (
+                    method, path, f'{_ACCESS_JSON}"method":{_str(method)},"path":{_str(path)},{who}'
+                                  f'{_LBAC_FIELD.get(p.lbac, "")}')
             access_log = self.log
-            if who is None or not access_log.templated():
+            if line is None or not access_log.templated():
                 self._answered_books(status, length, conn.headers_at - self.sent_at)
             else:
                 upstream_seconds = conn.headers_at - self.sent_at
@@ -355,10 +373,8 @@ class Exchange:
                 TALLY.answered(route.backend, route.scope, status, upstream_seconds)
                 self.st.request_done()
                 access_log.write_json(
-                    f'{_ACCESS_JSON}"method":{_str(req.method)},"path":{_str(req.rel_url.raw_path)},'
-                    f'{who}{_LBAC_FIELD.get(p.lbac, "")},"upstream_ms":{round(upstream_seconds * 1000, 3)!r},'
-                    f'"bytes":{length},"status":{status},"duration_ms":'
-                    f'{round((time.perf_counter() - self.started) * 1000, 3)!r}')
+                    f'{line[2]},"upstream_ms":{round(upstream_seconds * 1000, 3)!r},"bytes":{length},'
+                    f'"status":{status},"duration_ms":{round((time.perf_counter() - self.started) * 1000, 3)!r}')
             proto = self.proto  # (_after)
             if proto._task is self:
                 proto._task = None

@@ -335,7 +335,8 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_bytes = 0
-        if self._timer is not None or self._idle_until is not None:  # (a call saved per request when not)
+        self._idle_until = None  # (_disarm, of which only this is needed when no timer is armed)
+        if self._timer is not None:
             self._disarm()  # the head deadline is armed after this read if the head is still incomplete
 
     def on_url(self, url: bytes) -> None:
@@ -355,7 +356,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._timer is not None or self._idle_until is not None:
+        self._idle_until = None
+        if self._timer is not None:
             self._disarm()
         p = self.parser
         raw_url = self._url
@@ -468,12 +470,14 @@ class HttpProtocol(asyncio.Protocol):
                 self._queue.append(cur)
                 self._pause()  # one request waits at most: the rest stays in the socket
             self._cur = None
-            if self._timer is not None or self._idle_until is not None:
+            self._idle_until = None
+            if self._timer is not None:
                 self._disarm()
             # (its length is none or 0 and nothing was received: nothing more to check, its end is fed)
         else:
             cur, self._cur = self._cur, None
-            if self._timer is not None or self._idle_until is not None:
+            self._idle_until = None
+            if self._timer is not None:
                 self._disarm()
             if cur is not None:
                 if cur.content_length is not None and cur.content.received != cur.content_length:
@@ -652,8 +656,12 @@ class HttpProtocol(asyncio.Protocol):
             nxt = self._queue.popleft()
             self._resume()
             self._start(nxt)
-        elif self._cur is None and self._timer is None:
-            self._idle()
+        elif self._cur is None and self._timer is None:  # (_idle, inline: most answers end here)
+            seconds = self._keepalive
+            if seconds > 0:
+                self._idle_until = until = self.loop.time() + seconds
+                if self._idle_timer is None:
+                    self._idle_timer = self.loop.call_at(until, self._on_idle)
 
     def _linger(self, req: DataRequest) -> None:
         """Close after the answer; a body still arriving is read and dropped for a moment first, so that the

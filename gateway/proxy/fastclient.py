@@ -182,14 +182,14 @@ class _Conn(BaseProtocol):
     def start(self, data: bytes, head: bool, send: bool = True) -> asyncio.Future[None]:
         """Ready for a response and send ``data`` (the request head, maybe its body); ``send=False``: the
         caller sends it with ``send()`` (with the body's first piece)."""
-        if head:
-            if self.head_parser is None:
-                self.head_parser = self._new_parser(False)
-            self._parser = self.head_parser
-        else:
-            if self.body_parser is None:
-                self.body_parser = self._new_parser(True)
-            self._parser = self.body_parser
+        parser = self.head_parser if head else self.body_parser
+        if parser is None:
+            parser = self._new_parser(not head)
+            if head:
+                self.head_parser = parser
+            else:
+                self.body_parser = parser
+        self._parser = parser
         tr = self.transport
         if self.closed or tr is None or tr.is_closing():
             raise ServerDisconnected("the upstream closed the connection")
@@ -198,10 +198,11 @@ class _Conn(BaseProtocol):
         self.got = 0
         self.msg = self.payload = None
         self.want_stream = False
-        self.waiter = waiter = self._loop.create_future()
-        self.last_io = self._loop.time()
+        loop = self._loop
+        self.waiter = waiter = loop.create_future()
+        self.last_io = now = loop.time()
         if self.timer is None and self.read_timeout:
-            self.timer = self._loop.call_at(self.last_io + self.read_timeout, self._on_timer)
+            self.timer = loop.call_at(now + self.read_timeout, self._on_timer)
         if send:
             try:
                 tr.write(data)
