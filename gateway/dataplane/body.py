@@ -70,7 +70,8 @@ class Body:
 
     def feed_eof(self) -> None:
         self._eof = True
-        self._wake()
+        if self._waiter is not None:  # (_wake's test: most bodies end before anyone waits for them)
+            self._wake()
 
     def set_exception(self, exc: BaseException) -> None:
         if not self._eof:

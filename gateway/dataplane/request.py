@@ -64,13 +64,13 @@ class DataRequest:
 
     def __init__(self, proto: HttpProtocol, method: str, headers: CIMultiDictProxy[str], rel_url: RelURL,
                  content: Body, content_length: int | None, version: tuple[int, int], keep_alive: bool,
-                 route: RouteMatch | None = None, memo: dict[object, object] | None = None):
+                 route: RouteMatch | None, memo: dict[object, object]):
         self._proto = proto
         self.method, self.headers, self.rel_url, self.content = method, headers, rel_url, content
         self.content_length, self.version, self.keep_alive = content_length, version, keep_alive
         self.route = route  # the route the server matched (the handler matches again)
         # what gateway.proxy.fastpath derived from these same headers (the connection's, per header set)
-        self.memo: dict[object, object] = {} if memo is None else memo
+        self.memo = memo
 
     @property
     def remote(self) -> str | None:
@@ -204,7 +204,8 @@ class DataRequest:
     def respond_raw(self, upstream_head: bytes, fields: list[tuple[bytes, bytes]], body: bytes) -> None:
         """``respond`` from the upstream's raw head (status line and header block, as received, which is
         the cache key) and its parsed header fields (read only on a cache miss)."""
-        keep = self._proto.keep_going(self)
+        proto = self._proto
+        keep = proto.keep_going(self)
         key = (upstream_head, self.version, keep, len(body))
         head = _heads.get(key)
         if head is None:
@@ -213,9 +214,11 @@ class DataRequest:
             upstream = CIMultiDictProxy(CIMultiDict([(n.decode("utf-8", "surrogateescape"),
                                                       v.decode("utf-8", "surrogateescape")) for n, v in fields]))
             head = self._small_head(key, status, reason, upstream, len(body))
-        self.keep_alive = keep  # (_write_small, inline: this runs for most requests)
+        self.keep_alive = keep  # (_write_small and HttpProtocol.write, inline: this runs for most requests)
         self.started = True
-        self._proto.write(head + body)
+        tr = proto.transport
+        if tr is not None and not proto.closed:
+            tr.write(head + body)
         self.finished = True
 
     async def start_stream(self, resp: web.StreamResponse) -> StreamWriter:

@@ -159,10 +159,29 @@ _LEADING_TAB: Final = re.compile(rb"\n(?i:content-length|transfer-encoding):[ \t
 #: Below this many bytes of header fields no bound of ``on_header`` can be broken: a field counts at least
 #: 4 bytes (its ": " and CRLF), so MAX_HEADERS of them pass it, and MAX_LINE and MAX_HEAD are above it.
 _HEAD_CHECKS_FROM: Final = 4 * MAX_HEADERS
+#: A read of at most this many bytes that starts outside a head holds no field that breaks a bound of
+#: ``on_header``: its heads start in it, a field takes at least 3 bytes (":" and CRLF) after a request
+#: line of at least 16, so at most MAX_HEADERS fields, each far under MAX_LINE, all far under MAX_HEAD.
+#: Their fields are only collected; they are counted when the count matters (``_count_fields``).
+_LIGHT_READ: Final = 16 + 3 * MAX_HEADERS
 #: What aiohttp is fed in place of a request that did not parse after a hand-over: a request line it refuses.
 _UNPARSABLE: Final = b"\x00 / HTTP/1.1\r\n\r\n"
 _REFUSED_METHODS: Final = {b"CONNECT": "CONNECT (this gateway is no forward proxy)",
                            b"TRACE": "TRACE (it would echo credentials)"}
+
+
+def _target(raw_url: bytes) -> tuple[bytes, str, str, bool, bool]:
+    """What ``on_headers_complete`` reads from a request target: (the target, its path, its query, whether
+    aiohttp judges it, whether it is no path at all). Kept per connection while it repeats."""
+    if not raw_url.startswith(b"/") or raw_url.translate(None, _VISIBLE):
+        handover = True  # absolute form, '*', or bytes aiohttp judges: its answer, as today
+        path = query = ""
+    else:
+        path, _, query = raw_url.decode("ascii").partition("?")
+        path = path.partition("#")[0]
+        handover = False
+    # ('*', or a '#' fragment, which clients never send)
+    return raw_url, path, query, handover, raw_url == b"*" or b"#" in raw_url
 
 
 def _rewritten_head(method: bytes, url: bytes, version: str, raw: list[tuple[bytes, bytes]],
@@ -202,7 +221,9 @@ class HttpProtocol(asyncio.Protocol):
         self._keepalive = plane.settings.keepalive_timeout
         # The last (method, path) routed and its match: a client asks one endpoint request after request.
         self._routed: tuple[str, str, RouteMatch | None] = ("", "", None)
+        self._target = _target(b"")  # the last request target read (_target), while it repeats
         self._head_bytes = 0
+        self._light = False  # this read holds only heads that start in it and is short (_LIGHT_READ)
         self._window: list[bytes] = []
         self._cur: DataRequest | None = None
         self._undecided = False  # _cur's head is parsed; whether a body follows is not known yet
@@ -292,8 +313,10 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self._in_head:  # the reads that hold the current head (see _tab_before_framing)
             self._window.append(data)
+            self._light = False
         else:
             self._window = [data]
+            self._light = len(data) <= _LIGHT_READ
         if self._fresh:
             self._fresh = False
             if data.startswith(_H2_PREFACE[:14]):  # "PRI * HTTP/2.0": gRPC (Tempo streaming) speaks HTTP/2 only
@@ -320,8 +343,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         if not self._in_head:
             self._window = []  # (kept only while a head is incomplete: a read can be 256 KiB of body)
-        elif self._timer is None and not self.closed:
-            self._arm(self.plane.settings.head_timeout)
+        else:
+            if self._light:  # the head goes on in the next read: what on_header did not count, counted now
+                self._count_fields()
+            if self._timer is None and not self.closed:
+                self._arm(self.plane.settings.head_timeout)
         if self._relay_out is not None:
             self._flush_relay()
 
@@ -345,6 +371,9 @@ class HttpProtocol(asyncio.Protocol):
             raise _Bad(414, f"request target longer than {MAX_LINE} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._light and self._in_head:  # (see _LIGHT_READ: no bound to check, counted only if needed)
+            self._headers.append((name, value))
+            return
         self._head_bytes = size = self._head_bytes + len(name) + len(value) + 4
         if size > _HEAD_CHECKS_FROM:  # (below it every bound holds: see _HEAD_CHECKS_FROM)
             if len(name) > MAX_LINE or len(value) > MAX_LINE or size > MAX_HEAD:
@@ -361,14 +390,10 @@ class HttpProtocol(asyncio.Protocol):
             self._disarm()
         p = self.parser
         raw_url = self._url
-        if not raw_url.startswith(b"/") or raw_url.translate(None, _VISIBLE):
-            handover = True  # absolute form, '*', or bytes aiohttp judges: its answer, as today
-            path = query = ""
-        else:
-            path, _, query = raw_url.decode("ascii").partition("?")
-            if "#" in path:
-                path = path.partition("#")[0]
-            handover = False
+        target = self._target
+        if raw_url != target[0]:
+            target = self._target = _target(raw_url)
+        _, path, query, handover, not_a_path = target
         raw_method = p.get_method()
         method = raw_method.decode("ascii", "replace")
         raw_headers = self._headers
@@ -387,7 +412,7 @@ class HttpProtocol(asyncio.Protocol):
         refused = None if self._relaying else _REFUSED_METHODS.get(raw_method)
         if refused is not None:
             raise _Bad(405, f"this gateway does not serve {refused}")
-        if raw_url == b"*" or b"#" in raw_url:
+        if not_a_path:
             raise _Bad(400, "the request target is not a path (a '*', or a '#' fragment, which clients never send)")
         upgrade = p.should_upgrade()
         if upgrade and facts.declares_body:
@@ -412,8 +437,15 @@ class HttpProtocol(asyncio.Protocol):
         self._cur = req
         self._undecided = True  # the parser says next whether a body follows (on_body, on_message_complete)
 
+    def _count_fields(self) -> None:
+        """``on_header``'s count of the current head's fields, for those it took without counting (a light
+        read): the count goes on in the next read, or in a chunked body's trailer fields."""
+        self._head_bytes = sum(len(n) + len(v) + 4 for n, v in self._headers)
+
     def _check_head(self, version_text: str, facts: _HeadFacts) -> tuple[int, int]:
         """The checks of a head that ``_HeadFacts.plain`` on HTTP/1.1 passes; returns its version."""
+        if self._light and facts.chunked:  # (its trailer fields count on from its head's: see on_header)
+            self._count_fields()
         version = (1, 1) if version_text == "1.1" else (1, 0)
         if version_text not in ("1.1", "1.0"):
             raise _Bad(505, f"HTTP/{version_text} is not supported; this gateway speaks HTTP/1.1 and 1.0")

@@ -195,8 +195,7 @@ class _Conn(BaseProtocol):
             raise ServerDisconnected("the upstream closed the connection")
         self.busy = True
         self.relay = self.relayed = None
-        self.got = 0
-        self.msg = self.payload = None
+        self.got = 0  # (msg and payload are None: a new connection, or one _Pool.release / relayed_done pooled)
         self.want_stream = False
         loop = self._loop
         self.waiter = waiter = loop.create_future()
@@ -217,7 +216,6 @@ class _Conn(BaseProtocol):
         self.headers_at = self.idle_since = self.last_io
         self.busy = False
         self.waiter = None
-        self.relayed = keep
         pool = self.pool
         tr = self.transport
         if (not keep or self.broken or self.closed or tr is None or tr.is_closing() or pool.client.closed
@@ -554,11 +552,20 @@ class FastClient:
         if self.closed:
             return None
         pool = self._pools.get((url.raw_host or "", url.port or 0))
-        conn = pool.acquire() if pool is not None else None
-        if streamed and conn is not None and pool is not None and pool.loop.time() - conn.idle_since > STREAM_IDLE_MAX:
-            conn.close()
+        if pool is None:
             return None
-        return conn
+        idle = pool.idle
+        while idle:  # (_Pool.acquire, inline: the callback exchange takes one per request)
+            conn = idle.pop()
+            tr = conn.transport
+            if conn.closed or tr is None or tr.is_closing() or conn.broken:
+                conn.close()
+                continue
+            if streamed and pool.loop.time() - conn.idle_since > STREAM_IDLE_MAX:
+                conn.close()
+                return None
+            return conn
+        return None
 
     async def request(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None = None,
                       stream: AsyncIterator[bytes] | None = None) -> FastResponse:
