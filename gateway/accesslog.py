@@ -43,7 +43,12 @@ class AccessLog:
     def write_json(self, head: str) -> None:
         """A JSON line that ``write`` would make of an entry, up to the ``time`` field (added here) and the
         closing brace: the callback path builds its common line from a template (gateway/dataplane/exchange.py)."""
-        self._add(f'{head},"time":{round(time.time(), 3)!r}}}')
+        lines = self._lines  # (_add, inline: this runs per request)
+        lines.append(f'{head},"time":{round(time.time(), 3)!r}}}')
+        if len(lines) >= FLUSH_LINES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
 
     def _add(self, line: str) -> None:
         self._lines.append(line)

@@ -76,6 +76,32 @@ class Tally:
         o.counts[bisect_left(self._upstream_bounds, seconds)] += 1
         o.total += seconds
 
+    # The callback exchange's two (gateway/dataplane/exchange.py): a request's counts in one call at its start
+    # and one at its answer, the steps of ``added``, ``request`` and ``upstream`` written out.
+
+    def begun(self, backend: str, added_seconds: float) -> None:
+        """A request is in flight: ``in_flight`` and ``added``."""
+        self.in_flight += 1
+        o = self._added.get(backend)
+        if o is None:
+            o = self._added[backend] = _Observed(len(self._added_bounds))
+        o.counts[bisect_left(self._added_bounds, added_seconds)] += 1
+        o.total += added_seconds
+
+    def answered(self, backend: str, scope: str, code: int, upstream_seconds: float) -> None:
+        """A request answered: no longer in flight, ``request`` and ``upstream``."""
+        self.in_flight -= 1
+        key = (backend, scope, str(code))
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
+        o = self._upstream.get(backend)
+        if o is None:
+            o = self._upstream[backend] = _Observed(len(self._upstream_bounds))
+        o.counts[bisect_left(self._upstream_bounds, upstream_seconds)] += 1
+        o.total += upstream_seconds
+        if self._timer is None:
+            self._soon()
+
     def _soon(self) -> None:
         if self._timer is None:
             with contextlib.suppress(RuntimeError):  # no loop: the next scrape flushes

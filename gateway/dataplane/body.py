@@ -32,20 +32,23 @@ class Body:
     it as it arrives (nothing is buffered; the sink does its own flow control) and so does the body's error.
     """
 
-    __slots__ = ("_chunks", "_size", "_eof", "_exc", "_waiter", "_pause", "_resume", "_paused", "_high",
-                 "on_first_read", "received", "discard", "sink")
+    # Made for every request: the state every body starts in is the class's (no ``__slots__``, for that).
+    _size = 0
+    _eof = False
+    _exc: BaseException | None = None
+    _waiter: asyncio.Future[None] | None = None
+    _paused = False
+    _high = HIGH_WATER
+    on_first_read: Callable[[], None] | None = None
+    received = 0
+    discard = False  # the answer is out: drop what still arrives
+    sink: Sink | None = None
 
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None], high: int = HIGH_WATER):
         self._chunks: deque[bytes] = deque()
-        self._size = 0
-        self._eof = False
-        self._exc: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._pause, self._resume, self._paused, self._high = pause, resume, False, high
-        self.on_first_read: Callable[[], None] | None = None
-        self.received = 0
-        self.discard = False  # the answer is out: drop what still arrives
-        self.sink: Sink | None = None
+        self._pause, self._resume = pause, resume
+        if high != HIGH_WATER:
+            self._high = high
 
     # ---- the connection's side --------------------------------------------------------------------
 
@@ -67,7 +70,8 @@ class Body:
 
     def feed_eof(self) -> None:
         self._eof = True
-        self._wake()
+        if self._waiter is not None:  # (_wake's test: most bodies end before anyone waits for them)
+            self._wake()
 
     def set_exception(self, exc: BaseException) -> None:
         if not self._eof:

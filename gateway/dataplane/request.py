@@ -51,27 +51,38 @@ class RelURL:
 
 
 class DataRequest:
-    """One parsed request on a protocol connection (see the module docstring)."""
+    """One parsed request on a protocol connection (see the module docstring).
 
-    __slots__ = ("method", "headers", "rel_url", "content", "body_exists", "content_length", "remote", "app",
-                 "transport", "version", "keep_alive", "expect_continue", "started", "finished",
-                 "route", "memo", "_proto")
+    Made for every request, so it sets only what differs between requests: what its connection fixes is
+    read through it (``remote``, ``app``, ``transport``), and the rest starts from the class's defaults
+    (no ``__slots__``, for that)."""
+
+    body_exists = False  # set when the parser has said (HttpProtocol._decide)
+    expect_continue = False
+    started = False  # the status line is out
+    finished = False  # the whole answer is out
 
     def __init__(self, proto: HttpProtocol, method: str, headers: CIMultiDictProxy[str], rel_url: RelURL,
-                 content: Body, body_exists: bool, content_length: int | None, version: tuple[int, int],
-                 keep_alive: bool):
+                 content: Body, content_length: int | None, version: tuple[int, int], keep_alive: bool,
+                 route: RouteMatch | None, memo: dict[object, object]):
         self._proto = proto
         self.method, self.headers, self.rel_url, self.content = method, headers, rel_url, content
-        self.body_exists, self.content_length = body_exists, content_length
-        self.remote: str | None = proto.remote
-        self.app: web.Application = proto.plane.app
-        self.transport: asyncio.Transport | None = proto.transport
-        self.version, self.keep_alive = version, keep_alive
-        self.expect_continue = False
-        self.started = False  # the status line is out
-        self.finished = False  # the whole answer is out
-        self.route: RouteMatch | None = None  # the route the server matched (the handler matches again)
-        self.memo: dict[object, object] = {}  # what gateway.proxy.fastpath derived from these same headers
+        self.content_length, self.version, self.keep_alive = content_length, version, keep_alive
+        self.route = route  # the route the server matched (the handler matches again)
+        # what gateway.proxy.fastpath derived from these same headers (the connection's, per header set)
+        self.memo = memo
+
+    @property
+    def remote(self) -> str | None:
+        return self._proto.remote
+
+    @property
+    def app(self) -> web.Application:
+        return self._proto.plane.app
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._proto.transport
 
     # ---- more of aiohttp's request, for code on the data path that reads it ---------------------------
 
@@ -193,7 +204,8 @@ class DataRequest:
     def respond_raw(self, upstream_head: bytes, fields: list[tuple[bytes, bytes]], body: bytes) -> None:
         """``respond`` from the upstream's raw head (status line and header block, as received, which is
         the cache key) and its parsed header fields (read only on a cache miss)."""
-        keep = self._proto.keep_going(self)
+        proto = self._proto
+        keep = proto.keep_going(self)
         key = (upstream_head, self.version, keep, len(body))
         head = _heads.get(key)
         if head is None:
@@ -202,7 +214,12 @@ class DataRequest:
             upstream = CIMultiDictProxy(CIMultiDict([(n.decode("utf-8", "surrogateescape"),
                                                       v.decode("utf-8", "surrogateescape")) for n, v in fields]))
             head = self._small_head(key, status, reason, upstream, len(body))
-        self._write_small(head, keep, body)
+        self.keep_alive = keep  # (_write_small and HttpProtocol.write, inline: this runs for most requests)
+        self.started = True
+        tr = proto.transport
+        if tr is not None and not proto.closed:
+            tr.write(head + body)
+        self.finished = True
 
     async def start_stream(self, resp: web.StreamResponse) -> StreamWriter:
         """Send the head of a streamed answer; the body follows through the returned writer."""

@@ -98,7 +98,7 @@ class _HeadFacts:
     Content-Length of digits, optional whitespace around it, never with Transfer-Encoding, which ends in
     ``chunked``). They are only checked against what the parser then does (``HttpProtocol._decide``)."""
 
-    __slots__ = ("websocket", "switch", "length", "chunked", "declares_body", "refusal", "expect", "host")
+    __slots__ = ("websocket", "switch", "length", "chunked", "declares_body", "refusal", "expect", "host", "plain")
 
     def __init__(self, headers: CIMultiDictProxy[str], raw: Sequence[tuple[bytes, bytes]] = ()):
         self.websocket = headers.get("Upgrade", "").lower() == "websocket"
@@ -128,6 +128,10 @@ class _HeadFacts:
                 self.refusal = (status, message)
                 break
         self.host = bool(hosts)
+        #: Nothing in these fields for ``on_headers_complete``'s header checks to refuse on HTTP/1.1, nor to
+        #: route to aiohttp: no framing field, no Expect, no protocol switch, one valid Host.
+        self.plain = (self.refusal is None and self.host and not self.chunked and self.length is None
+                      and self.expect is None and not self.websocket and not self.switch)
 
 
 def _wants(m: RouteMatch | None, h: _HeadFacts) -> bool:
@@ -152,10 +156,32 @@ _FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding"})
 _HOST: Final = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=%-]+(:[0-9]*)?|\[[0-9A-Fa-f:.]+\](:[0-9]*)?")
 #: A tab before a framing field's value (llhttp strips it, nginx does not): refused, for one reading of them.
 _LEADING_TAB: Final = re.compile(rb"\n(?i:content-length|transfer-encoding):[ \t]*\t")
+#: Below this many bytes of header fields no bound of ``on_header`` can be broken: a field counts at least
+#: 4 bytes (its ": " and CRLF), so MAX_HEADERS of them pass it, and MAX_LINE and MAX_HEAD are above it.
+_HEAD_CHECKS_FROM: Final = 4 * MAX_HEADERS
+#: A read of at most this many bytes that starts outside a head holds no field that breaks a bound of
+#: ``on_header``: its heads start in it, a field takes at least 3 bytes (":" and CRLF) after a request
+#: line of at least 16, so at most MAX_HEADERS fields, each far under MAX_LINE, all far under MAX_HEAD.
+#: Their fields are only collected; they are counted when the count matters (``_count_fields``).
+_LIGHT_READ: Final = 16 + 3 * MAX_HEADERS
 #: What aiohttp is fed in place of a request that did not parse after a hand-over: a request line it refuses.
 _UNPARSABLE: Final = b"\x00 / HTTP/1.1\r\n\r\n"
 _REFUSED_METHODS: Final = {b"CONNECT": "CONNECT (this gateway is no forward proxy)",
                            b"TRACE": "TRACE (it would echo credentials)"}
+
+
+def _target(raw_url: bytes) -> tuple[bytes, str, str, bool, bool]:
+    """What ``on_headers_complete`` reads from a request target: (the target, its path, its query, whether
+    aiohttp judges it, whether it is no path at all). Kept per connection while it repeats."""
+    if not raw_url.startswith(b"/") or raw_url.translate(None, _VISIBLE):
+        handover = True  # absolute form, '*', or bytes aiohttp judges: its answer, as today
+        path = query = ""
+    else:
+        path, _, query = raw_url.decode("ascii").partition("?")
+        path = path.partition("#")[0]
+        handover = False
+    # ('*', or a '#' fragment, which clients never send)
+    return raw_url, path, query, handover, raw_url == b"*" or b"#" in raw_url
 
 
 def _rewritten_head(method: bytes, url: bytes, version: str, raw: list[tuple[bytes, bytes]],
@@ -183,7 +209,7 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
         self.handed = False  # the transport is aiohttp's (a protocol switch)
-        self._url = bytearray()
+        self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         # The previous request's raw header fields and what was made of them: a keep-alive client sends the
         # same fields request after request, so they are decoded once, and ``memo`` keeps what the fast path
@@ -192,7 +218,12 @@ class HttpProtocol(asyncio.Protocol):
         self._last_headers: CIMultiDictProxy[str] | None = None
         self._memo: dict[object, object] = {}
         self._facts = _HeadFacts(CIMultiDictProxy(CIMultiDict()))
+        self._keepalive = plane.settings.keepalive_timeout
+        # The last (method, path) routed and its match: a client asks one endpoint request after request.
+        self._routed: tuple[str, str, RouteMatch | None] = ("", "", None)
+        self._target = _target(b"")  # the last request target read (_target), while it repeats
         self._head_bytes = 0
+        self._light = False  # this read holds only heads that start in it and is short (_LIGHT_READ)
         self._window: list[bytes] = []
         self._cur: DataRequest | None = None
         self._undecided = False  # _cur's head is parsed; whether a body follows is not known yet
@@ -282,8 +313,10 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self._in_head:  # the reads that hold the current head (see _tab_before_framing)
             self._window.append(data)
+            self._light = False
         else:
             self._window = [data]
+            self._light = len(data) <= _LIGHT_READ
         if self._fresh:
             self._fresh = False
             if data.startswith(_H2_PREFACE[:14]):  # "PRI * HTTP/2.0": gRPC (Tempo streaming) speaks HTTP/2 only
@@ -310,50 +343,59 @@ class HttpProtocol(asyncio.Protocol):
             return
         if not self._in_head:
             self._window = []  # (kept only while a head is incomplete: a read can be 256 KiB of body)
-        elif self._timer is None and not self.closed:
-            self._arm(self.plane.settings.head_timeout)
-        self._flush_relay()
+        else:
+            if self._light:  # the head goes on in the next read: what on_header did not count, counted now
+                self._count_fields()
+            if self._timer is None and not self.closed:
+                self._arm(self.plane.settings.head_timeout)
+        if self._relay_out is not None:
+            self._flush_relay()
 
     # ---- parser callbacks (httptools) -------------------------------------------------------------
 
+    # These run for every request: written for few bytecodes (the interpreter is most of a request's cost,
+    # bench/README.md): checks that cannot fail for a common head are skipped by one test that says so.
+
     def on_message_begin(self) -> None:
         self._in_head = True
-        self._url.clear()
+        self._url = b""
         self._headers = []
         self._head_bytes = 0
-        if self._timer is not None or self._idle_until is not None:  # (a call saved per request when not)
+        self._idle_until = None  # (_disarm, of which only this is needed when no timer is armed)
+        if self._timer is not None:
             self._disarm()  # the head deadline is armed after this read if the head is still incomplete
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > MAX_LINE:
+        self._url = u = self._url + url  # (bytes: llhttp passes a target in one piece per read)
+        if len(u) > MAX_LINE:
             raise _Bad(414, f"request target longer than {MAX_LINE} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if len(name) > MAX_LINE or len(value) > MAX_LINE or self._head_bytes > MAX_HEAD:
-            raise _Bad(431, "request header fields too large")
-        if not self._in_head:
-            return  # a chunked body's trailer fields: bounded, and dropped (nginx drops them too)
-        if len(self._headers) >= MAX_HEADERS:
-            raise _Bad(431, f"more than {MAX_HEADERS} request header fields")
-        self._headers.append((name, value))
+        if self._light and self._in_head:  # (see _LIGHT_READ: no bound to check, counted only if needed)
+            self._headers.append((name, value))
+            return
+        self._head_bytes = size = self._head_bytes + len(name) + len(value) + 4
+        if size > _HEAD_CHECKS_FROM:  # (below it every bound holds: see _HEAD_CHECKS_FROM)
+            if len(name) > MAX_LINE or len(value) > MAX_LINE or size > MAX_HEAD:
+                raise _Bad(431, "request header fields too large")
+            if self._in_head and len(self._headers) >= MAX_HEADERS:
+                raise _Bad(431, f"more than {MAX_HEADERS} request header fields")
+        if self._in_head:  # (else a chunked body's trailer fields: bounded, and dropped, as nginx does)
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._timer is not None or self._idle_until is not None:
+        self._idle_until = None
+        if self._timer is not None:
             self._disarm()
         p = self.parser
-        raw_url = bytes(self._url)
-        if not raw_url.startswith(b"/") or raw_url.translate(None, _VISIBLE):
-            handover = True  # absolute form, '*', or bytes aiohttp judges: its answer, as today
-            path = query = ""
-        else:
-            target = raw_url.decode("ascii")
-            path, _, query = target.partition("?")
-            path = path.partition("#")[0]
-            handover = False
-        method = p.get_method().decode("ascii", "replace")
+        raw_url = self._url
+        target = self._target
+        if raw_url != target[0]:
+            target = self._target = _target(raw_url)
+        _, path, query, handover, not_a_path = target
+        raw_method = p.get_method()
+        method = raw_method.decode("ascii", "replace")
         raw_headers = self._headers
         headers = self._last_headers
         if headers is None or raw_headers != self._last_raw:
@@ -362,6 +404,48 @@ class HttpProtocol(asyncio.Protocol):
             self._facts = _HeadFacts(headers, raw_headers)
         facts = self._facts
         version_text = p.get_http_version()
+        if facts.plain and version_text == "1.1":
+            version = (1, 1)  # (the checks of the header fields below cannot fail: see _HeadFacts.plain)
+        else:
+            version = self._check_head(version_text, facts)
+        # (after a hand-over aiohttp answers them: 405, and it echoes nothing)
+        refused = None if self._relaying else _REFUSED_METHODS.get(raw_method)
+        if refused is not None:
+            raise _Bad(405, f"this gateway does not serve {refused}")
+        if not_a_path:
+            raise _Bad(400, "the request target is not a path (a '*', or a '#' fragment, which clients never send)")
+        upgrade = p.should_upgrade()
+        if upgrade and facts.declares_body:
+            raise _Bad(400, "a protocol switch (Upgrade) with a request body is ambiguous")
+        if handover or self._relaying or upgrade:
+            self._to_relay(raw_method, raw_url, version_text, raw_headers, facts)
+            return
+        routed = self._routed
+        if routed[1] == path and routed[0] == method:
+            m = routed[2]  # (a match depends on the method and path only)
+        else:
+            m = match(method, path)
+            self._routed = (method, path, m)
+        if m is None or (facts.websocket and m.route.websocket) or facts.switch:  # _wants
+            self._to_relay(raw_method, raw_url, version_text, raw_headers, facts)
+            return
+        req = DataRequest(self, method, headers, RelURL(path, query), Body(self._pause, self._resume),
+                          facts.length, version, p.should_keep_alive(), m, self._memo)
+        expect = facts.expect
+        if expect is not None and (expect.lower() != "100-continue" or version < (1, 1)):
+            raise _Bad(417, f"unsupported Expect: {expect}")
+        self._cur = req
+        self._undecided = True  # the parser says next whether a body follows (on_body, on_message_complete)
+
+    def _count_fields(self) -> None:
+        """``on_header``'s count of the current head's fields, for those it took without counting (a light
+        read): the count goes on in the next read, or in a chunked body's trailer fields."""
+        self._head_bytes = sum(len(n) + len(v) + 4 for n, v in self._headers)
+
+    def _check_head(self, version_text: str, facts: _HeadFacts) -> tuple[int, int]:
+        """The checks of a head that ``_HeadFacts.plain`` on HTTP/1.1 passes; returns its version."""
+        if self._light and facts.chunked:  # (its trailer fields count on from its head's: see on_header)
+            self._count_fields()
         version = (1, 1) if version_text == "1.1" else (1, 0)
         if version_text not in ("1.1", "1.0"):
             raise _Bad(505, f"HTTP/{version_text} is not supported; this gateway speaks HTTP/1.1 and 1.0")
@@ -373,27 +457,7 @@ class HttpProtocol(asyncio.Protocol):
             raise _Bad(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
         if (facts.chunked or facts.length is not None) and self._tab_before_framing():
             raise _Bad(400, "a tab in Content-Length or Transfer-Encoding is read differently by different servers")
-        # (after a hand-over aiohttp answers them: 405, and it echoes nothing)
-        refused = None if self._relaying else _REFUSED_METHODS.get(p.get_method())
-        if refused is not None:
-            raise _Bad(405, f"this gateway does not serve {refused}")
-        if raw_url == b"*" or b"#" in raw_url:
-            raise _Bad(400, "the request target is not a path (a '*', or a '#' fragment, which clients never send)")
-        upgrade = p.should_upgrade()
-        if upgrade and facts.declares_body:
-            raise _Bad(400, "a protocol switch (Upgrade) with a request body is ambiguous")
-        m = None if handover or self._relaying else match(method, path)
-        if handover or self._relaying or upgrade or _wants(m, facts):
-            self._to_relay(p.get_method(), raw_url, version_text, raw_headers, facts)
-            return
-        req = DataRequest(self, method, headers, RelURL(path, query), Body(self._pause, self._resume), False,
-                          facts.length, version, p.should_keep_alive())
-        req.route, req.memo = m, self._memo
-        expect = facts.expect
-        if expect is not None and (expect.lower() != "100-continue" or version < (1, 1)):
-            raise _Bad(417, f"unsupported Expect: {expect}")
-        self._cur = req
-        self._undecided = True  # the parser says next whether a body follows (on_body, on_message_complete)
+        return version
 
     def _tab_before_framing(self) -> bool:
         """Whether a framing field's value starts with a tab: llhttp skips it before the value begins, so it
@@ -421,15 +485,36 @@ class HttpProtocol(asyncio.Protocol):
         if self._relaying:
             self._relay_end()
             return
-        if self._undecided:
-            self._decide(False)
-        cur, self._cur = self._cur, None
-        if self._timer is not None or self._idle_until is not None:
-            self._disarm()
-        if cur is not None:
-            if cur.content_length is not None and cur.content.received != cur.content_length:
-                raise _Bad(400, "the request body does not match its Content-Length")
+        if self._undecided:  # no body: _decide(False), inline (it runs for most requests)
+            self._undecided = False
+            cur, facts = self._cur, self._facts
+            assert cur is not None
+            if facts.declares_body and not facts.chunked:  # (a chunked body of no chunks is one)
+                raise _Bad(400, "the request's framing is ambiguous: its header fields and its bytes disagree "
+                                "on whether it has a body")
             cur.content.feed_eof()
+            if facts.chunked:
+                cur.content_length = 0
+            if self._task is None:
+                if not exchange.start(self, cur):  # (_start)
+                    self._task = self.loop.create_task(self._run(cur))
+            else:
+                self._queue.append(cur)
+                self._pause()  # one request waits at most: the rest stays in the socket
+            self._cur = None
+            self._idle_until = None
+            if self._timer is not None:
+                self._disarm()
+            # (its length is none or 0 and nothing was received: nothing more to check, its end is fed)
+        else:
+            cur, self._cur = self._cur, None
+            self._idle_until = None
+            if self._timer is not None:
+                self._disarm()
+            if cur is not None:
+                if cur.content_length is not None and cur.content.received != cur.content_length:
+                    raise _Bad(400, "the request body does not match its Content-Length")
+                cur.content.feed_eof()
         if self._task is None and not self._queue:
             self._idle()
 
@@ -603,8 +688,12 @@ class HttpProtocol(asyncio.Protocol):
             nxt = self._queue.popleft()
             self._resume()
             self._start(nxt)
-        elif self._cur is None and self._timer is None:
-            self._idle()
+        elif self._cur is None and self._timer is None:  # (_idle, inline: most answers end here)
+            seconds = self._keepalive
+            if seconds > 0:
+                self._idle_until = until = self.loop.time() + seconds
+                if self._idle_timer is None:
+                    self._idle_timer = self.loop.call_at(until, self._on_idle)
 
     def _linger(self, req: DataRequest) -> None:
         """Close after the answer; a body still arriving is read and dropped for a moment first, so that the
@@ -703,7 +792,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _idle(self) -> None:
         """Close the connection if no request starts within ``keepalive_timeout`` (lazily: see __init__)."""
-        seconds = self.plane.settings.keepalive_timeout
+        seconds = self._keepalive
         if seconds <= 0 or self.closed:
             return
         self._idle_until = until = self.loop.time() + seconds

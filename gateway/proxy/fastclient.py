@@ -153,7 +153,6 @@ class _Conn(BaseProtocol):
         self.closed = False
         self.busy = False
         self.broken = False  # do not reuse: extra bytes, a parse error after the response, ...
-        self.uses = 0
         self.got = 0  # response bytes received for the current request
         self.waiter: asyncio.Future[None] | None = None
         self.msg: Any = None
@@ -183,33 +182,49 @@ class _Conn(BaseProtocol):
     def start(self, data: bytes, head: bool, send: bool = True) -> asyncio.Future[None]:
         """Ready for a response and send ``data`` (the request head, maybe its body); ``send=False``: the
         caller sends it with ``send()`` (with the body's first piece)."""
-        if head:
-            if self.head_parser is None:
-                self.head_parser = self._new_parser(False)
-            self._parser = self.head_parser
-        else:
-            if self.body_parser is None:
-                self.body_parser = self._new_parser(True)
-            self._parser = self.body_parser
+        parser = self.head_parser if head else self.body_parser
+        if parser is None:
+            parser = self._new_parser(not head)
+            if head:
+                self.head_parser = parser
+            else:
+                self.body_parser = parser
+        self._parser = parser
         tr = self.transport
         if self.closed or tr is None or tr.is_closing():
             raise ServerDisconnected("the upstream closed the connection")
         self.busy = True
         self.relay = self.relayed = None
-        self.uses += 1
-        self.got = 0
-        self.msg = self.payload = None
+        self.got = 0  # (msg and payload are None: a new connection, or one _Pool.release / relayed_done pooled)
         self.want_stream = False
-        self.waiter = waiter = self._loop.create_future()
-        self.last_io = self._loop.time()
+        loop = self._loop
+        self.waiter = waiter = loop.create_future()
+        self.last_io = now = loop.time()
         if self.timer is None and self.read_timeout:
-            self.timer = self._loop.call_at(self.last_io + self.read_timeout, self._on_timer)
+            self.timer = loop.call_at(now + self.read_timeout, self._on_timer)
         if send:
             try:
                 tr.write(data)
             except Exception as exc:
                 raise ServerDisconnected(f"cannot write to the upstream: {exc!r}") from exc
         return waiter
+
+    def relayed_done(self, keep: bool) -> None:
+        """The caller's relay read the response whole (``keep``: the upstream lets the connection be reused):
+        back to the pool, or closed. ``_Pool.release`` with ``reusable``, written out for the end of most
+        requests; the response's head came with the read that ended it (``last_io``: the loop's time)."""
+        self.headers_at = self.idle_since = self.last_io
+        self.busy = False
+        self.waiter = None
+        pool = self.pool
+        tr = self.transport
+        if (not keep or self.broken or self.closed or tr is None or tr.is_closing() or pool.client.closed
+                or len(pool.idle) >= MAX_IDLE):
+            self.close()
+            return
+        pool.idle.append(self)  # (msg and payload are None: this connection's parser read nothing)
+        if pool.sweeper is None:
+            pool.sweeper = pool.loop.call_later(KEEPALIVE, pool._sweep)
 
     def send(self, data: bytes) -> None:
         """More of a streamed request body."""
@@ -537,11 +552,20 @@ class FastClient:
         if self.closed:
             return None
         pool = self._pools.get((url.raw_host or "", url.port or 0))
-        conn = pool.acquire() if pool is not None else None
-        if streamed and conn is not None and pool is not None and pool.loop.time() - conn.idle_since > STREAM_IDLE_MAX:
-            conn.close()
+        if pool is None:
             return None
-        return conn
+        idle = pool.idle
+        while idle:  # (_Pool.acquire, inline: the callback exchange takes one per request)
+            conn = idle.pop()
+            tr = conn.transport
+            if conn.closed or tr is None or tr.is_closing() or conn.broken:
+                conn.close()
+                continue
+            if streamed and pool.loop.time() - conn.idle_since > STREAM_IDLE_MAX:
+                conn.close()
+                return None
+            return conn
+        return None
 
     async def request(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None = None,
                       stream: AsyncIterator[bytes] | None = None) -> FastResponse:

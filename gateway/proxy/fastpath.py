@@ -56,24 +56,29 @@ _MAX_MEMO: Final = 16  # facts kept per connection and header set (one per metho
 
 
 class Prepared:
-    """The upstream request of a prepared request, and what the access log and metrics need of it."""
+    """The upstream request of a prepared request, and what the access log and metrics need of it. Never
+    changed once made (``prepare`` gives the same one to a connection that repeats its request), but for
+    ``log_head``, which the exchange keeps for its access-log line."""
 
-    __slots__ = ("m", "decision", "lbac", "url", "fast", "headers", "head", "upstream_base", "limits")
+    __slots__ = ("m", "decision", "lbac", "url", "fast", "headers", "head", "upstream_base", "limits", "log_head")
 
     def __init__(self, m: RouteMatch, decision: Decision, lbac_mode: str | None, url: URL, fast: FastClient,
                  headers: CIMultiDict[str], head: bytes, upstream_base: str, limits: FastLimits | None = None):
         self.m, self.decision, self.lbac, self.url, self.fast = m, decision, lbac_mode, url, fast
         self.headers, self.head, self.upstream_base = headers, head, upstream_base
         self.limits = limits  # the limit stage's share (gateway.limits.stage), taken by the exchange; None: none
+        self.log_head: tuple[str, str, str] | None = None  # (method, path, the line's head): gateway.dataplane.exchange
 
 
 class _Sent:
-    """A memoised forward plan as the lean client sends it."""
+    """A memoised forward plan as the lean client sends it, and the last ``Prepared`` made of it (the same
+    for every request of its facts with the same route match: a connection that repeats its request)."""
 
-    __slots__ = ("url", "headers", "head", "lbac", "base")
+    __slots__ = ("url", "headers", "head", "lbac", "base", "prepared")
 
     def __init__(self, url: URL, headers: CIMultiDict[str], head: bytes, lbac_mode: str | None, base: str):
         self.url, self.headers, self.head, self.lbac, self.base = url, headers, head, lbac_mode, base
+        self.prepared: Prepared | None = None
 
 
 class _Facts:
@@ -189,5 +194,8 @@ def prepare(request: DataRequest, st: State, m: RouteMatch, upstreams: Upstreams
     s = cast(_Sent | None, got)
     if s is None:
         return None
-    return Prepared(m, decision, s.lbac, s.url, f.fast, s.headers, s.head, s.base, f.limits)
+    p = s.prepared
+    if p is None or p.m is not m:  # (the rest is fixed for ``s``: its facts' decision, client and limits)
+        p = s.prepared = Prepared(m, decision, s.lbac, s.url, f.fast, s.headers, s.head, s.base, f.limits)
+    return p
 
