@@ -307,3 +307,29 @@ def test_the_tables_one_call_takes_all_or_nothing_and_counts_across_processes() 
     assert os.waitstatus_to_exitcode(status) == 0 and t.in_flight("c") == 2
     t.release(two)  # (this process's own count only)
     assert t.in_flight("c") == 1
+
+
+def test_in_flight_counts_take_no_lock_and_a_shared_lane_still_counts_right() -> None:
+    """Concurrency is counted without the table's lock (each worker writes only its own lane), so a lock
+    held elsewhere (a worker busy with a bucket, or dead inside it) neither delays a count nor switches the
+    table to its lock-less fallback; a worker that has to share its lane (more workers than lanes) counts
+    under the lock instead, and its counts and the other sharer's add up."""
+    from gateway.limits.shared import Table
+
+    t = Table(slots=64, lanes=1)
+    rows = ((t.row("c"), 3),)
+    assert t.acquire(rows, ())  # (claims the one lane)
+    assert t._sem.acquire(False)  # the lock, held as another worker would hold it
+    try:
+        assert t.acquire(rows, ()) and t.in_flight("c") == 2
+        t.release(rows)
+    finally:
+        t._sem.release()
+    assert not t._unlocked and t.in_flight("c") == 1
+    pid = os.fork()
+    if pid == 0:  # a second worker, no lane left: it shares this one
+        ok = t.acquire(rows, ()) and t.acquire(rows, ()) and not t.acquire(rows, ()) and t._lane_shared
+        t.release(rows)
+        os._exit(0 if ok and t.in_flight("c") == 2 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and t.in_flight("c") == 2  # this one's and the child's

@@ -8,13 +8,18 @@ with linear probing; slots are updated under one process-shared semaphore, held 
 worker killed inside that window would leave it held: the others then wait for it once (50 ms), log it and
 go on without the lock, so limits stay approximately right instead of stopping the data path.
 
-In-flight counts are kept per worker (a lane per process id), so the counts of a worker that died
-mid-request are dropped when its replacement claims the lane, instead of leaking forever. A key's count is
-the sum over the lanes claimed so far (the table keeps how many: with N workers, about N).
+In-flight counts are kept per worker (a lane per process id, laid out lane by lane: a worker's counts
+share no cache line with another's), so the counts of a worker that died mid-request are dropped when its
+replacement claims the lane, instead of leaking forever. A key's count is the sum over the lanes claimed so
+far (the table keeps how many: with N workers, about N). They take no lock: only its worker writes a lane
+(aligned 32-bit stores), and an admission reads every lane, compares and adds one to its own without
+yielding, so workers admitting at the same moment can each see the others' counts before their increment:
+a concurrency limit of L holds to L + (workers - 1) at worst (one admission in progress per other
+worker), exactly within one worker. A worker sharing a lane (more workers than lanes) counts under the lock.
 
 The protocol server's callback path resolves its keys once per connection and header set (``row``,
-``bucket``) and then takes a request's whole share in one call under one lock (``acquire``: all or
-nothing), and gives its in-flight counts back in one (``release``).
+``bucket``) and then takes a request's whole share in one call (``acquire``: all or nothing; the buckets
+under one lock), and gives its in-flight counts back in one (``release``).
 
     t = table()
     wait = t.take("pabc", rate=10.0, burst=20.0, n=1.0, debt=False)  # 0.0: admitted; else seconds to wait
@@ -51,19 +56,23 @@ class Table:
 
     def __init__(self, slots: int = SLOTS, lanes: int = LANES):
         self.slots, self.lanes = slots, lanes
-        floats = slots * _FIELDS + lanes + 1  # slot fields, the lane registry (process ids), lanes claimed
-        size = floats * 8 + slots * lanes * 4
+        floats = slots * _FIELDS + lanes  # slot fields, the lane registry (process ids)
+        self._ints_at = floats * 8  # then the in-flight counts, lane by lane, and where the claimed lanes end
+        size = floats * 8 + (slots * lanes + 1) * 4
         size += -size % 8
         self._mm = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: forked workers write the same pages
         self._sem = multiprocessing.Lock()  # (created before the fork too: one semaphore for all workers)
         self._unlocked = False  # set when a holder died inside the lock (see the module docstring)
         self._f = memoryview(self._mm).cast("d")[:floats]
-        self._inflight = (ctypes.c_int32 * (slots * lanes)).from_buffer(self._mm, floats * 8)
+        # count of slot s in lane l at l * slots + s; at slots * lanes, slots * (the lanes claimed so far)
+        self._counts = memoryview(self._mm)[self._ints_at:self._ints_at + (slots * lanes + 1) * 4].cast("i")
+        self._sums = (ctypes.c_int32 * (slots * lanes)).from_buffer(self._mm, self._ints_at)  # (sliced faster)
+        self._stop_at = slots * lanes
         self._index: dict[str, int] = {}  # key -> slot, per process
-        self._used = slots * _FIELDS + lanes  # the float holding how many lanes have been claimed
         self._lane_pid = 0  # set once this process has a lane; 0 again in a forked child (_TABLES)
         self._lane = 0
         self._lane_shared = False  # (more workers than lanes: this one shares its lane with another)
+        self._own = -1  # this process's lane * slots (its counts' offset); -1 until claimed, or when shared
         _TABLES.add(self)
 
     # ---- locking -------------------------------------------------------------------------------
@@ -157,6 +166,7 @@ class Table:
         pid = os.getpid()
         reg = self.slots * _FIELDS
         f = self._f
+        counts = self._counts
         locked = self._lock()
         try:
             chosen = -1
@@ -171,103 +181,126 @@ class Table:
             if chosen < 0:
                 chosen = pid % self.lanes  # more workers than lanes: share one (counts stay right, only
             elif int(f[reg + chosen]) != pid:  # a dead sharer's counts would linger)
-                for slot in range(self.slots):  # a dead worker's requests are no longer in flight
-                    self._inflight[slot * self.lanes + chosen] = 0
+                at = self._ints_at + chosen * self.slots * 4  # a dead worker's requests are no longer in flight
+                self._mm[at:at + self.slots * 4] = bytes(self.slots * 4)
                 f[reg + chosen] = float(pid)
-            if f[self._used] < chosen + 1:
-                f[self._used] = float(chosen + 1)
+            if counts[self._stop_at] < (chosen + 1) * self.slots:
+                counts[self._stop_at] = (chosen + 1) * self.slots
         finally:
             self._unlock(locked=locked)
         self._lane_pid, self._lane = pid, chosen
+        self._own = -1 if self._lane_shared else chosen * self.slots
         return chosen
 
     def enter(self, key: str, limit: int) -> bool:
         """Count one more request in flight for ``key`` unless ``limit`` already are (all workers)."""
-        slot = self._slot(key)
-        lane = self._my_lane()
-        row = slot * self.lanes
-        counts = self._inflight
-        locked = self._lock()
-        try:
-            total = sum(counts[row:row + int(self._f[self._used])])
-            if total >= limit:
-                return False
-            counts[row + lane] += 1
-            return True
-        finally:
-            self._unlock(locked=locked)
+        return self.acquire(((self._slot(key), limit),), ())
 
     def leave(self, key: str) -> None:
-        slot = self._slot(key)
-        i = slot * self.lanes + self._my_lane()
-        locked = self._lock()
-        try:
-            if self._inflight[i] > 0:
-                self._inflight[i] -= 1
-        finally:
-            self._unlock(locked=locked)
+        self.release(((self._slot(key), 0),))
 
     # ---- the callback path: keys resolved once, a request's share in one call ---------------------
 
     def row(self, key: str) -> int:
         """The key's in-flight row, for :meth:`acquire` and :meth:`release`."""
-        return self._slot(key) * self.lanes
+        return self._slot(key)
 
     def bucket(self, key: str, kind: int = 0) -> int:
         """The index of the key's bucket ``kind``, for :meth:`acquire`."""
         return self._slot(key) * _FIELDS + 1 + 2 * kind
 
     def acquire(self, rows: tuple[tuple[int, int], ...], buckets: tuple[tuple[int, float, float], ...]) -> bool:
-        """All or nothing, under one lock: one more request in flight on each ``(row, limit)`` unless
-        ``limit`` already are (all workers), and one request from each ``(bucket, rate, burst)`` unless it is
-        empty. False leaves every count and bucket as it was."""
-        lane = self._lane if self._lane_pid else self._my_lane()
-        counts = self._inflight
-        f = self._f
-        now = _monotonic()
-        sem = self._sem
-        locked = not self._unlocked and (sem.acquire(False) or self._wait())
-        try:
-            if rows:
-                used = int(f[self._used])
-                for row, limit in rows:
-                    if sum(counts[row:row + used]) >= limit:
-                        return False
-            for k, (i, rate, burst) in enumerate(buckets):
-                stamp = f[i + 1]
-                if stamp == 0.0:  # unused bucket: full
-                    tokens = burst
-                else:
-                    tokens = f[i] + (now - stamp) * rate if now > stamp else f[i]
-                    if tokens > burst:
-                        tokens = burst
-                if tokens < 1.0:
-                    for j, _, _ in buckets[:k]:  # (refilled to now and taken from: one more is as before)
-                        f[j] += 1.0
+        """All or nothing: one more request in flight on each ``(row, limit)`` unless ``limit`` already are
+        (all workers; read without the lock, see the module docstring), and one request from each ``(bucket,
+        rate, burst)`` unless it is empty (under the lock). False leaves every count and bucket as it was."""
+        own = self._own
+        if own < 0 and rows:  # no lane yet (a new worker), or a shared one
+            return self._acquire_shared(rows, buckets)
+        counts = self._counts
+        if rows:
+            sums = self._sums
+            stop = counts[self._stop_at]
+            slots = self.slots
+            for row, limit in rows:
+                if sum(sums[row:stop:slots]) >= limit:
                     return False
-                f[i] = tokens - 1.0
-                f[i + 1] = now
+        if buckets:
+            f = self._f
+            now = _monotonic()
+            sem = self._sem
+            locked = not self._unlocked and (sem.acquire(False) or self._wait())  # (inline: the hot path)
+            try:
+                for k, (i, rate, burst) in enumerate(buckets):
+                    stamp = f[i + 1]
+                    if stamp == 0.0:  # unused bucket: full
+                        tokens = burst
+                    else:
+                        tokens = f[i] + (now - stamp) * rate if now > stamp else f[i]
+                        if tokens > burst:
+                            tokens = burst
+                    if tokens < 1.0:
+                        for j, _, _ in buckets[:k]:  # (refilled to now and taken from: one more is as before)
+                            f[j] += 1.0
+                        return False
+                    f[i] = tokens - 1.0
+                    f[i + 1] = now
+            finally:
+                if locked:
+                    sem.release()
+        for row, _ in rows:
+            counts[own + row] += 1
+        return True
+
+    def _acquire_shared(self, rows: tuple[tuple[int, int], ...],
+                        buckets: tuple[tuple[int, float, float], ...]) -> bool:
+        """:meth:`acquire` for a process without a lane of its own yet (claimed here), or sharing one
+        (then its counts are added under the lock: another process writes the same lane)."""
+        self._my_lane()
+        if not self._lane_shared:
+            return self.acquire(rows, buckets)
+        counts = self._counts
+        stop = counts[self._stop_at]
+        if any(sum(self._sums[row:stop:self.slots]) >= limit for row, limit in rows):
+            return False
+        if not self.acquire((), buckets):
+            return False
+        own = self._lane * self.slots
+        locked = self._lock()
+        try:
             for row, _ in rows:
-                counts[row + lane] += 1
-            return True
+                counts[own + row] += 1
         finally:
-            if locked:
-                sem.release()
+            self._unlock(locked=locked)
+        return True
 
     def release(self, rows: tuple[tuple[int, int], ...]) -> None:
         """One request fewer in flight on each row (what :meth:`acquire` counted). Without the lock: only
-        this process writes its lane (an aligned 32-bit store; readers sum the lanes under the lock and see
-        the count before or after it), unless it shares its lane."""
-        i = self._lane if self._lane_pid else self._my_lane()
-        counts = self._inflight
-        locked = self._lane_shared and self._lock()
+        this process writes its lane (readers see the count before or after the store), unless it shares
+        its lane."""
+        own = self._own
+        if own < 0:
+            self._release_shared(rows)
+            return
+        counts = self._counts
+        for row, _ in rows:
+            i = own + row
+            if counts[i] > 0:
+                counts[i] -= 1
+
+    def _release_shared(self, rows: tuple[tuple[int, int], ...]) -> None:
+        self._my_lane()
+        if not self._lane_shared:
+            self.release(rows)
+            return
+        counts = self._counts
+        own = self._lane * self.slots
+        locked = self._lock()
         try:
             for row, _ in rows:
-                if counts[row + i] > 0:
-                    counts[row + i] -= 1
+                if counts[own + row] > 0:
+                    counts[own + row] -= 1
         finally:
-            if locked:
-                self._sem.release()
+            self._unlock(locked=locked)
 
     def refund_many(self, buckets: tuple[tuple[int, float, float], ...]) -> None:
         """Give back one request to each bucket (taken by :meth:`acquire` for a request then not served)."""
@@ -281,9 +314,7 @@ class Table:
             self._unlock(locked=locked)
 
     def in_flight(self, key: str) -> int:
-        slot = self._slot(key)
-        row = slot * self.lanes
-        return sum(self._inflight[row:row + self.lanes])
+        return sum(self._sums[self._slot(key)::self.slots])
 
 
 _TABLE: Table | None = None
@@ -293,6 +324,7 @@ _TABLES: weakref.WeakSet[Table] = weakref.WeakSet()
 def _forked() -> None:
     for t in _TABLES:  # a forked worker claims a lane of its own on its first in-flight count
         t._lane_pid = 0
+        t._own = -1
 
 
 os.register_at_fork(after_in_child=_forked)

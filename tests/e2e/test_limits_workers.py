@@ -195,3 +195,57 @@ remote_write:
     assert samples(received) == samples(sent)  # every sample arrived
     assert retried > 0 and failed == 0  # refused, retried, none given up
     assert 'gateway_limited_requests_total{by="tenant",limit="requests_per_second",name="101"}' in metrics
+
+
+async def test_concurrent_queries_hold_across_two_workers(tmp_path: Path, db_dsn: str, aiohttp_server: Any) -> None:
+    """Slow reads on many connections (SO_REUSEPORT spreads them over both workers) under a concurrency limit
+    of N: N of them reach the upstream, at most one more (workers - 1: two workers admitting at the same
+    instant each count before seeing the other's count), the rest get 429 at once; every count comes back."""
+    limit, asked = 3, 12
+    go, settled = asyncio.Event(), asyncio.Event()  # settled: each request is at the upstream or answered
+    arrived: list[int] = []
+    tasks: list[asyncio.Task[int]] = []
+
+    def settle(*_: object) -> None:
+        if len(arrived) + sum(t.done() for t in tasks) == asked:
+            settled.set()
+
+    async def slow(_r: web.Request) -> web.Response:
+        arrived.append(1)
+        settle()
+        await go.wait()
+        return web.json_response({"status": "success", "data": {"resultType": "vector", "result": []}})
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", slow)
+    server = await aiohttp_server(app)
+    up = f"http://127.0.0.1:{server.port}"
+    gw = GatewayProcess(tmp_path, db_dsn, "cq", upstreams={s: {"url": up} for s in ("metrics", "logs", "traces")})
+    admin = await _admin(db_dsn)
+    await asyncio.to_thread(gw.start, 30.0, ("--workers", "2"))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            tok = await _token(s, gw, admin, "cq", ["metrics:read"], {"gatewayLimits": {"concurrentQueries": limit}})
+            q = f"{gw.url}/prometheus/api/v1/query?query=up"
+
+            async def one() -> int:
+                async with s.get(q, headers=_basic("100", tok)) as r:
+                    await r.read()
+                    return r.status
+            rounds = []
+            for _ in range(2):  # the second round proves the first one's counts were all given back
+                arrived.clear()
+                go.clear()
+                settled.clear()
+                tasks[:] = [asyncio.create_task(one()) for _ in range(asked)]
+                for t in tasks:
+                    t.add_done_callback(settle)
+                await asyncio.wait_for(settled.wait(), 20)
+                admitted = len(arrived)
+                go.set()
+                statuses = await asyncio.gather(*tasks)
+                rounds.append((admitted, statuses.count(200), statuses.count(429)))
+    finally:
+        assert gw.stop() == 0
+    print(f"concurrency {limit}, {asked} asked at once through 2 workers: (admitted, 200, 429) per round {rounds}")
+    for admitted, ok, refused in rounds:
+        assert limit <= admitted <= limit + 1 and ok == admitted and refused == asked - admitted, rounds
