@@ -36,10 +36,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if a:
         ratio = a["gateway"].get("x_nginx")
         spread = a["gateway"].get("spread") or {}
-        add("throughput gateway/nginx on (a), same workers", ratio, ">= 0.40", ratio is not None and ratio >= 0.40,
+        add("throughput gateway/nginx on (a), same workers", ratio, ">= 0.5", ratio is not None and ratio >= 0.5,
             spread.get("x_nginx"))
         cpu = round(a["gateway"]["cpu_s_per_10k"] / max(a["nginx"]["cpu_s_per_10k"], 1e-9), 2)
-        add("CPU per request on (a), gateway / nginx proxy", cpu, "<= 3", cpu <= 3, spread.get("cpu_x_nginx"))
+        add("CPU per request on (a), gateway / nginx proxy", cpu, "<= 2.5", cpu <= 2.5, spread.get("cpu_x_nginx"))
         fl = round(a["gateway"]["cpu_s_per_10k"] / max(a["floor"]["cpu_s_per_10k"], 1e-9), 2)
         add("CPU per request on (a), gateway / floor (same interpreter, uvloop and httptools; no target)", fl, "-",
             None, spread.get("cpu_x_floor"))
