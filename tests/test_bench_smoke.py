@@ -83,7 +83,7 @@ def test_machine_and_calibration_beside_the_figures() -> None:
     assert "2.00" in text and "2.67" in text  # the gateway's CPU over the floor's and over nginx's
     floor_ratio = next(t for t in results["targets"] if "gateway / floor" in t["target"])
     assert floor_ratio["value"] == 2.0 and floor_ratio["holds"] is None
-    assert "0.600 (runs 0.550-0.620) (target >= 0.40)" in text  # the spread of the repetitions beside the median
+    assert "0.600 (runs 0.550-0.620) (target >= 0.5)" in text  # the spread of the repetitions beside the median
     assert "no calibration" not in report.table({}) and "machine not recorded" in report.table({})
 
 
