@@ -28,6 +28,7 @@ _PASSED: Final = frozenset({"x-loki-response-encoding-flags"})  # categorize-lab
 
 
 _NO_TOKENS: Final = frozenset[str]()
+_NAME: Final = itemgetter(0)  # of a (name, value) pair
 _PLAIN_CONNECTION: Final = frozenset({"keep-alive", "close"})  # (both are hop-by-hop anyway)
 _DROPPED_WITH_BODY: Final = _DROPPED | {"content-length", "content-type"}
 
@@ -84,7 +85,7 @@ def upstream_headers(incoming: CIMultiDictProxy[str], tenant: str, forwarded_for
     items = tuple(incoming.items())
     # Every name, repeats included, in order (multidict's keys() gives each name once: a request repeating a
     # header would otherwise reuse another request's positions and forward a dropped header).
-    names = tuple([name for name, _ in items])
+    names = tuple(map(_NAME, items))
     kept = None if extra else _KEPT[drop_body_headers].get(names)
     if kept is not None:  # the same header names as a request before: the same ones kept, in C
         out: CIMultiDict[str] = CIMultiDict(kept(items))
