@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Final
 
 from prometheus_client import Counter
@@ -43,6 +43,7 @@ LIMITED: Final = Counter(
     "(the policy's name or the tenant ID: only policies and tenants that have limits appear).",
     ["limit", "by", "name"], registry=REGISTRY)
 HELD_KEY: Final = "_limits_held"  # (an entry key the handler pops before the access log writes the entry)
+_monotonic = time.monotonic
 #: Policy attributes extension (ours, not Cloud's): ``attributes.gatewayLimits``.
 ATTRIBUTE: Final = "gatewayLimits"
 ATTRIBUTE_FIELDS: Final = {"requestsPerSecond": "requests_per_second", "burst": "burst",
@@ -105,26 +106,81 @@ def describe(attributes_json: str | None) -> list[tuple[str, str]]:
 class FastLimits:
     """The limit stage's share of a request on the callback path (``gateway.proxy.fastpath``), resolved
     once per connection, header set and route: the in-flight rows it counts (concurrent queries of a read:
-    (row, limit)) and the request-rate buckets it takes from ((bucket, rate, burst)), in the shared table.
-    ``acquire`` takes all of them or none (False: a limit is reached; the handler then refuses the request
-    and counts it exactly as it refuses any other); ``release`` gives the in-flight counts back (once per
-    acquired request, however it ends); ``give_back`` undoes an ``acquire`` for a request the callback path
-    then leaves to the handler (which takes them again)."""
+    (row, limit)) and the request-rate buckets it takes from ((bucket, rate, burst)), in the shared table,
+    through this worker's leases of them (:mod:`gateway.limits.lease`: the table is touched once per grant,
+    not per request). ``acquire`` takes all of them or none (False: a limit is reached; the handler then
+    refuses the request and counts it exactly as it refuses any other); ``release`` gives the in-flight
+    counts back (once per acquired request, however it ends); ``give_back`` undoes an ``acquire`` for a
+    request the callback path then leaves to the handler (which takes them again)."""
 
-    __slots__ = ("rows", "buckets", "keys", "acquire", "release", "_table")
+    __slots__ = ("rows", "buckets", "keys", "acquire", "release", "_table", "_bl", "_rl")
 
     def __init__(self, rows: tuple[tuple[int, int], ...] = (), buckets: tuple[tuple[int, float, float], ...] = (),
                  keys: tuple[str, ...] = ()):
         self.rows, self.buckets, self.keys = rows, buckets, keys
         self._table = t = table() if rows or buckets else None
-        # (one call per request each: the table's, its arguments bound)
-        self.acquire: Callable[[], bool] = partial(t.acquire, rows, buckets) if t is not None else _admitted
-        self.release: Callable[[], None] = partial(t.release, rows) if t is not None and rows else _nothing
+        self._bl = tuple(t.bucket_lease(i, rate, burst) for i, rate, burst in buckets) if t is not None else ()
+        self._rl = tuple(t.row_lease(row, limit) for row, limit in rows) if t is not None else ()
+        # (one call per request each, without loops for the common shapes)
+        self.acquire: Callable[[], bool] = (_admitted if t is None else self._acquire_rates if not rows
+                                            else self._acquire)
+        self.release: Callable[[], None] = self._release if rows else _nothing
+
+    def _acquire_rates(self) -> bool:
+        now = _monotonic()
+        for b in self._bl:
+            if b.tokens < 1.0 or b.until <= now:
+                return self._renew(now)
+        for b in self._bl:
+            b.tokens -= 1.0
+        return True
+
+    def _acquire(self) -> bool:
+        if self._bl:
+            now = _monotonic()
+            for b in self._bl:
+                if b.tokens < 1.0 or b.until <= now:
+                    return self._renew(now)
+        for r in self._rl:
+            if r.used >= r.reserved:
+                return self._renew(0.0)
+        for b in self._bl:
+            b.tokens -= 1.0
+        for r in self._rl:
+            r.used += 1
+        return True
+
+    def _renew(self, now: float) -> bool:
+        """``acquire`` when a lease runs short: bucket leases renewed, then in-flight slots reserved (a
+        refusal gives back what this call reserved), then the request taken from each."""
+        t = self._table
+        assert t is not None
+        if self._bl:
+            now = now or _monotonic()
+            for b in self._bl:
+                if (b.tokens < 1.0 or b.until <= now) and not t.renew(b, now):
+                    return False
+        for k, r in enumerate(self._rl):
+            if r.used >= r.reserved and not t.reserve(r):
+                for done in self._rl[:k]:
+                    t.unreserve(done, done.chunk - 1)
+                return False
+        for b in self._bl:
+            b.tokens -= 1.0
+        for r in self._rl:
+            r.used += 1
+        return True
+
+    def _release(self) -> None:
+        for r in self._rl:
+            r.used -= 1
+            if r.reserved - r.used > r.slack:
+                self._table.unreserve(r, r.chunk - 1)  # type: ignore[union-attr]
 
     def give_back(self) -> None:
         self.release()
-        if self.buckets and self._table is not None:
-            self._table.refund_many(self.buckets)
+        for b in self._bl:  # (to this worker's lease: the handler takes them again)
+            b.tokens += 1.0
 
 
 def _admitted() -> bool:
