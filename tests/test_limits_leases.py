@@ -107,3 +107,23 @@ def test_a_refusal_gives_back_the_slots_it_reserved() -> None:
     assert both.acquire() and t.in_flight(free) == 1 and t.in_flight(full) == 1
     both.release()
     assert t.in_flight(free) == 0 and t.in_flight(full) == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (2, 0), (0, 1), (1, 1), (2, 2), (1, 2), (2, 1)])
+def test_every_shape_takes_all_or_nothing(shape: tuple[int, int]) -> None:
+    """(Each of the loop-free shapes, and the general one.) The last bucket holds one token and the last row
+    one slot: one request is admitted, the next takes nothing from the others."""
+    t = table()
+    nb, nr = shape
+    bkeys, rkeys = [_key() for _ in range(nb)], [_key() for _ in range(nr)]
+    buckets = tuple((t.bucket(k), 0.001, 1.0 if j == nb - 1 else 10.0) for j, k in enumerate(bkeys))
+    rows = tuple((t.row(k), 1 if j == nr - 1 else 10) for j, k in enumerate(rkeys))
+    lim = FastLimits(rows, buckets, tuple(rkeys))
+    assert lim.acquire() and [t.in_flight(k) for k in rkeys] == [1] * nr
+    assert not lim.acquire() and [t.in_flight(k) for k in rkeys] == [1] * nr
+    lim.give_back()  # (undoes the first: its token back to the lease, its slots released)
+    assert [t.in_flight(k) for k in rkeys] == [0] * nr
+    assert lim.acquire() and not lim.acquire()
+    # one request spent from each bucket: what is left is in the bucket or (granted, unspent) in the lease
+    left = [_tokens(i) + t.bucket_lease(i, r, b).tokens for i, r, b in buckets]
+    assert left == pytest.approx([9.0] * (nb - 1) + [0.0] * (nb > 0), abs=0.01)

@@ -121,19 +121,11 @@ class FastLimits:
         self._table = t = table() if rows or buckets else None
         self._bl = tuple(t.bucket_lease(i, rate, burst) for i, rate, burst in buckets) if t is not None else ()
         self._rl = tuple(t.row_lease(row, limit) for row, limit in rows) if t is not None else ()
-        # (one call per request each, without loops for the common shapes)
-        self.acquire: Callable[[], bool] = (_admitted if t is None else self._acquire_rates if not rows
-                                            else self._acquire)
-        self.release: Callable[[], None] = self._release if rows else _nothing
-
-    def _acquire_rates(self) -> bool:
-        now = _monotonic()
-        for b in self._bl:
-            if b.tokens < 1.0 or b.until <= now:
-                return self._renew(now)
-        for b in self._bl:
-            b.tokens -= 1.0
-        return True
+        # (one call per request each; the common shapes without loops)
+        self.acquire: Callable[[], bool] = (_admitted if t is None else _SHAPES[len(self._bl), len(self._rl)](self)
+                                            if (len(self._bl), len(self._rl)) in _SHAPES else self._acquire)
+        self.release: Callable[[], None] = (_nothing if not rows else _release1(self) if len(rows) == 1
+                                            else _release2(self) if len(rows) == 2 else self._release)
 
     def _acquire(self) -> bool:
         if self._bl:
@@ -181,6 +173,101 @@ class FastLimits:
         self.release()
         for b in self._bl:  # (to this worker's lease: the handler takes them again)
             b.tokens += 1.0
+
+
+# ---- FastLimits.acquire and .release for the common shapes: (buckets, rows) ------------------------------
+
+def _b1(lim: FastLimits) -> Callable[[], bool]:
+    (b,), renew = lim._bl, lim._renew
+
+    def acquire() -> bool:
+        if b.tokens >= 1.0 and b.until > _monotonic():
+            b.tokens -= 1.0
+            return True
+        return renew(0.0)
+    return acquire
+
+
+def _b2(lim: FastLimits) -> Callable[[], bool]:
+    (b, c), renew = lim._bl, lim._renew
+
+    def acquire() -> bool:
+        if b.tokens >= 1.0 and c.tokens >= 1.0:
+            now = _monotonic()
+            if b.until > now and c.until > now:
+                b.tokens -= 1.0
+                c.tokens -= 1.0
+                return True
+        return renew(0.0)
+    return acquire
+
+
+def _r1(lim: FastLimits) -> Callable[[], bool]:
+    (r,), renew = lim._rl, lim._renew
+
+    def acquire() -> bool:
+        if r.used < r.reserved:
+            r.used += 1
+            return True
+        return renew(0.0)
+    return acquire
+
+
+def _b1r1(lim: FastLimits) -> Callable[[], bool]:
+    (b,), (r,), renew = lim._bl, lim._rl, lim._renew
+
+    def acquire() -> bool:
+        if b.tokens >= 1.0 and r.used < r.reserved and b.until > _monotonic():
+            b.tokens -= 1.0
+            r.used += 1
+            return True
+        return renew(0.0)
+    return acquire
+
+
+def _b2r2(lim: FastLimits) -> Callable[[], bool]:
+    (b, c), (r, s), renew = lim._bl, lim._rl, lim._renew
+
+    def acquire() -> bool:
+        if b.tokens >= 1.0 and c.tokens >= 1.0 and r.used < r.reserved and s.used < s.reserved:
+            now = _monotonic()
+            if b.until > now and c.until > now:
+                b.tokens -= 1.0
+                c.tokens -= 1.0
+                r.used += 1
+                s.used += 1
+                return True
+        return renew(0.0)
+    return acquire
+
+
+_SHAPES: Final[dict[tuple[int, int], Callable[[FastLimits], Callable[[], bool]]]] = {
+    (1, 0): _b1, (2, 0): _b2, (0, 1): _r1, (1, 1): _b1r1, (2, 2): _b2r2}
+
+
+def _release1(lim: FastLimits) -> Callable[[], None]:
+    (r,), t = lim._rl, lim._table
+    assert t is not None
+
+    def release() -> None:
+        r.used -= 1
+        if r.reserved - r.used > r.slack:
+            t.unreserve(r, r.chunk - 1)
+    return release
+
+
+def _release2(lim: FastLimits) -> Callable[[], None]:
+    (r, s), t = lim._rl, lim._table
+    assert t is not None
+
+    def release() -> None:
+        r.used -= 1
+        s.used -= 1
+        if r.reserved - r.used > r.slack:
+            t.unreserve(r, r.chunk - 1)
+        if s.reserved - s.used > s.slack:
+            t.unreserve(s, s.chunk - 1)
+    return release
 
 
 def _admitted() -> bool:
