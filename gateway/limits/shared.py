@@ -19,7 +19,9 @@ worker), exactly within one worker. A worker sharing a lane (more workers than l
 
 The protocol server's callback path resolves its keys once per connection and header set (``row``,
 ``bucket``) and then takes a request's whole share in one call (``acquire``: all or nothing; the buckets
-under one lock), and gives its in-flight counts back in one (``release``).
+under one lock), and gives its in-flight counts back in one (``release``). The callback path itself
+(:class:`gateway.limits.stage.FastLimits`) goes through per-worker leases of tokens and slots instead
+(:mod:`gateway.limits.lease`: :meth:`Table.renew`, :meth:`Table.reserve`), touching the table once per grant.
 
     t = table()
     wait = t.take("pabc", rate=10.0, burst=20.0, n=1.0, debt=False)  # 0.0: admitted; else seconds to wait

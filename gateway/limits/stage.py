@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 from prometheus_client import Counter
@@ -32,7 +33,8 @@ from gateway.config import Config
 from gateway.decision_cache import Decision
 from gateway.errors import ProxyError
 from gateway.limits import lokiquery
-from gateway.limits.shared import table
+from gateway.limits.lease import BucketLease, RowLease
+from gateway.limits.shared import Table, table
 from gateway.metrics import REGISTRY
 from gateway.routes import Role, Route
 from gateway.tenant_limits import Rates
@@ -122,52 +124,12 @@ class FastLimits:
         self._bl = tuple(t.bucket_lease(i, rate, burst) for i, rate, burst in buckets) if t is not None else ()
         self._rl = tuple(t.row_lease(row, limit) for row, limit in rows) if t is not None else ()
         # (one call per request each; the common shapes without loops)
-        self.acquire: Callable[[], bool] = (_admitted if t is None else _SHAPES[len(self._bl), len(self._rl)](self)
-                                            if (len(self._bl), len(self._rl)) in _SHAPES else self._acquire)
-        self.release: Callable[[], None] = (_nothing if not rows else _release1(self) if len(rows) == 1
-                                            else _release2(self) if len(rows) == 2 else self._release)
-
-    def _acquire(self) -> bool:
-        if self._bl:
-            now = _monotonic()
-            for b in self._bl:
-                if b.tokens < 1.0 or b.until <= now:
-                    return self._renew(now)
-        for r in self._rl:
-            if r.used >= r.reserved:
-                return self._renew(0.0)
-        for b in self._bl:
-            b.tokens -= 1.0
-        for r in self._rl:
-            r.used += 1
-        return True
-
-    def _renew(self, now: float) -> bool:
-        """``acquire`` when a lease runs short: bucket leases renewed, then in-flight slots reserved (a
-        refusal gives back what this call reserved), then the request taken from each."""
-        t = self._table
-        assert t is not None
-        if self._bl:
-            now = now or _monotonic()
-            for b in self._bl:
-                if (b.tokens < 1.0 or b.until <= now) and not t.renew(b, now):
-                    return False
-        for k, r in enumerate(self._rl):
-            if r.used >= r.reserved and not t.reserve(r):
-                for done in self._rl[:k]:
-                    t.unreserve(done, done.chunk - 1)
-                return False
-        for b in self._bl:
-            b.tokens -= 1.0
-        for r in self._rl:
-            r.used += 1
-        return True
-
-    def _release(self) -> None:
-        for r in self._rl:
-            r.used -= 1
-            if r.reserved - r.used > r.slack:
-                self._table.unreserve(r, r.chunk - 1)  # type: ignore[union-attr]
+        # (closures and partials over the leases, none over self: no reference cycle to leave to the collector)
+        shape = _SHAPES.get((len(self._bl), len(self._rl)), _any)
+        self.acquire: Callable[[], bool] = _admitted if t is None else shape(t, self._bl, self._rl)
+        self.release: Callable[[], None] = (_nothing if t is None or not rows else _release1(t, self._rl)
+                                            if len(rows) == 1 else _release2(t, self._rl) if len(rows) == 2
+                                            else partial(_release, t, self._rl))
 
     def give_back(self) -> None:
         self.release()
@@ -175,10 +137,62 @@ class FastLimits:
             b.tokens += 1.0
 
 
+_Bl = tuple[BucketLease, ...]
+_Rl = tuple[RowLease, ...]
+
+
+def _renew(t: Table, bl: _Bl, rl: _Rl, now: float) -> bool:
+    """``acquire`` when a lease runs short: bucket leases renewed, then in-flight slots reserved (a refusal
+    gives back what this call reserved), then the request taken from each."""
+    if bl:
+        now = now or _monotonic()
+        for b in bl:
+            if (b.tokens < 1.0 or b.until <= now) and not t.renew(b, now):
+                return False
+    for k, r in enumerate(rl):
+        if r.used >= r.reserved and not t.reserve(r):
+            for done in rl[:k]:
+                t.unreserve(done, done.chunk - 1)
+            return False
+    for b in bl:
+        b.tokens -= 1.0
+    for r in rl:
+        r.used += 1
+    return True
+
+
+def _acquire(t: Table, bl: _Bl, rl: _Rl) -> bool:
+    """(Any shape.)"""
+    if bl:
+        now = _monotonic()
+        for b in bl:
+            if b.tokens < 1.0 or b.until <= now:
+                return _renew(t, bl, rl, now)
+    for r in rl:
+        if r.used >= r.reserved:
+            return _renew(t, bl, rl, 0.0)
+    for b in bl:
+        b.tokens -= 1.0
+    for r in rl:
+        r.used += 1
+    return True
+
+
+def _release(t: Table, rl: _Rl) -> None:
+    for r in rl:
+        r.used -= 1
+        if r.reserved - r.used > r.slack:
+            t.unreserve(r, r.chunk - 1)
+
+
+def _any(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
+    return partial(_acquire, t, bl, rl)
+
+
 # ---- FastLimits.acquire and .release for the common shapes: (buckets, rows) ------------------------------
 
-def _b1(lim: FastLimits) -> Callable[[], bool]:
-    (b,), renew = lim._bl, lim._renew
+def _b1(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
+    (b,), renew = bl, partial(_renew, t, bl, rl)
 
     def acquire() -> bool:
         if b.tokens >= 1.0 and b.until > _monotonic():
@@ -188,8 +202,8 @@ def _b1(lim: FastLimits) -> Callable[[], bool]:
     return acquire
 
 
-def _b2(lim: FastLimits) -> Callable[[], bool]:
-    (b, c), renew = lim._bl, lim._renew
+def _b2(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
+    (b, c), renew = bl, partial(_renew, t, bl, rl)
 
     def acquire() -> bool:
         if b.tokens >= 1.0 and c.tokens >= 1.0:
@@ -202,8 +216,8 @@ def _b2(lim: FastLimits) -> Callable[[], bool]:
     return acquire
 
 
-def _r1(lim: FastLimits) -> Callable[[], bool]:
-    (r,), renew = lim._rl, lim._renew
+def _r1(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
+    (r,), renew = rl, partial(_renew, t, bl, rl)
 
     def acquire() -> bool:
         if r.used < r.reserved:
@@ -213,8 +227,8 @@ def _r1(lim: FastLimits) -> Callable[[], bool]:
     return acquire
 
 
-def _b1r1(lim: FastLimits) -> Callable[[], bool]:
-    (b,), (r,), renew = lim._bl, lim._rl, lim._renew
+def _b1r1(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
+    (b,), (r,), renew = bl, rl, partial(_renew, t, bl, rl)
 
     def acquire() -> bool:
         if b.tokens >= 1.0 and r.used < r.reserved and b.until > _monotonic():
@@ -225,8 +239,8 @@ def _b1r1(lim: FastLimits) -> Callable[[], bool]:
     return acquire
 
 
-def _b2r2(lim: FastLimits) -> Callable[[], bool]:
-    (b, c), (r, s), renew = lim._bl, lim._rl, lim._renew
+def _b2r2(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
+    (b, c), (r, s), renew = bl, rl, partial(_renew, t, bl, rl)
 
     def acquire() -> bool:
         if b.tokens >= 1.0 and c.tokens >= 1.0 and r.used < r.reserved and s.used < s.reserved:
@@ -241,13 +255,12 @@ def _b2r2(lim: FastLimits) -> Callable[[], bool]:
     return acquire
 
 
-_SHAPES: Final[dict[tuple[int, int], Callable[[FastLimits], Callable[[], bool]]]] = {
+_SHAPES: Final[dict[tuple[int, int], Callable[[Table, _Bl, _Rl], Callable[[], bool]]]] = {
     (1, 0): _b1, (2, 0): _b2, (0, 1): _r1, (1, 1): _b1r1, (2, 2): _b2r2}
 
 
-def _release1(lim: FastLimits) -> Callable[[], None]:
-    (r,), t = lim._rl, lim._table
-    assert t is not None
+def _release1(t: Table, rl: _Rl) -> Callable[[], None]:
+    (r,) = rl
 
     def release() -> None:
         r.used -= 1
@@ -256,9 +269,8 @@ def _release1(lim: FastLimits) -> Callable[[], None]:
     return release
 
 
-def _release2(lim: FastLimits) -> Callable[[], None]:
-    (r, s), t = lim._rl, lim._table
-    assert t is not None
+def _release2(t: Table, rl: _Rl) -> Callable[[], None]:
+    (r, s) = rl
 
     def release() -> None:
         r.used -= 1
