@@ -4,13 +4,15 @@ The callback path (:class:`gateway.limits.stage.FastLimits`) takes a request's s
 worker holds, one per key and kind, shared by every connection of the worker:
 
 * a request-rate bucket lease holds ``grant`` tokens taken from the shared bucket under its lock and spends
-  them locally; it expires after :data:`TERM` (its unspent tokens then go back to the shared bucket, on the
-  worker's next request of that key). ``grant`` is ``min(burst / 64, rate / 100, 1024)``, at least 1: a
-  small limit (burst under 128) takes one token per request exactly as before; a large one locks once per
-  ``grant`` requests. Tokens are debited from the shared bucket when granted, so over any window the
-  admitted requests stay within ``rate x window + burst + workers x grant`` (a worker may spend a grant
-  while the shared bucket has refilled behind it), and a worker's unspent grant is missing from the
-  others' (stricter, by at most ``workers x grant``, for at most :data:`TERM`).
+  them locally. ``grant`` is ``min(burst / 64, rate / 100, 1024)``, at least 1: a small limit (burst under
+  128) takes one token per request exactly as before; a large one locks once per ``grant`` requests.
+  Tokens are debited from the shared bucket when granted, so over any window the admitted requests stay
+  within ``rate x window + burst + workers x grant`` (a worker may spend a grant while the shared bucket
+  has refilled behind it), and a worker's unspent grant is missing from the others' (stricter, by at most
+  ``workers x grant``). A lease expires after :data:`TERM` (its unspent tokens then go back to the shared
+  bucket, on the worker's next request of that key). The bound does not depend on the term: a grant is
+  at most 10 ms of refill, so an idle worker holding one for a second costs the others little, and a
+  short term would renew a quiet key's lease on nearly every request.
 * an in-flight lease reserves ``chunk`` slots at a time in the worker's lane of the table (the lane-by-lane
   counts of :mod:`gateway.limits.shared`: what other workers see is what a worker reserved) and admits
   locally while its requests in flight are fewer than its reserved slots. ``chunk`` is ``limit // 256``
@@ -29,7 +31,7 @@ from __future__ import annotations
 import time
 from typing import Final
 
-TERM: Final = 0.1  # seconds a bucket lease's tokens stay spendable
+TERM: Final = 1.0  # seconds a bucket lease's tokens stay spendable
 _monotonic = time.monotonic
 
 
