@@ -307,17 +307,6 @@ class Table:
         finally:
             self._unlock(locked=locked)
 
-    def refund_many(self, buckets: tuple[tuple[int, float, float], ...]) -> None:
-        """Give back one request to each bucket (taken by :meth:`acquire` for a request then not served)."""
-        locked = self._lock()
-        try:
-            f = self._f
-            for i, _, burst in buckets:
-                if f[i + 1] != 0.0:
-                    f[i] = min(burst, f[i] + 1.0)
-        finally:
-            self._unlock(locked=locked)
-
     # ---- leases (gateway.limits.lease): the callback path's share, taken a grant at a time -----------
 
     def bucket_lease(self, i: int, rate: float, burst: float) -> BucketLease:
