@@ -19,7 +19,9 @@ worker), exactly within one worker. A worker sharing a lane (more workers than l
 
 The protocol server's callback path resolves its keys once per connection and header set (``row``,
 ``bucket``) and then takes a request's whole share in one call (``acquire``: all or nothing; the buckets
-under one lock), and gives its in-flight counts back in one (``release``).
+under one lock), and gives its in-flight counts back in one (``release``). The callback path itself
+(:class:`gateway.limits.stage.FastLimits`) goes through per-worker leases of tokens and slots instead
+(:mod:`gateway.limits.lease`: :meth:`Table.renew`, :meth:`Table.reserve`), touching the table once per grant.
 
     t = table()
     wait = t.take("pabc", rate=10.0, burst=20.0, n=1.0, debt=False)  # 0.0: admitted; else seconds to wait
@@ -40,6 +42,7 @@ import time
 import weakref
 from typing import Final
 
+from gateway.limits.lease import TERM, BucketLease, RowLease
 from gateway.runfile import pid_alive
 
 log = logging.getLogger("gateway.limits")
@@ -73,6 +76,8 @@ class Table:
         self._lane = 0
         self._lane_shared = False  # (more workers than lanes: this one shares its lane with another)
         self._own = -1  # this process's lane * slots (its counts' offset); -1 until claimed, or when shared
+        self._bucket_leases: dict[int, BucketLease] = {}  # this worker's (gateway.limits.lease), by bucket
+        self._row_leases: dict[int, RowLease] = {}  # and by in-flight row
         _TABLES.add(self)
 
     # ---- locking -------------------------------------------------------------------------------
@@ -302,19 +307,93 @@ class Table:
         finally:
             self._unlock(locked=locked)
 
-    def refund_many(self, buckets: tuple[tuple[int, float, float], ...]) -> None:
-        """Give back one request to each bucket (taken by :meth:`acquire` for a request then not served)."""
+    # ---- leases (gateway.limits.lease): the callback path's share, taken a grant at a time -----------
+
+    def bucket_lease(self, i: int, rate: float, burst: float) -> BucketLease:
+        """This worker's lease of bucket ``i`` (one per bucket, shared by its connections)."""
+        got = self._bucket_leases.get(i)
+        if got is None:
+            got = self._bucket_leases[i] = BucketLease(i, rate, burst)
+        elif got.rate != rate or got.burst != burst:
+            got.set(rate, burst)
+        return got
+
+    def row_lease(self, row: int, limit: int) -> RowLease:
+        """This worker's lease of in-flight slots on ``row``."""
+        got = self._row_leases.get(row)
+        if got is None:
+            got = self._row_leases[row] = RowLease(row, limit)
+        elif got.limit != limit:
+            got.set(limit)
+        return got
+
+    def renew(self, b: BucketLease, now: float) -> bool:
+        """Under the lock: the lease's unspent tokens back to the shared bucket, then up to its grant
+        taken (whole tokens, for :data:`~gateway.limits.lease.TERM`). False when the bucket has less than one."""
+        f = self._f
+        i = b.i
+        burst = b.burst
         locked = self._lock()
         try:
-            f = self._f
-            for i, _, burst in buckets:
-                if f[i + 1] != 0.0:
-                    f[i] = min(burst, f[i] + 1.0)
+            stamp = f[i + 1]
+            if stamp == 0.0:  # unused bucket: full
+                tokens = burst
+            else:
+                tokens = f[i] + (now - stamp) * b.rate if now > stamp else f[i]
+            tokens += b.tokens
+            if tokens > burst:
+                tokens = burst
+            got = 0.0 if tokens < 1.0 else min(b.grant, float(int(tokens)))
+            f[i] = tokens - got
+            f[i + 1] = now
+        finally:
+            self._unlock(locked=locked)
+        b.tokens = got
+        b.until = now + TERM
+        return got > 0.0
+
+    def reserve(self, r: RowLease) -> bool:
+        """More in-flight slots for the lease (its chunk, or 1 near the limit) in this worker's lane,
+        unless every worker's together already reach its limit (read without the lock, as :meth:`acquire`)."""
+        if self._own < 0:
+            self._my_lane()
+        slots = self.slots
+        counts = self._counts
+        stop = counts[self._stop_at]
+        total = sum(self._sums[r.row:stop:slots])
+        if total >= r.limit:
+            return False
+        n = r.chunk
+        if n > 1 and r.limit - total < n * (stop // slots):
+            n = 1  # (near the limit: only one slot per worker can race past it)
+        locked = self._lane_shared and self._lock()  # (a shared lane: another process writes it too)
+        try:
+            counts[self._lane * slots + r.row] += n
+        finally:
+            self._unlock(locked=locked)
+        r.reserved += n
+        return True
+
+    def unreserve(self, r: RowLease, keep: int) -> None:
+        """Give back the lease's spare slots beyond ``keep``."""
+        n = r.reserved - r.used - keep
+        if n <= 0:
+            return
+        r.reserved -= n
+        i = self._lane * self.slots + r.row
+        counts = self._counts
+        locked = self._lane_shared and self._lock()
+        try:
+            counts[i] = max(0, counts[i] - n)
         finally:
             self._unlock(locked=locked)
 
     def in_flight(self, key: str) -> int:
-        return sum(self._sums[self._slot(key)::self.slots])
+        """The key's count over all workers, less this worker's spare reserved slots (other workers' are
+        counted: at most ``2 x (chunk - 1)`` each, see :mod:`gateway.limits.lease`)."""
+        row = self._slot(key)
+        lease = self._row_leases.get(row)
+        return sum(self._sums[row::self.slots]) - (lease.reserved - lease.used if lease is not None else 0)
 
 
 _TABLE: Table | None = None
@@ -325,6 +404,7 @@ def _forked() -> None:
     for t in _TABLES:  # a forked worker claims a lane of its own on its first in-flight count
         t._lane_pid = 0
         t._own = -1
+        t._bucket_leases, t._row_leases = {}, {}
 
 
 os.register_at_fork(after_in_child=_forked)
