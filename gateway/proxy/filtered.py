@@ -24,7 +24,6 @@ import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode
 
 import aiohttp
 import yaml
@@ -161,9 +160,9 @@ async def serve(request: web.Request, session: aiohttp.ClientSession, task: Task
 async def _read(request: web.Request, session: aiohttp.ClientSession, task: Task, headers: CIMultiDict[str],
                 policies: Policies, body_limit: int) -> tuple[web.StreamResponse, Outcome]:
     keep = task.keep
-    if keep is not None and task.judge:
-        judged = await _judge_groups(session, task.url, headers, keep.language, policies)
-        keep = replace(keep, judged=None if judged is None else frozenset(judged))
+    if keep is not None and task.judge is not None:
+        judged = await _judge_groups(session, task.judge, headers, keep.language, policies)
+        keep = replace(keep, judged=frozenset(judged))
     answer, seconds = await _fetch(session, "GET", task.url, headers)
     return await _respond(answer, seconds, keep)
 
@@ -196,15 +195,10 @@ async def _write(request: web.Request, session: aiohttp.ClientSession, task: Tas
 
 
 async def _judge_groups(session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str], language: str,
-                        policies: Policies) -> set[tuple[str, str]] | None:
-    """With parameters that drop rules from groups, the visible groups judged on every rule of each group
-    (the same request without them); None when the answer itself shows whole groups."""
-    head, _, query = url.partition("?")
-    pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=1000)
-    if not any(k in vis.NARROWING_PARAMS for k, _ in pairs):
-        return None
-    whole = urlencode([(k, v) for k, v in pairs if k not in vis.NARROWING_PARAMS])
-    answer, _ = await _fetch(session, "GET", head + (f"?{whole}" if whole else ""), headers)
+                        policies: Policies) -> set[tuple[str, str]]:
+    """The visible rule groups, judged on every rule of each group: ``url`` is the plan's request without the
+    parameters that drop rules from groups (``Task.judge``)."""
+    answer, _ = await _fetch(session, "GET", url, headers)
     if answer.status != 200:
         raise ProxyError(502, f"the ruler answered {answer.status} to the request judging rule groups",
                          "upstream_unfilterable")

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from multidict import CIMultiDict
 
@@ -68,7 +68,8 @@ class Keep:
 class Task:
     """The filtered transport's work: ``op`` is one of
 
-    * ``read`` — GET ``url``, keep what ``keep`` says (``judge``: rule groups judged on a whole answer first),
+    * ``read`` — GET ``url``, keep what ``keep`` says (``judge``: first GET that URL, the same request without
+      the parameters that drop rules from groups, and judge the groups on its whole answer),
     * ``pass`` — forward the request as sent (no tenant data),
     * ``silence`` — GET the silence at ``silence``, check it, answer it (or its error) as it came,
     * ``delete`` — the same check, then forward the DELETE when the silence exists,
@@ -78,7 +79,7 @@ class Task:
     op: str
     url: str
     keep: Keep | None = None
-    judge: bool = False
+    judge: str | None = None
     silence: str | None = None
     body: bytes | None = None
 
@@ -123,6 +124,17 @@ def plan_task(kind: Kind, backend: str, base: str, path: str, method: str, query
     return planner(r) if planner is not None else _rules(r)
 
 
+def _whole_groups(url: str) -> str | None:
+    """The rule-state request that shows every rule of each group (``url`` without the parameters that drop
+    rules: ``vis.NARROWING_PARAMS``), or None when ``url`` has none of them (its answer shows whole groups)."""
+    head, _, query = url.partition("?")
+    pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=1000)
+    if not any(k in vis.NARROWING_PARAMS for k, _ in pairs):
+        return None
+    whole = urlencode([(k, v) for k, v in pairs if k not in vis.NARROWING_PARAMS])
+    return head + (f"?{whole}" if whole else "")
+
+
 def _search(r: _Req) -> Task:
     return Task("read", r.url, Keep("trace_search", "", r.policies))
 
@@ -132,7 +144,7 @@ def _rules(r: _Req) -> Task:
     if language is None:  # pragma: no cover - the route tables give these kinds to metrics and logs only
         raise unfilterable("this endpoint")
     if r.kind is Kind.RULE_STATE:
-        return Task("read", r.url, Keep("rules", language, r.policies), judge=True)
+        return Task("read", r.url, Keep("rules", language, r.policies), judge=_whole_groups(r.url))
     if r.kind is Kind.ALERT_STATE:
         return Task("read", r.url, Keep("alerts", language, r.policies))
     return Task("read", r.url, Keep("config", language, r.policies, single="groupName" in r.path_params,
