@@ -352,6 +352,35 @@ class Table:
         b.until = now + TERM
         return got > 0.0
 
+    def admit2(self, r: RowLease, s: RowLease) -> bool:
+        """Exact mode, per request (both leases' chunk 1, no spare slot, this worker's own lane claimed: the
+        caller checks): one slot on each row in this worker's lane unless either key's count over every
+        worker has reached its limit. What two :meth:`reserve` calls do, in one call: a concurrency limit
+        under 512 counts every request in the table, so this is its cost per request."""
+        own, slots, sums = self._own, self.slots, self._sums
+        counts = self._counts
+        stop = counts[self._stop_at]
+        if sum(sums[r.row:stop:slots]) >= r.limit or sum(sums[s.row:stop:slots]) >= s.limit:
+            return False
+        counts[own + r.row] += 1
+        counts[own + s.row] += 1
+        r.used += 1
+        r.reserved += 1
+        s.used += 1
+        s.reserved += 1
+        return True
+
+    def give2(self, r: RowLease, s: RowLease) -> None:
+        """Exact mode: the slot of each row back (:meth:`admit2`'s, after ``used`` went down by one)."""
+        own, counts = self._own, self._counts
+        i, j = own + r.row, own + s.row
+        if counts[i] > 0:
+            counts[i] -= 1
+        if counts[j] > 0:
+            counts[j] -= 1
+        r.reserved -= 1
+        s.reserved -= 1
+
     def reserve(self, r: RowLease) -> bool:
         """More in-flight slots for the lease (its chunk, or 1 near the limit) in this worker's lane,
         unless every worker's together already reach its limit (read without the lock, as :meth:`acquire`)."""

@@ -243,14 +243,21 @@ def _b2r2(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
     (b, c), (r, s), renew = bl, rl, partial(_renew, t, bl, rl)
 
     def acquire() -> bool:
-        if b.tokens >= 1.0 and c.tokens >= 1.0 and r.used < r.reserved and s.used < s.reserved:
+        if b.tokens >= 1.0 and c.tokens >= 1.0:
             now = _monotonic()
             if b.until > now and c.until > now:
-                b.tokens -= 1.0
-                c.tokens -= 1.0
-                r.used += 1
-                s.used += 1
-                return True
+                if r.used < r.reserved and s.used < s.reserved:
+                    b.tokens -= 1.0
+                    c.tokens -= 1.0
+                    r.used += 1
+                    s.used += 1
+                    return True
+                if r.chunk == 1 == s.chunk and r.used == r.reserved and s.used == s.reserved and t._own >= 0:
+                    if not t.admit2(r, s):  # (exact mode: a limit under 512 counts each request in the table)
+                        return False
+                    b.tokens -= 1.0
+                    c.tokens -= 1.0
+                    return True
         return renew(0.0)
     return acquire
 
@@ -275,6 +282,9 @@ def _release2(t: Table, rl: _Rl) -> Callable[[], None]:
     def release() -> None:
         r.used -= 1
         s.used -= 1
+        if r.chunk == 1 == s.chunk and r.reserved - r.used == 1 == s.reserved - s.used and t._own >= 0:
+            t.give2(r, s)  # (exact mode: admit2's slots back)
+            return
         if r.reserved - r.used > r.slack:
             t.unreserve(r, r.chunk - 1)
         if s.reserved - s.used > s.slack:
