@@ -127,3 +127,24 @@ def test_every_shape_takes_all_or_nothing(shape: tuple[int, int]) -> None:
     # one request spent from each bucket: what is left is in the bucket or (granted, unspent) in the lease
     left = [_tokens(i) + t.bucket_lease(i, r, b).tokens for i, r, b in buckets]
     assert left == pytest.approx([9.0] * (nb - 1) + [0.0] * (nb > 0), abs=0.01)
+
+
+def test_two_small_concurrency_limits_count_every_request_exactly_and_all_or_nothing() -> None:
+    """A policy's and a tenant's concurrency limit under 512 (exact mode: ``Table.admit2``/``give2``): each
+    request counts on both rows or on neither, and every release gives both back."""
+    t = table()
+    pk, tk = _key(), _key()
+    rows = ((t.row(pk), 5), (t.row(tk), 3))
+    lim = FastLimits(rows, ((t.bucket(pk), 1e6, 1e6), (t.bucket(tk), 1e6, 1e6)), (pk, tk))
+    assert [lim.acquire() for _ in range(4)] == [True, True, True, False]  # the tenant's 3
+    assert (t.in_flight(pk), t.in_flight(tk)) == (3, 3)  # (the refused one counted on neither)
+    lim.release()
+    assert (t.in_flight(pk), t.in_flight(tk)) == (2, 2)
+    other = FastLimits(((t.row(pk), 5),), (), (pk,))  # another connection on the policy alone
+    assert [other.acquire() for _ in range(4)] == [True, True, True, False]  # 2 + 3 = the policy's 5
+    for _ in range(2):
+        lim.release()
+    for _ in range(3):
+        other.release()
+    assert (t.in_flight(pk), t.in_flight(tk)) == (0, 0)
+    assert sum(t._sums[rows[0][0]::t.slots]) == 0 == sum(t._sums[rows[1][0]::t.slots])
