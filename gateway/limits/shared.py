@@ -54,6 +54,16 @@ _FIELDS: Final = 5  # tag, request tokens, request stamp, byte tokens, byte stam
 _PROBES: Final = 32  # slots tried per key; past that keys share the last one (stricter, never looser)
 
 
+def _refilled(f: memoryview[float], i: int, rate: float, burst: float, now: float) -> float:
+    """Bucket ``i``'s tokens refilled at ``rate`` up to ``now``, at most ``burst`` (stamp 0.0: an unused bucket,
+    full). The caller holds the table's lock."""
+    stamp = f[i + 1]
+    if stamp == 0.0:
+        return burst
+    tokens = f[i] + (now - stamp) * rate if now > stamp else f[i]
+    return burst if tokens > burst else tokens
+
+
 class Table:
     """The shared table; see the module docstring."""
 
@@ -133,13 +143,7 @@ class Table:
         sem = self._sem
         locked = not self._unlocked and (sem.acquire(False) or self._wait())  # (inline: the hot path)
         try:
-            stamp = f[i + 1]
-            if stamp == 0.0:  # unused bucket: full
-                tokens = burst
-            else:
-                tokens = f[i] + (now - stamp) * rate if now > stamp else f[i]
-                if tokens > burst:
-                    tokens = burst
+            tokens = _refilled(f, i, rate, burst, now)
             if tokens >= n or (debt and tokens >= 0.0 and n > burst):
                 f[i] = tokens - n
                 f[i + 1] = now
@@ -236,13 +240,7 @@ class Table:
             locked = not self._unlocked and (sem.acquire(False) or self._wait())  # (inline: the hot path)
             try:
                 for k, (i, rate, burst) in enumerate(buckets):
-                    stamp = f[i + 1]
-                    if stamp == 0.0:  # unused bucket: full
-                        tokens = burst
-                    else:
-                        tokens = f[i] + (now - stamp) * rate if now > stamp else f[i]
-                        if tokens > burst:
-                            tokens = burst
+                    tokens = _refilled(f, i, rate, burst, now)
                     if tokens < 1.0:
                         for j, _, _ in buckets[:k]:  # (refilled to now and taken from: one more is as before)
                             f[j] += 1.0
@@ -335,14 +333,7 @@ class Table:
         burst = b.burst
         locked = self._lock()
         try:
-            stamp = f[i + 1]
-            if stamp == 0.0:  # unused bucket: full
-                tokens = burst
-            else:
-                tokens = f[i] + (now - stamp) * b.rate if now > stamp else f[i]
-            tokens += b.tokens
-            if tokens > burst:
-                tokens = burst
+            tokens = min(burst, _refilled(f, i, b.rate, burst, now) + b.tokens)  # (the lease's back first)
             got = 0.0 if tokens < 1.0 else min(b.grant, float(int(tokens)))
             f[i] = tokens - got
             f[i + 1] = now
