@@ -13,14 +13,20 @@ worker holds, one per key and kind, shared by every connection of the worker:
   bucket, on the worker's next request of that key). The bound does not depend on the term: a grant is
   at most 10 ms of refill, so an idle worker holding one for a second costs the others little, and a
   short term would renew a quiet key's lease on nearly every request.
-* an in-flight lease reserves ``chunk`` slots at a time in the worker's lane of the table (the lane-by-lane
+* an in-flight lease reserves slots a chunk at a time in the worker's lane of the table (the lane-by-lane
   counts of :mod:`gateway.limits.shared`: what other workers see is what a worker reserved) and admits
-  locally while its requests in flight are fewer than its reserved slots. ``chunk`` is ``limit // 256``
-  (at most 64, at least 1), and 1 whenever the limit is within ``chunk x workers`` of the total, so the
-  bound stays ``limit + workers - 1`` (only single-slot reservations can race). A release gives back the
-  slots above ``chunk - 1`` spare once more than ``2 x (chunk - 1)`` are spare (hysteresis): spare slots
-  make the limit stricter for the others by at most ``2 x (chunk - 1)`` per worker (under 1 % of the
-  limit); with ``chunk`` 1 (limits under 512) nothing is kept, exact as before.
+  locally while its requests in flight are fewer than its reserved slots. The chunk is sized from the
+  headroom it sees: ``(limit - total) // (SHARE x workers)``, at most :data:`CHUNK_MAX`, at least 1, so a
+  limit far from being hit (a limit of 200 with 50 queries in flight: chunks of 4 with 2 workers) touches
+  the table once per chunk, and one close to it (free slots under ``SHARE x workers``) counts every
+  request there, exactly. Workers that race add at most ``1/SHARE`` of the free slots together, or one
+  slot each, so the bound stays ``limit + workers - 1`` (only single-slot reservations can race past it).
+  A release gives back the slots above ``chunk - 1`` spare once more than ``2 x (chunk - 1)`` are spare
+  (hysteresis: at most one table call per ``chunk - 1`` requests), and every :data:`TERM` a worker gives
+  back all of its spare slots (:meth:`gateway.limits.shared.Table.sweep`), so a quiet worker holds none
+  for long. Spare slots make the limit stricter for the others while they are held: at most
+  ``2 x (chunk - 1)`` per worker, together at most ``2 / SHARE`` (1/8) of the slots that were free when they
+  were taken, and fewer the nearer the limit is.
 
 A dead worker's reserved slots are dropped with its lane (the replacement zeroes it), its grants are
 debited already. A fork starts with no leases (:func:`gateway.limits.shared.Table`'s fork hook).
@@ -31,7 +37,9 @@ from __future__ import annotations
 import time
 from typing import Final
 
-TERM: Final = 1.0  # seconds a bucket lease's tokens stay spendable
+TERM: Final = 1.0  # seconds a bucket lease's tokens stay spendable; how often spare in-flight slots go back
+SHARE: Final = 16  # an in-flight chunk is at most 1/SHARE of the free slots per worker
+CHUNK_MAX: Final = 64
 _monotonic = time.monotonic
 
 
@@ -53,17 +61,18 @@ class BucketLease:
 
 
 class RowLease:
-    """A worker's reserved in-flight slots on one key's row, and its requests in flight there."""
+    """A worker's reserved in-flight slots on one key's row, and its requests in flight there. ``chunk`` is
+    the size of its last reservation (1 before the first), ``slack`` the spare slots kept before any go back."""
 
     __slots__ = ("row", "limit", "chunk", "slack", "used", "reserved")
 
     def __init__(self, row: int, limit: int):
         self.row = row
+        self.limit = limit
         self.used = 0
         self.reserved = 0
-        self.set(limit)
+        self.chunk = 1
+        self.slack = 0
 
     def set(self, limit: int) -> None:
         self.limit = limit
-        self.chunk = max(1, min(64, limit // 256))
-        self.slack = 2 * (self.chunk - 1)  # spare slots kept before any goes back

@@ -32,6 +32,7 @@ under one lock), and gives its in-flight counts back in one (``release``). The c
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import logging
@@ -42,7 +43,7 @@ import time
 import weakref
 from typing import Final
 
-from gateway.limits.lease import TERM, BucketLease, RowLease
+from gateway.limits.lease import CHUNK_MAX, SHARE, TERM, BucketLease, RowLease
 from gateway.runfile import pid_alive
 
 log = logging.getLogger("gateway.limits")
@@ -88,6 +89,7 @@ class Table:
         self._own = -1  # this process's lane * slots (its counts' offset); -1 until claimed, or when shared
         self._bucket_leases: dict[int, BucketLease] = {}  # this worker's (gateway.limits.lease), by bucket
         self._row_leases: dict[int, RowLease] = {}  # and by in-flight row
+        self._sweeping = False  # a sweep of the row leases' spare slots is due (_sweep_soon)
         _TABLES.add(self)
 
     # ---- locking -------------------------------------------------------------------------------
@@ -343,55 +345,30 @@ class Table:
         b.until = now + TERM
         return got > 0.0
 
-    def admit2(self, r: RowLease, s: RowLease) -> bool:
-        """Exact mode, per request (both leases' chunk 1, no spare slot, this worker's own lane claimed: the
-        caller checks): one slot on each row in this worker's lane unless either key's count over every
-        worker has reached its limit. What two :meth:`reserve` calls do, in one call: a concurrency limit
-        under 512 counts every request in the table, so this is its cost per request."""
-        own, slots, sums = self._own, self.slots, self._sums
-        counts = self._counts
-        stop = counts[self._stop_at]
-        if sum(sums[r.row:stop:slots]) >= r.limit or sum(sums[s.row:stop:slots]) >= s.limit:
-            return False
-        counts[own + r.row] += 1
-        counts[own + s.row] += 1
-        r.used += 1
-        r.reserved += 1
-        s.used += 1
-        s.reserved += 1
-        return True
-
-    def give2(self, r: RowLease, s: RowLease) -> None:
-        """Exact mode: the slot of each row back (:meth:`admit2`'s, after ``used`` went down by one)."""
-        own, counts = self._own, self._counts
-        i, j = own + r.row, own + s.row
-        if counts[i] > 0:
-            counts[i] -= 1
-        if counts[j] > 0:
-            counts[j] -= 1
-        r.reserved -= 1
-        s.reserved -= 1
-
     def reserve(self, r: RowLease) -> bool:
-        """More in-flight slots for the lease (its chunk, or 1 near the limit) in this worker's lane,
-        unless every worker's together already reach its limit (read without the lock, as :meth:`acquire`)."""
+        """More in-flight slots for the lease in this worker's lane, a chunk sized from the headroom (see
+        :mod:`gateway.limits.lease`), unless every worker's together already reach its limit (read without
+        the lock, as :meth:`acquire`)."""
         if self._own < 0:
             self._my_lane()
         slots = self.slots
         counts = self._counts
         stop = counts[self._stop_at]
         total = sum(self._sums[r.row:stop:slots])
-        if total >= r.limit:
+        limit = r.limit
+        if total >= limit:
             return False
-        n = r.chunk
-        if n > 1 and r.limit - total < n * (stop // slots):
-            n = 1  # (near the limit: only one slot per worker can race past it)
+        n = (limit - total) // (SHARE * (stop // slots))
+        n = 1 if n < 1 else CHUNK_MAX if n > CHUNK_MAX else n
         locked = self._lane_shared and self._lock()  # (a shared lane: another process writes it too)
         try:
             counts[self._lane * slots + r.row] += n
         finally:
             self._unlock(locked=locked)
         r.reserved += n
+        r.chunk = n
+        r.slack = 2 * (n - 1)
+        self._sweep_soon()
         return True
 
     def unreserve(self, r: RowLease, keep: int) -> None:
@@ -416,6 +393,30 @@ class Table:
         return sum(self._sums[row::self.slots]) - (lease.reserved - lease.used if lease is not None else 0)
 
 
+    def _sweep_soon(self) -> None:
+        """:meth:`sweep` after :data:`~gateway.limits.lease.TERM`, once, in this worker's event loop (none
+        outside a loop: a process with no loop serves no callback path)."""
+        if self._sweeping:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._sweeping = True
+        loop.call_later(TERM, self.sweep)
+
+    def sweep(self) -> None:
+        """Every lease's spare in-flight slots back to the table (a quiet worker holds none for long: its spare
+        slots make the limit stricter for the others); again after TERM while any are left."""
+        self._sweeping = False
+        spare = False
+        for r in self._row_leases.values():
+            if r.reserved > r.used:
+                self.unreserve(r, 0)
+            spare = spare or r.used > 0
+        if spare:
+            self._sweep_soon()
+
 _TABLE: Table | None = None
 _TABLES: weakref.WeakSet[Table] = weakref.WeakSet()
 
@@ -425,6 +426,7 @@ def _forked() -> None:
         t._lane_pid = 0
         t._own = -1
         t._bucket_leases, t._row_leases = {}, {}
+        t._sweeping = False
 
 
 os.register_at_fork(after_in_child=_forked)

@@ -252,12 +252,6 @@ def _b2r2(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
                     r.used += 1
                     s.used += 1
                     return True
-                if r.chunk == 1 == s.chunk and r.used == r.reserved and s.used == s.reserved and t._own >= 0:
-                    if not t.admit2(r, s):  # (exact mode: a limit under 512 counts each request in the table)
-                        return False
-                    b.tokens -= 1.0
-                    c.tokens -= 1.0
-                    return True
         return renew(0.0)
     return acquire
 
@@ -282,9 +276,6 @@ def _release2(t: Table, rl: _Rl) -> Callable[[], None]:
     def release() -> None:
         r.used -= 1
         s.used -= 1
-        if r.chunk == 1 == s.chunk and r.reserved - r.used == 1 == s.reserved - s.used and t._own >= 0:
-            t.give2(r, s)  # (exact mode: admit2's slots back)
-            return
         if r.reserved - r.used > r.slack:
             t.unreserve(r, r.chunk - 1)
         if s.reserved - s.used > s.slack:
