@@ -26,11 +26,13 @@ def _tokens(i: int) -> float:
 def test_a_large_rate_is_taken_a_grant_at_a_time_and_an_expired_grant_goes_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stage, "_monotonic", lambda: 1000.0)  # (no refill: exact counts)
+    monkeypatch.setattr(shared, "_monotonic", lambda: 1000.0)
     t = table()
     key = _key()
     i = t.bucket(key)
-    lim = FastLimits((), ((i, 10_000.0, 6_400.0),), ())  # grant min(6400/64, 10000/100, 1024) = 100
-    lease = t.bucket_lease(i, 10_000.0, 6_400.0)
+    buckets = ((i, 10_000.0, 6_400.0),)
+    lim = FastLimits((), buckets, ())  # grant min(6400/64, 10000/100, 1024) = 100
+    lease = t.lease(buckets, ())
     assert lease.grant == 100.0
     assert lim.acquire() and lease.tokens == 99.0 and _tokens(i) == 6_300.0  # one grant taken, one spent
     assert t._sem.acquire(False)  # the lock held elsewhere: the rest of the grant needs none
@@ -42,8 +44,27 @@ def test_a_large_rate_is_taken_a_grant_at_a_time_and_an_expired_grant_goes_back(
     assert not t._unlocked and lease.tokens == 0.0
     lim.give_back()  # (to the lease)
     assert lease.tokens == 1.0
-    lease.until = 0.0  # expired: its unspent token back to the bucket, a new grant taken
-    assert lim.acquire() and lease.tokens == 99.0 and _tokens(i) == 6_300.0 + 1.0 - 100.0
+    lease.until = 1000.0  # expired: the sweep gives its unspent token back to the bucket
+    t.sweep()
+    assert lease.tokens == 0.0 and _tokens(i) == 6_301.0
+    assert lim.acquire() and lease.tokens == 99.0 and _tokens(i) == 6_201.0  # a new grant
+
+
+def test_one_lease_takes_the_same_grant_from_every_bucket_of_its_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy's and a tenant's rate: one count in the lease stands for both buckets, and a renewal takes the
+    tightest one's grant from each (all or none: an empty bucket leaves the other as it was)."""
+    monkeypatch.setattr(stage, "_monotonic", lambda: 2000.0)
+    monkeypatch.setattr(shared, "_monotonic", lambda: 2000.0)
+    t = table()
+    a, b = t.bucket(_key()), t.bucket(_key())
+    buckets = ((a, 1e6, 1e6), (b, 500.0, 640.0))  # grants 1,024 and min(10, 5) = 5
+    lim = FastLimits((), buckets, ())
+    assert lim.acquire() and t.lease(buckets, ()).grant == 5.0
+    assert (_tokens(a), _tokens(b)) == (1e6 - 5, 640.0 - 5)
+    t._f[b] = 0.5  # (the tenant's bucket nearly empty)
+    for _ in range(4):
+        assert lim.acquire()
+    assert not lim.acquire() and (_tokens(a), _tokens(b)) == (1e6 - 5, 0.5)
 
 
 def test_a_small_rate_takes_one_token_per_request_as_the_table_does() -> None:
@@ -51,7 +72,7 @@ def test_a_small_rate_takes_one_token_per_request_as_the_table_does() -> None:
     key = _key()
     i = t.bucket(key)
     lim = FastLimits((), ((i, 1.0, 3.0),), ())
-    assert t.bucket_lease(i, 1.0, 3.0).grant == 1.0
+    assert t.lease(((i, 1.0, 3.0),), ()).grant == 1.0
     assert lim.acquire() and lim.acquire() and lim.acquire()
     assert not lim.acquire()  # the bucket is empty (and no lease holds a token)
     assert t.take(key, 1.0, 3.0, 1.0, debt=False) > 0.5
@@ -62,7 +83,7 @@ def test_in_flight_slots_are_reserved_in_chunks_and_given_back_with_hysteresis()
     key = _key()
     row = t.row(key)
     lim = FastLimits(((row, 100_000),), (), (key,))  # chunk 64: spare slots kept at most 2 x 63
-    lease = t.row_lease(row, 100_000)
+    lease = t.lease((), ((row, 100_000),))
     lane = sum(t._sums[row::t.slots])
     assert lim.acquire() and lease.reserved == 64 and t.in_flight(key) == 1
     for _ in range(199):
@@ -80,7 +101,7 @@ def test_chunks_shrink_with_the_headroom_and_near_the_limit_count_every_request_
     key = _key()
     row = t.row(key)
     lim = FastLimits(((row, 600),), (), (key,))
-    lease = t.row_lease(row, 600)
+    lease = t.lease((), ((row, 600),))
     chunks = []
     for _ in range(600):
         before = lease.reserved
@@ -138,7 +159,7 @@ def test_a_sweep_gives_back_every_spare_slot_and_runs_in_the_workers_loop(monkey
     key = _key()
     row = t.row(key)
     lim = FastLimits(((row, 100_000),), (), (key,))
-    lease = t.row_lease(row, 100_000)
+    lease = t.lease((), ((row, 100_000),))
     lane = sum(t._sums[row::t.slots]) - lease.reserved
 
     def run() -> None:
@@ -195,7 +216,7 @@ def test_every_shape_takes_all_or_nothing(shape: tuple[int, int]) -> None:
     assert [t.in_flight(k) for k in rkeys] == [0] * nr
     assert lim.acquire() and not lim.acquire()
     # one request spent from each bucket: what is left is in the bucket or (granted, unspent) in the lease
-    left = [_tokens(i) + t.bucket_lease(i, r, b).tokens for i, r, b in buckets]
+    left = [_tokens(i) + t.lease(buckets, rows).tokens for i, _, _ in buckets]
     assert left == pytest.approx([9.0] * (nb - 1) + [0.0] * (nb > 0), abs=0.01)
 
 

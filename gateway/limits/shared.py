@@ -43,7 +43,7 @@ import time
 import weakref
 from typing import Final
 
-from gateway.limits.lease import CHUNK_MAX, SHARE, TERM, BucketLease, RowLease
+from gateway.limits.lease import CHUNK_MAX, SHARE, TERM, Buckets, Lease, Rows
 from gateway.runfile import pid_alive
 
 log = logging.getLogger("gateway.limits")
@@ -87,9 +87,8 @@ class Table:
         self._lane = 0
         self._lane_shared = False  # (more workers than lanes: this one shares its lane with another)
         self._own = -1  # this process's lane * slots (its counts' offset); -1 until claimed, or when shared
-        self._bucket_leases: dict[int, BucketLease] = {}  # this worker's (gateway.limits.lease), by bucket
-        self._row_leases: dict[int, RowLease] = {}  # and by in-flight row
-        self._sweeping = False  # a sweep of the row leases' spare slots is due (_sweep_soon)
+        self._leases: dict[tuple[Buckets, Rows], Lease] = {}  # this worker's (gateway.limits.lease), by set
+        self._sweeping = False  # a sweep of the leases is due (_sweep_soon)
         _TABLES.add(self)
 
     # ---- locking -------------------------------------------------------------------------------
@@ -309,89 +308,91 @@ class Table:
 
     # ---- leases (gateway.limits.lease): the callback path's share, taken a grant at a time -----------
 
-    def bucket_lease(self, i: int, rate: float, burst: float) -> BucketLease:
-        """This worker's lease of bucket ``i`` (one per bucket, shared by its connections)."""
-        got = self._bucket_leases.get(i)
+    def lease(self, buckets: Buckets, rows: Rows) -> Lease:
+        """This worker's lease of a set of limits (one per set, shared by its connections)."""
+        key = (buckets, rows)
+        got = self._leases.get(key)
         if got is None:
-            got = self._bucket_leases[i] = BucketLease(i, rate, burst)
-        elif got.rate != rate or got.burst != burst:
-            got.set(rate, burst)
+            got = self._leases[key] = Lease(buckets, rows)
         return got
 
-    def row_lease(self, row: int, limit: int) -> RowLease:
-        """This worker's lease of in-flight slots on ``row``."""
-        got = self._row_leases.get(row)
-        if got is None:
-            got = self._row_leases[row] = RowLease(row, limit)
-        elif got.limit != limit:
-            got.set(limit)
-        return got
-
-    def renew(self, b: BucketLease, now: float) -> bool:
-        """Under the lock: the lease's unspent tokens back to the shared bucket, then up to its grant
-        taken (whole tokens, for :data:`~gateway.limits.lease.TERM`). False when the bucket has less than one."""
+    def renew(self, lease: Lease, now: float) -> bool:
+        """Under the lock: the lease's unspent tokens back to its buckets, then up to its grant taken from
+        every one (the same number: a request takes one from each), for :data:`~gateway.limits.lease.TERM`.
+        False when a bucket has less than one (then every bucket keeps what it had, and the lease none)."""
         f = self._f
-        i = b.i
-        burst = b.burst
+        back = lease.tokens
         locked = self._lock()
         try:
-            tokens = min(burst, _refilled(f, i, b.rate, burst, now) + b.tokens)  # (the lease's back first)
-            got = 0.0 if tokens < 1.0 else min(b.grant, float(int(tokens)))
-            f[i] = tokens - got
-            f[i + 1] = now
+            have = [min(burst, _refilled(f, i, rate, burst, now) + back) for i, rate, burst in lease.buckets]
+            least = min(have)
+            got = 0.0 if least < 1.0 else min(lease.grant, float(int(least)))
+            for (i, _, _), tokens in zip(lease.buckets, have, strict=True):
+                f[i] = tokens - got
+                f[i + 1] = now
         finally:
             self._unlock(locked=locked)
-        b.tokens = got
-        b.until = now + TERM
+        lease.tokens = got
+        lease.until = now + TERM
+        self._sweep_soon()
         return got > 0.0
 
-    def reserve(self, r: RowLease) -> bool:
-        """More in-flight slots for the lease in this worker's lane, a chunk sized from the headroom (see
-        :mod:`gateway.limits.lease`), unless every worker's together already reach its limit (read without
-        the lock, as :meth:`acquire`)."""
+    def reserve(self, lease: Lease) -> bool:
+        """More in-flight slots on every row of the lease, in this worker's lane: a chunk sized from the
+        least headroom (see :mod:`gateway.limits.lease`), unless a row's count over every worker has reached
+        its limit (read without the lock, as :meth:`acquire`). All rows or none."""
         if self._own < 0:
             self._my_lane()
         slots = self.slots
         counts = self._counts
+        sums = self._sums
         stop = counts[self._stop_at]
-        total = sum(self._sums[r.row:stop:slots])
-        limit = r.limit
-        if total >= limit:
-            return False
-        n = (limit - total) // (SHARE * (stop // slots))
-        n = 1 if n < 1 else CHUNK_MAX if n > CHUNK_MAX else n
+        share = SHARE * (stop // slots)
+        n = CHUNK_MAX
+        for row, limit in lease.rows:
+            free = limit - sum(sums[row:stop:slots])
+            if free <= 0:
+                return False
+            if free < n * share:
+                n = free // share
+        if n < 1:
+            n = 1
+        own = self._lane * slots
         locked = self._lane_shared and self._lock()  # (a shared lane: another process writes it too)
         try:
-            counts[self._lane * slots + r.row] += n
+            for row, _ in lease.rows:
+                counts[own + row] += n
         finally:
             self._unlock(locked=locked)
-        r.reserved += n
-        r.chunk = n
-        r.slack = 2 * (n - 1)
+        lease.reserved += n
+        lease.chunk = n
+        lease.slack = 2 * (n - 1)
         self._sweep_soon()
         return True
 
-    def unreserve(self, r: RowLease, keep: int) -> None:
-        """Give back the lease's spare slots beyond ``keep``."""
-        n = r.reserved - r.used - keep
+    def unreserve(self, lease: Lease, keep: int) -> None:
+        """Give back the lease's spare slots beyond ``keep`` on every row."""
+        n = lease.reserved - lease.used - keep
         if n <= 0:
             return
-        r.reserved -= n
-        i = self._lane * self.slots + r.row
+        lease.reserved -= n
+        own = self._lane * self.slots
         counts = self._counts
         locked = self._lane_shared and self._lock()
         try:
-            counts[i] = max(0, counts[i] - n)
+            for row, _ in lease.rows:
+                i = own + row
+                counts[i] = max(0, counts[i] - n)
         finally:
             self._unlock(locked=locked)
 
     def in_flight(self, key: str) -> int:
-        """The key's count over all workers, less this worker's spare reserved slots (other workers' are
-        counted: at most ``2 x (chunk - 1)`` each, see :mod:`gateway.limits.lease`)."""
+        """The key's count over all workers, less this worker's spare reserved slots on it (other workers'
+        are counted: see :mod:`gateway.limits.lease`)."""
         row = self._slot(key)
-        lease = self._row_leases.get(row)
-        return sum(self._sums[row::self.slots]) - (lease.reserved - lease.used if lease is not None else 0)
-
+        spare = sum(lease.reserved - lease.used for lease in self._leases.values()
+                    if any(r == row for r, _ in lease.rows))
+        return sum(self._sums[row::self.slots]) - spare
 
     def _sweep_soon(self) -> None:
         """:meth:`sweep` after :data:`~gateway.limits.lease.TERM`, once, in this worker's event loop (none
@@ -406,16 +407,29 @@ class Table:
         loop.call_later(TERM, self.sweep)
 
     def sweep(self) -> None:
-        """Every lease's spare in-flight slots back to the table (a quiet worker holds none for long: its spare
-        slots make the limit stricter for the others); again after TERM while any are left."""
+        """Every lease's spare in-flight slots back to the table, and an expired lease's unspent tokens to its
+        buckets (a quiet worker holds neither for long: they make the limits stricter for the others);
+        again after TERM while a lease has requests in flight or tokens left."""
         self._sweeping = False
-        spare = False
-        for r in self._row_leases.values():
-            if r.reserved > r.used:
-                self.unreserve(r, 0)
-            spare = spare or r.used > 0
-        if spare:
+        now = _monotonic()
+        again = False
+        f = self._f
+        for lease in self._leases.values():
+            if lease.reserved > lease.used:
+                self.unreserve(lease, 0)
+            if lease.tokens and lease.until <= now:
+                back, lease.tokens = lease.tokens, 0.0
+                locked = self._lock()
+                try:
+                    for i, rate, burst in lease.buckets:
+                        f[i] = min(burst, _refilled(f, i, rate, burst, now) + back)
+                        f[i + 1] = now
+                finally:
+                    self._unlock(locked=locked)
+            again = again or lease.used > 0 or lease.tokens > 0
+        if again:
             self._sweep_soon()
+
 
 _TABLE: Table | None = None
 _TABLES: weakref.WeakSet[Table] = weakref.WeakSet()
@@ -425,7 +439,7 @@ def _forked() -> None:
     for t in _TABLES:  # a forked worker claims a lane of its own on its first in-flight count
         t._lane_pid = 0
         t._own = -1
-        t._bucket_leases, t._row_leases = {}, {}
+        t._leases = {}
         t._sweeping = False
 
 

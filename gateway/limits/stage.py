@@ -33,7 +33,7 @@ from gateway.config import Config
 from gateway.decision_cache import Decision
 from gateway.errors import ProxyError
 from gateway.limits import lokiquery
-from gateway.limits.lease import BucketLease, RowLease
+from gateway.limits.lease import Buckets, Lease, Rows
 from gateway.limits.shared import Table, table
 from gateway.metrics import REGISTRY
 from gateway.routes import Role, Route
@@ -109,177 +109,88 @@ class FastLimits:
     """The limit stage's share of a request on the callback path (``gateway.proxy.fastpath``), resolved
     once per connection, header set and route: the in-flight rows it counts (concurrent queries of a read:
     (row, limit)) and the request-rate buckets it takes from ((bucket, rate, burst)), in the shared table,
-    through this worker's leases of them (:mod:`gateway.limits.lease`: the table is touched once per grant,
-    not per request). ``acquire`` takes all of them or none (False: a limit is reached; the handler then
-    refuses the request and counts it exactly as it refuses any other); ``release`` gives the in-flight
-    counts back (once per acquired request, however it ends); ``give_back`` undoes an ``acquire`` for a
-    request the callback path then leaves to the handler (which takes them again)."""
+    through this worker's lease of that set (:mod:`gateway.limits.lease`: the table is touched once per
+    grant or chunk, not per request). ``acquire`` takes all of them or none (False: a limit is reached; the
+    handler then refuses the request and counts it exactly as it refuses any other); ``release`` gives the
+    in-flight counts back (once per acquired request, however it ends); ``give_back`` undoes an ``acquire``
+    for a request the callback path then leaves to the handler (which takes them again)."""
 
-    __slots__ = ("rows", "buckets", "keys", "acquire", "release", "_table", "_bl", "_rl")
+    __slots__ = ("rows", "buckets", "keys", "acquire", "release", "_lease")
 
-    def __init__(self, rows: tuple[tuple[int, int], ...] = (), buckets: tuple[tuple[int, float, float], ...] = (),
-                 keys: tuple[str, ...] = ()):
+    def __init__(self, rows: Rows = (), buckets: Buckets = (), keys: tuple[str, ...] = ()):
         self.rows, self.buckets, self.keys = rows, buckets, keys
-        self._table = t = table() if rows or buckets else None
-        self._bl = tuple(t.bucket_lease(i, rate, burst) for i, rate, burst in buckets) if t is not None else ()
-        self._rl = tuple(t.row_lease(row, limit) for row, limit in rows) if t is not None else ()
-        # (one call per request each; the common shapes without loops)
-        # (closures and partials over the leases, none over self: no reference cycle to leave to the collector)
-        shape = _SHAPES.get((len(self._bl), len(self._rl)), _any)
-        self.acquire: Callable[[], bool] = _admitted if t is None else shape(t, self._bl, self._rl)
-        self.release: Callable[[], None] = (_nothing if t is None or not rows else _release1(t, self._rl)
-                                            if len(rows) == 1 else _release2(t, self._rl) if len(rows) == 2
-                                            else partial(_release, t, self._rl))
+        t = table() if rows or buckets else None
+        self._lease = lease = t.lease(buckets, rows) if t is not None else None
+        # (closures over the lease, none over self: no reference cycle to leave to the collector)
+        self.acquire: Callable[[], bool] = (
+            _admitted if t is None or lease is None else _both(t, lease) if rows and buckets
+            else _rates(t, lease) if buckets else _slots(t, lease))
+        self.release: Callable[[], None] = _nothing if t is None or lease is None or not rows else _release(t, lease)
 
     def give_back(self) -> None:
         self.release()
-        for b in self._bl:  # (to this worker's lease: the handler takes them again)
-            b.tokens += 1.0
+        lease = self._lease
+        if lease is not None and self.buckets:  # (to this worker's lease: the handler takes it again)
+            lease.tokens += 1.0
 
 
-_Bl = tuple[BucketLease, ...]
-_Rl = tuple[RowLease, ...]
-
-
-def _renew(t: Table, bl: _Bl, rl: _Rl, now: float) -> bool:
-    """``acquire`` when a lease runs short: bucket leases renewed, then in-flight slots reserved (a refusal
-    gives back what this call reserved), then the request taken from each."""
-    if bl:
-        now = now or _monotonic()
-        for b in bl:
-            if (b.tokens < 1.0 or b.until <= now) and not t.renew(b, now):
-                return False
-    for k, r in enumerate(rl):
-        if r.used >= r.reserved and not t.reserve(r):
-            for done in rl[:k]:
-                t.unreserve(done, done.chunk - 1)
-            return False
-    for b in bl:
-        b.tokens -= 1.0
-    for r in rl:
-        r.used += 1
-    return True
-
-
-def _acquire(t: Table, bl: _Bl, rl: _Rl) -> bool:
-    """(Any shape.)"""
-    if bl:
+def _renew(t: Table, lease: Lease) -> bool:
+    """``acquire`` when the lease runs short: its tokens renewed (or expired ones), then slots reserved,
+    then the request taken from both."""
+    if lease.buckets:
         now = _monotonic()
-        for b in bl:
-            if b.tokens < 1.0 or b.until <= now:
-                return _renew(t, bl, rl, now)
-    for r in rl:
-        if r.used >= r.reserved:
-            return _renew(t, bl, rl, 0.0)
-    for b in bl:
-        b.tokens -= 1.0
-    for r in rl:
-        r.used += 1
+        if (lease.tokens < 1.0 or lease.until <= now) and not t.renew(lease, now):
+            return False
+    if lease.rows:
+        if lease.used >= lease.reserved and not t.reserve(lease):
+            return False  # (a renewed grant stays with the lease: its tokens were debited already)
+        lease.used += 1
+    if lease.buckets:
+        lease.tokens -= 1.0
     return True
 
 
-def _release(t: Table, rl: _Rl) -> None:
-    for r in rl:
-        r.used -= 1
-        if r.reserved - r.used > r.slack:
-            t.unreserve(r, r.chunk - 1)
+# ---- FastLimits.acquire and .release: a request's share of the lease, or the renewal -------------------------
 
-
-def _any(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
-    return partial(_acquire, t, bl, rl)
-
-
-# ---- FastLimits.acquire and .release for the common shapes: (buckets, rows) ------------------------------
-
-def _b1(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
-    (b,), renew = bl, partial(_renew, t, bl, rl)
+def _both(t: Table, lease: Lease) -> Callable[[], bool]:
+    renew = partial(_renew, t, lease)
 
     def acquire() -> bool:
-        if b.tokens >= 1.0 and b.until > _monotonic():
-            b.tokens -= 1.0
+        if lease.tokens >= 1.0 and lease.used < lease.reserved:
+            lease.tokens -= 1.0
+            lease.used += 1
             return True
-        return renew(0.0)
+        return renew()
     return acquire
 
 
-def _b2(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
-    (b, c), renew = bl, partial(_renew, t, bl, rl)
+def _rates(t: Table, lease: Lease) -> Callable[[], bool]:
+    renew = partial(_renew, t, lease)
 
     def acquire() -> bool:
-        if b.tokens >= 1.0 and c.tokens >= 1.0:
-            now = _monotonic()
-            if b.until > now and c.until > now:
-                b.tokens -= 1.0
-                c.tokens -= 1.0
-                return True
-        return renew(0.0)
-    return acquire
-
-
-def _r1(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
-    (r,), renew = rl, partial(_renew, t, bl, rl)
-
-    def acquire() -> bool:
-        if r.used < r.reserved:
-            r.used += 1
+        if lease.tokens >= 1.0:
+            lease.tokens -= 1.0
             return True
-        return renew(0.0)
+        return renew()
     return acquire
 
 
-def _b1r1(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
-    (b,), (r,), renew = bl, rl, partial(_renew, t, bl, rl)
+def _slots(t: Table, lease: Lease) -> Callable[[], bool]:
+    renew = partial(_renew, t, lease)
 
     def acquire() -> bool:
-        if b.tokens >= 1.0 and r.used < r.reserved and b.until > _monotonic():
-            b.tokens -= 1.0
-            r.used += 1
+        if lease.used < lease.reserved:
+            lease.used += 1
             return True
-        return renew(0.0)
+        return renew()
     return acquire
 
 
-def _b2r2(t: Table, bl: _Bl, rl: _Rl) -> Callable[[], bool]:
-    (b, c), (r, s), renew = bl, rl, partial(_renew, t, bl, rl)
-
-    def acquire() -> bool:
-        if b.tokens >= 1.0 and c.tokens >= 1.0:
-            now = _monotonic()
-            if b.until > now and c.until > now:
-                if r.used < r.reserved and s.used < s.reserved:
-                    b.tokens -= 1.0
-                    c.tokens -= 1.0
-                    r.used += 1
-                    s.used += 1
-                    return True
-        return renew(0.0)
-    return acquire
-
-
-_SHAPES: Final[dict[tuple[int, int], Callable[[Table, _Bl, _Rl], Callable[[], bool]]]] = {
-    (1, 0): _b1, (2, 0): _b2, (0, 1): _r1, (1, 1): _b1r1, (2, 2): _b2r2}
-
-
-def _release1(t: Table, rl: _Rl) -> Callable[[], None]:
-    (r,) = rl
-
+def _release(t: Table, lease: Lease) -> Callable[[], None]:
     def release() -> None:
-        r.used -= 1
-        if r.reserved - r.used > r.slack:
-            t.unreserve(r, r.chunk - 1)
-    return release
-
-
-def _release2(t: Table, rl: _Rl) -> Callable[[], None]:
-    (r, s) = rl
-
-    def release() -> None:
-        r.used -= 1
-        s.used -= 1
-        if r.reserved - r.used > r.slack:
-            t.unreserve(r, r.chunk - 1)
-        if s.reserved - s.used > s.slack:
-            t.unreserve(s, s.chunk - 1)
+        lease.used -= 1
+        if lease.reserved - lease.used > lease.slack:
+            t.unreserve(lease, lease.chunk - 1)
     return release
 
 
