@@ -239,3 +239,20 @@ def test_two_small_concurrency_limits_count_every_request_exactly_and_all_or_not
         other.release()
     assert (t.in_flight(pk), t.in_flight(tk)) == (0, 0)
     assert sum(t._sums[rows[0][0]::t.slots]) == 0 == sum(t._sums[rows[1][0]::t.slots])
+
+
+def test_leases_of_one_worker_on_one_key_divide_its_grant_and_its_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One policy's limits taken with two tenants' (two sets, two leases): together they hold what one lease
+    would, so neither the rate bound (workers x grant) nor the spare slots grow with the tenants."""
+    monkeypatch.setattr(stage, "_monotonic", lambda: 3000.0)
+    t = table()
+    pk, t1, t2 = _key(), _key(), _key()
+    policy_b, policy_r = (t.bucket(pk), 10_000.0, 6_400.0), (t.row(pk), 100_000)
+    one = FastLimits((policy_r, (t.row(t1), 100_000)), (policy_b, (t.bucket(t1), 1e6, 1e6)), (pk, t1))
+    two = FastLimits((policy_r, (t.row(t2), 100_000)), (policy_b, (t.bucket(t2), 1e6, 1e6)), (pk, t2))
+    assert one.acquire() and two.acquire()
+    a, b = t.lease(one.buckets, one.rows), t.lease(two.buckets, two.rows)
+    assert a.grant == b.grant == 100.0  # (alone: the policy's 6400/64)
+    assert a.tokens + 1 == b.tokens + 1 == 50.0  # each took half
+    assert a.reserved == b.reserved == 32  # half of the 64 a lone lease takes
+    assert _tokens(policy_b[0]) == 6_400.0 - 100.0 and t.in_flight(pk) == 2

@@ -11,8 +11,10 @@ common request costs two attribute tests and two stores.
   rate / 100, 1024)`` of the tightest bucket, at least 1: a small limit (burst under 128) takes one token
   per request exactly as the table does; a large one locks once per ``grant`` requests. Tokens are debited
   from the shared buckets when granted, so over any window the admitted requests stay within ``rate x window
-  + burst + leases x grant`` (a worker may spend a grant while the shared bucket has refilled behind it), and
-  a lease's unspent grant is missing from the others' (stricter, by at most its grant). Every :data:`TERM`
+  + burst + workers x grant`` (a worker may spend a grant while the shared bucket has refilled behind it), and
+  a worker's unspent grants are missing from the others' (stricter, by at most ``workers x grant``). Where
+  a worker holds several leases on one bucket (one policy, several tenants), each takes the grant divided by
+  their number (at least 1), so together they hold what one would. Every :data:`TERM`
   (:meth:`gateway.limits.shared.Table.sweep`, in the worker's loop) an expired lease's unspent tokens go back
   to the buckets. The bound does not depend on the term: a grant is at most 10 ms of refill.
 * Slots: a lease reserves in-flight slots a chunk at a time on every row of the set, in the worker's lane
@@ -25,9 +27,10 @@ common request costs two attribute tests and two stores.
   slots together, or one slot each, so the bound stays ``limit + workers - 1`` (only single-slot
   reservations can race past it). A release gives back the slots above ``chunk - 1`` spare once more than
   ``2 x (chunk - 1)`` are spare (hysteresis: at most one table call per ``chunk - 1`` requests), and every
-  :data:`TERM` the sweep gives back every spare slot, so a quiet worker holds none for long. Spare slots make
-  the limit stricter for the others while they are held: at most ``2 x (chunk - 1)`` per lease, fewer the
-  nearer the limit is.
+  :data:`TERM` the sweep gives back every spare slot, so a quiet worker holds none for long. Several leases
+  of a worker on one row divide its share by their number, as grants are divided. Spare slots make the
+  limit stricter for the others while they are held: a worker's at most ``2 / (SHARE x workers)`` of the
+  slots that were free when they were taken, fewer the nearer the limit is.
 
 A dead worker's reserved slots are dropped with its lane (the replacement zeroes it), its grants are
 debited already. A fork starts with no leases (:func:`gateway.limits.shared.Table`'s fork hook).
@@ -52,12 +55,12 @@ class Lease:
     ``chunk`` is the size of its last reservation (1 before the first), ``slack`` the spare slots kept before
     any go back."""
 
-    __slots__ = ("buckets", "rows", "grant", "tokens", "until", "used", "reserved", "chunk", "slack")
+    __slots__ = ("buckets", "rows", "grants", "grant", "tokens", "until", "used", "reserved", "chunk", "slack")
 
     def __init__(self, buckets: Buckets, rows: Rows):
         self.buckets, self.rows = buckets, rows
-        self.grant = float(min((max(1, int(min(burst / 64, rate / 100, 1024))) for _, rate, burst in buckets),
-                               default=0))
+        self.grants = tuple(max(1, int(min(burst / 64, rate / 100, 1024))) for _, rate, burst in buckets)
+        self.grant = float(min(self.grants, default=0))  # (with no other lease on its buckets)
         self.tokens = 0.0
         self.until = 0.0
         self.used = 0

@@ -88,6 +88,8 @@ class Table:
         self._lane_shared = False  # (more workers than lanes: this one shares its lane with another)
         self._own = -1  # this process's lane * slots (its counts' offset); -1 until claimed, or when shared
         self._leases: dict[tuple[Buckets, Rows], Lease] = {}  # this worker's (gateway.limits.lease), by set
+        self._sharers_b: dict[int, int] = {}  # its leases per bucket
+        self._sharers_r: dict[int, int] = {}  # and per row
         self._sweeping = False  # a sweep of the leases is due (_sweep_soon)
         _TABLES.add(self)
 
@@ -314,6 +316,10 @@ class Table:
         got = self._leases.get(key)
         if got is None:
             got = self._leases[key] = Lease(buckets, rows)
+            for i, _, _ in buckets:  # (leases on one bucket or row divide its share: see gateway.limits.lease)
+                self._sharers_b[i] = self._sharers_b.get(i, 0) + 1
+            for row, _ in rows:
+                self._sharers_r[row] = self._sharers_r.get(row, 0) + 1
         return got
 
     def renew(self, lease: Lease, now: float) -> bool:
@@ -326,7 +332,9 @@ class Table:
         try:
             have = [min(burst, _refilled(f, i, rate, burst, now) + back) for i, rate, burst in lease.buckets]
             least = min(have)
-            got = 0.0 if least < 1.0 else min(lease.grant, float(int(least)))
+            sharers = self._sharers_b
+            grant = min(max(1, g // sharers[i]) for g, (i, _, _) in zip(lease.grants, lease.buckets, strict=True))
+            got = 0.0 if least < 1.0 else float(min(grant, int(least)))
             for (i, _, _), tokens in zip(lease.buckets, have, strict=True):
                 f[i] = tokens - got
                 f[i + 1] = now
@@ -348,13 +356,16 @@ class Table:
         sums = self._sums
         stop = counts[self._stop_at]
         share = SHARE * (stop // slots)
+        sharers = self._sharers_r
         n = CHUNK_MAX
         for row, limit in lease.rows:
             free = limit - sum(sums[row:stop:slots])
             if free <= 0:
                 return False
-            if free < n * share:
-                n = free // share
+            s = sharers[row]  # (its leases in this worker divide the chunk: see gateway.limits.lease)
+            k = min(free // (share * s), CHUNK_MAX // s)
+            if k < n:
+                n = k
         if n < 1:
             n = 1
         own = self._lane * slots
@@ -439,7 +450,7 @@ def _forked() -> None:
     for t in _TABLES:  # a forked worker claims a lane of its own on its first in-flight count
         t._lane_pid = 0
         t._own = -1
-        t._leases = {}
+        t._leases, t._sharers_b, t._sharers_r = {}, {}, {}
         t._sweeping = False
 
 
