@@ -681,7 +681,18 @@ def test_metric_queries_under_several_selectors(loki_lbac: LokiProcess, loki_pla
 # ---------------------------------------------------------------------------------------------- lokiQueryPolicy
 
 LOG = '{app=~".+"}'
-SLOW = 'sum(count_over_time({app=~".+"}[1m]))'  # 3600 steps: far longer than 1ms
+SLOW = 'sum(count_over_time({app=~".+"}[1m]))'
+# The timeout cases (maxQueryTime/queryTimeout 1ms) read a tenant of their own holding BULK_STREAMS x BULK_LINES
+# lines in the last hour. Loki applies the timeout as a context deadline around the querier's evaluation
+# (pkg/logql/engine.go query.Eval) and notices it only at I/O: the ingester checks it before each batch of 512
+# samples it streams (pkg/ingester/instance.go sendSampleBatches), the querier on each gRPC receive; the step
+# loop itself never looks. Over the 39 lines of tenant 100 a warm query did all its I/O within 1 ms now and
+# then, and the frontend tries a split that failed with a 5xx up to 5 times (queryrangebase/retry.go), so one
+# fast try answered 200 (seen: the gateway's request 504, the same one directly 200). 20,000 samples are tens
+# of batches: no try can stream them within 1 ms (the query takes tens of ms without the header).
+BULK_STACK, BULK_STREAMS, BULK_LINES = "200", 4, 5000
+BULK = 'sum(count_over_time({app="bulk"}[1m]))'
+TIMEOUT_FIELDS = ("maxQueryTime", "queryTimeout")
 
 
 def _policy_token(gw: Gw, name: str, loki_query_policy: dict[str, Any], stack: str = "100",
@@ -757,9 +768,36 @@ def _field_cases(now: float) -> list[tuple[str, dict[str, Any], str, dict[str, s
         ("minimumLabelsNumber", {"minimumLabelsNumber": 2}, qr, {"query": LOG, **last_hour}, 400, False),
         ("minimumLabelsNumber", {"minimumLabelsNumber": 2}, qr, {"query": '{app=~".+", env="dev"}', **last_hour},
          200, False),
-        ("maxQueryTime", {"maxQueryTime": "1ms"}, qr, {"query": SLOW, "step": "1", **last_hour}, 504, False),
-        ("queryTimeout", {"queryTimeout": "1ms"}, qr, {"query": SLOW, "step": "1", **last_hour}, 504, False),
+        # (in BULK_STACK: see BULK)
+        ("maxQueryTime", {"maxQueryTime": "1ms"}, qr, {"query": BULK, "step": "1", **last_hour}, 504, False),
+        ("queryTimeout", {"queryTimeout": "1ms"}, qr, {"query": BULK, "step": "1", **last_hour}, 504, False),
     ]
+
+
+def _bootstrap(gw: Gw, org: int) -> str:
+    """An admin token of another org (its stacks' tenants are untouched by the other tests' data)."""
+    r = subprocess.run([sys.executable, "-m", "gateway", "token", "bootstrap", "-c", str(gw.proc.config_path),
+                        "--org", str(org)], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def _push_bulk(loki: LokiProcess) -> None:
+    """BULK_STREAMS x BULK_LINES lines spread over the last hour into BULK_STACK's tenant, and proof that Loki
+    holds them all: without the header the timeout cases' query answers, and counts every line."""
+    now = time.time_ns()
+    body = {"streams": [{"stream": {"app": "bulk", "n": str(k)},
+                         "values": [[str(now - (3500 - 3500 * i // BULK_LINES) * 10**9 + i), f"bulk {k} {i}"]
+                                    for i in range(BULK_LINES)]} for k in range(BULK_STREAMS)]}
+    status, answer = http("POST", f"{loki.url}/loki/api/v1/push", {"X-Scope-OrgID": BULK_STACK}, body)
+    assert status == 204, (status, answer)
+    query = 'sum(count_over_time({app="bulk"}[1h]))'
+    status, answer = loki.get(BULK_STACK, "/loki/api/v1/query", {"query": query, "time": str(now + 10**9)})
+    assert status == 200 and float(answer["data"]["result"][0]["value"][1]) == BULK_STREAMS * BULK_LINES, answer
+    status, answer = loki.get(BULK_STACK, "/loki/api/v1/query_range", {
+        "query": BULK, "step": "1", "start": str(now // 10**9 - 3600), "end": str(now // 10**9)})
+    assert status == 200 and answer["data"]["result"], (status, str(answer)[:300])
 
 
 def test_each_loki_query_policy_field_as_loki_applies_it(loki_plain: LokiProcess, loki_lbac: LokiProcess,
@@ -773,20 +811,24 @@ def test_each_loki_query_policy_field_as_loki_applies_it(loki_plain: LokiProcess
 
     # (the second gateway shares the first one's database, and so its tokens)
     gw, gw_ignoring = gw_factory(loki_plain, "enforce"), gw_factory(loki_lbac, "enforce", policies=False)
+    _push_bulk(loki_plain)
+    bulk_admin = _bootstrap(gw, 2)
     fake = FakeLokiLimits()
     now, qr = time.time(), "/loki/api/v1/query_range"
     cases = _field_cases(now)
     problems: list[str] = []
     tokens: dict[str, str] = {}
     for n, (name, policy, path, params, want, checked) in enumerate(cases):
-        key = json.dumps(policy, sort_keys=True)
+        stack = BULK_STACK if name in TIMEOUT_FIELDS else "100"  # (its logs tenant has the same name)
+        key = json.dumps([stack, policy], sort_keys=True)
         if key not in tokens:
-            tokens[key] = _policy_token(gw, f"{name}-{n}", policy)
+            tokens[key] = _policy_token(gw, f"{name}-{n}", policy, stack=stack,
+                                        admin=bulk_admin if stack == BULK_STACK else None)
         lp = parse(policy)
         assert lp is not None
         what = f"{name} {path} {params}"
-        status, body = gw.get(tokens[key], "100", path, params)
-        d_status, d_body = _direct(loki_plain, "100", path, params, lp.header)
+        status, body = gw.get(tokens[key], stack, path, params)
+        d_status, d_body = _direct(loki_plain, stack, path, params, lp.header)
         if (status, d_status) != (want, want):
             problems.append(f"{what}: gateway {status} {str(body)[:200]}, Loki {d_status} {str(d_body)[:200]}")
             continue
@@ -795,7 +837,7 @@ def test_each_loki_query_policy_field_as_loki_applies_it(loki_plain: LokiProcess
                 problems.append(f"{what}: gateway says {_text(body)!r}, Loki {_text(d_body)!r}")
         elif _result(body) != _result(d_body):
             problems.append(f"{what}: gateway answers {_result(body)}, Loki {_result(d_body)}")
-        if name not in ("maxQueryTime", "queryTimeout"):  # the fake does not run queries
+        if name not in TIMEOUT_FIELDS:  # the fake does not run queries
             f_status, f_body = fake.answer(path, params, lp.header)
             if (f_status, _text(f_body) if f_status != 200 else "") != (want, _text(d_body) if want != 200 else ""):
                 problems.append(f"{what}: the fake says {f_status} {_text(f_body)!r}, Loki {_text(d_body)!r}")
@@ -842,12 +884,8 @@ def test_max_query_bytes_read_is_loki_s(loki_plain: LokiProcess, gw_factory: Any
     from gateway.limits.lokiquery import parse
 
     gw = gw_factory(loki_plain, "enforce")
-    r = subprocess.run([sys.executable, "-m", "gateway", "token", "bootstrap", "-c", str(gw.proc.config_path),
-                        "--org", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr
     policy = {"maxQueryBytesRead": "2KB"}
-    token = _policy_token(gw, "bytes", policy, stack="200", admin=r.stdout.strip())
+    token = _policy_token(gw, "bytes", policy, stack="200", admin=_bootstrap(gw, 2))
     now = time.time_ns()  # tenant 200: 8 KiB in one stream, its own tenant so the other tests' data is untouched
     body = {"streams": [{"stream": {"app": "big"}, "values": [[str(now - (300 - i) * 10**9), f"line {i} " + "x" * 200]
                                                              for i in range(40)]}]}
