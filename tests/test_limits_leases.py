@@ -84,16 +84,16 @@ def test_in_flight_slots_are_reserved_in_chunks_and_given_back_with_hysteresis()
     row = t.row(key)
     lim = FastLimits(((row, 100_000),), (), (key,))  # chunk 64: spare slots kept at most 2 x 63
     lease = t.lease((), ((row, 100_000),))
-    lane = sum(t._sums[row::t.slots])
+    lane = t.total(row)
     assert lim.acquire() and lease.reserved == 64 and t.in_flight(key) == 1
     for _ in range(199):
         assert lim.acquire()
-    assert lease.used == 200 and lease.reserved == 256 and sum(t._sums[row::t.slots]) - lane == 256
+    assert lease.used == 200 and lease.reserved == 256 and t.total(row) - lane == 256
     for _ in range(200):
         lim.release()
         assert lease.reserved - lease.used <= 2 * 63
     assert lease.used == 0 and t.in_flight(key) == 0
-    assert sum(t._sums[row::t.slots]) - lane == lease.reserved <= 126  # what other workers see
+    assert t.total(row) - lane == lease.reserved <= 126  # what other workers see
 
 
 def test_chunks_shrink_with_the_headroom_and_near_the_limit_count_every_request_across_workers() -> None:
@@ -108,7 +108,7 @@ def test_chunks_shrink_with_the_headroom_and_near_the_limit_count_every_request_
         assert lim.acquire()
         if lease.reserved != before:
             chunks.append(lease.chunk)
-    workers = t._counts[t._stop_at] // t.slots  # (lanes claimed in this table so far)
+    workers = t._counts[t._stop_at]  # (lanes claimed in this table so far)
     assert chunks[0] == min(64, 600 // (16 * workers)) and chunks == sorted(chunks, reverse=True)
     assert chunks[-16 * workers:] == [1] * (16 * workers)  # the last free slots one request at a time
     assert not lim.acquire() and t.in_flight(key) == 600 and lease.reserved == 600  # exact within one worker
@@ -160,7 +160,7 @@ def test_a_sweep_gives_back_every_spare_slot_and_runs_in_the_workers_loop(monkey
     row = t.row(key)
     lim = FastLimits(((row, 100_000),), (), (key,))
     lease = t.lease((), ((row, 100_000),))
-    lane = sum(t._sums[row::t.slots]) - lease.reserved
+    lane = t.total(row) - lease.reserved
 
     def run() -> None:
         for _ in range(100):
@@ -169,9 +169,9 @@ def test_a_sweep_gives_back_every_spare_slot_and_runs_in_the_workers_loop(monkey
             lim.release()
 
     run()
-    assert lease.reserved > 0 and sum(t._sums[row::t.slots]) - lane == lease.reserved  # spare, seen by others
+    assert lease.reserved > 0 and t.total(row) - lane == lease.reserved  # spare, seen by others
     t.sweep()
-    assert lease.reserved == 0 and sum(t._sums[row::t.slots]) == lane
+    assert lease.reserved == 0 and t.total(row) == lane
     monkeypatch.setattr(shared, "TERM", 0.01)
 
     async def in_a_loop() -> int:
@@ -183,7 +183,7 @@ def test_a_sweep_gives_back_every_spare_slot_and_runs_in_the_workers_loop(monkey
         return lease.reserved
 
     t._sweeping = False
-    assert asyncio.run(in_a_loop()) == 0 and sum(t._sums[row::t.slots]) == lane
+    assert asyncio.run(in_a_loop()) == 0 and t.total(row) == lane
 
 
 def test_a_refusal_gives_back_the_slots_it_reserved() -> None:
@@ -193,7 +193,7 @@ def test_a_refusal_gives_back_the_slots_it_reserved() -> None:
     assert small.acquire()
     both = FastLimits(((t.row(free), 3), (t.row(full), 1)), (), (free, full))
     assert not both.acquire()
-    assert t.in_flight(free) == 0 and sum(t._sums[t.row(free)::t.slots]) == 0
+    assert t.in_flight(free) == 0 and t.total(t.row(free)) == 0
     small.release()
     assert both.acquire() and t.in_flight(free) == 1 and t.in_flight(full) == 1
     both.release()
@@ -238,7 +238,7 @@ def test_two_small_concurrency_limits_count_every_request_exactly_and_all_or_not
     for _ in range(3):
         other.release()
     assert (t.in_flight(pk), t.in_flight(tk)) == (0, 0)
-    assert sum(t._sums[rows[0][0]::t.slots]) == 0 == sum(t._sums[rows[1][0]::t.slots])
+    assert t.total(rows[0][0]) == 0 == t.total(rows[1][0])
 
 
 def test_leases_of_one_worker_on_one_key_divide_its_grant_and_its_chunk(monkeypatch: pytest.MonkeyPatch) -> None:

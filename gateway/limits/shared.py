@@ -8,14 +8,17 @@ with linear probing; slots are updated under one process-shared semaphore, held 
 worker killed inside that window would leave it held: the others then wait for it once (50 ms), log it and
 go on without the lock, so limits stay approximately right instead of stopping the data path.
 
-In-flight counts are kept per worker (a lane per process id, laid out lane by lane: a worker's counts
-share no cache line with another's), so the counts of a worker that died mid-request are dropped when its
-replacement claims the lane, instead of leaking forever. A key's count is the sum over the lanes claimed so
-far (the table keeps how many: with N workers, about N). They take no lock: only its worker writes a lane
-(aligned 32-bit stores), and an admission reads every lane, compares and adds one to its own without
-yielding, so workers admitting at the same moment can each see the others' counts before their increment:
-a concurrency limit of L holds to L + (workers - 1) at worst (one admission in progress per other
-worker), exactly within one worker. A worker sharing a lane (more workers than lanes) counts under the lock.
+In-flight counts are kept per worker (a lane per process id), so the counts of a worker that died
+mid-request are dropped when its replacement claims the lane, instead of leaking forever. They are laid out
+key by key, a key's lanes side by side, so adding them up reads one cache line of one page: the leases'
+reservations come to the table cold (one per chunk of requests), so the fewer lines and pages they touch
+the better; the workers' counts of one key share that line, which each writes once per chunk. A key's count
+is the sum over the lanes claimed so far (the table keeps how many: with N workers, about N). They take no
+lock: only its worker writes a lane (aligned 32-bit stores), and an admission reads every lane, compares and
+adds one to its own without yielding, so workers admitting at the same moment can each see the others'
+counts before their increment: a concurrency limit of L holds to L + (workers - 1) at worst (one admission
+in progress per other worker), exactly within one worker. A worker sharing a lane (more workers than lanes)
+counts under the lock.
 
 The protocol server's callback path resolves its keys once per connection and header set (``row``,
 ``bucket``) and then takes a request's whole share in one call (``acquire``: all or nothing; the buckets
@@ -71,14 +74,15 @@ class Table:
     def __init__(self, slots: int = SLOTS, lanes: int = LANES):
         self.slots, self.lanes = slots, lanes
         floats = slots * _FIELDS + lanes  # slot fields, the lane registry (process ids)
-        self._ints_at = floats * 8  # then the in-flight counts, lane by lane, and where the claimed lanes end
+        self._ints_at = floats * 8  # then the in-flight counts, row by row, and how many lanes are claimed
         size = floats * 8 + (slots * lanes + 1) * 4
         size += -size % 8
         self._mm = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: forked workers write the same pages
         self._sem = multiprocessing.Lock()  # (created before the fork too: one semaphore for all workers)
         self._unlocked = False  # set when a holder died inside the lock (see the module docstring)
         self._f = memoryview(self._mm).cast("d")[:floats]
-        # count of slot s in lane l at l * slots + s; at slots * lanes, slots * (the lanes claimed so far)
+        # count of slot s in lane l at s * lanes + l (a row's lanes side by side: one cache line to add up, the
+        # row handle s * lanes); at slots * lanes, the lanes claimed so far
         self._counts = memoryview(self._mm)[self._ints_at:self._ints_at + (slots * lanes + 1) * 4].cast("i")
         self._sums = (ctypes.c_int32 * (slots * lanes)).from_buffer(self._mm, self._ints_at)  # (sliced faster)
         self._stop_at = slots * lanes
@@ -86,7 +90,7 @@ class Table:
         self._lane_pid = 0  # set once this process has a lane; 0 again in a forked child (_TABLES)
         self._lane = 0
         self._lane_shared = False  # (more workers than lanes: this one shares its lane with another)
-        self._own = -1  # this process's lane * slots (its counts' offset); -1 until claimed, or when shared
+        self._own = -1  # this process's lane (its count's offset in a row); -1 until claimed, or when shared
         self._leases: dict[tuple[Buckets, Rows], Lease] = {}  # this worker's (gateway.limits.lease), by set
         self._sharers_b: dict[int, int] = {}  # its leases per bucket
         self._sharers_r: dict[int, int] = {}  # and per row
@@ -193,29 +197,29 @@ class Table:
             if chosen < 0:
                 chosen = pid % self.lanes  # more workers than lanes: share one (counts stay right, only
             elif int(f[reg + chosen]) != pid:  # a dead sharer's counts would linger)
-                at = self._ints_at + chosen * self.slots * 4  # a dead worker's requests are no longer in flight
-                self._mm[at:at + self.slots * 4] = bytes(self.slots * 4)
+                # a dead worker's requests are no longer in flight
+                counts[chosen:self._stop_at:self.lanes] = memoryview(bytes(self.slots * 4)).cast("i")
                 f[reg + chosen] = float(pid)
-            if counts[self._stop_at] < (chosen + 1) * self.slots:
-                counts[self._stop_at] = (chosen + 1) * self.slots
+            if counts[self._stop_at] < chosen + 1:
+                counts[self._stop_at] = chosen + 1
         finally:
             self._unlock(locked=locked)
         self._lane_pid, self._lane = pid, chosen
-        self._own = -1 if self._lane_shared else chosen * self.slots
+        self._own = -1 if self._lane_shared else chosen
         return chosen
 
     def enter(self, key: str, limit: int) -> bool:
         """Count one more request in flight for ``key`` unless ``limit`` already are (all workers)."""
-        return self.acquire(((self._slot(key), limit),), ())
+        return self.acquire(((self.row(key), limit),), ())
 
     def leave(self, key: str) -> None:
-        self.release(((self._slot(key), 0),))
+        self.release(((self.row(key), 0),))
 
     # ---- the callback path: keys resolved once, a request's share in one call ---------------------
 
     def row(self, key: str) -> int:
-        """The key's in-flight row, for :meth:`acquire` and :meth:`release`."""
-        return self._slot(key)
+        """The key's in-flight row (where its lanes start), for :meth:`acquire` and :meth:`release`."""
+        return self._slot(key) * self.lanes
 
     def bucket(self, key: str, kind: int = 0) -> int:
         """The index of the key's bucket ``kind``, for :meth:`acquire`."""
@@ -231,10 +235,9 @@ class Table:
         counts = self._counts
         if rows:
             sums = self._sums
-            stop = counts[self._stop_at]
-            slots = self.slots
+            claimed = counts[self._stop_at]
             for row, limit in rows:
-                if sum(sums[row:stop:slots]) >= limit:
+                if sum(sums[row:row + claimed]) >= limit:
                     return False
         if buckets:
             f = self._f
@@ -265,12 +268,12 @@ class Table:
         if not self._lane_shared:
             return self.acquire(rows, buckets)
         counts = self._counts
-        stop = counts[self._stop_at]
-        if any(sum(self._sums[row:stop:self.slots]) >= limit for row, limit in rows):
+        claimed = counts[self._stop_at]
+        if any(sum(self._sums[row:row + claimed]) >= limit for row, limit in rows):
             return False
         if not self.acquire((), buckets):
             return False
-        own = self._lane * self.slots
+        own = self._lane
         locked = self._lock()
         try:
             for row, _ in rows:
@@ -299,7 +302,7 @@ class Table:
             self.release(rows)
             return
         counts = self._counts
-        own = self._lane * self.slots
+        own = self._lane
         locked = self._lock()
         try:
             for row, _ in rows:
@@ -351,15 +354,14 @@ class Table:
         its limit (read without the lock, as :meth:`acquire`). All rows or none."""
         if self._own < 0:
             self._my_lane()
-        slots = self.slots
         counts = self._counts
         sums = self._sums
-        stop = counts[self._stop_at]
-        share = SHARE * (stop // slots)
+        claimed = counts[self._stop_at]
+        share = SHARE * claimed
         sharers = self._sharers_r
         n = CHUNK_MAX
         for row, limit in lease.rows:
-            free = limit - sum(sums[row:stop:slots])
+            free = limit - sum(sums[row:row + claimed])
             if free <= 0:
                 return False
             s = sharers[row]  # (its leases in this worker divide the chunk: see gateway.limits.lease)
@@ -368,7 +370,7 @@ class Table:
                 n = k
         if n < 1:
             n = 1
-        own = self._lane * slots
+        own = self._lane
         locked = self._lane_shared and self._lock()  # (a shared lane: another process writes it too)
         try:
             for row, _ in lease.rows:
@@ -387,7 +389,7 @@ class Table:
         if n <= 0:
             return
         lease.reserved -= n
-        own = self._lane * self.slots
+        own = self._lane
         counts = self._counts
         locked = self._lane_shared and self._lock()
         try:
@@ -400,10 +402,14 @@ class Table:
     def in_flight(self, key: str) -> int:
         """The key's count over all workers, less this worker's spare reserved slots on it (other workers'
         are counted: see :mod:`gateway.limits.lease`)."""
-        row = self._slot(key)
+        row = self.row(key)
         spare = sum(lease.reserved - lease.used for lease in self._leases.values()
                     if any(r == row for r, _ in lease.rows))
-        return sum(self._sums[row::self.slots]) - spare
+        return self.total(row) - spare
+
+    def total(self, row: int) -> int:
+        """The row's count over every lane (what an admission compares with the limit)."""
+        return sum(self._sums[row:row + self.lanes])
 
     def _sweep_soon(self) -> None:
         """:meth:`sweep` after :data:`~gateway.limits.lease.TERM`, once, in this worker's event loop (none
