@@ -11,6 +11,7 @@ import random
 import pytest
 
 from gateway.limits import shared, stage
+from gateway.limits.lease import SHARE
 from gateway.limits.shared import table
 from gateway.limits.stage import FastLimits
 
@@ -109,8 +110,8 @@ def test_chunks_shrink_with_the_headroom_and_near_the_limit_count_every_request_
         if lease.reserved != before:
             chunks.append(lease.chunk)
     workers = t._counts[t._stop_at]  # (lanes claimed in this table so far)
-    assert chunks[0] == min(64, 600 // (16 * workers)) and chunks == sorted(chunks, reverse=True)
-    assert chunks[-16 * workers:] == [1] * (16 * workers)  # the last free slots one request at a time
+    assert chunks[0] == min(64, 600 // (SHARE * workers)) and chunks == sorted(chunks, reverse=True)
+    assert chunks[-SHARE * workers:] == [1] * (SHARE * workers)  # the last free slots one request at a time
     assert not lim.acquire() and t.in_flight(key) == 600 and lease.reserved == 600  # exact within one worker
     for _ in range(300):
         lim.release()
