@@ -61,7 +61,8 @@ class Lease:
     ``chunk`` is the size of its last reservation (1 before the first), ``slack`` the spare slots kept before
     any go back."""
 
-    __slots__ = ("buckets", "rows", "grants", "grant", "tokens", "until", "used", "reserved", "chunk", "slack")
+    __slots__ = ("buckets", "rows", "grants", "grant", "tokens", "until", "used", "reserved", "chunk", "slack",
+                 "sizing", "cap", "cells")
 
     def __init__(self, buckets: Buckets, rows: Rows):
         self.buckets, self.rows = buckets, rows
@@ -73,3 +74,12 @@ class Lease:
         self.reserved = 0
         self.chunk = 1
         self.slack = 0
+        self.sizing: tuple[tuple[int, int, int], ...] = ()  # (row, limit, this worker's leases on the row)
+        self.cap = CHUNK_MAX  # the largest chunk: CHUNK_MAX divided by those leases
+        self.size({})
+        self.cells: tuple[int, ...] | None = None  # its rows' counts in this worker's own lane, once claimed
+
+    def size(self, sharers: dict[int, int]) -> None:
+        """(Again whenever another lease of the worker takes one of its rows: they divide the chunk.)"""
+        self.sizing = tuple((row, limit, sharers.get(row, 1)) for row, limit in self.rows)
+        self.cap = min((CHUNK_MAX // div for _, _, div in self.sizing), default=CHUNK_MAX)

@@ -46,7 +46,7 @@ import time
 import weakref
 from typing import Final
 
-from gateway.limits.lease import CHUNK_MAX, SHARE, TERM, Buckets, Lease, Rows
+from gateway.limits.lease import SHARE, TERM, Buckets, Lease, Rows
 from gateway.runfile import pid_alive
 
 log = logging.getLogger("gateway.limits")
@@ -323,6 +323,10 @@ class Table:
                 self._sharers_b[i] = self._sharers_b.get(i, 0) + 1
             for row, _ in rows:
                 self._sharers_r[row] = self._sharers_r.get(row, 0) + 1
+            mine = {row for row, _ in rows}
+            for lease in self._leases.values():  # (a new lease on a row divides every lease's chunk there)
+                if any(row in mine for row, _ in lease.rows):
+                    lease.size(self._sharers_r)
         return got
 
     def renew(self, lease: Lease, now: float) -> bool:
@@ -351,30 +355,57 @@ class Table:
     def reserve(self, lease: Lease) -> bool:
         """More in-flight slots on every row of the lease, in this worker's lane: a chunk sized from the
         least headroom (see :mod:`gateway.limits.lease`), unless a row's count over every worker has reached
-        its limit (read without the lock, as :meth:`acquire`). All rows or none."""
-        if self._own < 0:
-            self._my_lane()
+        its limit (read without the lock, as :meth:`acquire`). All rows or none.
+
+        (Written to touch few objects: it runs once per chunk of requests, so it finds them cold, and on a
+        busy worker the cache misses, not the bytecodes, were most of its cost.)"""
+        cells = lease.cells
+        if cells is None:
+            return self._reserve_first(lease)
         counts = self._counts
         sums = self._sums
         claimed = counts[self._stop_at]
         share = SHARE * claimed
-        sharers = self._sharers_r
-        n = CHUNK_MAX
-        for row, limit in lease.rows:
+        n = lease.cap
+        for row, limit, div in lease.sizing:
             free = limit - sum(sums[row:row + claimed])
             if free <= 0:
                 return False
-            s = sharers[row]  # (its leases in this worker divide the chunk: see gateway.limits.lease)
-            k = min(free // (share * s), CHUNK_MAX // s)
+            k = free // (share * div)
             if k < n:
                 n = k
         if n < 1:
             n = 1
-        own = self._lane
-        locked = self._lane_shared and self._lock()  # (a shared lane: another process writes it too)
+        for i in cells:
+            counts[i] += n
+        lease.reserved += n
+        lease.chunk = n
+        lease.slack = n + n - 2
+        if not self._sweeping:
+            self._sweep_soon()
+        return True
+
+    def _reserve_first(self, lease: Lease) -> bool:
+        """:meth:`reserve` before the lease knows its cells in this worker's lane (claimed here), or in a
+        shared lane (then under the lock: another process writes it too)."""
+        if self._own < 0:
+            self._my_lane()
+        if not self._lane_shared:
+            lease.cells = tuple(row + self._lane for row, _ in lease.rows)
+            return self.reserve(lease)
+        counts = self._counts
+        claimed = counts[self._stop_at]
+        n = lease.cap
+        for row, limit, div in lease.sizing:
+            free = limit - sum(self._sums[row:row + claimed])
+            if free <= 0:
+                return False
+            n = min(n, free // (SHARE * claimed * div))
+        n = max(n, 1)
+        locked = self._lock()
         try:
             for row, _ in lease.rows:
-                counts[own + row] += n
+                counts[row + self._lane] += n
         finally:
             self._unlock(locked=locked)
         lease.reserved += n
@@ -389,9 +420,15 @@ class Table:
         if n <= 0:
             return
         lease.reserved -= n
-        own = self._lane
         counts = self._counts
-        locked = self._lane_shared and self._lock()
+        cells = lease.cells
+        if cells is not None:  # (its own lane: only this process writes it)
+            for i in cells:
+                c = counts[i] - n
+                counts[i] = c if c > 0 else 0
+            return
+        own = self._lane
+        locked = self._lock()
         try:
             for row, _ in lease.rows:
                 i = own + row
