@@ -257,3 +257,21 @@ def test_leases_of_one_worker_on_one_key_divide_its_grant_and_its_chunk(monkeypa
     assert a.tokens + 1 == b.tokens + 1 == 50.0  # each took half
     assert a.reserved == b.reserved == 32  # half of the 64 a lone lease takes
     assert _tokens(policy_b[0]) == 6_400.0 - 100.0 and t.in_flight(pk) == 2
+
+
+def test_a_worker_sharing_a_lane_reserves_and_gives_back_in_it() -> None:
+    """More workers than lanes: the second shares the first one's lane and its leases count there, under the
+    lock, on top of the first one's slots (and give back only their own)."""
+    t = shared.Table(slots=64, lanes=1)
+    row = t.row("c")
+    rows = ((row, 100_000),)
+    mine = t.lease((), rows)
+    assert t.reserve(mine) and t.total(row) == mine.reserved == 64
+    pid = os.fork()
+    if pid == 0:
+        lease = t.lease((), rows)
+        ok = t.reserve(lease) and t._lane_shared and t.total(row) == 64 + lease.reserved
+        t.unreserve(lease, 0)
+        os._exit(0 if ok and t.total(row) == 64 and not t._unlocked else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and t.total(row) == 64

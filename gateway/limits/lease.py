@@ -61,13 +61,12 @@ class Lease:
     ``chunk`` is the size of its last reservation (1 before the first), ``slack`` the spare slots kept before
     any go back."""
 
-    __slots__ = ("buckets", "rows", "grants", "grant", "tokens", "until", "used", "reserved", "chunk", "slack",
+    __slots__ = ("buckets", "rows", "grants", "tokens", "until", "used", "reserved", "chunk", "slack",
                  "sizing", "cap", "cells")
 
     def __init__(self, buckets: Buckets, rows: Rows):
         self.buckets, self.rows = buckets, rows
         self.grants = tuple(max(1, int(min(burst / 64, rate / 100, 1024))) for _, rate, burst in buckets)
-        self.grant = float(min(self.grants, default=0))  # (with no other lease on its buckets)
         self.tokens = 0.0
         self.until = 0.0
         self.used = 0
@@ -78,6 +77,11 @@ class Lease:
         self.cap = CHUNK_MAX  # the largest chunk: CHUNK_MAX divided by those leases
         self.size({})
         self.cells: tuple[int, ...] | None = None  # its rows' counts in this worker's own lane, once claimed
+
+    @property
+    def grant(self) -> float:
+        """The tokens a renewal takes with no other lease of the worker on its buckets."""
+        return float(min(self.grants, default=0))
 
     def size(self, sharers: dict[int, int]) -> None:
         """(Again whenever another lease of the worker takes one of its rows: they divide the chunk.)"""

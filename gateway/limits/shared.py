@@ -360,8 +360,9 @@ class Table:
         (Written to touch few objects: it runs once per chunk of requests, so it finds them cold, and on a
         busy worker the cache misses, not the bytecodes, were most of its cost.)"""
         cells = lease.cells
-        if cells is None:
-            return self._reserve_first(lease)
+        if cells is None:  # (the lane claimed here, on the lease's first reservation in this process)
+            self._my_lane()
+            cells = lease.cells = tuple(row + self._lane for row, _ in lease.rows)
         counts = self._counts
         sums = self._sums
         claimed = counts[self._stop_at]
@@ -376,63 +377,31 @@ class Table:
                 n = k
         if n < 1:
             n = 1
-        for i in cells:
-            counts[i] += n
-        lease.reserved += n
-        lease.chunk = n
-        lease.slack = n + n - 2
-        if not self._sweeping:
-            self._sweep_soon()
-        return True
-
-    def _reserve_first(self, lease: Lease) -> bool:
-        """:meth:`reserve` before the lease knows its cells in this worker's lane (claimed here), or in a
-        shared lane (then under the lock: another process writes it too)."""
-        if self._own < 0:
-            self._my_lane()
-        if not self._lane_shared:
-            lease.cells = tuple(row + self._lane for row, _ in lease.rows)
-            return self.reserve(lease)
-        counts = self._counts
-        claimed = counts[self._stop_at]
-        n = lease.cap
-        for row, limit, div in lease.sizing:
-            free = limit - sum(self._sums[row:row + claimed])
-            if free <= 0:
-                return False
-            n = min(n, free // (SHARE * claimed * div))
-        n = max(n, 1)
-        locked = self._lock()
+        locked = self._lane_shared and self._lock()  # (a shared lane: another process writes it too)
         try:
-            for row, _ in lease.rows:
-                counts[row + self._lane] += n
+            for i in cells:
+                counts[i] += n
         finally:
             self._unlock(locked=locked)
         lease.reserved += n
         lease.chunk = n
         lease.slack = 2 * (n - 1)
-        self._sweep_soon()
+        if not self._sweeping:
+            self._sweep_soon()
         return True
 
     def unreserve(self, lease: Lease, keep: int) -> None:
-        """Give back the lease's spare slots beyond ``keep`` on every row."""
+        """Give back the lease's spare slots beyond ``keep`` on every row (cells :meth:`reserve` counted)."""
         n = lease.reserved - lease.used - keep
         if n <= 0:
             return
         lease.reserved -= n
         counts = self._counts
-        cells = lease.cells
-        if cells is not None:  # (its own lane: only this process writes it)
-            for i in cells:
+        locked = self._lane_shared and self._lock()
+        try:
+            for i in lease.cells or ():
                 c = counts[i] - n
                 counts[i] = c if c > 0 else 0
-            return
-        own = self._lane
-        locked = self._lock()
-        try:
-            for row, _ in lease.rows:
-                i = own + row
-                counts[i] = max(0, counts[i] - n)
         finally:
             self._unlock(locked=locked)
 
